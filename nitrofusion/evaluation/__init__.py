@@ -1,0 +1,1 @@
+"""Metrics: Frechet distances, prompt alignment and the image-quality scorers."""

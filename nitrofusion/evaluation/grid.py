@@ -1,0 +1,46 @@
+"""Image grids: rows of samples (one row per model or setting), written as PNG."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+LABEL_WIDTH = 150
+
+
+def make_grid(
+    rows: Sequence[Sequence[Image.Image]], labels: Sequence[str] | None = None, scale: int = 1, pad: int = 2
+) -> Image.Image:
+    """Paste rows of equally sized images into one picture, with an optional label per row."""
+    if not rows or not rows[0]:
+        raise ValueError("make_grid needs at least one image")
+    w, h = rows[0][0].size
+    w, h = w * scale, h * scale
+    ncols = max(len(r) for r in rows)
+    left = LABEL_WIDTH if labels else 0
+    grid = Image.new("RGB", (left + ncols * (w + pad) + pad, len(rows) * (h + pad) + pad), "white")
+    draw = ImageDraw.Draw(grid)
+    for r, row in enumerate(rows):
+        y = pad + r * (h + pad)
+        if labels:
+            draw.text((4, y + h // 2 - 5), labels[r][:24], fill="black")
+        for c, img in enumerate(row):
+            grid.paste(img.convert("RGB").resize((w, h), Image.NEAREST), (left + pad + c * (w + pad), y))
+    return grid
+
+
+def grid_from_dirs(dirs: Sequence[str | Path], out: str | Path, scale: int = 3, limit: int = 16) -> Path:
+    """One row per directory of PNGs (sorted by name), labelled with the directory name."""
+    rows, labels = [], []
+    for d in dirs:
+        files = sorted(Path(d).glob("*.png"))[:limit]
+        if not files:
+            raise ValueError(f"no PNG files in {d}")
+        rows.append([Image.open(f) for f in files])
+        labels.append(Path(d).name)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    make_grid(rows, labels, scale=scale).save(out)
+    return out

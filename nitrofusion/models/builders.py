@@ -1,0 +1,207 @@
+"""Assemble diffusers pipelines of the SDXL and SD1.5 architectures from small configs.
+
+Both the test pipelines and the embedded world are built here, so that what the tests
+exercise is exactly the structure the shipped model has: the real CLIP tokenizer (shipped
+in the package), CLIP text encoders, an `AutoencoderKL` and a `UNet2DConditionModel`
+(with SDXL's "text_time" added conditions for the SDXL variant).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from importlib import resources
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    EulerDiscreteScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+CLIP_MAX_LENGTH = 77
+# SDXL's micro-conditioning: original size (2), crop top-left (2), target size (2).
+SDXL_TIME_IDS = 6
+
+
+def clip_tokenizer(max_length: int = CLIP_MAX_LENGTH) -> CLIPTokenizer:
+    """The real CLIP BPE tokenizer (49408 ids), from the files shipped in the package."""
+    path = resources.files("nitrofusion.world") / "assets" / "tokenizer"
+    tokenizer = CLIPTokenizer.from_pretrained(str(path), model_max_length=max_length)
+    # transformers 5 returns a degenerate tokenizer instead of raising on missing files.
+    if len(tokenizer) != 49408:
+        raise RuntimeError(f"CLIP tokenizer files at {path} are incomplete ({len(tokenizer)} ids)")
+    return tokenizer
+
+
+def _text_config(hidden: int, layers: int, heads: int, projection_dim: int | None = None) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=hidden,
+        intermediate_size=hidden * 4,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        max_position_embeddings=CLIP_MAX_LENGTH,
+        projection_dim=projection_dim or hidden,
+        hidden_act="quick_gelu",
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+    )
+
+
+def sdxl_scheduler() -> EulerDiscreteScheduler:
+    """SDXL base's own scheduler settings (scaled-linear betas, epsilon, leading spacing)."""
+    return EulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type="epsilon",
+        timestep_spacing="leading",
+        steps_offset=1,
+    )
+
+
+@dataclass
+class SDXLSpec:
+    """Sizes of an SDXL-architecture pipeline. Defaults give a tiny one for tests."""
+
+    block_out_channels: tuple[int, ...] = (32, 64)
+    down_block_types: tuple[str, ...] = ("DownBlock2D", "CrossAttnDownBlock2D")
+    up_block_types: tuple[str, ...] = ("CrossAttnUpBlock2D", "UpBlock2D")
+    layers_per_block: int = 1
+    attention_head_dim: tuple[int, ...] = (2, 4)
+    transformer_layers_per_block: tuple[int, ...] = (1, 1)
+    sample_size: int = 8  # latent side
+    addition_time_embed_dim: int = 8
+    text_hidden: tuple[int, int] = (32, 32)
+    text_layers: int = 2
+    text_heads: int = 2
+    projection_dim: int = 32
+    vae_block_out_channels: tuple[int, ...] = (32, 64)
+    vae_layers_per_block: int = 1
+    latent_channels: int = 4
+    vae_scaling_factor: float = 0.13025
+    extra_unet: dict = field(default_factory=dict)
+
+    def unet_config(self) -> dict:
+        return dict(
+            sample_size=self.sample_size,
+            in_channels=self.latent_channels,
+            out_channels=self.latent_channels,
+            down_block_types=self.down_block_types,
+            up_block_types=self.up_block_types,
+            block_out_channels=self.block_out_channels,
+            layers_per_block=self.layers_per_block,
+            attention_head_dim=self.attention_head_dim,
+            transformer_layers_per_block=self.transformer_layers_per_block,
+            cross_attention_dim=sum(self.text_hidden),
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=self.addition_time_embed_dim,
+            projection_class_embeddings_input_dim=self.addition_time_embed_dim * SDXL_TIME_IDS + self.projection_dim,
+            norm_num_groups=16 if self.block_out_channels[0] % 32 else 32,
+            **self.extra_unet,
+        )
+
+    def vae_config(self) -> dict:
+        n = len(self.vae_block_out_channels)
+        return dict(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * n,
+            up_block_types=("UpDecoderBlock2D",) * n,
+            block_out_channels=self.vae_block_out_channels,
+            layers_per_block=self.vae_layers_per_block,
+            latent_channels=self.latent_channels,
+            norm_num_groups=min(32, self.vae_block_out_channels[0]),
+            sample_size=self.sample_size * 2 ** (n - 1),
+            scaling_factor=self.vae_scaling_factor,
+            force_upcast=False,
+        )
+
+
+def build_sdxl_pipeline(spec: SDXLSpec | None = None, seed: int = 0) -> StableDiffusionXLPipeline:
+    """A randomly initialised (seeded) SDXL-architecture pipeline."""
+    spec = spec or SDXLSpec()
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**spec.unet_config())
+    vae = AutoencoderKL(**spec.vae_config())
+    h1, h2 = spec.text_hidden
+    text_encoder = CLIPTextModel(_text_config(h1, spec.text_layers, spec.text_heads))
+    text_encoder_2 = CLIPTextModelWithProjection(
+        _text_config(h2, spec.text_layers, spec.text_heads, spec.projection_dim)
+    )
+    return StableDiffusionXLPipeline(
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        text_encoder_2=text_encoder_2.eval(),
+        tokenizer=clip_tokenizer(),
+        tokenizer_2=clip_tokenizer(),
+        unet=unet.eval(),
+        scheduler=sdxl_scheduler(),
+        force_zeros_for_empty_prompt=True,
+    )
+
+
+@dataclass
+class SD15Spec:
+    """Sizes of an SD1.5-architecture pipeline. Defaults give a tiny one for tests."""
+
+    block_out_channels: tuple[int, ...] = (32, 64)
+    down_block_types: tuple[str, ...] = ("CrossAttnDownBlock2D", "DownBlock2D")
+    up_block_types: tuple[str, ...] = ("UpBlock2D", "CrossAttnUpBlock2D")
+    layers_per_block: int = 1
+    attention_head_dim: int = 4
+    sample_size: int = 8
+    text_hidden: int = 32
+    text_layers: int = 2
+    text_heads: int = 2
+    vae_block_out_channels: tuple[int, ...] = (32, 64)
+    latent_channels: int = 4
+
+
+def build_sd15_pipeline(spec: SD15Spec | None = None, seed: int = 0) -> StableDiffusionPipeline:
+    """A randomly initialised (seeded) SD1.5-architecture pipeline (no safety checker)."""
+    spec = spec or SD15Spec()
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=spec.sample_size,
+        in_channels=spec.latent_channels,
+        out_channels=spec.latent_channels,
+        down_block_types=spec.down_block_types,
+        up_block_types=spec.up_block_types,
+        block_out_channels=spec.block_out_channels,
+        layers_per_block=spec.layers_per_block,
+        attention_head_dim=spec.attention_head_dim,
+        cross_attention_dim=spec.text_hidden,
+        norm_num_groups=min(32, spec.block_out_channels[0]),
+    )
+    n = len(spec.vae_block_out_channels)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=spec.vae_block_out_channels,
+        layers_per_block=1,
+        latent_channels=spec.latent_channels,
+        norm_num_groups=min(32, spec.vae_block_out_channels[0]),
+        sample_size=spec.sample_size * 2 ** (n - 1),
+        scaling_factor=0.18215,
+    )
+    text_encoder = CLIPTextModel(_text_config(spec.text_hidden, spec.text_layers, spec.text_heads))
+    scheduler = sdxl_scheduler()
+    return StableDiffusionPipeline(
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        tokenizer=clip_tokenizer(),
+        unet=unet.eval(),
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )

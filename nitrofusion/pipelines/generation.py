@@ -1,0 +1,143 @@
+"""Batched, seeded sampling with provenance written into every PNG."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import DiffusionPipeline
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+from tqdm.auto import tqdm
+
+import nitrofusion
+from nitrofusion.errors import UserError
+from nitrofusion.pipelines.loading import SHIFT_LCM_MAX_STEPS
+
+
+@dataclass
+class GenerationResult:
+    image: Image.Image
+    prompt: str
+    seed: int
+    steps: int
+    metadata: dict[str, str]
+
+
+def size_multiple(pipe: DiffusionPipeline) -> int:
+    """Height and width must be multiples of this: VAE factor x UNet down-sampling, and >= 8."""
+    unet_factor = 2 ** (len(pipe.unet.config.block_out_channels) - 1)
+    return max(8, pipe.vae_scale_factor * unet_factor)
+
+
+def default_size(pipe: DiffusionPipeline) -> int:
+    return int(pipe.unet.config.sample_size) * pipe.vae_scale_factor
+
+
+def check_request(pipe: DiffusionPipeline, steps: int, height: int, width: int) -> None:
+    sampler = getattr(pipe, "nitro_sampler", "native")
+    if sampler == "shift-lcm" and not 1 <= steps <= SHIFT_LCM_MAX_STEPS:
+        raise UserError(
+            f"--steps must be 1 to {SHIFT_LCM_MAX_STEPS} with the shift-LCM sampler, got {steps} "
+            "(use --sampler native for a multi-step teacher)"
+        )
+    if steps < 1:
+        raise UserError(f"--steps must be at least 1, got {steps}")
+    m = size_multiple(pipe)
+    for name, v in (("height", height), ("width", width)):
+        if v <= 0 or v % m:
+            raise UserError(f"--{name} must be a positive multiple of {m} for this model, got {v}")
+
+
+def generate(
+    pipe: DiffusionPipeline,
+    prompts: Sequence[str],
+    steps: int = 1,
+    seed: int = 0,
+    height: int | None = None,
+    width: int | None = None,
+    batch_size: int = 4,
+    guidance_scale: float | None = None,
+    progress: bool = True,
+) -> list[GenerationResult]:
+    """Sample one image per prompt; image i uses seed + i, whatever the batch size."""
+    if not prompts:
+        raise UserError("no prompts given")
+    height = height or default_size(pipe)
+    width = width or default_size(pipe)
+    check_request(pipe, steps, height, width)
+    sampler = getattr(pipe, "nitro_sampler", "native")
+    if guidance_scale is None:
+        guidance_scale = 0.0 if sampler == "shift-lcm" else 5.0
+    device = pipe.device
+    results: list[GenerationResult] = []
+    bar = tqdm(total=len(prompts), desc=f"generate ({steps} step{'s' if steps > 1 else ''})", disable=not progress)
+    for start in range(0, len(prompts), batch_size):
+        chunk = list(prompts[start : start + batch_size])
+        seeds = [seed + start + i for i in range(len(chunk))]
+        generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+        with torch.inference_mode():
+            images = pipe(
+                prompt=chunk,
+                num_inference_steps=steps,
+                guidance_scale=guidance_scale,
+                height=height,
+                width=width,
+                generator=generators,
+            ).images
+        for prompt, s, image in zip(chunk, seeds, images):
+            meta = {
+                "prompt": prompt,
+                "seed": str(s),
+                "steps": str(steps),
+                "model": str(getattr(pipe, "nitro_model", "")),
+                "sampler": sampler,
+                "guidance_scale": f"{guidance_scale:g}",
+                "software": f"nitrofusion {nitrofusion.__version__}",
+            }
+            if sampler == "shift-lcm":
+                meta["shift"] = str(pipe.scheduler.config.shifted_timestep)
+            results.append(GenerationResult(image, prompt, s, steps, meta))
+        bar.update(len(chunk))
+    bar.close()
+    return results
+
+
+def _slug(text: str, n: int = 40) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:n] or "image"
+
+
+def prepare_output(out: str | Path, count: int) -> tuple[Path, bool]:
+    """Check that `out` can be written before any work is done. Returns (path, is_single_file)."""
+    out = Path(out)
+    single = out.suffix.lower() == ".png"
+    if single and count != 1:
+        raise UserError(f"--out {out} names one PNG file but {count} images will be written; give a directory")
+    directory = out.parent if single else out
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create output directory '{directory}': {exc.strerror}") from None
+    if not os.access(directory, os.W_OK) or (single and out.exists() and not os.access(out, os.W_OK)):
+        raise UserError(f"output location '{out}' is not writable")
+    return out, single
+
+
+def save_images(results: Sequence[GenerationResult], out: str | Path) -> list[Path]:
+    """Write PNGs (with prompt, seed, steps, model... as text chunks) and return their paths."""
+    out, single = prepare_output(out, len(results))
+    paths = []
+    for i, r in enumerate(results):
+        path = out if single else out / f"{i:04d}-{_slug(r.prompt)}-s{r.seed}.png"
+        info = PngInfo()
+        for k, v in r.metadata.items():
+            info.add_text(k, v)
+        tmp = path.with_name(f".{path.name}.tmp")
+        r.image.save(tmp, format="PNG", pnginfo=info)
+        os.replace(tmp, path)
+        paths.append(path)
+    return paths

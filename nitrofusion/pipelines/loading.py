@@ -1,0 +1,231 @@
+"""Find a pipeline (directory or hub cache), load it safely, and put a student into it.
+
+Only safetensors are ever read and remote code is never trusted. A NitroSD-style student
+is a plain UNet state dict in safetensors, loaded into the model's own UNet config, as the
+public checkpoints are (`UNet2DConditionModel.from_config(...)` + `load_state_dict`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Literal
+
+import torch
+from diffusers import DiffusionPipeline, UNet2DConditionModel
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from nitrofusion.errors import UserError
+from nitrofusion.scheduling import TimestepShiftLCMScheduler
+
+Sampler = Literal["auto", "shift-lcm", "native"]
+DEFAULT_SHIFT = 250
+SHIFT_LCM_MAX_STEPS = 4
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def resolve_model(model: str | Path) -> Path:
+    """A local diffusers pipeline directory for `model` (a path or a hub id in the local cache)."""
+    path = Path(model).expanduser()
+    if path.exists():
+        if not (path / "model_index.json").is_file():
+            raise UserError(f"model '{model}' is not a diffusers pipeline directory (no model_index.json in it)")
+        return path
+    looks_like_repo = str(model).count("/") == 1 and not str(model).startswith((".", "/", "~"))
+    if looks_like_repo:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+        try:
+            return Path(snapshot_download(str(model), local_files_only=True))
+        except (LocalEntryNotFoundError, HFValidationError, OSError):
+            pass
+        if not _offline():
+            try:
+                return Path(snapshot_download(str(model), allow_patterns=["*.json", "*.txt", "*.safetensors"]))
+            except Exception as exc:  # network errors come in many types
+                raise UserError(
+                    f"model '{model}' is not in the Hugging Face cache and could not be downloaded "
+                    f"({type(exc).__name__}); pass --model with a local pipeline directory"
+                ) from None
+        raise UserError(
+            f"model '{model}' is not in the Hugging Face cache ({_hub_cache()}) and HF_HUB_OFFLINE is set; "
+            "download it where a hub is reachable or pass --model with a local pipeline directory"
+        )
+    raise UserError(f"model '{model}' not found: pass --model with a diffusers pipeline directory or a hub id")
+
+
+def _hub_cache() -> str:
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    return str(HF_HUB_CACHE)
+
+
+def read_safetensors(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Load a safetensors file, turning every kind of unreadable file into a UserError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"weights file '{path}' not found")
+    if path.suffix != ".safetensors":
+        raise UserError(f"'{path}' is not a .safetensors file; only safetensors weights are loaded")
+    try:
+        return load_file(str(path), device=str(device))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"'{path}' is not a readable safetensors file (corrupt or truncated?): {first}") from None
+
+
+def check_state_dict(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str, limit: int = 3) -> None:
+    """Raise a UserError naming the first missing, unexpected or mis-shaped keys."""
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and tuple(state[k].shape) != tuple(v.shape)
+    ]
+    problems = []
+    if shapes:
+        problems.append(f"{len(shapes)} shape mismatches (file vs model), first: {', '.join(shapes[:limit])}")
+    if missing:
+        problems.append(f"{len(missing)} keys missing, first: {', '.join(missing[:limit])}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys, first: {', '.join(unexpected[:limit])}")
+    if problems:
+        raise UserError(f"{what} does not fit the model's UNet config: " + "; ".join(problems))
+
+
+def load_unet_weights(unet: UNet2DConditionModel, path: str | Path) -> UNet2DConditionModel:
+    """Load a student UNet state dict (safetensors) into `unet`, checking every key and shape."""
+    state = read_safetensors(path)
+    check_state_dict(unet, state, f"UNet weights '{path}'")
+    unet.load_state_dict(state)
+    return unet
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.float16 if device.startswith("cuda") else torch.float32
+    table = {
+        "fp32": torch.float32,
+        "float32": torch.float32,
+        "fp16": torch.float16,
+        "float16": torch.float16,
+        "bf16": torch.bfloat16,
+        "bfloat16": torch.bfloat16,
+    }
+    if dtype not in table:
+        raise UserError(f"unknown dtype '{dtype}': use auto, fp32, fp16 or bf16")
+    return table[dtype]
+
+
+@contextmanager
+def quiet_loading() -> Iterator[None]:
+    """Silence diffusers' and transformers' per-component loading bars and warnings."""
+    import diffusers.utils.logging as dlog
+    import transformers.utils.logging as tlog
+
+    d_level, t_level = dlog.get_verbosity(), tlog.get_verbosity()
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
+    dlog.set_verbosity_error()
+    tlog.set_verbosity_error()
+    try:
+        yield
+    finally:
+        dlog.enable_progress_bar()
+        tlog.enable_progress_bar()
+        dlog.set_verbosity(d_level)
+        tlog.set_verbosity(t_level)
+
+
+def _scheduler_class_name(model_dir: Path) -> str:
+    try:
+        index = json.loads((model_dir / "model_index.json").read_text())
+        return str(index.get("scheduler", [None, ""])[1])
+    except (OSError, json.JSONDecodeError, IndexError, TypeError):
+        return ""
+
+
+def load_pipeline(
+    model: str | Path,
+    unet: str | Path | None = None,
+    shift: int | None = None,
+    sampler: Sampler = "auto",
+    device: str | None = None,
+    dtype: str | torch.dtype | None = None,
+) -> DiffusionPipeline:
+    """Load a text-to-image pipeline ready for few-step sampling.
+
+    sampler: "shift-lcm" installs `TimestepShiftLCMScheduler` (1-4 steps, no CFG);
+    "native" keeps the pipeline's own scheduler (a multi-step teacher); "auto" picks
+    shift-lcm when the pipeline already has it, or a student UNet or a shift is given.
+    The chosen sampler is recorded as `pipe.nitro_sampler`.
+    """
+    model_dir = resolve_model(model)
+    device = device or default_device()
+    torch_dtype = resolve_dtype(dtype, device)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("CUDA was requested but is not available on this machine")
+    student_state = read_safetensors(unet) if unet is not None else None
+    try:
+        with quiet_loading():
+            pipe = DiffusionPipeline.from_pretrained(
+                str(model_dir), torch_dtype=torch_dtype, use_safetensors=True, local_files_only=True
+            )
+    except (OSError, ValueError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"could not load the pipeline in '{model_dir}': {first}") from None
+    if not hasattr(pipe, "unet") or not isinstance(pipe.unet, UNet2DConditionModel):
+        raise UserError(f"'{model_dir}' is not a UNet text-to-image pipeline (SDXL or SD1.5 architecture)")
+    if student_state is not None:
+        check_state_dict(pipe.unet, student_state, f"UNet weights '{unet}'")
+        pipe.unet.load_state_dict(student_state)
+
+    has_shift = _scheduler_class_name(model_dir) == TimestepShiftLCMScheduler.__name__
+    if sampler == "auto":
+        sampler = "shift-lcm" if (has_shift or unet is not None or shift is not None) else "native"
+    if sampler == "shift-lcm":
+        if has_shift and isinstance(pipe.scheduler, TimestepShiftLCMScheduler):
+            scheduler = (
+                pipe.scheduler
+                if shift is None
+                else TimestepShiftLCMScheduler.from_config(pipe.scheduler.config, shifted_timestep=shift)
+            )
+        else:
+            scheduler = TimestepShiftLCMScheduler.from_config(
+                pipe.scheduler.config, shifted_timestep=shift or DEFAULT_SHIFT, original_inference_steps=4
+            )
+        pipe.scheduler = scheduler
+    elif sampler != "native":
+        raise UserError(f"unknown sampler '{sampler}': use auto, shift-lcm or native")
+    pipe.nitro_sampler = sampler
+    pipe.nitro_model = str(model)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def save_unet_weights(unet: UNet2DConditionModel, path: str | Path) -> Path:
+    """Write a UNet state dict as safetensors, the format of the public NitroSD checkpoints."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in unet.state_dict().items()}, str(tmp))
+    os.replace(tmp, path)
+    return path

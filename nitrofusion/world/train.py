@@ -1,0 +1,262 @@
+"""Reproduce the embedded world from Fashion-MNIST: VAE, teacher UNet, evaluator.
+
+Stages, each seeded, checkpointed and resumable (`run_dir/<stage>/step-*`):
+  vae         AutoencoderKL (x2 downsampling) on the training images, MSE + L1 + tiny KL.
+  unet        the teacher, a DDPM (epsilon) UNet on the VAE's latents, prompts from class
+              names and templates, 10% of prompts dropped (zeroed) so CFG works, EMA.
+  classifier  the evaluator CNN and the test set's reference feature statistics.
+  assemble    a diffusers StableDiffusionXLPipeline (fp16 weights) and the evaluator file.
+
+The two CLIP text encoders are not trained: they stay at a seeded random init. With 80
+short prompts the UNet's cross-attention learns to read the class from any fixed,
+injective text features, and frozen encoders let every prompt's embedding be computed
+once, which is most of what makes CPU training of the teacher fit in one session.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from tqdm.auto import tqdm
+
+from nitrofusion.evaluation.frechet import GaussianStats
+from nitrofusion.models.builders import build_sdxl_pipeline
+from nitrofusion.training import checkpoint
+from nitrofusion.training.ema import EMA
+from nitrofusion.world import data
+from nitrofusion.world.evaluator import Evaluator, FashionClassifier, to_classifier_input
+from nitrofusion.world.spec import IMAGE_SIZE, TEXT_ENCODER_SEED, WORLD_SPEC
+
+
+@dataclass
+class WorldConfig:
+    seed: int = 0
+    vae_steps: int = 800
+    vae_batch: int = 32
+    vae_lr: float = 1e-3
+    vae_kl_weight: float = 1e-6
+    unet_steps: int = 6000
+    unet_batch: int = 48
+    unet_lr: float = 5e-4
+    unet_warmup: int = 200
+    cond_dropout: float = 0.1
+    ema_decay: float = 0.999
+    classifier_epochs: int = 3
+    classifier_batch: int = 128
+    checkpoint_every: int = 500
+    device: str = "cpu"
+
+
+def _log(run_dir: Path, msg: str) -> None:
+    tqdm.write(msg)
+    with open(run_dir / "log.txt", "a") as f:
+        f.write(msg + "\n")
+
+
+def _resume(stage_dir: Path, modules: dict[str, torch.nn.Module], opt: torch.optim.Optimizer | None) -> int:
+    found = checkpoint.load_latest(stage_dir)
+    if found is None:
+        return 0
+    tensors, meta = found
+    for name, module in modules.items():
+        module.load_state_dict({k[len(name) + 1 :]: v for k, v in tensors.items() if k.startswith(name + ".")})
+    if opt is not None:
+        checkpoint.load_optimizer(opt, tensors, meta["optimizer"], "opt")
+    checkpoint.set_rng_state(tensors)
+    return int(meta["step"])
+
+
+def _save(stage_dir: Path, step: int, modules: dict[str, torch.nn.Module], opt: torch.optim.Optimizer) -> None:
+    tensors = {f"{n}.{k}": v for n, m in modules.items() for k, v in m.state_dict().items()}
+    opt_tensors, opt_meta = checkpoint.optimizer_tensors(opt, "opt")
+    tensors.update(opt_tensors)
+    tensors.update(checkpoint.rng_state())
+    checkpoint.save(stage_dir, step, tensors, {"optimizer": opt_meta})
+
+
+def train_vae(cfg: WorldConfig, run_dir: Path) -> AutoencoderKL:
+    stage = run_dir / "vae"
+    torch.manual_seed(cfg.seed)
+    vae = AutoencoderKL(**WORLD_SPEC.vae_config()).to(cfg.device)
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    start = _resume(stage, {"vae": vae}, opt)
+    images, _ = data.load_split("train")
+    gen = torch.Generator().manual_seed(cfg.seed + start)
+    bar = tqdm(range(start, cfg.vae_steps), initial=start, total=cfg.vae_steps, desc="vae")
+    for step in bar:
+        idx = torch.randint(0, len(images), (cfg.vae_batch,), generator=gen)
+        x = data.to_model_range(images[idx]).to(cfg.device)
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample()).sample
+        mse = (rec - x).square().mean()
+        loss = mse + 0.1 * (rec - x).abs().mean() + cfg.vae_kl_weight * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        bar.set_postfix(mse=f"{mse.item():.4f}")
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.vae_steps:
+            _save(stage, step + 1, {"vae": vae}, opt)
+    return vae.eval()
+
+
+@torch.no_grad()
+def vae_report(vae: AutoencoderKL, device: str) -> dict[str, float]:
+    """Reconstruction PSNR on the test set and the latent scaling factor (1 / latent std)."""
+    images, _ = data.load_split("test")
+    x = data.to_model_range(images[:2000]).to(device)
+    mse, latents = [], []
+    for chunk in x.split(250):
+        z = vae.encode(chunk).latent_dist.mode()
+        latents.append(z)
+        mse.append((vae.decode(z).sample.clamp(-1, 1) - chunk).square().mean(dim=(1, 2, 3)))
+    mse_t = torch.cat(mse) / 4.0  # [-1,1] -> [0,1] range
+    psnr = (10 * torch.log10(1.0 / mse_t.clamp_min(1e-10))).mean().item()
+    return {"test_psnr_db": psnr, "latent_std": torch.cat(latents).std().item()}
+
+
+@torch.no_grad()
+def encode_dataset(vae: AutoencoderKL, images: torch.Tensor, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    means, stds = [], []
+    for chunk in tqdm(images.split(500), desc="encode latents"):
+        dist = vae.encode(data.to_model_range(chunk).to(device)).latent_dist
+        means.append(dist.mean.cpu())
+        stds.append(dist.std.cpu())
+    return torch.cat(means), torch.cat(stds)
+
+
+def train_unet(cfg: WorldConfig, run_dir: Path, vae: AutoencoderKL, scaling: float) -> UNet2DConditionModel:
+    stage = run_dir / "unet"
+    pipe = build_sdxl_pipeline(WORLD_SPEC, seed=TEXT_ENCODER_SEED)
+    prompts = data.all_prompts()
+    with torch.no_grad():
+        embeds, _, pooled, _ = pipe.encode_prompt(
+            [p for p, _ in prompts], device="cpu", do_classifier_free_guidance=False
+        )
+    # prompt index per class: class c uses rows c*T .. c*T+T-1
+    per_class = len(data.TEMPLATES)
+    time_ids = torch.tensor([[IMAGE_SIZE, IMAGE_SIZE, 0, 0, IMAGE_SIZE, IMAGE_SIZE]], dtype=torch.float32)
+
+    images, labels = data.load_split("train")
+    lat_mean, lat_std = encode_dataset(vae, images, cfg.device)
+
+    torch.manual_seed(cfg.seed + 1)
+    unet = UNet2DConditionModel(**WORLD_SPEC.unet_config()).to(cfg.device)
+    ema = EMA(unet, cfg.ema_decay)
+    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_lr, weight_decay=0.01)
+    start = _resume(stage, {"unet": unet, "ema": ema}, opt)
+    sched = pipe.scheduler
+    abar = sched.alphas_cumprod.to(cfg.device)
+    gen = torch.Generator().manual_seed(cfg.seed + 2 + start)
+    bar = tqdm(range(start, cfg.unet_steps), initial=start, total=cfg.unet_steps, desc="teacher unet")
+    unet.train()
+    for step in bar:
+        idx = torch.randint(0, len(images), (cfg.unet_batch,), generator=gen)
+        z = lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape, generator=gen)
+        flip = torch.rand(cfg.unet_batch, generator=gen) < 0.5
+        z = torch.where(flip[:, None, None, None], z.flip(-1), z) * scaling
+        rows = labels[idx] * per_class + torch.randint(0, per_class, (cfg.unet_batch,), generator=gen)
+        keep = (torch.rand(cfg.unet_batch, generator=gen) >= cfg.cond_dropout).float()
+        cond = embeds[rows] * keep[:, None, None]
+        pool = pooled[rows] * keep[:, None]
+        t = torch.randint(0, sched.config.num_train_timesteps, (cfg.unet_batch,), generator=gen)
+        noise = torch.randn(z.shape, generator=gen)
+        z, cond, pool, t, noise = (v.to(cfg.device) for v in (z, cond, pool, t, noise))
+        a = abar[t][:, None, None, None]
+        zt = a.sqrt() * z + (1 - a).sqrt() * noise
+        pred = unet(
+            zt, t, cond, added_cond_kwargs={"text_embeds": pool, "time_ids": time_ids.expand(len(t), -1).to(cfg.device)}
+        ).sample
+        loss = (pred - noise).square().mean()
+        for g in opt.param_groups:
+            g["lr"] = cfg.unet_lr * min(1.0, (step + 1) / cfg.unet_warmup)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        ema.update(unet)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.unet_steps:
+            _save(stage, step + 1, {"unet": unet, "ema": ema}, opt)
+            _log(run_dir, f"unet step {step + 1} loss {loss.item():.4f}")
+    ema.copy_to(unet)
+    return unet.eval()
+
+
+def train_classifier(cfg: WorldConfig, run_dir: Path) -> tuple[Evaluator, float]:
+    stage = run_dir / "classifier"
+    torch.manual_seed(cfg.seed + 3)
+    model = FashionClassifier().to(cfg.device)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
+    images, labels = data.load_split("train")
+    steps_per_epoch = math.ceil(len(images) / cfg.classifier_batch)
+    total = cfg.classifier_epochs * steps_per_epoch
+    start = _resume(stage, {"model": model}, opt)
+    gen = torch.Generator().manual_seed(cfg.seed + 4)
+    perms = [torch.randperm(len(images), generator=gen) for _ in range(cfg.classifier_epochs)]
+    bar = tqdm(range(start, total), initial=start, total=total, desc="evaluator cnn")
+    model.train()
+    for step in bar:
+        epoch, i = divmod(step, steps_per_epoch)
+        idx = perms[epoch][i * cfg.classifier_batch : (i + 1) * cfg.classifier_batch]
+        x = to_classifier_input(data.to_model_range(images[idx])).to(cfg.device)
+        flip = torch.rand(len(idx), generator=gen) < 0.5
+        x = torch.where(flip[:, None, None, None].to(cfg.device), x.flip(-1), x)
+        for g in opt.param_groups:
+            g["lr"] = 2e-3 * 0.5 * (1 + math.cos(math.pi * step / total))
+        loss = torch.nn.functional.cross_entropy(model(x), labels[idx].to(cfg.device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == total:
+            _save(stage, step + 1, {"model": model}, opt)
+    model.eval()
+    test_x, test_y = data.load_split("test")
+    x = data.to_model_range(test_x)
+    probe = Evaluator(model.cpu(), GaussianStats(mu=None, sigma=None, n=0))  # type: ignore[arg-type]
+    feats, logits = probe.features_and_logits(x)
+    acc = (logits.argmax(1) == test_y).float().mean().item()
+    _log(run_dir, f"evaluator test accuracy {acc:.4f}")
+    return Evaluator(model.cpu(), GaussianStats.from_features(feats)), acc
+
+
+def build_world(cfg: WorldConfig, run_dir: str | Path, out_dir: str | Path, stages: list[str]) -> dict:
+    """Run the requested stages and assemble the pipeline + evaluator into out_dir."""
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    report: dict = {"config": asdict(cfg), "machine": platform.platform(), "torch_threads": torch.get_num_threads()}
+    t0 = time.time()
+    vae = train_vae(cfg, run_dir)
+    report["vae"] = vae_report(vae, cfg.device)
+    scaling = 1.0 / report["vae"]["latent_std"]
+    vae.register_to_config(scaling_factor=scaling)
+    _log(run_dir, f"vae {report['vae']}")
+    report["vae_seconds"] = time.time() - t0
+    if "unet" in stages:
+        t1 = time.time()
+        unet = train_unet(cfg, run_dir, vae, scaling)
+        report["unet_seconds"] = time.time() - t1
+        pipe = build_sdxl_pipeline(WORLD_SPEC, seed=TEXT_ENCODER_SEED)
+        pipe.vae = vae.cpu()
+        pipe.unet = unet.cpu()
+        pipe.register_modules(vae=pipe.vae, unet=pipe.unet)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        pipe.to(torch.float16).save_pretrained(out_dir / "teacher")
+    if "classifier" in stages:
+        t2 = time.time()
+        evaluator, acc = train_classifier(cfg, run_dir)
+        report["evaluator_test_accuracy"] = acc
+        report["classifier_seconds"] = time.time() - t2
+        out_dir.mkdir(parents=True, exist_ok=True)
+        evaluator.save(out_dir / "evaluator.safetensors")
+    report["total_seconds"] = time.time() - t0
+    (run_dir / "report.json").write_text(json.dumps(report, indent=1))
+    return report

@@ -1,0 +1,275 @@
+"""`nitrofusion generate` end to end on the tiny SDXL and SD1.5 pipelines, and its errors."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from nitrofusion.cli import main
+from nitrofusion.pipelines import generate, load_pipeline
+from nitrofusion.pipelines.loading import save_unet_weights
+
+
+def run(args, capsys):
+    code = main(args)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def student_file(tiny_sdxl_dir, tmp_path_factory):
+    """A 'student': the tiny UNet with perturbed weights, written the project's way."""
+    unet = UNet2DConditionModel.from_pretrained(tiny_sdxl_dir, subfolder="unet")
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    path = tmp_path_factory.mktemp("student") / "student_unet.safetensors"
+    save_unet_weights(unet, path)
+    return path
+
+
+@pytest.mark.parametrize("pipeline", ["tiny_sdxl_dir", "tiny_sd15_dir"])
+@pytest.mark.parametrize("steps", [1, 2, 4])
+def test_generate_writes_pngs(pipeline, steps, request, tmp_path, capsys):
+    model = request.getfixturevalue(pipeline)
+    out = tmp_path / "out"
+    code, stdout, _ = run(
+        [
+            "generate",
+            "a photo of a cat",
+            "a red bag",
+            "--model",
+            str(model),
+            "--sampler",
+            "shift-lcm",
+            "--steps",
+            str(steps),
+            "--seed",
+            "7",
+            "--out",
+            str(out),
+        ],
+        capsys,
+    )
+    assert code == 0
+    files = sorted(out.glob("*.png"))
+    assert [Path(line) for line in stdout.split()] == files and len(files) == 2
+    img = Image.open(files[1])
+    assert img.size == (16, 16) and img.mode == "RGB"
+    assert img.text["prompt"] == "a red bag"
+    assert img.text["seed"] == "8"
+    assert img.text["steps"] == str(steps)
+    assert img.text["model"] == str(model)
+    assert img.text["shift"] == "250"
+    assert np.asarray(img).std() > 0
+
+
+def test_student_unet_and_determinism(tiny_sdxl_dir, student_file, tmp_path, capsys):
+    args = ["generate", "a shoe", "--model", str(tiny_sdxl_dir), "--unet", str(student_file), "--steps", "2"]
+    assert run(args + ["--out", str(tmp_path / "a.png")], capsys)[0] == 0
+    assert run(args + ["--out", str(tmp_path / "b.png")], capsys)[0] == 0
+    a, b = (np.asarray(Image.open(tmp_path / f)) for f in ("a.png", "b.png"))
+    assert np.array_equal(a, b)
+    assert (
+        run(
+            [
+                "generate",
+                "a shoe",
+                "--model",
+                str(tiny_sdxl_dir),
+                "--sampler",
+                "shift-lcm",
+                "--steps",
+                "2",
+                "--out",
+                str(tmp_path / "c.png"),
+            ],
+            capsys,
+        )[0]
+        == 0
+    )
+    assert not np.array_equal(a, np.asarray(Image.open(tmp_path / "c.png"))), "student weights were not used"
+
+
+def test_seed_per_image_independent_of_batch_size(tiny_sdxl_dir):
+    pipe = load_pipeline(tiny_sdxl_dir, sampler="shift-lcm")
+    prompts = ["a cat", "a dog", "a boot"]
+    one = generate(pipe, prompts, steps=2, seed=3, batch_size=1, progress=False)
+    three = generate(pipe, prompts, steps=2, seed=3, batch_size=3, progress=False)
+    for x, y in zip(one, three):
+        np.testing.assert_allclose(np.asarray(x.image, float), np.asarray(y.image, float), atol=1)
+
+
+def test_native_sampler_keeps_pipeline_scheduler(tiny_sdxl_dir):
+    pipe = load_pipeline(tiny_sdxl_dir)
+    assert pipe.nitro_sampler == "native"
+    assert type(pipe.scheduler).__name__ == "EulerDiscreteScheduler"
+    (res,) = generate(pipe, ["a cat"], steps=6, guidance_scale=3.0, progress=False)
+    assert res.image.size == (16, 16)
+
+
+def test_public_readme_loading_pattern(tiny_sdxl_dir, student_file):
+    """UNet2DConditionModel.from_config(...) then load_state_dict(load_file(...)), as the public README."""
+    unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(tiny_sdxl_dir, subfolder="unet"))
+    unet.load_state_dict(load_file(str(student_file)))
+    reference = load_file(str(student_file))
+    for k, v in unet.state_dict().items():
+        assert torch.equal(v, reference[k])
+
+
+def test_prompts_file(tiny_sd15_dir, tmp_path, capsys):
+    f = tmp_path / "p.txt"
+    f.write_text("a cat\n\n  a dog  \n")
+    code, stdout, _ = run(
+        [
+            "generate",
+            "--prompts",
+            str(f),
+            "--model",
+            str(tiny_sd15_dir),
+            "--sampler",
+            "shift-lcm",
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        capsys,
+    )
+    assert code == 0 and len(stdout.split()) == 2
+
+
+# --- errors: one line, exit code 2 ---------------------------------------------------------
+
+
+def expect_error(args, capsys, *fragments):
+    code, _, err = run(args, capsys)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    for frag in fragments:
+        assert frag in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize("steps", ["0", "5"])
+def test_bad_steps(tiny_sdxl_dir, student_file, steps, tmp_path, capsys):
+    expect_error(
+        [
+            "generate",
+            "x",
+            "--model",
+            str(tiny_sdxl_dir),
+            "--unet",
+            str(student_file),
+            "--steps",
+            steps,
+            "--out",
+            str(tmp_path),
+        ],
+        capsys,
+        "--steps",
+    )
+
+
+def test_bad_size(tiny_sdxl_dir, tmp_path, capsys):
+    expect_error(
+        ["generate", "x", "--model", str(tiny_sdxl_dir), "--height", "12", "--out", str(tmp_path)],
+        capsys,
+        "--height",
+        "multiple of 8",
+    )
+
+
+def test_empty_prompt_file(tiny_sdxl_dir, tmp_path, capsys):
+    f = tmp_path / "empty.txt"
+    f.write_text("\n  \n")
+    expect_error(
+        ["generate", "--prompts", str(f), "--model", str(tiny_sdxl_dir), "--out", str(tmp_path)], capsys, "no prompts"
+    )
+
+
+def test_missing_model_directory(tmp_path, capsys):
+    expect_error(["generate", "x", "--model", str(tmp_path / "nope"), "--out", str(tmp_path)], capsys, "not found")
+
+
+def test_missing_hub_model_offline(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    line = expect_error(
+        ["generate", "x", "--model", "someone/some-model", "--out", str(tmp_path)],
+        capsys,
+        "someone/some-model",
+        "HF_HUB_OFFLINE",
+    )
+    assert "--model" in line
+
+
+def test_corrupt_safetensors(tiny_sdxl_dir, tmp_path, capsys):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x00" * 64)
+    expect_error(
+        ["generate", "x", "--model", str(tiny_sdxl_dir), "--unet", str(bad), "--out", str(tmp_path)],
+        capsys,
+        "bad.safetensors",
+        "not a readable safetensors",
+    )
+
+
+def test_truncated_safetensors(tiny_sdxl_dir, student_file, tmp_path, capsys):
+    cut = tmp_path / "cut.safetensors"
+    data = Path(student_file).read_bytes()
+    cut.write_bytes(data[: len(data) // 2])
+    expect_error(
+        ["generate", "x", "--model", str(tiny_sdxl_dir), "--unet", str(cut), "--out", str(tmp_path)],
+        capsys,
+        "cut.safetensors",
+    )
+
+
+def test_unet_that_does_not_fit(tiny_sdxl_dir, tiny_sd15_dir, tmp_path, capsys):
+    other = UNet2DConditionModel.from_pretrained(tiny_sd15_dir, subfolder="unet")
+    path = tmp_path / "sd15_unet.safetensors"
+    save_file(other.state_dict(), str(path))
+    line = expect_error(
+        ["generate", "x", "--model", str(tiny_sdxl_dir), "--unet", str(path), "--out", str(tmp_path)],
+        capsys,
+        "does not fit",
+    )
+    assert "first:" in line and "." in line.split("first:")[1]
+
+
+def test_pickle_weights_refused(tiny_sdxl_dir, tmp_path, capsys):
+    f = tmp_path / "unet.bin"
+    f.write_bytes(b"not even a pickle")
+    expect_error(
+        ["generate", "x", "--model", str(tiny_sdxl_dir), "--unet", str(f), "--out", str(tmp_path)],
+        capsys,
+        "only safetensors",
+    )
+
+
+def test_unwritable_out(tiny_sdxl_dir, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    expect_error(
+        ["generate", "x", "--model", str(tiny_sdxl_dir), "--out", str(blocker / "sub")],
+        capsys,
+        "cannot create output directory",
+    )
+
+
+def test_console_script_exit_code(tmp_path):
+    exe = Path(sys.executable).with_name("nitrofusion")
+    proc = subprocess.run(
+        [str(exe), "generate", "x", "--model", str(tmp_path / "missing"), "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "not found" in proc.stderr

@@ -1,0 +1,134 @@
+"""TimestepShiftLCMScheduler against the public NitroFusion behaviour.
+
+The oracle below is written from the formulas (LCM boundary conditions, DDPM re-noising),
+not from any scheduler code: x0 and the scalings use the shifted timestep, re-noising uses
+the next unshifted noise level.
+"""
+
+import math
+
+import pytest
+import torch
+from diffusers import LCMScheduler, StableDiffusionXLPipeline
+
+from nitrofusion import TimestepShiftLCMScheduler
+
+# METHOD.md section 2: unshifted noise levels and the UNet timesteps for each shift.
+TABLE = {
+    1: ([999], {250: [249], 500: [499]}),
+    2: ([999, 499], {250: [249, 124], 500: [499, 249]}),
+    4: ([999, 749, 499, 249], {250: [249, 187, 124, 62], 500: [499, 374, 249, 124]}),
+}
+
+
+def make(shift: int) -> TimestepShiftLCMScheduler:
+    return TimestepShiftLCMScheduler(shifted_timestep=shift, original_inference_steps=4)
+
+
+def alphas_cumprod() -> torch.Tensor:
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    return torch.cumprod(1 - betas, 0)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4])
+@pytest.mark.parametrize("shift", [250, 500])
+def test_timesteps_match_public_table(steps, shift):
+    s = make(shift)
+    s.set_timesteps(steps)
+    levels, by_shift = TABLE[steps]
+    assert s.timesteps.tolist() == by_shift[shift]
+    assert s.noise_timesteps.tolist() == levels
+
+
+@pytest.mark.parametrize("shift", [250, 500])
+def test_three_steps_follow_lcm_spacing(shift):
+    plain = LCMScheduler(original_inference_steps=4)
+    plain.set_timesteps(3)
+    s = make(shift)
+    s.set_timesteps(3)
+    assert s.noise_timesteps.tolist() == plain.timesteps.tolist() == [999, 749, 499]
+    assert s.timesteps.tolist() == [t * shift // 1000 for t in plain.timesteps.tolist()]
+
+
+def fake_unet(x: torch.Tensor, t: int) -> torch.Tensor:
+    return torch.tanh(x * 0.7 + t / 500.0)
+
+
+def oracle_sample(x: torch.Tensor, steps: int, shift: int, seed: int) -> list[torch.Tensor]:
+    abar = alphas_cumprod()
+    plain = LCMScheduler(original_inference_steps=4)
+    plain.set_timesteps(steps)
+    levels = plain.timesteps.tolist()
+    gen = torch.Generator().manual_seed(seed)
+    outs = []
+    x = x.double()
+    for i, level in enumerate(levels):
+        t = level * shift // 1000
+        eps = fake_unet(x.float(), t).double()
+        a = abar[t]
+        x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
+        c_skip = 0.25 / ((10 * t) ** 2 + 0.25)
+        c_out = 10 * t / math.sqrt((10 * t) ** 2 + 0.25)
+        denoised = c_out * x0 + c_skip * x
+        if i == len(levels) - 1:
+            x = denoised
+        else:
+            noise = torch.randn(x.shape, generator=gen).double()
+            ap = abar[levels[i + 1]]
+            x = ap.sqrt() * denoised + (1 - ap).sqrt() * noise
+        outs.append(x.float())
+    return outs
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 4])
+@pytest.mark.parametrize("shift", [250, 500])
+def test_step_outputs_match_oracle(steps, shift):
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 8, 8)
+    expected = oracle_sample(x, steps, shift, seed=123)
+    s = make(shift)
+    s.set_timesteps(steps)
+    gen = torch.Generator().manual_seed(123)
+    sample = x.clone()
+    for i, t in enumerate(s.timesteps):
+        sample = s.step(fake_unet(sample, int(t)), t, sample, generator=gen).prev_sample
+        torch.testing.assert_close(sample, expected[i], rtol=1e-4, atol=1e-5)
+    assert s.timesteps.tolist() == TABLE.get(steps, ([], {shift: s.timesteps.tolist()}))[1][shift]
+
+
+def test_round_trip_keeps_every_setting(tmp_path):
+    s = TimestepShiftLCMScheduler(shifted_timestep=500, beta_schedule="linear", beta_start=0.0001, beta_end=0.02)
+    s.save_pretrained(tmp_path)
+    loaded = TimestepShiftLCMScheduler.from_pretrained(tmp_path)
+    assert loaded.config.shifted_timestep == 500
+    assert loaded.config.beta_schedule == "linear"
+    assert loaded.config.original_inference_steps == 4
+    torch.testing.assert_close(loaded.alphas_cumprod, s.alphas_cumprod)
+
+
+def test_from_sdxl_config_like_the_public_snippet():
+    base = LCMScheduler(beta_schedule="scaled_linear", timestep_spacing="leading", steps_offset=1)
+    s = TimestepShiftLCMScheduler.from_config(base.config, shifted_timestep=250)
+    s.set_timesteps(4)
+    assert s.timesteps.tolist() == [249, 187, 124, 62]
+
+
+def test_rejects_bad_shift():
+    with pytest.raises(ValueError):
+        TimestepShiftLCMScheduler(shifted_timestep=0)
+
+
+def test_inside_stock_sdxl_pipeline(tiny_sdxl_dir, tmp_path):
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
+    pipe.scheduler = TimestepShiftLCMScheduler.from_config(pipe.scheduler.config, shifted_timestep=250)
+    seen = []
+    pipe.unet.register_forward_pre_hook(lambda m, args, kw: seen.append(int(args[1])), with_kwargs=True)
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe("a photo of a cat", num_inference_steps=4, guidance_scale=0.0, output_type="np").images
+    assert seen == [249, 187, 124, 62]
+    assert out.shape == (1, 16, 16, 3)
+
+    pipe.save_pretrained(tmp_path / "pipe")
+    again = StableDiffusionXLPipeline.from_pretrained(tmp_path / "pipe")
+    assert isinstance(again.scheduler, TimestepShiftLCMScheduler)
+    assert again.scheduler.config.shifted_timestep == 250
