@@ -83,6 +83,44 @@ def cmd_train_teacher(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_distill(args: argparse.Namespace) -> int:
+    from nitrofusion.training.config import load_config
+    from nitrofusion.training.distill import Distiller, TrainingStopped
+
+    overrides = list(args.set or [])
+    if args.output_dir:
+        overrides.append(f"run.output_dir={args.output_dir}")
+    if args.max_steps is not None:
+        overrides.append(f"refine.steps_per_stage=[{args.max_steps}]")
+    cfg = load_config(args.preset, args.config, overrides)
+    try:
+        out = Distiller(cfg).train(resume=args.resume)
+    except TrainingStopped as exc:
+        print(f"nitrofusion distill: stopped: {exc}", file=sys.stderr)
+        return 1
+    print(f"student UNet: {out / 'student_unet.safetensors'}")
+    print(f"pipeline:     {out / 'pipeline'}")
+    return 0
+
+
+def cmd_make_pairs(args: argparse.Namespace) -> int:
+    from nitrofusion.data.prompts import load_prompts
+    from nitrofusion.data.teacher import TeacherSampler, make_pairs
+    from nitrofusion.pipelines import load_pipeline
+    from nitrofusion.pipelines.generation import default_size
+    from nitrofusion.training.distill import resolve_teacher
+
+    if args.n < 1 or args.batch_size < 1 or args.steps < 1:
+        raise UserError("--n, --batch-size and --steps must be at least 1")
+    prompts = load_prompts(args.prompts)
+    pipe = load_pipeline(resolve_teacher(args.model), sampler="native", device=args.device)
+    size = args.resolution or default_size(pipe)
+    sampler = TeacherSampler(pipe, args.steps, args.guidance_scale, size, size)
+    shards = make_pairs(sampler, prompts, args.n, args.out, seed=args.seed, batch_size=args.batch_size)
+    print(f"{len(shards)} shards in {args.out}")
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import json
 
@@ -184,6 +222,28 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--unet-steps", type=int, default=6000)
     t.add_argument("--classifier-epochs", type=int, default=3)
     t.set_defaults(func=cmd_train_teacher)
+
+    d = sub.add_parser("distill", help="distil a multi-step teacher into a 1-4 step student (NitroFusion)")
+    d.add_argument("--preset", help="embedded (a few CPU minutes) or sdxl (the paper's settings)")
+    d.add_argument("--config", help="YAML config file (see docs/distill.md for the schema)")
+    d.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. optim.lr=1e-5")
+    d.add_argument("--resume", help="'latest' or a checkpoint directory")
+    d.add_argument("--output-dir", help="shortcut for --set run.output_dir=...")
+    d.add_argument("--max-steps", type=int, help="shortcut: train only N one-step iterations")
+    d.set_defaults(func=cmd_distill)
+
+    mp = sub.add_parser("make-pairs", help="precompute teacher samples (prompt, noise seed, latent) shards")
+    mp.add_argument("--model", default="embedded", help="teacher pipeline directory, hub id or 'embedded'")
+    mp.add_argument("--prompts", default="embedded", help="text file with one prompt a line, or 'embedded'")
+    mp.add_argument("--n", type=int, default=1024)
+    mp.add_argument("--steps", type=int, default=25)
+    mp.add_argument("--guidance-scale", type=float, default=5.0)
+    mp.add_argument("--batch-size", type=int, default=64)
+    mp.add_argument("--resolution", type=int)
+    mp.add_argument("--seed", type=int, default=0)
+    mp.add_argument("--device")
+    mp.add_argument("--out", required=True)
+    mp.set_defaults(func=cmd_make_pairs)
 
     e = sub.add_parser("evaluate", help="score a model on the embedded world (class accuracy, domain FD)")
     e.add_argument("--model", help="pipeline directory (default: the embedded model)")

@@ -185,7 +185,7 @@ def load_pipeline(
     try:
         with quiet_loading():
             pipe = DiffusionPipeline.from_pretrained(
-                str(model_dir), torch_dtype=torch_dtype, use_safetensors=True, local_files_only=True
+                str(model_dir), dtype=torch_dtype, use_safetensors=True, local_files_only=True
             )
     except (OSError, ValueError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__

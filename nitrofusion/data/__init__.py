@@ -1,0 +1,1 @@
+"""What the trainer learns from: prompts, their text conditioning, and teacher samples."""

@@ -1,0 +1,93 @@
+"""Text conditioning for SDXL- and SD1.5-architecture UNets, through the pipeline's own encoder.
+
+`Conditioning` bundles what a UNet call needs (token embeddings, SDXL's added conditions)
+and the pooled text vector that conditional discriminator heads read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers import DiffusionPipeline
+
+
+@dataclass
+class Conditioning:
+    prompt_embeds: torch.Tensor  # [B, L, D]
+    pooled: torch.Tensor  # [B, P]
+    time_ids: torch.Tensor | None = None  # [B, 6] for SDXL
+
+    @property
+    def added_cond_kwargs(self) -> dict[str, torch.Tensor] | None:
+        if self.time_ids is None:
+            return None
+        return {"text_embeds": self.pooled, "time_ids": self.time_ids}
+
+    def __len__(self) -> int:
+        return self.prompt_embeds.shape[0]
+
+    def index(self, idx: torch.Tensor | slice) -> Conditioning:
+        return Conditioning(
+            self.prompt_embeds[idx], self.pooled[idx], None if self.time_ids is None else self.time_ids[idx]
+        )
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Conditioning:
+        def mv(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device=device, dtype=dtype or t.dtype)
+
+        return Conditioning(mv(self.prompt_embeds), mv(self.pooled), mv(self.time_ids))
+
+    @staticmethod
+    def cat(items: list[Conditioning]) -> Conditioning:
+        return Conditioning(
+            torch.cat([c.prompt_embeds for c in items]),
+            torch.cat([c.pooled for c in items]),
+            None if items[0].time_ids is None else torch.cat([c.time_ids for c in items]),
+        )
+
+
+def is_sdxl(pipe: DiffusionPipeline) -> bool:
+    return getattr(pipe, "text_encoder_2", None) is not None and pipe.unet.config.addition_embed_type == "text_time"
+
+
+class TextEncoder:
+    """Encodes prompts once and caches them (training prompts repeat)."""
+
+    def __init__(self, pipe: DiffusionPipeline, height: int, width: int) -> None:
+        self.pipe = pipe
+        self.sdxl = is_sdxl(pipe)
+        self.size = (height, width)
+        self._cache: dict[str, Conditioning] = {}
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str]) -> Conditioning:
+        todo = sorted({p for p in prompts if p not in self._cache})
+        if todo:
+            for p, c in zip(todo, self._encode(todo)):
+                self._cache[p] = c
+        return Conditioning.cat([self._cache[p] for p in prompts])
+
+    def _encode(self, prompts: list[str]) -> list[Conditioning]:
+        device = self.pipe.text_encoder.device
+        if self.sdxl:
+            embeds, _, pooled, _ = self.pipe.encode_prompt(prompts, device=device, do_classifier_free_guidance=False)
+            h, w = self.size
+            # SDXL micro-conditioning as the pipeline builds it: original size, crop (0, 0), target size.
+            time_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=embeds.dtype, device=device).expand(len(prompts), -1)
+        else:
+            embeds, _ = self.pipe.encode_prompt(prompts, device, 1, do_classifier_free_guidance=False)
+            # SD1.5 has no pooled embedding; the mean over tokens stands in for it.
+            pooled, time_ids = embeds.mean(1), None
+        return [
+            Conditioning(
+                embeds[i : i + 1].cpu(),
+                pooled[i : i + 1].cpu(),
+                None if time_ids is None else time_ids[i : i + 1].cpu(),
+            )
+            for i in range(len(prompts))
+        ]
+
+    @property
+    def pooled_dim(self) -> int:
+        return self(["dimension probe"]).pooled.shape[1]

@@ -1,0 +1,132 @@
+"""Real data = the teacher's own samples from the same starting noise as the student.
+
+`TeacherSampler` runs the teacher pipeline's public __call__ with `latents=noise` and
+`output_type="latent"`, so its scheduler, CFG and micro-conditioning are exactly what the
+pipeline does at inference. `make_pairs` precomputes (prompt, noise seed, teacher latent)
+shards in safetensors; `PairShards` reads them back.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import DiffusionPipeline
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from nitrofusion.errors import UserError
+
+
+def noise_for_seeds(seeds: list[int], shape: tuple[int, ...]) -> torch.Tensor:
+    """Starting noise, one CPU generator per seed (reproducible on any device)."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+
+
+class TeacherSampler:
+    def __init__(self, pipe: DiffusionPipeline, steps: int, guidance_scale: float, height: int, width: int) -> None:
+        self.pipe = pipe
+        self.steps = steps
+        self.guidance_scale = guidance_scale
+        self.height, self.width = height, width
+        pipe.set_progress_bar_config(disable=True)
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        f = self.pipe.vae_scale_factor
+        return (self.pipe.unet.config.in_channels, self.height // f, self.width // f)
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str], noise: torch.Tensor) -> torch.Tensor:
+        """Teacher x0 latents (the diffusion latent space, i.e. VAE latents x scaling factor)."""
+        out = self.pipe(
+            prompt=prompts,
+            num_inference_steps=self.steps,
+            guidance_scale=self.guidance_scale,
+            height=self.height,
+            width=self.width,
+            latents=noise.to(self.pipe.device, self.pipe.unet.dtype),
+            output_type="latent",
+        )
+        return out.images.float()
+
+
+SHARD_GLOB = "pairs-*.safetensors"
+
+
+def make_pairs(
+    sampler: TeacherSampler,
+    prompts: list[str],
+    count: int,
+    out_dir: str | Path,
+    seed: int = 0,
+    batch_size: int = 16,
+    shard_size: int = 256,
+) -> list[Path]:
+    """Write `count` pairs in shards of `shard_size`; existing complete shards are kept (resume)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "prompts.json").write_text(json.dumps(prompts))
+    shards = []
+    n_shards = (count + shard_size - 1) // shard_size
+    done = sum(
+        min(shard_size, count - i * shard_size)
+        for i in range(n_shards)
+        if (out_dir / f"pairs-{i:05d}.safetensors").is_file()
+    )
+    bar = tqdm(total=count, initial=done, desc="teacher pairs")
+    for s in range(n_shards):
+        path = out_dir / f"pairs-{s:05d}.safetensors"
+        shards.append(path)
+        if path.is_file():
+            continue
+        lo, hi = s * shard_size, min(count, (s + 1) * shard_size)
+        idx = torch.arange(lo, hi)
+        prompt_ids = (idx * 7919 + seed) % len(prompts)  # spread prompts evenly over the pairs
+        seeds = seed * 1_000_003 + idx
+        latents = []
+        for b in range(0, len(idx), batch_size):
+            sl = slice(b, b + batch_size)
+            noise = noise_for_seeds(seeds[sl].tolist(), sampler.latent_shape)
+            latents.append(sampler([prompts[int(i)] for i in prompt_ids[sl]], noise).cpu())
+            bar.update(len(idx[sl]))
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_file(
+            {
+                "latents": torch.cat(latents).contiguous(),
+                "seeds": seeds.contiguous(),
+                "prompt_ids": prompt_ids.contiguous(),
+            },
+            str(tmp),
+            metadata={"teacher_steps": str(sampler.steps), "guidance_scale": str(sampler.guidance_scale)},
+        )
+        tmp.replace(path)
+    bar.close()
+    return shards
+
+
+@dataclass
+class PairShards:
+    prompts: list[str]
+    latents: torch.Tensor
+    seeds: torch.Tensor
+    prompt_ids: torch.Tensor
+
+    @classmethod
+    def load(cls, directory: str | Path) -> PairShards:
+        directory = Path(directory)
+        files = sorted(directory.glob(SHARD_GLOB))
+        if not files or not (directory / "prompts.json").is_file():
+            raise UserError(f"no teacher pairs in '{directory}' (make them with 'nitrofusion make-pairs')")
+        parts = [load_file(str(f)) for f in files]
+        return cls(
+            prompts=json.loads((directory / "prompts.json").read_text()),
+            latents=torch.cat([p["latents"] for p in parts]),
+            seeds=torch.cat([p["seeds"] for p in parts]),
+            prompt_ids=torch.cat([p["prompt_ids"] for p in parts]),
+        )
+
+    def __len__(self) -> int:
+        return len(self.seeds)

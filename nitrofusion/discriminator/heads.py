@@ -1,0 +1,77 @@
+"""Discriminator heads: small conv stacks on one backbone feature map.
+
+A head is a 1x1 projection to `width` channels, `downsamples` x (4x4 stride-2 conv,
+GroupNorm, SiLU), then
+  global heads: average-pool to one vector -> one logit per image (coherence);
+  local heads:  a 1x1 conv -> one logit per patch (texture, detail). Each patch logit sees
+                about 4 * 2**downsamples feature positions.
+Conditional heads add a projection-discriminator term <phi(x), W c> where c is the
+prompt's pooled text embedding (Miyato & Koyama 2018): cheap, and it makes the logit
+depend on whether image and prompt agree rather than on the prompt alone.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+HEAD_KINDS = ("global_cond", "local_cond", "local_uncond")
+
+
+def _groups(channels: int) -> int:
+    for g in (32, 16, 8, 4, 2, 1):
+        if channels % g == 0:
+            return g
+    return 1
+
+
+class DiscriminatorHead(nn.Module):
+    def __init__(
+        self,
+        kind: str,
+        in_channels: int,
+        width: int,
+        cond_dim: int,
+        downsamples: int = 2,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        if kind not in HEAD_KINDS:
+            raise ValueError(f"unknown head kind {kind!r}")
+        self.kind = kind
+        self.is_global = kind.startswith("global")
+        self.is_conditional = kind.endswith("_cond")
+        layers: list[nn.Module] = [nn.Conv2d(in_channels, width, 1), nn.GroupNorm(_groups(width), width), nn.SiLU()]
+        for _ in range(downsamples):
+            layers += [nn.Conv2d(width, width, 4, stride=2, padding=1), nn.GroupNorm(_groups(width), width), nn.SiLU()]
+        self.trunk = nn.Sequential(*layers)
+        self.to_logit = nn.Conv2d(width, 1, 1)
+        self.embed_text = nn.Linear(cond_dim, width, bias=False) if self.is_conditional else None
+        self.reset_parameters(generator)
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Fresh init (also what a pool refresh does); seeded by `generator` for exact resumes."""
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(m.weight, nonlinearity="linear", generator=generator)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.GroupNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.normal_(self.to_logit.weight, std=0.01, generator=generator)
+
+    def forward(self, feature: torch.Tensor, text: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits: [B] for global heads, [B, h*w] (one per patch) for local heads."""
+        h = self.trunk(feature)
+        if self.is_global:
+            h = h.mean(dim=(2, 3), keepdim=True)
+        logits = self.to_logit(h)
+        if self.embed_text is not None:
+            if text is None:
+                raise ValueError("a conditional head needs the text embedding")
+            proj = self.embed_text(text.to(h.dtype))[:, :, None, None]
+            logits = logits + (h * proj).sum(1, keepdim=True) / math.sqrt(h.shape[1])
+        return logits.flatten(1).squeeze(1) if self.is_global else logits.flatten(1)

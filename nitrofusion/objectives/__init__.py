@@ -1,0 +1,1 @@
+"""Training objectives: the adversarial losses and NitroFusion's multi-head judgement."""

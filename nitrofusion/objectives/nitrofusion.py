@@ -1,0 +1,105 @@
+"""NitroFusion's judgement: sampled heads of the pool on the frozen teacher encoder.
+
+For each sampled noise level t*, real (teacher) and fake (student) x0 are re-noised to t*
+and passed once through the backbone; every sampled head reads its feature map. The
+generator's pass keeps the graph into the student with the heads frozen; the
+discriminator's pass reuses the fake features detached, so each t* costs one backbone
+pass with gradients (fake) and one without (real).
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from nitrofusion.data.conditioning import Conditioning
+from nitrofusion.discriminator.backbone import UNetEncoderFeatures
+from nitrofusion.discriminator.pool import HeadPool
+from nitrofusion.objectives.adversarial import discriminator_loss, generator_loss, r1_penalty
+from nitrofusion.training.student import add_noise
+
+
+@dataclass
+class Judgement:
+    g_loss: torch.Tensor
+    d_loss: torch.Tensor
+    head_ids: list[int]
+    real_score: float  # mean logit on real, for logging
+    fake_score: float
+
+
+class NitroFusionObjective:
+    def __init__(
+        self,
+        backbone: UNetEncoderFeatures,
+        pool: HeadPool,
+        alphas_cumprod: torch.Tensor,
+        loss_kind: str = "non_saturating",
+        r1_weight: float = 0.0,
+    ) -> None:
+        self.backbone = backbone
+        self.pool = pool
+        self.alphas_cumprod = alphas_cumprod.double()
+        self.loss_kind = loss_kind
+        self.r1_weight = r1_weight
+
+    def _features(self, x0: torch.Tensor, t_star: int, noise: torch.Tensor, cond: Conditioning) -> list[torch.Tensor]:
+        x = add_noise(x0, noise, t_star, self.alphas_cumprod).to(self.backbone.unet.dtype)
+        t = torch.full((x.shape[0],), t_star, device=x.device, dtype=torch.long)
+        return self.backbone(x, t, cond.prompt_embeds.to(x.dtype), _cast(cond.added_cond_kwargs, x.dtype))
+
+    def __call__(
+        self,
+        fake: torch.Tensor,
+        real: torch.Tensor,
+        cond: Conditioning,
+        t_stars: list[int],
+        head_ids: dict[int, list[int]],
+        generator: torch.Generator,
+        train_generator: bool = True,
+    ) -> Judgement:
+        g_terms, d_terms, r_scores, f_scores, used = [], [], [], [], []
+        text = cond.pooled
+        for t_star in t_stars:
+            ids = head_ids[t_star]
+            used += ids
+            n_fake = torch.randn(fake.shape, generator=generator).to(fake.device, fake.dtype)
+            n_real = torch.randn(real.shape, generator=generator).to(real.device, real.dtype)
+            if train_generator:
+                self.pool.requires_grad_(False)
+                fake_feats = self._features(fake, t_star, n_fake, cond)
+                g_logits = [lg.float() for _, lg in self.pool.logits(ids, fake_feats, text)]
+                g_terms.append(generator_loss(g_logits, self.loss_kind))
+                self.pool.requires_grad_(True)
+                fake_feats = [f.detach() for f in fake_feats]
+            else:
+                with torch.no_grad():
+                    fake_feats = self._features(fake.detach(), t_star, n_fake, cond)
+            real_in = real.detach().requires_grad_(self.r1_weight > 0)
+            # R1 differentiates the gradient again; fused attention kernels have no double backward.
+            kernel = sdpa_kernel(SDPBackend.MATH) if self.r1_weight > 0 else nullcontext()
+            with torch.set_grad_enabled(self.r1_weight > 0), kernel:
+                real_feats = self._features(real_in, t_star, n_real, cond)
+            real_logits = [lg.float() for _, lg in self.pool.logits(ids, real_feats, text)]
+            fake_logits = [lg.float() for _, lg in self.pool.logits(ids, fake_feats, text)]
+            d = discriminator_loss(real_logits, fake_logits, self.loss_kind)
+            if self.r1_weight > 0:
+                d = d + self.r1_weight * r1_penalty(real_logits, real_in)
+            d_terms.append(d)
+            r_scores.append(torch.stack([x.mean() for x in real_logits]).mean().item())
+            f_scores.append(torch.stack([x.mean() for x in fake_logits]).mean().item())
+        zero = fake.new_zeros(())
+        return Judgement(
+            g_loss=torch.stack(g_terms).mean() if g_terms else zero,
+            d_loss=torch.stack(d_terms).mean(),
+            head_ids=used,
+            real_score=sum(r_scores) / len(r_scores),
+            fake_score=sum(f_scores) / len(f_scores),
+        )
+
+
+def _cast(kwargs: dict[str, torch.Tensor] | None, dtype: torch.dtype) -> dict[str, torch.Tensor] | None:
+    return None if kwargs is None else {k: v.to(dtype) for k, v in kwargs.items()}

@@ -1,0 +1,252 @@
+"""The distillation run's configuration: one YAML file, a documented schema, CLI overrides.
+
+Every key is a field of a dataclass below; loading rejects unknown keys and ill-typed
+values by name. Presets live in `nitrofusion/configs/<name>.yaml`; `--set a.b=value`
+overrides any key (values parsed as YAML scalars).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from nitrofusion.errors import UserError
+
+
+@dataclass
+class ModelConfig:
+    teacher: str = "embedded"  # pipeline dir, hub id in the cache, or "embedded"
+    student_init: str | None = None  # UNet safetensors to start from; None = the teacher's weights
+    shift: int = 250  # timestep shift, the same in training and sampling
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class DataConfig:
+    prompts: str = "embedded"  # a text file (one prompt a line) or "embedded"
+    pairs: str | None = None  # directory of `make-pairs` shards; None = teacher samples online
+    teacher_steps: int = 25
+    teacher_guidance: float = 5.0
+    teacher_sampler: str = "native"  # the teacher pipeline's own scheduler
+    batch_size: int = 8
+    resolution: int | None = None  # pixels; None = the model's default
+
+
+@dataclass
+class DiscriminatorConfig:
+    t_stars: list[int] = field(default_factory=lambda: [10, 250, 500, 750])
+    kinds: list[str] = field(default_factory=lambda: ["global_cond", "local_cond", "local_uncond"])
+    candidates: int = 4  # heads per (kind, t*, feature level) in the pool
+    t_stars_per_step: int = 1  # noise levels judged per step (one backbone pass each)
+    refresh_fraction: float = 0.01  # share of the pool re-initialised every step
+    pool: bool = True  # False: one static head per (kind, feature level), shared by every t*
+    width: int = 32
+    downsamples: int = 2
+    lr: float = 2e-4
+    betas: list[float] = field(default_factory=lambda: [0.0, 0.99])
+    weight_decay: float = 0.0
+
+
+@dataclass
+class LossConfig:
+    kind: str = "non_saturating"  # or "hinge"
+    r1_weight: float = 0.0
+    d_steps_per_g: int = 1  # discriminator updates per generator update
+    pretrain_steps: int = 0  # regression on teacher pairs before the adversarial stage
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-5
+    betas: list[float] = field(default_factory=lambda: [0.0, 0.99])
+    weight_decay: float = 0.01
+    grad_clip: float = 10.0
+    grad_accumulation: int = 1
+    warmup_steps: int = 0
+    ema_decay: float = 0.99
+    mixed_precision: str = "no"  # no | fp16 | bf16
+
+
+@dataclass
+class RefineConfig:
+    # Bottom-up: iterations for 1 step first, then for 2, 3, 4 steps (0 skips a stage).
+    steps_per_stage: list[int] = field(default_factory=lambda: [100])
+    mix: str = "uniform"  # uniform: train every step index up to the stage's count; last: only the new one
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs/distill"
+    seed: int = 0
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+    validate_every: int = 50
+    log_every: int = 10
+    max_bad_steps: int = 5  # stop after this many non-finite losses in a row
+    validation_prompts: int = 10
+
+
+@dataclass
+class DistillConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    refine: RefineConfig = field(default_factory=RefineConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    @property
+    def total_steps(self) -> int:
+        return self.loss.pretrain_steps + sum(self.refine.steps_per_stage)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+CHOICES = {
+    "loss.kind": {"non_saturating", "hinge"},
+    "optim.mixed_precision": {"no", "fp16", "bf16"},
+    "refine.mix": {"uniform", "last"},
+    "data.teacher_sampler": {"native", "shift-lcm"},
+}
+KINDS = {"global_cond", "local_cond", "local_uncond"}
+
+
+def _check_type(key: str, value: Any, tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _check_type(key, value, a)
+            except UserError as exc:
+                errors.append(exc)
+        raise errors[0]
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise UserError(f"config key '{key}' must be a list, got {value!r}")
+        return [_check_type(f"{key}[{i}]", v, inner) for i, v in enumerate(value)]
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool):
+        if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+            raise UserError(f"config key '{key}' must be {tp.__name__}, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {tp} for {key}")
+
+
+def _merge(obj: Any, updates: dict, prefix: str = "") -> None:
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for key, value in updates.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            raise UserError(f"unknown config key '{full}' (known: {', '.join(sorted(names))})")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise UserError(f"config key '{full}' must be a mapping")
+            _merge(current, value, full + ".")
+        else:
+            setattr(obj, key, _check_type(full, value, hints[key]))
+
+
+def validate(cfg: DistillConfig) -> DistillConfig:
+    for key, allowed in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in allowed:
+            raise UserError(f"config key '{key}' must be one of {sorted(allowed)}, got {value!r}")
+    bad = set(cfg.discriminator.kinds) - KINDS
+    if bad or not cfg.discriminator.kinds:
+        raise UserError(f"config key 'discriminator.kinds' must be a non-empty subset of {sorted(KINDS)}")
+    if not all(0 <= t < 1000 for t in cfg.discriminator.t_stars) or not cfg.discriminator.t_stars:
+        raise UserError("config key 'discriminator.t_stars' must be noise levels in 0..999")
+    if not 0 <= cfg.discriminator.refresh_fraction <= 1:
+        raise UserError("config key 'discriminator.refresh_fraction' must be in [0, 1]")
+    if len(cfg.refine.steps_per_stage) > 4 or not cfg.refine.steps_per_stage:
+        raise UserError("config key 'refine.steps_per_stage' lists iterations for 1 to 4 sampling steps")
+    positive = {
+        "data.batch_size": cfg.data.batch_size,
+        "discriminator.candidates": cfg.discriminator.candidates,
+        "discriminator.t_stars_per_step": cfg.discriminator.t_stars_per_step,
+        "discriminator.width": cfg.discriminator.width,
+        "loss.d_steps_per_g": cfg.loss.d_steps_per_g,
+        "optim.grad_accumulation": cfg.optim.grad_accumulation,
+        "run.checkpoint_every": cfg.run.checkpoint_every,
+        "run.max_bad_steps": cfg.run.max_bad_steps,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise UserError(f"config key '{key}' must be at least 1, got {value}")
+    if cfg.discriminator.t_stars_per_step > len(cfg.discriminator.t_stars):
+        raise UserError("config key 'discriminator.t_stars_per_step' exceeds the number of t_stars")
+    return cfg
+
+
+def parse_override(text: str) -> dict:
+    """'a.b=3' -> {'a': {'b': 3}} with the value parsed as YAML."""
+    if "=" not in text:
+        raise UserError(f"override '{text}' must look like section.key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        raise UserError(f"override '{text}': value is not valid YAML") from None
+    out: dict = {}
+    node = out
+    parts = key.strip().split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = value
+    return out
+
+
+def preset_names() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("nitrofusion.configs").iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_yaml(path: str | Path, what: str) -> dict:
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except OSError as exc:
+        raise UserError(f"cannot read {what} '{path}': {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise UserError(f"{what} '{path}' is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{what} '{path}' must be a mapping of sections")
+    return data
+
+
+def load_config(
+    preset: str | None = None, path: str | Path | None = None, overrides: list[str] | None = None
+) -> DistillConfig:
+    """Defaults <- preset <- config file <- overrides, validated."""
+    cfg = DistillConfig()
+    if preset:
+        if preset not in preset_names():
+            raise UserError(f"unknown preset '{preset}' (available: {', '.join(preset_names())})")
+        _merge(cfg, _read_yaml(resources.files("nitrofusion.configs") / f"{preset}.yaml", "preset"))
+    if path:
+        _merge(cfg, _read_yaml(path, "config file"))
+    for text in overrides or []:
+        _merge(cfg, parse_override(text))
+    return validate(cfg)
+
+
+def save_config(cfg: DistillConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

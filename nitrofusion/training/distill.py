@@ -1,0 +1,386 @@
+"""`nitrofusion distill`: NitroFusion's dynamic adversarial distillation on accelerate.
+
+The whole iteration is `Distiller.train_step`; everything else here is set-up, saving and
+looking at samples. Randomness is drawn from generators seeded by (seed, step, purpose
+[, rank]), never from a running stream, so a resumed run repeats an uninterrupted one
+exactly, and every rank samples the same heads.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from diffusers import DiffusionPipeline, UNet2DConditionModel
+from tqdm.auto import tqdm
+
+from nitrofusion.data.conditioning import TextEncoder
+from nitrofusion.data.prompts import load_prompts
+from nitrofusion.data.teacher import PairShards, TeacherSampler, noise_for_seeds
+from nitrofusion.discriminator.backbone import UNetEncoderFeatures
+from nitrofusion.discriminator.pool import HeadPool
+from nitrofusion.errors import UserError
+from nitrofusion.evaluation.grid import make_grid
+from nitrofusion.objectives.nitrofusion import NitroFusionObjective
+from nitrofusion.pipelines.generation import default_size, generate
+from nitrofusion.pipelines.loading import check_state_dict, load_pipeline, read_safetensors, save_unet_weights
+from nitrofusion.scheduling import TimestepShiftLCMScheduler
+from nitrofusion.training import checkpoint
+from nitrofusion.training.config import DistillConfig, save_config
+from nitrofusion.training.ema import EMA
+from nitrofusion.training.student import ShiftedStudent
+
+PURPOSES = {"data": 1, "heads": 2, "refresh": 3, "judge": 4, "simulate": 5, "stepidx": 6}
+
+
+class TrainingStopped(RuntimeError):
+    """Too many non-finite losses in a row; the last good checkpoint is kept."""
+
+
+@dataclass
+class Phase:
+    name: str  # "pretrain" or "adversarial"
+    num_steps: int  # sampling steps the student is being trained for (1..4)
+
+
+def resolve_teacher(name: str) -> str:
+    if name == "embedded":
+        from nitrofusion.world.spec import teacher_path
+
+        path = teacher_path()
+        if not (path / "model_index.json").is_file():
+            raise UserError("the embedded teacher is not installed (build it with 'nitrofusion train-teacher')")
+        return str(path)
+    return name
+
+
+class Distiller:
+    def __init__(self, cfg: DistillConfig, accelerator: Accelerator | None = None, progress: bool = True) -> None:
+        self.cfg = cfg
+        self.out = Path(cfg.run.output_dir)
+        self.acc = accelerator or Accelerator(
+            mixed_precision=cfg.optim.mixed_precision, log_with="tensorboard", project_dir=str(self.out)
+        )
+        self.progress = progress and self.acc.is_main_process
+        device = str(self.acc.device)
+
+        self.teacher = load_pipeline(
+            resolve_teacher(cfg.model.teacher), sampler="native", device=device, dtype=torch.float32
+        )
+        if not isinstance(self.teacher.unet, UNet2DConditionModel):
+            raise UserError("the teacher's UNet must be a diffusers UNet2DConditionModel")
+        self.size = cfg.data.resolution or default_size(self.teacher)
+        self.text = TextEncoder(self.teacher, self.size, self.size)
+        self.prompts = load_prompts(cfg.data.prompts)
+        self.pairs = PairShards.load(cfg.data.pairs) if cfg.data.pairs else None
+        self.sampler = TeacherSampler(
+            self.teacher, cfg.data.teacher_steps, cfg.data.teacher_guidance, self.size, self.size
+        )
+
+        student = copy.deepcopy(self.teacher.unet).requires_grad_(True).train()
+        if cfg.model.student_init:
+            state = read_safetensors(cfg.model.student_init)
+            check_state_dict(student, state, f"student init '{cfg.model.student_init}'")
+            student.load_state_dict(state)
+        if cfg.model.gradient_checkpointing:
+            student.enable_gradient_checkpointing()
+            self.teacher.unet.enable_gradient_checkpointing()
+        self.scheduler = TimestepShiftLCMScheduler.from_config(
+            self.teacher.scheduler.config, shifted_timestep=cfg.model.shift, original_inference_steps=4
+        )
+        self.maths = ShiftedStudent(self.scheduler)
+        self.ema = EMA(student, cfg.optim.ema_decay)
+
+        self.backbone = UNetEncoderFeatures(self.teacher.unet)
+        shapes = self.backbone.feature_shapes(self.size // self.teacher.vae_scale_factor, device)
+        d = cfg.discriminator
+        self.pool = HeadPool(
+            [c for c, _, _ in shapes],
+            d.kinds,
+            d.t_stars,
+            self.text.pooled_dim,
+            d.width,
+            d.downsamples,
+            d.candidates,
+            dynamic=d.pool,
+            seed=cfg.run.seed,
+        ).to(device)
+        self.objective = NitroFusionObjective(
+            self.backbone, self.pool, self.scheduler.alphas_cumprod, cfg.loss.kind, cfg.loss.r1_weight
+        )
+        self.opt_d = torch.optim.AdamW(
+            self.pool.parameters(), lr=d.lr, betas=tuple(d.betas), weight_decay=d.weight_decay
+        )
+        opt_g = torch.optim.AdamW(
+            student.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay
+        )
+        self.student, self.opt_g = self.acc.prepare(student, opt_g)
+        self.step = 0
+        self.bad_steps = 0
+
+    # ---- randomness ------------------------------------------------------------------
+    def rng(self, purpose: str, per_rank: bool = False, micro: int = 0) -> torch.Generator:
+        rank = self.acc.process_index if per_rank else 0
+        key = ((self.cfg.run.seed * 1_000_003 + self.step) * 101 + PURPOSES[purpose]) * 1009 + rank * 31 + micro
+        return torch.Generator().manual_seed(key % (2**63 - 1))
+
+    # ---- schedule --------------------------------------------------------------------
+    def phase(self, step: int) -> Phase:
+        if step < self.cfg.loss.pretrain_steps:
+            return Phase("pretrain", 1)
+        left = step - self.cfg.loss.pretrain_steps
+        stages = self.cfg.refine.steps_per_stage
+        for k, n in enumerate(stages):
+            if left < n:
+                return Phase("adversarial", k + 1)
+            left -= n
+        return Phase("adversarial", len(stages))
+
+    def max_sampling_steps(self) -> int:
+        return max(k + 1 for k, n in enumerate(self.cfg.refine.steps_per_stage) if n > 0)
+
+    # ---- data --------------------------------------------------------------------------
+    def batch(self, micro: int):
+        """(conditioning, starting noise, teacher x0) for this rank and micro-batch."""
+        g = self.rng("data", per_rank=True, micro=micro)
+        n = self.cfg.data.batch_size
+        device = self.acc.device
+        if self.pairs is not None:
+            idx = torch.randint(0, len(self.pairs), (n,), generator=g)
+            prompts = [self.pairs.prompts[int(i)] for i in self.pairs.prompt_ids[idx]]
+            noise = noise_for_seeds(self.pairs.seeds[idx].tolist(), self.sampler.latent_shape)
+            real = self.pairs.latents[idx]
+        else:
+            prompts = [self.prompts[int(i)] for i in torch.randint(0, len(self.prompts), (n,), generator=g)]
+            noise = torch.randn((n, *self.sampler.latent_shape), generator=g)
+            real = self.sampler(prompts, noise)
+        return self.text(prompts).to(device), noise.to(device), real.to(device)
+
+    # ---- one iteration -----------------------------------------------------------------
+    def train_step(self) -> dict[str, float]:
+        cfg, phase = self.cfg, self.phase(self.step)
+        accum = cfg.optim.grad_accumulation
+        update_g = phase.name == "pretrain" or self.step % cfg.loss.d_steps_per_g == 0
+        t_stars = self.pool.sample_t_stars(cfg.discriminator.t_stars_per_step, self.rng("heads"))
+        head_ids = {t: self.pool.sample_heads(t, self.rng("heads", micro=t + 1)) for t in t_stars}
+        raw = self.acc.unwrap_model(self.student)
+        logs: dict[str, float] = {}
+        for micro in range(accum):
+            cond, noise, real = self.batch(micro)
+            sync = self.acc.no_sync(self.student) if micro < accum - 1 else nullcontext()
+            with sync, self.acc.autocast():
+                if phase.name == "pretrain":
+                    levels = self.maths.levels(1)
+                    fake = self.maths.x0(self.student, noise, levels[0], cond).float()
+                    g_loss, d_loss = F.mse_loss(fake, real), None
+                else:
+                    # Bottom-up refinement: which step of a k-step schedule this batch trains.
+                    k = phase.num_steps
+                    j = (
+                        k - 1
+                        if cfg.refine.mix == "last"
+                        else int(torch.randint(0, k, (1,), generator=self.rng("stepidx")))
+                    )
+                    x_in, level = self.maths.simulate(raw, noise, k, j, cond, self.rng("simulate", True, micro))
+                    with torch.set_grad_enabled(update_g):
+                        fake = self.maths.x0(self.student, x_in, level, cond).float()
+                    judged = self.objective(
+                        fake, real, cond, t_stars, head_ids, self.rng("judge", True, micro), train_generator=update_g
+                    )
+                    g_loss, d_loss = judged.g_loss, judged.d_loss
+                    logs.update(real_logit=judged.real_score, fake_logit=judged.fake_score, steps=k, index=j)
+                total = (g_loss if update_g else 0) + (d_loss if d_loss is not None else 0)
+                finite = torch.isfinite(torch.as_tensor(total, dtype=torch.float32)).all()
+                finite = bool(self.acc.reduce(finite.float().to(self.acc.device), "min") > 0)
+                if not finite:
+                    break
+                self.acc.backward(total / accum)
+            logs["g_loss"] = logs.get("g_loss", 0.0) + float(g_loss.detach()) / accum
+            if d_loss is not None:
+                logs["d_loss"] = logs.get("d_loss", 0.0) + float(d_loss.detach()) / accum
+        if not finite:
+            return self._skip_step()
+        self.bad_steps = 0
+        if update_g:
+            self._warmup_lr()
+            self.acc.clip_grad_norm_(self.student.parameters(), cfg.optim.grad_clip)
+            self.opt_g.step()
+            self.ema.update(raw)
+        self.opt_g.zero_grad(set_to_none=True)
+        if phase.name != "pretrain":
+            self._reduce_pool_grads()
+            self.opt_d.step()
+            logs["refreshed"] = len(
+                self.pool.refresh(cfg.discriminator.refresh_fraction, self.rng("refresh"), self.opt_d)
+            )
+        self.opt_d.zero_grad(set_to_none=True)
+        return logs
+
+    def _skip_step(self) -> dict[str, float]:
+        self.opt_g.zero_grad(set_to_none=True)
+        self.opt_d.zero_grad(set_to_none=True)
+        self.bad_steps += 1
+        self.log_line(f"step {self.step}: non-finite loss, step skipped ({self.bad_steps} in a row)")
+        if self.bad_steps >= self.cfg.run.max_bad_steps:
+            raise TrainingStopped(
+                f"{self.bad_steps} non-finite losses in a row at step {self.step}; stopped, last good checkpoint kept"
+            )
+        return {"skipped": 1.0}
+
+    def _warmup_lr(self) -> None:
+        w = self.cfg.optim.warmup_steps
+        scale = min(1.0, (self.step + 1) / w) if w > 0 else 1.0
+        for group in self.opt_g.param_groups:
+            group["lr"] = self.cfg.optim.lr * scale
+
+    def _reduce_pool_grads(self) -> None:
+        """Average the sampled heads' gradients over ranks (the pool is kept out of DDP)."""
+        if self.acc.num_processes == 1:
+            return
+        grads = [p.grad for p in self.pool.parameters() if p.grad is not None]
+        if grads:
+            flat = self.acc.reduce(torch.cat([g.flatten() for g in grads]), "mean")
+            offset = 0
+            for g in grads:
+                g.copy_(flat[offset : offset + g.numel()].view_as(g))
+                offset += g.numel()
+
+    # ---- the loop -----------------------------------------------------------------------
+    def train(self, resume: str | None = None) -> Path:
+        cfg = self.cfg
+        if resume:
+            self.resume(resume)
+        if self.acc.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.out / "config.yaml")
+        self.acc.init_trackers("distill")
+        total = cfg.total_steps
+        bar = tqdm(total=total, initial=self.step, desc="distill", disable=not self.progress)
+        t0 = time.perf_counter()
+        while self.step < total:
+            logs = self.train_step()
+            self.step += 1
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.3f}" for k, v in logs.items() if k in ("g_loss", "d_loss")}, refresh=False)
+            if self.step % cfg.run.log_every == 0 or self.step == total:
+                logs["seconds_per_step"] = (time.perf_counter() - t0) / cfg.run.log_every
+                t0 = time.perf_counter()
+                self.acc.log(logs, step=self.step)
+            # A skipped step changed nothing: keep the last good checkpoint as the newest.
+            if (self.step % cfg.run.checkpoint_every == 0 or self.step == total) and not self.bad_steps:
+                self.save_checkpoint()
+            if cfg.run.validate_every and (self.step % cfg.run.validate_every == 0 or self.step == total):
+                self.validate()
+        bar.close()
+        self.acc.end_training()
+        return self.export()
+
+    # ---- persistence ----------------------------------------------------------------------
+    def save_checkpoint(self) -> None:
+        self.acc.wait_for_everyone()
+        if not self.acc.is_main_process:
+            return
+        raw = self.acc.unwrap_model(self.student)
+        tensors = {f"student.{k}": v for k, v in raw.state_dict().items()}
+        tensors.update({f"ema.{k}": v for k, v in self.ema.shadow.state_dict().items()})
+        tensors.update({f"pool.{k}": v for k, v in self.pool.state_dict().items()})
+        g_t, g_meta = checkpoint.optimizer_tensors(
+            self.opt_g.optimizer if hasattr(self.opt_g, "optimizer") else self.opt_g, "opt_g"
+        )
+        d_t, d_meta = checkpoint.optimizer_tensors(self.opt_d, "opt_d")
+        tensors.update(g_t)
+        tensors.update(d_t)
+        checkpoint.save(
+            self.out / "checkpoints",
+            self.step,
+            tensors,
+            {"opt_g": g_meta, "opt_d": d_meta, "config": self.cfg.to_dict()},
+            keep=self.cfg.run.keep_checkpoints,
+        )
+
+    def resume(self, which: str) -> None:
+        root = self.out / "checkpoints"
+        if which == "latest":
+            found = checkpoint.load_latest(root, log=self.log_line)
+            if found is None:
+                self.log_line(f"no checkpoint under {root}; starting from scratch")
+                return
+        else:
+            try:
+                found = checkpoint.load(which)
+            except Exception as exc:
+                raise UserError(f"cannot resume from '{which}': {exc}") from None
+        tensors, meta = found
+        raw = self.acc.unwrap_model(self.student)
+
+        def part(prefix: str) -> dict[str, torch.Tensor]:
+            return {k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+
+        raw.load_state_dict(part("student"))
+        self.ema.shadow.load_state_dict(part("ema"))
+        self.pool.load_state_dict(part("pool"))
+        opt_g = self.opt_g.optimizer if hasattr(self.opt_g, "optimizer") else self.opt_g
+        checkpoint.load_optimizer(opt_g, tensors, meta["opt_g"], "opt_g")
+        checkpoint.load_optimizer(self.opt_d, tensors, meta["opt_d"], "opt_d")
+        self.step = int(meta["step"])
+        self.log_line(f"resumed from step {self.step}")
+
+    def student_pipeline(self, use_ema: bool = True) -> DiffusionPipeline:
+        unet = self.ema.shadow if use_ema else self.acc.unwrap_model(self.student)
+        pipe = type(self.teacher)(**{**self.teacher.components, "unet": unet, "scheduler": self.scheduler})
+        pipe.nitro_sampler, pipe.nitro_model = "shift-lcm", str(self.out)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    @torch.no_grad()
+    def validate(self) -> Path | None:
+        if not self.acc.is_main_process:
+            return None
+        pipe = self.student_pipeline()
+        n = self.cfg.run.validation_prompts
+        prompts = [self.prompts[(i * len(self.prompts)) // n] for i in range(n)]
+        rows, labels = [], []
+        for steps in range(1, self.max_sampling_steps() + 1):
+            rows.append([r.image for r in generate(pipe, prompts, steps=steps, seed=0, batch_size=n, progress=False)])
+            labels.append(f"student, {steps} step" + ("s" if steps > 1 else ""))
+        path = self.out / "validation" / f"step-{self.step:08d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        make_grid(rows, labels, scale=max(1, 96 // rows[0][0].size[0])).save(path)
+        return path
+
+    def export(self) -> Path:
+        """student_unet.safetensors (EMA weights) and a complete pipeline directory."""
+        self.acc.wait_for_everyone()
+        if self.acc.is_main_process:
+            save_unet_weights(self.ema.shadow, self.out / "student_unet.safetensors")
+            pipe = self.student_pipeline()
+            pipe.save_pretrained(str(self.out / "pipeline"))
+            (self.out / "pipeline" / "nitrofusion.json").write_text(
+                json.dumps(
+                    {"teacher": self.cfg.model.teacher, "shift": self.cfg.model.shift, "steps": self.step}, indent=1
+                )
+            )
+        return self.out
+
+    def log_line(self, msg: str) -> None:
+        if not self.acc.is_main_process:
+            return
+        tqdm.write(msg)
+        self.out.mkdir(parents=True, exist_ok=True)
+        with open(self.out / "log.txt", "a") as f:
+            f.write(msg + "\n")
+
+
+def distill(cfg: DistillConfig, resume: str | None = None, progress: bool = True) -> Path:
+    return Distiller(cfg, progress=progress).train(resume=resume)
+
+
+__all__ = ["Distiller", "TrainingStopped", "distill", "math"]

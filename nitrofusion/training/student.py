@@ -1,0 +1,68 @@
+"""The student's one-step maths, identical to TimestepShiftLCMScheduler's `step`.
+
+A student step at noise level t (unshifted) feeds the UNet timestep s = floor(t*shift/T),
+reads its epsilon as x0 = (x_t - sqrt(1-abar_s) eps) / sqrt(abar_s), and applies the LCM
+boundary condition c_out(s) x0 + c_skip(s) x_t. Re-noising to the next level t' uses
+abar_{t'}. Training and sampling share this code path's constants through the scheduler.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import UNet2DConditionModel
+
+from nitrofusion.data.conditioning import Conditioning
+from nitrofusion.scheduling import TimestepShiftLCMScheduler, shift_timesteps
+
+
+class ShiftedStudent:
+    def __init__(self, scheduler: TimestepShiftLCMScheduler) -> None:
+        self.scheduler = scheduler
+        self.alphas_cumprod = scheduler.alphas_cumprod.double()
+        self.T = scheduler.config.num_train_timesteps
+        self.shift = scheduler.config.shifted_timestep
+
+    def levels(self, num_steps: int) -> list[int]:
+        """Unshifted noise levels of a num_steps schedule (999, 749, 499, 249 for 4)."""
+        self.scheduler.set_timesteps(num_steps)
+        return self.scheduler.noise_timesteps.tolist()
+
+    def x0(self, unet: UNet2DConditionModel, x_t: torch.Tensor, level: int, cond: Conditioning) -> torch.Tensor:
+        s = int(shift_timesteps(torch.tensor([level]), self.shift, self.T))
+        t = torch.full((x_t.shape[0],), s, device=x_t.device, dtype=torch.long)
+        eps = unet(x_t, t, cond.prompt_embeds, added_cond_kwargs=cond.added_cond_kwargs).sample
+        a = float(self.alphas_cumprod[s])
+        x0 = (x_t - (1 - a) ** 0.5 * eps.to(x_t.dtype)) / a**0.5
+        c_skip, c_out = self.scheduler.get_scalings_for_boundary_condition_discrete(s)
+        return c_out * x0 + c_skip * x_t
+
+    def renoise(self, x0: torch.Tensor, level: int, noise: torch.Tensor) -> torch.Tensor:
+        a = float(self.alphas_cumprod[level])
+        return a**0.5 * x0 + (1 - a) ** 0.5 * noise
+
+    @torch.no_grad()
+    def simulate(
+        self,
+        unet: UNet2DConditionModel,
+        x_T: torch.Tensor,
+        num_steps: int,
+        upto: int,
+        cond: Conditioning,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, int]:
+        """Backward simulation: run the student's own first `upto` steps of a num_steps schedule.
+
+        Returns the input of step `upto` and its noise level, as the sampler would reach them.
+        """
+        levels = self.levels(num_steps)
+        x = x_T
+        for i in range(upto):
+            x0 = self.x0(unet, x, levels[i], cond)
+            noise = torch.randn(x.shape, generator=generator, device="cpu").to(x.device, x.dtype)
+            x = self.renoise(x0, levels[i + 1], noise)
+        return x, levels[upto]
+
+
+def add_noise(x0: torch.Tensor, noise: torch.Tensor, level: int, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    a = float(alphas_cumprod[level])
+    return a**0.5 * x0 + (1 - a) ** 0.5 * noise

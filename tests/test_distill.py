@@ -1,0 +1,336 @@
+"""The NitroFusion trainer on the tiny SDXL pipeline: every path, the pool's bookkeeping,
+resume, faults, output format."""
+
+import errno
+import hashlib
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+from safetensors.torch import load_file
+
+from nitrofusion.cli import main
+from nitrofusion.training import checkpoint
+from nitrofusion.training.config import load_config
+from nitrofusion.training.distill import Distiller, TrainingStopped
+
+
+def config(tiny_sdxl_dir, out, *overrides):
+    base = [
+        f"model.teacher={tiny_sdxl_dir}",
+        "data.teacher_steps=1",
+        "data.batch_size=2",
+        "discriminator.width=4",
+        "discriminator.candidates=2",
+        "refine.steps_per_stage=[2]",
+        f"run.output_dir={out}",
+        "run.validate_every=0",
+        "run.checkpoint_every=1000",
+    ]
+    return load_config(None, None, base + list(overrides))
+
+
+def params_of(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def changed(before, module):
+    return any(not torch.equal(before[k], v) for k, v in module.state_dict().items())
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["loss.pretrain_steps=1"],
+        [],
+        ["loss.kind=hinge"],
+        ["loss.r1_weight=0.1"],
+        ["discriminator.pool=false"],
+        ["discriminator.refresh_fraction=0"],
+        ["discriminator.kinds=[global_cond]"],
+        ["discriminator.kinds=[global_cond,local_cond]"],
+        ["discriminator.t_stars_per_step=2", "loss.d_steps_per_g=2"],
+        ["optim.grad_accumulation=2"],
+    ],
+    ids=[
+        "pretrain",
+        "one-step",
+        "hinge",
+        "r1",
+        "no-pool",
+        "no-refresh",
+        "no-local",
+        "no-uncond",
+        "2tstar-dg2",
+        "accum",
+    ],
+)
+def test_one_step_of_each_path(tiny_sdxl_dir, tmp_path, overrides):
+    d = Distiller(config(tiny_sdxl_dir, tmp_path, *overrides), progress=False)
+    student, pool = params_of(d.student), params_of(d.pool)
+    logs = d.train_step()
+    assert "skipped" not in logs
+    assert changed(student, d.student), "the student did not move"
+    assert torch.isfinite(torch.tensor(logs["g_loss"]))
+    if "loss.pretrain_steps=1" not in overrides:
+        assert changed(pool, d.pool), "the discriminator did not move"
+
+
+@pytest.mark.parametrize("stage", [2, 3, 4])
+def test_each_refinement_stage(tiny_sdxl_dir, tmp_path, stage):
+    stages = [0] * (stage - 1) + [1]
+    d = Distiller(
+        config(tiny_sdxl_dir, tmp_path, f"refine.steps_per_stage={stages}", "refine.mix=last"), progress=False
+    )
+    assert d.phase(0).num_steps == stage
+    calls = []
+    original = d.maths.simulate
+    d.maths.simulate = lambda *a, **k: calls.append(a[2:4]) or original(*a, **k)
+    logs = d.train_step()
+    assert calls == [(stage, stage - 1)]  # the student's own first stage-1 steps, under no_grad
+    assert logs["steps"] == stage and logs["index"] == stage - 1
+
+
+def test_pool_bookkeeping(tiny_sdxl_dir, tmp_path):
+    cfg = config(tiny_sdxl_dir, tmp_path, "discriminator.candidates=4", "discriminator.refresh_fraction=0.05")
+    d = Distiller(cfg, progress=False)
+    n_levels = d.pool.num_levels
+    assert n_levels == 5  # tiny UNet: conv_in, 3 down residuals... + mid block
+    assert len(d.pool) == 3 * 4 * n_levels * 4
+    # one step: exactly one head per (kind, level) for the sampled t*, and only those get gradients
+    captured = {}
+    original_step = d.opt_d.step
+
+    def spy():
+        captured["with_grad"] = {
+            i for i, h in enumerate(d.pool.heads) if any(p.grad is not None for p in h.parameters())
+        }
+        original_step()
+
+    d.opt_d.step = spy
+    refreshed_before = params_of(d.pool)
+    d.train_step()
+    t_star = d.pool.sample_t_stars(1, torch.Generator().manual_seed(0))  # noqa: F841 - shape of the API
+    assert len(captured["with_grad"]) == 3 * n_levels
+    slots = [d.pool.slots[i] for i in captured["with_grad"]]
+    assert len({s.t_star for s in slots}) == 1
+    assert len({(s.kind, s.level) for s in slots}) == 3 * n_levels
+    # refresh: about 5% of heads re-initialised, with their optimizer state dropped
+    d.step = 1
+    ids = d.pool.refresh(0.05, d.rng("refresh"), d.opt_d)
+    assert len(ids) == round(0.05 * len(d.pool))
+    for i in ids:
+        head = d.pool.heads[i]
+        assert all(p not in d.opt_d.state for p in head.parameters())
+        prefix = f"heads.{i}."
+        assert any(
+            not torch.equal(refreshed_before[prefix + k], v) for k, v in head.state_dict().items() if "weight" in k
+        )
+    trained = next(iter(captured["with_grad"] - set(ids)), None)
+    if trained is not None:
+        assert all(p in d.opt_d.state for p in d.pool.heads[trained].parameters())
+
+
+def test_static_head_set_is_small_and_shared(tiny_sdxl_dir, tmp_path):
+    d = Distiller(config(tiny_sdxl_dir, tmp_path, "discriminator.pool=false"), progress=False)
+    assert len(d.pool) == 3 * d.pool.num_levels
+    assert d.pool.sample_heads(10, torch.Generator()) == d.pool.sample_heads(750, torch.Generator())
+    assert d.pool.refresh(0.5, torch.Generator(), d.opt_d) == []
+
+
+def test_resume_equals_uninterrupted(tiny_sdxl_dir, tmp_path):
+    common = ["refine.steps_per_stage=[2,2]", "run.checkpoint_every=2", "loss.pretrain_steps=1"]
+    straight = Distiller(config(tiny_sdxl_dir, tmp_path / "a", *common), progress=False)
+    straight.train()
+    first = Distiller(config(tiny_sdxl_dir, tmp_path / "b", *common), progress=False)
+    for _ in range(2):
+        first.train_step()
+        first.step += 1
+    first.save_checkpoint()
+    resumed = Distiller(config(tiny_sdxl_dir, tmp_path / "b", *common), progress=False)
+    resumed.train(resume="latest")
+    assert resumed.step == straight.step == 5
+    a = load_file(str(tmp_path / "a" / "student_unet.safetensors"))
+    b = load_file(str(tmp_path / "b" / "student_unet.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    for k, v in straight.pool.state_dict().items():
+        assert torch.equal(v, resumed.pool.state_dict()[k])
+
+
+def test_output_loads_like_public_checkpoints(tiny_sdxl_dir, tmp_path, capsys):
+    d = Distiller(config(tiny_sdxl_dir, tmp_path / "run", "run.validate_every=2"), progress=False)
+    out = d.train()
+    unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(tiny_sdxl_dir, subfolder="unet"))
+    unet.load_state_dict(load_file(str(out / "student_unet.safetensors")))
+    assert (out / "validation" / "step-00000002.png").is_file()
+    assert list((out / "distill").glob("events.out.tfevents*")), "no TensorBoard log"
+    code = main(
+        ["generate", "a cat", "--model", str(out / "pipeline"), "--steps", "2", "--out", str(tmp_path / "x.png")]
+    )
+    assert code == 0
+    from PIL import Image
+
+    assert Image.open(tmp_path / "x.png").text["shift"] == "250"
+    code = main(
+        ["generate", "a cat", "--model", str(out / "pipeline"), "--steps", "5", "--out", str(tmp_path / "y.png")]
+    )
+    assert code == 2, "the exported pipeline must default to the shift-LCM sampler"
+
+
+def test_nan_losses_are_skipped_then_stop(tiny_sdxl_dir, tmp_path):
+    d = Distiller(
+        config(tiny_sdxl_dir, tmp_path, "run.max_bad_steps=3", "refine.steps_per_stage=[6]", "run.checkpoint_every=1"),
+        progress=False,
+    )
+    original = d.objective.__call__
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        judged = original(*args, **kwargs)
+        if calls["n"] >= 3:  # healthy for two steps, then a NaN storm
+            judged.d_loss = judged.d_loss * float("nan")
+        return judged
+
+    d.objective = poisoned
+    with pytest.raises(TrainingStopped):
+        d.train()
+    log = (tmp_path / "log.txt").read_text()
+    assert log.count("non-finite loss, step skipped") == 3
+    latest = checkpoint.list_checkpoints(tmp_path / "checkpoints")[-1]
+    tensors, meta = checkpoint.load(latest)
+    assert meta["step"] == 2 and all(torch.isfinite(v).all() for k, v in tensors.items() if k.startswith("student."))
+
+
+def test_failed_checkpoint_write_keeps_previous(tiny_sdxl_dir, tmp_path, monkeypatch):
+    d = Distiller(
+        config(tiny_sdxl_dir, tmp_path, "run.checkpoint_every=1", "refine.steps_per_stage=[3]"), progress=False
+    )
+    d.train_step()
+    d.step = 1
+    d.save_checkpoint()
+    good = checkpoint.list_checkpoints(tmp_path / "checkpoints")
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "save_file", disk_full)
+    d.step = 2
+    with pytest.raises(OSError):
+        d.save_checkpoint()
+    assert checkpoint.list_checkpoints(tmp_path / "checkpoints") == good
+    assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".tmp")]
+    tensors, meta = checkpoint.load(good[-1])
+    assert meta["step"] == 1
+
+
+def test_corrupt_latest_checkpoint_falls_back(tiny_sdxl_dir, tmp_path):
+    d = Distiller(
+        config(tiny_sdxl_dir, tmp_path, "refine.steps_per_stage=[3]", "run.keep_checkpoints=3"), progress=False
+    )
+    for step in (1, 2):
+        d.train_step()
+        d.step = step
+        d.save_checkpoint()
+    latest = checkpoint.list_checkpoints(tmp_path / "checkpoints")[-1]
+    data = (latest / "state.safetensors").read_bytes()
+    (latest / "state.safetensors").write_bytes(data[: len(data) // 3])
+    again = Distiller(config(tiny_sdxl_dir, tmp_path, "refine.steps_per_stage=[3]"), progress=False)
+    again.resume("latest")
+    assert again.step == 1
+    assert "unreadable" in (tmp_path / "log.txt").read_text()
+
+
+# --- bad input: one line, exit 2 --------------------------------------------------------
+
+
+def expect_cli_error(args, capsys, *fragments):
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    for f in fragments:
+        assert f in err[0]
+
+
+def test_unknown_config_key(tmp_path, capsys):
+    expect_cli_error(
+        ["distill", "--preset", "embedded", "--set", "optim.learning_rate=1"],
+        capsys,
+        "unknown config key 'optim.learning_rate'",
+    )
+
+
+def test_ill_typed_config_key(tmp_path, capsys):
+    f = tmp_path / "c.yaml"
+    f.write_text("discriminator:\n  width: wide\n")
+    expect_cli_error(["distill", "--config", str(f)], capsys, "'discriminator.width'", "int")
+
+
+def test_missing_prompts(tiny_sdxl_dir, tmp_path, capsys):
+    expect_cli_error(
+        ["distill", "--set", f"model.teacher={tiny_sdxl_dir}", "--set", f"data.prompts={tmp_path}/no.txt"],
+        capsys,
+        "prompt file",
+    )
+
+
+def test_teacher_that_is_not_a_unet_pipeline(tmp_path, capsys):
+    (tmp_path / "model_index.json").write_text(
+        '{"_class_name": "DDPMPipeline", "scheduler": ["diffusers", "DDPMScheduler"]}'
+    )
+    expect_cli_error(["distill", "--set", f"model.teacher={tmp_path}"], capsys)
+
+
+def test_two_rank_run_stays_identical(tiny_sdxl_dir, tmp_path):
+    script = tmp_path / "two_ranks.py"
+    script.write_text(
+        textwrap.dedent(f"""
+        import hashlib, sys, torch
+        from accelerate import Accelerator
+        from nitrofusion.training.config import load_config
+        from nitrofusion.training.distill import Distiller
+        acc = Accelerator(cpu=True)
+        cfg = load_config(None, None, ["model.teacher={tiny_sdxl_dir}", "data.teacher_steps=1", "data.batch_size=2",
+            "discriminator.width=4", "discriminator.candidates=2", "refine.steps_per_stage=[2]",
+            "run.output_dir={tmp_path}/run", "run.validate_every=0", "run.checkpoint_every=1000"])
+        d = Distiller(cfg, accelerator=acc, progress=False)
+        seen = []
+        original = d.pool.sample_heads
+        d.pool.sample_heads = lambda t, g: seen.append(original(t, g)) or seen[-1]
+        prompts = []
+        original_batch = d.batch
+        d.batch = lambda micro: prompts.append(d.rng("data", per_rank=True).initial_seed()) or original_batch(micro)
+        for _ in range(2):
+            d.train_step(); d.step += 1
+        h = hashlib.sha256()
+        for module in (acc.unwrap_model(d.student), d.pool):
+            for k, v in sorted(module.state_dict().items()):
+                h.update(v.detach().cpu().numpy().tobytes())
+        with open("{tmp_path}/rank%d.txt" % acc.process_index, "w") as f:
+            f.write(f"{{acc.num_processes}} {{h.hexdigest()}} {{seen}} {{prompts}}")
+    """)
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = Path(sys.executable).with_name("torchrun")
+    proc = subprocess.run(
+        [str(torchrun), "--nproc_per_node", "2", "--master_port", "29533", str(script)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0 = (tmp_path / "rank0.txt").read_text().split(" ", 2)
+    r1 = (tmp_path / "rank1.txt").read_text().split(" ", 2)
+    assert r0[0] == r1[0] == "2"
+    assert r0[1] == r1[1], "ranks diverged"
+    heads0, data0 = r0[2].rsplit("] [", 1)
+    heads1, data1 = r1[2].rsplit("] [", 1)
+    assert heads0 == heads1, "ranks sampled different heads"
+    assert data0 != data1, "ranks saw the same data"
+    assert hashlib  # keeps the import used
