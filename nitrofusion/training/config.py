@@ -31,7 +31,8 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     prompts: str = "embedded"  # a text file (one prompt a line) or "embedded"
-    pairs: str | None = None  # directory of `make-pairs` shards; None = teacher samples online
+    pairs: str | None = None  # directory of `make-pairs` shards (made first if empty); None = teacher samples online
+    num_pairs: int = 2048  # how many pairs to make when `pairs` is empty
     teacher_steps: int = 25
     teacher_guidance: float = 5.0
     teacher_sampler: str = "native"  # the teacher pipeline's own scheduler
@@ -142,6 +143,12 @@ def _check_type(key: str, value: Any, tp: Any) -> Any:
         return [_check_type(f"{key}[{i}]", v, inner) for i, v in enumerate(value)]
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):
+        # YAML 1.1 reads "5e-5" (no dot) as a string; accept any numeric spelling.
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if tp in (int, float, str, bool):
         if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
             raise UserError(f"config key '{key}' must be {tp.__name__}, got {value!r}")
@@ -182,6 +189,7 @@ def validate(cfg: DistillConfig) -> DistillConfig:
         raise UserError("config key 'refine.steps_per_stage' lists iterations for 1 to 4 sampling steps")
     positive = {
         "data.batch_size": cfg.data.batch_size,
+        "data.num_pairs": cfg.data.num_pairs,
         "discriminator.candidates": cfg.discriminator.candidates,
         "discriminator.t_stars_per_step": cfg.discriminator.t_stars_per_step,
         "discriminator.width": cfg.discriminator.width,

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from nitrofusion.data.conditioning import TextEncoder
 from nitrofusion.data.prompts import load_prompts
-from nitrofusion.data.teacher import PairShards, TeacherSampler, noise_for_seeds
+from nitrofusion.data.teacher import SHARD_GLOB, PairShards, TeacherSampler, make_pairs, noise_for_seeds
 from nitrofusion.discriminator.backbone import UNetEncoderFeatures
 from nitrofusion.discriminator.pool import HeadPool
 from nitrofusion.errors import UserError
@@ -80,10 +80,10 @@ class Distiller:
         self.size = cfg.data.resolution or default_size(self.teacher)
         self.text = TextEncoder(self.teacher, self.size, self.size)
         self.prompts = load_prompts(cfg.data.prompts)
-        self.pairs = PairShards.load(cfg.data.pairs) if cfg.data.pairs else None
         self.sampler = TeacherSampler(
             self.teacher, cfg.data.teacher_steps, cfg.data.teacher_guidance, self.size, self.size
         )
+        self.pairs = self._load_or_make_pairs(cfg.data.pairs) if cfg.data.pairs else None
 
         student = copy.deepcopy(self.teacher.unet).requires_grad_(True).train()
         if cfg.model.student_init:
@@ -93,6 +93,9 @@ class Distiller:
         if cfg.model.gradient_checkpointing:
             student.enable_gradient_checkpointing()
             self.teacher.unet.enable_gradient_checkpointing()
+        if cfg.optim.mixed_precision != "no" and self.acc.device.type == "cuda":
+            # The teacher is frozen: keep it in half precision; the student keeps fp32 master weights.
+            self.teacher.to(torch.bfloat16 if cfg.optim.mixed_precision == "bf16" else torch.float16)
         self.scheduler = TimestepShiftLCMScheduler.from_config(
             self.teacher.scheduler.config, shifted_timestep=cfg.model.shift, original_inference_steps=4
         )
@@ -125,6 +128,14 @@ class Distiller:
         self.student, self.opt_g = self.acc.prepare(student, opt_g)
         self.step = 0
         self.bad_steps = 0
+
+    def _load_or_make_pairs(self, directory: str) -> PairShards:
+        if not list(Path(directory).glob(SHARD_GLOB)):
+            if self.acc.is_main_process:
+                make_pairs(self.sampler, self.prompts, self.cfg.data.num_pairs, directory, seed=self.cfg.run.seed,
+                           batch_size=max(self.cfg.data.batch_size, 64))
+            self.acc.wait_for_everyone()
+        return PairShards.load(directory)
 
     # ---- randomness ------------------------------------------------------------------
     def rng(self, purpose: str, per_rank: bool = False, micro: int = 0) -> torch.Generator:

@@ -227,6 +227,18 @@ def train_classifier(cfg: WorldConfig, run_dir: Path) -> tuple[Evaluator, float]
     return Evaluator(model.cpu(), GaussianStats.from_features(feats)), acc
 
 
+def slim_tokenizers(pipeline_dir: Path) -> None:
+    """Ship the tokenizers as vocab.json + merges.txt (1.5 MB) instead of tokenizer.json (3.5 MB)."""
+    import shutil
+    from importlib import resources
+
+    src = Path(str(resources.files("nitrofusion.world") / "assets" / "tokenizer"))
+    for name in ("tokenizer", "tokenizer_2"):
+        (pipeline_dir / name / "tokenizer.json").unlink(missing_ok=True)
+        for f in ("vocab.json", "merges.txt"):
+            shutil.copy(src / f, pipeline_dir / name / f)
+
+
 def build_world(cfg: WorldConfig, run_dir: str | Path, out_dir: str | Path, stages: list[str]) -> dict:
     """Run the requested stages and assemble the pipeline + evaluator into out_dir."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
@@ -250,6 +262,7 @@ def build_world(cfg: WorldConfig, run_dir: str | Path, out_dir: str | Path, stag
         pipe.register_modules(vae=pipe.vae, unet=pipe.unet)
         out_dir.mkdir(parents=True, exist_ok=True)
         pipe.to(torch.float16).save_pretrained(out_dir / "teacher")
+        slim_tokenizers(out_dir / "teacher")
     if "classifier" in stages:
         t2 = time.time()
         evaluator, acc = train_classifier(cfg, run_dir)

@@ -1,0 +1,92 @@
+"""Time per step and peak memory of the full head pool against a single static head set.
+
+Same model, batch and data (precomputed teacher pairs, so teacher sampling is not timed);
+each configuration runs in its own process so peak RSS is its own. Prints a markdown row.
+
+    python benchmarks/pool_overhead.py [--teacher embedded] [--steps 20] [--batch 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+
+def worker(args: argparse.Namespace) -> None:
+    import torch
+
+    from nitrofusion.training.config import load_config
+    from nitrofusion.training.distill import Distiller
+
+    torch.set_num_threads(args.threads)
+    cfg = load_config(
+        "embedded",
+        None,
+        [
+            f"model.teacher={args.teacher}",
+            f"data.pairs={args.pairs}",
+            f"data.batch_size={args.batch}",
+            f"discriminator.pool={args.pool}",
+            f"run.output_dir={args.out}",
+            "run.validate_every=0",
+        ],
+    )
+    d = Distiller(cfg, progress=False)
+    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for _ in range(args.warmup):
+        d.train_step()
+        d.step += 1
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        d.train_step()
+        d.step += 1
+    dt = (time.perf_counter() - t0) / args.steps
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    n_params = sum(p.numel() for p in d.pool.parameters())
+    print(json.dumps({"pool": args.pool, "heads": len(d.pool), "head_params": n_params, "s_per_step": dt,
+                      "peak_rss_mb": peak / 1024, "setup_rss_mb": base_rss / 1024}))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--teacher", default="embedded")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--pairs")
+    p.add_argument("--pool")
+    p.add_argument("--out")
+    args = p.parse_args()
+    if args.pool is not None:
+        return worker(args)
+    with tempfile.TemporaryDirectory() as tmp:
+        pairs = os.path.join(tmp, "pairs")
+        subprocess.run([sys.executable, "-m", "nitrofusion.cli", "make-pairs", "--model", args.teacher,
+                        "--n", "256", "--out", pairs], check=True, capture_output=True)
+        rows = {}
+        for pool in ("true", "false"):
+            out = subprocess.run(
+                [sys.executable, __file__, "--pool", pool, "--pairs", pairs, "--out", os.path.join(tmp, pool),
+                 "--teacher", args.teacher, "--steps", str(args.steps), "--warmup", str(args.warmup),
+                 "--batch", str(args.batch), "--threads", str(args.threads)],
+                check=True, capture_output=True, text=True,
+            ).stdout
+            rows[pool] = json.loads(out.strip().splitlines()[-1])
+    full, static = rows["true"], rows["false"]
+    print("| setting | heads | head params | s / step | peak RSS (MB) |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for name, r in (("480-head pool", full), ("static head set", static)):
+        print(f"| {name} | {r['heads']} | {r['head_params']:,} | {r['s_per_step']:.3f} | {r['peak_rss_mb']:.0f} |")
+    print(f"\npool / static: time x{full['s_per_step'] / static['s_per_step']:.3f}, "
+          f"peak memory x{full['peak_rss_mb'] / static['peak_rss_mb']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
