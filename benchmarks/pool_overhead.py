@@ -49,8 +49,18 @@ def worker(args: argparse.Namespace) -> None:
     dt = (time.perf_counter() - t0) / args.steps
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     n_params = sum(p.numel() for p in d.pool.parameters())
-    print(json.dumps({"pool": args.pool, "heads": len(d.pool), "head_params": n_params, "s_per_step": dt,
-                      "peak_rss_mb": peak / 1024, "setup_rss_mb": base_rss / 1024}))
+    print(
+        json.dumps(
+            {
+                "pool": args.pool,
+                "heads": len(d.pool),
+                "head_params": n_params,
+                "s_per_step": dt,
+                "peak_rss_mb": peak / 1024,
+                "setup_rss_mb": base_rss / 1024,
+            }
+        )
+    )
 
 
 def main() -> None:
@@ -68,15 +78,48 @@ def main() -> None:
         return worker(args)
     with tempfile.TemporaryDirectory() as tmp:
         pairs = os.path.join(tmp, "pairs")
-        subprocess.run([sys.executable, "-m", "nitrofusion.cli", "make-pairs", "--model", args.teacher,
-                        "--n", "256", "--out", pairs], check=True, capture_output=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "nitrofusion.cli",
+                "make-pairs",
+                "--model",
+                args.teacher,
+                "--n",
+                "256",
+                "--out",
+                pairs,
+            ],
+            check=True,
+            capture_output=True,
+        )
         rows = {}
         for pool in ("true", "false"):
             out = subprocess.run(
-                [sys.executable, __file__, "--pool", pool, "--pairs", pairs, "--out", os.path.join(tmp, pool),
-                 "--teacher", args.teacher, "--steps", str(args.steps), "--warmup", str(args.warmup),
-                 "--batch", str(args.batch), "--threads", str(args.threads)],
-                check=True, capture_output=True, text=True,
+                [
+                    sys.executable,
+                    __file__,
+                    "--pool",
+                    pool,
+                    "--pairs",
+                    pairs,
+                    "--out",
+                    os.path.join(tmp, pool),
+                    "--teacher",
+                    args.teacher,
+                    "--steps",
+                    str(args.steps),
+                    "--warmup",
+                    str(args.warmup),
+                    "--batch",
+                    str(args.batch),
+                    "--threads",
+                    str(args.threads),
+                ],
+                check=True,
+                capture_output=True,
+                text=True,
             ).stdout
             rows[pool] = json.loads(out.strip().splitlines()[-1])
     full, static = rows["true"], rows["false"]
@@ -84,8 +127,10 @@ def main() -> None:
     print("| --- | ---: | ---: | ---: | ---: |")
     for name, r in (("480-head pool", full), ("static head set", static)):
         print(f"| {name} | {r['heads']} | {r['head_params']:,} | {r['s_per_step']:.3f} | {r['peak_rss_mb']:.0f} |")
-    print(f"\npool / static: time x{full['s_per_step'] / static['s_per_step']:.3f}, "
-          f"peak memory x{full['peak_rss_mb'] / static['peak_rss_mb']:.3f}")
+    print(
+        f"\npool / static: time x{full['s_per_step'] / static['s_per_step']:.3f}, "
+        f"peak memory x{full['peak_rss_mb'] / static['peak_rss_mb']:.3f}"
+    )
 
 
 if __name__ == "__main__":

@@ -334,3 +334,32 @@ def test_two_rank_run_stays_identical(tiny_sdxl_dir, tmp_path):
     assert heads0 == heads1, "ranks sampled different heads"
     assert data0 != data1, "ranks saw the same data"
     assert hashlib  # keeps the import used
+
+
+def test_make_pairs_resumes_and_feeds_training(tiny_sdxl_dir, tmp_path):
+    from nitrofusion.data.teacher import PairShards, TeacherSampler, make_pairs, noise_for_seeds
+    from nitrofusion.pipelines import load_pipeline
+
+    pipe = load_pipeline(tiny_sdxl_dir, sampler="native")
+    sampler = TeacherSampler(pipe, steps=2, guidance_scale=3.0, height=16, width=16)
+    prompts = ["a cat", "a dog", "a boot"]
+    shards = make_pairs(sampler, prompts, 5, tmp_path / "pairs", batch_size=2, shard_size=2)
+    assert len(shards) == 3
+    first = PairShards.load(tmp_path / "pairs")
+    shards[1].unlink()  # an interrupted run: the missing shard is made again, the others kept
+    make_pairs(sampler, prompts, 5, tmp_path / "pairs", batch_size=2, shard_size=2)
+    again = PairShards.load(tmp_path / "pairs")
+    assert len(again) == 5 and torch.equal(first.latents, again.latents)
+    # a pair is the teacher's sample from the noise its seed gives
+    i = 3
+    x0 = sampler([prompts[int(again.prompt_ids[i])]], noise_for_seeds([int(again.seeds[i])], sampler.latent_shape))
+    torch.testing.assert_close(x0[0], again.latents[i])
+    d = Distiller(config(tiny_sdxl_dir, tmp_path / "run", f"data.pairs={tmp_path / 'pairs'}"), progress=False)
+    assert "skipped" not in d.train_step()
+
+
+def test_distill_makes_missing_pairs_first(tiny_sdxl_dir, tmp_path):
+    d = Distiller(
+        config(tiny_sdxl_dir, tmp_path / "run", f"data.pairs={tmp_path / 'auto'}", "data.num_pairs=3"), progress=False
+    )
+    assert len(d.pairs) == 3

@@ -132,8 +132,14 @@ class Distiller:
     def _load_or_make_pairs(self, directory: str) -> PairShards:
         if not list(Path(directory).glob(SHARD_GLOB)):
             if self.acc.is_main_process:
-                make_pairs(self.sampler, self.prompts, self.cfg.data.num_pairs, directory, seed=self.cfg.run.seed,
-                           batch_size=max(self.cfg.data.batch_size, 64))
+                make_pairs(
+                    self.sampler,
+                    self.prompts,
+                    self.cfg.data.num_pairs,
+                    directory,
+                    seed=self.cfg.run.seed,
+                    batch_size=max(self.cfg.data.batch_size, 64),
+                )
             self.acc.wait_for_everyone()
         return PairShards.load(directory)
 
