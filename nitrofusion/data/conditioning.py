@@ -24,14 +24,6 @@ class Conditioning:
             return None
         return {"text_embeds": self.pooled, "time_ids": self.time_ids}
 
-    def __len__(self) -> int:
-        return self.prompt_embeds.shape[0]
-
-    def index(self, idx: torch.Tensor | slice) -> Conditioning:
-        return Conditioning(
-            self.prompt_embeds[idx], self.pooled[idx], None if self.time_ids is None else self.time_ids[idx]
-        )
-
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Conditioning:
         def mv(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.to(device=device, dtype=dtype or t.dtype)
@@ -90,4 +82,7 @@ class TextEncoder:
 
     @property
     def pooled_dim(self) -> int:
-        return self(["dimension probe"]).pooled.shape[1]
+        """Width of `Conditioning.pooled`: SDXL's projected text embedding, else the token width."""
+        if self.sdxl:
+            return self.pipe.text_encoder_2.config.projection_dim
+        return self.pipe.text_encoder.config.hidden_size

@@ -94,12 +94,10 @@ class HeadPool(nn.Module):
                     optimizer.state.pop(p, None)
         return sorted(chosen)
 
-    def logits(
-        self, head_ids: list[int], features: list[torch.Tensor], text: torch.Tensor
-    ) -> list[tuple[DiscriminatorHead, torch.Tensor]]:
-        """Run the chosen heads on their feature maps; returns (head, logits) pairs."""
+    def logits(self, head_ids: list[int], features: list[torch.Tensor], text: torch.Tensor) -> list[torch.Tensor]:
+        """Run the chosen heads on their feature maps; one logits tensor per head."""
         out = []
         for i in head_ids:
             head = self.heads[i]
-            out.append((head, head(features[self.slots[i].level], text if head.is_conditional else None)))
+            out.append(head(features[self.slots[i].level], text if head.is_conditional else None))
         return out

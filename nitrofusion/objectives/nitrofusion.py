@@ -26,7 +26,6 @@ from nitrofusion.training.student import add_noise
 class Judgement:
     g_loss: torch.Tensor
     d_loss: torch.Tensor
-    head_ids: list[int]
     real_score: float  # mean logit on real, for logging
     fake_score: float
 
@@ -61,17 +60,16 @@ class NitroFusionObjective:
         generator: torch.Generator,
         train_generator: bool = True,
     ) -> Judgement:
-        g_terms, d_terms, r_scores, f_scores, used = [], [], [], [], []
+        g_terms, d_terms, r_scores, f_scores = [], [], [], []
         text = cond.pooled
         for t_star in t_stars:
             ids = head_ids[t_star]
-            used += ids
             n_fake = torch.randn(fake.shape, generator=generator).to(fake.device, fake.dtype)
             n_real = torch.randn(real.shape, generator=generator).to(real.device, real.dtype)
             if train_generator:
                 self.pool.requires_grad_(False)
                 fake_feats = self._features(fake, t_star, n_fake, cond)
-                g_logits = [lg.float() for _, lg in self.pool.logits(ids, fake_feats, text)]
+                g_logits = [lg.float() for lg in self.pool.logits(ids, fake_feats, text)]
                 g_terms.append(generator_loss(g_logits, self.loss_kind))
                 self.pool.requires_grad_(True)
                 fake_feats = [f.detach() for f in fake_feats]
@@ -83,8 +81,8 @@ class NitroFusionObjective:
             kernel = sdpa_kernel(SDPBackend.MATH) if self.r1_weight > 0 else nullcontext()
             with torch.set_grad_enabled(self.r1_weight > 0), kernel:
                 real_feats = self._features(real_in, t_star, n_real, cond)
-            real_logits = [lg.float() for _, lg in self.pool.logits(ids, real_feats, text)]
-            fake_logits = [lg.float() for _, lg in self.pool.logits(ids, fake_feats, text)]
+            real_logits = [lg.float() for lg in self.pool.logits(ids, real_feats, text)]
+            fake_logits = [lg.float() for lg in self.pool.logits(ids, fake_feats, text)]
             d = discriminator_loss(real_logits, fake_logits, self.loss_kind)
             if self.r1_weight > 0:
                 d = d + self.r1_weight * r1_penalty(real_logits, real_in)
@@ -95,7 +93,6 @@ class NitroFusionObjective:
         return Judgement(
             g_loss=torch.stack(g_terms).mean() if g_terms else zero,
             d_loss=torch.stack(d_terms).mean(),
-            head_ids=used,
             real_score=sum(r_scores) / len(r_scores),
             fake_score=sum(f_scores) / len(f_scores),
         )

@@ -35,7 +35,6 @@ class DataConfig:
     num_pairs: int = 2048  # how many pairs to make when `pairs` is empty
     teacher_steps: int = 25
     teacher_guidance: float = 5.0
-    teacher_sampler: str = "native"  # the teacher pipeline's own scheduler
     batch_size: int = 8
     resolution: int | None = None  # pixels; None = the model's default
 
@@ -116,7 +115,6 @@ CHOICES = {
     "loss.kind": {"non_saturating", "hinge"},
     "optim.mixed_precision": {"no", "fp16", "bf16"},
     "refine.mix": {"uniform", "last"},
-    "data.teacher_sampler": {"native", "shift-lcm"},
 }
 KINDS = {"global_cond", "local_cond", "local_uncond"}
 

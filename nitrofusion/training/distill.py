@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -309,9 +308,8 @@ class Distiller:
         tensors = {f"student.{k}": v for k, v in raw.state_dict().items()}
         tensors.update({f"ema.{k}": v for k, v in self.ema.shadow.state_dict().items()})
         tensors.update({f"pool.{k}": v for k, v in self.pool.state_dict().items()})
-        g_t, g_meta = checkpoint.optimizer_tensors(
-            self.opt_g.optimizer if hasattr(self.opt_g, "optimizer") else self.opt_g, "opt_g"
-        )
+        # opt_g went through accelerator.prepare: its state lives in the wrapped optimizer.
+        g_t, g_meta = checkpoint.optimizer_tensors(self.opt_g.optimizer, "opt_g")
         d_t, d_meta = checkpoint.optimizer_tensors(self.opt_d, "opt_d")
         tensors.update(g_t)
         tensors.update(d_t)
@@ -344,8 +342,7 @@ class Distiller:
         raw.load_state_dict(part("student"))
         self.ema.shadow.load_state_dict(part("ema"))
         self.pool.load_state_dict(part("pool"))
-        opt_g = self.opt_g.optimizer if hasattr(self.opt_g, "optimizer") else self.opt_g
-        checkpoint.load_optimizer(opt_g, tensors, meta["opt_g"], "opt_g")
+        checkpoint.load_optimizer(self.opt_g.optimizer, tensors, meta["opt_g"], "opt_g")
         checkpoint.load_optimizer(self.opt_d, tensors, meta["opt_d"], "opt_d")
         self.step = int(meta["step"])
         self.log_line(f"resumed from step {self.step}")
@@ -394,10 +391,3 @@ class Distiller:
         self.out.mkdir(parents=True, exist_ok=True)
         with open(self.out / "log.txt", "a") as f:
             f.write(msg + "\n")
-
-
-def distill(cfg: DistillConfig, resume: str | None = None, progress: bool = True) -> Path:
-    return Distiller(cfg, progress=progress).train(resume=resume)
-
-
-__all__ = ["Distiller", "TrainingStopped", "distill", "math"]

@@ -36,10 +36,6 @@ class ShiftedStudent:
         c_skip, c_out = self.scheduler.get_scalings_for_boundary_condition_discrete(s)
         return c_out * x0 + c_skip * x_t
 
-    def renoise(self, x0: torch.Tensor, level: int, noise: torch.Tensor) -> torch.Tensor:
-        a = float(self.alphas_cumprod[level])
-        return a**0.5 * x0 + (1 - a) ** 0.5 * noise
-
     @torch.no_grad()
     def simulate(
         self,
@@ -59,7 +55,7 @@ class ShiftedStudent:
         for i in range(upto):
             x0 = self.x0(unet, x, levels[i], cond)
             noise = torch.randn(x.shape, generator=generator, device="cpu").to(x.device, x.dtype)
-            x = self.renoise(x0, levels[i + 1], noise)
+            x = add_noise(x0, noise, levels[i + 1], self.alphas_cumprod)
         return x, levels[upto]
 
 

@@ -32,7 +32,7 @@ from nitrofusion.training import checkpoint
 from nitrofusion.training.ema import EMA
 from nitrofusion.world import data
 from nitrofusion.world.evaluator import Evaluator, FashionClassifier, to_classifier_input
-from nitrofusion.world.spec import IMAGE_SIZE, TEXT_ENCODER_SEED, WORLD_SPEC
+from nitrofusion.world.spec import IMAGE_SIZE, TEXT_ENCODER_SEED, WORLD_SPEC, assets_dir
 
 
 @dataclass
@@ -230,9 +230,8 @@ def train_classifier(cfg: WorldConfig, run_dir: Path) -> tuple[Evaluator, float]
 def slim_tokenizers(pipeline_dir: Path) -> None:
     """Ship the tokenizers as vocab.json + merges.txt (1.5 MB) instead of tokenizer.json (3.5 MB)."""
     import shutil
-    from importlib import resources
 
-    src = Path(str(resources.files("nitrofusion.world") / "assets" / "tokenizer"))
+    src = assets_dir() / "tokenizer"
     for name in ("tokenizer", "tokenizer_2"):
         (pipeline_dir / name / "tokenizer.json").unlink(missing_ok=True)
         for f in ("vocab.json", "merges.txt"):
