@@ -28,13 +28,22 @@ system-deps:
 		$(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q dataset-fashion-mnist; \
 	fi
 
+# The main job, short: distil the shipped teacher (512 pairs, one-step stage), evaluate the
+# student against the teacher at 25 and 1 steps on the embedded world's metrics, print the
+# table and write the side-by-side grid. About 10 minutes on 2 CPU cores after set-up.
+DEMO_N ?= 500
 demo: setup
-	$(BIN)/nitrofusion generate --sampler native --steps 25 --guidance-scale 5 --seed 0 \
-		--prompts nitrofusion/world/assets/demo_prompts.txt --out $(DEMO_OUT)/teacher-25-steps
-	$(BIN)/nitrofusion generate --sampler shift-lcm --steps 1 --seed 0 \
-		--prompts nitrofusion/world/assets/demo_prompts.txt --out $(DEMO_OUT)/teacher-1-step
-	$(BIN)/nitrofusion grid $(DEMO_OUT)/teacher-25-steps $(DEMO_OUT)/teacher-1-step \
-		--out $(DEMO_OUT)/grid.png
+	$(BIN)/nitrofusion distill --preset demo --set run.output_dir=$(DEMO_OUT)/student \
+		--set data.pairs=$(DEMO_OUT)/pairs --resume latest
+	$(BIN)/nitrofusion evaluate --model embedded-teacher --sampler native --steps 25 --n $(DEMO_N) \
+		--label "teacher (Euler, CFG 5)" --out $(DEMO_OUT)/eval-teacher-native
+	$(BIN)/nitrofusion evaluate --model embedded-teacher --sampler shift-lcm --steps 1 --n $(DEMO_N) \
+		--label "teacher (shift-LCM)" --out $(DEMO_OUT)/eval-teacher-lcm
+	$(BIN)/nitrofusion evaluate --model $(DEMO_OUT)/student/pipeline --steps 1 --n $(DEMO_N) \
+		--label "student (make demo)" --out $(DEMO_OUT)/eval-student
+	$(BIN)/nitrofusion compare $(DEMO_OUT)/eval-teacher-native $(DEMO_OUT)/eval-teacher-lcm \
+		$(DEMO_OUT)/eval-student --out $(DEMO_OUT)
+	@echo "Your student: $(BIN)/nitrofusion generate --model $(DEMO_OUT)/student/pipeline \"a photo of a sneaker\""
 
 test: setup
 	$(BIN)/python -m pytest -q

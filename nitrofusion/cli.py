@@ -39,7 +39,7 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
 def cmd_generate(args: argparse.Namespace) -> int:
     from nitrofusion.pipelines import generate, load_pipeline, save_images
     from nitrofusion.pipelines.generation import prepare_output
-    from nitrofusion.world.spec import default_model
+    from nitrofusion.world.spec import choose_model
 
     prompts = _read_prompts(args)
     if args.steps < 1:
@@ -47,11 +47,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
     prepare_output(args.out, len(prompts))
-    model = args.model or default_model()
-    if model is None:
-        raise UserError("no --model given and no embedded model is installed; pass --model PATH_OR_HUB_ID")
+    choice = choose_model(args.model, args.unet, args.shift)
     pipe = load_pipeline(
-        model, unet=args.unet, shift=args.shift, sampler=args.sampler, device=args.device, dtype=args.dtype
+        choice.model, unet=choice.unet, shift=choice.shift, sampler=args.sampler, device=args.device, dtype=args.dtype
     )
     results = generate(
         pipe,
@@ -122,49 +120,59 @@ def cmd_make_pairs(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    import json
-
-    from nitrofusion.evaluation.embedded import as_dict, markdown_table, score_pipeline
-    from nitrofusion.evaluation.grid import make_grid
-    from nitrofusion.pipelines import load_pipeline
+    from nitrofusion.evaluation.evaluate import EvalRequest, evaluate, table
     from nitrofusion.pipelines.generation import prepare_output
-    from nitrofusion.world.evaluator import Evaluator
-    from nitrofusion.world.spec import default_model, evaluator_path
+    from nitrofusion.world.spec import choose_model
 
-    if args.n < 2:
-        raise UserError(f"--n must be at least 2 (a covariance needs two samples), got {args.n}")
     out, _ = prepare_output(args.out, 2)
-    ev_path = Path(args.evaluator) if args.evaluator else evaluator_path()
-    if not ev_path.is_file():
-        raise UserError(
-            f"evaluator weights '{ev_path}' not found; build them with 'nitrofusion train-teacher' "
-            "or point --evaluator at an evaluator.safetensors"
-        )
-    evaluator = Evaluator.load(ev_path)
-    model = args.model or default_model()
-    if model is None:
-        raise UserError("no --model given and no embedded model is installed")
-    pipe = load_pipeline(model, unet=args.unet, shift=args.shift, sampler=args.sampler, device=args.device)
-    scores, rows = [], []
-    for steps in args.steps:
-        score, images = score_pipeline(
-            pipe,
-            evaluator,
-            steps,
-            n=args.n,
-            seed=args.seed,
-            guidance_scale=args.guidance_scale,
-            batch_size=args.batch_size,
-            label=args.label or Path(str(model)).name,
-        )
-        scores.append(score)
-        rows.append(images[:10])
-        print(markdown_table([score]).splitlines()[-1])
-    table = markdown_table(scores)
-    (out / "results.json").write_text(json.dumps([as_dict(s) for s in scores], indent=1))
-    (out / "results.md").write_text(table + "\n")
-    make_grid(rows, [f"{s.sampler} {s.steps} step" for s in scores], scale=3).save(out / "grid.png")
-    print(table)
+    choice = choose_model(args.model, args.unet, args.shift)
+    request = EvalRequest(
+        model=str(choice.model),
+        steps=args.steps,
+        out=out,
+        prompts=args.prompts,
+        n=args.n,
+        seed=args.seed,
+        unet=str(choice.unet) if choice.unet else None,
+        shift=choice.shift,
+        sampler=args.sampler,
+        guidance_scale=args.guidance_scale,
+        batch_size=args.batch_size,
+        device=args.device,
+        label=args.label or args.model or "embedded",
+        metrics=args.metrics,
+        fid_features=args.fid_features,
+        reference=args.reference,
+        inception=args.inception,
+        clip_model=args.clip_model,
+        aesthetic=args.aesthetic,
+        image_reward=args.image_reward,
+        image_reward_tokenizer=args.image_reward_tokenizer,
+        evaluator=args.evaluator,
+    )
+    rows = evaluate(request)
+    print(table(rows))
+    print(f"results: {out / 'results.md'}, {out / 'results.json'}, {out / 'grid.png'}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from nitrofusion.evaluation.evaluate import combine
+
+    print(combine([Path(d) for d in args.dirs], Path(args.out)))
+    print(f"results: {Path(args.out) / 'results.md'}, {Path(args.out) / 'grid.png'}")
+    return 0
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from nitrofusion.evaluation.reproduce import Reproduction
+
+    repro = Reproduction(
+        args.out, args.seeds, args.n, preset=args.preset, overrides=args.set, batch_size=args.batch_size
+    )
+    repro.run()
+    print((Path(args.out) / "results.md").read_text())
+    print(f"results: {Path(args.out) / 'results.md'}, {Path(args.out) / 'results.json'}, {Path(args.out) / 'grid.png'}")
     return 0
 
 
@@ -192,7 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("prompt", nargs="*", help="prompts (or use --prompts FILE)")
     g.add_argument("--prompts", help="text file with one prompt per line")
     g.add_argument(
-        "--model", help="diffusers pipeline directory or hub id in the local cache (default: the embedded model)"
+        "--model",
+        help="diffusers pipeline directory, hub id in the local cache, 'embedded' (the shipped student, default) "
+        "or 'embedded-teacher'",
     )
     g.add_argument("--unet", help="student UNet state dict (.safetensors) to load into the model's UNet")
     g.add_argument("--steps", type=int, default=1)
@@ -245,21 +255,50 @@ def build_parser() -> argparse.ArgumentParser:
     mp.add_argument("--out", required=True)
     mp.set_defaults(func=cmd_make_pairs)
 
-    e = sub.add_parser("evaluate", help="score a model on the embedded world (class accuracy, domain FD)")
-    e.add_argument("--model", help="pipeline directory (default: the embedded model)")
+    e = sub.add_parser("evaluate", help="generate (cached) and score: FID, CLIP, aesthetic, ImageReward, embedded")
+    e.add_argument("--model", help="pipeline directory or hub id (default: the embedded model)")
     e.add_argument("--unet", help="student UNet state dict (.safetensors)")
     e.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4])
+    e.add_argument("--prompts", default="embedded", help="'embedded' or a text file (one prompt a line)")
+    e.add_argument("--n", type=int, default=1000, help="images per setting (prompts cycled)")
     e.add_argument("--sampler", choices=["auto", "shift-lcm", "native"], default="auto")
     e.add_argument("--shift", type=int)
     e.add_argument("--guidance-scale", type=float)
-    e.add_argument("--n", type=int, default=2000, help="images per setting")
-    e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--batch-size", type=int, default=250)
+    e.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
+    e.add_argument("--batch-size", type=int, default=100)
     e.add_argument("--device")
-    e.add_argument("--evaluator", help="evaluator.safetensors (default: the shipped one)")
     e.add_argument("--label", help="model name in the table")
-    e.add_argument("--out", default="outputs/evaluate")
+    e.add_argument(
+        "--metrics",
+        nargs="+",
+        help="embedded, fid, clip, aesthetic, imagereward (default: embedded for embedded prompts, else the rest)",
+    )
+    e.add_argument("--fid-features", default="inception", help="inception, clip or embedded")
+    e.add_argument("--reference", help="FID reference: a directory of real images or a stats .safetensors")
+    e.add_argument("--inception", help="FID Inception-v3 weights (.safetensors; see docs/evaluate.md)")
+    e.add_argument("--clip-model", help="transformers CLIP directory (ViT-L/14 for the paper's numbers)")
+    e.add_argument("--aesthetic", help="LAION aesthetic predictor weights (.safetensors)")
+    e.add_argument("--image-reward", help="ImageReward weights (.safetensors)")
+    e.add_argument("--image-reward-tokenizer", help="directory with bert-base-uncased's vocab.txt")
+    e.add_argument("--evaluator", help="the embedded evaluator (default: the shipped one)")
+    e.add_argument("--out", default="outputs/evaluate", help="image cache (resumable), results.json/md, grid.png")
     e.set_defaults(func=cmd_evaluate)
+
+    c = sub.add_parser("compare", help="one table and side-by-side grid from several 'evaluate' outputs")
+    c.add_argument("dirs", nargs="+", help="evaluate --out directories")
+    c.add_argument("--out", required=True)
+    c.set_defaults(func=cmd_compare)
+
+    r = sub.add_parser(
+        "reproduce", help="the embedded reproduction: teacher, student 1-4 steps, ablations, several seeds"
+    )
+    r.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    r.add_argument("--n", type=int, default=1000, help="images per row and seed")
+    r.add_argument("--preset", default="embedded")
+    r.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override for every run")
+    r.add_argument("--batch-size", type=int, default=250)
+    r.add_argument("--out", default="runs/reproduce", help="runs, cached scores, results.md/json, grid.png")
+    r.set_defaults(func=cmd_reproduce)
 
     gr = sub.add_parser("grid", help="put directories of PNGs side by side in one grid PNG (a row each)")
     gr.add_argument("dirs", nargs="+")

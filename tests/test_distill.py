@@ -180,6 +180,29 @@ def test_output_loads_like_public_checkpoints(tiny_sdxl_dir, tmp_path, capsys):
     assert code == 2, "the exported pipeline must default to the shift-LCM sampler"
 
 
+def test_each_stage_leaves_its_student(tiny_sdxl_dir, tmp_path):
+    d = Distiller(config(tiny_sdxl_dir, tmp_path, "refine.steps_per_stage=[2,0,1]"), progress=False)
+    assert d.stage_ends() == {2: 1, 3: 3}
+    out = d.train()
+    stage_one = load_file(str(out / "stages" / "1-step" / "student_unet.safetensors"))
+    final = load_file(str(out / "student_unet.safetensors"))
+    assert load_file(str(out / "stages" / "3-step" / "student_unet.safetensors")).keys() == final.keys()
+    assert all(
+        torch.equal(final[k], v)
+        for k, v in load_file(str(out / "stages" / "3-step" / "student_unet.safetensors")).items()
+    )
+    assert any(not torch.equal(final[k], v) for k, v in stage_one.items()), "stage 3 trained on from stage 1"
+
+
+def test_regression_only_schedule(tiny_sdxl_dir, tmp_path):
+    d = Distiller(
+        config(tiny_sdxl_dir, tmp_path, "loss.pretrain_steps=2", "refine.steps_per_stage=[0]"), progress=False
+    )
+    assert d.max_sampling_steps() == 1 and d.stage_ends() == {}
+    out = d.train()
+    assert (out / "student_unet.safetensors").is_file() and d.step == 2
+
+
 def test_nan_losses_are_skipped_then_stop(tiny_sdxl_dir, tmp_path):
     d = Distiller(
         config(tiny_sdxl_dir, tmp_path, "run.max_bad_steps=3", "refine.steps_per_stage=[6]", "run.checkpoint_every=1"),

@@ -1,16 +1,18 @@
 """The shipped embedded world: stock diffusers loads it, it samples deterministically,
 and its evaluator is deterministic and tells real garments from noise."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline
 
-from nitrofusion.evaluation.embedded import images_to_tensor
+from nitrofusion.evaluation.fid import to_tensor
 from nitrofusion.pipelines import generate, load_pipeline
 from nitrofusion.world import data
 from nitrofusion.world.evaluator import Evaluator
-from nitrofusion.world.spec import evaluator_path, teacher_path
+from nitrofusion.world.spec import choose_model, evaluator_path, student_path, teacher_path
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +56,7 @@ def test_teacher_draws_the_prompted_class(evaluator):
     pipe = load_pipeline(teacher_path(), sampler="native")
     pairs = data.evaluation_prompts(40, seed=1)
     results = generate(pipe, [p for p, _ in pairs], steps=25, seed=1, batch_size=40, progress=False)
-    score = evaluator.score(images_to_tensor([r.image for r in results]), torch.tensor([c for _, c in pairs]))
+    score = evaluator.score(to_tensor([r.image for r in results]), torch.tensor([c for _, c in pairs]))
     assert score["class_accuracy"] >= 0.6
 
 
@@ -62,3 +64,43 @@ def test_prompts_cover_every_class():
     prompts = data.all_prompts()
     assert {c for _, c in prompts} == set(range(10))
     assert "a photo of an ankle boot" in [p for p, _ in prompts]
+
+
+def test_shipped_student_is_the_default_and_draws_in_one_step(evaluator):
+    """The shipped student (docs/results.md) beats the teacher's own single step by far."""
+    choice = choose_model(None, None, None)
+    assert choice.unet == student_path() / "unet" / "diffusion_pytorch_model.safetensors" and choice.shift == 250
+    pairs = data.evaluation_prompts(100, seed=2)
+    labels = torch.tensor([c for _, c in pairs])
+    accuracy = {}
+    for name, unet in (("student", choice.unet), ("teacher", None)):
+        pipe = load_pipeline(choice.model, unet=unet, sampler="shift-lcm", shift=250)
+        results = generate(pipe, [p for p, _ in pairs], steps=1, seed=2, batch_size=100, progress=False)
+        accuracy[name] = evaluator.score(to_tensor([r.image for r in results]), labels)["class_accuracy"]
+    assert accuracy["student"] >= 0.5 and accuracy["teacher"] <= 0.3, accuracy
+
+
+def test_embedded_model_names():
+    assert choose_model("embedded-teacher", None, None).unet is None
+    explicit = choose_model(None, "other.safetensors", None)
+    assert str(explicit.unet) == "other.safetensors" and explicit.shift is None
+    assert choose_model("/some/dir", None, 500).model == Path("/some/dir")
+
+
+def test_stock_diffusers_loads_the_student_nitrosd_style():
+    from diffusers import UNet2DConditionModel
+
+    from nitrofusion.scheduling import TimestepShiftLCMScheduler
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(
+        teacher_path(),
+        unet=UNet2DConditionModel.from_pretrained(student_path() / "unet", torch_dtype=torch.float32),
+        scheduler=TimestepShiftLCMScheduler.from_pretrained(student_path() / "scheduler"),
+        torch_dtype=torch.float32,
+    )
+    ours = load_pipeline(teacher_path(), unet=choose_model(None, None, None).unet, shift=250)
+    g = [torch.Generator().manual_seed(0)]
+    a = pipe("a photo of a bag", num_inference_steps=1, guidance_scale=0, generator=g, output_type="np").images
+    g = [torch.Generator().manual_seed(0)]
+    b = ours("a photo of a bag", num_inference_steps=1, guidance_scale=0, generator=g, output_type="np").images
+    np.testing.assert_allclose(a, b, atol=1e-5)

@@ -6,13 +6,13 @@ row of the table is reproducible and comparable between models.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
-import numpy as np
 import torch
 from diffusers import DiffusionPipeline
 from PIL import Image
 
+from nitrofusion.evaluation.fid import to_tensor
 from nitrofusion.pipelines.generation import generate
 from nitrofusion.world import data
 from nitrofusion.world.evaluator import Evaluator
@@ -28,12 +28,6 @@ class EmbeddedScore:
     class_accuracy: float
     domain_fd: float
     seconds_per_image: float
-
-
-def images_to_tensor(images: list[Image.Image]) -> torch.Tensor:
-    """PIL RGB images -> float [N, 3, H, W] in [-1, 1]."""
-    arr = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) for im in images])
-    return torch.from_numpy(arr).permute(0, 3, 1, 2).div(127.5).sub(1.0)
 
 
 def score_pipeline(
@@ -55,7 +49,7 @@ def score_pipeline(
     )
     elapsed = time.perf_counter() - t0
     images = [r.image for r in results]
-    metrics = evaluator.score(images_to_tensor(images), torch.tensor([c for _, c in pairs]))
+    metrics = evaluator.score(to_tensor(images), torch.tensor([c for _, c in pairs]))
     score = EmbeddedScore(
         model=label or str(getattr(pipe, "nitro_model", "")),
         sampler=getattr(pipe, "nitro_sampler", "native"),
@@ -67,20 +61,3 @@ def score_pipeline(
         seconds_per_image=elapsed / n,
     )
     return score, images
-
-
-def markdown_table(scores: list[EmbeddedScore]) -> str:
-    lines = [
-        "| model | sampler | steps | CFG | n | class accuracy ↑ | domain FD ↓ | s / image |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for s in scores:
-        lines.append(
-            f"| {s.model} | {s.sampler} | {s.steps} | {s.guidance_scale:g} | {s.n} | {s.class_accuracy:.3f} | "
-            f"{s.domain_fd:.2f} | {s.seconds_per_image:.4f} |"
-        )
-    return "\n".join(lines)
-
-
-def as_dict(score: EmbeddedScore) -> dict:
-    return asdict(score)

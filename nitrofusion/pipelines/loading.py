@@ -100,7 +100,7 @@ def check_state_dict(module: torch.nn.Module, state: dict[str, torch.Tensor], wh
     if unexpected:
         problems.append(f"{len(unexpected)} unexpected keys, first: {', '.join(unexpected[:limit])}")
     if problems:
-        raise UserError(f"{what} does not fit the model's UNet config: " + "; ".join(problems))
+        raise UserError(f"{what} does not fit the model it is loaded into: " + "; ".join(problems))
 
 
 def load_unet_weights(unet: UNet2DConditionModel, path: str | Path) -> UNet2DConditionModel:

@@ -161,7 +161,17 @@ class Distiller:
         return Phase("adversarial", len(stages))
 
     def max_sampling_steps(self) -> int:
-        return max(k + 1 for k, n in enumerate(self.cfg.refine.steps_per_stage) if n > 0)
+        # A regression-only run (every stage 0) still trains the one-step student.
+        return max([k + 1 for k, n in enumerate(self.cfg.refine.steps_per_stage) if n > 0], default=1)
+
+    def stage_ends(self) -> dict[int, int]:
+        """{iteration at which a refinement stage ends: sampling steps it trained for}."""
+        ends, step = {}, self.cfg.loss.pretrain_steps
+        for k, n in enumerate(self.cfg.refine.steps_per_stage):
+            step += n
+            if n > 0:
+                ends[step] = k + 1
+        return ends
 
     # ---- data --------------------------------------------------------------------------
     def batch(self, micro: int):
@@ -279,6 +289,7 @@ class Distiller:
             save_config(cfg, self.out / "config.yaml")
         self.acc.init_trackers("distill")
         total = cfg.total_steps
+        stage_ends = self.stage_ends()
         bar = tqdm(total=total, initial=self.step, desc="distill", disable=not self.progress)
         t0 = time.perf_counter()
         while self.step < total:
@@ -290,6 +301,9 @@ class Distiller:
                 logs["seconds_per_step"] = (time.perf_counter() - t0) / cfg.run.log_every
                 t0 = time.perf_counter()
                 self.acc.log(logs, step=self.step)
+            # Before the checkpoint of the same step, so a resumed run never misses it.
+            if self.step in stage_ends:
+                self.export_stage(stage_ends[self.step])
             # A skipped step changed nothing: keep the last good checkpoint as the newest.
             if (self.step % cfg.run.checkpoint_every == 0 or self.step == total) and not self.bad_steps:
                 self.save_checkpoint()
@@ -383,6 +397,12 @@ class Distiller:
                 )
             )
         return self.out
+
+    def export_stage(self, num_steps: int) -> None:
+        """The EMA student as it leaves a refinement stage: the bottom-up refinement's claim
+        (training for k+1 steps keeps the k-step quality) is checked against these files."""
+        if self.acc.is_main_process:
+            save_unet_weights(self.ema.shadow, self.out / "stages" / f"{num_steps}-step" / "student_unet.safetensors")
 
     def log_line(self, msg: str) -> None:
         if not self.acc.is_main_process:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -41,6 +43,8 @@ def teacher_path() -> Path:
 
 
 def student_path() -> Path:
+    """The shipped student, published the way NitroSD is: a UNet (diffusers `unet/` folder)
+    and a `TimestepShiftLCMScheduler` config, used with the teacher's other components."""
     return assets_dir() / "student"
 
 
@@ -48,9 +52,44 @@ def evaluator_path() -> Path:
     return assets_dir() / "evaluator.safetensors"
 
 
-def default_model() -> Path | None:
-    """The embedded student if shipped, else the embedded teacher, else None."""
-    for path in (student_path(), teacher_path()):
-        if (path / "model_index.json").is_file():
-            return path
-    return None
+@dataclass(frozen=True)
+class ModelChoice:
+    """A pipeline directory plus, for a NitroSD-style student, its UNet weights and shift."""
+
+    model: Path
+    unet: Path | None = None
+    shift: int | None = None
+
+
+def embedded_model(name: str = "embedded") -> ModelChoice | None:
+    """`embedded`: the shipped student (the teacher if no student is shipped);
+    `embedded-teacher`: the multi-step teacher. None if not installed."""
+    teacher = teacher_path()
+    if not (teacher / "model_index.json").is_file():
+        return None
+    student = student_path()
+    weights = student / "unet" / "diffusion_pytorch_model.safetensors"
+    if name == "embedded" and weights.is_file():
+        config = json.loads((student / "scheduler" / "scheduler_config.json").read_text())
+        return ModelChoice(teacher, weights, int(config["shifted_timestep"]))
+    return ModelChoice(teacher)
+
+
+EMBEDDED_NAMES = ("embedded", "embedded-teacher")
+
+
+def choose_model(model: str | None, unet: str | None, shift: int | None) -> ModelChoice:
+    """What `--model/--unet/--shift` mean: no model or an embedded name picks the shipped
+    world (an explicit --unet or --shift still wins); anything else is taken as given."""
+    from nitrofusion.errors import UserError
+
+    if model is None or model in EMBEDDED_NAMES:
+        found = embedded_model(model or "embedded")
+        if found is None:
+            raise UserError("no --model given and no embedded model is installed; pass --model PATH_OR_HUB_ID")
+        return ModelChoice(
+            found.model,
+            Path(unet) if unet else found.unet,
+            shift if shift is not None else (found.shift if not unet else None),
+        )
+    return ModelChoice(Path(model), Path(unet) if unet else None, shift)

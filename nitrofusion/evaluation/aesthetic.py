@@ -1,0 +1,68 @@
+"""LAION aesthetic score: the "improved aesthetic predictor" MLP on CLIP ViT-L/14 image
+embeddings (L2-normalised), trained to predict 1-10 ratings (SAC + LOGOS + AVA).
+
+The released file is a pickled torch state dict (sac+logos+ava1-l14-linearMSE.pth); nitrofusion
+only reads safetensors, so convert it once (see AESTHETIC_HINT). Keys: layers.{0,2,4,6,7}.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch import nn
+
+from nitrofusion.errors import UserError
+from nitrofusion.evaluation.clip import ClipModel
+from nitrofusion.pipelines.loading import check_state_dict, read_safetensors
+
+AESTHETIC_HINT = (
+    "the LAION improved-aesthetic-predictor weights 'sac+logos+ava1-l14-linearMSE.pth' "
+    "(github.com/christophschuhmann/improved-aesthetic-predictor) converted to safetensors: python -c "
+    '"import torch; from safetensors.torch import save_file; '
+    "save_file(torch.load('sac+logos+ava1-l14-linearMSE.pth', weights_only=True), 'aesthetic.safetensors')\""
+)
+
+
+class AestheticMLP(nn.Module):
+    """768 -> 1024 -> 128 -> 64 -> 16 -> 1, dropouts between the first layers, no activations
+    (the released predictor is this linear stack)."""
+
+    def __init__(self, embed_dim: int = 768) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Linear(embed_dim, 1024),
+            nn.Dropout(0.2),
+            nn.Linear(1024, 128),
+            nn.Dropout(0.2),
+            nn.Linear(128, 64),
+            nn.Dropout(0.1),
+            nn.Linear(64, 16),
+            nn.Linear(16, 1),
+        )
+
+    def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
+        return self.layers(embeddings).squeeze(-1)
+
+
+def load_aesthetic(path: str | Path, embed_dim: int = 768) -> AestheticMLP:
+    if not Path(path).expanduser().is_file():
+        raise UserError(f"aesthetic predictor weights '{path}' not found: --aesthetic must point at {AESTHETIC_HINT}")
+    state = read_safetensors(Path(path).expanduser())
+    mlp = AestheticMLP(embed_dim)
+    check_state_dict(mlp, state, f"aesthetic weights '{path}'")
+    mlp.load_state_dict(state)
+    return mlp.eval()
+
+
+@torch.no_grad()
+def aesthetic_score(mlp: AestheticMLP, clip: ClipModel, images: list[Image.Image]) -> float:
+    """Mean predicted rating (higher is better) over the images."""
+    emb = clip.image_embeddings(images)
+    if emb.shape[-1] != mlp.layers[0].in_features:
+        raise UserError(
+            f"the aesthetic predictor expects {mlp.layers[0].in_features}-d CLIP embeddings but the CLIP model "
+            f"gives {emb.shape[-1]}-d: use CLIP ViT-L/14 (--clip-model)"
+        )
+    return float(mlp(emb).mean())

@@ -1,0 +1,290 @@
+"""`nitrofusion evaluate`: generate (cached, resumable), score, and report in the layout of
+the paper's Table 1 (model, steps, FID, CLIP score, aesthetic score, ImageReward), plus the
+embedded world's own columns (class accuracy, domain FD) when its prompts are used.
+
+Every metric's weights are loaded before the first image is generated, so a missing file
+fails in a second, not after an hour of sampling.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from nitrofusion.errors import UserError
+from nitrofusion.evaluation.cache import ImageCache
+from nitrofusion.evaluation.frechet import GaussianStats, frechet_distance
+from nitrofusion.evaluation.grid import make_grid
+
+METRICS = ("embedded", "fid", "clip", "aesthetic", "imagereward")
+FID_FEATURES = ("inception", "clip", "embedded")
+# (result key, column title, digits) in the order of the paper's Table 1, then the embedded world's.
+COLUMNS = (
+    ("fid", "FID ↓", 2),
+    ("clip_score", "CLIP score ↑", 2),
+    ("aesthetic", "aesthetic ↑", 3),
+    ("image_reward", "ImageReward ↑", 3),
+    ("class_accuracy", "class accuracy ↑", 3),
+    ("domain_fd", "domain FD ↓", 1),
+    ("seconds_per_image", "s / image", 4),
+)
+
+
+@dataclass
+class EvalRequest:
+    model: str
+    steps: list[int]
+    out: Path
+    prompts: str = "embedded"
+    n: int = 1000
+    seed: int = 0
+    unet: str | None = None
+    shift: int | None = None
+    sampler: str = "auto"
+    guidance_scale: float | None = None
+    batch_size: int = 64
+    device: str | None = None
+    label: str | None = None
+    metrics: list[str] | None = None  # None: the embedded metrics for embedded prompts, else Table 1's
+    fid_features: str = "inception"
+    reference: str | None = None
+    inception: str | None = None
+    clip_model: str | None = None
+    aesthetic: str | None = None
+    image_reward: str | None = None
+    image_reward_tokenizer: str | None = None
+    evaluator: str | None = None
+    grid_images: int = 10
+
+
+def load_prompt_set(spec: str, n: int, seed: int) -> tuple[list[str], list[int] | None]:
+    """`embedded` (balanced over the ten classes, with labels) or a text file, cycled to n prompts."""
+    if spec == "embedded":
+        from nitrofusion.world.data import evaluation_prompts
+
+        pairs = evaluation_prompts(n, seed)
+        return [p for p, _ in pairs], [c for _, c in pairs]
+    from nitrofusion.data.prompts import load_prompts
+
+    prompts = load_prompts(spec)
+    return [prompts[i % len(prompts)] for i in range(n)], None
+
+
+Scorer = Callable[[list[Image.Image], list[str], list[int] | None], dict[str, float]]
+
+
+def build_scorers(req: EvalRequest, device: str) -> dict[str, Scorer]:
+    """Load every requested metric's model now; each missing weight is one clear error."""
+    metrics = req.metrics or (
+        ["embedded"] if req.prompts == "embedded" else ["fid", "clip", "aesthetic", "imagereward"]
+    )
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown:
+        raise UserError(f"unknown metric '{unknown[0]}' (choose from {', '.join(METRICS)})")
+    if req.fid_features not in FID_FEATURES:
+        raise UserError(f"--fid-features must be one of {', '.join(FID_FEATURES)}")
+    scorers: dict[str, Scorer] = {}
+    evaluator = clip = None
+
+    def need_evaluator():
+        nonlocal evaluator
+        if evaluator is None:
+            from nitrofusion.world.evaluator import Evaluator
+            from nitrofusion.world.spec import evaluator_path
+
+            path = Path(req.evaluator) if req.evaluator else evaluator_path()
+            if not path.is_file():
+                raise UserError(
+                    f"evaluator weights '{path}' not found; --evaluator must point at evaluator.safetensors"
+                )
+            evaluator = Evaluator.load(path)
+        return evaluator
+
+    def need_clip():
+        nonlocal clip
+        if clip is None:
+            from nitrofusion.evaluation.clip import CLIP_HINT, ClipModel
+
+            if not req.clip_model:
+                raise UserError(f"CLIP score, aesthetic score and CLIP-FID need --clip-model: {CLIP_HINT}")
+            clip = ClipModel(req.clip_model, device)
+        return clip
+
+    if "embedded" in metrics:
+        if req.prompts != "embedded":
+            raise UserError("the embedded metrics (class accuracy, domain FD) need --prompts embedded")
+        ev = need_evaluator()
+
+        def embedded(images, prompts, labels):
+            from nitrofusion.evaluation.fid import to_tensor
+
+            return ev.score(to_tensor(images), torch.tensor(labels))
+
+        scorers["embedded"] = embedded
+
+    if "fid" in metrics:
+        from nitrofusion.evaluation import fid
+
+        if req.fid_features == "inception":
+            if not req.inception:
+                from nitrofusion.evaluation.inception import CONVERT_HINT, WEIGHTS_URL
+
+                raise UserError(
+                    f"FID with Inception features needs --inception PATH: the FID Inception weights ({WEIGHTS_URL}) "
+                    f"converted to safetensors with: {CONVERT_HINT}"
+                )
+            extract = fid.inception_extractor(req.inception, device)
+        elif req.fid_features == "clip":
+            extract = fid.clip_extractor(need_clip())
+        else:
+            extract = fid.embedded_extractor(need_evaluator())
+        if req.reference:
+            cache = req.out / f"reference-{req.fid_features}.safetensors"
+            ref = reference_from_cache(cache, req.reference) or fid.reference_stats(
+                req.reference, req.fid_features, extract, cache
+            )
+        elif req.fid_features == "embedded":
+            ref = need_evaluator().reference  # the real Fashion-MNIST test set
+        else:
+            raise UserError("FID needs --reference: a directory of real images or a stats .safetensors file")
+
+        def fid_score(images, prompts, labels):
+            return {"fid": frechet_distance(GaussianStats.from_features(extract(images)), ref)}
+
+        scorers["fid"] = fid_score
+
+    if "clip" in metrics:
+        from nitrofusion.evaluation.clip import clip_score
+
+        model = need_clip()
+        scorers["clip"] = lambda images, prompts, labels: {"clip_score": clip_score(model, images, prompts)}
+
+    if "aesthetic" in metrics:
+        from nitrofusion.evaluation.aesthetic import AESTHETIC_HINT, aesthetic_score, load_aesthetic
+
+        if not req.aesthetic:
+            raise UserError(f"the aesthetic score needs --aesthetic PATH: {AESTHETIC_HINT}")
+        mlp, model = load_aesthetic(req.aesthetic), need_clip()
+        scorers["aesthetic"] = lambda images, prompts, labels: {"aesthetic": aesthetic_score(mlp, model, images)}
+
+    if "imagereward" in metrics:
+        from nitrofusion.evaluation.image_reward import CONVERT_HINT as IR_HINT
+        from nitrofusion.evaluation.image_reward import ImageRewardScorer
+
+        if not req.image_reward or not req.image_reward_tokenizer:
+            raise UserError(f"ImageReward needs --image-reward PATH and --image-reward-tokenizer DIR: {IR_HINT}")
+        reward = ImageRewardScorer.load(req.image_reward, req.image_reward_tokenizer, device=device)
+        scorers["imagereward"] = lambda images, prompts, labels: {
+            "image_reward": float(reward.score(images, prompts).mean())
+        }
+    return scorers
+
+
+def reference_from_cache(cache: Path, reference: str) -> GaussianStats | None:
+    """Reuse statistics computed from the same reference directory in an earlier run."""
+    stamp = cache.with_suffix(".source")
+    if cache.is_file() and stamp.is_file() and stamp.read_text() == str(Path(reference).resolve()):
+        from safetensors.torch import load_file
+
+        return GaussianStats.from_tensors(load_file(str(cache)))
+    if Path(reference).is_dir():
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(str(Path(reference).resolve()))
+    return None
+
+
+def evaluate(req: EvalRequest) -> list[dict]:
+    from nitrofusion.pipelines import load_pipeline
+    from nitrofusion.pipelines.loading import default_device
+
+    if req.n < 2:
+        raise UserError(f"--n must be at least 2 (a covariance needs two samples), got {req.n}")
+    device = req.device or default_device()
+    req.out.mkdir(parents=True, exist_ok=True)
+    prompts, labels = load_prompt_set(req.prompts, req.n, req.seed)
+    scorers = build_scorers(req, device)
+    pipe = load_pipeline(req.model, unet=req.unet, shift=req.shift, sampler=req.sampler, device=device)
+    pipe.set_progress_bar_config(disable=True)
+    sampler = pipe.nitro_sampler
+    label = req.label or Path(str(req.model)).name
+    results, grid_rows = [], []
+    for steps in req.steps:
+        guidance = req.guidance_scale if req.guidance_scale is not None else (0.0 if sampler == "shift-lcm" else 5.0)
+        settings = {
+            "model": str(req.model),
+            "unet": req.unet,
+            "shift": int(pipe.scheduler.config.shifted_timestep) if sampler == "shift-lcm" else None,
+            "sampler": sampler,
+            "steps": steps,
+            "guidance_scale": guidance,
+            "seed": req.seed,
+            "prompts": req.prompts,
+        }
+        cache = ImageCache(req.out / "images" / f"{sampler}-{steps}-step", settings)
+        images, per_image = cache.fill(
+            pipe, prompts, steps, req.seed, req.batch_size, guidance, desc=f"{label}, {steps} step(s)"
+        )
+        row = {**settings, "model_path": settings["model"], "model": label, "n": req.n, "seconds_per_image": per_image}
+        for scorer in scorers.values():
+            row.update({k: v for k, v in scorer(images, prompts, labels).items() if k != "n"})
+        if "fid" in scorers:
+            row["fid_features"] = req.fid_features
+        results.append(row)
+        grid_rows.append(images[: req.grid_images])
+        print(table([row]).splitlines()[-1], flush=True)
+    write_report(req.out, results, grid_rows, [f"{r['sampler']}, {r['steps']} step(s)" for r in results])
+    return results
+
+
+def table(rows: list[dict]) -> str:
+    """Markdown in the paper's Table 1 layout; only the columns that were measured."""
+    cols = [c for c in COLUMNS if any(c[0] in r for r in rows)]
+    lines = [
+        "| model | sampler | steps | " + " | ".join(c[1] for c in cols) + " |",
+        "| --- | --- | ---: | " + " | ".join("---:" for _ in cols) + " |",
+    ]
+    for r in rows:
+        cells = []
+        for key, _, digits in cols:
+            v = r.get(key)
+            cells.append("" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}")
+        lines.append(f"| {r['model']} | {r['sampler']} | {r['steps']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_report(out: Path, rows: list[dict], grid_rows: list[list[Image.Image]], labels: list[str]) -> None:
+    def atomic(path: Path, text: str) -> None:
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+
+    atomic(out / "results.json", json.dumps(rows, indent=1))
+    atomic(out / "results.md", table(rows) + "\n")
+    scale = max(1, 96 // grid_rows[0][0].size[0])
+    make_grid(grid_rows, labels, scale=scale).save(out / "grid.png")
+
+
+def combine(directories: list[Path], out: Path, grid_images: int = 10) -> str:
+    """One table and one side-by-side grid from several `evaluate` output directories."""
+    rows, grid_rows, labels = [], [], []
+    for d in directories:
+        path = Path(d) / "results.json"
+        if not path.is_file():
+            raise UserError(f"'{d}' has no results.json (is it an 'evaluate --out' directory?)")
+        for row in json.loads(path.read_text()):
+            rows.append(row)
+            images = Path(d) / "images" / f"{row['sampler']}-{row['steps']}-step"
+            grid_rows.append(
+                [Image.open(images / f"{i:05d}.png").convert("RGB") for i in range(min(grid_images, row["n"]))]
+            )
+            labels.append(f"{row['model']}, {row['steps']}")
+    out.mkdir(parents=True, exist_ok=True)
+    write_report(out, rows, grid_rows, labels)
+    return table(rows)

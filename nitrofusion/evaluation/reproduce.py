@@ -1,0 +1,299 @@
+"""`nitrofusion reproduce`: the paper's claims re-measured on the embedded world.
+
+Rows (each over several seeds, reported as mean ± sd):
+- the teacher with its own sampler at 25 steps and at 1/2/4 steps, and with shift-LCM;
+- the NitroFusion student of the preset at 1/2/4 steps, and its one-step student as it left
+  the one-step stage (before bottom-up refinement to 2 and 4 steps);
+- ablations at equal iterations (the preset's regression stage plus its one-step stage):
+  no dynamic pool, no refresh, no local heads, no unconditional heads, and regression only
+  (no adversarial stage at all), each against the full method's one-step stage.
+
+Everything is cached under the output directory (distill runs resume, each score is a JSON
+file), so an interrupted reproduction continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from nitrofusion.errors import UserError
+from nitrofusion.evaluation.embedded import EmbeddedScore, score_pipeline
+from nitrofusion.evaluation.grid import make_grid
+from nitrofusion.training.config import load_config
+from nitrofusion.world.evaluator import Evaluator
+from nitrofusion.world.spec import evaluator_path, teacher_path
+
+SAMPLES_KEPT = 10  # images per row and seed kept as PNGs for the grid
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A distillation run: a name, config overrides on the preset, and whether it stops
+    after the one-step stage (the ablations' equal-iteration budget)."""
+
+    name: str
+    overrides: tuple[str, ...] = ()
+    one_step_stage_only: bool = True
+
+    @property
+    def slug(self) -> str:
+        return self.name.replace(" ", "-")
+
+
+FULL = Variant("nitrofusion", one_step_stage_only=False)
+ABLATIONS = (
+    Variant("no dynamic pool", ("discriminator.pool=false",)),
+    Variant("no refresh", ("discriminator.refresh_fraction=0.0",)),
+    Variant("no local heads", ("discriminator.kinds=[global_cond]",)),
+    Variant("no unconditional heads", ("discriminator.kinds=[global_cond,local_cond]",)),
+    Variant("regression only", ()),  # schedule set in `_schedule`
+)
+TEACHER_ROWS = (
+    ("native", 25),
+    ("native", 1),
+    ("native", 2),
+    ("native", 4),
+    ("shift-lcm", 1),
+    ("shift-lcm", 2),
+    ("shift-lcm", 4),
+)
+
+
+@dataclass
+class Row:
+    """One table row: a model at a number of steps, scored once per seed."""
+
+    group: str  # "teacher", "student" or "ablation"
+    model: str
+    sampler: str
+    steps: int
+    iterations: int | None
+    scores: list[EmbeddedScore]
+
+    def stat(self, key: str) -> tuple[float, float]:
+        values = [getattr(s, key) for s in self.scores]
+        sd = statistics.stdev(values) if len(values) > 1 else 0.0
+        return statistics.fmean(values), sd
+
+
+class Reproduction:
+    def __init__(
+        self,
+        out: str | Path,
+        seeds: list[int],
+        n: int,
+        preset: str = "embedded",
+        overrides: list[str] | None = None,
+        batch_size: int = 250,
+    ):
+        if len(seeds) < 1 or n < 2:
+            raise UserError("need at least one seed and --n of at least 2")
+        self.out = Path(out)
+        self.seeds = seeds
+        self.n = n
+        self.preset = preset
+        self.batch_size = batch_size
+        self.overrides = list(overrides or [])
+        self.cfg = load_config(preset, None, self.overrides)
+        self.evaluator = Evaluator.load(evaluator_path())
+        self.teacher = str(teacher_path())
+        if self.cfg.model.teacher != "embedded":
+            raise UserError("reproduce measures the embedded world; its preset must distil the embedded teacher")
+
+    # ---- schedule of the runs -------------------------------------------------------------
+    def _schedule(self, variant: Variant) -> list[str]:
+        pre, first = self.cfg.loss.pretrain_steps, self.cfg.refine.steps_per_stage[0]
+        if variant.name == "regression only":
+            return [f"loss.pretrain_steps={pre + first}", "refine.steps_per_stage=[0]"]
+        return [f"refine.steps_per_stage=[{first}]"] if variant.one_step_stage_only else []
+
+    def one_step_iterations(self) -> int:
+        return self.cfg.loss.pretrain_steps + self.cfg.refine.steps_per_stage[0]
+
+    def run_dir(self, variant: Variant, seed: int) -> Path:
+        return self.out / "runs" / variant.slug / f"seed-{seed}"
+
+    def distill(self, variant: Variant, seed: int) -> Path:
+        """Train (or finish training) one run in a child process; returns its directory."""
+        run = self.run_dir(variant, seed)
+        if (run / "student_unet.safetensors").is_file():
+            return run
+        overrides = [
+            *self.overrides,
+            *variant.overrides,
+            *self._schedule(variant),
+            f"run.seed={seed}",
+            f"run.output_dir={run}",
+        ]
+        cmd = [sys.executable, "-m", "nitrofusion.cli", "distill", "--preset", self.preset, "--resume", "latest"]
+        for o in overrides:
+            cmd += ["--set", o]
+        print(f"\n== distill {variant.name}, seed {seed} -> {run}", flush=True)
+        done = subprocess.run(cmd, env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})
+        if done.returncode != 0:
+            raise UserError(f"distill run '{run}' failed (exit {done.returncode}); rerun reproduce to resume it")
+        return run
+
+    # ---- scores, cached -------------------------------------------------------------------
+    def score(self, key: str, load: Callable[[], object], steps: int, seed: int, label: str) -> EmbeddedScore:
+        path = self.out / "scores" / f"{key}.json"
+        if path.is_file():
+            return EmbeddedScore(**json.loads(path.read_text()))
+        pipe = load()
+        # Each seed gets its own images and prompt order: seeds 100000*s + i.
+        score, images = score_pipeline(
+            pipe, self.evaluator, steps, n=self.n, seed=100_000 * seed, batch_size=self.batch_size, label=label
+        )
+        if seed == self.seeds[0]:
+            sample_dir = self.out / "samples" / key.rsplit("-seed", 1)[0]
+            sample_dir.mkdir(parents=True, exist_ok=True)
+            for i, im in enumerate(images[:SAMPLES_KEPT]):
+                im.save(sample_dir / f"{i:02d}.png")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(score), indent=1))
+        os.replace(tmp, path)
+        print(f"  {label}, {steps} step(s), seed {seed}: accuracy {score.class_accuracy:.3f}, FD {score.domain_fd:.1f}")
+        return score
+
+    def _pipeline(self, unet: Path | None = None, sampler: str = "auto"):
+        from nitrofusion.pipelines import load_pipeline
+
+        def load():
+            pipe = load_pipeline(self.teacher, unet=unet, shift=self.cfg.model.shift if unet else None, sampler=sampler)
+            pipe.set_progress_bar_config(disable=True)
+            return pipe
+
+        return load
+
+    # ---- the whole table --------------------------------------------------------------------
+    def run(self) -> list[Row]:
+        rows: list[Row] = []
+        for sampler, steps in TEACHER_ROWS:
+            label = "teacher (Euler, CFG 5)" if sampler == "native" else "teacher (shift-LCM)"
+            scores = [
+                self.score(f"teacher-{sampler}-{steps}-seed{s}", self._pipeline(sampler=sampler), steps, s, label)
+                for s in self.seeds
+            ]
+            rows.append(Row("teacher", label, sampler, steps, None, scores))
+
+        runs = {s: self.distill(FULL, s) for s in self.seeds}
+        total = self.cfg.total_steps
+        for steps in (1, 2, 4):
+            if steps > 1 and len(self.cfg.refine.steps_per_stage) < steps:
+                continue
+            scores = [
+                self.score(
+                    f"nitrofusion-final-{steps}-seed{s}",
+                    self._pipeline(runs[s] / "student_unet.safetensors"),
+                    steps,
+                    s,
+                    "NitroFusion student",
+                )
+                for s in self.seeds
+            ]
+            rows.append(Row("student", "NitroFusion student", "shift-LCM", steps, total, scores))
+
+        stage_one = [
+            self.score(
+                f"nitrofusion-stage1-1-seed{s}",
+                self._pipeline(runs[s] / "stages" / "1-step" / "student_unet.safetensors"),
+                1,
+                s,
+                "NitroFusion, one-step stage",
+            )
+            for s in self.seeds
+        ]
+        iters = self.one_step_iterations()
+        rows.append(Row("ablation", "NitroFusion (full method)", "shift-LCM", 1, iters, stage_one))
+        for variant in ABLATIONS:
+            scores = []
+            for s in self.seeds:
+                run = self.distill(variant, s)
+                scores.append(
+                    self.score(
+                        f"{variant.slug}-1-seed{s}",
+                        self._pipeline(run / "student_unet.safetensors"),
+                        1,
+                        s,
+                        variant.name,
+                    )
+                )
+            rows.append(Row("ablation", variant.name, "shift-LCM", 1, iters, scores))
+        self.write(rows)
+        return rows
+
+    # ---- report -----------------------------------------------------------------------------
+    def write(self, rows: list[Row]) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "results.json").write_text(
+            json.dumps([{**asdict(r), "scores": [asdict(s) for s in r.scores]} for r in rows], indent=1)
+        )
+        (self.out / "results.md").write_text(report(rows, self.n, self.seeds))
+        grid_rows, labels = [], []
+        for key, label in self.grid_rows():
+            d = self.out / "samples" / key
+            if d.is_dir():
+                grid_rows.append([Image.open(p).convert("RGB") for p in sorted(d.glob("*.png"))])
+                labels.append(label)
+        make_grid(grid_rows, labels, scale=3).save(self.out / "grid.png")
+
+    def grid_rows(self) -> list[tuple[str, str]]:
+        rows = [
+            ("teacher-native-25", "teacher, Euler 25"),
+            ("teacher-native-1", "teacher, Euler 1"),
+            ("teacher-shift-lcm-1", "teacher, shift-LCM 1"),
+            ("nitrofusion-final-1", "NitroFusion 1"),
+            ("nitrofusion-final-2", "NitroFusion 2"),
+            ("nitrofusion-final-4", "NitroFusion 4"),
+        ]
+        return rows + [(f"{v.slug}-1", f"{v.name} 1") for v in ABLATIONS]
+
+
+def _cell(row: Row, key: str, digits: int) -> str:
+    mean, sd = row.stat(key)
+    return f"{mean:.{digits}f} ± {sd:.{digits}f}"
+
+
+def report(rows: list[Row], n: int, seeds: list[int]) -> str:
+    head = [
+        "| model | sampler | steps | training iterations | class accuracy ↑ | domain FD ↓ | s / image |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+
+    def line(r: Row) -> str:
+        speed = statistics.fmean(s.seconds_per_image for s in r.scores)
+        iters = "" if r.iterations is None else str(r.iterations)
+        return (
+            f"| {r.model} | {r.sampler} | {r.steps} | {iters} | {_cell(r, 'class_accuracy', 3)} | "
+            f"{_cell(r, 'domain_fd', 1)} | {speed:.4f} |"
+        )
+
+    main = [line(r) for r in rows if r.group in ("teacher", "student")]
+    ablation = [line(r) for r in rows if r.group == "ablation"]
+    seeds_text = ", ".join(str(s) for s in seeds)
+    return "\n".join(
+        [
+            f"Mean ± sd over seeds {seeds_text}; {n} images per seed and row (prompts balanced over the classes).",
+            "",
+            "### Teacher and student",
+            "",
+            *head,
+            *main,
+            "",
+            "### Ablations at equal iterations (one step)",
+            "",
+            *head,
+            *ablation,
+            "",
+        ]
+    )

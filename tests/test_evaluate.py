@@ -1,0 +1,227 @@
+"""`nitrofusion evaluate`: the image cache, the metrics against independent oracles, the
+missing-weight messages and the end-to-end command on the embedded world."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from nitrofusion.cli import main
+from nitrofusion.errors import UserError
+from nitrofusion.evaluation import fid
+from nitrofusion.evaluation.aesthetic import AestheticMLP, aesthetic_score, load_aesthetic
+from nitrofusion.evaluation.cache import ImageCache
+from nitrofusion.evaluation.clip import ClipModel, clip_score
+from nitrofusion.evaluation.evaluate import table
+from nitrofusion.evaluation.frechet import GaussianStats, frechet_distance
+from nitrofusion.testing import tiny_sdxl_pipeline
+from nitrofusion.world.spec import assets_dir
+
+
+def _pixels(images):
+    return [np.asarray(im) for im in images]
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe():
+    pipe = tiny_sdxl_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    pipe.nitro_sampler = "native"
+    return pipe
+
+
+PROMPTS = [f"a photo of thing {i}" for i in range(7)]
+
+
+def test_cache_resumes_with_the_same_images(tiny_pipe, tmp_path):
+    settings = {"model": "tiny", "steps": 2}
+    whole, _ = ImageCache(tmp_path / "a", settings).fill(tiny_pipe, PROMPTS, 2, 10, batch_size=3, guidance_scale=1.0)
+    # An interrupted run: some images never written, one batch boundary elsewhere.
+    part = tmp_path / "b"
+    ImageCache(part, settings).fill(tiny_pipe, PROMPTS[:5], 2, 10, batch_size=2, guidance_scale=1.0)
+    for i in (1, 3):
+        (part / f"{i:05d}.png").unlink()
+    resumed, _ = ImageCache(part, settings).fill(tiny_pipe, PROMPTS, 2, 10, batch_size=4, guidance_scale=1.0)
+    for a, b in zip(_pixels(whole), _pixels(resumed)):
+        np.testing.assert_array_equal(a, b)
+    manifest = json.loads((part / "manifest.json").read_text())
+    assert manifest["generated"] == 5 + 2 + 2  # first pass, the two deleted, the two never made
+
+
+def test_cache_refuses_other_settings(tiny_pipe, tmp_path):
+    ImageCache(tmp_path, {"steps": 1}).fill(tiny_pipe, PROMPTS[:2], 1, 0, batch_size=2, guidance_scale=1.0)
+    with pytest.raises(UserError, match="other settings \\(steps\\)"):
+        ImageCache(tmp_path, {"steps": 2}).fill(tiny_pipe, PROMPTS[:2], 2, 0, batch_size=2, guidance_scale=1.0)
+
+
+@pytest.fixture(scope="module")
+def tiny_clip_dir(tmp_path_factory):
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(0)
+    config = CLIPConfig(
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        ),
+        projection_dim=16,
+    )
+    path = tmp_path_factory.mktemp("clip")
+    CLIPModel(config).save_pretrained(str(path))
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(assets_dir() / "tokenizer" / name, path / name)
+    return path
+
+
+def _images(n, seed=0, size=32):
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def test_clip_score_matches_the_models_own_forward(tiny_clip_dir):
+    clip = ClipModel(tiny_clip_dir)
+    images, prompts = _images(4), ["a red shoe", "a blue bag", "a coat", "a dress"]
+    # Oracle: CLIPModel.forward's logits are exp(logit_scale) * cosine, on another code path.
+    pixels = clip.processor(images=images, return_tensors="pt")["pixel_values"]
+    tokens = clip.tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        out = clip.model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, pixel_values=pixels)
+    cos = (out.logits_per_image.diagonal() / clip.model.logit_scale.exp()).detach()
+    expected = float((100 * cos.clamp(min=0)).mean())
+    assert clip_score(clip, images, prompts) == pytest.approx(expected, rel=1e-5, abs=1e-4)
+
+
+def test_clip_missing_or_without_tokenizer_is_one_line(tmp_path, tiny_clip_dir):
+    with pytest.raises(UserError, match="--clip-model") as err:
+        ClipModel(tmp_path / "nowhere")
+    assert "\n" not in str(err.value)
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_clip_dir, broken)
+    (broken / "vocab.json").unlink()
+    with pytest.raises(UserError):
+        ClipModel(broken)
+
+
+def test_aesthetic_score_is_the_mlp_on_normalised_embeddings(tiny_clip_dir, tmp_path):
+    torch.manual_seed(1)
+    mlp = AestheticMLP(embed_dim=16)
+    path = tmp_path / "aesthetic.safetensors"
+    save_file({k: v.contiguous() for k, v in mlp.state_dict().items()}, str(path))
+    loaded = load_aesthetic(path, embed_dim=16)
+    clip = ClipModel(tiny_clip_dir)
+    images = _images(3, seed=2)
+    emb = clip.image_embeddings(images)
+    assert torch.allclose(emb.norm(dim=-1), torch.ones(3), atol=1e-5)
+    # Oracle: the linear stack by hand (no activations; dropout off in eval).
+    x = emb
+    for i in (0, 2, 4, 6, 7):
+        x = x @ mlp.layers[i].weight.T + mlp.layers[i].bias
+    assert aesthetic_score(loaded, clip, images) == pytest.approx(float(x.mean().detach()), rel=1e-5)
+
+
+def test_aesthetic_weights_missing_or_wrong(tmp_path):
+    with pytest.raises(UserError, match="--aesthetic") as err:
+        load_aesthetic(tmp_path / "none.safetensors")
+    assert "\n" not in str(err.value)
+    wrong = tmp_path / "wrong.safetensors"
+    save_file({"layers.0.weight": torch.zeros(3, 3)}, str(wrong))
+    with pytest.raises(UserError, match="does not fit"):
+        load_aesthetic(wrong)
+
+
+def test_reference_statistics_from_images_and_from_file(tmp_path):
+    ref_dir = tmp_path / "real"
+    ref_dir.mkdir()
+    for i, im in enumerate(_images(12, seed=3, size=20)):
+        im.save(ref_dir / f"{i}.png")
+
+    def extract(images):  # a stand-in extractor: mean colour and spread per channel
+        t = fid.to_tensor(images, 16)
+        return torch.cat([t.mean((2, 3)), t.std((2, 3))], 1)
+
+    cache = tmp_path / "ref.safetensors"
+    stats = fid.reference_stats(ref_dir, "toy", extract, cache)
+    direct = GaussianStats.from_features(extract([Image.open(p) for p in sorted(ref_dir.glob("*.png"))]))
+    np.testing.assert_allclose(stats.mu, direct.mu)
+    again = fid.reference_stats(cache, "toy", extract)
+    assert frechet_distance(stats, again) == pytest.approx(0.0, abs=1e-9)
+    with pytest.raises(UserError, match="toy statistics"):
+        fid.reference_stats(cache, "inception", extract)
+    with pytest.raises(UserError, match="not found"):
+        fid.reference_stats(tmp_path / "missing", "toy", extract)
+
+
+def test_table_has_only_measured_columns():
+    rows = [{"model": "m", "sampler": "shift-lcm", "steps": 1, "clip_score": 31.234, "seconds_per_image": 0.01}]
+    text = table(rows)
+    assert "CLIP score" in text and "FID" not in text and "31.23" in text
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["--metrics", "clip"], "--clip-model"),
+        (["--metrics", "clip", "--clip-model", "/nonexistent"], "--clip-model"),
+        (["--metrics", "aesthetic", "--aesthetic", "/nonexistent.safetensors"], "--aesthetic"),
+        (["--metrics", "fid"], "--inception"),
+        (["--metrics", "imagereward"], "--image-reward"),
+        (["--metrics", "fid", "--fid-features", "pixels"], "--fid-features"),
+        (["--metrics", "embedded", "--prompts", "PROMPTS"], "--prompts embedded"),
+        (["--metrics", "bleu"], "unknown metric"),
+    ],
+)
+def test_missing_weights_fail_before_any_image(tmp_path, capsys, extra, needle):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\n")
+    extra = [str(prompts) if a == "PROMPTS" else a for a in extra]
+    out = tmp_path / "out"
+    code = main(["evaluate", "--steps", "1", "--n", "4", "--out", str(out), *extra])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and needle in err and len(err.splitlines()) == 1
+    assert not (out / "images").exists()
+
+
+def test_fid_on_other_prompts_needs_a_reference(tiny_clip_dir, tmp_path):
+    from nitrofusion.evaluation.evaluate import EvalRequest, build_scorers
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\n")
+    req = EvalRequest(
+        model="x",
+        steps=[1],
+        out=tmp_path,
+        prompts=str(prompts),
+        metrics=["fid"],
+        fid_features="clip",
+        clip_model=str(tiny_clip_dir),
+    )
+    with pytest.raises(UserError, match="--reference"):
+        build_scorers(req, "cpu")
+
+
+def test_evaluate_command_on_the_embedded_world(tmp_path, capsys):
+    out = tmp_path / "ev"
+    args = ["evaluate", "--steps", "1", "2", "--n", "8", "--batch-size", "4", "--out", str(out)]
+    assert main(args) == 0
+    rows = json.loads((out / "results.json").read_text())
+    assert [r["steps"] for r in rows] == [1, 2]
+    assert all(0 <= r["class_accuracy"] <= 1 and r["domain_fd"] > 0 for r in rows)
+    assert "class accuracy" in (out / "results.md").read_text()
+    assert Image.open(out / "grid.png").size[0] > 100
+    # A second run reuses every cached image and gives the same numbers.
+    assert main(args) == 0
+    again = json.loads((out / "results.json").read_text())
+    assert [r["class_accuracy"] for r in again] == [r["class_accuracy"] for r in rows]
+    manifest = json.loads((out / "images" / "shift-lcm-1-step" / "manifest.json").read_text())
+    assert manifest["generated"] == 8
