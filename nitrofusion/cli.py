@@ -176,6 +176,23 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_transfer(args: argparse.Namespace) -> int:
+    from nitrofusion.weights.transfer import transfer
+
+    print(transfer(args.base, args.student, args.target, args.out, scale=args.scale))
+    return 0
+
+
+def cmd_export_lora(args: argparse.Namespace) -> int:
+    from nitrofusion.weights.lora import export_lora
+
+    if args.dtype not in ("fp16", "bf16", "fp32"):
+        raise UserError(f"--dtype must be fp16, bf16 or fp32, got {args.dtype}")
+    report = export_lora(args.student, args.teacher, args.out, rank=args.rank, dtype=args.dtype)
+    print(report.line())
+    return 0
+
+
 def cmd_grid(args: argparse.Namespace) -> int:
     from nitrofusion.evaluation.grid import grid_from_dirs
 
@@ -299,6 +316,24 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--batch-size", type=int, default=250)
     r.add_argument("--out", default="runs/reproduce", help="runs, cached scores, results.md/json, grid.png")
     r.set_defaults(func=cmd_reproduce)
+
+    tr = sub.add_parser("transfer", help="carry a student onto another fine-tune: target + (student - base)")
+    tr.add_argument(
+        "--base", required=True, help="the teacher the student was distilled from (pipeline, unet/ or file)"
+    )
+    tr.add_argument("--student", required=True, help="the distilled student UNet (.safetensors, unet/ or pipeline)")
+    tr.add_argument("--target", required=True, help="another fine-tune of the same base (pipeline, unet/ or file)")
+    tr.add_argument("--scale", type=float, default=1.0, help="multiplier of the delta")
+    tr.add_argument("--out", required=True, help="the new student UNet (.safetensors), use with generate --unet")
+    tr.set_defaults(func=cmd_transfer)
+
+    lo = sub.add_parser("export-lora", help="the student - teacher delta as a LoRA for diffusers' load_lora_weights")
+    lo.add_argument("--student", required=True, help="student UNet (.safetensors, unet/ or pipeline)")
+    lo.add_argument("--teacher", required=True, help="the teacher it was distilled from")
+    lo.add_argument("--rank", type=int, default=64)
+    lo.add_argument("--dtype", default="fp16")
+    lo.add_argument("--out", required=True, help="a .safetensors file or a directory")
+    lo.set_defaults(func=cmd_export_lora)
 
     gr = sub.add_parser("grid", help="put directories of PNGs side by side in one grid PNG (a row each)")
     gr.add_argument("dirs", nargs="+")

@@ -219,13 +219,18 @@ def load_pipeline(
     return pipe.to(device)
 
 
-def save_unet_weights(unet: UNet2DConditionModel, path: str | Path) -> Path:
-    """Write a UNet state dict as safetensors, the format of the public NitroSD checkpoints."""
+def save_state_dict(state: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+    """Write tensors as safetensors atomically: a crash never leaves a half-written file."""
     from safetensors.torch import save_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in unet.state_dict().items()}, str(tmp))
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp), metadata=metadata)
     os.replace(tmp, path)
     return path
+
+
+def save_unet_weights(unet: UNet2DConditionModel, path: str | Path) -> Path:
+    """Write a UNet state dict as safetensors, the format of the public NitroSD checkpoints."""
+    return save_state_dict(unet.state_dict(), path)

@@ -1,0 +1,1 @@
+"""Operations on UNet weights: transfer of a distillation delta, LoRA export."""

@@ -1,0 +1,103 @@
+"""Export the student − teacher delta as a LoRA that stock diffusers loads.
+
+Each Linear or Conv2d weight delta ΔW (reshaped to out × in·kh·kw) is replaced by its best
+rank-r approximation (truncated SVD, Eckart–Young): ΔW ≈ B·A with B = U_r·√S_r and
+A = √S_r·V_rᵀ. A conv's A is a conv with the original kernel and B a 1×1 conv, PEFT's layout.
+Keys follow the PEFT/diffusers naming (`unet.<module>.lora_A.weight`), with lora_alpha = r
+so the LoRA scale is 1. Deltas of biases and norm weights cannot be carried by a LoRA; they
+are counted in the reported error.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from nitrofusion.errors import UserError
+from nitrofusion.pipelines.loading import save_state_dict
+from nitrofusion.weights.io import check_same_layout, unet_state_dict
+
+
+@dataclass
+class LoraReport:
+    rank: int
+    modules: int
+    parameters: int
+    relative_error: float  # ||Δ − LoRA||_F / ||Δ||_F over every UNet tensor
+    uncovered_share: float  # share of ||Δ||² in tensors a LoRA cannot hold (biases, norms)
+
+    def line(self) -> str:
+        return (
+            f"rank {self.rank}: {self.modules} modules, {self.parameters / 1e6:.2f}M parameters, "
+            f"relative error {self.relative_error:.4f} (of which biases/norms {math.sqrt(self.uncovered_share):.4f})"
+        )
+
+
+def low_rank(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(A, B, squared residual) of the best rank-`rank` approximation of a weight delta."""
+    out_ch = delta.shape[0]
+    m = delta.reshape(out_ch, -1).double()
+    u, s, vh = torch.linalg.svd(m, full_matrices=False)
+    r = min(rank, s.numel())
+    root = s[:r].sqrt()
+    b = (u[:, :r] * root).float()
+    a = (root[:, None] * vh[:r]).float()
+    residual = float((s[r:] ** 2).sum())
+    if delta.ndim == 4:
+        a = a.reshape(r, *delta.shape[1:])
+        b = b.reshape(out_ch, r, 1, 1)
+    return a, b, residual
+
+
+def extract_lora(
+    student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor], rank: int, min_norm: float = 0.0
+) -> tuple[dict[str, torch.Tensor], LoraReport]:
+    if rank < 1:
+        raise UserError(f"--rank must be at least 1, got {rank}")
+    check_same_layout(student, teacher, ("the student", "the teacher"))
+    lora: dict[str, torch.Tensor] = {}
+    total = residual = uncovered = 0.0
+    modules = 0
+    for key in tqdm(sorted(student), desc=f"LoRA rank {rank}"):
+        if not student[key].is_floating_point():
+            continue
+        delta = student[key].float() - teacher[key].float()
+        norm2 = float(delta.double().pow(2).sum())
+        total += norm2
+        if norm2 <= min_norm**2:
+            continue
+        if key.endswith(".weight") and delta.ndim in (2, 4):
+            a, b, res = low_rank(delta, rank)
+            module = key[: -len(".weight")]
+            lora[f"unet.{module}.lora_A.weight"] = a
+            lora[f"unet.{module}.lora_B.weight"] = b
+            residual += res
+            modules += 1
+        else:
+            residual += norm2
+            uncovered += norm2
+    if not lora:
+        raise UserError("the student equals the teacher: there is no delta to export")
+    report = LoraReport(
+        rank=rank,
+        modules=modules,
+        parameters=sum(v.numel() for v in lora.values()),
+        relative_error=math.sqrt(residual / total) if total else 0.0,
+        uncovered_share=uncovered / total if total else 0.0,
+    )
+    return lora, report
+
+
+def export_lora(student: str, teacher: str, out: str | Path, rank: int = 64, dtype: str = "fp16") -> LoraReport:
+    lora, report = extract_lora(unet_state_dict(student, "--student"), unet_state_dict(teacher, "--teacher"), rank)
+    cast = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        out = out / "pytorch_lora_weights.safetensors"  # the file name diffusers looks for in a folder
+    save_state_dict({k: v.to(cast) for k, v in lora.items()}, out, metadata={"nitrofusion": json.dumps(vars(report))})
+    return report

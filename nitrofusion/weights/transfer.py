@@ -1,0 +1,42 @@
+"""Carry a distilled student onto another fine-tune of the same base model.
+
+    θ_new = θ_target + α · (θ_student − θ_base)
+
+The distillation delta is added to the target fine-tune (the paper's result: a NitroFusion
+student of SDXL moved onto anime and oil-painting fine-tunes of SDXL). Arithmetic is done in
+float32 and the result is stored in the target's dtype.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from nitrofusion.pipelines.loading import save_state_dict
+from nitrofusion.weights.io import check_same_layout, unet_state_dict
+
+
+def transfer_delta(
+    base: dict[str, torch.Tensor],
+    student: dict[str, torch.Tensor],
+    target: dict[str, torch.Tensor],
+    scale: float = 1.0,
+) -> dict[str, torch.Tensor]:
+    check_same_layout(student, base, ("the student", "the base"))
+    check_same_layout(target, base, ("the target", "the base"))
+    out = {}
+    for k, t in target.items():
+        delta = student[k].float() - base[k].float()
+        out[k] = (t.float() + scale * delta).to(t.dtype) if t.is_floating_point() else t.clone()
+    return out
+
+
+def transfer(base: str, student: str, target: str, out: str | Path, scale: float = 1.0) -> Path:
+    new = transfer_delta(
+        unet_state_dict(base, "--base"),
+        unet_state_dict(student, "--student"),
+        unet_state_dict(target, "--target"),
+        scale,
+    )
+    return save_state_dict(new, out)

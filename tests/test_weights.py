@@ -1,0 +1,140 @@
+"""Weight-delta transfer and LoRA export on the tiny SDXL UNet."""
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from nitrofusion.cli import main
+from nitrofusion.errors import UserError
+from nitrofusion.testing import tiny_sdxl_pipeline
+from nitrofusion.weights.lora import extract_lora, low_rank
+from nitrofusion.weights.transfer import transfer_delta
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    return {k: v.clone() for k, v in tiny_sdxl_pipeline().unet.state_dict().items()}
+
+
+def shifted(state, seed, rank=2, scale=0.01, biases=0.0):
+    """state + a rank-`rank` delta on every Linear/Conv weight (+ optional bias deltas)."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for k, v in state.items():
+        if k.endswith(".weight") and v.ndim in (2, 4):
+            d = torch.randn(v.shape[0], rank, generator=g) @ torch.randn(rank, v[0].numel(), generator=g)
+            out[k] = v + scale * d.reshape(v.shape)
+        elif k.endswith(".bias") and biases:
+            out[k] = v + biases * torch.randn(v.shape, generator=g)
+        else:
+            out[k] = v.clone()
+    return out
+
+
+def save(state, path):
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    return str(path)
+
+
+def test_transfer_identity_and_known_delta(teacher, tmp_path):
+    student, target = shifted(teacher, 1), shifted(teacher, 2)
+    # Transferring onto the base itself gives the student back.
+    same = transfer_delta(teacher, student, teacher)
+    assert all(torch.allclose(same[k], student[k], atol=1e-6) for k in student)
+    # Onto another fine-tune: target + (student - base), exactly.
+    out = tmp_path / "moved.safetensors"
+    code = main(
+        [
+            "transfer",
+            "--base",
+            save(teacher, tmp_path / "b.safetensors"),
+            "--student",
+            save(student, tmp_path / "s.safetensors"),
+            "--target",
+            save(target, tmp_path / "t.safetensors"),
+            "--out",
+            str(out),
+        ]
+    )
+    assert code == 0
+    moved = load_file(str(out))
+    for k in teacher:
+        assert torch.allclose(moved[k], target[k] + (student[k] - teacher[k]), atol=1e-6)
+
+
+def test_transfer_refuses_other_architectures(teacher, tmp_path, capsys):
+    bad = dict(teacher)
+    bad.pop(next(iter(bad)))
+    wider = {
+        k: (torch.zeros(v.shape[0] + 1, *v.shape[1:]) if i == 3 else v) for i, (k, v) in enumerate(teacher.items())
+    }
+    with pytest.raises(UserError, match="keys only in the base"):
+        transfer_delta(teacher, bad, teacher)
+    with pytest.raises(UserError, match="shape mismatches"):
+        transfer_delta(teacher, teacher, wider)
+    code = main(
+        [
+            "transfer",
+            "--base",
+            str(tmp_path / "none.safetensors"),
+            "--student",
+            "x.safetensors",
+            "--target",
+            "y.safetensors",
+            "--out",
+            str(tmp_path / "o.safetensors"),
+        ]
+    )
+    assert code == 2 and "not found" in capsys.readouterr().err
+
+
+def test_low_rank_is_the_svd_optimum():
+    g = torch.Generator().manual_seed(0)
+    m = torch.randn(12, 20, generator=g, dtype=torch.float64).float()
+    a, b, residual = low_rank(m, 3)
+    s = torch.linalg.svdvals(m.double())
+    assert residual == pytest.approx(float((s[3:] ** 2).sum()), rel=1e-6)
+    assert float(((m - b @ a).double() ** 2).sum()) == pytest.approx(residual, rel=1e-4)
+    conv = torch.randn(6, 4, 3, 3, generator=g)
+    a, b, _ = low_rank(conv, 2)
+    assert a.shape == (2, 4, 3, 3) and b.shape == (6, 2, 1, 1)
+
+
+def test_lora_round_trip_through_stock_diffusers(teacher, tmp_path, capsys):
+    student = shifted(teacher, 3, rank=2)
+    code = main(
+        [
+            "export-lora",
+            "--student",
+            save(student, tmp_path / "s.safetensors"),
+            "--teacher",
+            save(teacher, tmp_path / "t.safetensors"),
+            "--rank",
+            "4",
+            "--dtype",
+            "fp32",
+            "--out",
+            str(tmp_path / "lora"),
+        ]
+    )
+    assert code == 0
+    assert "relative error 0.0000" in capsys.readouterr().out
+    pipe = tiny_sdxl_pipeline()
+    pipe.load_lora_weights(str(tmp_path / "lora"))
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()
+    fused = pipe.unet.state_dict()
+    assert max((fused[k] - student[k]).abs().max().item() for k in student) < 1e-5
+    with safe_open(str(tmp_path / "lora" / "pytorch_lora_weights.safetensors"), "pt") as f:
+        assert "relative_error" in f.metadata()["nitrofusion"]
+
+
+def test_lora_error_is_reported_when_the_rank_is_too_small(teacher):
+    student = shifted(teacher, 4, rank=6, biases=0.01)
+    _, report = extract_lora(student, teacher, rank=2)
+    assert 0.1 < report.relative_error < 1.0 and report.uncovered_share > 0
+    _, full = extract_lora(student, teacher, rank=6)
+    assert full.relative_error == pytest.approx(full.uncovered_share**0.5, rel=1e-3)
+    with pytest.raises(UserError, match="no delta"):
+        extract_lora(teacher, teacher, rank=2)
