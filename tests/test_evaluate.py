@@ -225,3 +225,27 @@ def test_evaluate_command_on_the_embedded_world(tmp_path, capsys):
     assert [r["class_accuracy"] for r in again] == [r["class_accuracy"] for r in rows]
     manifest = json.loads((out / "images" / "shift-lcm-1-step" / "manifest.json").read_text())
     assert manifest["generated"] == 8
+
+
+def test_compare_puts_several_evaluations_in_one_table(tmp_path, capsys):
+    for name, extra in (("a", []), ("b", ["--model", "embedded-teacher", "--sampler", "shift-lcm"])):
+        args = [
+            "evaluate",
+            "--steps",
+            "1",
+            "--n",
+            "4",
+            "--batch-size",
+            "4",
+            "--label",
+            name,
+            "--out",
+            str(tmp_path / name),
+        ]
+        assert main(args + extra) == 0
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "both")]) == 0
+    rows = json.loads((tmp_path / "both" / "results.json").read_text())
+    assert [r["model"] for r in rows] == ["a", "b"]
+    assert "| b | shift-lcm | 1 |" in (tmp_path / "both" / "results.md").read_text()
+    assert Image.open(tmp_path / "both" / "grid.png").size[1] > 2 * 32
+    assert main(["compare", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 2
