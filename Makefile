@@ -11,7 +11,7 @@ FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEMO_OUT ?= outputs/demo
 
-.PHONY: setup system-deps demo test lint clean
+.PHONY: setup system-deps demo app test lint clean
 
 setup: $(VENV)/.installed system-deps
 
@@ -19,13 +19,17 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "$(TORCH)"
-	$(BIN)/pip install --quiet -e ".[test]"
+	$(BIN)/pip install --quiet -e ".[test,app]"
 	touch $@
 
-# Debian packages the project uses: the real Fashion-MNIST data the embedded world is trained on.
+# Debian packages the project uses: the real Fashion-MNIST data the embedded world is trained on,
+# and Chromium for the app's browser tests (driven by pip's playwright; `playwright install` is never run).
 system-deps:
 	@if [ ! -f $(FASHION_MNIST) ]; then \
 		$(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q dataset-fashion-mnist; \
+	fi
+	@if [ ! -x /usr/bin/chromium ]; then \
+		$(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium; \
 	fi
 
 # The main job, short: distil the shipped teacher (512 pairs, one-step stage), evaluate the
@@ -44,6 +48,10 @@ demo: setup
 	$(BIN)/nitrofusion compare $(DEMO_OUT)/eval-teacher-native $(DEMO_OUT)/eval-teacher-lcm \
 		$(DEMO_OUT)/eval-student --out $(DEMO_OUT)
 	@echo "Your student: $(BIN)/nitrofusion generate --model $(DEMO_OUT)/student/pipeline \"a photo of a sneaker\""
+
+# The local real-time app on http://127.0.0.1:7860 with the shipped student.
+app: setup
+	$(BIN)/nitrofusion app
 
 test: setup
 	$(BIN)/python -m pytest -q

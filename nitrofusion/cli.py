@@ -341,6 +341,10 @@ def build_parser() -> argparse.ArgumentParser:
     gr.add_argument("--scale", type=int, default=3, help="nearest-neighbour upscaling of each image")
     gr.add_argument("--limit", type=int, default=16, help="images per row")
     gr.set_defaults(func=cmd_grid)
+
+    from nitrofusion.app.cli import add_parser as add_app_parser
+
+    add_app_parser(sub)
     return parser
 
 

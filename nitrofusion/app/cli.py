@@ -1,0 +1,145 @@
+"""`nitrofusion app`: serve the real-time page and JSON API for models loaded once at start-up.
+
+Standalone too: ``python -m nitrofusion.app.cli [options]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import socket
+import sys
+
+from nitrofusion.app import ModelSpec
+from nitrofusion.errors import UserError
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 7860
+
+
+class _ModelAction(argparse.Action):
+    """--model [NAME=]PATH_OR_ID starts a new model entry."""
+
+    def __call__(self, parser, namespace, value, option_string=None):  # type: ignore[no-untyped-def]
+        name, sep, model = value.partition("=")
+        spec = ModelSpec(model=model, name=name) if sep and name and "/" not in name else ModelSpec(model=value)
+        namespace.models = [*(namespace.models or []), spec]
+
+
+class _AppliesToModel(argparse.Action):
+    """--unet / --shift apply to the --model given before them (or to the default model)."""
+
+    def __call__(self, parser, namespace, value, option_string=None):  # type: ignore[no-untyped-def]
+        if not namespace.models:
+            namespace.models = [ModelSpec()]
+        spec = namespace.models[-1]
+        if getattr(spec, self.dest) is not None:
+            parser.error(f"{option_string} given twice for one --model")
+        setattr(spec, self.dest, value)
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register `app` on the `nitrofusion` command's subparsers."""
+    a = subparsers.add_parser("app", help="local real-time app: the image follows the prompt as you type")
+    _add_arguments(a)
+    a.set_defaults(func=run)
+    return a
+
+
+def _add_arguments(a: argparse.ArgumentParser) -> None:
+    a.add_argument(
+        "--model",
+        dest="models",
+        action=_ModelAction,
+        metavar="[NAME=]MODEL",
+        help="a model to serve (repeatable; the first is the default): 'embedded' (the shipped student, default), "
+        "'embedded-teacher', a diffusers pipeline directory or a hub id in the local cache; NAME is what the page "
+        "shows",
+    )
+    a.add_argument(
+        "--unet", dest="unet", action=_AppliesToModel, help="student UNet (.safetensors) for the preceding --model"
+    )
+    a.add_argument("--shift", dest="shift", type=int, action=_AppliesToModel, help="timestep shift for it")
+    a.add_argument("--host", default=DEFAULT_HOST, help=f"address to bind (default {DEFAULT_HOST}: this machine only)")
+    a.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"default {DEFAULT_PORT}; 0 picks a free port")
+    a.add_argument("--device", help="cpu or cuda (default: cuda if available)")
+    a.add_argument("--dtype", default="auto", help="auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16")
+    a.add_argument("--max-size", type=int, default=1024, help="largest width or height a request may ask for")
+    a.add_argument("--queue-size", type=int, default=32, help="requests that may wait per model (one per client)")
+    a.add_argument("--no-warmup", action="store_true", help="skip sampling one image per model at start-up")
+    a.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """Bind before loading models, so a taken port fails in one line and at once."""
+    if not 0 <= port <= 65535:
+        raise UserError(f"--port must be 0 to 65535, got {port}")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family = infos[0][0]
+        return socket.create_server((host, port), family=family)
+    except socket.gaierror as exc:
+        raise UserError(f"cannot resolve --host '{host}': {exc.strerror}") from None
+    except OSError as exc:
+        raise UserError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from nitrofusion.app.server import create_app, load_models
+    except ImportError as exc:
+        raise UserError(
+            f"the app needs fastapi and uvicorn ({exc.name} is missing): pip install fastapi uvicorn"
+        ) from None
+
+    if args.max_size < 8 or args.queue_size < 1:
+        raise UserError("--max-size must be at least 8 and --queue-size at least 1")
+    if not is_loopback(args.host):
+        print(
+            f"warning: --host {args.host} exposes the app to the network, with no authentication; "
+            "anyone who can reach it can use this machine's compute",
+            file=sys.stderr,
+        )
+    sock = bind(args.host, args.port)
+    try:
+        models = load_models(args.models or [], device=args.device, dtype=args.dtype, warmup=not args.no_warmup)
+        app = create_app(models, max_size=args.max_size, queue_size=args.queue_size)
+        host, port = sock.getsockname()[:2]
+        shown = f"[{host}]" if ":" in host else host
+        print(f"nitrofusion app: http://{shown}:{port}  (models: {', '.join(m.name for m in models)})", flush=True)
+        server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, lifespan="on"))
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    # As in `nitrofusion`'s own entry point: keep transformers' import-time notices off stderr.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    parser = argparse.ArgumentParser(prog="nitrofusion app", description=__doc__.splitlines()[0])
+    _add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except UserError as exc:
+        print(f"nitrofusion app: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,585 @@
+"""The app's HTTP server: warm models, "latest request wins" scheduling and a JSON API.
+
+API (JSON in, JSON or PNG out; every error is JSON ``{"error": "<one line>"}``, never a traceback):
+
+``POST /api/generate`` with a JSON object::
+
+    {"prompt": str,                  required, not blank
+     "steps": 1-4,                   default 1
+     "seed": int >= 0 | null | "random",   default null = a fresh random seed
+     "width": int, "height": int,    default: the model's size; multiples of its size_multiple, <= max_size
+     "model": str,                   a name from GET /api/models; default: the first model
+     "client": str,                  optional: requests with the same client id supersede each other
+     "request_id": int}              optional: per-client counter; a lower id than one already seen is stale
+
+  200 ``image/png`` (prompt, seed, steps, model... as PNG text chunks) with headers ``X-Seed``, ``X-Steps``,
+  ``X-Width``, ``X-Height``, ``X-Model``, ``X-Elapsed-Ms`` (generation time), ``X-Queue-Ms`` (time waiting for
+  the model), ``X-Prompt-Truncated`` (``true``/``false``), ``X-Prompt-Tokens``, ``X-Token-Limit``, and
+  ``X-Request-Id`` when one was sent.
+  400 bad input (blank prompt, bad size, malformed JSON); 422 wrong types or steps outside 1-4;
+  404 unknown model; 409 superseded (``{"error": ..., "superseded": true}``): a newer request of the same client
+  arrived, so this one is not rendered; 503 the model's queue is full (``Retry-After: 1``); 413 body too large.
+
+``GET /api/models``: ``{"default": name, "models": [{name, source, sampler, default_size, size_multiple,
+max_size, sizes, steps, token_limit}, ...]}``.
+
+``GET /api/health``: ``{"status": "ok", "models": {name: {"running": bool, "waiting": int, "completed": int,
+"superseded": int, "discarded": int, "busy": int, "failed": int}}}``: ``superseded`` counts every 409 (waiting, stale
+on arrival or finished too late), ``discarded`` those of them answered after their image was generated.
+
+Scheduling: each model has one worker thread (one generation at a time, the event loop stays free) and a
+bounded line of waiting requests holding at most one request per client. A client's new request takes the
+place in line of its older waiting one, which is answered 409 at once, so a typing user is never starved by
+the line and stale keystrokes are dropped, not queued. A request is rendered only if it is still its client's
+newest when it starts and when it finishes; otherwise it is answered 409.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import itertools
+import logging
+import re
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from nitrofusion.app import ModelSpec
+from nitrofusion.errors import UserError
+
+__all__ = ["ClientSlots", "LoadedModel", "ModelSpec", "ModelWorker", "ServerThread", "create_app", "load_models"]
+
+log = logging.getLogger("nitrofusion.app")
+
+MAX_STEPS = 4  # NitroFusion's shift-LCM range; the app is for 1-4 step models
+DEFAULT_MAX_SIZE = 1024
+DEFAULT_QUEUE_SIZE = 32
+MAX_BODY_BYTES = 64 * 1024
+MAX_PROMPT_CHARS = 4000  # far beyond any tokenizer limit; only stops absurd payloads
+CLIENT_MEMORY = 4096  # clients whose newest request id is remembered (least recently seen forgotten first)
+
+# The page only talks to this server: no CDN, no external request is even allowed.
+PAGE_CSP = (
+    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src 'self' blob:; "
+    "connect-src 'self' blob:; base-uri 'none'; form-action 'none'"
+)
+
+
+# --- models -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Rendered:
+    png: bytes
+    seed: int
+    elapsed_s: float
+    tokens: int = 0  # prompt length in tokens, before the text encoders truncate it
+
+
+@dataclass
+class LoadedModel:
+    """A pipeline loaded once at start-up, with what the API needs to validate requests for it."""
+
+    name: str
+    source: str
+    pipe: Any
+    sampler: str
+    default_size: int
+    size_multiple: int
+    token_limit: int
+    tokenizers: Sequence[Any] = ()
+
+    @classmethod
+    def from_pipeline(cls, name: str, source: str, pipe: Any) -> LoadedModel:
+        from nitrofusion.pipelines.generation import default_size, size_multiple
+
+        tokenizers = [t for t in (getattr(pipe, "tokenizer", None), getattr(pipe, "tokenizer_2", None)) if t]
+        # Tokenizers without a real limit report a huge model_max_length; CLIP's is 77.
+        limits = [int(t.model_max_length) for t in tokenizers if int(t.model_max_length) < 100_000]
+        return cls(
+            name=name,
+            source=source,
+            pipe=pipe,
+            sampler=str(getattr(pipe, "nitro_sampler", "native")),
+            default_size=default_size(pipe),
+            size_multiple=size_multiple(pipe),
+            token_limit=min(limits) if limits else 0,
+            tokenizers=tokenizers,
+        )
+
+    def count_tokens(self, prompt: str) -> int:
+        """Tokens the text encoders would see before truncation (special tokens included).
+
+        Call it only on the model's worker thread: a fast tokenizer's truncation and padding settings are
+        shared state, and counting without truncation while the pipeline encodes with padding breaks the
+        pipeline's call."""
+        if not self.tokenizers:
+            return 0
+        # verbose=False: counting a long prompt must not log the tokenizer's "too long" warning.
+        return max(len(t(prompt, truncation=False, verbose=False).input_ids) for t in self.tokenizers)
+
+    def sizes(self, max_size: int) -> list[int]:
+        """Square sizes the page offers: around the model's own size, on its size grid."""
+        m = self.size_multiple
+        wanted = {round(self.default_size * f / m) * m for f in (0.5, 0.75, 1, 1.5, 2)}
+        return sorted(s for s in wanted if m <= s <= max_size) or [self.default_size]
+
+    def describe(self, max_size: int) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "source": self.source,
+            "sampler": self.sampler,
+            "default_size": self.default_size,
+            "size_multiple": self.size_multiple,
+            "max_size": max_size,
+            "sizes": self.sizes(max_size),
+            "steps": list(range(1, MAX_STEPS + 1)),
+            "token_limit": self.token_limit,
+        }
+
+    def render(self, prompt: str, steps: int, seed: int, width: int, height: int) -> Rendered:
+        """Sample one image (runs in the model's worker thread) and encode it as a PNG with provenance."""
+        from PIL.PngImagePlugin import PngInfo
+
+        from nitrofusion.pipelines import generate
+
+        tokens = self.count_tokens(prompt)
+        t0 = time.perf_counter()
+        (result,) = generate(
+            self.pipe, [prompt], steps=steps, seed=seed, height=height, width=width, batch_size=1, progress=False
+        )
+        elapsed = time.perf_counter() - t0
+        info = PngInfo()
+        for key, value in {**result.metadata, "model": self.name}.items():
+            info.add_text(key, value)
+        buf = io.BytesIO()
+        result.image.save(buf, format="PNG", pnginfo=info)
+        return Rendered(buf.getvalue(), seed, elapsed, tokens)
+
+
+def model_name(spec: ModelSpec) -> str:
+    """The name a client picks a model by: given, the embedded name, the student file or the directory."""
+    from nitrofusion.world.spec import EMBEDDED_NAMES
+
+    if spec.name:
+        return spec.name
+    if spec.model is None:
+        return "embedded" if spec.unet is None else Path(spec.unet).stem
+    if spec.model in EMBEDDED_NAMES and spec.unet is None:
+        return spec.model
+    if spec.unet:
+        return Path(spec.unet).stem
+    return Path(spec.model.rstrip("/")).name or spec.model
+
+
+def load_models(
+    specs: Sequence[ModelSpec], device: str | None = None, dtype: str | None = "auto", warmup: bool = True
+) -> list[LoadedModel]:
+    """Load every model once (safetensors only, no remote code: `load_pipeline`'s guarantees) and
+    optionally sample one image each, so the first user request does not pay for lazy initialisation."""
+    from nitrofusion.pipelines import generate, load_pipeline
+    from nitrofusion.world.spec import choose_model
+
+    specs = list(specs) or [ModelSpec()]
+    names = [model_name(spec) for spec in specs]
+    # Check every name before loading anything: loading can take minutes.
+    for i, name in enumerate(names):
+        if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", name):
+            raise UserError(f"model name '{name}' may only use letters, digits, '.', '-' and '_'; use NAME=PATH")
+        if name in names[:i]:
+            raise UserError(f"two models are named '{name}'; name them with --model NAME=PATH")
+    models: list[LoadedModel] = []
+    for spec, name in zip(specs, names):
+        choice = choose_model(spec.model, spec.unet, spec.shift)
+        pipe = load_pipeline(choice.model, unet=choice.unet, shift=choice.shift, device=device, dtype=dtype)
+        loaded = LoadedModel.from_pipeline(name, spec.model or "embedded", pipe)
+        if warmup:
+            generate(pipe, ["warm-up"], steps=1, seed=0, batch_size=1, progress=False)
+        models.append(loaded)
+    return models
+
+
+# --- scheduling ---------------------------------------------------------------------------------
+
+
+class Superseded(Exception):
+    """A newer request of the same client exists: this one is not rendered."""
+
+
+class Busy(Exception):
+    """The model's line of waiting requests is full."""
+
+
+@dataclass(frozen=True)
+class Ticket:
+    client: str | None  # None: a request without a client id, superseded by nothing
+    seq: int
+
+    @property
+    def key(self) -> str | Ticket:
+        """Where the request waits: one place per client, or its own place."""
+        return self if self.client is None else self.client
+
+
+class ClientSlots:
+    """Each client's newest request. Only the holder of a client's newest ticket gets an image."""
+
+    def __init__(self, capacity: int = CLIENT_MEMORY) -> None:
+        self._capacity = capacity
+        self._latest: OrderedDict[str, tuple[int, int | None]] = OrderedDict()  # client -> (seq, request_id)
+        self._seq = itertools.count(1)
+
+    def claim(self, client: str | None, request_id: int | None = None) -> Ticket | None:
+        """Make this request the client's newest, or return None if a higher request id was already seen
+        (requests can arrive out of order over separate connections). Without a client id a request
+        stands alone: nothing supersedes it and nothing is remembered."""
+        if client is None:
+            seq = next(self._seq)
+            return Ticket(None, seq)
+        prev = self._latest.get(client)
+        prev_id = prev[1] if prev else None
+        if request_id is not None and prev_id is not None and request_id < prev_id:
+            return None
+        seq = next(self._seq)
+        self._latest[client] = (seq, request_id if request_id is not None else prev_id)
+        self._latest.move_to_end(client)
+        while len(self._latest) > self._capacity:  # bounded memory whatever the number of clients
+            self._latest.popitem(last=False)
+        return Ticket(client, seq)
+
+    def is_current(self, ticket: Ticket) -> bool:
+        newest = self._latest.get(ticket.client) if ticket.client is not None else None
+        return newest is None or newest[0] == ticket.seq  # a forgotten client cannot be stale
+
+
+@dataclass(eq=False)
+class _Job:
+    ticket: Ticket
+    work: Callable[[], Any]
+    future: asyncio.Future
+    queued_at: float = field(default_factory=time.perf_counter)
+    started_at: float = 0.0
+
+
+class ModelWorker:
+    """One generation at a time for one model, in its own thread; a bounded line of waiting requests
+    with at most one per client. All bookkeeping happens on the event loop, so it needs no lock."""
+
+    def __init__(self, name: str, slots: ClientSlots, capacity: int = DEFAULT_QUEUE_SIZE) -> None:
+        self.name = name
+        self.capacity = capacity
+        self._slots = slots
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"nitrofusion-{name}")
+        self._waiting: OrderedDict[str | Ticket, _Job] = OrderedDict()  # client -> job, in arrival order
+        self._running: _Job | None = None
+        self._task: asyncio.Task | None = None
+        # superseded: every 409 (waiting, stale on arrival, finished too late); discarded: generated in vain.
+        self.stats = {"completed": 0, "superseded": 0, "discarded": 0, "busy": 0, "failed": 0}
+
+    def state(self) -> dict[str, Any]:
+        return {"running": self._running is not None, "waiting": len(self._waiting), **self.stats}
+
+    async def submit(self, ticket: Ticket, work: Callable[[], Any]) -> tuple[Any, float]:
+        """Run `work` in the worker thread when the model is free; returns (result, seconds waited).
+        Raises Superseded or Busy."""
+        job = _Job(ticket, work, asyncio.get_running_loop().create_future())
+        older = self._waiting.get(ticket.key)
+        if older is not None:
+            # Same client, not started yet: the new request takes its place in line (assigning an existing
+            # key keeps its position), so a user who keeps typing still reaches the model.
+            self._waiting[ticket.key] = job
+            self._fail(older, Superseded())
+        elif len(self._waiting) >= self.capacity:
+            self.stats["busy"] += 1
+            raise Busy(f"model '{self.name}' is busy: {len(self._waiting)} requests are waiting; try again shortly")
+        else:
+            self._waiting[ticket.key] = job
+        self._pump()
+        result = await job.future
+        return result, job.started_at - job.queued_at
+
+    def _fail(self, job: _Job, exc: BaseException) -> None:
+        if isinstance(exc, Superseded):
+            self.stats["superseded"] += 1
+        if not job.future.done():
+            job.future.set_exception(exc)
+
+    def _pump(self) -> None:
+        if self._running is not None or not self._waiting:
+            return
+        _, job = self._waiting.popitem(last=False)
+        self._running = job
+        # Keep a reference: the event loop holds tasks only weakly.
+        self._task = asyncio.get_running_loop().create_task(self._run(job))
+
+    async def _run(self, job: _Job) -> None:
+        try:
+            job.started_at = time.perf_counter()
+            if job.future.done() or not self._slots.is_current(job.ticket):
+                raise Superseded()
+            result = await asyncio.get_running_loop().run_in_executor(self._executor, job.work)
+            if not self._slots.is_current(job.ticket):
+                self.stats["discarded"] += 1
+                raise Superseded()  # a newer request arrived while this one ran: never render a stale image
+            self.stats["completed"] += 1
+            if not job.future.done():
+                job.future.set_result(result)
+        except Superseded as exc:
+            self._fail(job, exc)
+        except Exception as exc:  # the generation failed: answer this request, keep serving the others
+            self.stats["failed"] += 1
+            self._fail(job, exc)
+        finally:
+            self._running = None
+            self._pump()
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+# --- HTTP ---------------------------------------------------------------------------------------
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: StrictStr = Field(max_length=MAX_PROMPT_CHARS)
+    steps: StrictInt = Field(1, ge=1, le=MAX_STEPS)
+    seed: Annotated[StrictInt, Field(ge=0, le=2**63 - 1)] | Literal["random"] | None = None
+    width: StrictInt | None = None
+    height: StrictInt | None = None
+    model: StrictStr | None = None
+    client: StrictStr | None = Field(None, min_length=1, max_length=128)
+    request_id: Annotated[StrictInt, Field(ge=0)] | None = None
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None, **extra: Any) -> JSONResponse:
+    return JSONResponse({"error": message, **extra}, status_code=status, headers=headers)
+
+
+# Fields whose type is a union: pydantic reports one error per alternative; say it once, plainly.
+_FIELD_HINTS = {
+    "seed": 'must be a whole number from 0 to 2**63-1, null or "random"',
+    "request_id": "must be a whole number >= 0 or null",
+}
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[int, str]:
+    errors = exc.errors()
+    if any(e.get("type") == "json_invalid" for e in errors):
+        return 400, "the request body is not valid JSON"
+    parts: dict[str, str] = {}
+    for e in errors:
+        loc = [str(p) for p in e.get("loc", ()) if p != "body"]
+        if not loc:
+            return 422, "the request body must be a JSON object"
+        parts.setdefault(loc[0], _FIELD_HINTS.get(loc[0], str(e.get("msg", "invalid"))))
+    return 422, "; ".join(f"{k}: {v}" for k, v in list(parts.items())[:3])
+
+
+class _BodyLimit:
+    """Refuse request bodies over `limit` bytes, declared or streamed, before anything parses them."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        message = f"the request body must be at most {self.limit} bytes"
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.limit):
+            return await _error(413, message)(scope, receive, send)
+        seen = 0
+
+        async def limited_receive() -> dict:
+            nonlocal seen
+            event = await receive()
+            seen += len(event.get("body", b""))
+            if seen > self.limit:  # a chunked body with no declared length
+                raise StarletteHTTPException(413, message)
+            return event
+
+        await self.app(scope, limited_receive, send)
+
+
+def _page() -> str:
+    return (resources.files("nitrofusion.app") / "page.html").read_text(encoding="utf-8")
+
+
+def create_app(
+    models: Sequence[LoadedModel], max_size: int = DEFAULT_MAX_SIZE, queue_size: int = DEFAULT_QUEUE_SIZE
+) -> FastAPI:
+    """The app for these (already loaded) models; the first one is the default."""
+    if not models:
+        raise UserError("the app needs at least one model")
+    if max_size < 1 or queue_size < 1:
+        raise UserError("--max-size and --queue-size must be at least 1")
+    by_name = {m.name: m for m in models}
+    slots = ClientSlots()
+    workers = {m.name: ModelWorker(m.name, slots, queue_size) for m in models}
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):  # type: ignore[no-untyped-def]
+        yield
+        for w in workers.values():
+            w.close()
+
+    # No /docs or /redoc: FastAPI's UI pages load scripts from a CDN. The schema stays at /api/openapi.json.
+    app = FastAPI(
+        title="nitrofusion app", docs_url=None, redoc_url=None, openapi_url="/api/openapi.json", lifespan=lifespan
+    )
+    app.state.models = by_name
+    app.state.workers = workers
+
+    app.add_middleware(_BodyLimit, limit=MAX_BODY_BYTES)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return _error(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return _error(*_validation_message(exc))
+
+    @app.exception_handler(UserError)
+    async def user_error(_: Request, exc: UserError) -> JSONResponse:
+        return _error(400, str(exc))
+
+    @app.exception_handler(Exception)
+    async def internal(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error")
+        return _error(500, f"internal error ({type(exc).__name__}); see the server log")
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page() -> HTMLResponse:
+        return HTMLResponse(_page(), headers={"Content-Security-Policy": PAGE_CSP, "Cache-Control": "no-store"})
+
+    @app.get("/favicon.ico")
+    async def favicon() -> Response:
+        return Response(status_code=204)
+
+    @app.get("/api/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "models": {name: w.state() for name, w in workers.items()}}
+
+    @app.get("/api/models")
+    async def list_models() -> dict[str, Any]:
+        return {"default": models[0].name, "models": [m.describe(max_size) for m in models]}
+
+    @app.post("/api/generate", response_model=None)
+    async def generate(req: GenerateRequest) -> Response:
+        prompt = req.prompt.strip()
+        if not prompt:
+            return _error(400, "the prompt is empty")
+        # Only names the server was started with: a path or hub id from a client is never loaded.
+        model = by_name.get(req.model or models[0].name)
+        if model is None:
+            return _error(404, f"unknown model '{req.model}'; this server has: {', '.join(by_name)}")
+        width = model.default_size if req.width is None else req.width
+        height = model.default_size if req.height is None else req.height
+        for what, v in (("width", width), ("height", height)):
+            if v < model.size_multiple or v % model.size_multiple or v > max_size:
+                return _error(
+                    400,
+                    f"{what} must be a multiple of {model.size_multiple} from {model.size_multiple} to {max_size} "
+                    f"for model '{model.name}', got {v}",
+                )
+        seed = secrets.randbelow(2**32) if req.seed is None or req.seed == "random" else req.seed
+
+        ticket = slots.claim(req.client, req.request_id)
+        if ticket is None:
+            workers[model.name].stats["superseded"] += 1
+            return _error(409, "superseded: a newer request of this client was already received", superseded=True)
+
+        def work() -> Rendered:
+            return model.render(prompt, req.steps, seed, width, height)
+
+        try:
+            rendered, waited = await workers[model.name].submit(ticket, work)
+        except Superseded:
+            return _error(409, "superseded by a newer request of this client", superseded=True)
+        except Busy as exc:
+            return _error(503, str(exc), headers={"Retry-After": "1"})
+        except UserError as exc:
+            return _error(400, str(exc))
+        except Exception as exc:
+            if type(exc).__name__ == "OutOfMemoryError":
+                return _error(503, "out of memory for this request; try a smaller size", headers={"Retry-After": "1"})
+            log.exception("generation failed")
+            return _error(500, f"generation failed ({type(exc).__name__}); see the server log")
+
+        headers = {
+            "X-Seed": str(rendered.seed),
+            "X-Steps": str(req.steps),
+            "X-Width": str(width),
+            "X-Height": str(height),
+            "X-Model": model.name,
+            "X-Elapsed-Ms": f"{rendered.elapsed_s * 1000:.1f}",
+            "X-Queue-Ms": f"{waited * 1000:.1f}",
+            "X-Prompt-Truncated": "true" if model.token_limit and rendered.tokens > model.token_limit else "false",
+            "X-Prompt-Tokens": str(rendered.tokens),
+            "X-Token-Limit": str(model.token_limit),
+            "Cache-Control": "no-store",
+        }
+        if req.request_id is not None:
+            headers["X-Request-Id"] = str(req.request_id)
+        return Response(rendered.png, media_type="image/png", headers=headers)
+
+    return app
+
+
+# --- running ------------------------------------------------------------------------------------
+
+
+class ServerThread:
+    """uvicorn serving an app in a background thread on an already bound socket (tests, benchmarks)."""
+
+    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning") -> None:
+        import socket
+
+        import uvicorn
+
+        self.socket = socket.create_server((host, port))
+        self.host, self.port = self.socket.getsockname()[:2]
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="on"))
+        self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self, timeout: float = 10.0) -> ServerThread:
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the app server did not start")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self._thread.join(timeout=10)
+        self.socket.close()
+
+    def __enter__(self) -> ServerThread:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

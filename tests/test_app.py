@@ -1,0 +1,408 @@
+"""`nitrofusion app`: the JSON API on the embedded model, bad input, and the scheduling rules
+(latest request per client wins, one generation at a time per model, a bounded line)."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import re
+import socket
+import threading
+import time
+
+import pytest
+
+pytest.importorskip("fastapi", reason="the app needs fastapi (pip install fastapi uvicorn)")
+httpx = pytest.importorskip("httpx", reason="the app tests need httpx")
+
+from fastapi.testclient import TestClient  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from nitrofusion.app.cli import add_parser, is_loopback, run  # noqa: E402
+from nitrofusion.app.server import (  # noqa: E402
+    MAX_BODY_BYTES,
+    ClientSlots,
+    LoadedModel,
+    ModelSpec,
+    Rendered,
+    ServerThread,
+    create_app,
+    load_models,
+)
+
+
+@pytest.fixture(scope="module")
+def embedded() -> LoadedModel:
+    (model,) = load_models([ModelSpec()], device="cpu", warmup=False)
+    return model
+
+
+@pytest.fixture
+def client(embedded):
+    with TestClient(create_app([embedded])) as c:
+        yield c
+
+
+def _post(c, **body):
+    return c.post("/api/generate", json={"prompt": "a photo of a sneaker", **body})
+
+
+def _error_of(r) -> str:
+    data = r.json()
+    assert set(data) >= {"error"} and data["error"], data
+    assert "Traceback" not in r.text
+    return data["error"]
+
+
+# --- the API on the embedded student --------------------------------------------------------------
+
+
+def test_health_and_models(client):
+    assert client.get("/api/health").json()["status"] == "ok"
+    data = client.get("/api/models").json()
+    assert data["default"] == "embedded"
+    (m,) = data["models"]
+    assert m["sampler"] == "shift-lcm" and m["steps"] == [1, 2, 3, 4]
+    assert m["default_size"] == 32 and m["size_multiple"] == 8 and m["token_limit"] == 77
+    assert 32 in m["sizes"] and all(s % 8 == 0 for s in m["sizes"])
+
+
+def test_page_is_self_contained(client):
+    r = client.get("/")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    assert "default-src 'none'" in r.headers["content-security-policy"]
+    assert re.search(r"(https?:)?//[a-z]", r.text.replace("// ", "")) is None, "the page must not load anything"
+    assert client.get("/docs").status_code == 404  # FastAPI's docs page would pull scripts from a CDN
+
+
+def test_generate_returns_png_with_provenance(client):
+    r = _post(client, steps=2, seed=3, client="t", request_id=7)
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    h = r.headers
+    assert (h["x-seed"], h["x-steps"], h["x-model"], h["x-request-id"]) == ("3", "2", "embedded", "7")
+    assert (h["x-width"], h["x-height"], h["x-prompt-truncated"]) == ("32", "32", "false")
+    assert float(h["x-elapsed-ms"]) > 0
+    image = Image.open(io.BytesIO(r.content))
+    assert image.size == (32, 32)
+    assert image.text["prompt"] == "a photo of a sneaker" and image.text["seed"] == "3" and image.text["steps"] == "2"
+    # Same request, same bytes; other steps or another size, another image.
+    assert _post(client, steps=2, seed=3).content == r.content
+    assert _post(client, steps=1, seed=3).content != r.content
+    assert Image.open(io.BytesIO(_post(client, seed=3, width=48, height=16).content)).size == (48, 16)
+
+
+def test_random_seed_is_reported(client):
+    seeds = {_post(client, seed=None).headers["x-seed"], _post(client, seed="random").headers["x-seed"]}
+    assert all(s.isdigit() for s in seeds) and len(seeds) == 2
+
+
+def test_long_prompt_is_truncated_and_reported(client):
+    r = _post(client, prompt="a photo of a red sneaker " * 20)
+    assert r.status_code == 200
+    assert r.headers["x-prompt-truncated"] == "true" and r.headers["x-token-limit"] == "77"
+    assert int(r.headers["x-prompt-tokens"]) > 77
+
+
+def test_tokenizers_are_used_on_the_worker_thread_only(embedded, monkeypatch):
+    # Fast tokenizers keep truncation/padding as shared state: counting tokens on the event loop while the
+    # worker encodes a prompt made the pipeline fail ("Expected size 77 but got size 5") under load.
+    threads: list[str] = []
+    count = LoadedModel.count_tokens
+
+    def spy(self, prompt):
+        threads.append(threading.current_thread().name)
+        return count(self, prompt)
+
+    monkeypatch.setattr(LoadedModel, "count_tokens", spy)
+    with TestClient(create_app([embedded])) as c:
+        assert _post(c).status_code == 200
+    assert threads and all(t.startswith("nitrofusion-embedded") for t in threads), threads
+
+
+@pytest.mark.parametrize(
+    "body, status, message",
+    [
+        ({"prompt": ""}, 400, "prompt is empty"),
+        ({"prompt": "  \n "}, 400, "prompt is empty"),
+        ({"steps": 0}, 422, "steps"),
+        ({"steps": 5}, 422, "steps"),
+        ({"steps": "2"}, 422, "steps"),
+        ({"steps": 1.5}, 422, "steps"),
+        ({"width": 33}, 400, "multiple of 8"),
+        ({"height": 2048}, 400, "to 1024"),
+        ({"width": -16}, 400, "width"),
+        ({"seed": -1}, 422, "seed"),
+        ({"seed": "lucky"}, 422, "seed"),
+        ({"model": "nope"}, 404, "unknown model 'nope'"),
+        ({"model": "/etc/passwd"}, 404, "unknown model"),
+        ({"model": "embedded-teacher"}, 404, "this server has: embedded"),
+        ({"prompt": 42}, 422, "prompt"),
+        ({"prompt": None}, 422, "prompt"),
+        ({"unexpected": 1}, 422, "unexpected"),
+    ],
+)
+def test_bad_input_is_one_json_line(client, body, status, message):
+    r = client.post("/api/generate", json={"prompt": "a bag", **body})
+    assert r.status_code == status, r.text
+    assert message in _error_of(r)
+
+
+@pytest.mark.parametrize(
+    "raw, status, message",
+    [
+        (b'{"prompt": "a bag",', 400, "not valid JSON"),
+        (b"\xff\xfe\x00garbage", 400, "not valid JSON"),
+        (b'["a bag"]', 422, "JSON object"),
+        (b"", 422, "JSON object"),
+    ],
+)
+def test_malformed_body(client, raw, status, message):
+    r = client.post("/api/generate", content=raw, headers={"content-type": "application/json"})
+    assert r.status_code == status, r.text
+    assert message in _error_of(r)
+
+
+def test_size_cap(embedded):
+    with TestClient(create_app([embedded], max_size=32)) as c:
+        r = _post(c, width=48, height=48)
+        assert r.status_code == 400 and "from 8 to 32" in _error_of(r)
+        assert c.get("/api/models").json()["models"][0]["sizes"] == [16, 24, 32]
+
+
+def test_real_server_survives_garbage(embedded):
+    with ServerThread(create_app([embedded])) as server:
+        # Not HTTP at all, then an oversized body, then malformed JSON: the server answers or drops each...
+        with socket.create_connection((server.host, server.port), timeout=5) as s:
+            s.sendall(b"\x16\x03\x01\x00\xa5GARBAGE\r\n\r\n")
+            s.recv(1024)
+        with httpx.Client(base_url=server.url, timeout=10) as c:
+            r = c.post("/api/generate", content=b"{" + b" " * 100_000 + b"}")
+            assert r.status_code == 413 and "at most" in _error_of(r)
+            chunked = iter([b'{"prompt": "', b"x" * (MAX_BODY_BYTES + 1), b'"}'])  # no declared length
+            r = c.post("/api/generate", content=chunked, headers={"content-type": "application/json"})
+            assert r.status_code == 413 and "at most" in _error_of(r)
+            r = c.post("/api/generate", content=b"{nope", headers={"content-type": "application/json"})
+            assert r.status_code == 400
+            # ...and still serves the next valid request.
+            r = c.post("/api/generate", json={"prompt": "a photo of a sneaker"})
+            assert r.status_code == 200 and r.content.startswith(b"\x89PNG")
+
+
+def test_cli_parses_models_and_flags_loopback():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(
+        ["app", "--model", "embedded", "--model", "realism=/sdxl", "--unet", "r.safetensors", "--shift", "250"]
+    )
+    assert [(m.name, m.model, m.unet, m.shift) for m in args.models] == [
+        (None, "embedded", None, None),
+        ("realism", "/sdxl", "r.safetensors", 250),
+    ]
+    assert args.host == "127.0.0.1" and args.func.__name__ == "run"
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.5") and not is_loopback("example.org")
+
+
+def test_model_names_are_checked_before_loading():
+    from nitrofusion.errors import UserError
+
+    with pytest.raises(UserError, match="two models are named 'embedded'"):
+        load_models([ModelSpec("embedded"), ModelSpec(None), ModelSpec("/does/not/exist")])
+    with pytest.raises(UserError, match="may only use"):
+        load_models([ModelSpec("/does/not/exist", name="a b")])
+
+
+def test_cli_warns_when_exposed_and_fails_in_one_line_on_a_taken_port(capsys):
+    import argparse
+
+    from nitrofusion.errors import UserError
+
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers(dest="command"))
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        with pytest.raises(UserError, match=f"cannot listen on 0.0.0.0:{port}"):
+            run(parser.parse_args(["app", "--host", "0.0.0.0", "--port", str(port)]))
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("warning: --host 0.0.0.0 exposes the app")
+
+
+# --- scheduling, with a model whose generation the test holds and releases -------------------------------
+
+
+class GatedModel(LoadedModel):
+    """Returns the prompt as the "image"; each generation waits until the test opens the gate."""
+
+    def __init__(self, name: str = "gated") -> None:
+        super().__init__(name, "test", None, "shift-lcm", default_size=32, size_multiple=8, token_limit=77)
+        self.gate = threading.Event()
+        self.started: list[str] = []
+        self.active = 0
+        self.max_active = 0
+        self.fail_next = False
+        self._lock = threading.Lock()
+
+    def render(self, prompt: str, steps: int, seed: int, width: int, height: int) -> Rendered:
+        with self._lock:
+            self.started.append(prompt)
+            self.active += 1
+            self.max_active = max(self.max_active, self.active)
+        try:
+            assert self.gate.wait(10), "the test never opened the gate"
+            if self.fail_next:
+                self.fail_next = False
+                raise RuntimeError("boom")
+            return Rendered(prompt.encode(), seed, 0.001)
+        finally:
+            with self._lock:
+                self.active -= 1
+
+
+async def _until(condition, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.002)
+
+
+def _run_with(app, scenario) -> None:
+    async def main():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://app", timeout=10) as c:
+
+            def post(prompt: str, client: str | None = None, request_id: int | None = None, model=None):
+                body = {"prompt": prompt, "client": client, "request_id": request_id, "model": model}
+                return asyncio.ensure_future(c.post("/api/generate", json={k: v for k, v in body.items() if v}))
+
+            await scenario(c, post)
+
+    asyncio.run(main())
+
+
+def test_latest_request_per_client_wins():
+    m = GatedModel()
+    app = create_app([m])
+    worker = app.state.workers["gated"]
+
+    async def scenario(c, post):
+        first = post("a", "A", 1)
+        await _until(lambda: m.started == ["a"])
+        second = post("ab", "A", 2)
+        await _until(lambda: worker.state()["waiting"] == 1)
+        third = post("abc", "A", 3)
+        # The waiting request is dropped at once, not queued behind the running one.
+        r2 = await asyncio.wait_for(second, 5)
+        assert r2.status_code == 409 and r2.json()["superseded"] is True
+        m.gate.set()
+        r1, r3 = await first, await third
+        assert r1.status_code == 409, "finished after a newer request arrived: not rendered"
+        assert r3.status_code == 200 and r3.content == b"abc" and r3.headers["x-request-id"] == "3"
+        assert m.started == ["a", "abc"], "the stale keystroke was never generated"
+        assert worker.state() == {"running": False, "waiting": 0, "completed": 1, "superseded": 2, "discarded": 1,
+                                  "busy": 0, "failed": 0}  # fmt: skip
+
+    _run_with(app, scenario)
+
+
+def test_out_of_order_request_id_is_stale():
+    m = GatedModel()
+    m.gate.set()
+
+    app = create_app([m])
+
+    async def scenario(c, post):
+        assert (await post("new", "A", 5)).status_code == 200
+        r = await post("old", "A", 4)
+        assert r.status_code == 409 and "superseded" in r.json()["error"]
+        assert (await post("newer", "A", 6)).status_code == 200
+        assert m.started == ["new", "newer"]
+        assert app.state.workers["gated"].state()["superseded"] == 1
+
+    _run_with(app, scenario)
+
+
+def test_clients_do_not_supersede_each_other_and_one_generation_runs_at_a_time():
+    m = GatedModel()
+    app = create_app([m])
+
+    async def scenario(c, post):
+        tasks = [post(f"p{i}", f"client-{i}") for i in range(5)] + [post("anonymous"), post("anonymous too")]
+        await _until(lambda: app.state.workers["gated"].state()["waiting"] == 6)
+        # While a generation holds the model, the event loop still answers.
+        assert (await c.get("/api/health")).json()["models"]["gated"]["running"] is True
+        m.gate.set()
+        replies = await asyncio.gather(*tasks)
+        assert [r.status_code for r in replies] == [200] * 7
+        assert sorted(r.content for r in replies) == sorted(p.encode() for p in m.started)
+        assert m.max_active == 1
+
+    _run_with(app, scenario)
+
+
+def test_full_queue_is_503_and_the_line_keeps_moving():
+    m = GatedModel()
+    app = create_app([m], queue_size=2)
+
+    async def scenario(c, post):
+        running = post("running", "A")
+        await _until(lambda: m.started == ["running"])
+        waiting = [post("b", "B"), post("c", "C")]
+        await _until(lambda: app.state.workers["gated"].state()["waiting"] == 2)
+        r = await post("d", "D")
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"
+        assert "busy" in _error_of(r)
+        # A waiting client's newer request replaces its own place in line: not "busy".
+        waiting[0] = post("bb", "B")
+        m.gate.set()
+        assert (await running).status_code == 200
+        replies = [await t for t in waiting]
+        assert [(r.status_code, r.content) for r in replies] == [(200, b"bb"), (200, b"c")]
+        assert app.state.workers["gated"].state()["busy"] == 1
+
+    _run_with(app, scenario)
+
+
+def test_failed_generation_answers_500_and_server_goes_on():
+    m = GatedModel()
+    m.gate.set()
+    m.fail_next = True
+
+    async def scenario(c, post):
+        r = await post("x")
+        assert r.status_code == 500 and "RuntimeError" in _error_of(r)
+        assert (await post("y")).status_code == 200
+
+    _run_with(create_app([m]), scenario)
+
+
+def test_models_are_picked_by_name_and_each_has_its_own_worker():
+    a, b = GatedModel("a"), GatedModel("b")
+    app = create_app([a, b])
+
+    async def scenario(c, post):
+        ta = post("to a", "A")
+        await _until(lambda: a.started == ["to a"])
+        # b is free while a is busy; the default model is the first one.
+        b.gate.set()
+        rb = await post("to b", "B", model="b")
+        assert rb.status_code == 200 and rb.headers["x-model"] == "b"
+        # Switching model supersedes the same client's request waiting for the other model.
+        stale = post("a again", "C")
+        await _until(lambda: app.state.workers["a"].state()["waiting"] == 1)
+        assert (await post("moved to b", "C", model="b")).status_code == 200
+        a.gate.set()
+        assert (await ta).status_code == 200 and (await stale).status_code == 409
+        assert a.started == ["to a"]
+
+    _run_with(app, scenario)
+
+
+def test_client_memory_is_bounded():
+    slots = ClientSlots(capacity=3)
+    tickets = [slots.claim(f"c{i}") for i in range(10)]
+    assert len(slots._latest) == 3
+    assert slots.is_current(tickets[-1]) and slots.is_current(tickets[0])  # forgotten clients are never stale
+    anonymous = [slots.claim(None) for _ in range(5)]
+    assert len(slots._latest) == 3 and all(slots.is_current(t) for t in anonymous)

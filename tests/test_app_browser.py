@@ -1,0 +1,112 @@
+"""The app's page in a real browser: Debian's chromium driven by Playwright against the real server
+(uvicorn on a free loopback port, the embedded student). Writes a screenshot to
+outputs/test-artefacts/app.png."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARTEFACT = Path(__file__).resolve().parents[1] / "outputs" / "test-artefacts" / "app.png"
+# No first-run, sync, update or other background traffic: the page must be the only thing talking.
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+pytest.importorskip("fastapi", reason="the app needs fastapi (pip install fastapi uvicorn)")
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+if not CHROMIUM.exists():
+    pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium)", allow_module_level=True)
+
+from nitrofusion.app.server import ModelSpec, ServerThread, create_app, load_models  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def server():
+    models = load_models([ModelSpec()], device="cpu", warmup=True)
+    with ServerThread(create_app(models)) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+IMAGE_IS_LATEST = "() => { const i = document.getElementById('image'); return i.dataset.requestId === String(requestId)"
+IMAGE_IS_LATEST += " && i.complete && i.naturalWidth > 0; }"
+IMAGE_BYTES = "async () => Array.from(new Uint8Array(await (await fetch(document.getElementById('image').src))"
+IMAGE_BYTES += ".arrayBuffer()))"
+
+
+def test_image_follows_typing_and_steps(server, browser, tmp_path):
+    page = browser.new_page(viewport={"width": 900, "height": 720})
+    requested: list[str] = []
+    page.on("request", lambda r: requested.append(r.url))
+    statuses: list[int] = []
+    page.on("response", lambda r: statuses.append(r.status) if "/api/generate" in r.url else None)
+    page.goto(server.url)
+    page.wait_for_selector("body[data-ready=true]")
+    assert page.locator("#model option").all_inner_texts() == ["embedded"]
+    assert page.locator("#size").input_value() == "32"
+
+    # Type like a person: every keystroke aborts the previous request; the newest one is rendered.
+    page.locator("#prompt").press_sequentially("a photo of a sneaker", delay=25)
+    page.wait_for_function(IMAGE_IS_LATEST, timeout=15_000)
+    first_src, first_bytes = page.locator("#image").get_attribute("src"), page.evaluate(IMAGE_BYTES)
+    assert first_src.startswith("blob:") and bytes(first_bytes[:4]) == b"\x89PNG"
+    assert page.locator("#image").get_attribute("data-steps") == "1"
+    assert page.evaluate("requestId") == len("a photo of a sneaker")
+    assert " ms to generate" in page.locator("#info").inner_text()
+    assert page.locator("#download").get_attribute("href") == first_src
+    assert page.locator("#download").get_attribute("download").endswith("-1step.png")
+
+    # Another step count: a new image, different pixels.
+    page.select_option("#steps", "4")
+    page.wait_for_function(IMAGE_IS_LATEST, timeout=15_000)
+    assert page.locator("#image").get_attribute("data-steps") == "4"
+    assert page.locator("#image").get_attribute("src") != first_src
+    assert page.evaluate(IMAGE_BYTES) != first_bytes
+    assert "4 steps" in page.locator("#info").inner_text()
+    assert page.locator("#notice").is_hidden() and page.locator("#error").is_hidden()
+
+    shot = tmp_path / "app.png"
+    page.screenshot(path=str(shot), full_page=True)
+    ARTEFACT.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(shot, ARTEFACT)
+
+    # The page talked to this server only; no request failed with an error status.
+    assert all(u.startswith((server.url, "blob:", "data:")) for u in requested), requested
+    assert statuses and all(s in (200, 409) for s in statuses), statuses
+    page.close()
+
+
+def test_long_prompt_notice_and_errors(server, browser):
+    page = browser.new_page()
+    page.goto(server.url)
+    page.wait_for_selector("body[data-ready=true]")
+    page.locator("#prompt").fill("a photo of a red leather bag " * 15)
+    page.wait_for_function(IMAGE_IS_LATEST, timeout=15_000)
+    notice = page.locator("#notice")
+    assert notice.is_visible() and "first 77" in notice.inner_text()
+
+    # A bad seed is caught on the page; random seeds show the seed that was used.
+    page.locator("#seed").fill("-3")
+    assert page.locator("#error").is_visible()
+    page.locator("#random").check()
+    page.wait_for_function(IMAGE_IS_LATEST, timeout=15_000)
+    assert page.locator("#error").is_hidden()
+    assert page.locator("#seed").input_value() == page.locator("#image").get_attribute("data-seed")
+    page.close()
