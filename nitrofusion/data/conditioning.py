@@ -51,6 +51,7 @@ class TextEncoder:
         self.sdxl = is_sdxl(pipe)
         self.size = (height, width)
         self._cache: dict[str, Conditioning] = {}
+        self._negative: Conditioning | None = None
 
     @torch.no_grad()
     def __call__(self, prompts: list[str]) -> Conditioning:
@@ -79,6 +80,22 @@ class TextEncoder:
             )
             for i in range(len(prompts))
         ]
+
+    @torch.no_grad()
+    def negative(self, n: int) -> Conditioning:
+        """The unconditional side of classifier-free guidance, as the pipeline's own CFG builds it
+        (SDXL with force_zeros_for_empty_prompt: zeros; otherwise the encoded empty prompt), n times."""
+        if self._negative is None:
+            device = self.pipe.text_encoder.device
+            if self.sdxl:
+                _, embeds, _, pooled = self.pipe.encode_prompt([""], device=device, do_classifier_free_guidance=True)
+                h, w = self.size
+                time_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=embeds.dtype, device=device)
+            else:
+                _, embeds = self.pipe.encode_prompt([""], device, 1, do_classifier_free_guidance=True)
+                pooled, time_ids = embeds.mean(1), None
+            self._negative = Conditioning(embeds, pooled, time_ids).to("cpu")
+        return Conditioning.cat([self._negative] * n)
 
     @property
     def pooled_dim(self) -> int:

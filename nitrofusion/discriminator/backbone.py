@@ -4,6 +4,9 @@ Features are read with forward hooks on diffusers' public modules (`conv_in`, ea
 `down_blocks`, `mid_block`); after the mid block the forward pass is cut short, so the
 decoder is never run. For SDXL this yields 10 maps: conv_in, 8 down-block residuals and
 the mid-block output (the embedded world has the same count).
+
+The teacher's encoder is frozen (NitroFusion, ADM); DMD2's classifier reads the bottleneck
+of the trainable fake score instead, so `frozen=False` leaves the UNet's parameters alone.
 """
 
 from __future__ import annotations
@@ -20,11 +23,12 @@ class _StopAfterMidBlock(Exception):
 class UNetEncoderFeatures(nn.Module):
     """features(x_t, t, text) -> list of feature maps [B, C_i, H_i, W_i], shallow to deep."""
 
-    def __init__(self, unet: UNet2DConditionModel) -> None:
+    def __init__(self, unet: UNet2DConditionModel, frozen: bool = True) -> None:
         super().__init__()
         if not isinstance(unet, UNet2DConditionModel):
             raise TypeError(f"the discriminator backbone must be a UNet2DConditionModel, got {type(unet).__name__}")
-        self.unet = unet.requires_grad_(False).eval()
+        self.frozen = frozen
+        self.unet = unet.requires_grad_(False).eval() if frozen else unet
         self._maps: list[torch.Tensor] = []
         # The same UNet also samples as the teacher: the hooks act only inside forward().
         self._active = False
@@ -49,7 +53,7 @@ class UNetEncoderFeatures(nn.Module):
 
     def train(self, mode: bool = True) -> UNetEncoderFeatures:
         # Frozen: stays in eval mode whatever the trainer does.
-        return super().train(False)
+        return super().train(mode and not self.frozen)
 
     def feature_shapes(self, sample_size: int, device: torch.device | str = "cpu") -> list[tuple[int, int, int]]:
         """(channels, height, width) of each map for a square latent of side sample_size."""

@@ -17,7 +17,8 @@ import math
 import torch
 from torch import nn
 
-HEAD_KINDS = ("global_cond", "local_cond", "local_uncond")
+# The pool uses the first three; "global_uncond" is DMD2's classifier on the fake score's bottleneck.
+HEAD_KINDS = ("global_cond", "local_cond", "local_uncond", "global_uncond")
 
 
 def _groups(channels: int) -> int:

@@ -5,11 +5,17 @@ and passed once through the backbone; every sampled head reads its feature map. 
 generator's pass keeps the graph into the student with the heads frozen; the
 discriminator's pass reuses the fake features detached, so each t* costs one backbone
 pass with gradients (fake) and one without (real).
+
+`PoolDiscriminator` is the pool as a trainable critic (its heads chosen once per iteration,
+its optimizer, the refresh); `NitroFusion` is the objective: student x0 against the
+teacher's x0, nothing else. The same pool judges ADM's score predictions, DMDX's
+adversarial pre-training, and is added to DMD2 with loss.pool_weight.
 """
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +25,7 @@ from nitrofusion.data.conditioning import Conditioning
 from nitrofusion.discriminator.backbone import UNetEncoderFeatures
 from nitrofusion.discriminator.pool import HeadPool
 from nitrofusion.objectives.adversarial import discriminator_loss, generator_loss, r1_penalty
+from nitrofusion.objectives.base import Critic, Losses, StepContext
 from nitrofusion.training.student import add_noise
 
 
@@ -77,9 +84,11 @@ class NitroFusionObjective:
                 with torch.no_grad():
                     fake_feats = self._features(fake.detach(), t_star, n_fake, cond)
             real_in = real.detach().requires_grad_(self.r1_weight > 0)
-            # R1 differentiates the gradient again; fused attention kernels have no double backward.
+            # R1 differentiates the gradient again; fused attention kernels have no double backward,
+            # and a checkpointed block would be recomputed outside this kernel choice, so neither is used.
             kernel = sdpa_kernel(SDPBackend.MATH) if self.r1_weight > 0 else nullcontext()
-            with torch.set_grad_enabled(self.r1_weight > 0), kernel:
+            plain = _without_checkpointing(self.backbone.unet) if self.r1_weight > 0 else nullcontext()
+            with torch.set_grad_enabled(self.r1_weight > 0), kernel, plain:
                 real_feats = self._features(real_in, t_star, n_real, cond)
             real_logits = [lg.float() for lg in self.pool.logits(ids, real_feats, text)]
             fake_logits = [lg.float() for lg in self.pool.logits(ids, fake_feats, text)]
@@ -96,6 +105,78 @@ class NitroFusionObjective:
             real_score=sum(r_scores) / len(r_scores),
             fake_score=sum(f_scores) / len(f_scores),
         )
+
+
+class PoolDiscriminator(Critic):
+    """The head pool as a critic: heads sampled once per iteration (same on every rank), then refreshed."""
+
+    def __init__(
+        self,
+        judgement: NitroFusionObjective,
+        optimizer: torch.optim.Optimizer,
+        t_stars_per_step: int,
+        refresh_fraction: float,
+    ) -> None:
+        self.judgement = judgement
+        self.pool = judgement.pool
+        self.opt = optimizer
+        self.t_stars_per_step = t_stars_per_step
+        self.refresh_fraction = refresh_fraction
+        self.modules = {"pool": self.pool}
+        self.optimizers = {"opt_d": optimizer}
+        self.t_stars: list[int] = []
+        self.head_ids: dict[int, list[int]] = {}
+
+    def begin_step(self, ctx: StepContext) -> None:
+        self.t_stars = self.pool.sample_t_stars(self.t_stars_per_step, ctx.rng("heads"))
+        self.head_ids = {t: self.pool.sample_heads(t, ctx.rng("heads", micro=t + 1)) for t in self.t_stars}
+
+    def __call__(
+        self,
+        fake: torch.Tensor,
+        real: torch.Tensor,
+        cond: Conditioning,
+        generator: torch.Generator,
+        train_generator: bool,
+    ) -> Judgement:
+        return self.judgement(fake, real, cond, self.t_stars, self.head_ids, generator, train_generator)
+
+    def update(self, ctx: StepContext) -> dict[str, float]:
+        ctx.average_gradients(self.pool.parameters())
+        self.opt.step()
+        return {"refreshed": len(self.pool.refresh(self.refresh_fraction, ctx.rng("refresh"), self.opt))}
+
+
+class NitroFusion:
+    """NitroFusion's objective: the sampled heads judge the student's x0 against the teacher's."""
+
+    def __init__(self, pool: PoolDiscriminator) -> None:
+        self.pool = pool
+
+    def __call__(
+        self,
+        ctx: StepContext,
+        fake: torch.Tensor,
+        real: torch.Tensor,
+        cond: Conditioning,
+        micro: int,
+        train_student: bool,
+    ) -> Losses:
+        judged = self.pool(fake, real, cond, ctx.rng("judge", True, micro), train_student)
+        return Losses(judged.g_loss, judged.d_loss, {"real_logit": judged.real_score, "fake_logit": judged.fake_score})
+
+
+@contextmanager
+def _without_checkpointing(unet: torch.nn.Module) -> Iterator[None]:
+    """Switch a diffusers model's gradient checkpointing off for one forward pass."""
+    on = getattr(unet, "is_gradient_checkpointing", False)
+    if on:
+        unet.disable_gradient_checkpointing()
+    try:
+        yield
+    finally:
+        if on:
+            unet.enable_gradient_checkpointing()
 
 
 def _cast(kwargs: dict[str, torch.Tensor] | None, dtype: torch.dtype) -> dict[str, torch.Tensor] | None:

@@ -56,10 +56,40 @@ class DiscriminatorConfig:
 
 @dataclass
 class LossConfig:
+    objective: str = "nitrofusion"  # nitrofusion | dmd2 | adm (docs/distill.md, "Other objectives")
     kind: str = "non_saturating"  # or "hinge"
     r1_weight: float = 0.0
-    d_steps_per_g: int = 1  # discriminator updates per generator update
-    pretrain_steps: int = 0  # regression on teacher pairs before the adversarial stage
+    d_steps_per_g: int = 1  # critic updates (heads, fake score) per student update
+    pretrain_steps: int = 0  # pre-training on teacher pairs before the main objective
+    pretrain_kind: str = "mse"  # mse: regression to the teacher's x0; adversarial: DMDX's hybrid GAN
+    pool_weight: float = 0.0  # dmd2 only: NitroFusion's head-pool GAN loss added to the student's loss
+
+
+@dataclass
+class DMDConfig:
+    """The real and fake scores of score distillation (objectives dmd2 and adm)."""
+
+    real_guidance: float = 8.0  # CFG of the frozen real score (the teacher); DMD2's SDXL value
+    min_t: float = 0.02  # scores are queried at t ~ U[min_t, max_t] * T
+    max_t: float = 0.98
+    fake_lr: float = 1e-5  # the fake score's (and dmd2's classifier's) AdamW
+    fake_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    fake_weight_decay: float = 0.01
+    gan_g_weight: float = 5e-3  # dmd2: the classifier's generator loss in the student's loss
+    gan_d_weight: float = 1e-2  # dmd2: the classifier's loss next to the fake score's denoising loss
+    classifier_width: int = 32  # dmd2: the head on the fake score's bottleneck
+    classifier_downsamples: int = 2
+
+
+@dataclass
+class PretrainConfig:
+    """Adversarial pre-training on teacher pairs (loss.pretrain_kind=adversarial, DMDX's first stage)."""
+
+    latent_weight: float = 1.0  # heads of the pool on the frozen teacher encoder
+    pixel_weight: float = 1.0  # a small conv discriminator on VAE-decoded images
+    pixel_width: int = 32
+    pixel_downsamples: int = 3
+    pixel_crop: int = 0  # decode only a random latent crop of this side for the pixel critic; 0 = all
 
 
 @dataclass
@@ -99,6 +129,8 @@ class DistillConfig:
     data: DataConfig = field(default_factory=DataConfig)
     discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    dmd: DMDConfig = field(default_factory=DMDConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     refine: RefineConfig = field(default_factory=RefineConfig)
     run: RunConfig = field(default_factory=RunConfig)
@@ -112,6 +144,8 @@ class DistillConfig:
 
 
 CHOICES = {
+    "loss.objective": {"nitrofusion", "dmd2", "adm"},
+    "loss.pretrain_kind": {"mse", "adversarial"},
     "loss.kind": {"non_saturating", "hinge"},
     "optim.mixed_precision": {"no", "fp16", "bf16"},
     "refine.mix": {"uniform", "last"},
@@ -192,6 +226,8 @@ def validate(cfg: DistillConfig) -> DistillConfig:
         "discriminator.t_stars_per_step": cfg.discriminator.t_stars_per_step,
         "discriminator.width": cfg.discriminator.width,
         "loss.d_steps_per_g": cfg.loss.d_steps_per_g,
+        "dmd.classifier_width": cfg.dmd.classifier_width,
+        "pretrain.pixel_width": cfg.pretrain.pixel_width,
         "optim.grad_accumulation": cfg.optim.grad_accumulation,
         "run.checkpoint_every": cfg.run.checkpoint_every,
         "run.max_bad_steps": cfg.run.max_bad_steps,
@@ -201,6 +237,34 @@ def validate(cfg: DistillConfig) -> DistillConfig:
             raise UserError(f"config key '{key}' must be at least 1, got {value}")
     if cfg.discriminator.t_stars_per_step > len(cfg.discriminator.t_stars):
         raise UserError("config key 'discriminator.t_stars_per_step' exceeds the number of t_stars")
+    non_negative = {
+        "loss.pool_weight": cfg.loss.pool_weight,
+        "dmd.real_guidance": cfg.dmd.real_guidance,
+        "dmd.gan_g_weight": cfg.dmd.gan_g_weight,
+        "dmd.gan_d_weight": cfg.dmd.gan_d_weight,
+        "dmd.classifier_downsamples": cfg.dmd.classifier_downsamples,
+        "pretrain.latent_weight": cfg.pretrain.latent_weight,
+        "pretrain.pixel_weight": cfg.pretrain.pixel_weight,
+        "pretrain.pixel_downsamples": cfg.pretrain.pixel_downsamples,
+        "pretrain.pixel_crop": cfg.pretrain.pixel_crop,
+    }
+    for key, value in non_negative.items():
+        if value < 0:
+            raise UserError(f"config key '{key}' must not be negative, got {value}")
+    if not 0 <= cfg.dmd.min_t <= cfg.dmd.max_t <= 1:
+        raise UserError("config keys 'dmd.min_t' and 'dmd.max_t' must satisfy 0 <= min_t <= max_t <= 1")
+    if cfg.dmd.fake_lr <= 0:
+        raise UserError(f"config key 'dmd.fake_lr' must be positive, got {cfg.dmd.fake_lr}")
+    if cfg.loss.pool_weight > 0 and cfg.loss.objective != "dmd2":
+        # nitrofusion's loss is the pool already; adm's pool judges the scores' predictions instead.
+        raise UserError("config key 'loss.pool_weight' adds the head pool to loss.objective=dmd2 only")
+    if cfg.pretrain.latent_weight == 0 and cfg.pretrain.pixel_weight == 0 and cfg.loss.pretrain_kind != "mse":
+        raise UserError("config keys 'pretrain.latent_weight' and 'pretrain.pixel_weight' are both 0")
+    for key in ("dmd.fake_betas", "discriminator.betas", "optim.betas"):
+        section, name = key.split(".")
+        betas = getattr(getattr(cfg, section), name)
+        if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+            raise UserError(f"config key '{key}' must be two numbers in [0, 1), got {betas}")
     return cfg
 
 

@@ -1,9 +1,11 @@
 """`nitrofusion distill`: NitroFusion's dynamic adversarial distillation on accelerate.
 
-The whole iteration is `Distiller.train_step`; everything else here is set-up, saving and
-looking at samples. Randomness is drawn from generators seeded by (seed, step, purpose
-[, rank]), never from a running stream, so a resumed run repeats an uninterrupted one
-exactly, and every rank samples the same heads.
+The whole iteration is `Distiller.train_step`: the student's sample, the objective's losses
+(NitroFusion, DMD2 or ADM; regression or adversarial pre-training first), the student's and
+the critics' updates. Everything else here is set-up, saving and looking at samples.
+Randomness is drawn from generators seeded by (seed, step, purpose [, rank]), never from a
+running stream, so a resumed run repeats an uninterrupted one exactly, and every rank
+samples the same heads.
 """
 
 from __future__ import annotations
@@ -11,24 +13,30 @@ from __future__ import annotations
 import copy
 import json
 import time
+from collections.abc import Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from diffusers import DiffusionPipeline, UNet2DConditionModel
 from tqdm.auto import tqdm
 
-from nitrofusion.data.conditioning import TextEncoder
+from nitrofusion.data.conditioning import Conditioning, TextEncoder
 from nitrofusion.data.prompts import load_prompts
 from nitrofusion.data.teacher import SHARD_GLOB, PairShards, TeacherSampler, make_pairs, noise_for_seeds
 from nitrofusion.discriminator.backbone import UNetEncoderFeatures
+from nitrofusion.discriminator.heads import DiscriminatorHead
 from nitrofusion.discriminator.pool import HeadPool
 from nitrofusion.errors import UserError
 from nitrofusion.evaluation.grid import make_grid
-from nitrofusion.objectives.nitrofusion import NitroFusionObjective
+from nitrofusion.objectives.adm import ADM
+from nitrofusion.objectives.base import Critic
+from nitrofusion.objectives.dmd2 import DMD2
+from nitrofusion.objectives.nitrofusion import NitroFusion, NitroFusionObjective, PoolDiscriminator
+from nitrofusion.objectives.pretrain import AdversarialPretraining, PixelDiscriminator, Regression
+from nitrofusion.objectives.scores import FakeScore, RealScore
 from nitrofusion.pipelines.generation import default_size, generate
 from nitrofusion.pipelines.loading import check_state_dict, load_pipeline, read_safetensors, save_unet_weights
 from nitrofusion.scheduling import TimestepShiftLCMScheduler
@@ -37,7 +45,17 @@ from nitrofusion.training.config import DistillConfig, save_config
 from nitrofusion.training.ema import EMA
 from nitrofusion.training.student import ShiftedStudent
 
-PURPOSES = {"data": 1, "heads": 2, "refresh": 3, "judge": 4, "simulate": 5, "stepidx": 6}
+PURPOSES = {
+    "data": 1,
+    "heads": 2,
+    "refresh": 3,
+    "judge": 4,
+    "simulate": 5,
+    "stepidx": 6,
+    "dmd": 7,  # DMD2/ADM: the scores' t and noise
+    "critic": 8,  # the fake score's denoising t and noise
+    "pixel": 9,  # the pixel discriminator's crop
+}
 
 
 class TrainingStopped(RuntimeError):
@@ -46,7 +64,7 @@ class TrainingStopped(RuntimeError):
 
 @dataclass
 class Phase:
-    name: str  # "pretrain" or "adversarial"
+    name: str  # "pretrain" or "distill" (the main objective)
     num_steps: int  # sampling steps the student is being trained for (1..4)
 
 
@@ -84,14 +102,21 @@ class Distiller:
         )
         self.pairs = self._load_or_make_pairs(cfg.data.pairs) if cfg.data.pairs else None
 
+        for module in self.teacher.components.values():
+            if isinstance(module, torch.nn.Module):
+                module.requires_grad_(False)  # frozen: the teacher, its text encoders and VAE
         student = copy.deepcopy(self.teacher.unet).requires_grad_(True).train()
         if cfg.model.student_init:
             state = read_safetensors(cfg.model.student_init)
             check_state_dict(student, state, f"student init '{cfg.model.student_init}'")
             student.load_state_dict(state)
+        # DMD2/ADM's fake score starts as the teacher (a copy taken before any hooks or half precision).
+        fake_unet = copy.deepcopy(self.teacher.unet) if cfg.loss.objective in ("dmd2", "adm") else None
         if cfg.model.gradient_checkpointing:
             student.enable_gradient_checkpointing()
             self.teacher.unet.enable_gradient_checkpointing()
+            if fake_unet is not None:
+                fake_unet.enable_gradient_checkpointing()
         if cfg.optim.mixed_precision != "no" and self.acc.device.type == "cuda":
             # The teacher is frozen: keep it in half precision; the student keeps fp32 master weights.
             self.teacher.to(torch.bfloat16 if cfg.optim.mixed_precision == "bf16" else torch.float16)
@@ -100,33 +125,101 @@ class Distiller:
         )
         self.maths = ShiftedStudent(self.scheduler)
         self.ema = EMA(student, cfg.optim.ema_decay)
-
-        self.backbone = UNetEncoderFeatures(self.teacher.unet)
-        shapes = self.backbone.feature_shapes(self.size // self.teacher.vae_scale_factor, device)
-        d = cfg.discriminator
-        self.pool = HeadPool(
-            [c for c, _, _ in shapes],
-            d.kinds,
-            d.t_stars,
-            self.text.pooled_dim,
-            d.width,
-            d.downsamples,
-            d.candidates,
-            dynamic=d.pool,
-            seed=cfg.run.seed,
-        ).to(device)
-        self.objective = NitroFusionObjective(
-            self.backbone, self.pool, self.scheduler.alphas_cumprod, cfg.loss.kind, cfg.loss.r1_weight
-        )
-        self.opt_d = torch.optim.AdamW(
-            self.pool.parameters(), lr=d.lr, betas=tuple(d.betas), weight_decay=d.weight_decay
-        )
+        self._build_objectives(fake_unet)
         opt_g = torch.optim.AdamW(
             student.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay
         )
         self.student, self.opt_g = self.acc.prepare(student, opt_g)
         self.step = 0
         self.bad_steps = 0
+
+    def _build_objectives(self, fake_unet: UNet2DConditionModel | None) -> None:
+        """The critics this config trains, the pre-training objective and the main one."""
+        cfg, device = self.cfg, str(self.acc.device)
+        d, loss = cfg.discriminator, cfg.loss
+        adversarial_pretrain = loss.pretrain_kind == "adversarial" and loss.pretrain_steps > 0
+        self.critics: dict[str, Critic] = {}
+        self.pool: HeadPool | None = None
+        self.opt_d: torch.optim.Optimizer | None = None
+        if loss.objective in ("nitrofusion", "adm") or loss.pool_weight > 0 or adversarial_pretrain:
+            self.backbone = UNetEncoderFeatures(self.teacher.unet)
+            shapes = self.backbone.feature_shapes(self.size // self.teacher.vae_scale_factor, device)
+            self.pool = HeadPool(
+                [c for c, _, _ in shapes],
+                d.kinds,
+                d.t_stars,
+                self.text.pooled_dim,
+                d.width,
+                d.downsamples,
+                d.candidates,
+                dynamic=d.pool,
+                seed=cfg.run.seed,
+            ).to(device)
+            judgement = NitroFusionObjective(
+                self.backbone, self.pool, self.scheduler.alphas_cumprod, loss.kind, loss.r1_weight
+            )
+            self.opt_d = torch.optim.AdamW(
+                self.pool.parameters(), lr=d.lr, betas=tuple(d.betas), weight_decay=d.weight_decay
+            )
+            self.critics["pool"] = PoolDiscriminator(judgement, self.opt_d, d.t_stars_per_step, d.refresh_fraction)
+        pool = self.critics.get("pool")
+
+        if fake_unet is not None:
+            if self.teacher.scheduler.config.get("prediction_type", "epsilon") != "epsilon":
+                raise UserError("loss.objective dmd2/adm reads the teacher as an epsilon-prediction model")
+            k = cfg.dmd
+            classifier = None
+            if loss.objective == "dmd2" and (k.gan_g_weight > 0 or k.gan_d_weight > 0):
+                deepest = fake_unet.config.block_out_channels[-1]  # the mid block's output
+                init = torch.Generator().manual_seed(cfg.run.seed * 1009 + 17)
+                classifier = DiscriminatorHead(
+                    "global_uncond", deepest, k.classifier_width, self.text.pooled_dim, k.classifier_downsamples, init
+                ).to(device)
+            self.critics["fake"] = FakeScore(
+                fake_unet.to(device),
+                self.maths.alphas_cumprod,
+                k.min_t,
+                k.max_t,
+                k.fake_lr,
+                tuple(k.fake_betas),
+                k.fake_weight_decay,
+                cfg.optim.grad_clip,
+                classifier,
+                loss.kind,
+            )
+            real = RealScore(self.teacher.unet, self.maths.alphas_cumprod, k.real_guidance, self.text.negative)
+        if adversarial_pretrain and cfg.pretrain.pixel_weight > 0:
+            p = cfg.pretrain
+            init = torch.Generator().manual_seed(cfg.run.seed * 1009 + 29)
+            head = DiscriminatorHead("local_cond", 3, p.pixel_width, self.text.pooled_dim, p.pixel_downsamples, init)
+            head = head.to(device)
+            opt = torch.optim.AdamW(head.parameters(), lr=d.lr, betas=tuple(d.betas), weight_decay=d.weight_decay)
+            self.critics["pixel"] = PixelDiscriminator(self.teacher.vae, head, opt, p.pixel_crop, loss.kind)
+
+        if loss.objective == "nitrofusion":
+            self.objective = NitroFusion(pool)
+            main = [pool]
+        elif loss.objective == "dmd2":
+            with_pool = pool if loss.pool_weight > 0 else None
+            self.objective = DMD2(
+                real, self.critics["fake"], k.gan_g_weight, k.gan_d_weight, with_pool, loss.pool_weight
+            )
+            main = [self.critics["fake"]] + ([pool] if with_pool else [])
+        else:
+            self.objective = ADM(real, self.critics["fake"], pool)
+            main = [self.critics["fake"], pool]
+        if adversarial_pretrain:
+            latent = pool if cfg.pretrain.latent_weight > 0 else None
+            pixel = self.critics.get("pixel")
+            self.pretrain_objective = AdversarialPretraining(
+                latent, pixel, cfg.pretrain.latent_weight, cfg.pretrain.pixel_weight
+            )
+            before = [c for c in (latent, pixel) if c is not None]
+        else:
+            self.pretrain_objective = Regression()
+            before = []
+        # Which critics learn in which phase (all of them every iteration of it).
+        self.trained_critics: dict[str, list[Critic]] = {"pretrain": before, "distill": main}
 
     def _load_or_make_pairs(self, directory: str) -> PairShards:
         if not list(Path(directory).glob(SHARD_GLOB)):
@@ -156,9 +249,9 @@ class Distiller:
         stages = self.cfg.refine.steps_per_stage
         for k, n in enumerate(stages):
             if left < n:
-                return Phase("adversarial", k + 1)
+                return Phase("distill", k + 1)
             left -= n
-        return Phase("adversarial", len(stages))
+        return Phase("distill", len(stages))
 
     def max_sampling_steps(self) -> int:
         # A regression-only run (every stage 0) still trains the one-step student.
@@ -191,44 +284,45 @@ class Distiller:
         return self.text(prompts).to(device), noise.to(device), real.to(device)
 
     # ---- one iteration -----------------------------------------------------------------
+    def student_x0(
+        self, phase: Phase, noise: torch.Tensor, cond: Conditioning, micro: int, train: bool
+    ) -> tuple[torch.Tensor, int, int]:
+        """The student's x0 at step j of its k-step schedule, and (k, j).
+
+        Bottom-up refinement: in stage k, j is drawn from 0..k-1 (or is k-1 with refine.mix=last);
+        the student's own first j steps run under no_grad (backward simulation) to make the input.
+        """
+        k = phase.num_steps
+        j = k - 1 if self.cfg.refine.mix == "last" else int(torch.randint(0, k, (1,), generator=self.rng("stepidx")))
+        raw = self.acc.unwrap_model(self.student)
+        x_in, level = self.maths.simulate(raw, noise, k, j, cond, self.rng("simulate", True, micro))
+        with torch.set_grad_enabled(train):
+            return self.maths.x0(self.student, x_in, level, cond).float(), k, j
+
     def train_step(self) -> dict[str, float]:
         cfg, phase = self.cfg, self.phase(self.step)
         accum = cfg.optim.grad_accumulation
+        # Two time scales: critics learn every iteration, the student every d_steps_per_g-th.
         update_g = phase.name == "pretrain" or self.step % cfg.loss.d_steps_per_g == 0
-        t_stars = self.pool.sample_t_stars(cfg.discriminator.t_stars_per_step, self.rng("heads"))
-        head_ids = {t: self.pool.sample_heads(t, self.rng("heads", micro=t + 1)) for t in t_stars}
-        raw = self.acc.unwrap_model(self.student)
+        objective = self.pretrain_objective if phase.name == "pretrain" else self.objective
+        critics = self.trained_critics[phase.name]
+        for critic in critics:
+            critic.begin_step(self)
         logs: dict[str, float] = {}
         for micro in range(accum):
             cond, noise, real = self.batch(micro)
             sync = self.acc.no_sync(self.student) if micro < accum - 1 else nullcontext()
             with sync, self.acc.autocast():
-                if phase.name == "pretrain":
-                    levels = self.maths.levels(1)
-                    fake = self.maths.x0(self.student, noise, levels[0], cond).float()
-                    g_loss, d_loss = F.mse_loss(fake, real), None
-                else:
-                    # Bottom-up refinement: which step of a k-step schedule this batch trains.
-                    k = phase.num_steps
-                    j = (
-                        k - 1
-                        if cfg.refine.mix == "last"
-                        else int(torch.randint(0, k, (1,), generator=self.rng("stepidx")))
-                    )
-                    x_in, level = self.maths.simulate(raw, noise, k, j, cond, self.rng("simulate", True, micro))
-                    with torch.set_grad_enabled(update_g):
-                        fake = self.maths.x0(self.student, x_in, level, cond).float()
-                    judged = self.objective(
-                        fake, real, cond, t_stars, head_ids, self.rng("judge", True, micro), train_generator=update_g
-                    )
-                    g_loss, d_loss = judged.g_loss, judged.d_loss
-                    logs.update(real_logit=judged.real_score, fake_logit=judged.fake_score, steps=k, index=j)
+                fake, k, j = self.student_x0(phase, noise, cond, micro, update_g)
+                losses = objective(self, fake, real, cond, micro, update_g)
+                g_loss, d_loss = losses.g_loss, losses.d_loss
                 total = (g_loss if update_g else 0) + (d_loss if d_loss is not None else 0)
                 finite = torch.isfinite(torch.as_tensor(total, dtype=torch.float32)).all()
                 finite = bool(self.acc.reduce(finite.float().to(self.acc.device), "min") > 0)
                 if not finite:
                     break
                 self.acc.backward(total / accum)
+            logs.update(losses.logs, steps=k, index=j)
             logs["g_loss"] = logs.get("g_loss", 0.0) + float(g_loss.detach()) / accum
             if d_loss is not None:
                 logs["d_loss"] = logs.get("d_loss", 0.0) + float(d_loss.detach()) / accum
@@ -239,20 +333,18 @@ class Distiller:
             self._warmup_lr()
             self.acc.clip_grad_norm_(self.student.parameters(), cfg.optim.grad_clip)
             self.opt_g.step()
-            self.ema.update(raw)
+            self.ema.update(self.acc.unwrap_model(self.student))
         self.opt_g.zero_grad(set_to_none=True)
-        if phase.name != "pretrain":
-            self._reduce_pool_grads()
-            self.opt_d.step()
-            logs["refreshed"] = len(
-                self.pool.refresh(cfg.discriminator.refresh_fraction, self.rng("refresh"), self.opt_d)
-            )
-        self.opt_d.zero_grad(set_to_none=True)
+        for critic in critics:
+            logs.update(critic.update(self))
+        for critic in self.critics.values():
+            critic.zero_grad()
         return logs
 
     def _skip_step(self) -> dict[str, float]:
         self.opt_g.zero_grad(set_to_none=True)
-        self.opt_d.zero_grad(set_to_none=True)
+        for critic in self.critics.values():
+            critic.zero_grad()
         self.bad_steps += 1
         self.log_line(f"step {self.step}: non-finite loss, step skipped ({self.bad_steps} in a row)")
         if self.bad_steps >= self.cfg.run.max_bad_steps:
@@ -267,15 +359,21 @@ class Distiller:
         for group in self.opt_g.param_groups:
             group["lr"] = self.cfg.optim.lr * scale
 
-    def _reduce_pool_grads(self) -> None:
-        """Average the sampled heads' gradients over ranks (the pool is kept out of DDP)."""
+    def average_gradients(self, params: Iterable[torch.nn.Parameter], bucket: int = 2**24) -> None:
+        """Average gradients over ranks, for modules kept out of DDP (the pool: a different subset of
+        heads each step; the fake score: called with and without parameter gradients in one step)."""
         if self.acc.num_processes == 1:
             return
-        grads = [p.grad for p in self.pool.parameters() if p.grad is not None]
-        if grads:
-            flat = self.acc.reduce(torch.cat([g.flatten() for g in grads]), "mean")
+        grads = [p.grad for p in params if p.grad is not None]
+        while grads:
+            n, size = 0, 0
+            while n < len(grads) and (n == 0 or size + grads[n].numel() <= bucket):
+                size += grads[n].numel()
+                n += 1
+            chunk, grads = grads[:n], grads[n:]
+            flat = self.acc.reduce(torch.cat([g.flatten() for g in chunk]), "mean")
             offset = 0
-            for g in grads:
+            for g in chunk:
                 g.copy_(flat[offset : offset + g.numel()].view_as(g))
                 offset += g.numel()
 
@@ -321,17 +419,21 @@ class Distiller:
         raw = self.acc.unwrap_model(self.student)
         tensors = {f"student.{k}": v for k, v in raw.state_dict().items()}
         tensors.update({f"ema.{k}": v for k, v in self.ema.shadow.state_dict().items()})
-        tensors.update({f"pool.{k}": v for k, v in self.pool.state_dict().items()})
         # opt_g went through accelerator.prepare: its state lives in the wrapped optimizer.
         g_t, g_meta = checkpoint.optimizer_tensors(self.opt_g.optimizer, "opt_g")
-        d_t, d_meta = checkpoint.optimizer_tensors(self.opt_d, "opt_d")
         tensors.update(g_t)
-        tensors.update(d_t)
+        meta = {"opt_g": g_meta}
+        for critic in self.critics.values():  # pool (+ opt_d), fake_score/classifier (+ opt_fake), pixel (+ opt_pixel)
+            for name, module in critic.modules.items():
+                tensors.update({f"{name}.{k}": v for k, v in module.state_dict().items()})
+            for name, opt in critic.optimizers.items():
+                opt_t, meta[name] = checkpoint.optimizer_tensors(opt, name)
+                tensors.update(opt_t)
         checkpoint.save(
             self.out / "checkpoints",
             self.step,
             tensors,
-            {"opt_g": g_meta, "opt_d": d_meta, "config": self.cfg.to_dict()},
+            {**meta, "config": self.cfg.to_dict()},
             keep=self.cfg.run.keep_checkpoints,
         )
 
@@ -355,9 +457,14 @@ class Distiller:
 
         raw.load_state_dict(part("student"))
         self.ema.shadow.load_state_dict(part("ema"))
-        self.pool.load_state_dict(part("pool"))
         checkpoint.load_optimizer(self.opt_g.optimizer, tensors, meta["opt_g"], "opt_g")
-        checkpoint.load_optimizer(self.opt_d, tensors, meta["opt_d"], "opt_d")
+        for critic in self.critics.values():
+            for name, module in critic.modules.items():
+                module.load_state_dict(part(name))
+            for name, opt in critic.optimizers.items():
+                if name not in meta:
+                    raise UserError(f"checkpoint has no '{name}': it was made with another loss configuration")
+                checkpoint.load_optimizer(opt, tensors, meta[name], name)
         self.step = int(meta["step"])
         self.log_line(f"resumed from step {self.step}")
 

@@ -1,0 +1,101 @@
+"""DMD2 (Yin et al. 2024): distribution matching against a learned fake score, plus a GAN.
+
+For a student sample x0 (its one step, or step j of k after backward simulation):
+
+    t ~ U[min_t, max_t] T,   eps ~ N(0, I),   x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps
+    real_x0 = teacher's x0 prediction at x_t, with CFG w = dmd.real_guidance     (no grad)
+    fake_x0 = fake score's x0 prediction at x_t                                   (no grad)
+    w       = 1 / mean_{C,H,W} |x0 - real_x0|                                     (one per sample)
+    grad    = (fake_x0 - real_x0) w
+    L_DM    = 0.5 mean (x0 - sg(x0 - grad))^2
+
+so that dL_DM/dx0 = grad / N (N = all entries of x0): a descent step moves x0 towards the
+real score's prediction and away from the fake score's -- the reverse-KL gradient
+s_fake - s_real, normalised per sample so its scale does not depend on t or the image.
+
+GAN (DMD2's classifier on the fake score's bottleneck, at the same t):
+
+    L_G   = softplus(-D(x_t))                                     student, weight dmd.gan_g_weight
+    L_cls = softplus(-D(x_t^real)) + softplus(D(sg(x_t)))         x_t^real: the teacher's sample noised to t
+
+The fake score follows the student: L_fake = || eps_fake(x'_t, t') - eps' ||^2 on sg(x0) with its
+own t', eps'. Critic loss: L_fake + dmd.gan_d_weight L_cls. Two time scales: the critic steps
+every iteration, the student every loss.d_steps_per_g-th (DMD2: 5).
+
+With loss.pool_weight > 0, NitroFusion's head pool also judges x0 against the teacher's x0
+from the same noise: pool_weight times its generator loss joins L_DM + gan_g_weight L_G, and
+its heads train alongside the fake score.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from nitrofusion.data.conditioning import Conditioning
+from nitrofusion.objectives.base import Losses, StepContext
+from nitrofusion.objectives.nitrofusion import PoolDiscriminator
+from nitrofusion.objectives.scores import FakeScore, RealScore, noisy
+
+
+def distribution_matching_loss(x0: torch.Tensor, real_x0: torch.Tensor, fake_x0: torch.Tensor) -> torch.Tensor:
+    """L_DM above; its gradient with respect to x0 is (fake_x0 - real_x0) w / x0.numel()."""
+    with torch.no_grad():
+        dims = tuple(range(1, x0.dim()))
+        # The clamp only guards the degenerate x0 == real_x0; it never binds on real samples.
+        w = 1.0 / (x0 - real_x0).abs().mean(dim=dims, keepdim=True).clamp_min(1e-12)
+        grad = (fake_x0 - real_x0) * w
+    return 0.5 * F.mse_loss(x0, (x0 - grad).detach())
+
+
+class DMD2:
+    def __init__(
+        self,
+        real: RealScore,
+        fake: FakeScore,
+        gan_g_weight: float,
+        gan_d_weight: float,
+        pool: PoolDiscriminator | None = None,
+        pool_weight: float = 0.0,
+    ) -> None:
+        self.real, self.fake = real, fake
+        self.gan_g_weight, self.gan_d_weight = gan_g_weight, gan_d_weight
+        self.pool, self.pool_weight = pool, pool_weight
+
+    def __call__(
+        self,
+        ctx: StepContext,
+        fake: torch.Tensor,
+        real: torch.Tensor,
+        cond: Conditioning,
+        micro: int,
+        train_student: bool,
+    ) -> Losses:
+        x0 = fake
+        g = ctx.rng("dmd", True, micro)
+        t = self.fake.timesteps(x0.shape[0], g, x0.device)
+        eps = torch.randn(x0.shape, generator=g).to(x0.device, x0.dtype)
+        eps_real = torch.randn(x0.shape, generator=g).to(x0.device, x0.dtype)
+        x_t = noisy(x0, eps, t, self.fake.alphas_cumprod)  # keeps the graph into the student (GAN term)
+
+        g_loss, logs = x0.new_zeros(()), {}
+        if train_student:  # the scores are only needed on the student's update steps
+            with torch.no_grad():
+                real_x0, fake_x0 = self.real.x0(x_t, t, cond), self.fake.x0(x_t, t, cond)
+            g_loss = distribution_matching_loss(x0, real_x0, fake_x0)
+            logs["dm_loss"] = g_loss.item()
+        d_loss = self.fake.denoising_loss(x0, cond, ctx.rng("critic", True, micro))
+        logs["fake_loss"] = d_loss.item()
+
+        if self.fake.classifier is not None:
+            x_t_real = noisy(real, eps_real, t, self.fake.alphas_cumprod)
+            gan_g, cls, cls_logs = self.fake.classifier_losses(x_t, x_t_real, t, cond, train_student)
+            g_loss = g_loss + self.gan_g_weight * gan_g
+            d_loss = d_loss + self.gan_d_weight * cls
+            logs.update(cls_logs, cls_loss=cls.item())
+        if self.pool is not None:
+            judged = self.pool(x0, real, cond, ctx.rng("judge", True, micro), train_student)
+            g_loss = g_loss + self.pool_weight * judged.g_loss
+            d_loss = d_loss + judged.d_loss
+            logs.update(real_logit=judged.real_score, fake_logit=judged.fake_score)
+        return Losses(g_loss, d_loss, logs)

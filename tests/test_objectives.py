@@ -1,0 +1,297 @@
+"""DMD2, ADM and DMDX's adversarial pre-training on the same trainer (tiny SDXL pipeline):
+each objective trains what it should, the DMD gradient against a hand computation, the
+fake score, two time scales, exact resume, and the config's refusals."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from nitrofusion.errors import UserError
+from nitrofusion.objectives.base import input_gradient, with_gradient
+from nitrofusion.objectives.dmd2 import distribution_matching_loss
+from nitrofusion.objectives.scores import unet_x0
+from nitrofusion.training.config import load_config
+from nitrofusion.training.distill import Distiller
+
+
+def config(tiny_sdxl_dir, out, *overrides):
+    base = [
+        f"model.teacher={tiny_sdxl_dir}",
+        "data.teacher_steps=1",
+        "data.batch_size=2",
+        "discriminator.width=4",
+        "discriminator.candidates=2",
+        "dmd.classifier_width=8",
+        "pretrain.pixel_width=8",
+        "refine.steps_per_stage=[2]",
+        f"run.output_dir={out}",
+        "run.validate_every=0",
+        "run.checkpoint_every=1000",
+    ]
+    return load_config(None, None, base + list(overrides))
+
+
+def snapshot(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def moved(before, module):
+    return any(not torch.equal(before[k], v) for k, v in module.state_dict().items())
+
+
+def trainables(d):
+    """Every module that learns: the student and each critic's modules, by checkpoint name."""
+    modules = {"student": d.acc.unwrap_model(d.student)}
+    for critic in d.critics.values():
+        modules.update(critic.modules)
+    return modules
+
+
+# --- one iteration of each objective -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "overrides, learners",
+    [
+        (["loss.objective=dmd2"], {"student", "fake_score", "classifier"}),
+        (["loss.objective=dmd2", "loss.pool_weight=0.5"], {"student", "fake_score", "classifier", "pool"}),
+        (["loss.objective=dmd2", "dmd.gan_g_weight=0", "dmd.gan_d_weight=0"], {"student", "fake_score"}),
+        (["loss.objective=adm"], {"student", "fake_score", "pool"}),
+        (
+            ["loss.objective=adm", "loss.pretrain_kind=adversarial", "loss.pretrain_steps=1", "pretrain.pixel_crop=4"],
+            {"student", "pool", "pixel"},  # DMDX's first iteration: adversarial pre-training, no fake score yet
+        ),
+    ],
+    ids=["dmd2", "dmd2+pool", "dmd2-no-gan", "adm", "dmdx-pretrain"],
+)
+def test_one_step_moves_student_and_critics(tiny_sdxl_dir, tmp_path, overrides, learners):
+    d = Distiller(config(tiny_sdxl_dir, tmp_path, *overrides), progress=False)
+    before = {name: snapshot(m) for name, m in trainables(d).items()}
+    logs = d.train_step()
+    assert "skipped" not in logs
+    assert all(torch.isfinite(torch.tensor(v)) for v in logs.values()), logs
+    assert {name for name, m in trainables(d).items() if moved(before[name], m)} == learners
+
+
+def test_dmdx_gets_gradients_into_both_discriminators(tiny_sdxl_dir, tmp_path):
+    d = Distiller(
+        config(
+            tiny_sdxl_dir, tmp_path, "loss.objective=adm", "loss.pretrain_kind=adversarial", "loss.pretrain_steps=1"
+        ),
+        progress=False,
+    )
+    assert d.phase(0).name == "pretrain" and d.phase(1).name == "distill"
+    grads = {}
+    for name in ("pool", "pixel"):
+        critic = d.critics[name]
+        opt = next(iter(critic.optimizers.values()))
+        original = opt.step
+
+        def spy(original=original, critic=critic, name=name):
+            grads[name] = sum(
+                float(p.grad.abs().sum()) for m in critic.modules.values() for p in m.parameters() if p.grad is not None
+            )
+            original()
+
+        opt.step = spy
+    d.train_step()
+    assert grads["pool"] > 0 and grads["pixel"] > 0
+    # the student's loss includes the pixel critic's: its gradient reaches x0 through the VAE decode
+    pixel = d.critics["pixel"]
+    x0 = torch.randn(2, 4, 8, 8, requires_grad=True)
+    g_loss, _, _ = pixel(x0, torch.randn(2, 4, 8, 8), d.text(["a", "b"]), torch.Generator(), True)
+    g_loss.backward()
+    assert x0.grad.abs().sum() > 0 and all(p.grad is None for p in pixel.head.parameters())
+
+
+# --- the maths ----------------------------------------------------------------------------
+
+
+def test_distribution_matching_gradient_by_hand():
+    # L = 0.5 mean_i (x0_i - sg(x0_i - g_i))^2 over N entries  =>  dL/dx0_i = (x0_i - (x0_i - g_i)) / N = g_i / N,
+    # g = (fake_x0 - real_x0) w,  w = 1 / mean_{C,H,W} |x0 - real_x0|  (one w per sample).
+    torch.manual_seed(0)
+    x0 = torch.randn(3, 4, 5, 5, requires_grad=True)
+    real_x0, fake_x0 = torch.randn(3, 4, 5, 5), torch.randn(3, 4, 5, 5)
+    distribution_matching_loss(x0, real_x0, fake_x0).backward()
+    w = torch.stack([1 / (x0[b] - real_x0[b]).abs().mean() for b in range(3)]).view(3, 1, 1, 1)
+    expected = (fake_x0 - real_x0) * w.detach() / x0.numel()
+    torch.testing.assert_close(x0.grad, expected)
+    # descent moves x0 towards the real score's prediction and away from the fake score's
+    assert float(((x0.grad * -1) * (real_x0 - fake_x0)).sum()) > 0
+
+
+def test_dmd2_objective_feeds_the_scores_into_the_formula(tiny_sdxl_dir, tmp_path):
+    """The trainer's DMD2 term with the two scores replaced by known tensors: the gradient the student's
+    x0 receives is (fake_x0 - real_x0) w / N, and the critics' loss sends nothing back to x0."""
+    d = Distiller(
+        config(tiny_sdxl_dir, tmp_path, "loss.objective=dmd2", "dmd.gan_g_weight=0", "dmd.gan_d_weight=0"),
+        progress=False,
+    )
+    cond, _, real = d.batch(0)
+    x0 = (real + 0.3 * torch.randn(real.shape, generator=torch.Generator().manual_seed(1))).requires_grad_(True)
+    known_real = torch.randn(x0.shape, generator=torch.Generator().manual_seed(2))
+    known_fake = torch.randn(x0.shape, generator=torch.Generator().manual_seed(3))
+    seen_t = []
+    d.objective.real.x0 = lambda x_t, t, c: seen_t.append(t) or known_real
+    d.objective.fake.x0 = lambda x_t, t, c: seen_t.append(t) or known_fake
+    losses = d.objective(d, x0, real, cond, 0, True)
+    losses.g_loss.backward()
+    w = 1 / (x0.detach() - known_real).abs().mean(dim=(1, 2, 3), keepdim=True)
+    torch.testing.assert_close(x0.grad, (known_fake - known_real) * w / x0.numel())
+    assert torch.equal(seen_t[0], seen_t[1]) and all(20 <= int(t) <= 980 for t in seen_t[0])
+    x0.grad = None
+    losses.d_loss.backward()
+    assert x0.grad is None
+    # on a critic-only iteration the scores are not even evaluated
+    seen_t.clear()
+    d.objective(d, x0.detach(), real, cond, 0, False)
+    assert seen_t == []
+
+
+@pytest.mark.parametrize("objective", ["dmd2", "adm"])
+def test_student_loss_leaves_the_fake_score_alone(tiny_sdxl_dir, tmp_path, objective):
+    """The student's gradient runs through the fake score (ADM) or its classifier (DMD2), but only
+    the critics' own loss may write their .grad."""
+    d = Distiller(config(tiny_sdxl_dir, tmp_path, f"loss.objective={objective}"), progress=False)
+    for critic in d.critics.values():
+        critic.begin_step(d)
+    cond, noise, real = d.batch(0)
+    x0 = (real + 0.1 * noise).requires_grad_(True)
+    losses = d.objective(d, x0, real, cond, 0, True)
+    losses.g_loss.backward()
+    assert x0.grad.abs().sum() > 0
+    for critic in d.critics.values():  # the fake score (+ classifier), and ADM's pool
+        assert all(p.grad is None for m in critic.modules.values() for p in m.parameters())
+
+
+def test_with_gradient_is_a_value_with_a_chosen_gradient():
+    x = torch.randn(4, requires_grad=True)
+    leaf = x.detach().requires_grad_(True)
+    value = (leaf**3).sum()
+    y = with_gradient(value, x, input_gradient(value, leaf))
+    assert torch.equal(y, value.detach())
+    y.backward()
+    torch.testing.assert_close(x.grad, 3 * x.detach() ** 2)
+
+
+def test_real_score_is_classifier_free_guidance(tiny_sdxl_dir, tmp_path):
+    d = Distiller(config(tiny_sdxl_dir, tmp_path, "loss.objective=dmd2", "dmd.real_guidance=3"), progress=False)
+    cond, noise, _ = d.batch(0)
+    t = torch.tensor([100, 700])
+    acp = d.maths.alphas_cumprod
+    with torch.no_grad():
+        guided = d.objective.real.x0(noise, t, cond)
+        x_c = unet_x0(d.teacher.unet, noise, t, cond, acp)
+        x_u = unet_x0(d.teacher.unet, noise, t, d.text.negative(2), acp)
+    # x0 is affine in eps, so guidance on eps is the same guidance on x0
+    torch.testing.assert_close(guided, x_u + 3 * (x_c - x_u), rtol=1e-4, atol=1e-4)
+    assert torch.count_nonzero(d.text.negative(1).prompt_embeds) == 0  # SDXL: force_zeros_for_empty_prompt
+
+
+def test_fake_score_learns_fixed_data(tiny_sdxl_dir, tmp_path):
+    d = Distiller(config(tiny_sdxl_dir, tmp_path, "loss.objective=dmd2", "dmd.fake_lr=1e-3"), progress=False)
+    fake = d.critics["fake"]
+    cond, _, x0 = d.batch(0)
+    losses = []
+    for _ in range(6):
+        loss = fake.denoising_loss(x0, cond, torch.Generator().manual_seed(0))  # same t and noise each time
+        loss.backward()
+        fake.update(d)
+        fake.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_two_time_scales(tiny_sdxl_dir, tmp_path):
+    d = Distiller(
+        config(tiny_sdxl_dir, tmp_path, "loss.objective=dmd2", "loss.d_steps_per_g=3", "refine.steps_per_stage=[4]"),
+        progress=False,
+    )
+    student_moves, fake_moves = [], []
+    for _ in range(4):
+        s, f = snapshot(d.student), snapshot(d.critics["fake"].unet)
+        d.train_step()
+        d.step += 1
+        student_moves.append(moved(s, d.student))
+        fake_moves.append(moved(f, d.critics["fake"].unet))
+    assert student_moves == [True, False, False, True]
+    assert fake_moves == [True] * 4
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["loss.objective=dmd2", "loss.d_steps_per_g=2"],
+        ["loss.objective=adm", "loss.pretrain_kind=adversarial", "pretrain.pixel_crop=4"],
+    ],
+    ids=["dmd2", "dmdx"],
+)
+def test_resume_equals_uninterrupted(tiny_sdxl_dir, tmp_path, overrides):
+    common = [*overrides, "refine.steps_per_stage=[2,1]", "run.checkpoint_every=2", "loss.pretrain_steps=1"]
+    straight = Distiller(config(tiny_sdxl_dir, tmp_path / "a", *common), progress=False)
+    straight.train()
+    first = Distiller(config(tiny_sdxl_dir, tmp_path / "b", *common), progress=False)
+    for _ in range(2):
+        first.train_step()
+        first.step += 1
+    first.save_checkpoint()
+    resumed = Distiller(config(tiny_sdxl_dir, tmp_path / "b", *common), progress=False)
+    resumed.train(resume="latest")
+    assert resumed.step == straight.step == 4
+    a = load_file(str(tmp_path / "a" / "student_unet.safetensors"))
+    b = load_file(str(tmp_path / "b" / "student_unet.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    for name, critic in straight.critics.items():
+        for key, module in critic.modules.items():
+            other = resumed.critics[name].modules[key].state_dict()
+            assert all(torch.equal(v, other[k]) for k, v in module.state_dict().items()), key
+        for key, opt in critic.optimizers.items():
+            mine, theirs = opt.state_dict()["state"], resumed.critics[name].optimizers[key].state_dict()["state"]
+            assert all(torch.equal(mine[i][s], theirs[i][s]) for i in mine for s in mine[i]), key
+
+
+def test_gradient_checkpointing_on_the_fake_score(tiny_sdxl_dir, tmp_path):
+    # ADM sends the student's gradient through the checkpointed fake score; R1 differentiates the
+    # checkpointed teacher encoder twice.
+    cfg = config(tiny_sdxl_dir, tmp_path, "loss.objective=adm", "model.gradient_checkpointing=true", "loss.r1_weight=1")
+    d = Distiller(cfg, progress=False)
+    assert d.critics["fake"].unet.is_gradient_checkpointing
+    assert "skipped" not in d.train_step()
+
+
+# --- presets and config ----------------------------------------------------------------------
+
+
+def test_presets_compare_at_equal_compute():
+    base = load_config("embedded")
+    for name, objective, pretrain in (("dmd2-embedded", "dmd2", "mse"), ("dmdx-embedded", "adm", "adversarial")):
+        cfg = load_config(name)
+        assert (cfg.loss.objective, cfg.loss.pretrain_kind) == (objective, pretrain)
+        assert cfg.data == base.data and cfg.refine == base.refine and cfg.model == base.model
+        assert cfg.loss.pretrain_steps == base.loss.pretrain_steps and cfg.total_steps == base.total_steps
+        assert cfg.optim.lr == base.optim.lr and cfg.optim.grad_accumulation == base.optim.grad_accumulation
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("loss.objective=dmd3", "'loss.objective'"),
+        ("loss.pretrain_kind=lpips", "'loss.pretrain_kind'"),
+        ("loss.pool_weight=0.5", "'loss.pool_weight'"),  # the default objective is nitrofusion
+        ("dmd.min_t=0.99", "'dmd.min_t'"),
+        ("dmd.real_guidance=-1", "'dmd.real_guidance'"),
+        ("dmd.fake_lr=0", "'dmd.fake_lr'"),
+        ("dmd.fake_betas=[0.9]", "'dmd.fake_betas'"),
+        ("dmd.gan_g_weight=strong", "'dmd.gan_g_weight' must be float"),
+        ("dmd.classifier_width=0", "'dmd.classifier_width'"),
+        ("dmd.teacher_cfg=3", "unknown config key 'dmd.teacher_cfg'"),
+        ("pretrain.pixel_width=0", "'pretrain.pixel_width'"),
+        ("pretrain.pixel_crop=-2", "'pretrain.pixel_crop'"),
+        ("pretrain.pixel_downsamples=two", "'pretrain.pixel_downsamples' must be int"),
+    ],
+)
+def test_config_refusals(override, fragment):
+    with pytest.raises(UserError) as err:
+        load_config(None, None, [override])
+    assert fragment in str(err.value)
