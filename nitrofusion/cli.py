@@ -168,7 +168,13 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     from nitrofusion.evaluation.reproduce import Reproduction
 
     repro = Reproduction(
-        args.out, args.seeds, args.n, preset=args.preset, overrides=args.set, batch_size=args.batch_size
+        args.out,
+        args.seeds,
+        args.n,
+        preset=args.preset,
+        overrides=args.set,
+        batch_size=args.batch_size,
+        report_only=args.report_only,
     )
     repro.run()
     print((Path(args.out) / "results.md").read_text())
@@ -315,6 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override for every run")
     r.add_argument("--batch-size", type=int, default=250)
     r.add_argument("--out", default="runs/reproduce", help="runs, cached scores, results.md/json, grid.png")
+    r.add_argument("--report-only", action="store_true", help="tabulate what is cached; train and sample nothing")
     r.set_defaults(func=cmd_reproduce)
 
     tr = sub.add_parser("transfer", help="carry a student onto another fine-tune: target + (student - base)")

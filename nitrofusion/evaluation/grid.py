@@ -7,7 +7,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-LABEL_WIDTH = 150
+LABEL_WIDTH = 190  # room for labels such as "teacher (Euler, CFG 5), 25"
 
 
 def make_grid(
@@ -25,7 +25,7 @@ def make_grid(
     for r, row in enumerate(rows):
         y = pad + r * (h + pad)
         if labels:
-            draw.text((4, y + h // 2 - 5), labels[r][:24], fill="black")
+            draw.text((4, y + h // 2 - 5), labels[r][:32], fill="black")
         for c, img in enumerate(row):
             grid.paste(img.convert("RGB").resize((w, h), Image.NEAREST), (left + pad + c * (w + pad), y))
     return grid

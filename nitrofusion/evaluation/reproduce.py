@@ -94,6 +94,7 @@ class Reproduction:
         preset: str = "embedded",
         overrides: list[str] | None = None,
         batch_size: int = 250,
+        report_only: bool = False,
     ):
         if len(seeds) < 1 or n < 2:
             raise UserError("need at least one seed and --n of at least 2")
@@ -102,6 +103,7 @@ class Reproduction:
         self.n = n
         self.preset = preset
         self.batch_size = batch_size
+        self.report_only = report_only  # tabulate the cached scores; train and sample nothing
         self.overrides = list(overrides or [])
         self.cfg = load_config(preset, None, self.overrides)
         self.evaluator = Evaluator.load(evaluator_path())
@@ -144,10 +146,12 @@ class Reproduction:
         return run
 
     # ---- scores, cached -------------------------------------------------------------------
-    def score(self, key: str, load: Callable[[], object], steps: int, seed: int, label: str) -> EmbeddedScore:
+    def score(self, key: str, load: Callable[[], object], steps: int, seed: int, label: str) -> EmbeddedScore | None:
         path = self.out / "scores" / f"{key}.json"
         if path.is_file():
             return EmbeddedScore(**json.loads(path.read_text()))
+        if self.report_only:
+            return None
         pipe = load()
         # Each seed gets its own images and prompt order: seeds 100000*s + i.
         score, images = score_pipeline(
@@ -165,11 +169,14 @@ class Reproduction:
         print(f"  {label}, {steps} step(s), seed {seed}: accuracy {score.class_accuracy:.3f}, FD {score.domain_fd:.1f}")
         return score
 
-    def _pipeline(self, unet: Path | None = None, sampler: str = "auto"):
+    def _pipeline(self, unet: Callable[[], Path] | None = None, sampler: str = "auto"):
+        """A loader; `unet` is called only when a score is not cached, so finished rows never retrain."""
         from nitrofusion.pipelines import load_pipeline
 
         def load():
-            pipe = load_pipeline(self.teacher, unet=unet, shift=self.cfg.model.shift if unet else None, sampler=sampler)
+            weights = unet() if unet else None
+            shift = self.cfg.model.shift if weights else None
+            pipe = load_pipeline(self.teacher, unet=weights, shift=shift, sampler=sampler)
             pipe.set_progress_bar_config(disable=True)
             return pipe
 
@@ -184,9 +191,11 @@ class Reproduction:
                 self.score(f"teacher-{sampler}-{steps}-seed{s}", self._pipeline(sampler=sampler), steps, s, label)
                 for s in self.seeds
             ]
-            rows.append(Row("teacher", label, sampler, steps, None, scores))
+            self._add(rows, Row("teacher", label, sampler, steps, None, scores))
 
-        runs = {s: self.distill(FULL, s) for s in self.seeds}
+        def trained(variant: Variant, seed: int, *parts: str) -> Callable[[], Path]:
+            return lambda: self.distill(variant, seed).joinpath(*parts)
+
         total = self.cfg.total_steps
         for steps in (1, 2, 4):
             if steps > 1 and len(self.cfg.refine.steps_per_stage) < steps:
@@ -194,19 +203,19 @@ class Reproduction:
             scores = [
                 self.score(
                     f"nitrofusion-final-{steps}-seed{s}",
-                    self._pipeline(runs[s] / "student_unet.safetensors"),
+                    self._pipeline(trained(FULL, s, "student_unet.safetensors")),
                     steps,
                     s,
                     "NitroFusion student",
                 )
                 for s in self.seeds
             ]
-            rows.append(Row("student", "NitroFusion student", "shift-LCM", steps, total, scores))
+            self._add(rows, Row("student", "NitroFusion student", "shift-LCM", steps, total, scores))
 
         stage_one = [
             self.score(
                 f"nitrofusion-stage1-1-seed{s}",
-                self._pipeline(runs[s] / "stages" / "1-step" / "student_unet.safetensors"),
+                self._pipeline(trained(FULL, s, "stages", "1-step", "student_unet.safetensors")),
                 1,
                 s,
                 "NitroFusion, one-step stage",
@@ -214,23 +223,28 @@ class Reproduction:
             for s in self.seeds
         ]
         iters = self.one_step_iterations()
-        rows.append(Row("ablation", "NitroFusion (full method)", "shift-LCM", 1, iters, stage_one))
+        self._add(rows, Row("ablation", "NitroFusion (full method)", "shift-LCM", 1, iters, stage_one))
         for variant in ABLATIONS:
             scores = []
             for s in self.seeds:
-                run = self.distill(variant, s)
                 scores.append(
                     self.score(
                         f"{variant.slug}-1-seed{s}",
-                        self._pipeline(run / "student_unet.safetensors"),
+                        self._pipeline(trained(variant, s, "student_unet.safetensors")),
                         1,
                         s,
                         variant.name,
                     )
                 )
-            rows.append(Row("ablation", variant.name, "shift-LCM", 1, iters, scores))
+            self._add(rows, Row("ablation", variant.name, "shift-LCM", 1, iters, scores))
         self.write(rows)
         return rows
+
+    @staticmethod
+    def _add(rows: list[Row], row: Row) -> None:
+        row.scores = [x for x in row.scores if x is not None]
+        if row.scores:
+            rows.append(row)
 
     # ---- report -----------------------------------------------------------------------------
     def write(self, rows: list[Row]) -> None:
@@ -266,15 +280,15 @@ def _cell(row: Row, key: str, digits: int) -> str:
 
 def report(rows: list[Row], n: int, seeds: list[int]) -> str:
     head = [
-        "| model | sampler | steps | training iterations | class accuracy ↑ | domain FD ↓ | s / image |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+        "| model | sampler | steps | training iterations | seeds | class accuracy ↑ | domain FD ↓ | s / image |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
 
     def line(r: Row) -> str:
         speed = statistics.fmean(s.seconds_per_image for s in r.scores)
         iters = "" if r.iterations is None else str(r.iterations)
         return (
-            f"| {r.model} | {r.sampler} | {r.steps} | {iters} | {_cell(r, 'class_accuracy', 3)} | "
+            f"| {r.model} | {r.sampler} | {r.steps} | {iters} | {len(r.scores)} | {_cell(r, 'class_accuracy', 3)} | "
             f"{_cell(r, 'domain_fd', 1)} | {speed:.4f} |"
         )
 
@@ -283,7 +297,8 @@ def report(rows: list[Row], n: int, seeds: list[int]) -> str:
     seeds_text = ", ".join(str(s) for s in seeds)
     return "\n".join(
         [
-            f"Mean ± sd over seeds {seeds_text}; {n} images per seed and row (prompts balanced over the classes).",
+            f"Mean ± sd over the seeds ({seeds_text} requested; the `seeds` column says how many a row has); "
+            f"{n} images per seed and row (prompts balanced over the classes).",
             "",
             "### Teacher and student",
             "",
