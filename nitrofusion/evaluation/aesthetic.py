@@ -27,7 +27,8 @@ AESTHETIC_HINT = (
 
 class AestheticMLP(nn.Module):
     """768 -> 1024 -> 128 -> 64 -> 16 -> 1, dropouts between the first layers, no activations
-    (the released predictor is this linear stack)."""
+    (the released predictor is this linear stack; ImageReward's reward head is the same stack,
+    with the same `layers.N` names, on BLIP's text features)."""
 
     def __init__(self, embed_dim: int = 768) -> None:
         super().__init__()

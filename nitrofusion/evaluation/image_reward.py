@@ -42,6 +42,7 @@ from torch import nn
 from transformers import BertTokenizer, BlipTextConfig, BlipTextModel, BlipVisionConfig, BlipVisionModel
 
 from nitrofusion.errors import UserError
+from nitrofusion.evaluation.aesthetic import AestheticMLP
 from nitrofusion.pipelines.loading import read_safetensors
 
 REWARD_MEAN = 0.16717362830052426
@@ -165,26 +166,6 @@ def image_reward_text_config() -> BlipTextConfig:
     )
 
 
-class RewardHead(nn.Module):
-    """ImageReward's MLP: linear layers only (upstream comments the ReLUs out); dropouts are no-ops in eval."""
-
-    def __init__(self, input_size: int = 768) -> None:
-        super().__init__()
-        self.layers = nn.Sequential(
-            nn.Linear(input_size, 1024),
-            nn.Dropout(0.2),
-            nn.Linear(1024, 128),
-            nn.Dropout(0.2),
-            nn.Linear(128, 64),
-            nn.Dropout(0.1),
-            nn.Linear(64, 16),
-            nn.Linear(16, 1),
-        )
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.layers(features).squeeze(-1)
-
-
 def preprocess(image: Image.Image, size: int = 224) -> torch.Tensor:
     """torchvision's Resize(size, BICUBIC) + CenterCrop(size) + RGB + ToTensor + CLIP Normalize, on PIL."""
     w, h = image.size
@@ -240,7 +221,7 @@ class ImageRewardScorer:
         self,
         vision: BlipVisionModel,
         text: BlipTextModel,
-        head: RewardHead,
+        head: AestheticMLP,
         tokenizer: BertTokenizer,
         device: str | torch.device = "cpu",
     ) -> None:
@@ -283,7 +264,7 @@ class ImageRewardScorer:
         modules = {
             "vision": BlipVisionModel(vision_config),
             "text": BlipTextModel(text_config, add_pooling_layer=False),
-            "mlp": RewardHead(text_config.hidden_size),
+            "mlp": AestheticMLP(text_config.hidden_size),  # the same linear stack
         }
         converted = {"vision": vision_sd, "text": text_sd, "mlp": mlp_sd}
         _check_fit(modules, converted, f"ImageReward weights '{weights}'")
