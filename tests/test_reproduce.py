@@ -53,3 +53,10 @@ def test_reproduce_runs_every_row_and_resumes(tmp_path, capsys):
     assert main(args) == 0
     assert "== distill" not in capsys.readouterr().out
     assert before == {p: p.stat().st_mtime for p in (out / "scores").iterdir()}
+
+
+def test_reproduce_bad_options_are_one_line(tmp_path, capsys):
+    for extra, needle in ((["--n", "1"], "--n"), (["--set", "loss.kind=bogus"], "loss.kind")):
+        assert main(["reproduce", "--out", str(tmp_path), *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert needle in err and len(err.splitlines()) == 1

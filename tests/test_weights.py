@@ -138,3 +138,12 @@ def test_lora_error_is_reported_when_the_rank_is_too_small(teacher):
     assert full.relative_error == pytest.approx(full.uncovered_share**0.5, rel=1e-3)
     with pytest.raises(UserError, match="no delta"):
         extract_lora(teacher, teacher, rank=2)
+
+
+@pytest.mark.parametrize("extra, needle", [(["--dtype", "int8"], "--dtype"), (["--rank", "0"], "--rank")])
+def test_export_lora_bad_options_are_one_line(teacher, tmp_path, capsys, extra, needle):
+    s, t = save(shifted(teacher, 5), tmp_path / "s.safetensors"), save(teacher, tmp_path / "t.safetensors")
+    code = main(["export-lora", "--student", s, "--teacher", t, "--out", str(tmp_path / "lora"), *extra])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and needle in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "lora").exists()
