@@ -6,7 +6,7 @@ import shutil
 import yaml
 
 from nitrofusion.cli import main
-from nitrofusion.evaluation.reproduce import ABLATIONS
+from nitrofusion.evaluation.reproduce import ABLATIONS, FAMILY
 
 TINY = [
     "loss.pretrain_steps=2",
@@ -28,6 +28,8 @@ def test_reproduce_runs_every_row_and_resumes(tmp_path, capsys):
     names = [r["model"] for r in rows]
     assert names.count("NitroFusion student") == 3  # 1, 2 and 4 steps
     assert all(v.name in names for v in ABLATIONS)
+    for v in FAMILY:  # the family at equal compute: 1, 2 and 4 steps each
+        assert names.count(f"{v.name} student") == 3
     ablation_iters = {r["iterations"] for r in rows if r["group"] == "ablation"}
     assert ablation_iters == {4}, "ablations are compared at equal iterations (regression + one-step stage)"
 
@@ -41,8 +43,13 @@ def test_reproduce_runs_every_row_and_resumes(tmp_path, capsys):
     regression = run_config("regression-only")
     assert regression["loss"]["pretrain_steps"] == 4 and regression["refine"]["steps_per_stage"] == [0]
     assert run_config("nitrofusion")["refine"]["steps_per_stage"] == [2, 1, 0, 1]
+    for slug, objective in (("DMD2", "dmd2"), ("DMDX", "adm")):
+        cfg = run_config(slug)
+        assert cfg["loss"]["objective"] == objective
+        assert cfg["refine"]["steps_per_stage"] == [2, 1, 0, 1] and cfg["data"]["batch_size"] == 2
+    assert run_config("DMDX")["loss"]["pretrain_kind"] == "adversarial"
     report = (out / "results.md").read_text()
-    assert "±" in report and "Ablations at equal iterations" in report
+    assert "±" in report and "Ablations at equal iterations" in report and "The family at equal compute" in report
     assert (out / "grid.png").is_file()
 
     # Everything is cached: a second call trains and samples nothing, even without the runs

@@ -6,7 +6,10 @@ Rows (each over several seeds, reported as mean ± sd):
   the one-step stage (before bottom-up refinement to 2 and 4 steps);
 - ablations at equal iterations (the preset's regression stage plus its one-step stage):
   no dynamic pool, no refresh, no local heads, no unconditional heads, and regression only
-  (no adversarial stage at all), each against the full method's one-step stage.
+  (no adversarial stage at all), each against the full method's one-step stage;
+- the family at equal compute: DMD2 and DMDX (adversarial pre-training, then ADM) from their
+  own presets, which share the embedded preset's data, batch, iterations and stages and differ
+  only in the objective.
 
 Everything is cached under the output directory (distill runs resume, each score is a JSON
 file), so an interrupted reproduction continues where it stopped.
@@ -43,6 +46,7 @@ class Variant:
     name: str
     overrides: tuple[str, ...] = ()
     one_step_stage_only: bool = True
+    preset: str | None = None  # another preset in place of the reproduction's (the family rows)
 
     @property
     def slug(self) -> str:
@@ -56,6 +60,10 @@ ABLATIONS = (
     Variant("no local heads", ("discriminator.kinds=[global_cond]",)),
     Variant("no unconditional heads", ("discriminator.kinds=[global_cond,local_cond]",)),
     Variant("regression only", ()),  # schedule set in `_schedule`
+)
+FAMILY = (
+    Variant("DMD2", one_step_stage_only=False, preset="dmd2-embedded"),
+    Variant("DMDX", one_step_stage_only=False, preset="dmdx-embedded"),
 )
 TEACHER_ROWS = (
     ("native", 25),
@@ -72,7 +80,7 @@ TEACHER_ROWS = (
 class Row:
     """One table row: a model at a number of steps, scored once per seed."""
 
-    group: str  # "teacher", "student" or "ablation"
+    group: str  # "teacher", "student", "ablation" or "family"
     model: str
     sampler: str
     steps: int
@@ -136,7 +144,8 @@ class Reproduction:
             f"run.seed={seed}",
             f"run.output_dir={run}",
         ]
-        cmd = [sys.executable, "-m", "nitrofusion.cli", "distill", "--preset", self.preset, "--resume", "latest"]
+        preset = variant.preset or self.preset
+        cmd = [sys.executable, "-m", "nitrofusion.cli", "distill", "--preset", preset, "--resume", "latest"]
         for o in overrides:
             cmd += ["--set", o]
         print(f"\n== distill {variant.name}, seed {seed} -> {run}", flush=True)
@@ -197,20 +206,23 @@ class Reproduction:
             return lambda: self.distill(variant, seed).joinpath(*parts)
 
         total = self.cfg.total_steps
-        for steps in (1, 2, 4):
-            if steps > 1 and len(self.cfg.refine.steps_per_stage) < steps:
-                continue
-            scores = [
-                self.score(
-                    f"nitrofusion-final-{steps}-seed{s}",
-                    self._pipeline(trained(FULL, s, "student_unet.safetensors")),
-                    steps,
-                    s,
-                    "NitroFusion student",
-                )
-                for s in self.seeds
-            ]
-            self._add(rows, Row("student", "NitroFusion student", "shift-LCM", steps, total, scores))
+        family = [(FULL, "nitrofusion-final", "NitroFusion student", "student")]
+        family += [(v, v.slug, f"{v.name} student", "family") for v in FAMILY]
+        for variant, key, label, group in family:
+            for steps in (1, 2, 4):
+                if steps > 1 and len(self.cfg.refine.steps_per_stage) < steps:
+                    continue
+                scores = [
+                    self.score(
+                        f"{key}-{steps}-seed{s}",
+                        self._pipeline(trained(variant, s, "student_unet.safetensors")),
+                        steps,
+                        s,
+                        label,
+                    )
+                    for s in self.seeds
+                ]
+                self._add(rows, Row(group, label, "shift-LCM", steps, total, scores))
 
         stage_one = [
             self.score(
@@ -270,6 +282,7 @@ class Reproduction:
             ("nitrofusion-final-2", "NitroFusion 2"),
             ("nitrofusion-final-4", "NitroFusion 4"),
         ]
+        rows += [(f"{v.slug}-1", f"{v.name} 1") for v in FAMILY]
         return rows + [(f"{v.slug}-1", f"{v.name} 1") for v in ABLATIONS]
 
 
@@ -294,6 +307,7 @@ def report(rows: list[Row], n: int, seeds: list[int]) -> str:
 
     main = [line(r) for r in rows if r.group in ("teacher", "student")]
     ablation = [line(r) for r in rows if r.group == "ablation"]
+    family = [line(r) for r in rows if r.group in ("student", "family")]
     seeds_text = ", ".join(str(s) for s in seeds)
     return "\n".join(
         [
@@ -309,6 +323,11 @@ def report(rows: list[Row], n: int, seeds: list[int]) -> str:
             "",
             *head,
             *ablation,
+            "",
+            "### The family at equal compute (same data, batch, iterations and stages; only the objective differs)",
+            "",
+            *head,
+            *family,
             "",
         ]
     )
