@@ -4,6 +4,7 @@ fake score, two time scales, exact resume, and the config's refusals."""
 
 import pytest
 import torch
+from helpers import config, moved, snapshot
 from safetensors.torch import load_file
 
 from nitrofusion.errors import UserError
@@ -12,31 +13,6 @@ from nitrofusion.objectives.dmd2 import distribution_matching_loss
 from nitrofusion.objectives.scores import unet_x0
 from nitrofusion.training.config import load_config
 from nitrofusion.training.distill import Distiller
-
-
-def config(tiny_sdxl_dir, out, *overrides):
-    base = [
-        f"model.teacher={tiny_sdxl_dir}",
-        "data.teacher_steps=1",
-        "data.batch_size=2",
-        "discriminator.width=4",
-        "discriminator.candidates=2",
-        "dmd.classifier_width=8",
-        "pretrain.pixel_width=8",
-        "refine.steps_per_stage=[2]",
-        f"run.output_dir={out}",
-        "run.validate_every=0",
-        "run.checkpoint_every=1000",
-    ]
-    return load_config(None, None, base + list(overrides))
-
-
-def snapshot(module):
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
-
-
-def moved(before, module):
-    return any(not torch.equal(before[k], v) for k, v in module.state_dict().items())
 
 
 def trainables(d):

@@ -1,8 +1,11 @@
 """Atomic, pickle-free checkpoints: every tensor in one safetensors file, the rest in JSON.
 
 A checkpoint is a directory `step-XXXXXXXX/` holding `state.safetensors` and `meta.json`.
-It is written under a temporary name and renamed into place only when complete, so a crash
-or a full disk mid-write never leaves a half-written checkpoint under a real name.
+It is written under a temporary name, flushed to disk and renamed into place only when
+complete, so a crash, a `kill -9` or a full disk mid-write never leaves a half-written
+checkpoint under a real name (the unfinished `.tmp-*` directory is removed by the next
+writer). meta.json records the state file's size and CRC-32, so a checkpoint damaged later
+(truncated copy, flipped bits) is found at load and skipped for the previous one.
 Optimizer states are flattened to tensors plus JSON hyper-parameters (no torch.load).
 """
 
@@ -12,6 +15,7 @@ import json
 import os
 import shutil
 import tempfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +23,32 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from nitrofusion.training.faults import kill_point
+
 STATE_FILE = "state.safetensors"
 META_FILE = "meta.json"
 PREFIX = "step-"
+TMP_PREFIX = ".tmp-"
+
+
+class CorruptCheckpoint(ValueError):
+    """The state file does not match the size or checksum recorded when it was written."""
+
+
+def file_crc32(path: Path, chunk: int = 1 << 24) -> int:
+    crc = 0
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            crc = zlib.crc32(block, crc)
+    return crc
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def optimizer_tensors(opt: torch.optim.Optimizer, prefix: str) -> tuple[dict[str, torch.Tensor], dict]:
@@ -58,23 +85,37 @@ def save(root: str | Path, step: int, tensors: dict[str, torch.Tensor], meta: di
     """Write checkpoint `step` under root atomically; keep the newest `keep` ones."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
+    remove_unfinished(root)  # left by a writer that was killed; one writer at a time (rank 0)
     final = root / f"{PREFIX}{step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
+    tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=root))
     try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / STATE_FILE))
-        (tmp / META_FILE).write_text(json.dumps({"step": step, **meta}, indent=1))
+        state = tmp / STATE_FILE
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(state))
+        kill_point("checkpoint", step)
+        record = {"step": step, "state_bytes": state.stat().st_size, "state_crc32": file_crc32(state)}
+        (tmp / META_FILE).write_text(json.dumps({**record, **meta}, indent=1))
         for f in (STATE_FILE, META_FILE):
             with open(tmp / f, "rb") as fh:
                 os.fsync(fh.fileno())
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
+        _fsync_dir(root)  # the rename itself survives a power cut
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def remove_unfinished(root: str | Path) -> list[Path]:
+    """Delete checkpoint writes that never completed (their process died); returns them."""
+    root = Path(root)
+    stale = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(TMP_PREFIX)) if root.is_dir() else []
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return stale
 
 
 def list_checkpoints(root: str | Path) -> list[Path]:
@@ -86,9 +127,17 @@ def list_checkpoints(root: str | Path) -> list[Path]:
 
 def load(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     path = Path(path)
-    tensors = load_file(str(path / STATE_FILE))
     meta = json.loads((path / META_FILE).read_text())
-    return tensors, meta
+    if not isinstance(meta, dict) or not isinstance(meta.get("step"), int):
+        raise CorruptCheckpoint(f"{META_FILE} is not a checkpoint record (no step)")
+    state = path / STATE_FILE
+    if "state_crc32" in meta:  # checkpoints written before the checksum was recorded load unchecked
+        size = state.stat().st_size
+        if size != meta["state_bytes"]:
+            raise CorruptCheckpoint(f"{STATE_FILE} has {size} bytes, {meta['state_bytes']} were written")
+        if file_crc32(state) != meta["state_crc32"]:
+            raise CorruptCheckpoint(f"{STATE_FILE} does not match the checksum recorded when it was written")
+    return load_file(str(state)), meta
 
 
 def load_latest(root: str | Path, log=print) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
@@ -96,6 +145,6 @@ def load_latest(root: str | Path, log=print) -> tuple[dict[str, torch.Tensor], d
     for path in reversed(list_checkpoints(root)):
         try:
             return load(path)
-        except (SafetensorError, OSError, ValueError, json.JSONDecodeError) as exc:
+        except (SafetensorError, OSError, ValueError, KeyError, TypeError) as exc:
             log(f"checkpoint {path} is unreadable ({type(exc).__name__}: {exc}); trying the previous one")
     return None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import time
 from collections.abc import Iterable
 from contextlib import nullcontext
@@ -43,6 +44,7 @@ from nitrofusion.scheduling import TimestepShiftLCMScheduler
 from nitrofusion.training import checkpoint
 from nitrofusion.training.config import DistillConfig, save_config
 from nitrofusion.training.ema import EMA
+from nitrofusion.training.faults import fires, kill_point
 from nitrofusion.training.student import ShiftedStudent
 
 PURPOSES = {
@@ -317,6 +319,8 @@ class Distiller:
                 losses = objective(self, fake, real, cond, micro, update_g)
                 g_loss, d_loss = losses.g_loss, losses.d_loss
                 total = (g_loss if update_g else 0) + (d_loss if d_loss is not None else 0)
+                if fires("loss.nan", self.step):  # fault injection (docs/reliability.md)
+                    total = total * float("nan")
                 finite = torch.isfinite(torch.as_tensor(total, dtype=torch.float32)).all()
                 finite = bool(self.acc.reduce(finite.float().to(self.acc.device), "min") > 0)
                 if not finite:
@@ -326,8 +330,10 @@ class Distiller:
             logs["g_loss"] = logs.get("g_loss", 0.0) + float(g_loss.detach()) / accum
             if d_loss is not None:
                 logs["d_loss"] = logs.get("d_loss", 0.0) + float(d_loss.detach()) / accum
-        if not finite:
+        # A finite loss can still give inf/NaN gradients (fp16 overflow): one bad step must not poison the weights.
+        if not finite or not self._gradients_finite(critics, update_g):
             return self._skip_step()
+        kill_point("step", self.step)  # fault injection: gradients computed, no optimizer has stepped yet
         self.bad_steps = 0
         if update_g:
             self._warmup_lr()
@@ -341,12 +347,22 @@ class Distiller:
             critic.zero_grad()
         return logs
 
+    def _gradients_finite(self, critics: list[Critic], update_g: bool) -> bool:
+        params = list(self.student.parameters()) if update_g else []
+        for critic in critics:
+            params += [p for opt in critic.optimizers.values() for group in opt.param_groups for p in group["params"]]
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            return True
+        ok = torch.isfinite(torch.nn.utils.get_total_norm(grads, foreach=True)).float()
+        return bool(self.acc.reduce(ok.to(self.acc.device), "min") > 0)
+
     def _skip_step(self) -> dict[str, float]:
         self.opt_g.zero_grad(set_to_none=True)
         for critic in self.critics.values():
             critic.zero_grad()
         self.bad_steps += 1
-        self.log_line(f"step {self.step}: non-finite loss, step skipped ({self.bad_steps} in a row)")
+        self.log_line(f"step {self.step}: non-finite loss or gradient, step skipped ({self.bad_steps} in a row)")
         if self.bad_steps >= self.cfg.run.max_bad_steps:
             raise TrainingStopped(
                 f"{self.bad_steps} non-finite losses in a row at step {self.step}; stopped, last good checkpoint kept"
@@ -390,24 +406,26 @@ class Distiller:
         stage_ends = self.stage_ends()
         bar = tqdm(total=total, initial=self.step, desc="distill", disable=not self.progress)
         t0 = time.perf_counter()
-        while self.step < total:
-            logs = self.train_step()
-            self.step += 1
-            bar.update(1)
-            bar.set_postfix({k: f"{v:.3f}" for k, v in logs.items() if k in ("g_loss", "d_loss")}, refresh=False)
-            if self.step % cfg.run.log_every == 0 or self.step == total:
-                logs["seconds_per_step"] = (time.perf_counter() - t0) / cfg.run.log_every
-                t0 = time.perf_counter()
-                self.acc.log(logs, step=self.step)
-            # Before the checkpoint of the same step, so a resumed run never misses it.
-            if self.step in stage_ends:
-                self.export_stage(stage_ends[self.step])
-            # A skipped step changed nothing: keep the last good checkpoint as the newest.
-            if (self.step % cfg.run.checkpoint_every == 0 or self.step == total) and not self.bad_steps:
-                self.save_checkpoint()
-            if cfg.run.validate_every and (self.step % cfg.run.validate_every == 0 or self.step == total):
-                self.validate()
-        bar.close()
+        try:
+            while self.step < total:
+                logs = self.train_step()
+                self.step += 1
+                bar.update(1)
+                bar.set_postfix({k: f"{v:.3f}" for k, v in logs.items() if k in ("g_loss", "d_loss")}, refresh=False)
+                if self.step % cfg.run.log_every == 0 or self.step == total:
+                    logs["seconds_per_step"] = (time.perf_counter() - t0) / cfg.run.log_every
+                    t0 = time.perf_counter()
+                    self.acc.log(logs, step=self.step)
+                # Before the checkpoint of the same step, so a resumed run never misses it.
+                if self.step in stage_ends:
+                    self.export_stage(stage_ends[self.step])
+                # A skipped step changed nothing: keep the last good checkpoint as the newest.
+                if (self.step % cfg.run.checkpoint_every == 0 or self.step == total) and not self.bad_steps:
+                    self.save_checkpoint()
+                if cfg.run.validate_every and (self.step % cfg.run.validate_every == 0 or self.step == total):
+                    self.validate()
+        finally:
+            bar.close()  # before any error message, which must be the last line the user sees
         self.acc.end_training()
         return self.export()
 
@@ -417,6 +435,9 @@ class Distiller:
         if not self.acc.is_main_process:
             return
         raw = self.acc.unwrap_model(self.student)
+        if not all(torch.isfinite(p).all() for p in raw.parameters()):
+            self.log_line(f"step {self.step}: the student's weights are not finite; checkpoint not written")
+            return
         tensors = {f"student.{k}": v for k, v in raw.state_dict().items()}
         tensors.update({f"ema.{k}": v for k, v in self.ema.shadow.state_dict().items()})
         # opt_g went through accelerator.prepare: its state lives in the wrapped optimizer.
@@ -439,6 +460,9 @@ class Distiller:
 
     def resume(self, which: str) -> None:
         root = self.out / "checkpoints"
+        if self.acc.is_main_process:
+            for stale in checkpoint.remove_unfinished(root):
+                self.log_line(f"removed {stale}: a checkpoint write that never finished (its process died)")
         if which == "latest":
             found = checkpoint.load_latest(root, log=self.log_line)
             if found is None:
@@ -467,6 +491,10 @@ class Distiller:
                 checkpoint.load_optimizer(opt, tensors, meta[name], name)
         self.step = int(meta["step"])
         self.log_line(f"resumed from step {self.step}")
+        # A run killed while validating after its checkpoint: draw the grid it never wrote.
+        every = self.cfg.run.validate_every
+        if every and self.step % every == 0 and not self.validation_path().is_file():
+            self.validate()
 
     def student_pipeline(self, use_ema: bool = True) -> DiffusionPipeline:
         unet = self.ema.shadow if use_ema else self.acc.unwrap_model(self.student)
@@ -486,10 +514,16 @@ class Distiller:
         for steps in range(1, self.max_sampling_steps() + 1):
             rows.append([r.image for r in generate(pipe, prompts, steps=steps, seed=0, batch_size=n, progress=False)])
             labels.append(f"student, {steps} step" + ("s" if steps > 1 else ""))
-        path = self.out / "validation" / f"step-{self.step:08d}.png"
+            kill_point("validation", self.step)  # fault injection: mid-validation
+        path = self.validation_path()
         path.parent.mkdir(parents=True, exist_ok=True)
-        make_grid(rows, labels, scale=max(1, 96 // rows[0][0].size[0])).save(path)
+        tmp = path.with_name(f".{path.name}.tmp")
+        make_grid(rows, labels, scale=max(1, 96 // rows[0][0].size[0])).save(tmp, format="PNG")
+        os.replace(tmp, path)  # never a half-written PNG under the real name
         return path
+
+    def validation_path(self) -> Path:
+        return self.out / "validation" / f"step-{self.step:08d}.png"
 
     def export(self) -> Path:
         """student_unet.safetensors (EMA weights) and a complete pipeline directory."""

@@ -1,0 +1,246 @@
+"""Fault injection on the trainer: kill -9 at three points, damaged checkpoints, NaN storms.
+
+Each killed run is a real `nitrofusion distill` process SIGKILLed by an armed fault point
+(nitrofusion/training/faults.py), so nothing gets to clean up; `--resume latest` must then
+finish with exactly the student, checkpoint and validation images of an uninterrupted run.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from helpers import config
+from safetensors.torch import load_file
+
+from nitrofusion.cli import main
+from nitrofusion.training import checkpoint
+from nitrofusion.training.faults import ENV
+
+
+def distill_args(teacher, out, *extra):
+    sets = [
+        f"model.teacher={teacher}",
+        "data.teacher_steps=1",
+        "data.batch_size=2",
+        "discriminator.width=4",
+        "discriminator.candidates=2",
+        "loss.pretrain_steps=1",
+        "refine.steps_per_stage=[3,3]",  # 7 iterations: checkpoints and validation grids at 2, 4, 6, 7
+        "run.checkpoint_every=2",
+        "run.validate_every=2",
+        "run.validation_prompts=2",
+        f"run.output_dir={out}",
+        *extra,
+    ]
+    return [a for s in sets for a in ("--set", s)]
+
+
+def run_distill(teacher, out, fault=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    env.pop(ENV, None)
+    if fault:
+        env[ENV] = fault
+    cmd = [sys.executable, "-m", "nitrofusion.cli", "distill", "--resume", "latest", *distill_args(teacher, out)]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def every_checkpoint_is_whole(root):
+    for path in checkpoint.list_checkpoints(root):
+        checkpoint.load(path)  # raises on a size/checksum mismatch or an unreadable file
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_sdxl_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted")
+    done = run_distill(tiny_sdxl_dir, out)
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+@pytest.mark.parametrize(
+    "fault, left_behind, log_line",
+    [
+        ("step@5", None, "resumed from step 4"),  # mid-step: gradients computed, nothing stepped
+        ("checkpoint@4", ".tmp-", "a checkpoint write that never finished"),  # state written, not renamed
+        ("validation@4", None, "resumed from step 4"),  # checkpoint 4 done, its grid half drawn
+    ],
+    ids=["mid-step", "mid-checkpoint-write", "mid-validation"],
+)
+def test_kill_9_then_resume_equals_uninterrupted(tiny_sdxl_dir, reference, tmp_path, fault, left_behind, log_line):
+    out = tmp_path / "run"
+    killed = run_distill(tiny_sdxl_dir, out, fault)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert not (out / "student_unet.safetensors").exists()
+    every_checkpoint_is_whole(out / "checkpoints")
+    if left_behind:
+        assert any(p.name.startswith(left_behind) for p in (out / "checkpoints").iterdir())
+
+    resumed = run_distill(tiny_sdxl_dir, out)
+    assert resumed.returncode == 0, resumed.stderr
+    assert log_line in (out / "log.txt").read_text()
+    assert not any(p.name.startswith(".") for p in (out / "checkpoints").iterdir())
+    every_checkpoint_is_whole(out / "checkpoints")
+
+    a = load_file(str(reference / "student_unet.safetensors"))
+    b = load_file(str(out / "student_unet.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # The whole training state, optimizers and head pool included, not only the student.
+    last = "step-00000007"
+    ta, _ = checkpoint.load(reference / "checkpoints" / last)
+    tb, _ = checkpoint.load(out / "checkpoints" / last)
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+    grids = sorted(p.name for p in (reference / "validation").iterdir())
+    assert grids == sorted(p.name for p in (out / "validation").iterdir())
+    for name in grids:
+        assert (reference / "validation" / name).read_bytes() == (out / "validation" / name).read_bytes()
+
+
+# --- damaged checkpoints --------------------------------------------------------------------
+
+
+def flip_a_byte(path):
+    data = bytearray(path.read_bytes())
+    data[-9] ^= 0xFF  # inside the tensor data: safetensors itself would load this silently
+    path.write_bytes(bytes(data))
+
+
+def truncate(path):
+    path.write_bytes(path.read_bytes()[:-100])
+
+
+def append_garbage(path):
+    path.write_bytes(path.read_bytes() + b"\0" * 10)
+
+
+def garbage_meta(path):
+    (path.parent / checkpoint.META_FILE).write_text("{not json")
+
+
+def meta_not_a_dict(path):
+    (path.parent / checkpoint.META_FILE).write_text("[1, 2]")
+
+
+def no_meta(path):
+    (path.parent / checkpoint.META_FILE).unlink()
+
+
+def no_state(path):
+    path.unlink()
+
+
+@pytest.mark.parametrize(
+    "damage", [flip_a_byte, truncate, append_garbage, garbage_meta, meta_not_a_dict, no_meta, no_state]
+)
+def test_damaged_latest_checkpoint_falls_back_and_says_so(tmp_path, damage):
+    root = tmp_path / "checkpoints"
+    for step in (1, 2):
+        tensors = {"w": torch.full((64,), float(step)), "rng.torch": torch.get_rng_state()}
+        checkpoint.save(root, step, tensors, {"note": "x"}, keep=2)
+    damage(root / "step-00000002" / checkpoint.STATE_FILE)
+    said = []
+    tensors, meta = checkpoint.load_latest(root, log=said.append)
+    assert meta["step"] == 1 and torch.equal(tensors["w"], torch.full((64,), 1.0))
+    assert len(said) == 1 and "step-00000002" in said[0] and "previous" in said[0]
+
+
+def test_every_checkpoint_damaged_means_a_fresh_start_that_is_reported(tiny_sdxl_dir, tmp_path):
+    from nitrofusion.training.distill import Distiller
+
+    d = Distiller(config(tiny_sdxl_dir, tmp_path, "refine.steps_per_stage=[2]"), progress=False)
+    d.train_step()
+    d.step = 1
+    d.save_checkpoint()
+    (checkpoint.list_checkpoints(tmp_path / "checkpoints")[0] / checkpoint.META_FILE).write_text("{}")
+    again = Distiller(config(tiny_sdxl_dir, tmp_path, "refine.steps_per_stage=[2]"), progress=False)
+    again.resume("latest")
+    log = (tmp_path / "log.txt").read_text()
+    assert again.step == 0 and "unreadable" in log and "starting from scratch" in log
+
+
+def test_resume_from_a_named_damaged_checkpoint_is_one_line(tiny_sdxl_dir, tmp_path, capsys):
+    root = tmp_path / "run" / "checkpoints"
+    checkpoint.save(root, 3, {"w": torch.zeros(8)}, {})
+    flip_a_byte(root / "step-00000003" / checkpoint.STATE_FILE)
+    args = ["distill", *distill_args(tiny_sdxl_dir, tmp_path / "run"), "--resume", str(root / "step-00000003")]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot resume" in err[0] and "checksum" in err[0]
+
+
+# --- NaN storms -------------------------------------------------------------------------------
+
+
+def nan_run(tiny_sdxl_dir, out, *extra):
+    from nitrofusion.training.distill import Distiller
+
+    cfg = config(
+        tiny_sdxl_dir, out, "refine.steps_per_stage=[8]", "run.checkpoint_every=2", "run.max_bad_steps=3", *extra
+    )
+    return Distiller(cfg, progress=False)
+
+
+def test_nan_storm_shorter_than_the_limit_is_skipped_and_training_recovers(tiny_sdxl_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv(ENV, "loss.nan@2-3,loss.nan@6")
+    d = nan_run(tiny_sdxl_dir, tmp_path)
+    d.train()
+    log = (tmp_path / "log.txt").read_text()
+    assert log.count("step skipped") == 3
+    assert [line.split(":")[0] for line in log.splitlines() if "skipped" in line] == ["step 2", "step 3", "step 6"]
+    weights = load_file(str(tmp_path / "student_unet.safetensors"))
+    assert all(torch.isfinite(v).all() for v in weights.values())
+    assert d.step == 8 and (tmp_path / "checkpoints" / "step-00000008").is_dir()
+
+
+def test_nan_storm_longer_than_the_limit_stops_cleanly_and_resumes(tiny_sdxl_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv(ENV, "loss.nan@3-7")
+    args = ["distill", *distill_args(tiny_sdxl_dir, tmp_path), "--set", "run.max_bad_steps=3"]
+    assert main(args) == 1
+    err = capsys.readouterr().err  # the progress bar and the skipped-step lines, then one line on why it stopped
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("nitrofusion distill: stopped:") and "last good checkpoint" in last
+    assert "Traceback" not in err
+    latest = checkpoint.list_checkpoints(tmp_path / "checkpoints")[-1]
+    tensors, meta = checkpoint.load(latest)
+    assert meta["step"] == 2 and all(torch.isfinite(v).all() for v in tensors.values() if v.is_floating_point())
+    assert not (tmp_path / "student_unet.safetensors").exists()
+
+    monkeypatch.delenv(ENV)  # the storm has passed
+    assert main([*args, "--resume", "latest"]) == 0
+    assert "resumed from step 2" in (tmp_path / "log.txt").read_text()
+
+
+def test_non_finite_gradient_with_finite_loss_is_skipped(tiny_sdxl_dir, tmp_path):
+    d = nan_run(tiny_sdxl_dir, tmp_path)
+    before = {k: v.clone() for k, v in d.acc.unwrap_model(d.student).state_dict().items()}
+    hook = next(d.student.parameters()).register_hook(lambda g: g * float("inf"))
+    logs = d.train_step()
+    hook.remove()
+    assert logs == {"skipped": 1.0}
+    after = d.acc.unwrap_model(d.student).state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(p.grad is None for p in d.student.parameters())
+
+
+def test_non_finite_weights_are_never_checkpointed(tiny_sdxl_dir, tmp_path):
+    d = nan_run(tiny_sdxl_dir, tmp_path)
+    with torch.no_grad():
+        next(d.student.parameters()).fill_(float("nan"))
+    d.step = 2
+    d.save_checkpoint()
+    assert checkpoint.list_checkpoints(tmp_path / "checkpoints") == []
+    assert "not finite; checkpoint not written" in (tmp_path / "log.txt").read_text()
+
+
+def test_fault_spec_is_checked():
+    from nitrofusion.training.faults import fires
+
+    os.environ[ENV] = "bogus@1"
+    try:
+        with pytest.raises(ValueError, match="not <point>@<step>"):
+            fires("step", 1)
+    finally:
+        del os.environ[ENV]
+    assert fires("step", 1) is False  # unarmed
