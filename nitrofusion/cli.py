@@ -15,6 +15,7 @@ from pathlib import Path
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from nitrofusion.errors import UserError
+from nitrofusion.userfiles import read_user_text
 
 EXIT_USAGE = 2
 
@@ -23,10 +24,7 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
     prompts = list(args.prompt or [])
     if args.prompts:
         path = Path(args.prompts)
-        try:
-            lines = path.read_text(encoding="utf-8").splitlines()
-        except OSError as exc:
-            raise UserError(f"cannot read prompt file '{path}': {exc.strerror}") from None
+        lines = read_user_text(path, "prompt file").splitlines()
         from_file = [line.strip() for line in lines if line.strip()]
         if not from_file:
             raise UserError(f"prompt file '{path}' has no prompts (one per line expected)")
@@ -67,7 +65,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_train_teacher(args: argparse.Namespace) -> int:
+    from nitrofusion.pipelines.loading import resolve_device
     from nitrofusion.world.train import WorldConfig, build_world
+
+    resolve_device(args.device)
 
     cfg = WorldConfig(
         seed=args.seed,

@@ -5,7 +5,14 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from hypothesis import settings  # noqa: E402
+
 from nitrofusion.testing import save_tiny_sd15, save_tiny_sdxl  # noqa: E402
+
+# Fuzzing: a few deterministic examples per test in `make test`, many random ones in `make soak`.
+settings.register_profile("ci", max_examples=40, derandomize=True, database=None)
+settings.register_profile("soak", max_examples=1000, database=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture(scope="session")

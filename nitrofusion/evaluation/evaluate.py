@@ -202,11 +202,11 @@ def reference_from_cache(cache: Path, reference: str) -> GaussianStats | None:
 
 def evaluate(req: EvalRequest) -> list[dict]:
     from nitrofusion.pipelines import load_pipeline
-    from nitrofusion.pipelines.loading import default_device
+    from nitrofusion.pipelines.loading import resolve_device
 
     if req.n < 2:
         raise UserError(f"--n must be at least 2 (a covariance needs two samples), got {req.n}")
-    device = req.device or default_device()
+    device = resolve_device(req.device)
     req.out.mkdir(parents=True, exist_ok=True)
     prompts, labels = load_prompt_set(req.prompts, req.n, req.seed)
     scorers = build_scorers(req, device)

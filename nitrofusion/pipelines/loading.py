@@ -115,6 +115,22 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def resolve_device(device: str | None) -> str:
+    """The device to run on (default: cuda if available): a UserError for a name torch does not know
+    or a device this machine lacks, instead of an error deep inside the first `.to()`."""
+    if device is None:
+        return default_device()
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise UserError(f"unknown device '{device}': use cpu, cuda or cuda:N") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("CUDA was requested but is not available on this machine")
+    if parsed.type not in ("cpu", "cuda", "mps", "xpu"):
+        raise UserError(f"device '{device}' is not supported: use cpu, cuda or cuda:N")
+    return str(parsed)
+
+
 def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
@@ -161,6 +177,38 @@ def _scheduler_class_name(model_dir: Path) -> str:
         return ""
 
 
+TRUSTED_LIBRARIES = ("diffusers", "transformers")  # and nitrofusion's own modules (our scheduler)
+
+
+def check_model_index(model_dir: Path) -> None:
+    """Refuse a pipeline whose model_index.json names code from anywhere but diffusers, transformers
+    or nitrofusion: a custom pipeline or component class would import a module shipped with the
+    model, which is remote code however local the directory looks."""
+    try:
+        index = json.loads((model_dir / "model_index.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"'{model_dir / 'model_index.json'}' is not readable JSON: {exc}") from None
+    if not isinstance(index, dict):
+        raise UserError(f"'{model_dir / 'model_index.json'}' is not a diffusers model index")
+    import diffusers
+
+    name = index.get("_class_name")
+    if not isinstance(name, str) or not name.endswith("Pipeline") or not hasattr(diffusers, name):
+        raise UserError(
+            f"'{model_dir}' names pipeline class {name!r}, which is not one of diffusers' own; "
+            "custom pipelines (code shipped with a model) are never loaded"
+        )
+    for key, value in index.items():
+        if key.startswith("_") or not isinstance(value, list) or len(value) != 2 or value[0] is None:
+            continue
+        library = value[0]
+        if not isinstance(library, str) or not (library in TRUSTED_LIBRARIES or library.startswith("nitrofusion.")):
+            raise UserError(
+                f"'{model_dir}': component '{key}' comes from {library!r}; only diffusers, transformers and "
+                "nitrofusion classes are loaded (never code shipped with a model)"
+            )
+
+
 def load_pipeline(
     model: str | Path,
     unet: str | Path | None = None,
@@ -177,11 +225,10 @@ def load_pipeline(
     The chosen sampler is recorded as `pipe.nitro_sampler`.
     """
     model_dir = resolve_model(model)
-    device = device or default_device()
+    device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("CUDA was requested but is not available on this machine")
     student_state = read_safetensors(unet) if unet is not None else None
+    check_model_index(model_dir)
     try:
         with quiet_loading():
             pipe = DiffusionPipeline.from_pretrained(

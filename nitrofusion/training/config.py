@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from nitrofusion.errors import UserError
+from nitrofusion.userfiles import read_user_text
 
 
 @dataclass
@@ -290,11 +291,10 @@ def preset_names() -> list[str]:
     return sorted(p.name[:-5] for p in resources.files("nitrofusion.configs").iterdir() if p.name.endswith(".yaml"))
 
 
-def _read_yaml(path: str | Path, what: str) -> dict:
+def _read_yaml(path: str | Path, what: str, packaged: bool = False) -> dict:
+    text = Path(path).read_text(encoding="utf-8") if packaged else read_user_text(path, what)
     try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-    except OSError as exc:
-        raise UserError(f"cannot read {what} '{path}': {exc.strerror}") from None
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
         raise UserError(f"{what} '{path}' is not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(data, dict):
@@ -310,7 +310,7 @@ def load_config(
     if preset:
         if preset not in preset_names():
             raise UserError(f"unknown preset '{preset}' (available: {', '.join(preset_names())})")
-        _merge(cfg, _read_yaml(resources.files("nitrofusion.configs") / f"{preset}.yaml", "preset"))
+        _merge(cfg, _read_yaml(resources.files("nitrofusion.configs") / f"{preset}.yaml", "preset", packaged=True))
     if path:
         _merge(cfg, _read_yaml(path, "config file"))
     for text in overrides or []:
