@@ -11,7 +11,7 @@ FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEMO_OUT ?= outputs/demo
 
-.PHONY: setup system-deps demo app test lint clean
+.PHONY: setup system-deps demo app test soak lint clean
 
 setup: $(VENV)/.installed system-deps
 
@@ -55,6 +55,13 @@ app: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# Fault injection at volume (docs/reliability.md): random kill -9s, the fault points at random steps,
+# NaN storms, damaged checkpoints and SOAK_EXAMPLES fuzz examples per fuzz test. About 15 minutes.
+SOAK_EXAMPLES ?= 1000
+SOAK_TRIALS ?= 4
+soak: setup
+	$(BIN)/python scripts/soak.py --out outputs/soak --trials $(SOAK_TRIALS) --fuzz-examples $(SOAK_EXAMPLES)
 
 lint: setup
 	$(BIN)/ruff check nitrofusion tests scripts benchmarks

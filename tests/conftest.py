@@ -11,7 +11,7 @@ from nitrofusion.testing import save_tiny_sd15, save_tiny_sdxl  # noqa: E402
 
 # Fuzzing: a few deterministic examples per test in `make test`, many random ones in `make soak`.
 settings.register_profile("ci", max_examples=40, derandomize=True, database=None)
-settings.register_profile("soak", max_examples=1000, database=None)
+settings.register_profile("soak", max_examples=int(os.environ.get("SOAK_EXAMPLES", "1000")), database=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 

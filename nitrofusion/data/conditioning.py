@@ -55,10 +55,11 @@ class TextEncoder:
 
     @torch.no_grad()
     def __call__(self, prompts: list[str]) -> Conditioning:
-        todo = sorted({p for p in prompts if p not in self._cache})
-        if todo:
-            for p, c in zip(todo, self._encode(todo)):
-                self._cache[p] = c
+        # One prompt per encoder call: batched matmuls round differently with the batch's size and
+        # contents, and a prompt's embedding must not depend on which batch first met it, or a
+        # resumed run (empty cache) would drift from an uninterrupted one.
+        for p in sorted({p for p in prompts if p not in self._cache}):
+            (self._cache[p],) = self._encode([p])
         return Conditioning.cat([self._cache[p] for p in prompts])
 
     def _encode(self, prompts: list[str]) -> list[Conditioning]:
