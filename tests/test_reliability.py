@@ -244,3 +244,19 @@ def test_fault_spec_is_checked():
     finally:
         del os.environ[ENV]
     assert fires("step", 1) is False  # unarmed
+
+
+def test_a_prompts_embedding_does_not_depend_on_its_batch():
+    # The soak found a resumed run drifting from an uninterrupted one: the pooled embedding of a prompt
+    # first met in a batch of three differed in the last bits from the same prompt encoded alone.
+    from nitrofusion.data.conditioning import TextEncoder
+    from nitrofusion.testing import tiny_sdxl_pipeline
+
+    pipe = tiny_sdxl_pipeline()
+    prompts = ["a photo of a sneaker", "a photo of a bag with a long strap", "an ankle boot"]
+    together = TextEncoder(pipe, 16, 16)(prompts)
+    for i, p in enumerate(prompts):
+        alone = TextEncoder(pipe, 16, 16)([p])
+        assert torch.equal(alone.prompt_embeds[0], together.prompt_embeds[i])
+        for key, value in alone.added_cond_kwargs.items():
+            assert torch.equal(value[0], together.added_cond_kwargs[key][i]), key
