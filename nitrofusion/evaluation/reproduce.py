@@ -288,6 +288,8 @@ class Reproduction:
 
 def _cell(row: Row, key: str, digits: int) -> str:
     mean, sd = row.stat(key)
+    if len(row.scores) < 2:
+        return f"{mean:.{digits}f}"  # one seed has no spread to report
     return f"{mean:.{digits}f} ± {sd:.{digits}f}"
 
 
