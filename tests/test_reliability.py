@@ -66,8 +66,9 @@ def reference(tiny_sdxl_dir, tmp_path_factory):
         ("step@5", None, "resumed from step 4"),  # mid-step: gradients computed, nothing stepped
         ("checkpoint@4", ".tmp-", "a checkpoint write that never finished"),  # state written, not renamed
         ("validation@4", None, "resumed from step 4"),  # checkpoint 4 done, its grid half drawn
+        ("validation@7", None, "resumed from step 7"),  # the last grid (7 is no multiple of 2; found by the soak)
     ],
-    ids=["mid-step", "mid-checkpoint-write", "mid-validation"],
+    ids=["mid-step", "mid-checkpoint-write", "mid-validation", "mid-final-validation"],
 )
 def test_kill_9_then_resume_equals_uninterrupted(tiny_sdxl_dir, reference, tmp_path, fault, left_behind, log_line):
     out = tmp_path / "run"

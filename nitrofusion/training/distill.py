@@ -493,7 +493,8 @@ class Distiller:
         self.log_line(f"resumed from step {self.step}")
         # A run killed while validating after its checkpoint: draw the grid it never wrote.
         every = self.cfg.run.validate_every
-        if every and self.step % every == 0 and not self.validation_path().is_file():
+        due = every and (self.step % every == 0 or self.step == self.cfg.total_steps)
+        if due and not self.validation_path().is_file():
             self.validate()
 
     def student_pipeline(self, use_ema: bool = True) -> DiffusionPipeline:
