@@ -250,11 +250,12 @@ class Soak:
             capture_output=True,
             text=True,
         )
+        (self.out / "fuzz.log").write_text(done.stdout + done.stderr)  # hypothesis prints the failing example
         tests = 5
         f.runs, f.injected = tests, tests * examples
         f.survived = tests if done.returncode == 0 else 0
         if done.returncode != 0:
-            f.lost.append(done.stdout.strip().splitlines()[-1])
+            f.lost.append(done.stdout.strip().splitlines()[-1] + f" (see {self.out / 'fuzz.log'})")
         return f
 
 
