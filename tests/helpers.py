@@ -29,3 +29,28 @@ def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def moved(before: dict[str, torch.Tensor], module: torch.nn.Module) -> bool:
     return any(not torch.equal(before[k], v) for k, v in module.state_dict().items())
+
+
+def straight_and_resumed(tiny_sdxl_dir, tmp_path, *overrides: str, interrupt_at: int = 2):
+    """An uninterrupted run (in tmp_path/a) and one checkpointed after `interrupt_at` iterations,
+    then finished by a new Distiller with `--resume latest` (in tmp_path/b)."""
+    from nitrofusion.training.distill import Distiller
+
+    straight = Distiller(config(tiny_sdxl_dir, tmp_path / "a", *overrides), progress=False)
+    straight.train()
+    first = Distiller(config(tiny_sdxl_dir, tmp_path / "b", *overrides), progress=False)
+    for _ in range(interrupt_at):
+        first.train_step()
+        first.step += 1
+    first.save_checkpoint()
+    resumed = Distiller(config(tiny_sdxl_dir, tmp_path / "b", *overrides), progress=False)
+    resumed.train(resume="latest")
+    return straight, resumed
+
+
+def same_student(dir_a, dir_b) -> bool:
+    from safetensors.torch import load_file
+
+    a = load_file(str(dir_a / "student_unet.safetensors"))
+    b = load_file(str(dir_b / "student_unet.safetensors"))
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

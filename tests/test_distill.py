@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
-from helpers import config, moved, snapshot
+from helpers import config, moved, same_student, snapshot, straight_and_resumed
 from safetensors.torch import load_file
 
 from nitrofusion.cli import main
@@ -120,19 +120,9 @@ def test_static_head_set_is_small_and_shared(tiny_sdxl_dir, tmp_path):
 
 def test_resume_equals_uninterrupted(tiny_sdxl_dir, tmp_path):
     common = ["refine.steps_per_stage=[2,2]", "run.checkpoint_every=2", "loss.pretrain_steps=1"]
-    straight = Distiller(config(tiny_sdxl_dir, tmp_path / "a", *common), progress=False)
-    straight.train()
-    first = Distiller(config(tiny_sdxl_dir, tmp_path / "b", *common), progress=False)
-    for _ in range(2):
-        first.train_step()
-        first.step += 1
-    first.save_checkpoint()
-    resumed = Distiller(config(tiny_sdxl_dir, tmp_path / "b", *common), progress=False)
-    resumed.train(resume="latest")
+    straight, resumed = straight_and_resumed(tiny_sdxl_dir, tmp_path, *common)
     assert resumed.step == straight.step == 5
-    a = load_file(str(tmp_path / "a" / "student_unet.safetensors"))
-    b = load_file(str(tmp_path / "b" / "student_unet.safetensors"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert same_student(tmp_path / "a", tmp_path / "b")
     for k, v in straight.pool.state_dict().items():
         assert torch.equal(v, resumed.pool.state_dict()[k])
 

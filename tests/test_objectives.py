@@ -4,8 +4,7 @@ fake score, two time scales, exact resume, and the config's refusals."""
 
 import pytest
 import torch
-from helpers import config, moved, snapshot
-from safetensors.torch import load_file
+from helpers import config, moved, same_student, snapshot, straight_and_resumed
 
 from nitrofusion.errors import UserError
 from nitrofusion.objectives.base import input_gradient, with_gradient
@@ -205,19 +204,9 @@ def test_two_time_scales(tiny_sdxl_dir, tmp_path):
 )
 def test_resume_equals_uninterrupted(tiny_sdxl_dir, tmp_path, overrides):
     common = [*overrides, "refine.steps_per_stage=[2,1]", "run.checkpoint_every=2", "loss.pretrain_steps=1"]
-    straight = Distiller(config(tiny_sdxl_dir, tmp_path / "a", *common), progress=False)
-    straight.train()
-    first = Distiller(config(tiny_sdxl_dir, tmp_path / "b", *common), progress=False)
-    for _ in range(2):
-        first.train_step()
-        first.step += 1
-    first.save_checkpoint()
-    resumed = Distiller(config(tiny_sdxl_dir, tmp_path / "b", *common), progress=False)
-    resumed.train(resume="latest")
+    straight, resumed = straight_and_resumed(tiny_sdxl_dir, tmp_path, *common)
     assert resumed.step == straight.step == 4
-    a = load_file(str(tmp_path / "a" / "student_unet.safetensors"))
-    b = load_file(str(tmp_path / "b" / "student_unet.safetensors"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert same_student(tmp_path / "a", tmp_path / "b")
     for name, critic in straight.critics.items():
         for key, module in critic.modules.items():
             other = resumed.critics[name].modules[key].state_dict()
