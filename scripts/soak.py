@@ -82,8 +82,8 @@ class Soak:
     def start(self, run: Path, fault: str | None = None) -> subprocess.Popen:
         env = {**self.env, ENV: fault} if fault else self.env
         run.parent.mkdir(parents=True, exist_ok=True)
-        log = open(run.parent / f"{run.name}.log", "a")
-        return subprocess.Popen(self.command(run), env=env, stdout=log, stderr=subprocess.STDOUT)
+        with open(run.parent / f"{run.name}.log", "a") as log:  # the child keeps its own descriptor
+            return subprocess.Popen(self.command(run), env=env, stdout=log, stderr=subprocess.STDOUT)
 
     def fresh(self, name: str) -> Path:
         run = self.out / "runs" / name
