@@ -273,3 +273,16 @@ def test_console_script_exit_code(tmp_path):
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "not found" in proc.stderr
+
+
+@pytest.mark.parametrize("device", ["embedded", "cuda:x", "tpu"])
+def test_unknown_device_is_one_line(device, tmp_path, capsys):
+    assert main(["generate", "a sneaker", "--device", device, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "device" in err[0], err
+
+
+def test_prompt_file_that_is_a_device_is_one_line(tmp_path, capsys):
+    assert main(["generate", "--prompts", "/dev/zero", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not a regular file" in err[0], err
