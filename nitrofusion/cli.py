@@ -47,7 +47,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prepare_output(args.out, len(prompts))
     choice = choose_model(args.model, args.unet, args.shift)
     pipe = load_pipeline(
-        choice.model, unet=choice.unet, shift=choice.shift, sampler=args.sampler, device=args.device, dtype=args.dtype
+        choice.model, unet=choice.unet, shift=choice.shift, sampler=args.sampler, device=args.device, dtype=args.dtype,
+        compile=args.compile,
     )
     results = generate(
         pipe,
@@ -244,6 +245,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--guidance-scale", type=float, help="CFG scale (default 0 for shift-lcm, 5 for native)")
     g.add_argument("--device", help="cpu or cuda (default: cuda if available)")
     g.add_argument("--dtype", default="auto", help="auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16")
+    g.add_argument(
+        "--compile",
+        action="store_true",
+        help="CUDA: torch.compile the UNet and VAE decoder (a minute or more first; faster after)",
+    )
     g.add_argument("--out", default="outputs", help="output directory, or a .png file for one prompt")
     g.set_defaults(func=cmd_generate)
 

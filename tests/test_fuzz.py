@@ -253,8 +253,28 @@ def _answered_cleanly(r) -> None:
 @FUZZ
 @given(body=bodies())
 def test_fuzz_app_json(app_client, body):
+    # Encoded here, not by the client (which refuses inf/nan): Python-style JSON with Infinity and
+    # NaN is exactly what a hostile client can send (found by the soak: body=inf).
+    content = json.dumps(body, allow_nan=True).encode()
     with must_finish():
-        _answered_cleanly(app_client.post("/api/generate", json=body))
+        _answered_cleanly(
+            app_client.post("/api/generate", content=content, headers={"content-type": "application/json"})
+        )
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        float("inf"),
+        float("nan"),
+        {"prompt": "a cat", "steps": float("inf")},
+        {"prompt": "a cat", "seed": float("nan")},
+        {"prompt": "a", "width": -float("inf")},
+    ],
+)
+def test_app_answers_non_finite_json_numbers_cleanly(app_client, body):
+    content = json.dumps(body, allow_nan=True).encode()
+    _answered_cleanly(app_client.post("/api/generate", content=content, headers={"content-type": "application/json"}))
 
 
 @FUZZ

@@ -65,6 +65,11 @@ def _add_arguments(a: argparse.ArgumentParser) -> None:
     a.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"default {DEFAULT_PORT}; 0 picks a free port")
     a.add_argument("--device", help="cpu or cuda (default: cuda if available)")
     a.add_argument("--dtype", default="auto", help="auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16")
+    a.add_argument(
+        "--compile",
+        action="store_true",
+        help="CUDA: torch.compile the UNet and VAE decoder (compiled during the warm-up, before serving)",
+    )
     a.add_argument("--max-size", type=int, default=1024, help="largest width or height a request may ask for")
     a.add_argument("--queue-size", type=int, default=32, help="requests that may wait per model (one per client)")
     a.add_argument("--no-warmup", action="store_true", help="skip sampling one image per model at start-up")
@@ -114,7 +119,9 @@ def run(args: argparse.Namespace) -> int:
         )
     sock = bind(args.host, args.port)
     try:
-        models = load_models(args.models or [], device=args.device, dtype=args.dtype, warmup=not args.no_warmup)
+        models = load_models(
+            args.models or [], device=args.device, dtype=args.dtype, warmup=not args.no_warmup, compile=args.compile
+        )
         app = create_app(models, max_size=args.max_size, queue_size=args.queue_size)
         host, port = sock.getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host

@@ -188,7 +188,11 @@ def model_name(spec: ModelSpec) -> str:
 
 
 def load_models(
-    specs: Sequence[ModelSpec], device: str | None = None, dtype: str | None = "auto", warmup: bool = True
+    specs: Sequence[ModelSpec],
+    device: str | None = None,
+    dtype: str | None = "auto",
+    warmup: bool = True,
+    compile: bool = False,
 ) -> list[LoadedModel]:
     """Load every model once (safetensors only, no remote code: `load_pipeline`'s guarantees) and
     optionally sample one image each, so the first user request does not pay for lazy initialisation."""
@@ -206,7 +210,9 @@ def load_models(
     models: list[LoadedModel] = []
     for spec, name in zip(specs, names):
         choice = choose_model(spec.model, spec.unet, spec.shift)
-        pipe = load_pipeline(choice.model, unet=choice.unet, shift=choice.shift, device=device, dtype=dtype)
+        pipe = load_pipeline(
+            choice.model, unet=choice.unet, shift=choice.shift, device=device, dtype=dtype, compile=compile
+        )
         loaded = LoadedModel.from_pipeline(name, spec.model or "embedded", pipe)
         if warmup:
             generate(pipe, ["warm-up"], steps=1, seed=0, batch_size=1, progress=False)

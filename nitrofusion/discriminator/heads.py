@@ -53,16 +53,27 @@ class DiscriminatorHead(nn.Module):
         self.reset_parameters(generator)
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        """Fresh init (also what a pool refresh does); seeded by `generator` for exact resumes."""
-        for m in self.modules():
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
-                nn.init.kaiming_normal_(m.weight, nonlinearity="linear", generator=generator)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.GroupNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-        nn.init.normal_(self.to_logit.weight, std=0.01, generator=generator)
+        """Fresh init (also what a pool refresh does); seeded by `generator` for exact resumes.
+
+        Drawn on the CPU (where the seeded generators live) and copied in: the same heads on
+        any device, and a CPU generator never meets CUDA weights.
+        """
+
+        def draw(weight: torch.Tensor, init, **kwargs) -> None:
+            value = torch.empty(weight.shape, dtype=torch.float32)
+            init(value, generator=generator, **kwargs)
+            weight.copy_(value)
+
+        with torch.no_grad():
+            for m in self.modules():
+                if isinstance(m, (nn.Conv2d, nn.Linear)):
+                    draw(m.weight, nn.init.kaiming_normal_, nonlinearity="linear")
+                    if m.bias is not None:
+                        m.bias.zero_()
+                elif isinstance(m, nn.GroupNorm):
+                    m.weight.fill_(1.0)
+                    m.bias.zero_()
+            draw(self.to_logit.weight, nn.init.normal_, std=0.01)
 
     def forward(self, feature: torch.Tensor, text: torch.Tensor | None = None) -> torch.Tensor:
         """Logits: [B] for global heads, [B, h*w] (one per patch) for local heads."""

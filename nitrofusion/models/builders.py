@@ -205,3 +205,46 @@ def build_sd15_pipeline(spec: SD15Spec | None = None, seed: int = 0) -> StableDi
         feature_extractor=None,
         requires_safety_checker=False,
     )
+
+
+def sdxl_base_configs() -> dict[str, dict]:
+    """SDXL base 1.0's component configs (shipped in the package: models/configs/sdxl-base)."""
+    import json
+
+    root = resources.files("nitrofusion.models") / "configs" / "sdxl-base"
+    configs = {}
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        config = json.loads((root / f"{name}.json").read_text())
+        config.pop("_class_name")
+        configs[name] = config
+    return configs
+
+
+def build_sdxl_base(
+    device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> StableDiffusionXLPipeline:
+    """SDXL base 1.0's architecture with random weights, made directly on `device`.
+
+    For speed and memory measurements (they do not depend on the weight values). On the
+    meta device nothing is allocated, which is how the tests count parameters.
+    """
+    c = sdxl_base_configs()
+    with torch.device(device):
+        unet = UNet2DConditionModel(**c["unet"])
+        vae = AutoencoderKL(**c["vae"])
+        text_encoder = CLIPTextModel(CLIPTextConfig(**c["text_encoder"]))
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**c["text_encoder_2"]))
+    modules = [unet, vae, text_encoder, text_encoder_2]
+    if torch.device(device).type != "meta":
+        modules = [m.to(dtype) for m in modules]
+    unet, vae, text_encoder, text_encoder_2 = (m.eval().requires_grad_(False) for m in modules)
+    return StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=clip_tokenizer(),
+        tokenizer_2=clip_tokenizer(),
+        unet=unet,
+        scheduler=sdxl_scheduler(),
+        force_zeros_for_empty_prompt=True,
+    )

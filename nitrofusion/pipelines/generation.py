@@ -88,7 +88,9 @@ def generate(
                 height=height,
                 width=width,
                 generator=generators,
+                output_type="pt",
             ).images
+            images = to_pil(images)
         for prompt, s, image in zip(chunk, seeds, images):
             meta = {
                 "prompt": prompt,
@@ -105,6 +107,16 @@ def generate(
         bar.update(len(chunk))
     bar.close()
     return results
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """A pipeline's "pt" output (B, 3, H, W in [0, 1]) as PIL images, quantised on its device.
+
+    The same arithmetic as diffusers' "pil" output (x 255, round, uint8) but done before the
+    copy to the host, which moves a quarter of the bytes and skips a float pass in numpy.
+    """
+    pixels = (images.float() * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(p) for p in pixels]
 
 
 def _slug(text: str, n: int = 40) -> str:

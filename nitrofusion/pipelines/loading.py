@@ -216,13 +216,16 @@ def load_pipeline(
     sampler: Sampler = "auto",
     device: str | None = None,
     dtype: str | torch.dtype | None = None,
+    compile: bool = False,
 ) -> DiffusionPipeline:
     """Load a text-to-image pipeline ready for few-step sampling.
 
     sampler: "shift-lcm" installs `TimestepShiftLCMScheduler` (1-4 steps, no CFG);
     "native" keeps the pipeline's own scheduler (a multi-step teacher); "auto" picks
     shift-lcm when the pipeline already has it, or a student UNet or a shift is given.
-    The chosen sampler is recorded as `pipe.nitro_sampler`.
+    The chosen sampler is recorded as `pipe.nitro_sampler`. `compile` (CUDA) compiles the
+    networks (`nitrofusion.pipelines.fast`); never for training, since its fused projections
+    add keys to the UNet's state dict.
     """
     model_dir = resolve_model(model)
     device = resolve_device(device)
@@ -263,7 +266,12 @@ def load_pipeline(
     pipe.nitro_sampler = sampler
     pipe.nitro_model = str(model)
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    pipe = pipe.to(device)
+    if compile:
+        from nitrofusion.pipelines.fast import compile_pipeline
+
+        compile_pipeline(pipe)
+    return pipe
 
 
 def save_state_dict(state: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> Path:

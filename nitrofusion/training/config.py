@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from nitrofusion.errors import UserError
+from nitrofusion.training.lora import DEFAULT_TARGETS as DEFAULT_LORA_TARGETS
 from nitrofusion.userfiles import read_user_text
 
 
@@ -27,6 +28,9 @@ class ModelConfig:
     student_init: str | None = None  # UNet safetensors to start from; None = the teacher's weights
     shift: int = 250  # timestep shift, the same in training and sampling
     gradient_checkpointing: bool = False
+    lora_rank: int = 0  # > 0: train LoRA adapters of this rank instead of the whole UNet (training/lora.py)
+    lora_alpha: float | None = None  # adapter scale alpha / rank; None = rank (scale 1)
+    lora_targets: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
 
 
 @dataclass
@@ -174,6 +178,9 @@ def _check_type(key: str, value: Any, tp: Any) -> Any:
         if not isinstance(value, list):
             raise UserError(f"config key '{key}' must be a list, got {value!r}")
         return [_check_type(f"{key}[{i}]", v, inner) for i, v in enumerate(value)]
+    if tp is str and isinstance(value, bool):
+        # YAML 1.1 reads a bare no/yes/off/on as a bool: `mixed_precision: no` means the string.
+        return "yes" if value else "no"
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is float and isinstance(value, str):
@@ -248,10 +255,13 @@ def validate(cfg: DistillConfig) -> DistillConfig:
         "pretrain.pixel_weight": cfg.pretrain.pixel_weight,
         "pretrain.pixel_downsamples": cfg.pretrain.pixel_downsamples,
         "pretrain.pixel_crop": cfg.pretrain.pixel_crop,
+        "model.lora_rank": cfg.model.lora_rank,
     }
     for key, value in non_negative.items():
         if value < 0:
             raise UserError(f"config key '{key}' must not be negative, got {value}")
+    if cfg.model.lora_rank > 0 and (not cfg.model.lora_targets or (cfg.model.lora_alpha or 1) <= 0):
+        raise UserError("LoRA training needs model.lora_targets (module names) and a positive model.lora_alpha")
     if not 0 <= cfg.dmd.min_t <= cfg.dmd.max_t <= 1:
         raise UserError("config keys 'dmd.min_t' and 'dmd.max_t' must satisfy 0 <= min_t <= max_t <= 1")
     if cfg.dmd.fake_lr <= 0:

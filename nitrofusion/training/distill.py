@@ -39,12 +39,13 @@ from nitrofusion.objectives.nitrofusion import NitroFusion, NitroFusionObjective
 from nitrofusion.objectives.pretrain import AdversarialPretraining, PixelDiscriminator, Regression
 from nitrofusion.objectives.scores import FakeScore, RealScore
 from nitrofusion.pipelines.generation import default_size, generate
-from nitrofusion.pipelines.loading import check_state_dict, load_pipeline, read_safetensors, save_unet_weights
+from nitrofusion.pipelines.loading import check_state_dict, load_pipeline, read_safetensors, save_state_dict
 from nitrofusion.scheduling import TimestepShiftLCMScheduler
 from nitrofusion.training import checkpoint
 from nitrofusion.training.config import DistillConfig, save_config
 from nitrofusion.training.ema import EMA
 from nitrofusion.training.faults import fires, kill_point
+from nitrofusion.training.lora import add_lora, merged_state_dict, plain_unet
 from nitrofusion.training.student import ShiftedStudent
 
 PURPOSES = {
@@ -112,6 +113,8 @@ class Distiller:
             state = read_safetensors(cfg.model.student_init)
             check_state_dict(student, state, f"student init '{cfg.model.student_init}'")
             student.load_state_dict(state)
+        if cfg.model.lora_rank > 0:
+            add_lora(student, cfg.model.lora_rank, cfg.model.lora_alpha, cfg.model.lora_targets, cfg.run.seed)
         # DMD2/ADM's fake score starts as the teacher (a copy taken before any hooks or half precision).
         fake_unet = copy.deepcopy(self.teacher.unet) if cfg.loss.objective in ("dmd2", "adm") else None
         if cfg.model.gradient_checkpointing:
@@ -121,15 +124,21 @@ class Distiller:
                 fake_unet.enable_gradient_checkpointing()
         if cfg.optim.mixed_precision != "no" and self.acc.device.type == "cuda":
             # The teacher is frozen: keep it in half precision; the student keeps fp32 master weights.
-            self.teacher.to(torch.bfloat16 if cfg.optim.mixed_precision == "bf16" else torch.float16)
+            half = torch.bfloat16 if cfg.optim.mixed_precision == "bf16" else torch.float16
+            self.teacher.to(half)
+            if cfg.model.lora_rank > 0:  # the student's frozen base weights too; the adapters stay fp32
+                for p in student.parameters():
+                    if not p.requires_grad:
+                        p.data = p.data.to(half)
         self.scheduler = TimestepShiftLCMScheduler.from_config(
             self.teacher.scheduler.config, shifted_timestep=cfg.model.shift, original_inference_steps=4
         )
         self.maths = ShiftedStudent(self.scheduler)
         self.ema = EMA(student, cfg.optim.ema_decay)
         self._build_objectives(fake_unet)
+        trainable = [p for p in student.parameters() if p.requires_grad]  # all, or the LoRA adapters
         opt_g = torch.optim.AdamW(
-            student.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay
+            trainable, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay
         )
         self.student, self.opt_g = self.acc.prepare(student, opt_g)
         self.step = 0
@@ -439,7 +448,7 @@ class Distiller:
             self.log_line(f"step {self.step}: the student's weights are not finite; checkpoint not written")
             return
         tensors = {f"student.{k}": v for k, v in raw.state_dict().items()}
-        tensors.update({f"ema.{k}": v for k, v in self.ema.shadow.state_dict().items()})
+        tensors.update({f"ema.{k}": v for k, v in self.ema.own_state_dict().items()})
         # opt_g went through accelerator.prepare: its state lives in the wrapped optimizer.
         g_t, g_meta = checkpoint.optimizer_tensors(self.opt_g.optimizer, "opt_g")
         tensors.update(g_t)
@@ -480,7 +489,7 @@ class Distiller:
             return {k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
 
         raw.load_state_dict(part("student"))
-        self.ema.shadow.load_state_dict(part("ema"))
+        self.ema.load_own_state_dict(part("ema"))
         checkpoint.load_optimizer(self.opt_g.optimizer, tensors, meta["opt_g"], "opt_g")
         for critic in self.critics.values():
             for name, module in critic.modules.items():
@@ -497,8 +506,11 @@ class Distiller:
         if due and not self.validation_path().is_file():
             self.validate()
 
-    def student_pipeline(self, use_ema: bool = True) -> DiffusionPipeline:
+    def student_pipeline(self, use_ema: bool = True, merged: bool = False) -> DiffusionPipeline:
+        """The student as a pipeline; `merged` folds LoRA adapters in (for saving: stock diffusers loads it)."""
         unet = self.ema.shadow if use_ema else self.acc.unwrap_model(self.student)
+        if merged:
+            unet = plain_unet(unet)
         pipe = type(self.teacher)(**{**self.teacher.components, "unet": unet, "scheduler": self.scheduler})
         pipe.nitro_sampler, pipe.nitro_model = "shift-lcm", str(self.out)
         pipe.set_progress_bar_config(disable=True)
@@ -530,8 +542,8 @@ class Distiller:
         """student_unet.safetensors (EMA weights) and a complete pipeline directory."""
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
-            save_unet_weights(self.ema.shadow, self.out / "student_unet.safetensors")
-            pipe = self.student_pipeline()
+            save_state_dict(merged_state_dict(self.ema.shadow), self.out / "student_unet.safetensors")
+            pipe = self.student_pipeline(merged=True)
             pipe.save_pretrained(str(self.out / "pipeline"))
             (self.out / "pipeline" / "nitrofusion.json").write_text(
                 json.dumps(
@@ -544,7 +556,8 @@ class Distiller:
         """The EMA student as it leaves a refinement stage: the bottom-up refinement's claim
         (training for k+1 steps keeps the k-step quality) is checked against these files."""
         if self.acc.is_main_process:
-            save_unet_weights(self.ema.shadow, self.out / "stages" / f"{num_steps}-step" / "student_unet.safetensors")
+            path = self.out / "stages" / f"{num_steps}-step" / "student_unet.safetensors"
+            save_state_dict(merged_state_dict(self.ema.shadow), path)
 
     def log_line(self, msg: str) -> None:
         if not self.acc.is_main_process:

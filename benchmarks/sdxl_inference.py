@@ -1,0 +1,227 @@
+"""SDXL-architecture sampling latency: nitrofusion's path against the bare compute and the stock pipeline.
+
+SDXL base 1.0's architecture with random weights (nitrofusion/models/configs/sdxl-base; speed
+does not depend on the values), 1024², no CFG (as NitroSD samples), the shift-LCM scheduler
+in every row. One process, one run, so the ratios compare like with like:
+
+- stock: diffusers' StableDiffusionXLPipeline as it comes (SDPA attention), PIL output.
+- stock + compile: the same with torch.compile on the UNet (diffusers' documented recipe).
+- no SDPA: the stock pipeline with diffusers' classic attention (to see what SDPA buys).
+- nitrofusion: `nitrofusion.pipelines.generate` (uint8 quantisation on the GPU), eager; then
+  with `--compile` (`compile_pipeline`: channels-last, fused q/k/v, inductor + CUDA graphs
+  for the UNet and VAE decoder, inductor for the text encoders).
+- bare: the same modules' UNet forwards (one per step) + VAE decode on prepared tensors:
+  the compute a sample cannot avoid. Pipeline overhead = end to end / bare - 1.
+
+End to end = text encoding (both CLIP encoders) + UNet steps + VAE decode + PIL images.
+Results are written after every row (JSON), so a run cut short keeps what it measured.
+
+    python benchmarks/sdxl_inference.py --out runs/sdxl_inference.json          # a CUDA machine
+    python benchmarks/sdxl_inference.py --tiny --device cpu --no-compile        # the same code, tiny, CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], object], device: torch.device, warmup: int, repeat: int) -> dict:
+    """Median and min wall time of `fn` (synchronised); the first warm-up call is reported on its own
+    (it includes compilation where there is any)."""
+    first = None
+    for i in range(warmup):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        if i == 0:
+            first = time.perf_counter() - t0
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return {"median_ms": 1e3 * statistics.median(times), "min_ms": 1e3 * min(times), "first_call_s": first}
+
+
+def build(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
+    from nitrofusion.models.builders import SDXLSpec, build_sdxl_base, build_sdxl_pipeline
+    from nitrofusion.scheduling import TimestepShiftLCMScheduler
+
+    if args.tiny:
+        pipe = build_sdxl_pipeline(SDXLSpec()).to(device, dtype)
+    else:
+        pipe = build_sdxl_base(device, dtype)
+    pipe.scheduler = TimestepShiftLCMScheduler.from_config(
+        pipe.scheduler.config, shifted_timestep=250, original_inference_steps=4
+    )
+    pipe.nitro_sampler = "shift-lcm"  # what load_pipeline records; generate reads it
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def bare_compute(pipe, batch: int, size: int, device: torch.device, dtype: torch.dtype) -> Callable[[int], None]:
+    """UNet forwards + VAE decode on prepared tensors of the pipeline's shapes (no text, no scheduler)."""
+    unet_cfg = pipe.unet.config
+    f = pipe.vae_scale_factor
+    latents = torch.randn(batch, unet_cfg.in_channels, size // f, size // f, device=device, dtype=dtype)
+    text = torch.randn(batch, 77, unet_cfg.cross_attention_dim, device=device, dtype=dtype)
+    pooled = torch.randn(batch, pipe.text_encoder_2.config.projection_dim, device=device, dtype=dtype)
+    time_ids = torch.tensor([[size, size, 0, 0, size, size]] * batch, device=device, dtype=dtype)
+    timesteps = [torch.tensor(t, device=device) for t in (999, 749, 499, 249)]
+
+    def run(steps: int) -> torch.Tensor:
+        with torch.inference_mode():
+            x = latents
+            for t in timesteps[:steps]:
+                # Called exactly as the pipeline calls them, so compiled modules are not recompiled.
+                x = pipe.unet(
+                    x,
+                    t,
+                    encoder_hidden_states=text,
+                    timestep_cond=None,
+                    cross_attention_kwargs=None,
+                    added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids},
+                    return_dict=False,
+                )[0]
+            return pipe.vae.decode(x / pipe.vae.config.scaling_factor, return_dict=False)[0]
+
+    return run
+
+
+def stock_call(pipe, prompts: list[str], size: int, device: torch.device) -> Callable[[int], None]:
+    def run(steps: int) -> list:
+        generators = [torch.Generator(device=device).manual_seed(i) for i in range(len(prompts))]
+        with torch.inference_mode():
+            return pipe(
+                prompt=prompts,
+                num_inference_steps=steps,
+                guidance_scale=0.0,
+                height=size,
+                width=size,
+                generator=generators,
+            ).images
+
+    return run
+
+
+def nitro_call(pipe, prompts: list[str], size: int) -> Callable[[int], None]:
+    from nitrofusion.pipelines import generate
+
+    def run(steps: int) -> None:
+        generate(pipe, prompts, steps=steps, height=size, width=size, batch_size=len(prompts), progress=False)
+
+    return run
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 4])
+    p.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4])
+    p.add_argument("--size", type=int, help="pixels (default 1024; the tiny model's own size with --tiny)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--repeat", type=int, default=10)
+    p.add_argument(
+        "--settings",
+        nargs="+",
+        default=["stock", "nitrofusion", "nitrofusion+compile", "stock+compile", "no-sdpa"],
+    )
+    p.add_argument("--no-compile", action="store_true", help="skip the compiled rows (e.g. on CPU)")
+    p.add_argument("--tiny", action="store_true", help="the tiny test SDXL pipeline instead of SDXL base")
+    p.add_argument("--out", default="runs/sdxl_inference.json")
+    args = p.parse_args()
+
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    from nitrofusion.pipelines.fast import compile_pipeline
+
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    pipe = build(args, device, dtype)
+    size = args.size or (pipe.unet.config.sample_size * pipe.vae_scale_factor)
+    settings = [s for s in args.settings if not (args.no_compile and "compile" in s)]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    report = {
+        "machine": {
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+            "torch": torch.__version__,
+            "diffusers": __import__("diffusers").__version__,
+            "python": platform.python_version(),
+        },
+        "dtype": args.dtype,
+        "size": size,
+        "model": "tiny SDXL (tests)" if args.tiny else "SDXL base 1.0 architecture, random weights",
+        "rows": [],
+    }
+
+    def record(setting: str, batch: int, steps: int, what: str, result: dict) -> None:
+        row = {"setting": setting, "batch": batch, "steps": steps, "what": what, **result}
+        report["rows"].append(row)
+        out.write_text(json.dumps(report, indent=1))
+        print(json.dumps(row), flush=True)
+
+    def measure(setting: str, e2e: Callable[[int], None], with_bare: bool) -> None:
+        for batch in args.batches:
+            prompts = [f"a photograph of an astronaut riding a horse, {i}" for i in range(batch)]
+            call = e2e(pipe, prompts, size)
+            bare = bare_compute(pipe, batch, size, device, dtype) if with_bare else None
+            for steps in args.steps:
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                try:
+                    result = timed(lambda c=call, k=steps: c(k), device, args.warmup, args.repeat)
+                    if device.type == "cuda":
+                        result["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+                    record(setting, batch, steps, "end to end", result)
+                    if bare is not None:
+                        bare_result = timed(lambda b=bare, k=steps: b(k), device, 2, args.repeat)
+                        record(setting, batch, steps, "bare UNet + VAE", bare_result)
+                except Exception as exc:  # one failing row (e.g. a compiler error) must not lose the others
+                    record(setting, batch, steps, "error", {"error": f"{type(exc).__name__}: {str(exc)[:300]}"})
+
+    def stock(pipe, prompts: list[str], size: int) -> Callable[[int], None]:
+        return stock_call(pipe, prompts, size, device)
+
+    # Order matters: compile_pipeline changes the modules in place, so it comes last.
+    if "stock" in settings:
+        measure("stock", stock, with_bare=True)
+    if "no-sdpa" in settings:
+        pipe.unet.set_attn_processor(AttnProcessor())
+        pipe.vae.set_attn_processor(AttnProcessor())
+        measure("no SDPA (classic attention)", stock, with_bare=False)
+        pipe.unet.set_attn_processor(AttnProcessor2_0())
+        pipe.vae.set_attn_processor(AttnProcessor2_0())
+    if "stock+compile" in settings:
+        eager_unet = pipe.unet
+        pipe.unet = torch.compile(eager_unet)
+        measure("stock + torch.compile(unet)", stock, with_bare=True)
+        pipe.unet = eager_unet
+        torch._dynamo.reset()
+    if "nitrofusion" in settings:  # the same eager modules as "stock": its bare row applies
+        measure("nitrofusion", nitro_call, with_bare=False)
+    if "nitrofusion+compile" in settings and device.type == "cuda":
+        compile_pipeline(pipe)
+        measure("nitrofusion + compile", nitro_call, with_bare=True)
+
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,190 @@
+"""NitroFusion training at SDXL architecture: peak GPU memory and time per iteration, feature by feature.
+
+The `sdxl` preset (1024², batch 5, 480-head pool, bf16, gradient checkpointing) on SDXL base
+1.0's architecture with random weights (memory and speed do not depend on the values), with
+gradient accumulation 1 (one micro-batch per iteration; the preset's 20 multiply the time,
+not the memory). Teacher pairs are random latents of the right shape, so only the training
+iteration is timed. Each setting runs in its own process, so its peak memory is its own; a
+setting that does not fit is reported as out of memory. Results are written after every setting.
+
+    python benchmarks/sdxl_training.py --out runs/sdxl_training.json          # a CUDA machine
+    python benchmarks/sdxl_training.py --tiny --device cpu --steps 2          # the same code, tiny, CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+NO_EMA = "optim.ema_decay=0"  # decay 0: the EMA is the student itself (no fp32 copy, 10 GB at SDXL)
+SETTINGS = {  # id: (what, overrides of the sdxl preset)
+    "full": ("the preset: bf16, gradient checkpointing, 480-head pool, EMA", []),
+    "no-ema": ("without EMA", [NO_EMA]),
+    "static": ("without EMA, static head set (30 heads)", [NO_EMA, "discriminator.pool=false"]),
+    "lora": ("LoRA rank 64 (frozen base in bf16), EMA of the adapters", ["model.lora_rank=64"]),
+    "no-ckpt": ("without EMA, no gradient checkpointing", [NO_EMA, "model.gradient_checkpointing=false"]),
+    "fp32": ("without EMA, fp32 (no mixed precision)", [NO_EMA, "optim.mixed_precision=no"]),
+}
+
+
+def make_teacher_and_pairs(root: Path, tiny: bool, device: str, batch: int) -> tuple[Path, Path, int]:
+    from safetensors.torch import save_file
+
+    from nitrofusion.models.builders import SDXLSpec, build_sdxl_base, build_sdxl_pipeline
+
+    if tiny:
+        pipe = build_sdxl_pipeline(SDXLSpec())
+    else:  # made on the GPU (seconds), saved in bf16 (the trainer loads it in fp32 and casts as configured)
+        pipe = build_sdxl_base(device, torch.bfloat16)
+    teacher = root / "teacher"
+    pipe.save_pretrained(str(teacher))
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    latent = pipe.unet.config.sample_size
+    n = 4 * batch
+    pairs = root / "pairs"
+    pairs.mkdir()
+    (pairs / "prompts.json").write_text(json.dumps([f"a photograph of a red fox in the snow, {i}" for i in range(n)]))
+    g = torch.Generator().manual_seed(0)
+    save_file(
+        {
+            "latents": torch.randn(n, 4, latent, latent, generator=g),
+            "seeds": torch.arange(n),
+            "prompt_ids": torch.arange(n),
+        },
+        str(pairs / "pairs-00000.safetensors"),
+    )
+    return teacher, pairs, size
+
+
+def worker(args: argparse.Namespace) -> None:
+    from nitrofusion.training.config import load_config
+    from nitrofusion.training.distill import Distiller
+
+    overrides = [
+        f"model.teacher={args.teacher}",
+        f"data.pairs={args.pairs}",
+        "data.prompts=embedded",
+        f"data.resolution={args.size}",
+        f"data.batch_size={args.batch}",
+        "optim.grad_accumulation=1",
+        f"run.output_dir={args.run_dir}",
+        "run.validate_every=0",
+        *json.loads(args.overrides),
+    ]
+    cfg = load_config("sdxl", None, overrides)
+    cuda = torch.cuda.is_available() and args.device == "cuda"
+    result: dict = {}
+    try:
+        t0 = time.perf_counter()
+        d = Distiller(cfg, progress=False)
+        result["setup_s"] = time.perf_counter() - t0
+        if cuda:
+            result["after_setup_gib"] = torch.cuda.memory_allocated() / 2**30
+            torch.cuda.reset_peak_memory_stats()
+        result["trainable_params"] = sum(p.numel() for p in d.student.parameters() if p.requires_grad)
+        result["heads"] = len(d.pool) if d.pool is not None else 0
+        for _ in range(args.warmup):
+            d.train_step()
+            d.step += 1
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            d.train_step()
+            d.step += 1
+        if cuda:
+            torch.cuda.synchronize()
+        result["s_per_iteration"] = (time.perf_counter() - t0) / args.steps
+        if cuda:
+            result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            result["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
+    except torch.OutOfMemoryError:
+        result["error"] = "out of memory"
+        if cuda:
+            result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--batch", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--settings", nargs="+", choices=sorted(SETTINGS), help="settings to run (default: all)")
+    p.add_argument("--tiny", action="store_true", help="the tiny test SDXL pipeline instead of SDXL base")
+    p.add_argument("--out", default="runs/sdxl_training.json")
+    # worker-only arguments
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--teacher", help=argparse.SUPPRESS)
+    p.add_argument("--pairs", help=argparse.SUPPRESS)
+    p.add_argument("--size", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--run-dir", help=argparse.SUPPRESS)
+    p.add_argument("--overrides", default="[]", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        return worker(args)
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    names = args.settings or list(SETTINGS)
+    report = {
+        "machine": {
+            "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+            "torch": torch.__version__,
+            "diffusers": __import__("diffusers").__version__,
+        },
+        "model": "tiny SDXL (tests)" if args.tiny else "SDXL base 1.0 architecture, random weights",
+        "batch": args.batch,
+        "rows": [],
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        teacher, pairs, size = make_teacher_and_pairs(Path(tmp), args.tiny, args.device, args.batch)
+        report["size"] = size
+        for i, name in enumerate(names):
+            cmd = [
+                sys.executable,
+                __file__,
+                "--worker",
+                "--device",
+                args.device,
+                "--teacher",
+                str(teacher),
+                "--pairs",
+                str(pairs),
+                "--size",
+                str(size),
+                "--batch",
+                str(args.batch),
+                "--warmup",
+                str(args.warmup),
+                "--steps",
+                str(args.steps),
+                "--run-dir",
+                str(Path(tmp) / f"run{i}"),
+                "--overrides",
+                json.dumps(SETTINGS[name][1]),
+            ]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+            if lines:
+                row = json.loads(lines[-1][len("RESULT ") :])
+            else:
+                row = {"error": f"exit {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}"}
+            what, overrides = SETTINGS[name]
+            row = {"setting": name, "what": what, "overrides": overrides, **row}
+            report["rows"].append(row)
+            out.write_text(json.dumps(report, indent=1))
+            print(json.dumps(row), flush=True)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""LoRA training mode: the student is the teacher's UNet plus trainable low-rank adapters (PEFT).
+
+Only the adapters get gradients and optimizer state, so the student's trainable memory is
+the adapters' (tens of MB at SDXL scale instead of 2.6B parameters' gradients and AdamW
+moments). B starts at zero, so the student starts as the teacher, as in full fine-tuning.
+What is saved is always a plain UNet state dict with the adapters folded into the weights
+(`merged_state_dict`), which loads like any other student.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from nitrofusion.errors import UserError
+
+if TYPE_CHECKING:  # diffusers is imported where it is used: the config module reads DEFAULT_TARGETS
+    from diffusers import UNet2DConditionModel
+
+# Attention and feed-forward projections, the transformer blocks' in/out projections and the
+# ResNet convolutions: the layers a few-step LoRA (e.g. LCM-LoRA) adapts.
+DEFAULT_TARGETS = [
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "proj_in",
+    "proj_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "conv1",
+    "conv2",
+    "conv_shortcut",
+    "time_emb_proj",
+]
+
+
+def add_lora(
+    unet: UNet2DConditionModel, rank: int, alpha: float | None, targets: list[str], seed: int
+) -> list[torch.nn.Parameter]:
+    """Freeze `unet` and add a LoRA adapter of this rank to every module named in `targets`;
+    returns the adapter's parameters (the only trainable ones). Seeded, so runs repeat."""
+    from peft import LoraConfig
+
+    unet.requires_grad_(False)
+    config = LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=targets, init_lora_weights=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        try:
+            unet.add_adapter(config)
+        except ValueError:  # peft's NoMatchingPeftModuleError
+            raise UserError(f"model.lora_targets {targets} matched no module of the UNet") from None
+    return [p for p in unet.parameters() if p.requires_grad]
+
+
+def has_lora(unet: torch.nn.Module) -> bool:
+    from peft.tuners.lora import LoraLayer
+
+    return any(isinstance(m, LoraLayer) for m in unet.modules())
+
+
+@torch.no_grad()
+def merged_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The UNet's plain state dict (the keys of a UNet without adapters), adapters folded in:
+    W + (alpha / r) B A for every adapted layer. A UNet without adapters is returned as it is."""
+    from peft.tuners.lora import LoraLayer
+
+    deltas = {}
+    for name, module in unet.named_modules():
+        if isinstance(module, LoraLayer):
+            deltas[f"{name}.weight"] = sum(module.get_delta_weight(a) for a in module.active_adapters)
+    state = {}
+    for key, value in unet.state_dict().items():
+        if ".lora_" in key:
+            continue
+        plain = key.replace(".base_layer.", ".")
+        if plain in deltas:
+            value = (value.float() + deltas[plain].float()).to(value.dtype)
+        state[plain] = value
+    return state
+
+
+def plain_unet(unet: UNet2DConditionModel) -> UNet2DConditionModel:
+    """A UNet without adapters holding `unet`'s merged weights (the same object if it has none)."""
+    from diffusers import UNet2DConditionModel
+
+    if not has_lora(unet):
+        return unet
+    state = merged_state_dict(unet)
+    plain = UNet2DConditionModel.from_config(unet.config).to(next(iter(state.values())).device)
+    plain.load_state_dict(state)
+    return plain.eval().requires_grad_(False)

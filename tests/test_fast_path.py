@@ -1,0 +1,58 @@
+"""The sampling fast path: same images as diffusers' own PIL output; a no-op on CPU; smoke runs
+of the GPU benchmarks' code on the tiny pipeline (their figures need a GPU: docs/benchmarks.md)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from nitrofusion.pipelines import generate, load_pipeline
+from nitrofusion.pipelines.fast import compile_pipeline
+from nitrofusion.pipelines.generation import to_pil
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_to_pil_matches_diffusers_pil_output(tiny_sdxl_dir):
+    pipe = load_pipeline(tiny_sdxl_dir, sampler="shift-lcm", device="cpu")
+    kwargs = dict(prompt=["a cat", "a dog"], num_inference_steps=1, guidance_scale=0.0)
+    stock = pipe(**kwargs, generator=[torch.Generator().manual_seed(i) for i in range(2)]).images
+    ours = to_pil(
+        pipe(**kwargs, generator=[torch.Generator().manual_seed(i) for i in range(2)], output_type="pt").images
+    )
+    for a, b in zip(stock, ours):
+        assert a.mode == b.mode == "RGB" and np.array_equal(np.asarray(a), np.asarray(b))
+    images = generate(pipe, ["a cat", "a dog"], steps=1, batch_size=2, progress=False)
+    assert np.array_equal(np.asarray(images[0].image), np.asarray(stock[0]))
+
+
+def test_fast_path_leaves_a_cpu_pipeline_alone(tiny_sdxl_dir):
+    pipe = load_pipeline(tiny_sdxl_dir, sampler="shift-lcm", device="cpu")
+    before = set(pipe.unet.state_dict())
+    assert compile_pipeline(pipe) is pipe
+    assert set(pipe.unet.state_dict()) == before and not isinstance(pipe.unet, torch._dynamo.OptimizedModule)
+
+
+def test_inference_benchmark_runs_on_the_tiny_pipeline(tmp_path):
+    out = tmp_path / "inference.json"
+    cmd = [sys.executable, "benchmarks/sdxl_inference.py", "--tiny", "--device", "cpu", "--dtype", "fp32"]
+    cmd += ["--no-compile", "--batches", "1", "--steps", "1", "2", "--warmup", "1", "--repeat", "1", "--out", str(out)]
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["setting"] for r in rows} == {"stock", "no SDPA (classic attention)", "nitrofusion"}
+    assert not [r for r in rows if r["what"] == "error"]
+    assert all(r["median_ms"] > 0 for r in rows)
+
+
+def test_training_benchmark_runs_on_the_tiny_pipeline(tmp_path):
+    out = tmp_path / "training.json"
+    cmd = [sys.executable, "benchmarks/sdxl_training.py", "--tiny", "--device", "cpu", "--batch", "1"]
+    cmd += ["--warmup", "0", "--steps", "2", "--settings", "no-ema", "lora", "--out", str(out)]
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)  # 2 steps: a pool refresh runs too
+    rows = {r["setting"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"no-ema", "lora"}
+    assert all("error" not in r and r["s_per_iteration"] > 0 for r in rows.values())
+    assert rows["lora"]["trainable_params"] != rows["no-ema"]["trainable_params"]

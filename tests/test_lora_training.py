@@ -1,0 +1,112 @@
+"""LoRA training mode (model.lora_rank > 0): only adapters train, and what is saved is a plain UNet."""
+
+import pytest
+import torch
+from diffusers import DiffusionPipeline, UNet2DConditionModel
+from helpers import config, same_student, snapshot, straight_and_resumed
+from safetensors.torch import load_file
+
+from nitrofusion.errors import UserError
+from nitrofusion.testing import tiny_sdxl_pipeline as tiny_sdxl
+from nitrofusion.training.config import load_config
+from nitrofusion.training.distill import Distiller
+from nitrofusion.training.ema import EMA
+from nitrofusion.training.lora import add_lora, merged_state_dict, plain_unet
+
+
+def _unet_inputs(unet: UNet2DConditionModel):
+    g = torch.Generator().manual_seed(0)
+    c = unet.config
+    x = torch.randn(2, c.in_channels, c.sample_size, c.sample_size, generator=g)
+    text = torch.randn(2, 77, c.cross_attention_dim, generator=g)
+    pooled_dim = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
+    added = {"text_embeds": torch.randn(2, pooled_dim, generator=g), "time_ids": torch.randn(2, 6, generator=g)}
+    return x, torch.tensor([500, 20]), text, added
+
+
+def test_merged_state_dict_is_a_plain_unet_computing_the_adapted_one():
+    tiny_sdxl_pipeline = tiny_sdxl()
+    unet = UNet2DConditionModel.from_config(tiny_sdxl_pipeline.unet.config)
+    unet.load_state_dict(tiny_sdxl_pipeline.unet.state_dict())
+    plain_keys = set(unet.state_dict())
+    trainable = add_lora(unet, 4, 8.0, ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"], seed=0)
+    assert trainable and all(p.requires_grad for p in trainable)
+    assert sum(p.numel() for p in trainable) < sum(p.numel() for p in unet.parameters()) / 3
+    with torch.no_grad():
+        for p in trainable:  # B starts at zero: give the adapters a real delta
+            p.add_(0.05 * torch.randn_like(p))
+    state = merged_state_dict(unet)
+    assert set(state) == plain_keys
+    x, t, text, added = _unet_inputs(unet)
+    with torch.no_grad():
+        adapted = unet(x, t, text, added_cond_kwargs=added).sample
+        merged = plain_unet(unet)(x, t, text, added_cond_kwargs=added).sample
+        base = tiny_sdxl_pipeline.unet(x, t, text, added_cond_kwargs=added).sample
+    assert not torch.allclose(adapted, base, atol=1e-3)  # the delta is real ...
+    torch.testing.assert_close(merged, adapted, atol=1e-4, rtol=1e-4)  # ... and the merge carries it
+
+
+def test_ema_shares_frozen_weights_and_averages_trainable_ones():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 3))
+    model[0].requires_grad_(False)
+    ema = EMA(model, 0.5)
+    assert ema.shadow[0].weight is model[0].weight  # frozen: shared, not copied
+    assert ema.shadow[1].weight is not model[1].weight
+    before = ema.shadow[1].weight.detach().clone()
+    with torch.no_grad():
+        model[1].weight.add_(1.0)
+    ema.update(model)
+    torch.testing.assert_close(ema.shadow[1].weight, before + 0.5)
+
+
+def test_lora_distillation_trains_only_adapters_and_exports_a_stock_loadable_student(tiny_sdxl_dir, tmp_path):
+    cfg = config(tiny_sdxl_dir, tmp_path / "run", "model.lora_rank=4", "loss.pretrain_steps=1")
+    d = Distiller(cfg, progress=False)
+    trainable = [n for n, p in d.student.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    full = sum(p.numel() for p in d.student.parameters())
+    assert sum(p.numel() for n, p in d.student.named_parameters() if p.requires_grad) < full / 3
+    base = {k: v for k, v in snapshot(d.student).items() if "lora_" not in k}
+    d.train()
+    after = snapshot(d.student)
+    assert all(torch.equal(base[k], after[k]) for k in base)  # frozen base weights never move
+
+    teacher = load_file(str(tiny_sdxl_dir / "unet" / "diffusion_pytorch_model.safetensors"))
+    student = load_file(str(tmp_path / "run" / "student_unet.safetensors"))
+    assert student.keys() == teacher.keys()  # a plain UNet state dict, like a NitroSD checkpoint
+    assert any(not torch.equal(student[k], teacher[k]) for k in teacher)  # carrying the trained adapters
+    pipe = DiffusionPipeline.from_pretrained(str(tmp_path / "run" / "pipeline"))  # stock diffusers
+    assert set(pipe.unet.state_dict()) == set(teacher)
+
+
+def test_lora_run_resumes_exactly(tiny_sdxl_dir, tmp_path):
+    straight, resumed = straight_and_resumed(tiny_sdxl_dir, tmp_path, "model.lora_rank=4", "refine.steps_per_stage=[4]")
+    assert same_student(tmp_path / "a", tmp_path / "b")
+
+
+def test_lora_config_errors(tiny_sdxl_dir, tmp_path):
+    with pytest.raises(UserError, match="lora_rank"):
+        load_config(None, None, ["model.lora_rank=-1"])
+    with pytest.raises(UserError, match="matched no module"):
+        Distiller(config(tiny_sdxl_dir, tmp_path, "model.lora_rank=2", "model.lora_targets=[nothing_here]"))
+
+
+def test_yaml_no_is_the_string_for_string_keys():
+    assert load_config(None, None, ["optim.mixed_precision=no"]).optim.mixed_precision == "no"
+
+
+def test_ema_with_decay_zero_is_the_model_itself():
+    model = torch.nn.Linear(3, 3)
+    ema = EMA(model, 0.0)
+    assert ema.shadow.weight is model.weight and ema.own_state_dict() == {}
+
+
+def test_head_init_is_drawn_on_the_cpu_whatever_the_heads_dtype():
+    """Refresh re-initialises heads from a CPU generator; on CUDA weights that used to raise."""
+    from nitrofusion.discriminator.heads import DiscriminatorHead
+
+    a = DiscriminatorHead("local_cond", 8, 4, 6, 1, torch.Generator().manual_seed(3))
+    b = DiscriminatorHead("local_cond", 8, 4, 6, 1, torch.Generator().manual_seed(0)).to(torch.float64)
+    b.reset_parameters(torch.Generator().manual_seed(3))
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert y.dtype == torch.float64 and torch.equal(x.double(), y), name
