@@ -50,9 +50,9 @@ def test_inference_benchmark_runs_on_the_tiny_pipeline(tmp_path):
 def test_training_benchmark_runs_on_the_tiny_pipeline(tmp_path):
     out = tmp_path / "training.json"
     cmd = [sys.executable, "benchmarks/sdxl_training.py", "--tiny", "--device", "cpu", "--batch", "1"]
-    cmd += ["--warmup", "0", "--steps", "2", "--settings", "no-ema", "lora", "--out", str(out)]
+    cmd += ["--warmup", "0", "--steps", "2", "--settings", "preset", "lora", "--out", str(out)]
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)  # 2 steps: a pool refresh runs too
     rows = {r["setting"]: r for r in json.loads(out.read_text())["rows"]}
-    assert set(rows) == {"no-ema", "lora"}
+    assert set(rows) == {"preset", "lora"}
     assert all("error" not in r and r["s_per_iteration"] > 0 for r in rows.values())
-    assert rows["lora"]["trainable_params"] != rows["no-ema"]["trainable_params"]
+    assert rows["lora"]["trainable_params"] != rows["preset"]["trainable_params"]
