@@ -150,6 +150,26 @@ def test_with_gradient_is_a_value_with_a_chosen_gradient():
     torch.testing.assert_close(x.grad, 3 * x.detach() ** 2)
 
 
+def test_adversarial_pretraining_adds_the_weighted_regression_to_the_students_loss(tiny_sdxl_dir, tmp_path):
+    """pretrain.regression_weight: g_loss = GAN terms + w * MSE(student x0, teacher x0), the critics' loss unchanged."""
+    overrides = ["loss.objective=adm", "loss.pretrain_kind=adversarial", "loss.pretrain_steps=1"]
+    plain = Distiller(config(tiny_sdxl_dir, tmp_path / "a", *overrides), progress=False)
+    anchored = Distiller(
+        config(tiny_sdxl_dir, tmp_path / "b", *overrides, "pretrain.regression_weight=3"), progress=False
+    )
+    for d in (plain, anchored):
+        for critic in d.trained_critics["pretrain"]:
+            critic.begin_step(plain)  # the same heads for both
+    cond, noise, real = plain.batch(0)
+    fake = plain.student_x0(plain.phase(0), noise, cond, 0, train=True)[0]
+    without = plain.pretrain_objective(plain, fake, real, cond, 0, True)
+    with_anchor = anchored.pretrain_objective(plain, fake, real, cond, 0, True)
+    mse = torch.nn.functional.mse_loss(fake, real)
+    torch.testing.assert_close(with_anchor.g_loss, without.g_loss + 3 * mse)
+    torch.testing.assert_close(with_anchor.d_loss, without.d_loss)
+    assert with_anchor.logs["regression"] == pytest.approx(mse.item())
+
+
 def test_real_score_is_classifier_free_guidance(tiny_sdxl_dir, tmp_path):
     d = Distiller(config(tiny_sdxl_dir, tmp_path, "loss.objective=dmd2", "dmd.real_guidance=3"), progress=False)
     cond, noise, _ = d.batch(0)

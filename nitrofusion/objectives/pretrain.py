@@ -15,6 +15,9 @@ pairs instead of MSE):
   window for student and teacher).
 
 Both discriminators step every iteration, and so does the student (as in regression).
+`pretrain.regression_weight` > 0 adds the regression to the teacher's x0 to the student's
+loss (ADD's distillation term): without it, on the embedded world, the student collapsed
+into texture within 100 iterations (docs/results.md).
 """
 
 from __future__ import annotations
@@ -119,9 +122,11 @@ class AdversarialPretraining:
         pixel: PixelDiscriminator | None,
         latent_weight: float,
         pixel_weight: float,
+        regression_weight: float = 0.0,
     ) -> None:
         self.pool, self.pixel = pool, pixel
         self.latent_weight, self.pixel_weight = latent_weight, pixel_weight
+        self.regression_weight = regression_weight
 
     def __call__(
         self,
@@ -143,4 +148,8 @@ class AdversarialPretraining:
             g_loss = g_loss + self.pixel_weight * pixel_g
             d_loss = d_loss + pixel_d
             logs.update(pixel_logs)
+        if self.regression_weight > 0:  # an anchor to the teacher's sample from the same noise (ADD-style)
+            mse = F.mse_loss(fake, real)
+            g_loss = g_loss + self.regression_weight * mse
+            logs["regression"] = mse.item()
         return Losses(g_loss, d_loss, logs)

@@ -95,6 +95,7 @@ class PretrainConfig:
     pixel_width: int = 32
     pixel_downsamples: int = 3
     pixel_crop: int = 0  # decode only a random latent crop of this side for the pixel critic; 0 = all
+    regression_weight: float = 0.0  # + this x MSE to the teacher's x0 in the student's loss (ADD-style anchor)
 
 
 @dataclass
@@ -255,6 +256,7 @@ def validate(cfg: DistillConfig) -> DistillConfig:
         "pretrain.pixel_weight": cfg.pretrain.pixel_weight,
         "pretrain.pixel_downsamples": cfg.pretrain.pixel_downsamples,
         "pretrain.pixel_crop": cfg.pretrain.pixel_crop,
+        "pretrain.regression_weight": cfg.pretrain.regression_weight,
         "model.lora_rank": cfg.model.lora_rank,
     }
     for key, value in non_negative.items():

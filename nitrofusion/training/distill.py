@@ -223,7 +223,7 @@ class Distiller:
             latent = pool if cfg.pretrain.latent_weight > 0 else None
             pixel = self.critics.get("pixel")
             self.pretrain_objective = AdversarialPretraining(
-                latent, pixel, cfg.pretrain.latent_weight, cfg.pretrain.pixel_weight
+                latent, pixel, cfg.pretrain.latent_weight, cfg.pretrain.pixel_weight, cfg.pretrain.regression_weight
             )
             before = [c for c in (latent, pixel) if c is not None]
         else:
