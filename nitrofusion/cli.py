@@ -248,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--compile",
         action="store_true",
-        help="CUDA: torch.compile the UNet and VAE decoder (a minute or more first; faster after)",
+        help="CUDA: torch.compile the text encoders, UNet and VAE decoder (minutes first; faster after)",
     )
     g.add_argument("--out", default="outputs", help="output directory, or a .png file for one prompt")
     g.set_defaults(func=cmd_generate)

@@ -34,5 +34,4 @@ def compile_pipeline(pipe: DiffusionPipeline, mode: str = COMPILE_MODE) -> Diffu
             # Default mode (no CUDA graphs): the pipeline holds the first encoder's outputs while the
             # second runs, and graph replays may reuse output memory.
             encoder.forward = torch.compile(encoder.forward)
-    pipe.nitro_compiled = True
     return pipe

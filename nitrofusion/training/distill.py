@@ -39,7 +39,13 @@ from nitrofusion.objectives.nitrofusion import NitroFusion, NitroFusionObjective
 from nitrofusion.objectives.pretrain import AdversarialPretraining, PixelDiscriminator, Regression
 from nitrofusion.objectives.scores import FakeScore, RealScore
 from nitrofusion.pipelines.generation import default_size, generate
-from nitrofusion.pipelines.loading import check_state_dict, load_pipeline, read_safetensors, save_state_dict
+from nitrofusion.pipelines.loading import (
+    check_state_dict,
+    load_pipeline,
+    read_safetensors,
+    save_state_dict,
+    save_unet_weights,
+)
 from nitrofusion.scheduling import TimestepShiftLCMScheduler
 from nitrofusion.training import checkpoint
 from nitrofusion.training.config import DistillConfig, save_config
@@ -506,11 +512,9 @@ class Distiller:
         if due and not self.validation_path().is_file():
             self.validate()
 
-    def student_pipeline(self, use_ema: bool = True, merged: bool = False) -> DiffusionPipeline:
-        """The student as a pipeline; `merged` folds LoRA adapters in (for saving: stock diffusers loads it)."""
-        unet = self.ema.shadow if use_ema else self.acc.unwrap_model(self.student)
-        if merged:
-            unet = plain_unet(unet)
+    def student_pipeline(self, use_ema: bool = True, unet: UNet2DConditionModel | None = None) -> DiffusionPipeline:
+        """The student as a pipeline (the EMA or the raw student, or `unet` if given)."""
+        unet = unet or (self.ema.shadow if use_ema else self.acc.unwrap_model(self.student))
         pipe = type(self.teacher)(**{**self.teacher.components, "unet": unet, "scheduler": self.scheduler})
         pipe.nitro_sampler, pipe.nitro_model = "shift-lcm", str(self.out)
         pipe.set_progress_bar_config(disable=True)
@@ -542,8 +546,9 @@ class Distiller:
         """student_unet.safetensors (EMA weights) and a complete pipeline directory."""
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
-            save_state_dict(merged_state_dict(self.ema.shadow), self.out / "student_unet.safetensors")
-            pipe = self.student_pipeline(merged=True)
+            student = plain_unet(self.ema.shadow)  # LoRA adapters folded in: stock diffusers loads it
+            save_unet_weights(student, self.out / "student_unet.safetensors")
+            pipe = self.student_pipeline(unet=student)
             pipe.save_pretrained(str(self.out / "pipeline"))
             (self.out / "pipeline" / "nitrofusion.json").write_text(
                 json.dumps(
