@@ -87,6 +87,10 @@ def test_lora_run_resumes_exactly(tiny_sdxl_dir, tmp_path):
 def test_lora_config_errors(tiny_sdxl_dir, tmp_path):
     with pytest.raises(UserError, match="lora_rank"):
         load_config(None, None, ["model.lora_rank=-1"])
+    with pytest.raises(UserError, match="lora_alpha"):
+        load_config(None, None, ["model.lora_rank=4", "model.lora_alpha=-2"])
+    with pytest.raises(UserError, match="lora_targets"):
+        load_config(None, None, ["model.lora_rank=4", "model.lora_targets=[]"])
     with pytest.raises(UserError, match="matched no module"):
         Distiller(config(tiny_sdxl_dir, tmp_path, "model.lora_rank=2", "model.lora_targets=[nothing_here]"))
 

@@ -274,6 +274,7 @@ def test_presets_compare_at_equal_compute():
         ("pretrain.pixel_width=0", "'pretrain.pixel_width'"),
         ("pretrain.pixel_crop=-2", "'pretrain.pixel_crop'"),
         ("pretrain.pixel_downsamples=two", "'pretrain.pixel_downsamples' must be int"),
+        ("pretrain.regression_weight=-1", "'pretrain.regression_weight'"),
     ],
 )
 def test_config_refusals(override, fragment):
