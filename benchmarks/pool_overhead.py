@@ -33,6 +33,7 @@ def worker(args: argparse.Namespace) -> None:
             f"data.pairs={args.pairs}",
             f"data.batch_size={args.batch}",
             f"discriminator.pool={args.pool}",
+            "loss.pretrain_steps=0",  # time adversarial steps: the preset's regression warm-up never uses the heads
             f"run.output_dir={args.out}",
             "run.validate_every=0",
         ],

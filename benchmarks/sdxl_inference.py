@@ -16,8 +16,15 @@ in every row. One process, one run, so the ratios compare like with like:
 End to end = text encoding (both CLIP encoders) + UNet steps + VAE decode + PIL images.
 Results are written after every row (JSON), so a run cut short keeps what it measured.
 
+`--breakdown` adds, for every end-to-end row, one more timed call with the device
+synchronised around each stage (text encoding, UNet, VAE decode, image post-processing; the
+rest -- tokenisation is inside text encoding -- is "other": scheduler, latents, Python):
+where a pipeline's overhead over the bare compute goes. Synchronising removes the overlap of
+host and device work, so the stages add up to a little more than the plain end-to-end time.
+
     python benchmarks/sdxl_inference.py --out runs/sdxl_inference.json          # a CUDA machine
     python benchmarks/sdxl_inference.py --tiny --device cpu --no-compile        # the same code, tiny, CPU
+    python benchmarks/sdxl_inference.py --settings stock nitrofusion+compile --breakdown --batches 1
 """
 
 from __future__ import annotations
@@ -57,6 +64,85 @@ def timed(fn: Callable[[], object], device: torch.device, warmup: int, repeat: i
         sync(device)
         times.append(time.perf_counter() - t0)
     return {"median_ms": 1e3 * statistics.median(times), "min_ms": 1e3 * min(times), "first_call_s": first}
+
+
+class StageClock:
+    """Synchronised wall time per pipeline stage, by wrapping the callables a pipeline calls.
+
+    Each wrapper synchronises the device before and after its call, so a stage's time is the
+    device work it queued plus its host work; nested stages count in the outer one only.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.seconds: dict[str, float] = {}
+        self._undo: list[Callable[[], None]] = []
+        self._depth = 0
+
+    def wrap(self, owner: object, attr: str, stage: str) -> None:
+        original = getattr(owner, attr)
+        had_own = attr in vars(owner)
+
+        def timed_call(*args, **kwargs):
+            if self._depth:
+                return original(*args, **kwargs)
+            self._depth += 1
+            sync(self.device)
+            t0 = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                sync(self.device)
+                self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - t0
+                self._depth -= 1
+
+        object.__setattr__(owner, attr, timed_call)
+        self._undo.append(
+            (lambda: object.__setattr__(owner, attr, original)) if had_own else (lambda: delattr(owner, attr))
+        )
+
+    def hook(self, module: torch.nn.Module, stage: str) -> None:
+        """Time every call of a module (forward hooks: the pipeline calls `self.unet(...)`)."""
+        state: dict[str, float] = {}
+
+        def before(*_):
+            sync(self.device)
+            state["t0"] = time.perf_counter()
+
+        def after(*_):
+            sync(self.device)
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - state["t0"]
+
+        handles = [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
+        self._undo.append(lambda: [h.remove() for h in handles])
+
+    def restore(self) -> None:
+        for undo in reversed(self._undo):
+            undo()
+        self._undo.clear()
+
+
+def stage_breakdown(pipe, call: Callable[[int], None], steps: int, device: torch.device) -> dict:
+    """One synchronised end-to-end call, split into its stages (milliseconds)."""
+    import nitrofusion.pipelines.generation as generation
+
+    clock = StageClock(device)
+    clock.wrap(pipe, "encode_prompt", "text encoding")
+    clock.hook(pipe.unet, "UNet")
+    clock.wrap(pipe.vae, "decode", "VAE decode")
+    clock.wrap(pipe.image_processor, "postprocess", "images")  # the stock pipeline's PIL conversion
+    clock.wrap(generation, "to_pil", "images")  # nitrofusion's
+    try:
+        sync(device)
+        t0 = time.perf_counter()
+        call(steps)
+        sync(device)
+        total = time.perf_counter() - t0
+    finally:
+        clock.restore()
+    stages = {k: 1e3 * v for k, v in clock.seconds.items()}
+    stages["other"] = 1e3 * total - sum(stages.values())
+    return {"total_ms": 1e3 * total, "stages_ms": stages}
 
 
 def build(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
@@ -145,6 +231,7 @@ def main() -> None:
     )
     p.add_argument("--no-compile", action="store_true", help="skip the compiled rows (e.g. on CPU)")
     p.add_argument("--tiny", action="store_true", help="the tiny test SDXL pipeline instead of SDXL base")
+    p.add_argument("--breakdown", action="store_true", help="also time each stage of one synchronised call")
     p.add_argument("--out", default="runs/sdxl_inference.json")
     args = p.parse_args()
 
@@ -190,6 +277,8 @@ def main() -> None:
                     if device.type == "cuda":
                         result["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
                     record(setting, batch, steps, "end to end", result)
+                    if args.breakdown:
+                        record(setting, batch, steps, "stages", stage_breakdown(pipe, call, steps, device))
                     if bare is not None:
                         bare_result = timed(lambda b=bare, k=steps: b(k), device, 2, args.repeat)
                         record(setting, batch, steps, "bare UNet + VAE", bare_result)

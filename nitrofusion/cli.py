@@ -47,7 +47,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prepare_output(args.out, len(prompts))
     choice = choose_model(args.model, args.unet, args.shift)
     pipe = load_pipeline(
-        choice.model, unet=choice.unet, shift=choice.shift, sampler=args.sampler, device=args.device, dtype=args.dtype,
+        choice.model,
+        unet=choice.unet,
+        shift=choice.shift,
+        sampler=args.sampler,
+        device=args.device,
+        dtype=args.dtype,
         compile=args.compile,
     )
     results = generate(
@@ -177,6 +182,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         overrides=args.set,
         batch_size=args.batch_size,
         report_only=args.report_only,
+        tables=tuple(args.tables),
     )
     repro.run()
     print((Path(args.out) / "results.md").read_text())
@@ -329,6 +335,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--batch-size", type=int, default=250)
     r.add_argument("--out", default="runs/reproduce", help="runs, cached scores, results.md/json, grid.png")
     r.add_argument("--report-only", action="store_true", help="tabulate what is cached; train and sample nothing")
+    r.add_argument(
+        "--tables",
+        nargs="+",
+        default=["teacher", "student", "family", "ablation"],
+        help="row groups to train and score (teacher, student, family, ablation); the rest only from the cache",
+    )
     r.set_defaults(func=cmd_reproduce)
 
     tr = sub.add_parser("transfer", help="carry a student onto another fine-tune: target + (student - base)")

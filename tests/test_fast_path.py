@@ -40,11 +40,19 @@ def test_inference_benchmark_runs_on_the_tiny_pipeline(tmp_path):
     out = tmp_path / "inference.json"
     cmd = [sys.executable, "benchmarks/sdxl_inference.py", "--tiny", "--device", "cpu", "--dtype", "fp32"]
     cmd += ["--no-compile", "--batches", "1", "--steps", "1", "2", "--warmup", "1", "--repeat", "1", "--out", str(out)]
-    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
+    subprocess.run([*cmd, "--breakdown"], cwd=ROOT, check=True, capture_output=True)
     rows = json.loads(out.read_text())["rows"]
     assert {r["setting"] for r in rows} == {"stock", "no SDPA (classic attention)", "nitrofusion"}
     assert not [r for r in rows if r["what"] == "error"]
-    assert all(r["median_ms"] > 0 for r in rows)
+    timed = [r for r in rows if r["what"] != "stages"]
+    assert timed and all(r["median_ms"] > 0 for r in timed)
+    # The stage breakdown: every stage of both pipelines was timed, and the parts add up to the call.
+    stages = [r for r in rows if r["what"] == "stages"]
+    assert len(stages) == len([r for r in rows if r["what"] == "end to end"])
+    for r in stages:
+        assert {"text encoding", "UNet", "VAE decode", "images", "other"} <= set(r["stages_ms"])
+        assert all(v > 0 for k, v in r["stages_ms"].items() if k != "other")
+        assert abs(sum(r["stages_ms"].values()) - r["total_ms"]) < 1e-6
 
 
 def test_training_benchmark_runs_on_the_tiny_pipeline(tmp_path):

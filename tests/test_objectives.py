@@ -170,6 +170,21 @@ def test_adversarial_pretraining_adds_the_weighted_regression_to_the_students_lo
     assert with_anchor.logs["regression"] == pytest.approx(mse.item())
 
 
+@pytest.mark.parametrize("objective", ["nitrofusion", "dmd2"])
+def test_the_main_stage_anchor_adds_the_weighted_regression_at_the_first_step_only(tiny_sdxl_dir, tmp_path, objective):
+    """loss.regression_weight: the student's loss gains w * MSE(student x0, teacher x0) where the
+    teacher's x0 comes from the student's own input noise (step 0), and nothing at later steps."""
+    stages = ["refine.steps_per_stage=[1,1]", "refine.mix=last", f"loss.objective={objective}"]
+    plain = Distiller(config(tiny_sdxl_dir, tmp_path / "a", *stages), progress=False)
+    anchored = Distiller(config(tiny_sdxl_dir, tmp_path / "b", *stages, "loss.regression_weight=3"), progress=False)
+    first_p, first_a = plain.train_step(), anchored.train_step()
+    assert first_a["g_loss"] == pytest.approx(first_p["g_loss"] + 3 * first_a["regression"], rel=1e-5)
+    assert first_a["regression"] > 0 and first_a["d_loss"] == pytest.approx(first_p["d_loss"], rel=1e-5)
+    anchored.step = 1  # the two-step stage, trained only at its second step (refine.mix=last)
+    second = anchored.train_step()
+    assert second["index"] == 1 and "regression" not in second
+
+
 def test_real_score_is_classifier_free_guidance(tiny_sdxl_dir, tmp_path):
     d = Distiller(config(tiny_sdxl_dir, tmp_path, "loss.objective=dmd2", "dmd.real_guidance=3"), progress=False)
     cond, noise, _ = d.batch(0)
@@ -275,6 +290,7 @@ def test_presets_compare_at_equal_compute():
         ("pretrain.pixel_crop=-2", "'pretrain.pixel_crop'"),
         ("pretrain.pixel_downsamples=two", "'pretrain.pixel_downsamples' must be int"),
         ("pretrain.regression_weight=-1", "'pretrain.regression_weight'"),
+        ("loss.regression_weight=-0.5", "'loss.regression_weight'"),
     ],
 )
 def test_config_refusals(override, fragment):

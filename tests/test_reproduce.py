@@ -40,6 +40,8 @@ def test_reproduce_runs_every_row_and_resumes(tmp_path, capsys):
     assert run_config("no-refresh")["discriminator"]["refresh_fraction"] == 0.0
     assert run_config("no-local-heads")["discriminator"]["kinds"] == ["global_cond"]
     assert run_config("no-unconditional-heads")["discriminator"]["kinds"] == ["global_cond", "local_cond"]
+    assert run_config("no-regression-anchor")["loss"]["regression_weight"] == 0
+    assert run_config("nitrofusion")["loss"]["regression_weight"] > 0
     regression = run_config("regression-only")
     assert regression["loss"]["pretrain_steps"] == 4 and regression["refine"]["steps_per_stage"] == [0]
     assert run_config("nitrofusion")["refine"]["steps_per_stage"] == [2, 1, 0, 1]
@@ -61,9 +63,22 @@ def test_reproduce_runs_every_row_and_resumes(tmp_path, capsys):
     assert "== distill" not in capsys.readouterr().out
     assert before == {p: p.stat().st_mtime for p in (out / "scores").iterdir()}
 
+    # --tables: only the named groups are recomputed; the others stay in the table from the cache.
+    stale = [p for p in (out / "scores").iterdir() if p.name.startswith("teacher-native-1-")]
+    for p in stale:
+        p.unlink()
+    assert main([*args, "--tables", "student"]) == 0
+    assert not any(p.exists() for p in stale), "a group not named was recomputed"
+    rows = json.loads((out / "results.json").read_text())
+    assert {r["group"] for r in rows} == {"teacher", "student", "family", "ablation"}
+
 
 def test_reproduce_bad_options_are_one_line(tmp_path, capsys):
-    for extra, needle in ((["--n", "1"], "--n"), (["--set", "loss.kind=bogus"], "loss.kind")):
+    for extra, needle in (
+        (["--n", "1"], "--n"),
+        (["--set", "loss.kind=bogus"], "loss.kind"),
+        (["--tables", "students"], "students"),
+    ):
         assert main(["reproduce", "--out", str(tmp_path), *extra]) == 2
         err = capsys.readouterr().err.strip()
         assert needle in err and len(err.splitlines()) == 1

@@ -1,13 +1,21 @@
 """Discriminator heads: small conv stacks on one backbone feature map.
 
 A head is a 1x1 projection to `width` channels, `downsamples` x (4x4 stride-2 conv,
-GroupNorm, SiLU), then
+LeakyReLU), then
   global heads: average-pool to one vector -> one logit per image (coherence);
   local heads:  a 1x1 conv -> one logit per patch (texture, detail). Each patch logit sees
                 about 4 * 2**downsamples feature positions.
 Conditional heads add a projection-discriminator term <phi(x), W c> where c is the
 prompt's pooled text embedding (Miyato & Koyama 2018): cheap, and it makes the logit
 depend on whether image and prompt agree rather than on the prompt alone.
+
+No normalisation layer: a per-sample norm (GroupNorm with a channel or a few per group, as
+small heads get) divides out each sample's feature scale, and the scale is what most
+separates a regression-trained student (x0 variance 0.83) from the teacher (1.46) on the
+embedded world; on the deepest maps, down-sampled to 1x1, it outputs a constant. Heads
+built that way stayed at chance (loss 2 ln 2) through whole runs; without the norm, heads
+on the same features tell a regression-trained student from the teacher with 93% mean
+held-out accuracy at t* = 10 and 88% at t* = 250 (docs/results.md, "The blind discriminator").
 """
 
 from __future__ import annotations
@@ -21,11 +29,7 @@ from torch import nn
 HEAD_KINDS = ("global_cond", "local_cond", "local_uncond", "global_uncond")
 
 
-def _groups(channels: int) -> int:
-    for g in (32, 16, 8, 4, 2, 1):
-        if channels % g == 0:
-            return g
-    return 1
+NEGATIVE_SLOPE = 0.2
 
 
 class DiscriminatorHead(nn.Module):
@@ -44,9 +48,9 @@ class DiscriminatorHead(nn.Module):
         self.kind = kind
         self.is_global = kind.startswith("global")
         self.is_conditional = kind.endswith("_cond")
-        layers: list[nn.Module] = [nn.Conv2d(in_channels, width, 1), nn.GroupNorm(_groups(width), width), nn.SiLU()]
+        layers: list[nn.Module] = [nn.Conv2d(in_channels, width, 1), nn.LeakyReLU(NEGATIVE_SLOPE)]
         for _ in range(downsamples):
-            layers += [nn.Conv2d(width, width, 4, stride=2, padding=1), nn.GroupNorm(_groups(width), width), nn.SiLU()]
+            layers += [nn.Conv2d(width, width, 4, stride=2, padding=1), nn.LeakyReLU(NEGATIVE_SLOPE)]
         self.trunk = nn.Sequential(*layers)
         self.to_logit = nn.Conv2d(width, 1, 1)
         self.embed_text = nn.Linear(cond_dim, width, bias=False) if self.is_conditional else None
@@ -67,12 +71,10 @@ class DiscriminatorHead(nn.Module):
         with torch.no_grad():
             for m in self.modules():
                 if isinstance(m, (nn.Conv2d, nn.Linear)):
-                    draw(m.weight, nn.init.kaiming_normal_, nonlinearity="linear")
+                    # He init for the LeakyReLU that follows: activations keep their scale with depth.
+                    draw(m.weight, nn.init.kaiming_normal_, a=NEGATIVE_SLOPE, nonlinearity="leaky_relu")
                     if m.bias is not None:
                         m.bias.zero_()
-                elif isinstance(m, nn.GroupNorm):
-                    m.weight.fill_(1.0)
-                    m.bias.zero_()
             draw(self.to_logit.weight, nn.init.normal_, std=0.01)
 
     def forward(self, feature: torch.Tensor, text: torch.Tensor | None = None) -> torch.Tensor:

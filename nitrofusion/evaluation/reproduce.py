@@ -59,12 +59,14 @@ ABLATIONS = (
     Variant("no refresh", ("discriminator.refresh_fraction=0.0",)),
     Variant("no local heads", ("discriminator.kinds=[global_cond]",)),
     Variant("no unconditional heads", ("discriminator.kinds=[global_cond,local_cond]",)),
+    Variant("no regression anchor", ("loss.regression_weight=0",)),  # the paper's adversarial-only loss
     Variant("regression only", ()),  # schedule set in `_schedule`
 )
 FAMILY = (
     Variant("DMD2", one_step_stage_only=False, preset="dmd2-embedded"),
     Variant("DMDX", one_step_stage_only=False, preset="dmdx-embedded"),
 )
+TABLES = ("teacher", "student", "family", "ablation")  # the row groups, as `Row.group` names them
 TEACHER_ROWS = (
     ("native", 25),
     ("native", 1),
@@ -103,6 +105,7 @@ class Reproduction:
         overrides: list[str] | None = None,
         batch_size: int = 250,
         report_only: bool = False,
+        tables: tuple[str, ...] = TABLES,
     ):
         if len(seeds) < 1 or n < 2:
             raise UserError("need at least one seed and --n of at least 2")
@@ -112,6 +115,11 @@ class Reproduction:
         self.preset = preset
         self.batch_size = batch_size
         self.report_only = report_only  # tabulate the cached scores; train and sample nothing
+        unknown = set(tables) - set(TABLES)
+        if unknown:
+            raise UserError(f"unknown table(s) {sorted(unknown)}; choose from {', '.join(TABLES)}")
+        self.tables = tables  # the groups of rows to train and score; the others are read from the cache only
+        self._live = True  # whether the group being filled may train and sample
         self.overrides = list(overrides or [])
         self.cfg = load_config(preset, None, self.overrides)
         self.evaluator = Evaluator.load(evaluator_path())
@@ -159,7 +167,7 @@ class Reproduction:
         path = self.out / "scores" / f"{key}.json"
         if path.is_file():
             return EmbeddedScore(**json.loads(path.read_text()))
-        if self.report_only:
+        if self.report_only or not self._live:
             return None
         pipe = load()
         # Each seed gets its own images and prompt order: seeds 100000*s + i.
@@ -194,6 +202,7 @@ class Reproduction:
     # ---- the whole table --------------------------------------------------------------------
     def run(self) -> list[Row]:
         rows: list[Row] = []
+        self._live = "teacher" in self.tables
         for sampler, steps in TEACHER_ROWS:
             label = "teacher (Euler, CFG 5)" if sampler == "native" else "teacher (shift-LCM)"
             scores = [
@@ -209,6 +218,7 @@ class Reproduction:
         family = [(FULL, "nitrofusion-final", "NitroFusion student", "student")]
         family += [(v, v.slug, f"{v.name} student", "family") for v in FAMILY]
         for variant, key, label, group in family:
+            self._live = group in self.tables
             for steps in (1, 2, 4):
                 if steps > 1 and len(self.cfg.refine.steps_per_stage) < steps:
                     continue
@@ -224,6 +234,7 @@ class Reproduction:
                 ]
                 self._add(rows, Row(group, label, "shift-LCM", steps, total, scores))
 
+        self._live = "ablation" in self.tables
         stage_one = [
             self.score(
                 f"nitrofusion-stage1-1-seed{s}",
@@ -237,6 +248,8 @@ class Reproduction:
         iters = self.one_step_iterations()
         self._add(rows, Row("ablation", "NitroFusion (full method)", "shift-LCM", 1, iters, stage_one))
         for variant in ABLATIONS:
+            if variant.slug == "no-regression-anchor" and self.cfg.loss.regression_weight == 0:
+                continue  # the preset has no anchor: this row would be the full method again
             scores = []
             for s in self.seeds:
                 scores.append(

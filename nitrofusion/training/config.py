@@ -68,6 +68,7 @@ class LossConfig:
     pretrain_steps: int = 0  # pre-training on teacher pairs before the main objective
     pretrain_kind: str = "mse"  # mse: regression to the teacher's x0; adversarial: DMDX's hybrid GAN
     pool_weight: float = 0.0  # dmd2 only: NitroFusion's head-pool GAN loss added to the student's loss
+    regression_weight: float = 0.0  # + this x MSE to the teacher's x0 in the student's main loss (ADD-style)
 
 
 @dataclass
@@ -257,6 +258,7 @@ def validate(cfg: DistillConfig) -> DistillConfig:
         "pretrain.pixel_downsamples": cfg.pretrain.pixel_downsamples,
         "pretrain.pixel_crop": cfg.pretrain.pixel_crop,
         "pretrain.regression_weight": cfg.pretrain.regression_weight,
+        "loss.regression_weight": cfg.loss.regression_weight,
         "model.lora_rank": cfg.model.lora_rank,
     }
     for key, value in non_negative.items():

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from accelerate import Accelerator
 from diffusers import DiffusionPipeline, UNet2DConditionModel
 from tqdm.auto import tqdm
@@ -333,6 +334,11 @@ class Distiller:
                 fake, k, j = self.student_x0(phase, noise, cond, micro, update_g)
                 losses = objective(self, fake, real, cond, micro, update_g)
                 g_loss, d_loss = losses.g_loss, losses.d_loss
+                if phase.name == "distill" and j == 0 and cfg.loss.regression_weight > 0:
+                    # The anchor needs the teacher's x0 from the student's own input noise: only step 0 has it.
+                    anchor = F.mse_loss(fake, real)
+                    g_loss = g_loss + cfg.loss.regression_weight * anchor
+                    losses.logs["regression"] = float(anchor.detach())
                 total = (g_loss if update_g else 0) + (d_loss if d_loss is not None else 0)
                 if fires("loss.nan", self.step):  # fault injection (docs/reliability.md)
                     total = total * float("nan")
