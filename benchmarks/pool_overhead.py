@@ -1,9 +1,10 @@
 """Time per step and peak memory of the full head pool against a single static head set.
 
 Same model, batch and data (precomputed teacher pairs, so teacher sampling is not timed);
-each configuration runs in its own process so peak RSS is its own. Prints a markdown row.
+each configuration runs in its own process so peak RSS is its own, `--rounds` times,
+interleaved; the median time per step is reported. Prints a markdown table.
 
-    python benchmarks/pool_overhead.py [--teacher embedded] [--steps 20] [--batch 16]
+    python benchmarks/pool_overhead.py [--teacher embedded] [--steps 20] [--batch 16] [--rounds 2]
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -71,6 +73,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=2, help="runs per setting, interleaved; the median is reported")
     p.add_argument("--pairs")
     p.add_argument("--pool")
     p.add_argument("--out")
@@ -95,8 +98,11 @@ def main() -> None:
             check=True,
             capture_output=True,
         )
-        rows = {}
-        for pool in ("true", "false"):
+        # Interleaved rounds (pool, static, static, pool, ...): a shared VM's speed drifts by
+        # 10% and more over a minute, which one run per setting would read as pool overhead.
+        order = [("true", "false") if r % 2 == 0 else ("false", "true") for r in range(args.rounds)]
+        runs: dict[str, list[dict]] = {"true": [], "false": []}
+        for pool in (setting for pair in order for setting in pair):
             out = subprocess.run(
                 [
                     sys.executable,
@@ -106,7 +112,7 @@ def main() -> None:
                     "--pairs",
                     pairs,
                     "--out",
-                    os.path.join(tmp, pool),
+                    os.path.join(tmp, f"{pool}-{len(runs[pool])}"),
                     "--teacher",
                     args.teacher,
                     "--steps",
@@ -122,14 +128,20 @@ def main() -> None:
                 capture_output=True,
                 text=True,
             ).stdout
-            rows[pool] = json.loads(out.strip().splitlines()[-1])
+            runs[pool].append(json.loads(out.strip().splitlines()[-1]))
+    rows = {}
+    for pool, results in runs.items():
+        rows[pool] = dict(results[0], s_per_step=statistics.median(r["s_per_step"] for r in results))
+        rows[pool]["peak_rss_mb"] = max(r["peak_rss_mb"] for r in results)
+        rows[pool]["all_s_per_step"] = [round(r["s_per_step"], 3) for r in results]
     full, static = rows["true"], rows["false"]
     print("| setting | heads | head params | s / step | peak RSS (MB) |")
     print("| --- | ---: | ---: | ---: | ---: |")
     for name, r in (("480-head pool", full), ("static head set", static)):
         print(f"| {name} | {r['heads']} | {r['head_params']:,} | {r['s_per_step']:.3f} | {r['peak_rss_mb']:.0f} |")
+    print(f"\ns / step of each run: pool {full['all_s_per_step']}, static {static['all_s_per_step']}")
     print(
-        f"\npool / static: time x{full['s_per_step'] / static['s_per_step']:.3f}, "
+        f"pool / static: time x{full['s_per_step'] / static['s_per_step']:.3f}, "
         f"peak memory x{full['peak_rss_mb'] / static['peak_rss_mb']:.3f}"
     )
 

@@ -74,11 +74,10 @@ class NitroFusionObjective:
             n_fake = torch.randn(fake.shape, generator=generator).to(fake.device, fake.dtype)
             n_real = torch.randn(real.shape, generator=generator).to(real.device, real.dtype)
             if train_generator:
-                self.pool.requires_grad_(False)
-                fake_feats = self._features(fake, t_star, n_fake, cond)
-                g_logits = [lg.float() for lg in self.pool.logits(ids, fake_feats, text)]
-                g_terms.append(generator_loss(g_logits, self.loss_kind))
-                self.pool.requires_grad_(True)
+                with self.pool.frozen(ids):
+                    fake_feats = self._features(fake, t_star, n_fake, cond)
+                    g_logits = [lg.float() for lg in self.pool.logits(ids, fake_feats, text)]
+                    g_terms.append(generator_loss(g_logits, self.loss_kind))
                 fake_feats = [f.detach() for f in fake_feats]
             else:
                 with torch.no_grad():
