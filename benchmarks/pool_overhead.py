@@ -78,6 +78,8 @@ def main() -> None:
     p.add_argument("--pool")
     p.add_argument("--out")
     args = p.parse_args()
+    if args.rounds < 1:
+        p.error("--rounds must be at least 1")
     if args.pool is not None:
         return worker(args)
     with tempfile.TemporaryDirectory() as tmp:

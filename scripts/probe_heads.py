@@ -91,7 +91,7 @@ def main() -> None:
             fake_logits = pool.logits(ids, feats[3][1], batches[3][0].pooled)
         pairs = list(zip(real_logits, fake_logits))
         accuracy = [0.5 * ((r > 0).float().mean() + (f < 0).float().mean()).item() for r, f in pairs]
-        held_out = [(F.softplus(-r).mean() + F.softplus(f).mean()).item() for r, f in zip(real_logits, fake_logits)]
+        held_out = [(F.softplus(-r).mean() + F.softplus(f).mean()).item() for r, f in pairs]
         report["t_stars"][str(t_star)] = {"held_out_accuracy": accuracy, "held_out_loss": held_out}
         print(
             f"t*={t_star:4d}  held-out accuracy: mean {sum(accuracy) / len(accuracy):.3f}, "

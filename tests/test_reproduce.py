@@ -6,7 +6,7 @@ import shutil
 import yaml
 
 from nitrofusion.cli import main
-from nitrofusion.evaluation.reproduce import ABLATIONS, FAMILY
+from nitrofusion.evaluation.reproduce import ABLATIONS, FAMILY, Reproduction
 
 TINY = [
     "loss.pretrain_steps=2",
@@ -82,3 +82,12 @@ def test_reproduce_bad_options_are_one_line(tmp_path, capsys):
         assert main(["reproduce", "--out", str(tmp_path), *extra]) == 2
         err = capsys.readouterr().err.strip()
         assert needle in err and len(err.splitlines()) == 1
+
+
+def test_an_ablation_that_changes_nothing_in_the_preset_is_skipped(tmp_path):
+    no_anchor = next(v for v in ABLATIONS if v.slug == "no-regression-anchor")
+    regression_only = next(v for v in ABLATIONS if v.slug == "regression-only")  # its change is the schedule
+    anchored = Reproduction(tmp_path, [0], 4)
+    plain = Reproduction(tmp_path, [0], 4, overrides=["loss.regression_weight=0"])
+    assert not anchored.changes_nothing(no_anchor) and plain.changes_nothing(no_anchor)
+    assert not plain.changes_nothing(regression_only)

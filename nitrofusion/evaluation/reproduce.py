@@ -119,7 +119,6 @@ class Reproduction:
         if unknown:
             raise UserError(f"unknown table(s) {sorted(unknown)}; choose from {', '.join(TABLES)}")
         self.tables = tables  # the groups of rows to train and score; the others are read from the cache only
-        self._live = True  # whether the group being filled may train and sample
         self.overrides = list(overrides or [])
         self.cfg = load_config(preset, None, self.overrides)
         self.evaluator = Evaluator.load(evaluator_path())
@@ -133,6 +132,12 @@ class Reproduction:
         if variant.name == "regression only":
             return [f"loss.pretrain_steps={pre + first}", "refine.steps_per_stage=[0]"]
         return [f"refine.steps_per_stage=[{first}]"] if variant.one_step_stage_only else []
+
+    def changes_nothing(self, variant: Variant) -> bool:
+        """Whether a variant's overrides leave the reproduction's config as it is."""
+        if not variant.overrides or variant.preset:
+            return False
+        return load_config(self.preset, None, [*self.overrides, *variant.overrides]) == self.cfg
 
     def one_step_iterations(self) -> int:
         return self.cfg.loss.pretrain_steps + self.cfg.refine.steps_per_stage[0]
@@ -163,11 +168,14 @@ class Reproduction:
         return run
 
     # ---- scores, cached -------------------------------------------------------------------
-    def score(self, key: str, load: Callable[[], object], steps: int, seed: int, label: str) -> EmbeddedScore | None:
+    def score(
+        self, key: str, load: Callable[[], object], steps: int, seed: int, label: str, group: str
+    ) -> EmbeddedScore | None:
+        """A row's score for one seed: from the cache, or computed if its group is being (re)made."""
         path = self.out / "scores" / f"{key}.json"
         if path.is_file():
             return EmbeddedScore(**json.loads(path.read_text()))
-        if self.report_only or not self._live:
+        if self.report_only or group not in self.tables:
             return None
         pipe = load()
         # Each seed gets its own images and prompt order: seeds 100000*s + i.
@@ -202,11 +210,12 @@ class Reproduction:
     # ---- the whole table --------------------------------------------------------------------
     def run(self) -> list[Row]:
         rows: list[Row] = []
-        self._live = "teacher" in self.tables
         for sampler, steps in TEACHER_ROWS:
             label = "teacher (Euler, CFG 5)" if sampler == "native" else "teacher (shift-LCM)"
             scores = [
-                self.score(f"teacher-{sampler}-{steps}-seed{s}", self._pipeline(sampler=sampler), steps, s, label)
+                self.score(
+                    f"teacher-{sampler}-{steps}-seed{s}", self._pipeline(sampler=sampler), steps, s, label, "teacher"
+                )
                 for s in self.seeds
             ]
             self._add(rows, Row("teacher", label, sampler, steps, None, scores))
@@ -218,7 +227,6 @@ class Reproduction:
         family = [(FULL, "nitrofusion-final", "NitroFusion student", "student")]
         family += [(v, v.slug, f"{v.name} student", "family") for v in FAMILY]
         for variant, key, label, group in family:
-            self._live = group in self.tables
             for steps in (1, 2, 4):
                 if steps > 1 and len(self.cfg.refine.steps_per_stage) < steps:
                     continue
@@ -229,12 +237,12 @@ class Reproduction:
                         steps,
                         s,
                         label,
+                        group,
                     )
                     for s in self.seeds
                 ]
                 self._add(rows, Row(group, label, "shift-LCM", steps, total, scores))
 
-        self._live = "ablation" in self.tables
         stage_one = [
             self.score(
                 f"nitrofusion-stage1-1-seed{s}",
@@ -242,14 +250,15 @@ class Reproduction:
                 1,
                 s,
                 "NitroFusion, one-step stage",
+                "ablation",
             )
             for s in self.seeds
         ]
         iters = self.one_step_iterations()
         self._add(rows, Row("ablation", "NitroFusion (full method)", "shift-LCM", 1, iters, stage_one))
         for variant in ABLATIONS:
-            if variant.slug == "no-regression-anchor" and self.cfg.loss.regression_weight == 0:
-                continue  # the preset has no anchor: this row would be the full method again
+            if self.changes_nothing(variant):
+                continue  # e.g. "no regression anchor" on a preset without one: the full method again
             scores = []
             for s in self.seeds:
                 scores.append(
@@ -259,6 +268,7 @@ class Reproduction:
                         1,
                         s,
                         variant.name,
+                        "ablation",
                     )
                 )
             self._add(rows, Row("ablation", variant.name, "shift-LCM", 1, iters, scores))
