@@ -7,14 +7,18 @@ in every row. One process, one run, so the ratios compare like with like:
 - stock: diffusers' StableDiffusionXLPipeline as it comes (SDPA attention), PIL output.
 - stock + compile: the same with torch.compile on the UNet (diffusers' documented recipe).
 - no SDPA: the stock pipeline with diffusers' classic attention (to see what SDPA buys).
-- nitrofusion: `nitrofusion.pipelines.generate` (uint8 quantisation on the GPU), eager; then
-  with `--compile` (`compile_pipeline`: channels-last, fused q/k/v, inductor + CUDA graphs
-  for the UNet and VAE decoder, inductor for the text encoders).
+- nitrofusion: `nitrofusion.pipelines.generate` (its FastSampler: the pipeline's modules
+  without the pipeline's per-call work; uint8 quantisation on the GPU), eager; then with
+  `--compile` (`compile_pipeline`: channels-last, fused q/k/v, inductor + CUDA graphs for the
+  UNet and VAE decoder, both text encoders captured as one CUDA graph).
 - bare: the same modules' UNet forwards (one per step) + VAE decode on prepared tensors:
   the compute a sample cannot avoid. Pipeline overhead = end to end / bare - 1.
 
 End to end = text encoding (both CLIP encoders) + UNet steps + VAE decode + PIL images.
 Results are written after every row (JSON), so a run cut short keeps what it measured.
+
+`--profile DIR` writes a gzipped torch.profiler chrome trace of one call per setting and
+batch (the first step count); the JSON gets its top host ops as text.
 
 `--breakdown` adds, for every end-to-end row, one more timed call with the device
 synchronised around each stage (text encoding, UNet, VAE decode, image post-processing; the
@@ -30,8 +34,10 @@ host and device work, so the stages add up to a little more than the plain end-t
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import platform
+import re
 import statistics
 import time
 from collections.abc import Callable
@@ -128,6 +134,9 @@ def stage_breakdown(pipe, call: Callable[[int], None], steps: int, device: torch
 
     clock = StageClock(device)
     clock.wrap(pipe, "encode_prompt", "text encoding")
+    fast = getattr(pipe, "nitro_fast", None)  # nitrofusion's sampler encodes prompts itself
+    if fast is not None:
+        clock.wrap(fast, "encode", "text encoding")
     clock.hook(pipe.unet, "UNet")
     clock.wrap(pipe.vae, "decode", "VAE decode")
     clock.wrap(pipe.image_processor, "postprocess", "images")  # the stock pipeline's PIL conversion
@@ -143,6 +152,49 @@ def stage_breakdown(pipe, call: Callable[[int], None], steps: int, device: torch
     stages = {k: 1e3 * v for k, v in clock.seconds.items()}
     stages["other"] = 1e3 * total - sum(stages.values())
     return {"total_ms": 1e3 * total, "stages_ms": stages}
+
+
+def replay_check(pipe, size: int) -> dict:
+    """Prompts A, B, A through `generate`: the two A images must be identical and B must differ.
+
+    A compiled path that replays CUDA graphs could otherwise hand one call the memory of an
+    earlier call's outputs (e.g. stale prompt embeddings) without any error.
+    """
+    from nitrofusion.pipelines import generate
+
+    def image(prompt: str) -> torch.Tensor:
+        result = generate(pipe, [prompt], steps=1, height=size, width=size, batch_size=1, progress=False)[0]
+        return torch.from_numpy(__import__("numpy").asarray(result.image)).float()
+
+    a1, b, a2 = image("a red apple on a table"), image("a city at night, neon lights"), image("a red apple on a table")
+    result = {"A_vs_A_max_abs": float((a1 - a2).abs().max()), "A_vs_B_mean_abs": float((a1 - b).abs().mean())}
+    fast = getattr(pipe, "nitro_fast", None)
+    if fast is not None:  # the captured text encoders against the same encoders called plainly
+        from nitrofusion.pipelines.fast import FastSampler
+
+        with torch.inference_mode():
+            captured = fast.encode(["a red apple on a table"], pipe.unet.device)
+            plain = FastSampler(pipe).encode(["a red apple on a table"], pipe.unet.device)
+        result["captured_vs_plain_encoding_max_abs"] = max(float((x - y).abs().max()) for x, y in zip(captured, plain))
+        result["text_encoders_captured"] = type(fast.encode_ids).__name__ == "GraphedFunction"
+    return result
+
+
+def profile_call(call: Callable[[int], None], steps: int, path: Path) -> str:
+    """A gzipped chrome trace of one call (host ops and device kernels); the top host ops as text."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        call(steps)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    raw = path.with_suffix("")  # the .json beside the .json.gz
+    prof.export_chrome_trace(str(raw))
+    with open(raw, "rb") as f, gzip.open(path, "wb") as g:
+        g.write(f.read())
+    raw.unlink()
+    return prof.key_averages().table(sort_by="cpu_time_total", row_limit=40)
 
 
 def build(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
@@ -165,17 +217,20 @@ def bare_compute(pipe, batch: int, size: int, device: torch.device, dtype: torch
     """UNet forwards + VAE decode on prepared tensors of the pipeline's shapes (no text, no scheduler)."""
     unet_cfg = pipe.unet.config
     f = pipe.vae_scale_factor
-    latents = torch.randn(batch, unet_cfg.in_channels, size // f, size // f, device=device, dtype=dtype)
-    text = torch.randn(batch, 77, unet_cfg.cross_attention_dim, device=device, dtype=dtype)
-    pooled = torch.randn(batch, pipe.text_encoder_2.config.projection_dim, device=device, dtype=dtype)
-    time_ids = torch.tensor([[size, size, 0, 0, size, size]] * batch, device=device, dtype=dtype)
-    timesteps = [torch.tensor(t, device=device) for t in (999, 749, 499, 249)]
+    with torch.inference_mode():  # inference tensors, like the pipeline's (else a compiled UNet recompiles)
+        latents = torch.randn(batch, unet_cfg.in_channels, size // f, size // f, device=device, dtype=dtype)
+        text = torch.randn(batch, 77, unet_cfg.cross_attention_dim, device=device, dtype=dtype)
+        pooled = torch.randn(batch, pipe.text_encoder_2.config.projection_dim, device=device, dtype=dtype)
+        time_ids = torch.tensor([[size, size, 0, 0, size, size]] * batch, device=device, dtype=dtype)
+        timesteps = [torch.tensor(t, device=device) for t in (999, 749, 499, 249)]
 
     def run(steps: int) -> torch.Tensor:
         with torch.inference_mode():
             x = latents
             for t in timesteps[:steps]:
-                # Called exactly as the pipeline calls them, so compiled modules are not recompiled.
+                # Called exactly as the pipeline calls them, so compiled modules are not recompiled:
+                # the same keywords, and contiguous inputs (a channels-last UNet returns
+                # channels-last latents, which the pipeline's scheduler step makes contiguous).
                 x = pipe.unet(
                     x,
                     t,
@@ -184,7 +239,7 @@ def bare_compute(pipe, batch: int, size: int, device: torch.device, dtype: torch
                     cross_attention_kwargs=None,
                     added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids},
                     return_dict=False,
-                )[0]
+                )[0].contiguous()
             return pipe.vae.decode(x / pipe.vae.config.scaling_factor, return_dict=False)[0]
 
     return run
@@ -232,12 +287,21 @@ def main() -> None:
     p.add_argument("--no-compile", action="store_true", help="skip the compiled rows (e.g. on CPU)")
     p.add_argument("--tiny", action="store_true", help="the tiny test SDXL pipeline instead of SDXL base")
     p.add_argument("--breakdown", action="store_true", help="also time each stage of one synchronised call")
+    p.add_argument("--profile", help="folder for a chrome trace of one call of every end-to-end row")
+    p.add_argument("--cache-in", help="inductor cache artifacts to load first (torch.compiler)")
+    p.add_argument("--cache-out", help="write the run's inductor cache artifacts here at the end")
     p.add_argument("--out", default="runs/sdxl_inference.json")
     args = p.parse_args()
 
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
     from nitrofusion.pipelines.fast import compile_pipeline
+
+    if args.cache_in:  # the parts --cache-out wrote
+        stem = Path(args.cache_in)
+        parts = sorted(stem.parent.glob(stem.name + ".*"), key=lambda q: int(q.suffix[1:]))
+        if parts:
+            torch.compiler.load_cache_artifacts(b"".join(q.read_bytes() for q in parts))
 
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     pipe = build(args, device, dtype)
@@ -250,6 +314,7 @@ def main() -> None:
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
             "torch": torch.__version__,
             "diffusers": __import__("diffusers").__version__,
+            "transformers": __import__("transformers").__version__,
             "python": platform.python_version(),
         },
         "dtype": args.dtype,
@@ -279,11 +344,23 @@ def main() -> None:
                     record(setting, batch, steps, "end to end", result)
                     if args.breakdown:
                         record(setting, batch, steps, "stages", stage_breakdown(pipe, call, steps, device))
+                    if args.profile and steps == args.steps[0]:
+                        name = re.sub(r"[^a-z0-9]+", "-", f"{setting} b{batch} s{steps}".lower())
+                        folder = Path(args.profile)
+                        folder.mkdir(parents=True, exist_ok=True)
+                        table = profile_call(call, steps, folder / f"trace-{name}.json.gz")
+                        record(setting, batch, steps, "host ops", {"table": table})
                     if bare is not None:
                         bare_result = timed(lambda b=bare, k=steps: b(k), device, 2, args.repeat)
                         record(setting, batch, steps, "bare UNet + VAE", bare_result)
                 except Exception as exc:  # one failing row (e.g. a compiler error) must not lose the others
                     record(setting, batch, steps, "error", {"error": f"{type(exc).__name__}: {str(exc)[:300]}"})
+
+    def checked(setting: str) -> None:
+        try:
+            record(setting, 1, 1, "replay check", replay_check(pipe, size))
+        except Exception as exc:
+            record(setting, 1, 1, "error", {"error": f"{type(exc).__name__}: {str(exc)[:300]}"})
 
     def stock(pipe, prompts: list[str], size: int) -> Callable[[int], None]:
         return stock_call(pipe, prompts, size, device)
@@ -308,6 +385,13 @@ def main() -> None:
     if "nitrofusion+compile" in settings and device.type == "cuda":
         compile_pipeline(pipe)
         measure("nitrofusion + compile", nitro_call, with_bare=True)
+        checked("nitrofusion + compile")
+    if args.cache_out:
+        artifacts = torch.compiler.save_cache_artifacts()
+        if artifacts is not None:  # in parts of at most 15 MB (what a file transfer here may carry)
+            blob, part = artifacts[0], 15 * 2**20
+            for i in range(0, len(blob), part):
+                Path(f"{args.cache_out}.{i // part}").write_bytes(blob[i : i + part])
 
     print(f"wrote {out}")
 

@@ -7,10 +7,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from nitrofusion.pipelines import generate, load_pipeline
-from nitrofusion.pipelines.fast import compile_pipeline
+from nitrofusion.pipelines.fast import FastSampler, GraphedFunction, compile_pipeline, fast_sampler
 from nitrofusion.pipelines.generation import to_pil
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,6 +28,65 @@ def test_to_pil_matches_diffusers_pil_output(tiny_sdxl_dir):
         assert a.mode == b.mode == "RGB" and np.array_equal(np.asarray(a), np.asarray(b))
     images = generate(pipe, ["a cat", "a dog"], steps=1, batch_size=2, progress=False)
     assert np.array_equal(np.asarray(images[0].image), np.asarray(stock[0]))
+
+
+LONG_PROMPT = "a dog on a long road, " * 30  # past CLIP's 77 tokens: both paths must truncate alike
+
+
+def _pipeline_images(pipe, prompts, steps):
+    generators = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
+    kwargs = dict(num_inference_steps=steps, guidance_scale=0.0, generator=generators, output_type="pt")
+    return pipe(prompt=prompts, height=32, width=32, **kwargs).images
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4])
+def test_fast_sampler_gives_the_pipelines_images(tiny_sdxl_dir, steps):
+    pipe = load_pipeline(tiny_sdxl_dir, sampler="shift-lcm", device="cpu")
+    prompts = ["a cat", LONG_PROMPT]
+    with torch.inference_mode():
+        ours = FastSampler(pipe)(prompts, steps, [torch.Generator().manual_seed(i) for i in range(2)], 32, 32)
+        stock = _pipeline_images(pipe, prompts, steps)
+    assert ours.shape == stock.shape and torch.equal(ours, stock)
+    assert fast_sampler(pipe) is fast_sampler(pipe)  # made once, kept on the pipeline
+
+
+def test_fast_sampler_decodes_an_fp16_vae_in_fp32_like_the_pipeline(tiny_sdxl_dir):
+    pipe = load_pipeline(tiny_sdxl_dir, sampler="shift-lcm", device="cpu", dtype="fp16")
+    pipe.vae.register_to_config(force_upcast=True)  # SDXL's VAE overflows in fp16
+    sampler = FastSampler(pipe)
+    assert sampler.vae is not pipe.vae and sampler.vae.dtype == torch.float32
+    with torch.inference_mode():
+        ours = sampler(["a cat"], 2, [torch.Generator().manual_seed(0)], 32, 32)
+        stock = _pipeline_images(pipe, ["a cat"], 2)
+    assert pipe.vae.dtype == torch.float16  # the pipeline cast its VAE back; ours was never moved
+    assert torch.equal(ours, stock)
+
+
+def test_fast_sampler_applies_only_where_it_matches_the_pipeline(tiny_sdxl_dir, tiny_sd15_dir):
+    assert fast_sampler(load_pipeline(tiny_sdxl_dir, sampler="shift-lcm", device="cpu")) is not None
+    assert fast_sampler(load_pipeline(tiny_sdxl_dir, sampler="native", device="cpu")) is None
+    assert fast_sampler(load_pipeline(tiny_sd15_dir, sampler="shift-lcm", device="cpu")) is None
+    pipe = load_pipeline(tiny_sdxl_dir, sampler="shift-lcm", device="cpu")
+    pipe.vae.register_to_config(latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
+    assert fast_sampler(pipe) is None
+
+
+def test_text_encoders_fall_back_with_a_warning_when_capture_fails(tiny_sdxl_dir, monkeypatch):
+    """A transformers version whose encoder syncs with the host cannot be captured: the sampler
+    says so and runs the encoders plainly, with the same numbers."""
+    pipe = load_pipeline(tiny_sdxl_dir, sampler="shift-lcm", device="cpu")
+
+    def refuse(self, inputs):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(GraphedFunction, "_capture", refuse)
+    graphed = FastSampler(pipe, graph_text_encoders=True)
+    with torch.inference_mode(), pytest.warns(UserWarning, match="not captured as a CUDA graph"):
+        got = graphed.encode(["a cat"], torch.device("cpu"))
+    with torch.inference_mode():
+        want = FastSampler(pipe).encode(["a cat"], torch.device("cpu"))
+    assert not isinstance(graphed.encode_ids, GraphedFunction)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
 
 
 def test_fast_path_leaves_a_cpu_pipeline_alone(tiny_sdxl_dir):

@@ -68,7 +68,7 @@ def _add_arguments(a: argparse.ArgumentParser) -> None:
     a.add_argument(
         "--compile",
         action="store_true",
-        help="CUDA: torch.compile the text encoders, UNet and VAE decoder (during the warm-up, before serving)",
+        help="CUDA: compile the UNet and VAE decoder, capture the text encoders (during the warm-up)",
     )
     a.add_argument("--max-size", type=int, default=1024, help="largest width or height a request may ask for")
     a.add_argument("--queue-size", type=int, default=32, help="requests that may wait per model (one per client)")

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 import nitrofusion
 from nitrofusion.errors import UserError
+from nitrofusion.pipelines.fast import fast_sampler
 from nitrofusion.pipelines.loading import SHIFT_LCM_MAX_STEPS
 
 
@@ -74,6 +75,8 @@ def generate(
     if guidance_scale is None:
         guidance_scale = 0.0 if sampler == "shift-lcm" else 5.0
     device = pipe.device
+    # The pipeline's own modules without its per-call work, where it applies (same images).
+    fast = fast_sampler(pipe) if guidance_scale <= 1 else None
     results: list[GenerationResult] = []
     bar = tqdm(total=len(prompts), desc=f"generate ({steps} step{'s' if steps > 1 else ''})", disable=not progress)
     for start in range(0, len(prompts), batch_size):
@@ -81,15 +84,18 @@ def generate(
         seeds = [seed + start + i for i in range(len(chunk))]
         generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
         with torch.inference_mode():
-            images = pipe(
-                prompt=chunk,
-                num_inference_steps=steps,
-                guidance_scale=guidance_scale,
-                height=height,
-                width=width,
-                generator=generators,
-                output_type="pt",
-            ).images
+            if fast is not None:
+                images = fast(chunk, steps, generators, height, width)
+            else:
+                images = pipe(
+                    prompt=chunk,
+                    num_inference_steps=steps,
+                    guidance_scale=guidance_scale,
+                    height=height,
+                    width=width,
+                    generator=generators,
+                    output_type="pt",
+                ).images
             images = to_pil(images)
         for prompt, s, image in zip(chunk, seeds, images):
             meta = {
