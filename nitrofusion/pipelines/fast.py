@@ -22,15 +22,17 @@ from diffusers import DiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.utils.torch_utils import randn_tensor
 
 COMPILE_MODE = "reduce-overhead"  # inductor kernels + CUDA graphs (launch overhead matters at 1 step)
-# No CUDA graphs for the text encoders: the pipeline holds the first encoder's outputs while the
-# second runs, and graph replays may reuse output memory.
+# Text encoders the pipeline itself calls get no CUDA graphs: compiled in "reduce-overhead" they
+# failed every other call with "accessing tensor output of CUDAGraphs that has been overwritten"
+# (H100, 2026-11-26). FastSampler captures them as one graph of its own instead.
 TEXT_ENCODER_MODE: str | None = None
 
 
 def compile_pipeline(pipe: DiffusionPipeline, mode: str = COMPILE_MODE) -> DiffusionPipeline:
-    """Compile every network a few-step sample runs: the text encoder(s), the UNet and the VAE
-    decoder, with the UNet and VAE in channels-last memory and fused q/k/v projections (inductor
-    picks its kernels for that layout). A CPU pipeline is returned as it is."""
+    """Compile every network a few-step sample runs: the UNet and the VAE decoder, in channels-last
+    memory with fused q/k/v projections (inductor picks its kernels for that layout), and the text
+    encoder(s): captured as one CUDA graph where FastSampler applies, else compiled without graphs.
+    A CPU pipeline is returned as it is."""
     if pipe.device.type != "cuda":
         return pipe
     for name in ("unet", "vae"):
@@ -114,8 +116,8 @@ class FastSampler:
     Same images as the pipeline (tests/test_fast_path.py), but: the prompts are tokenised once
     per encoder (diffusers tokenises twice more to warn about truncation), the schedule is kept
     on the host so no scheduler step waits for the GPU, and under `compile_pipeline` both text
-    encoders run as one CUDA graph. At 1024², batch 1, compiled, on an H100 the pipeline spent
-    56 ms outside its 60 ms of UNet and VAE compute (docs/benchmarks.md).
+    encoders run as one CUDA graph. At 1024², batch 1, one step, compiled, on an H100 the
+    pipeline took 116 ms for 60 ms of UNet and VAE compute; this sampler 69 ms (docs/benchmarks.md).
     """
 
     def __init__(self, pipe: DiffusionPipeline, graph_text_encoders: bool = False) -> None:
@@ -124,11 +126,16 @@ class FastSampler:
         if graph_text_encoders:
             self.encode_ids = GraphedFunction(self._encode_ids)
         self._timesteps: dict[tuple[int, torch.device], torch.Tensor] = {}
-        self.vae = pipe.vae
+        self._vae_fp32 = None
         if pipe.vae.dtype == torch.float16 and pipe.vae.config.force_upcast:
             # SDXL's VAE overflows in fp16. The stock pipeline casts it to fp32 and back on every
             # call; a standing fp32 copy decodes the same numbers without moving the weights twice.
-            self.vae = copy.deepcopy(pipe.vae).to(torch.float32)
+            self._vae_fp32 = copy.deepcopy(pipe.vae).to(torch.float32)
+
+    @property
+    def vae(self) -> torch.nn.Module:
+        """The VAE that decodes: the pipeline's own, or its fp32 copy where fp16 would overflow."""
+        return self.pipe.vae if self._vae_fp32 is None else self._vae_fp32
 
     @staticmethod
     def supports(pipe: DiffusionPipeline) -> bool:
