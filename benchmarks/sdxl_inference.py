@@ -43,6 +43,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -154,6 +155,11 @@ def stage_breakdown(pipe, call: Callable[[int], None], steps: int, device: torch
     return {"total_ms": 1e3 * total, "stages_ms": stages}
 
 
+def failure(exc: Exception) -> dict:
+    """An error row's payload: the exception's type and the start of its message."""
+    return {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+
+
 def replay_check(pipe, size: int) -> dict:
     """Prompts A, B, A through `generate`: the two A images must be identical and B must differ.
 
@@ -164,19 +170,19 @@ def replay_check(pipe, size: int) -> dict:
 
     def image(prompt: str) -> torch.Tensor:
         result = generate(pipe, [prompt], steps=1, height=size, width=size, batch_size=1, progress=False)[0]
-        return torch.from_numpy(__import__("numpy").asarray(result.image)).float()
+        return torch.from_numpy(np.array(result.image)).float()
 
     a1, b, a2 = image("a red apple on a table"), image("a city at night, neon lights"), image("a red apple on a table")
     result = {"A_vs_A_max_abs": float((a1 - a2).abs().max()), "A_vs_B_mean_abs": float((a1 - b).abs().mean())}
     fast = getattr(pipe, "nitro_fast", None)
     if fast is not None:  # the captured text encoders against the same encoders called plainly
-        from nitrofusion.pipelines.fast import FastSampler
+        from nitrofusion.pipelines.fast import FastSampler, GraphedFunction
 
         with torch.inference_mode():
             captured = fast.encode(["a red apple on a table"], pipe.unet.device)
             plain = FastSampler(pipe).encode(["a red apple on a table"], pipe.unet.device)
         result["captured_vs_plain_encoding_max_abs"] = max(float((x - y).abs().max()) for x, y in zip(captured, plain))
-        result["text_encoders_captured"] = type(fast.encode_ids).__name__ == "GraphedFunction"
+        result["text_encoders_captured"] = isinstance(fast.encode_ids, GraphedFunction)
     return result
 
 
@@ -288,20 +294,12 @@ def main() -> None:
     p.add_argument("--tiny", action="store_true", help="the tiny test SDXL pipeline instead of SDXL base")
     p.add_argument("--breakdown", action="store_true", help="also time each stage of one synchronised call")
     p.add_argument("--profile", help="folder for a chrome trace of one call of every end-to-end row")
-    p.add_argument("--cache-in", help="inductor cache artifacts to load first (torch.compiler)")
-    p.add_argument("--cache-out", help="write the run's inductor cache artifacts here at the end")
     p.add_argument("--out", default="runs/sdxl_inference.json")
     args = p.parse_args()
 
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
     from nitrofusion.pipelines.fast import compile_pipeline
-
-    if args.cache_in:  # the parts --cache-out wrote
-        stem = Path(args.cache_in)
-        parts = sorted(stem.parent.glob(stem.name + ".*"), key=lambda q: int(q.suffix[1:]))
-        if parts:
-            torch.compiler.load_cache_artifacts(b"".join(q.read_bytes() for q in parts))
 
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     pipe = build(args, device, dtype)
@@ -354,13 +352,13 @@ def main() -> None:
                         bare_result = timed(lambda b=bare, k=steps: b(k), device, 2, args.repeat)
                         record(setting, batch, steps, "bare UNet + VAE", bare_result)
                 except Exception as exc:  # one failing row (e.g. a compiler error) must not lose the others
-                    record(setting, batch, steps, "error", {"error": f"{type(exc).__name__}: {str(exc)[:300]}"})
+                    record(setting, batch, steps, "error", failure(exc))
 
     def checked(setting: str) -> None:
         try:
             record(setting, 1, 1, "replay check", replay_check(pipe, size))
         except Exception as exc:
-            record(setting, 1, 1, "error", {"error": f"{type(exc).__name__}: {str(exc)[:300]}"})
+            record(setting, 1, 1, "error", failure(exc))
 
     def stock(pipe, prompts: list[str], size: int) -> Callable[[int], None]:
         return stock_call(pipe, prompts, size, device)
@@ -386,12 +384,6 @@ def main() -> None:
         compile_pipeline(pipe)
         measure("nitrofusion + compile", nitro_call, with_bare=True)
         checked("nitrofusion + compile")
-    if args.cache_out:
-        artifacts = torch.compiler.save_cache_artifacts()
-        if artifacts is not None:  # in parts of at most 15 MB (what a file transfer here may carry)
-            blob, part = artifacts[0], 15 * 2**20
-            for i in range(0, len(blob), part):
-                Path(f"{args.cache_out}.{i // part}").write_bytes(blob[i : i + part])
 
     print(f"wrote {out}")
 

@@ -69,6 +69,9 @@ def test_fast_sampler_applies_only_where_it_matches_the_pipeline(tiny_sdxl_dir, 
     pipe = load_pipeline(tiny_sdxl_dir, sampler="shift-lcm", device="cpu")
     pipe.vae.register_to_config(latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
     assert fast_sampler(pipe) is None
+    pipe = load_pipeline(tiny_sdxl_dir, sampler="shift-lcm", device="cpu")
+    pipe.unet.register_to_config(time_cond_proj_dim=256)  # LCM-style guidance embedding: timestep_cond
+    assert fast_sampler(pipe) is None
 
 
 def test_text_encoders_fall_back_with_a_warning_when_capture_fails(tiny_sdxl_dir, monkeypatch):

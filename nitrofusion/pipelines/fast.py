@@ -139,14 +139,16 @@ class FastSampler:
 
     @staticmethod
     def supports(pipe: DiffusionPipeline) -> bool:
-        """An SDXL pipeline with both text encoders and the shift-LCM sampler (a VAE with a latent
-        mean/std, or a watermarker, stays with the stock pipeline)."""
+        """An SDXL pipeline with both text encoders and the shift-LCM sampler (a UNet with a
+        guidance embedding, a VAE with a latent mean/std, or a watermarker, stays with the stock
+        pipeline, which feeds or applies them)."""
         vae = getattr(pipe, "vae", None)
         return (
             isinstance(pipe, StableDiffusionXLPipeline)
             and getattr(pipe, "nitro_sampler", None) == "shift-lcm"
             and pipe.text_encoder is not None
             and pipe.text_encoder_2 is not None
+            and getattr(pipe.unet.config, "time_cond_proj_dim", None) is None
             and vae is not None
             and getattr(vae.config, "latents_mean", None) is None
             and getattr(pipe, "watermark", None) is None
