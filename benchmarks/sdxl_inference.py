@@ -9,10 +9,12 @@ in every row. One process, one run, so the ratios compare like with like:
 - no SDPA: the stock pipeline with diffusers' classic attention (to see what SDPA buys).
 - nitrofusion: `nitrofusion.pipelines.generate` (its FastSampler: the pipeline's modules
   without the pipeline's per-call work; uint8 quantisation on the GPU), eager; then with
-  `--compile` (`compile_pipeline`: channels-last, fused q/k/v, inductor + CUDA graphs for the
-  UNet and VAE decoder, both text encoders captured as one CUDA graph).
+  `--compile` (`compile_pipeline`: channels-last, fused q/k/v, the UNet and VAE decoder
+  compiled with inductor, and each whole sample -- text encoders, UNet steps, VAE decode --
+  replayed as one CUDA graph per batch and step count).
 - bare: the same modules' UNet forwards (one per step) + VAE decode on prepared tensors:
-  the compute a sample cannot avoid. Pipeline overhead = end to end / bare - 1.
+  the compute a sample cannot avoid (in the compiled row also replayed as one CUDA graph, so it
+  has no launch overhead either). Pipeline overhead = end to end / bare - 1.
 
 End to end = text encoding (both CLIP encoders) + UNet steps + VAE decode + PIL images.
 Results are written after every row (JSON), so a run cut short keeps what it measured.
@@ -21,8 +23,9 @@ Results are written after every row (JSON), so a run cut short keeps what it mea
 batch (the first step count); the JSON gets its top host ops as text.
 
 `--breakdown` adds, for every end-to-end row, one more timed call with the device
-synchronised around each stage (text encoding, UNet, VAE decode, image post-processing; the
-rest -- tokenisation is inside text encoding -- is "other": scheduler, latents, Python):
+synchronised around each stage (tokenisation, noise, text encoding, UNet, VAE decode, image
+post-processing; a replayed graph of the whole sample is one stage; the rest is "other":
+scheduler, latents, Python; the stock pipeline tokenises inside its text encoding):
 where a pipeline's overhead over the bare compute goes. Synchronising removes the overlap of
 host and device work, so the stages add up to a little more than the plain end-to-end time.
 
@@ -132,12 +135,17 @@ class StageClock:
 def stage_breakdown(pipe, call: Callable[[int], None], steps: int, device: torch.device) -> dict:
     """One synchronised end-to-end call, split into its stages (milliseconds)."""
     import nitrofusion.pipelines.generation as generation
+    from nitrofusion.pipelines.fast import GraphedFunction
 
     clock = StageClock(device)
     clock.wrap(pipe, "encode_prompt", "text encoding")
-    fast = getattr(pipe, "nitro_fast", None)  # nitrofusion's sampler encodes prompts itself
+    fast = getattr(pipe, "nitro_fast", None)  # nitrofusion's sampler: its own stages
     if fast is not None:
-        clock.wrap(fast, "encode", "text encoding")
+        clock.wrap(fast, "tokenize", "tokenisation")
+        clock.wrap(fast, "draw_noise", "noise")
+        clock.wrap(fast, "encode_ids", "text encoding")
+        if isinstance(fast.sample, GraphedFunction):  # one replay: its stages cannot be told apart
+            clock.wrap(fast, "sample", "text + UNet + VAE (one graph)")
     clock.hook(pipe.unet, "UNet")
     clock.wrap(pipe.vae, "decode", "VAE decode")
     clock.wrap(pipe.image_processor, "postprocess", "images")  # the stock pipeline's PIL conversion
@@ -167,6 +175,7 @@ def replay_check(pipe, size: int) -> dict:
     earlier call's outputs (e.g. stale prompt embeddings) without any error.
     """
     from nitrofusion.pipelines import generate
+    from nitrofusion.pipelines.fast import FastSampler
 
     def image(prompt: str) -> torch.Tensor:
         result = generate(pipe, [prompt], steps=1, height=size, width=size, batch_size=1, progress=False)[0]
@@ -175,14 +184,16 @@ def replay_check(pipe, size: int) -> dict:
     a1, b, a2 = image("a red apple on a table"), image("a city at night, neon lights"), image("a red apple on a table")
     result = {"A_vs_A_max_abs": float((a1 - a2).abs().max()), "A_vs_B_mean_abs": float((a1 - b).abs().mean())}
     fast = getattr(pipe, "nitro_fast", None)
-    if fast is not None:  # the captured text encoders against the same encoders called plainly
-        from nitrofusion.pipelines.fast import FastSampler, GraphedFunction
-
+    if fast is not None and fast.captured:  # the replayed graph against the same modules called plainly
+        device = pipe.unet.device
         with torch.inference_mode():
-            captured = fast.encode(["a red apple on a table"], pipe.unet.device)
-            plain = FastSampler(pipe).encode(["a red apple on a table"], pipe.unet.device)
-        result["captured_vs_plain_encoding_max_abs"] = max(float((x - y).abs().max()) for x, y in zip(captured, plain))
-        result["text_encoders_captured"] = isinstance(fast.encode_ids, GraphedFunction)
+            plain = FastSampler(pipe)
+            args = (["a red apple on a table"], 2, size, size)
+            graphed = fast(args[0], args[1], [torch.Generator(device).manual_seed(0)], *args[2:])
+            uncaptured = plain(args[0], args[1], [torch.Generator(device).manual_seed(0)], *args[2:])
+        result["captured_vs_plain_2_steps_max_abs"] = float((graphed - uncaptured).abs().max())
+        result["captured"] = fast.captured
+    return result
     return result
 
 
@@ -219,8 +230,12 @@ def build(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
     return pipe
 
 
-def bare_compute(pipe, batch: int, size: int, device: torch.device, dtype: torch.dtype) -> Callable[[int], None]:
-    """UNet forwards + VAE decode on prepared tensors of the pipeline's shapes (no text, no scheduler)."""
+def bare_compute(
+    pipe, batch: int, size: int, device: torch.device, dtype: torch.dtype, captured: bool = False
+) -> Callable[[int], None]:
+    """UNet forwards + VAE decode on prepared tensors of the pipeline's shapes (no text, no scheduler);
+    `captured`: replayed as one CUDA graph per step count, as compiled nitrofusion samples are, so
+    the bare figure has no launch overhead either."""
     unet_cfg = pipe.unet.config
     f = pipe.vae_scale_factor
     with torch.inference_mode():  # inference tensors, like the pipeline's (else a compiled UNet recompiles)
@@ -248,7 +263,19 @@ def bare_compute(pipe, batch: int, size: int, device: torch.device, dtype: torch
                 )[0].contiguous()
             return pipe.vae.decode(x / pipe.vae.config.scaling_factor, return_dict=False)[0]
 
-    return run
+    if not captured:
+        return run
+    from nitrofusion.pipelines.fast import GraphedFunction
+
+    graphs: dict[int, GraphedFunction] = {}
+
+    def replay(steps: int) -> torch.Tensor:
+        if steps not in graphs:
+            graphs[steps] = GraphedFunction(lambda: (run(steps),))
+        with torch.inference_mode():
+            return graphs[steps]()[0]
+
+    return replay
 
 
 def stock_call(pipe, prompts: list[str], size: int, device: torch.device) -> Callable[[int], None]:
@@ -327,11 +354,11 @@ def main() -> None:
         out.write_text(json.dumps(report, indent=1))
         print(json.dumps(row), flush=True)
 
-    def measure(setting: str, e2e: Callable[[int], None], with_bare: bool) -> None:
+    def measure(setting: str, e2e: Callable[[int], None], with_bare: bool, captured_bare: bool = False) -> None:
         for batch in args.batches:
             prompts = [f"a photograph of an astronaut riding a horse, {i}" for i in range(batch)]
             call = e2e(pipe, prompts, size)
-            bare = bare_compute(pipe, batch, size, device, dtype) if with_bare else None
+            bare = bare_compute(pipe, batch, size, device, dtype, captured=captured_bare) if with_bare else None
             for steps in args.steps:
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
@@ -339,6 +366,8 @@ def main() -> None:
                     result = timed(lambda c=call, k=steps: c(k), device, args.warmup, args.repeat)
                     if device.type == "cuda":
                         result["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+                        # CUDA-graph pools keep their memory reserved between replays.
+                        result["reserved_gib"] = torch.cuda.memory_reserved(device) / 2**30
                     record(setting, batch, steps, "end to end", result)
                     if args.breakdown:
                         record(setting, batch, steps, "stages", stage_breakdown(pipe, call, steps, device))
@@ -382,7 +411,11 @@ def main() -> None:
         measure("nitrofusion", nitro_call, with_bare=False)
     if "nitrofusion+compile" in settings and device.type == "cuda":
         compile_pipeline(pipe)
-        measure("nitrofusion + compile", nitro_call, with_bare=True)
+        fast = getattr(pipe, "nitro_fast", None)
+        # Bare compute as the sampler runs it: one graph per call where the sampler captures the
+        # whole sample (its modules then have no CUDA graphs of their own).
+        whole = fast is not None and fast.captured == "sample"
+        measure("nitrofusion + compile", nitro_call, with_bare=True, captured_bare=whole)
         checked("nitrofusion + compile")
 
     print(f"wrote {out}")

@@ -254,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--compile",
         action="store_true",
-        help="CUDA: compile the UNet and VAE decoder, capture the text encoders (minutes first; faster after)",
+        help="CUDA: compile the networks and replay each sample as one CUDA graph (minutes first; faster after)",
     )
     g.add_argument("--out", default="outputs", help="output directory, or a .png file for one prompt")
     g.set_defaults(func=cmd_generate)

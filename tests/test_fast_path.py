@@ -83,13 +83,47 @@ def test_text_encoders_fall_back_with_a_warning_when_capture_fails(tiny_sdxl_dir
         raise RuntimeError("operation not permitted when stream is capturing")
 
     monkeypatch.setattr(GraphedFunction, "_capture", refuse)
-    graphed = FastSampler(pipe, graph_text_encoders=True)
+    graphed = FastSampler(pipe, graph="text")
     with torch.inference_mode(), pytest.warns(UserWarning, match="not captured as a CUDA graph"):
         got = graphed.encode(["a cat"], torch.device("cpu"))
     with torch.inference_mode():
         want = FastSampler(pipe).encode(["a cat"], torch.device("cpu"))
     assert not isinstance(graphed.encode_ids, GraphedFunction)
     assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_whole_sample_falls_back_with_a_warning_when_capture_fails(tiny_sdxl_dir, monkeypatch):
+    pipe = load_pipeline(tiny_sdxl_dir, sampler="shift-lcm", device="cpu")
+
+    def refuse(self, inputs):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(GraphedFunction, "_capture", refuse)
+    graphed = FastSampler(pipe, graph="sample")
+    assert graphed.captured == "sample"
+    with torch.inference_mode(), pytest.warns(UserWarning, match="sample not captured"):
+        got = graphed(["a cat"], 2, [torch.Generator().manual_seed(0)], 32, 32)
+    assert graphed.captured is None
+    with torch.inference_mode():
+        want = _pipeline_images(pipe, ["a cat"], 2)
+    assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="graph must be"):
+        FastSampler(pipe, graph="unet")
+
+
+def test_generate_never_asks_diffusers_for_the_device(tiny_sdxl_dir, monkeypatch):
+    """`pipe.device` / `ModelMixin.device` walk every submodule (~5 ms per call on SDXL's UNet, the
+    largest host cost of a compiled batch-1 sample on the H100): the fast path reads a parameter."""
+    pipe = load_pipeline(tiny_sdxl_dir, sampler="shift-lcm", device="cpu")
+    want = generate(pipe, ["a cat"], steps=1, progress=False)[0].image
+
+    def walked(self):
+        raise AssertionError("device looked up through diffusers")
+
+    monkeypatch.setattr(type(pipe), "device", property(walked))
+    monkeypatch.setattr(type(pipe.unet), "device", property(walked))
+    got = generate(pipe, ["a cat"], steps=1, progress=False)[0].image
+    assert np.array_equal(np.asarray(got), np.asarray(want))
 
 
 def test_fast_path_leaves_a_cpu_pipeline_alone(tiny_sdxl_dir):

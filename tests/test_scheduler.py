@@ -96,6 +96,27 @@ def test_step_outputs_match_oracle(steps, shift):
     assert s.timesteps.tolist() == TABLE.get(steps, ([], {shift: s.timesteps.tolist()}))[1][shift]
 
 
+@pytest.mark.parametrize("steps", [1, 2, 3, 4])
+def test_given_noise_gives_the_drawn_steps_numbers(steps):
+    """A caller that draws the re-noising itself (FastSampler, before replaying a CUDA graph) gets
+    exactly what the step draws from the same per-image generators."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 8, 8)
+    drawn, given = make(250), make(250)
+    drawn.set_timesteps(steps)
+    given.set_timesteps(steps)
+    gens = [torch.Generator().manual_seed(i) for i in range(2)]
+    noise_gens = [torch.Generator().manual_seed(i) for i in range(2)]
+    a = b = x
+    for i, t in enumerate(drawn.timesteps):
+        a_out = drawn.step(fake_unet(a, int(t)), t, a, generator=gens, return_dict=False)
+        noise = torch.cat([torch.randn(1, 4, 8, 8, generator=g) for g in noise_gens]) if i < steps - 1 else None
+        b_out = given.step(fake_unet(b, int(t)), t, b, noise=noise, return_dict=False)
+        assert all(torch.equal(p, q) for p, q in zip(a_out, b_out))
+        a, b = a_out[0], b_out[0]
+    assert given.step_index == steps and given.num_inference_steps == steps
+
+
 def test_round_trip_keeps_every_setting(tmp_path):
     s = TimestepShiftLCMScheduler(shifted_timestep=500, beta_schedule="linear", beta_start=0.0001, beta_end=0.02)
     s.save_pretrained(tmp_path)

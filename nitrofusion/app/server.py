@@ -215,7 +215,9 @@ def load_models(
         )
         loaded = LoadedModel.from_pipeline(name, spec.model or "embedded", pipe)
         if warmup:
-            generate(pipe, ["warm-up"], steps=1, seed=0, batch_size=1, progress=False)
+            # A compiled sampler captures one CUDA graph per step count: capture them all now.
+            for steps in range(1, MAX_STEPS + 1) if compile else (1,):
+                generate(pipe, ["warm-up"], steps=steps, seed=0, batch_size=1, progress=False)
         models.append(loaded)
     return models
 

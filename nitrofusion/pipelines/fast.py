@@ -5,10 +5,12 @@ Measured on an H100 at 1024², bf16 (benchmarks/sdxl_inference.py):
 - `FastSampler` runs an SDXL pipeline's own modules without the pipeline's per-call work
   (extra tokenisation, a scheduler that waits for the GPU at every step); same images, used
   by `generate` wherever it applies, on any device.
-- `compile_pipeline` (opt-in, `--compile`): the UNet and VAE decoder compiled with inductor
-  and CUDA graphs in channels-last with fused q/k/v (eager, that layout was *slower*: 209 vs
-  178 ms at one step), and both text encoders captured as one CUDA graph. Compilation costs
-  minutes per image size and batch: worth it for the app and long runs, not for one image.
+- `compile_pipeline` (opt-in, `--compile`): the UNet and VAE decoder compiled with inductor in
+  channels-last with fused q/k/v (eager, that layout was *slower*: 209 vs 178 ms at one step);
+  where FastSampler applies, a whole sample (text encoders, UNet steps, VAE decode) is then
+  captured as one CUDA graph, else the UNet and decoder get inductor's own CUDA graphs.
+  Compilation costs minutes per image size and batch: worth it for the app and long runs, not
+  for one image.
 """
 
 from __future__ import annotations
@@ -22,30 +24,36 @@ from diffusers import DiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.utils.torch_utils import randn_tensor
 
 COMPILE_MODE = "reduce-overhead"  # inductor kernels + CUDA graphs (launch overhead matters at 1 step)
+# Inside FastSampler's own graph of the whole sample, modules are compiled without graphs of
+# their own (one capture cannot hold another), at fixed shapes: a graph is per shape anyway.
+CAPTURED_COMPILE = {"mode": None, "dynamic": False}
 # Text encoders the pipeline itself calls get no CUDA graphs: compiled in "reduce-overhead" they
 # failed every other call with "accessing tensor output of CUDAGraphs that has been overwritten"
-# (H100, 2026-11-26). FastSampler captures them as one graph of its own instead.
+# (H100, 2026-11-26).
 TEXT_ENCODER_MODE: str | None = None
 
 
 def compile_pipeline(pipe: DiffusionPipeline, mode: str = COMPILE_MODE) -> DiffusionPipeline:
     """Compile every network a few-step sample runs: the UNet and the VAE decoder, in channels-last
-    memory with fused q/k/v projections (inductor picks its kernels for that layout), and the text
-    encoder(s): captured as one CUDA graph where FastSampler applies, else compiled without graphs.
-    A CPU pipeline is returned as it is."""
+    memory with fused q/k/v projections (inductor picks its kernels for that layout). Where
+    FastSampler applies, its whole sample is captured as one CUDA graph (the text encoders run
+    inside it); elsewhere the UNet and decoder are compiled in `mode` and the text encoders
+    without graphs. A CPU pipeline is returned as it is."""
     if pipe.device.type != "cuda":
         return pipe
     for name in ("unet", "vae"):
         getattr(pipe, name).to(memory_format=torch.channels_last)
     if hasattr(pipe, "fuse_qkv_projections"):
         pipe.fuse_qkv_projections()
-    pipe.unet = torch.compile(pipe.unet, mode=mode)
     if FastSampler.supports(pipe):
-        # Both text encoders as one CUDA graph (FastSampler): compiled without graphs they still
-        # took 22 ms of host-bound launches at batch 1, more than the one-step UNet.
-        sampler = pipe.nitro_fast = FastSampler(pipe, graph_text_encoders=True)
-        sampler.vae.decode = torch.compile(sampler.vae.decode, mode=mode)
+        # At batch 1 the host work around the networks (~500 small text-encoder kernels, guards,
+        # launches) cost 10-18% over the bare compute even with every module graphed on its own.
+        pipe.unet = torch.compile(pipe.unet, **CAPTURED_COMPILE)
+        sampler = pipe.nitro_fast = FastSampler(pipe, graph="sample")
+        sampler.vae.decode = torch.compile(sampler.vae.decode, **CAPTURED_COMPILE)
+        compile_text_encoders(pipe, **CAPTURED_COMPILE)  # fused kernels: less GPU time inside the graph
     else:
+        pipe.unet = torch.compile(pipe.unet, mode=mode)
         pipe.vae.decode = torch.compile(pipe.vae.decode, mode=mode)
         compile_text_encoders(pipe, TEXT_ENCODER_MODE)
     return pipe
@@ -60,7 +68,9 @@ def fast_sampler(pipe: DiffusionPipeline) -> FastSampler | None:
     return pipe.nitro_fast
 
 
-def compile_text_encoders(pipe: DiffusionPipeline, mode: str | None = None) -> DiffusionPipeline:
+def compile_text_encoders(
+    pipe: DiffusionPipeline, mode: str | None = None, dynamic: bool | None = None
+) -> DiffusionPipeline:
     """Compile the pipeline's text encoder(s) in `mode` (None: inductor's default, no CUDA graphs).
 
     Compiles each encoder's own class forward, so calling this again replaces an earlier
@@ -69,7 +79,7 @@ def compile_text_encoders(pipe: DiffusionPipeline, mode: str | None = None) -> D
     for name in ("text_encoder", "text_encoder_2"):
         encoder = getattr(pipe, name, None)
         if encoder is not None:
-            encoder.forward = torch.compile(type(encoder).forward.__get__(encoder), mode=mode)
+            encoder.forward = torch.compile(type(encoder).forward.__get__(encoder), mode=mode, dynamic=dynamic)
     return pipe
 
 
@@ -78,13 +88,15 @@ class GraphedFunction:
 
     One graph per input shape, captured on first use; each call copies its inputs into the
     graph's buffers, replays and returns copies of the outputs (so a later call never
-    overwrites what an earlier one returned). Used for the text encoders, whose ~500 small
-    kernels per call left the GPU idle while Python launched them.
+    overwrites what an earlier one returned). All of one function's graphs share one memory
+    pool: a graph's intermediates are dead once it has replayed and its outputs are copied out,
+    so the next graph may reuse them, and n shapes cost one shape's activations, not n.
     """
 
     def __init__(self, fn: Callable[..., tuple[torch.Tensor, ...]]) -> None:
         self.fn = fn
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]] = {}
+        self.pool = None
 
     def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         key = tuple((x.shape, x.dtype, x.device) for x in inputs)
@@ -100,13 +112,14 @@ class GraphedFunction:
         static_in = tuple(x.clone() for x in inputs)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up outside the graph (lazy initialisations, kernel selection)
+        with torch.cuda.stream(side):  # warm-up outside the graph (compilation, lazy initialisations)
             for _ in range(2):
                 self.fn(*static_in)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, pool=self.pool):
             static_out = self.fn(*static_in)
+        self.pool = graph.pool()
         return graph, static_in, static_out
 
 
@@ -115,17 +128,23 @@ class FastSampler:
 
     Same images as the pipeline (tests/test_fast_path.py), but: the prompts are tokenised once
     per encoder (diffusers tokenises twice more to warn about truncation), the schedule is kept
-    on the host so no scheduler step waits for the GPU, and under `compile_pipeline` both text
-    encoders run as one CUDA graph. At 1024², batch 1, one step, compiled, on an H100 the
-    pipeline took 116 ms for 60 ms of UNet and VAE compute; this sampler 69 ms (docs/benchmarks.md).
+    on the host so no scheduler step waits for the GPU, and every step's noise is drawn up front
+    from the same generators in the same order, so that text encoding, the UNet steps and the VAE
+    decode are one function of tensors (`sample`). Under `compile_pipeline` that function is
+    captured as ONE CUDA graph per batch, step count and size (`graph="sample"`): a call is then
+    tokenising, drawing noise and one replay. `graph="text"` captures the text encoders alone.
     """
 
-    def __init__(self, pipe: DiffusionPipeline, graph_text_encoders: bool = False) -> None:
+    def __init__(self, pipe: DiffusionPipeline, graph: str | None = None) -> None:
+        if graph not in (None, "text", "sample"):
+            raise ValueError(f"graph must be None, 'text' or 'sample', got {graph!r}")
         self.pipe = pipe
         self.encode_ids: Callable[..., tuple[torch.Tensor, ...]] = self._encode_ids
-        if graph_text_encoders:
+        self.sample: Callable[..., tuple[torch.Tensor, ...]] = self._sample
+        if graph == "text":
             self.encode_ids = GraphedFunction(self._encode_ids)
-        self._timesteps: dict[tuple[int, torch.device], torch.Tensor] = {}
+        elif graph == "sample":
+            self.sample = GraphedFunction(self._sample)
         self._vae_fp32 = None
         if pipe.vae.dtype == torch.float16 and pipe.vae.config.force_upcast:
             # SDXL's VAE overflows in fp16. The stock pipeline casts it to fp32 and back on every
@@ -136,6 +155,19 @@ class FastSampler:
     def vae(self) -> torch.nn.Module:
         """The VAE that decodes: the pipeline's own, or its fp32 copy where fp16 would overflow."""
         return self.pipe.vae if self._vae_fp32 is None else self._vae_fp32
+
+    @property
+    def device(self) -> torch.device:
+        """The UNet's device, from its first parameter: diffusers' `ModelMixin.device` walks every
+        submodule (looking for offloading hooks), ~5 ms per call on SDXL's UNet."""
+        return next(self.pipe.unet.parameters()).device
+
+    @property
+    def captured(self) -> str | None:
+        """What runs as a CUDA graph: "sample", "text" or None (also after a failed capture)."""
+        if isinstance(self.sample, GraphedFunction):
+            return "sample"
+        return "text" if isinstance(self.encode_ids, GraphedFunction) else None
 
     @staticmethod
     def supports(pipe: DiffusionPipeline) -> bool:
@@ -154,6 +186,14 @@ class FastSampler:
             and getattr(pipe, "watermark", None) is None
         )
 
+    def tokenize(self, prompts: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids for both encoders (each pads in its own way), on the device."""
+        ids = []
+        for tokenizer in (self.pipe.tokenizer, self.pipe.tokenizer_2):
+            kwargs = dict(padding="max_length", max_length=tokenizer.model_max_length, truncation=True)
+            ids.append(tokenizer(prompts, return_tensors="pt", **kwargs).input_ids.to(device))
+        return ids[0], ids[1]
+
     def _encode_ids(self, ids: torch.Tensor, ids_2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # SDXL conditions on both encoders' penultimate hidden states, side by side, and on the
         # second encoder's pooled projection.
@@ -162,48 +202,36 @@ class FastSampler:
         return torch.cat([hidden, out_2.hidden_states[-2]], dim=-1), out_2[0]
 
     def encode(self, prompts: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        ids = []
-        for tokenizer in (self.pipe.tokenizer, self.pipe.tokenizer_2):
-            kwargs = dict(padding="max_length", max_length=tokenizer.model_max_length, truncation=True)
-            ids.append(tokenizer(prompts, return_tensors="pt", **kwargs).input_ids.to(device))
-        try:
-            embeds, pooled = self.encode_ids(*ids)
-        except RuntimeError as exc:
-            if not isinstance(self.encode_ids, GraphedFunction):
-                raise
-            # Capture needs a forward without host syncs; a transformers version with one gets the
-            # plain call instead (same numbers, more launch overhead), and says so.
-            warnings.warn(f"text encoders not captured as a CUDA graph ({exc}); running them uncaptured", stacklevel=2)
-            self.encode_ids = self._encode_ids
-            embeds, pooled = self.encode_ids(*ids)
+        """Prompt embeddings and pooled embeddings, in the pipeline's dtype."""
+        embeds, pooled = self._run(self.encode_ids, "encode_ids", *self.tokenize(prompts, device))
         dtype = self.pipe.text_encoder_2.dtype
         return embeds.to(dtype), pooled.to(dtype)
 
-    def timesteps(self, steps: int, device: torch.device) -> torch.Tensor:
-        """The UNet's (shifted) timesteps on the device; the scheduler keeps its own on the host."""
-        key = (steps, device)
-        if key not in self._timesteps:
-            self.pipe.scheduler.set_timesteps(steps, device="cpu")
-            self._timesteps[key] = self.pipe.scheduler.timesteps.to(device)
-        return self._timesteps[key]
-
-    def __call__(
-        self, prompts: list[str], steps: int, generators: list[torch.Generator], height: int, width: int
+    def draw_noise(
+        self, steps: int, generators: list[torch.Generator], height: int, width: int, device: torch.device
     ) -> torch.Tensor:
-        """Images as the pipeline's `output_type="pt"`: (B, 3, H, W) in [0, 1], on the device."""
+        """(steps, B, C, h, w): the initial latents and each later step's re-noising draw, drawn
+        in the order the pipeline draws them from the same generators."""
+        f = self.pipe.vae_scale_factor
+        shape = (len(generators), self.pipe.unet.config.in_channels, height // f, width // f)
+        dtype = self.pipe.text_encoder_2.dtype
+        draws = [randn_tensor(shape, generator=generators, device=device, dtype=dtype) for _ in range(steps)]
+        return torch.stack(draws)
+
+    def _sample(
+        self, ids: torch.Tensor, ids_2: torch.Tensor, noise: torch.Tensor, time_ids: torch.Tensor, t_unet: torch.Tensor
+    ) -> tuple[torch.Tensor]:
+        # Nothing here waits for the GPU or copies from the host (the schedule's scalars are host
+        # numbers; every tensor is an argument), so the whole call can be captured as a graph.
         pipe, scheduler = self.pipe, self.pipe.scheduler
-        device = pipe.unet.device
-        t_unet = self.timesteps(steps, device)
-        scheduler.set_timesteps(steps, device="cpu")  # host-side schedule: its arithmetic never syncs
+        embeds, pooled = self.encode_ids(ids, ids_2)
+        embeds, pooled = embeds.to(pipe.text_encoder_2.dtype), pooled.to(pipe.text_encoder_2.dtype)
+        steps = noise.shape[0]
+        scheduler.set_timesteps(steps, device="cpu")
         scheduler.set_begin_index(0)
-        embeds, pooled = self.encode(prompts, device)
-        f = pipe.vae_scale_factor
-        shape = (len(prompts), pipe.unet.config.in_channels, height // f, width // f)
-        latents = randn_tensor(shape, generator=generators, device=device, dtype=embeds.dtype)
-        latents = latents * scheduler.init_noise_sigma
-        time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=embeds.dtype, device=device)
-        added = {"text_embeds": pooled, "time_ids": time_ids.repeat(len(prompts), 1)}
-        for t_host, t in zip(scheduler.timesteps, t_unet):
+        latents = noise[0] * scheduler.init_noise_sigma
+        added = {"text_embeds": pooled, "time_ids": time_ids}
+        for i, (t_host, t) in enumerate(zip(scheduler.timesteps, t_unet)):
             # The keywords are the pipeline's, so a compiled UNet sees the call it was compiled for.
             eps = pipe.unet(
                 latents,
@@ -214,7 +242,34 @@ class FastSampler:
                 added_cond_kwargs=added,
                 return_dict=False,
             )[0]
-            latents = scheduler.step(eps, t_host, latents, generator=generators, return_dict=False)[0]
+            step_noise = noise[i + 1] if i + 1 < steps else None
+            latents = scheduler.step(eps, t_host, latents, noise=step_noise, return_dict=False)[0]
         latents = latents.to(self.vae.dtype) / self.vae.config.scaling_factor
         image = self.vae.decode(latents, return_dict=False)[0]
-        return pipe.image_processor.postprocess(image, output_type="pt")
+        return (pipe.image_processor.postprocess(image, output_type="pt"),)
+
+    def _run(self, fn: Callable[..., tuple[torch.Tensor, ...]], name: str, *inputs: torch.Tensor):
+        try:
+            return fn(*inputs)
+        except RuntimeError as exc:
+            if not isinstance(fn, GraphedFunction):
+                raise
+            # Capture needs code without host syncs; a library version with one gets the plain
+            # call instead (same numbers, more launch overhead), and says so.
+            warnings.warn(f"{name} not captured as a CUDA graph ({exc}); running it uncaptured", stacklevel=3)
+            plain = fn.fn
+            setattr(self, name, plain)
+            return plain(*inputs)
+
+    def __call__(
+        self, prompts: list[str], steps: int, generators: list[torch.Generator], height: int, width: int
+    ) -> torch.Tensor:
+        """Images as the pipeline's `output_type="pt"`: (B, 3, H, W) in [0, 1], on the device."""
+        device = self.device
+        ids, ids_2 = self.tokenize(prompts, device)
+        noise = self.draw_noise(steps, generators, height, width, device)
+        self.pipe.scheduler.set_timesteps(steps, device="cpu")
+        t_unet = self.pipe.scheduler.timesteps.to(device)
+        dtype = self.pipe.text_encoder_2.dtype
+        time_ids = torch.tensor([[height, width, 0, 0, height, width]] * len(prompts), dtype=dtype, device=device)
+        return self._run(self.sample, "sample", ids, ids_2, noise, time_ids, t_unet)[0]

@@ -74,9 +74,9 @@ def generate(
     sampler = getattr(pipe, "nitro_sampler", "native")
     if guidance_scale is None:
         guidance_scale = 0.0 if sampler == "shift-lcm" else 5.0
-    device = pipe.device
     # The pipeline's own modules without its per-call work, where it applies (same images).
     fast = fast_sampler(pipe) if guidance_scale <= 1 else None
+    device = fast.device if fast is not None else pipe.device  # pipe.device walks every submodule
     results: list[GenerationResult] = []
     bar = tqdm(total=len(prompts), desc=f"generate ({steps} step{'s' if steps > 1 else ''})", disable=not progress)
     for start in range(0, len(prompts), batch_size):

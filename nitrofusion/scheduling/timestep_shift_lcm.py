@@ -102,6 +102,15 @@ class TimestepShiftLCMScheduler(LCMScheduler):
         finally:
             self.timesteps = shifted
 
+    @contextmanager
+    def _as_last_step(self) -> Iterator[None]:
+        count = self.num_inference_steps
+        self.num_inference_steps = self.step_index + 1
+        try:
+            yield
+        finally:
+            self.num_inference_steps = count
+
     def step(
         self,
         model_output: torch.Tensor,
@@ -109,12 +118,30 @@ class TimestepShiftLCMScheduler(LCMScheduler):
         sample: torch.Tensor,
         generator: torch.Generator | list[torch.Generator] | None = None,
         return_dict: bool = True,
+        noise: torch.Tensor | None = None,
     ) -> LCMSchedulerOutput | tuple:
-        """One LCM step; `timestep` is the shifted timestep the UNet was given."""
+        """One LCM step; `timestep` is the shifted timestep the UNet was given.
+
+        `noise`, where given, is the draw that re-noises the estimate to the next level, in place
+        of one from `generator`: a captured CUDA graph cannot draw from per-image generators, so
+        FastSampler draws every step's noise before it replays (same numbers as drawing here).
+        """
         if self.step_index is None:
             # Locate the step among the shifted timesteps, which is what callers pass in.
             self._init_step_index(timestep)
+        last = self.step_index == self.num_inference_steps - 1
         # LCMScheduler takes the next noise level from `self.timesteps`; it must be the
         # real (unshifted) one, while `timestep` itself stays shifted.
         with self._unshifted():
-            return super().step(model_output, timestep, sample, generator, return_dict)
+            if noise is None or last:
+                return super().step(model_output, timestep, sample, generator, return_dict)
+            next_level = self.noise_timesteps[self.step_index + 1]
+            # On its last step LCMScheduler returns the denoised estimate without drawing: take
+            # it that way, then re-noise it to the next level as the drawing step would.
+            with self._as_last_step():
+                _, denoised = super().step(model_output, timestep, sample, None, return_dict=False)
+        alpha_next = self.alphas_cumprod[next_level]
+        prev_sample = alpha_next.sqrt() * denoised + (1 - alpha_next).sqrt() * noise
+        if not return_dict:
+            return (prev_sample, denoised)
+        return LCMSchedulerOutput(prev_sample=prev_sample, denoised=denoised)
