@@ -12,6 +12,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from nitrofusion.cli import main
+from nitrofusion.errors import UserError
 from nitrofusion.pipelines import generate, load_pipeline
 from nitrofusion.pipelines.loading import save_unet_weights
 
@@ -280,6 +281,21 @@ def test_unknown_device_is_one_line(device, tmp_path, capsys):
     assert main(["generate", "a sneaker", "--device", device, "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "device" in err[0], err
+
+
+@pytest.mark.parametrize("device", ["cuda", "mps", "xpu"])
+def test_a_device_this_machine_lacks_is_one_line(device, tmp_path, capsys):
+    from nitrofusion.pipelines.loading import resolve_device
+
+    try:
+        resolve_device(device)
+        pytest.skip(f"this machine has {device}")
+    except UserError:
+        pass
+    assert main(["generate", "a sneaker", "--device", device, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not available on this machine" in err[0], err
+    assert not any(tmp_path.iterdir())
 
 
 def test_prompt_file_that_is_a_device_is_one_line(tmp_path, capsys):

@@ -124,10 +124,18 @@ def resolve_device(device: str | None) -> str:
         parsed = torch.device(device)
     except (RuntimeError, ValueError, TypeError):
         raise UserError(f"unknown device '{device}': use cpu, cuda or cuda:N") from None
-    if parsed.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("CUDA was requested but is not available on this machine")
     if parsed.type not in ("cpu", "cuda", "mps", "xpu"):
         raise UserError(f"device '{device}' is not supported: use cpu, cuda or cuda:N")
+    available = {
+        "cpu": lambda: True,
+        "cuda": torch.cuda.is_available,
+        "mps": lambda: torch.backends.mps.is_available(),
+        "xpu": lambda: hasattr(torch, "xpu") and torch.xpu.is_available(),
+    }
+    if not available[parsed.type]():
+        raise UserError(f"{parsed.type.upper()} was requested but is not available on this machine")
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise UserError(f"no device '{device}': this machine has {torch.cuda.device_count()} CUDA device(s)")
     return str(parsed)
 
 
