@@ -194,7 +194,6 @@ def replay_check(pipe, size: int) -> dict:
         result["captured_vs_plain_2_steps_max_abs"] = float((graphed - uncaptured).abs().max())
         result["captured"] = fast.captured
     return result
-    return result
 
 
 def profile_call(call: Callable[[int], None], steps: int, path: Path) -> str:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import re
 import socket
@@ -167,6 +168,15 @@ def test_size_cap(embedded):
         r = _post(c, width=48, height=48)
         assert r.status_code == 400 and "from 8 to 32" in _error_of(r)
         assert c.get("/api/models").json()["models"][0]["sizes"] == [16, 24, 32]
+
+
+def test_a_compiled_model_serves_its_compiled_size_only(embedded):
+    compiled = dataclasses.replace(embedded, compiled_size=embedded.default_size)
+    with TestClient(create_app([compiled])) as c:
+        assert c.get("/api/models").json()["models"][0]["sizes"] == [embedded.default_size]
+        r = _post(c, width=embedded.default_size * 2, height=embedded.default_size * 2)
+        assert r.status_code == 400 and "compiled for" in _error_of(r)
+        assert _post(c).status_code == 200
 
 
 def test_real_server_survives_garbage(embedded):

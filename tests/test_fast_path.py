@@ -55,7 +55,8 @@ def test_fast_sampler_says_what_a_long_prompt_lost(tiny_sdxl_dir, caplog):
     with caplog.at_level("WARNING", logger="nitrofusion.pipelines.fast"):
         FastSampler(pipe).tokenize(["a cat", LONG_PROMPT + "purple giraffe"], torch.device("cpu"))
     (record,) = caplog.records
-    assert "prompt 1 truncated to 77 tokens" in record.getMessage() and "purple giraffe" in record.getMessage()
+    message = record.getMessage()
+    assert "'a dog on a long road" in message and "truncated to 77 tokens" in message and "purple giraffe" in message
     caplog.clear()
     with caplog.at_level("WARNING", logger="nitrofusion.pipelines.fast"):
         FastSampler(pipe).tokenize(["a cat"], torch.device("cpu"))
@@ -86,41 +87,97 @@ def test_fast_sampler_applies_only_where_it_matches_the_pipeline(tiny_sdxl_dir, 
     assert fast_sampler(pipe) is None
 
 
+def _refuse_capture(monkeypatch):
+    """GraphedFunction on a CPU machine: warm-up runs the function plainly, capture fails as a
+    function that syncs with the host would."""
+    calls = []
+
+    def warm_up(self, static_in):
+        calls.append("warm-up")
+        self.fn(*static_in)
+
+    def record(self, static_in):
+        calls.append("capture")
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(GraphedFunction, "_warm_up", warm_up)
+    monkeypatch.setattr(GraphedFunction, "_record", record)
+    return calls
+
+
 def test_text_encoders_fall_back_with_a_warning_when_capture_fails(tiny_sdxl_dir, monkeypatch):
     """A transformers version whose encoder syncs with the host cannot be captured: the sampler
     says so and runs the encoders plainly, with the same numbers."""
     pipe = load_pipeline(tiny_sdxl_dir, sampler="shift-lcm", device="cpu")
-
-    def refuse(self, inputs):
-        raise RuntimeError("operation not permitted when stream is capturing")
-
-    monkeypatch.setattr(GraphedFunction, "_capture", refuse)
+    _refuse_capture(monkeypatch)
     graphed = FastSampler(pipe, graph="text")
-    with torch.inference_mode(), pytest.warns(UserWarning, match="not captured as a CUDA graph"):
+    with torch.inference_mode(), pytest.warns(UserWarning, match="text encoders not captured"):
         got = graphed.encode(["a cat"], torch.device("cpu"))
     with torch.inference_mode():
         want = FastSampler(pipe).encode(["a cat"], torch.device("cpu"))
-    assert not isinstance(graphed.encode_ids, GraphedFunction)
     assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert list(graphed.encode_ids.graphs.values()) == [None]  # that shape now runs uncaptured
 
 
-def test_whole_sample_falls_back_with_a_warning_when_capture_fails(tiny_sdxl_dir, monkeypatch):
+def test_whole_sample_falls_back_per_shape_when_capture_fails(tiny_sdxl_dir, monkeypatch):
     pipe = load_pipeline(tiny_sdxl_dir, sampler="shift-lcm", device="cpu")
-
-    def refuse(self, inputs):
-        raise RuntimeError("operation not permitted when stream is capturing")
-
-    monkeypatch.setattr(GraphedFunction, "_capture", refuse)
+    calls = _refuse_capture(monkeypatch)
     graphed = FastSampler(pipe, graph="sample")
-    assert graphed.captured == "sample"
     with torch.inference_mode(), pytest.warns(UserWarning, match="sample not captured"):
         got = graphed(["a cat"], 2, [torch.Generator().manual_seed(0)], 32, 32)
-    assert graphed.captured is None
     with torch.inference_mode():
         want = _pipeline_images(pipe, ["a cat"], 2)
-    assert torch.equal(got, want)
+        again = graphed(["a cat"], 2, [torch.Generator().manual_seed(0)], 32, 32)
+    assert torch.equal(got, want) and torch.equal(again, want)
+    assert calls == ["warm-up", "capture"]  # a failed shape is not tried again
+    with torch.inference_mode(), pytest.warns(UserWarning, match="sample not captured"):
+        graphed(["a cat"], 1, [torch.Generator().manual_seed(0)], 32, 32)  # a new shape is
+    assert calls == ["warm-up", "capture"] * 2
+
+    def broken(*args):
+        raise RuntimeError("a bug in the function itself")
+
+    graphed.sample.fn = broken  # an error in warm-up is the function's own: raised, not hidden
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="a bug"):
+        graphed(["a cat"], 4, [torch.Generator().manual_seed(0)], 32, 32)
     with pytest.raises(ValueError, match="graph must be"):
         FastSampler(pipe, graph="unet")
+
+
+def test_a_changed_pipeline_drops_its_graphs(tiny_sdxl_dir, monkeypatch):
+    """Graphs replay the schedule and weight addresses they were captured with: a new scheduler
+    setting or weights moved elsewhere must start afresh, not replay stale ones."""
+    pipe = load_pipeline(tiny_sdxl_dir, sampler="shift-lcm", device="cpu")
+    _refuse_capture(monkeypatch)
+    sampler = FastSampler(pipe, graph="sample")
+    with torch.inference_mode(), pytest.warns(UserWarning):
+        sampler(["a cat"], 1, [torch.Generator().manual_seed(0)], 32, 32)
+    assert len(sampler.sample.graphs) == 1
+    with torch.inference_mode():
+        sampler(["a cat"], 1, [torch.Generator().manual_seed(0)], 32, 32)
+    assert len(sampler.sample.graphs) == 1  # nothing changed: kept
+    pipe.scheduler.register_to_config(shifted_timestep=500)
+    with torch.inference_mode(), pytest.warns(UserWarning):
+        sampler(["a cat"], 1, [torch.Generator().manual_seed(0)], 32, 32)
+    assert len(sampler.sample.graphs) == 1 and sampler._made_for == sampler._pipeline_state()
+    pipe.unet.to(torch.float64)  # new weight storage
+    assert sampler._pipeline_state() != sampler._made_for
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_graphed_function_replays_like_the_plain_function():
+    """Two shapes sharing one pool, replayed A, B, A: each equals the plain call on its inputs."""
+    weight = torch.randn(64, 64, device="cuda")
+
+    def fn(x):
+        return (torch.relu(x @ weight).sum(-1), x * 2)
+
+    graphed = GraphedFunction(fn)
+    a, b = torch.randn(8, 64, device="cuda"), torch.randn(3, 64, device="cuda")
+    outs = [graphed(x) for x in (a, b, a)]
+    for x, got in zip((a, b, a), outs):
+        assert all(torch.equal(g, w) for g, w in zip(got, fn(x)))
+    assert len(graphed.graphs) == 2 and all(v is not None for v in graphed.graphs.values())
 
 
 def test_generate_never_asks_diffusers_for_the_device(tiny_sdxl_dir, monkeypatch):

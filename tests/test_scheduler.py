@@ -117,6 +117,23 @@ def test_given_noise_gives_the_drawn_steps_numbers(steps):
     assert given.step_index == steps and given.num_inference_steps == steps
 
 
+def test_given_noise_is_checked_and_state_survives_a_failed_step(monkeypatch):
+    s = make(250)
+    s.set_timesteps(4)
+    x = torch.randn(2, 4, 8, 8)
+    with pytest.raises(ValueError, match="noise has shape"):
+        s.step(fake_unet(x, 187), s.timesteps[0], x, noise=torch.randn(1, 4, 8, 8))
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    shifted, levels = s.timesteps.clone(), s.noise_timesteps.clone()
+    monkeypatch.setattr(LCMScheduler, "step", fail)
+    with pytest.raises(RuntimeError, match="boom"):
+        s.step(fake_unet(x, 249), s.timesteps[0], x, noise=torch.randn_like(x))
+    assert s.num_inference_steps == 4 and torch.equal(s.timesteps, shifted) and torch.equal(s.noise_timesteps, levels)
+
+
 def test_round_trip_keeps_every_setting(tmp_path):
     s = TimestepShiftLCMScheduler(shifted_timestep=500, beta_schedule="linear", beta_start=0.0001, beta_end=0.02)
     s.save_pretrained(tmp_path)

@@ -68,7 +68,7 @@ def _add_arguments(a: argparse.ArgumentParser) -> None:
     a.add_argument(
         "--compile",
         action="store_true",
-        help="CUDA: compile the UNet and VAE decoder, capture the text encoders (during the warm-up)",
+        help="CUDA: compile, capture a sample per step count as a CUDA graph at start-up (default size only)",
     )
     a.add_argument("--max-size", type=int, default=1024, help="largest width or height a request may ask for")
     a.add_argument("--queue-size", type=int, default=32, help="requests that may wait per model (one per client)")

@@ -103,9 +103,12 @@ class LoadedModel:
     size_multiple: int
     token_limit: int
     tokenizers: Sequence[Any] = ()
+    # Compiled on a GPU (--compile): only the size compiled at start-up is served; any other would
+    # compile again (minutes) inside a request.
+    compiled_size: int | None = None
 
     @classmethod
-    def from_pipeline(cls, name: str, source: str, pipe: Any) -> LoadedModel:
+    def from_pipeline(cls, name: str, source: str, pipe: Any, compiled: bool = False) -> LoadedModel:
         from nitrofusion.pipelines.generation import default_size, size_multiple
 
         tokenizers = [t for t in (getattr(pipe, "tokenizer", None), getattr(pipe, "tokenizer_2", None)) if t]
@@ -120,6 +123,7 @@ class LoadedModel:
             size_multiple=size_multiple(pipe),
             token_limit=min(limits) if limits else 0,
             tokenizers=tokenizers,
+            compiled_size=default_size(pipe) if compiled else None,
         )
 
     def count_tokens(self, prompt: str) -> int:
@@ -135,6 +139,8 @@ class LoadedModel:
 
     def sizes(self, max_size: int) -> list[int]:
         """Square sizes the page offers: around the model's own size, on its size grid."""
+        if self.compiled_size is not None:
+            return [self.compiled_size] if self.compiled_size <= max_size else []
         m = self.size_multiple
         wanted = {round(self.default_size * f / m) * m for f in (0.5, 0.75, 1, 1.5, 2)}
         return sorted(s for s in wanted if m <= s <= max_size) or [self.default_size]
@@ -213,10 +219,11 @@ def load_models(
         pipe = load_pipeline(
             choice.model, unet=choice.unet, shift=choice.shift, device=device, dtype=dtype, compile=compile
         )
-        loaded = LoadedModel.from_pipeline(name, spec.model or "embedded", pipe)
+        compiled = compile and str(pipe.device).startswith("cuda")  # compile_pipeline leaves CPU alone
+        loaded = LoadedModel.from_pipeline(name, spec.model or "embedded", pipe, compiled=compiled)
         if warmup:
             # A compiled sampler captures one CUDA graph per step count: capture them all now.
-            for steps in range(1, MAX_STEPS + 1) if compile else (1,):
+            for steps in range(1, MAX_STEPS + 1) if compiled else (1,):
                 generate(pipe, ["warm-up"], steps=steps, seed=0, batch_size=1, progress=False)
         models.append(loaded)
     return models
@@ -501,6 +508,13 @@ def create_app(
             return _error(404, f"unknown model '{req.model}'; this server has: {', '.join(by_name)}")
         width = model.default_size if req.width is None else req.width
         height = model.default_size if req.height is None else req.height
+        if model.compiled_size is not None and (width, height) != (model.compiled_size,) * 2:
+            size = model.compiled_size
+            return _error(
+                400,
+                f"model '{model.name}' was compiled for {size}x{size} (--compile); got {width}x{height} "
+                "(restart without --compile for other sizes)",
+            )
         for what, v in (("width", width), ("height", height)):
             if v < model.size_multiple or v % model.size_multiple or v > max_size:
                 return _error(

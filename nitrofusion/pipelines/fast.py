@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import copy
 import logging
+import threading
 import warnings
 from collections.abc import Callable
 
 import torch
 from diffusers import DiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.utils.torch_utils import randn_tensor
+
+from nitrofusion.scheduling import TimestepShiftLCMScheduler
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +56,7 @@ def compile_pipeline(pipe: DiffusionPipeline, mode: str = COMPILE_MODE) -> Diffu
         # launches) cost 10-18% over the bare compute even with every module graphed on its own.
         pipe.unet = torch.compile(pipe.unet, **CAPTURED_COMPILE)
         sampler = pipe.nitro_fast = FastSampler(pipe, graph="sample")
-        sampler.vae.decode = torch.compile(sampler.vae.decode, **CAPTURED_COMPILE)
+        sampler.compile_decode(**CAPTURED_COMPILE)
         compile_text_encoders(pipe, **CAPTURED_COMPILE)  # fused kernels: less GPU time inside the graph
     else:
         pipe.unet = torch.compile(pipe.unet, mode=mode)
@@ -89,11 +92,18 @@ def compile_text_encoders(
 def warn_truncated(tokenizer, encoded) -> None:
     """Log the words a prompt lost to the tokenizer's length limit, as the pipeline does, from what
     the (fast) tokenizer kept aside while truncating: no second tokenisation."""
-    for i, encoding in enumerate(encoded.encodings or ()):
+    for encoding in encoded.encodings or ():
         lost = [t for piece in encoding.overflowing for t in piece.ids]
         if lost:
+            kept = tokenizer.decode(encoding.ids, skip_special_tokens=True)
             text = tokenizer.decode(lost, skip_special_tokens=True)
-            log.warning("prompt %d truncated to %d tokens; dropped: %r", i, tokenizer.model_max_length, text)
+            limit = tokenizer.model_max_length
+            log.warning("prompt %r truncated to %d tokens; dropped: %r", kept[:40] + "...", limit, text)
+
+
+# Captures run one at a time: the app samples each model on its own thread, and a second
+# capture (or a host sync from another thread) during one would invalidate it.
+_CAPTURE_LOCK = threading.Lock()
 
 
 class GraphedFunction:
@@ -104,36 +114,66 @@ class GraphedFunction:
     overwrites what an earlier one returned). All of one function's graphs share one memory
     pool: a graph's intermediates are dead once it has replayed and its outputs are copied out,
     so the next graph may reuse them, and n shapes cost one shape's activations, not n.
+
+    A shape whose capture fails (code that syncs with the host, e.g. in another library
+    version) runs uncaptured, with a warning; the function's own errors and running out of
+    memory are raised as they are.
     """
 
-    def __init__(self, fn: Callable[..., tuple[torch.Tensor, ...]]) -> None:
+    def __init__(self, fn: Callable[..., tuple[torch.Tensor, ...]], name: str = "function") -> None:
         self.fn = fn
-        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]] = {}
+        self.name = name
+        # None: the shape's capture failed and it runs uncaptured.
+        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, tuple, tuple] | None] = {}
         self.pool = None
 
     def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         key = tuple((x.shape, x.dtype, x.device) for x in inputs)
         if key not in self.graphs:
             self.graphs[key] = self._capture(inputs)
-        graph, static_in, static_out = self.graphs[key]
+        entry = self.graphs[key]
+        if entry is None:
+            return self.fn(*inputs)
+        graph, static_in, static_out = entry
         for buffer, x in zip(static_in, inputs):
             buffer.copy_(x)
         graph.replay()
         return tuple(y.clone() for y in static_out)
 
+    def reset(self) -> None:
+        """Drop every graph (they replay the memory and constants they were captured with)."""
+        self.graphs.clear()
+        self.pool = None
+
     def _capture(self, inputs: tuple[torch.Tensor, ...]):
         static_in = tuple(x.clone() for x in inputs)
+        self._warm_up(static_in)
+        try:
+            graph, static_out = self._record(static_in)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except RuntimeError as exc:
+            shapes = ", ".join("x".join(map(str, x.shape)) for x in inputs)
+            message = f"{self.name} not captured as a CUDA graph for {shapes} ({exc}); running it uncaptured"
+            warnings.warn(message, stacklevel=3)
+            return None
+        return graph, static_in, static_out
+
+    def _warm_up(self, static_in: tuple[torch.Tensor, ...]) -> None:
+        # Outside the graph, on a side stream: compilation and lazy initialisations happen here.
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up outside the graph (compilation, lazy initialisations)
+        with torch.cuda.stream(side):
             for _ in range(2):
                 self.fn(*static_in)
         torch.cuda.current_stream().wait_stream(side)
+
+    def _record(self, static_in: tuple[torch.Tensor, ...]) -> tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...]]:
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        with _CAPTURE_LOCK, torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             static_out = self.fn(*static_in)
         self.pool = graph.pool()
-        return graph, static_in, static_out
+        return graph, static_out
 
 
 class FastSampler:
@@ -155,14 +195,49 @@ class FastSampler:
         self.encode_ids: Callable[..., tuple[torch.Tensor, ...]] = self._encode_ids
         self.sample: Callable[..., tuple[torch.Tensor, ...]] = self._sample
         if graph == "text":
-            self.encode_ids = GraphedFunction(self._encode_ids)
+            self.encode_ids = GraphedFunction(self._encode_ids, "text encoders")
         elif graph == "sample":
-            self.sample = GraphedFunction(self._sample)
+            self.sample = GraphedFunction(self._sample, "sample")
+        self._vae_fp32 = None
+        self._decode_options: dict | None = None
+        self._made_for = None
+        self.reset()
+
+    def compile_decode(self, **options) -> None:
+        """torch.compile the decoding VAE's `decode` (again after a `reset` remakes the fp32 copy)."""
+        self._decode_options = options
+        vae = self.vae
+        if "decode" not in vars(vae):  # not compiled yet (compile_pipeline's bf16 VAE is the pipeline's own)
+            vae.decode = torch.compile(vae.decode, **options)
+
+    def reset(self) -> None:
+        """Start afresh from the pipeline as it is now: drop captured graphs, remake the fp32 VAE.
+
+        Done by itself when the pipeline's scheduler, its settings, or where its networks' weights
+        live change (e.g. `pipe.to(...)`); call it after changing weights in any other way, such as
+        loading new VAE weights into an fp16 pipeline in place.
+        """
+        for fn in (self.sample, self.encode_ids):
+            if isinstance(fn, GraphedFunction):
+                fn.reset()
+        pipe = self.pipe
         self._vae_fp32 = None
         if pipe.vae.dtype == torch.float16 and pipe.vae.config.force_upcast:
             # SDXL's VAE overflows in fp16. The stock pipeline casts it to fp32 and back on every
             # call; a standing fp32 copy decodes the same numbers without moving the weights twice.
             self._vae_fp32 = copy.deepcopy(pipe.vae).to(torch.float32)
+            vars(self._vae_fp32).pop("decode", None)  # a compiled decode would still be the fp16 VAE's
+        if self._decode_options is not None:
+            self.compile_decode(**self._decode_options)
+        self._made_for = self._pipeline_state()
+
+    def _pipeline_state(self) -> tuple:
+        # What a captured graph bakes in: the schedule's numbers and the weights' addresses (the
+        # first parameter of each network stands for its weights: a few microseconds per call).
+        pipe = self.pipe
+        modules = (pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2)
+        weights = tuple((id(m), next(m.parameters()).data_ptr()) for m in modules)
+        return id(pipe.scheduler), dict(pipe.scheduler.config), weights
 
     @property
     def vae(self) -> torch.nn.Module:
@@ -192,6 +267,7 @@ class FastSampler:
         return (
             isinstance(pipe, StableDiffusionXLPipeline)
             and getattr(pipe, "nitro_sampler", None) == "shift-lcm"
+            and isinstance(pipe.scheduler, TimestepShiftLCMScheduler)  # its step takes drawn noise
             and pipe.text_encoder is not None
             and pipe.text_encoder_2 is not None
             and getattr(pipe.unet.config, "time_cond_proj_dim", None) is None
@@ -220,7 +296,7 @@ class FastSampler:
 
     def encode(self, prompts: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompt embeddings and pooled embeddings, in the pipeline's dtype."""
-        embeds, pooled = self._run(self.encode_ids, "encode_ids", *self.tokenize(prompts, device))
+        embeds, pooled = self.encode_ids(*self.tokenize(prompts, device))
         dtype = self.pipe.text_encoder_2.dtype
         return embeds.to(dtype), pooled.to(dtype)
 
@@ -265,23 +341,13 @@ class FastSampler:
         image = self.vae.decode(latents, return_dict=False)[0]
         return (pipe.image_processor.postprocess(image, output_type="pt"),)
 
-    def _run(self, fn: Callable[..., tuple[torch.Tensor, ...]], name: str, *inputs: torch.Tensor):
-        try:
-            return fn(*inputs)
-        except RuntimeError as exc:
-            if not isinstance(fn, GraphedFunction):
-                raise
-            # Capture needs code without host syncs; a library version with one gets the plain
-            # call instead (same numbers, more launch overhead), and says so.
-            warnings.warn(f"{name} not captured as a CUDA graph ({exc}); running it uncaptured", stacklevel=3)
-            plain = fn.fn
-            setattr(self, name, plain)
-            return plain(*inputs)
-
     def __call__(
         self, prompts: list[str], steps: int, generators: list[torch.Generator], height: int, width: int
     ) -> torch.Tensor:
         """Images as the pipeline's `output_type="pt"`: (B, 3, H, W) in [0, 1], on the device."""
+        if self._pipeline_state() != self._made_for:
+            log.info("the pipeline changed since its graphs were captured: capturing again")
+            self.reset()
         device = self.device
         ids, ids_2 = self.tokenize(prompts, device)
         noise = self.draw_noise(steps, generators, height, width, device)
@@ -289,4 +355,4 @@ class FastSampler:
         t_unet = self.pipe.scheduler.timesteps.to(device)
         dtype = self.pipe.text_encoder_2.dtype
         time_ids = torch.tensor([[height, width, 0, 0, height, width]] * len(prompts), dtype=dtype, device=device)
-        return self._run(self.sample, "sample", ids, ids_2, noise, time_ids, t_unet)[0]
+        return self.sample(ids, ids_2, noise, time_ids, t_unet)[0]

@@ -126,6 +126,8 @@ class TimestepShiftLCMScheduler(LCMScheduler):
         of one from `generator`: a captured CUDA graph cannot draw from per-image generators, so
         FastSampler draws every step's noise before it replays (same numbers as drawing here).
         """
+        if noise is not None and noise.shape != model_output.shape:
+            raise ValueError(f"noise has shape {tuple(noise.shape)}, the model output {tuple(model_output.shape)}")
         if self.step_index is None:
             # Locate the step among the shifted timesteps, which is what callers pass in.
             self._init_step_index(timestep)
