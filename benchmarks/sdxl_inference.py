@@ -413,8 +413,7 @@ def main() -> None:
         fast = getattr(pipe, "nitro_fast", None)
         # Bare compute as the sampler runs it: one graph per call where the sampler captures the
         # whole sample (its modules then have no CUDA graphs of their own).
-        whole = fast is not None and fast.captured == "sample"
-        measure("nitrofusion + compile", nitro_call, with_bare=True, captured_bare=whole)
+        measure("nitrofusion + compile", nitro_call, with_bare=True, captured_bare=fast is not None and fast.captured)
         checked("nitrofusion + compile")
 
     print(f"wrote {out}")

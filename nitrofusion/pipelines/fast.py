@@ -55,7 +55,7 @@ def compile_pipeline(pipe: DiffusionPipeline, mode: str = COMPILE_MODE) -> Diffu
         # At batch 1 the host work around the networks (~500 small text-encoder kernels, guards,
         # launches) cost 10-18% over the bare compute even with every module graphed on its own.
         pipe.unet = torch.compile(pipe.unet, **CAPTURED_COMPILE)
-        sampler = pipe.nitro_fast = FastSampler(pipe, graph="sample")
+        sampler = pipe.nitro_fast = FastSampler(pipe, graph=True)
         sampler.compile_decode(**CAPTURED_COMPILE)
         compile_text_encoders(pipe, **CAPTURED_COMPILE)  # fused kernels: less GPU time inside the graph
     else:
@@ -101,8 +101,9 @@ def warn_truncated(tokenizer, encoded) -> None:
             log.warning("prompt %r truncated to %d tokens; dropped: %r", kept[:40] + "...", limit, text)
 
 
-# Captures run one at a time: the app samples each model on its own thread, and a second
-# capture (or a host sync from another thread) during one would invalidate it.
+# Captures run one at a time: the app samples each model on its own thread, and two captures
+# at once would share the allocator's capture state. (A host sync from another thread is
+# harmless: captures use the thread-local error mode.)
 _CAPTURE_LOCK = threading.Lock()
 
 
@@ -184,19 +185,14 @@ class FastSampler:
     on the host so no scheduler step waits for the GPU, and every step's noise is drawn up front
     from the same generators in the same order, so that text encoding, the UNet steps and the VAE
     decode are one function of tensors (`sample`). Under `compile_pipeline` that function is
-    captured as ONE CUDA graph per batch, step count and size (`graph="sample"`): a call is then
-    tokenising, drawing noise and one replay. `graph="text"` captures the text encoders alone.
+    captured as ONE CUDA graph per batch, step count and size (`graph=True`): a call is then
+    tokenising, drawing noise and one replay.
     """
 
-    def __init__(self, pipe: DiffusionPipeline, graph: str | None = None) -> None:
-        if graph not in (None, "text", "sample"):
-            raise ValueError(f"graph must be None, 'text' or 'sample', got {graph!r}")
+    def __init__(self, pipe: DiffusionPipeline, graph: bool = False) -> None:
         self.pipe = pipe
-        self.encode_ids: Callable[..., tuple[torch.Tensor, ...]] = self._encode_ids
         self.sample: Callable[..., tuple[torch.Tensor, ...]] = self._sample
-        if graph == "text":
-            self.encode_ids = GraphedFunction(self._encode_ids, "text encoders")
-        elif graph == "sample":
+        if graph:
             self.sample = GraphedFunction(self._sample, "sample")
         self._vae_fp32 = None
         self._decode_options: dict | None = None
@@ -217,9 +213,8 @@ class FastSampler:
         live change (e.g. `pipe.to(...)`); call it after changing weights in any other way, such as
         loading new VAE weights into an fp16 pipeline in place.
         """
-        for fn in (self.sample, self.encode_ids):
-            if isinstance(fn, GraphedFunction):
-                fn.reset()
+        if isinstance(self.sample, GraphedFunction):
+            self.sample.reset()
         pipe = self.pipe
         self._vae_fp32 = None
         if pipe.vae.dtype == torch.float16 and pipe.vae.config.force_upcast:
@@ -252,11 +247,9 @@ class FastSampler:
         return next(self.pipe.unet.parameters()).device
 
     @property
-    def captured(self) -> str | None:
-        """What runs as a CUDA graph: "sample", "text" or None (also after a failed capture)."""
-        if isinstance(self.sample, GraphedFunction):
-            return "sample"
-        return "text" if isinstance(self.encode_ids, GraphedFunction) else None
+    def captured(self) -> bool:
+        """Whether samples replay as CUDA graphs (a shape whose capture failed runs uncaptured)."""
+        return isinstance(self.sample, GraphedFunction)
 
     @staticmethod
     def supports(pipe: DiffusionPipeline) -> bool:
@@ -287,18 +280,14 @@ class FastSampler:
             ids.append(encoded.input_ids.to(device))
         return ids[0], ids[1]
 
-    def _encode_ids(self, ids: torch.Tensor, ids_2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # SDXL conditions on both encoders' penultimate hidden states, side by side, and on the
-        # second encoder's pooled projection.
+    def encode_ids(self, ids: torch.Tensor, ids_2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompt embeddings and pooled embeddings, in the pipeline's dtype. SDXL conditions on
+        both encoders' penultimate hidden states, side by side, and on the second encoder's
+        pooled projection."""
         hidden = self.pipe.text_encoder(ids, output_hidden_states=True).hidden_states[-2]
         out_2 = self.pipe.text_encoder_2(ids_2, output_hidden_states=True)
-        return torch.cat([hidden, out_2.hidden_states[-2]], dim=-1), out_2[0]
-
-    def encode(self, prompts: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prompt embeddings and pooled embeddings, in the pipeline's dtype."""
-        embeds, pooled = self.encode_ids(*self.tokenize(prompts, device))
         dtype = self.pipe.text_encoder_2.dtype
-        return embeds.to(dtype), pooled.to(dtype)
+        return torch.cat([hidden, out_2.hidden_states[-2]], dim=-1).to(dtype), out_2[0].to(dtype)
 
     def draw_noise(
         self, steps: int, generators: list[torch.Generator], height: int, width: int, device: torch.device
@@ -318,7 +307,6 @@ class FastSampler:
         # numbers; every tensor is an argument), so the whole call can be captured as a graph.
         pipe, scheduler = self.pipe, self.pipe.scheduler
         embeds, pooled = self.encode_ids(ids, ids_2)
-        embeds, pooled = embeds.to(pipe.text_encoder_2.dtype), pooled.to(pipe.text_encoder_2.dtype)
         steps = noise.shape[0]
         scheduler.set_timesteps(steps, device="cpu")
         scheduler.set_begin_index(0)
