@@ -8,7 +8,8 @@ in every row. One process, one run, so the ratios compare like with like:
 - stock + compile: the same with torch.compile on the UNet (diffusers' documented recipe).
 - no SDPA: the stock pipeline with diffusers' classic attention (to see what SDPA buys).
 - nitrofusion: `nitrofusion.pipelines.generate` (its FastSampler: the pipeline's modules
-  without the pipeline's per-call work; uint8 quantisation on the GPU), eager; then with
+  without the pipeline's per-call work; uint8 quantisation on the GPU as the last op of the
+  sample, copied to the host through pinned memory), eager; then with
   `--compile` (`compile_pipeline`: channels-last, fused q/k/v, the UNet and VAE decoder
   compiled with inductor, and each whole sample -- text encoders, UNet steps, VAE decode --
   replayed as one CUDA graph per batch and step count).
@@ -134,6 +135,7 @@ class StageClock:
 
 def stage_breakdown(pipe, call: Callable[[int], None], steps: int, device: torch.device) -> dict:
     """One synchronised end-to-end call, split into its stages (milliseconds)."""
+    import nitrofusion.pipelines.fast as fast_module
     import nitrofusion.pipelines.generation as generation
     from nitrofusion.pipelines.fast import GraphedFunction
 
@@ -149,7 +151,9 @@ def stage_breakdown(pipe, call: Callable[[int], None], steps: int, device: torch
     clock.hook(pipe.unet, "UNet")
     clock.wrap(pipe.vae, "decode", "VAE decode")
     clock.wrap(pipe.image_processor, "postprocess", "images")  # the stock pipeline's PIL conversion
-    clock.wrap(generation, "to_pil", "images")  # nitrofusion's
+    clock.wrap(generation, "to_pil", "images")  # nitrofusion's, from the pipeline's "pt" output
+    clock.wrap(fast_module, "to_host", "images")  # FastSampler's pixels to the host (quantised in its sample)
+    clock.wrap(generation, "pil_images", "images")
     try:
         sync(device)
         t0 = time.perf_counter()
@@ -191,7 +195,7 @@ def replay_check(pipe, size: int) -> dict:
             args = (["a red apple on a table"], 2, size, size)
             graphed = fast(args[0], args[1], [torch.Generator(device).manual_seed(0)], *args[2:])
             uncaptured = plain(args[0], args[1], [torch.Generator(device).manual_seed(0)], *args[2:])
-        result["captured_vs_plain_2_steps_max_abs"] = float((graphed - uncaptured).abs().max())
+        result["captured_vs_plain_2_steps_max_abs"] = float((graphed.int() - uncaptured.int()).abs().max())
         result["captured"] = fast.captured
     return result
 

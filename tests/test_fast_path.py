@@ -34,9 +34,11 @@ LONG_PROMPT = "a dog on a long road, " * 30  # past CLIP's 77 tokens: both paths
 
 
 def _pipeline_images(pipe, prompts, steps):
+    """The stock pipeline's PIL images as one uint8 (B, H, W, 3) tensor: what FastSampler returns."""
     generators = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
-    kwargs = dict(num_inference_steps=steps, guidance_scale=0.0, generator=generators, output_type="pt")
-    return pipe(prompt=prompts, height=32, width=32, **kwargs).images
+    kwargs = dict(num_inference_steps=steps, guidance_scale=0.0, generator=generators, output_type="pil")
+    images = pipe(prompt=prompts, height=32, width=32, **kwargs).images
+    return torch.from_numpy(np.stack([np.asarray(image) for image in images]))
 
 
 @pytest.mark.parametrize("steps", [1, 2, 4])
@@ -46,7 +48,7 @@ def test_fast_sampler_gives_the_pipelines_images(tiny_sdxl_dir, steps):
     with torch.inference_mode():
         ours = FastSampler(pipe)(prompts, steps, [torch.Generator().manual_seed(i) for i in range(2)], 32, 32)
         stock = _pipeline_images(pipe, prompts, steps)
-    assert ours.shape == stock.shape and torch.equal(ours, stock)
+    assert ours.shape == stock.shape == (2, 32, 32, 3) and ours.dtype == torch.uint8 and torch.equal(ours, stock)
     assert fast_sampler(pipe) is fast_sampler(pipe)  # made once, kept on the pipeline
 
 

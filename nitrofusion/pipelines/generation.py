@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 import nitrofusion
 from nitrofusion.errors import UserError
-from nitrofusion.pipelines.fast import fast_sampler
+from nitrofusion.pipelines.fast import fast_sampler, quantize, to_host
 from nitrofusion.pipelines.loading import SHIFT_LCM_MAX_STEPS
 
 
@@ -85,9 +85,9 @@ def generate(
         generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
         with torch.inference_mode():
             if fast is not None:
-                images = fast(chunk, steps, generators, height, width)
+                images = pil_images(fast(chunk, steps, generators, height, width))
             else:
-                images = pipe(
+                output = pipe(
                     prompt=chunk,
                     num_inference_steps=steps,
                     guidance_scale=guidance_scale,
@@ -95,8 +95,8 @@ def generate(
                     width=width,
                     generator=generators,
                     output_type="pt",
-                ).images
-            images = to_pil(images)
+                )
+                images = to_pil(output.images)
         for prompt, s, image in zip(chunk, seeds, images):
             meta = {
                 "prompt": prompt,
@@ -116,13 +116,14 @@ def generate(
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
-    """A pipeline's "pt" output (B, 3, H, W in [0, 1]) as PIL images, quantised on its device.
+    """A pipeline's "pt" output (B, 3, H, W in [0, 1]) as PIL images: diffusers' "pil" output,
+    quantised on the images' device before the copy to the host (`quantize`)."""
+    return pil_images(to_host(quantize(images)))
 
-    The same arithmetic as diffusers' "pil" output (x 255, round, uint8) but done before the
-    copy to the host, which moves a quarter of the bytes and skips a float pass in numpy.
-    """
-    pixels = (images.float() * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    return [Image.fromarray(p) for p in pixels]
+
+def pil_images(pixels: torch.Tensor) -> list[Image.Image]:
+    """uint8 pixels (B, H, W, 3) on the CPU as RGB PIL images."""
+    return [Image.fromarray(p) for p in pixels.numpy()]
 
 
 def _slug(text: str, n: int = 40) -> str:
