@@ -150,6 +150,21 @@ def test_a_changed_pipeline_drops_its_graphs(tiny_sdxl_dir, monkeypatch):
     assert sampler._pipeline_state() != sampler._made_for
 
 
+def test_a_compiled_sampler_fills_a_short_last_batch(tiny_sdxl_dir, monkeypatch):
+    """Compiled, a new batch size costs minutes: 3 prompts in batches of 2 run as two batches of 2
+    (one shape), and the images are those of the plain path, the filler's dropped."""
+    pipe = load_pipeline(tiny_sdxl_dir, sampler="shift-lcm", device="cpu")
+    prompts = ["a cat", "a dog", "a red house"]
+    want = generate(pipe, prompts, steps=1, batch_size=2, progress=False)
+    _refuse_capture(monkeypatch)
+    pipe.nitro_fast = FastSampler(pipe, graph=True)
+    with pytest.warns(UserWarning, match="sample not captured"):
+        got = generate(pipe, prompts, steps=1, batch_size=2, progress=False)
+    assert [key[0][0][0] for key in pipe.nitro_fast.sample.graphs] == [2]  # the ids' batch: one shape
+    assert [r.seed for r in got] == [0, 1, 2] and [r.prompt for r in got] == prompts
+    assert all(np.array_equal(np.asarray(a.image), np.asarray(b.image)) for a, b in zip(got, want))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_graphed_function_replays_like_the_plain_function():
     """Two shapes sharing one pool, replayed A, B, A: each equals the plain call on its inputs."""

@@ -85,7 +85,13 @@ def generate(
         generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
         with torch.inference_mode():
             if fast is not None:
-                images = pil_images(fast(chunk, steps, generators, height, width))
+                fill = batch_size - len(chunk) if fast.captured and start else 0
+                # A compiled sampler compiles again (minutes) for a new batch size: a short last
+                # batch is filled up with its last prompt, whose extra images are dropped. Each
+                # image has its own generator, so the filler changes no other image's noise.
+                filler = [torch.Generator(device=device).manual_seed(seeds[-1]) for _ in range(fill)]
+                pixels = fast(chunk + chunk[-1:] * fill, steps, generators + filler, height, width)
+                images = pil_images(pixels[: len(chunk)])
             else:
                 output = pipe(
                     prompt=chunk,
