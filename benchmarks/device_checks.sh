@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The GPU-only checks and figures of docs/benchmarks.md, in two parts that each fit one call
+# of the lent GPU machine (10 minutes a command; 15 minutes of device time a session):
+#
+#   bash benchmarks/device_checks.sh inference   # CUDA-only tests, then SDXL sampling, batch 1 and 4 (~7 min on an H100)
+#   bash benchmarks/device_checks.sh training    # SDXL training: the preset's pool against a static head set (~3 min)
+#
+# Results go to $OUT (the device tool brings that folder back), else runs/device. diffusers is
+# not installed on that machine: carry its wheel in .whl/ (pip download --no-deps
+# --only-binary=:all: -d .whl diffusers==<the version in pyproject>); it is installed here.
+set -euo pipefail
+part=${1:?"which part: inference or training"}
+out=${OUT:-runs/device}
+mkdir -p "$out"
+if ! python3 -c "import diffusers" 2>/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+
+case $part in
+inference)
+    # The tests that skip on CPU machines (CUDA graphs, pinned copies), before the figures.
+    python3 -m pytest -q -p no:cacheprovider tests/test_fast_path.py -k "graphed or compiled_pipeline" \
+        2>&1 | tail -n 30 | tee "$out/cuda-tests.txt"
+    python3 benchmarks/sdxl_inference.py --batches 1 4 --settings stock nitrofusion+compile \
+        --breakdown --profile "$out/traces" --out "$out/sdxl_inference.json"
+    ;;
+training)
+    python3 benchmarks/sdxl_training.py --warmup 2 --steps 6 --settings preset static \
+        --out "$out/sdxl_training.json"
+    ;;
+*)
+    echo "unknown part '$part': inference or training" >&2
+    exit 2
+    ;;
+esac
