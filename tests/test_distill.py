@@ -259,6 +259,26 @@ def test_ill_typed_config_key(tmp_path, capsys):
     expect_cli_error(["distill", "--config", str(f)], capsys, "'discriminator.width'", "int")
 
 
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("run.log_every=0", "'run.log_every' must be at least 1"),
+        ("model.shift=5000", "'model.shift' must be a timestep in 1..1000"),
+        ("optim.ema_decay=2", "'optim.ema_decay' must be in [0, 1)"),
+        ("optim.lr=-1e-5", "'optim.lr' must be positive"),
+        ("data.resolution=100", "'data.resolution' must be a positive multiple of 8"),
+        ("optim.mixed_precision=fp16", "use bf16"),
+    ],
+)
+def test_out_of_range_config_values_stop_before_any_work(tmp_path, capsys, override, fragment):
+    """Caught when the config loads, not after the teacher has loaded (or mid-run, at a division by 0)."""
+    out = tmp_path / "run"
+    expect_cli_error(
+        ["distill", "--preset", "embedded", "--set", override, "--set", f"run.output_dir={out}"], capsys, fragment
+    )
+    assert not out.exists()
+
+
 def test_missing_prompts(tiny_sdxl_dir, tmp_path, capsys):
     expect_cli_error(
         ["distill", "--set", f"model.teacher={tiny_sdxl_dir}", "--set", f"data.prompts={tmp_path}/no.txt"],

@@ -154,7 +154,7 @@ CHOICES = {
     "loss.objective": {"nitrofusion", "dmd2", "adm"},
     "loss.pretrain_kind": {"mse", "adversarial"},
     "loss.kind": {"non_saturating", "hinge"},
-    "optim.mixed_precision": {"no", "fp16", "bf16"},
+    "optim.mixed_precision": {"no", "fp16", "bf16"},  # fp16: refused below, with the reason
     "refine.mix": {"uniform", "last"},
 }
 KINDS = {"global_cond", "local_cond", "local_uncond"}
@@ -241,6 +241,10 @@ def validate(cfg: DistillConfig) -> DistillConfig:
         "optim.grad_accumulation": cfg.optim.grad_accumulation,
         "run.checkpoint_every": cfg.run.checkpoint_every,
         "run.max_bad_steps": cfg.run.max_bad_steps,
+        "run.log_every": cfg.run.log_every,
+        "run.validation_prompts": cfg.run.validation_prompts,
+        "data.teacher_steps": cfg.data.teacher_steps,
+        "model.shift": cfg.model.shift,
     }
     for key, value in positive.items():
         if value < 1:
@@ -260,10 +264,36 @@ def validate(cfg: DistillConfig) -> DistillConfig:
         "pretrain.regression_weight": cfg.pretrain.regression_weight,
         "loss.regression_weight": cfg.loss.regression_weight,
         "model.lora_rank": cfg.model.lora_rank,
+        "data.teacher_guidance": cfg.data.teacher_guidance,
+        "optim.weight_decay": cfg.optim.weight_decay,
+        "optim.grad_clip": cfg.optim.grad_clip,
+        "optim.warmup_steps": cfg.optim.warmup_steps,
+        "discriminator.lr": cfg.discriminator.lr,
+        "discriminator.weight_decay": cfg.discriminator.weight_decay,
+        "discriminator.downsamples": cfg.discriminator.downsamples,
+        "loss.r1_weight": cfg.loss.r1_weight,
+        "loss.pretrain_steps": cfg.loss.pretrain_steps,
+        "run.validate_every": cfg.run.validate_every,  # 0: no validation
+        "run.keep_checkpoints": cfg.run.keep_checkpoints,  # 0: keep all
     }
     for key, value in non_negative.items():
         if value < 0:
             raise UserError(f"config key '{key}' must not be negative, got {value}")
+    if any(n < 0 for n in cfg.refine.steps_per_stage):
+        raise UserError(f"config key 'refine.steps_per_stage' must not be negative, got {cfg.refine.steps_per_stage}")
+    if not 1 <= cfg.model.shift <= 1000:
+        raise UserError(f"config key 'model.shift' must be a timestep in 1..1000, got {cfg.model.shift}")
+    if cfg.optim.lr <= 0:
+        raise UserError(f"config key 'optim.lr' must be positive, got {cfg.optim.lr}")
+    if not 0 <= cfg.optim.ema_decay < 1:
+        raise UserError(f"config key 'optim.ema_decay' must be in [0, 1) (0: no EMA), got {cfg.optim.ema_decay}")
+    if cfg.data.resolution is not None and (cfg.data.resolution < 8 or cfg.data.resolution % 8):
+        raise UserError(f"config key 'data.resolution' must be a positive multiple of 8, got {cfg.data.resolution}")
+    if cfg.optim.mixed_precision == "fp16":
+        # accelerate's loss scaler wraps the student's optimizer only: the critics' (heads, fake
+        # score) would step on scaled gradients, and an overflow would be skipped without the
+        # scale ever coming down. bf16 has fp32's range and needs no scaler.
+        raise UserError("optim.mixed_precision=fp16 is not supported for training: use bf16 (or no)")
     if cfg.model.lora_rank > 0 and (not cfg.model.lora_targets or (cfg.model.lora_alpha or 1) <= 0):
         raise UserError("LoRA training needs model.lora_targets (module names) and a positive model.lora_alpha")
     if not 0 <= cfg.dmd.min_t <= cfg.dmd.max_t <= 1:
