@@ -128,7 +128,7 @@ def test_resume_equals_uninterrupted(tiny_sdxl_dir, tmp_path):
 
 
 def test_output_loads_like_public_checkpoints(tiny_sdxl_dir, tmp_path, capsys):
-    d = Distiller(config(tiny_sdxl_dir, tmp_path / "run", "run.validate_every=2"), progress=False)
+    d = Distiller(config(tiny_sdxl_dir, tmp_path / "run", "run.validate_every=2", "model.shift=500"), progress=False)
     out = d.train()
     unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(tiny_sdxl_dir, subfolder="unet"))
     unet.load_state_dict(load_file(str(out / "student_unet.safetensors")))
@@ -140,7 +140,15 @@ def test_output_loads_like_public_checkpoints(tiny_sdxl_dir, tmp_path, capsys):
     assert code == 0
     from PIL import Image
 
-    assert Image.open(tmp_path / "x.png").text["shift"] == "250"
+    assert Image.open(tmp_path / "x.png").text["shift"] == "500"
+    # The bare student file samples at its trained shift too (recorded in its header), not at 250.
+    args = ["generate", "a cat", "--model", str(tiny_sdxl_dir), "--unet", str(out / "student_unet.safetensors")]
+    assert main([*args, "--out", str(tmp_path / "u.png")]) == 0
+    assert Image.open(tmp_path / "u.png").text["shift"] == "500"
+    assert main([*args, "--shift", "250", "--out", str(tmp_path / "v.png")]) == 0  # a given --shift wins
+    assert Image.open(tmp_path / "v.png").text["shift"] == "250"
+    d.export()  # again over the old: swapped in whole, nothing left beside it
+    assert sorted(p.name for p in out.iterdir() if "pipeline" in p.name) == ["pipeline"]
     code = main(
         ["generate", "a cat", "--model", str(out / "pipeline"), "--steps", "5", "--out", str(tmp_path / "y.png")]
     )

@@ -177,6 +177,13 @@ def test_bad_steps(tiny_sdxl_dir, student_file, steps, tmp_path, capsys):
     )
 
 
+@pytest.mark.parametrize("shift", ["0", "-5", "5000"])
+def test_bad_shift(tiny_sdxl_dir, shift, tmp_path, capsys):
+    """0 once fell back to 250 without a word; a negative or too large one was a traceback."""
+    args = ["generate", "x", "--model", str(tiny_sdxl_dir), "--shift", shift, "--out", str(tmp_path)]
+    expect_error(args, capsys, "--shift must be a timestep in 1..1000")
+
+
 def test_bad_size(tiny_sdxl_dir, tmp_path, capsys):
     expect_error(
         ["generate", "x", "--model", str(tiny_sdxl_dir), "--height", "12", "--out", str(tmp_path)],

@@ -16,7 +16,7 @@ from typing import Literal
 
 import torch
 from diffusers import DiffusionPipeline, UNet2DConditionModel
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from nitrofusion.errors import UserError
@@ -80,6 +80,20 @@ def read_safetensors(path: str | Path, device: str | torch.device = "cpu") -> di
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UserError(f"'{path}' is not a readable safetensors file (corrupt or truncated?): {first}") from None
+
+
+SHIFT_METADATA = "nitrofusion.shift"  # the timestep shift a student was trained with, in its safetensors header
+
+
+def unet_file_shift(path: str | Path) -> int | None:
+    """The shift recorded in a student UNet file by `save_unet_weights` (None: not recorded, e.g.
+    the public NitroSD files, whose shift the user names)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            value = (f.metadata() or {}).get(SHIFT_METADATA)
+    except (SafetensorError, OSError, ValueError):
+        return None  # read_safetensors says what is wrong with the file
+    return int(value) if value is not None and value.isdigit() else None
 
 
 def check_state_dict(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str, limit: int = 3) -> None:
@@ -253,6 +267,11 @@ def load_pipeline(
     if student_state is not None:
         check_state_dict(pipe.unet, student_state, f"UNet weights '{unet}'")
         pipe.unet.load_state_dict(student_state)
+        if shift is None:
+            shift = unet_file_shift(unet)  # as trained (a distill run records it)
+    num_train = pipe.scheduler.config.get("num_train_timesteps", 1000)
+    if shift is not None and not 1 <= shift <= num_train:
+        raise UserError(f"--shift must be a timestep in 1..{num_train}, got {shift}")
 
     has_shift = _scheduler_class_name(model_dir) == TimestepShiftLCMScheduler.__name__
     if sampler == "auto":
@@ -266,7 +285,9 @@ def load_pipeline(
             )
         else:
             scheduler = TimestepShiftLCMScheduler.from_config(
-                pipe.scheduler.config, shifted_timestep=shift or DEFAULT_SHIFT, original_inference_steps=4
+                pipe.scheduler.config,
+                shifted_timestep=DEFAULT_SHIFT if shift is None else shift,
+                original_inference_steps=4,
             )
         pipe.scheduler = scheduler
     elif sampler != "native":
@@ -300,6 +321,8 @@ def save_state_dict(state: dict[str, torch.Tensor], path: str | Path, metadata: 
     return path
 
 
-def save_unet_weights(unet: UNet2DConditionModel, path: str | Path) -> Path:
-    """Write a UNet state dict as safetensors, the format of the public NitroSD checkpoints."""
-    return save_state_dict(unet.state_dict(), path)
+def save_unet_weights(unet: UNet2DConditionModel, path: str | Path, shift: int | None = None) -> Path:
+    """Write a UNet state dict as safetensors, the format of the public NitroSD checkpoints, with
+    the shift it samples at in the header (read back when no --shift is given)."""
+    metadata = {"format": "pt"} | ({SHIFT_METADATA: str(shift)} if shift is not None else {})
+    return save_state_dict(unet.state_dict(), path, metadata=metadata)

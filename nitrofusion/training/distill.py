@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import time
 from collections.abc import Iterable
 from contextlib import nullcontext
@@ -41,6 +42,7 @@ from nitrofusion.objectives.pretrain import AdversarialPretraining, PixelDiscrim
 from nitrofusion.objectives.scores import FakeScore, RealScore
 from nitrofusion.pipelines.generation import default_size, generate
 from nitrofusion.pipelines.loading import (
+    SHIFT_METADATA,
     check_state_dict,
     load_pipeline,
     read_safetensors,
@@ -553,14 +555,18 @@ class Distiller:
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
             student = plain_unet(self.ema.shadow)  # LoRA adapters folded in: stock diffusers loads it
-            save_unet_weights(student, self.out / "student_unet.safetensors")
-            pipe = self.student_pipeline(unet=student)
-            pipe.save_pretrained(str(self.out / "pipeline"))
-            (self.out / "pipeline" / "nitrofusion.json").write_text(
-                json.dumps(
-                    {"teacher": self.cfg.model.teacher, "shift": self.cfg.model.shift, "steps": self.step}, indent=1
-                )
-            )
+            save_unet_weights(student, self.out / "student_unet.safetensors", shift=self.cfg.model.shift)
+            # Written beside, then swapped in: a crash leaves the old pipeline or the new one, whole.
+            final, tmp, old = (self.out / name for name in ("pipeline", ".pipeline.tmp", ".pipeline.old"))
+            for leftover in (tmp, old):
+                shutil.rmtree(leftover, ignore_errors=True)
+            self.student_pipeline(unet=student).save_pretrained(str(tmp))
+            about = {"teacher": self.cfg.model.teacher, "shift": self.cfg.model.shift, "steps": self.step}
+            (tmp / "nitrofusion.json").write_text(json.dumps(about, indent=1))
+            if final.exists():
+                final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
         return self.out
 
     def export_stage(self, num_steps: int) -> None:
@@ -568,7 +574,8 @@ class Distiller:
         (training for k+1 steps keeps the k-step quality) is checked against these files."""
         if self.acc.is_main_process:
             path = self.out / "stages" / f"{num_steps}-step" / "student_unet.safetensors"
-            save_state_dict(merged_state_dict(self.ema.shadow), path)
+            shift = {SHIFT_METADATA: str(self.cfg.model.shift)}
+            save_state_dict(merged_state_dict(self.ema.shadow), path, metadata={"format": "pt", **shift})
 
     def log_line(self, msg: str) -> None:
         if not self.acc.is_main_process:
