@@ -259,3 +259,19 @@ def test_a_prompts_embedding_does_not_depend_on_its_batch():
         assert torch.equal(alone.prompt_embeds[0], together.prompt_embeds[i])
         for key, value in alone.added_cond_kwargs.items():
             assert torch.equal(value[0], together.added_cond_kwargs[key][i]), key
+
+
+def test_the_prompt_cache_is_bounded_and_evicts_the_least_recently_used():
+    """A million training prompts must not all stay in host memory; an evicted prompt encodes again
+    to the same numbers."""
+    from nitrofusion.data.conditioning import TextEncoder
+    from nitrofusion.testing import tiny_sdxl_pipeline
+
+    encoder = TextEncoder(tiny_sdxl_pipeline(), 16, 16, capacity=2)
+    first = encoder(["a cat", "a dog"])
+    encoder(["a cat"])  # used again: "a dog" is now the least recent
+    encoder(["a red house"])
+    assert list(encoder._cache) == ["a cat", "a red house"]
+    again = encoder(["a dog", "a bird", "a cat"])  # more than fits, in one batch: still comes out whole
+    assert len(encoder._cache) == 2 and again.prompt_embeds.shape[0] == 3
+    assert torch.equal(again.prompt_embeds[0], first.prompt_embeds[1])

@@ -6,6 +6,7 @@ and the pooled text vector that conditional discriminator heads read.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -44,13 +45,16 @@ def is_sdxl(pipe: DiffusionPipeline) -> bool:
 
 
 class TextEncoder:
-    """Encodes prompts once and caches them (training prompts repeat)."""
+    """Encodes prompts and keeps the most recently used ones (a small prompt set repeats every
+    few steps). Bounded: at SDXL size one prompt is 77 x 2048 numbers (0.6 MB in fp32), so the
+    paper's million prompts, all kept, would be hundreds of GB of host memory."""
 
-    def __init__(self, pipe: DiffusionPipeline, height: int, width: int) -> None:
+    def __init__(self, pipe: DiffusionPipeline, height: int, width: int, capacity: int = 4096) -> None:
         self.pipe = pipe
         self.sdxl = is_sdxl(pipe)
         self.size = (height, width)
-        self._cache: dict[str, Conditioning] = {}
+        self.capacity = capacity
+        self._cache: OrderedDict[str, Conditioning] = OrderedDict()
         self._negative: Conditioning | None = None
 
     @torch.no_grad()
@@ -60,7 +64,12 @@ class TextEncoder:
         # resumed run (empty cache) would drift from an uninterrupted one.
         for p in sorted({p for p in prompts if p not in self._cache}):
             (self._cache[p],) = self._encode([p])
-        return Conditioning.cat([self._cache[p] for p in prompts])
+        out = Conditioning.cat([self._cache[p] for p in prompts])
+        for p in prompts:
+            self._cache.move_to_end(p)
+        while len(self._cache) > self.capacity:
+            self._cache.popitem(last=False)  # the least recently used
+        return out
 
     def _encode(self, prompts: list[str]) -> list[Conditioning]:
         device = self.pipe.text_encoder.device
