@@ -46,6 +46,30 @@ def test_merged_state_dict_is_a_plain_unet_computing_the_adapted_one():
     torch.testing.assert_close(merged, adapted, atol=1e-4, rtol=1e-4)  # ... and the merge carries it
 
 
+def test_a_merge_against_full_precision_weights_keeps_a_delta_below_bf16_resolution():
+    """Trained in bf16 (CUDA), the frozen base weights are rounded; the merge is done against the
+    fp32 weights on disk, so a small trained change survives instead of rounding away."""
+    unet = tiny_sdxl().unet
+    full = {k: v.clone() for k, v in unet.state_dict().items()}
+    trainable = add_lora(unet, 4, 4.0, ["to_q"], seed=0)
+    with torch.no_grad():
+        for p in trainable:
+            p.fill_(1e-3)  # delta = B A: 4e-6 per weight, far below bf16's step at these magnitudes
+        for p in unet.parameters():
+            if not p.requires_grad:
+                p.data = p.data.to(torch.bfloat16)
+    rounded = merged_state_dict(unet)
+    exact = merged_state_dict(unet, base=full)
+    key = next(k for k in exact if k.endswith("to_q.weight"))
+    assert exact[key].dtype == torch.float32
+    torch.testing.assert_close(exact[key] - full[key], torch.full_like(full[key], 4e-6), rtol=0.05, atol=0)
+    # Without the base, bf16's rounding of the teacher swamps the delta.
+    true = full[key] + 4e-6
+    assert (rounded[key].float() - true).abs().mean() > 20 * (exact[key] - true).abs().mean()
+    untouched = next(k for k in exact if k.endswith("conv_in.weight"))
+    assert torch.equal(exact[untouched], full[untouched])
+
+
 def test_ema_shares_frozen_weights_and_averages_trainable_ones():
     model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 3))
     model[0].requires_grad_(False)
@@ -77,6 +101,18 @@ def test_lora_distillation_trains_only_adapters_and_exports_a_stock_loadable_stu
     assert any(not torch.equal(student[k], teacher[k]) for k in teacher)  # carrying the trained adapters
     pipe = DiffusionPipeline.from_pretrained(str(tmp_path / "run" / "pipeline"))  # stock diffusers
     assert set(pipe.unet.state_dict()) == set(teacher)
+
+
+def test_a_half_precision_lora_run_merges_against_the_teachers_weights_on_disk(tiny_sdxl_dir, tmp_path):
+    """The export path of a bf16 LoRA run (CUDA only) on the CPU: the base is re-read from the
+    teacher's files, here identical to the weights in memory, so the export equals the plain merge."""
+    d = Distiller(config(tiny_sdxl_dir, tmp_path / "run", "model.lora_rank=4"), progress=False)
+    d.train_step()
+    d.lora_in_half_precision = True
+    assert set(d.lora_base()) == set(merged_state_dict(d.ema.shadow))
+    d.export()
+    student = load_file(str(tmp_path / "run" / "student_unet.safetensors"))
+    assert all(torch.equal(student[k], v) for k, v in merged_state_dict(d.ema.shadow).items())
 
 
 def test_lora_run_resumes_exactly(tiny_sdxl_dir, tmp_path):

@@ -56,6 +56,7 @@ from nitrofusion.training.ema import EMA
 from nitrofusion.training.faults import fires, kill_point
 from nitrofusion.training.lora import add_lora, merged_state_dict, plain_unet
 from nitrofusion.training.student import ShiftedStudent
+from nitrofusion.weights.io import unet_state_dict
 
 PURPOSES = {
     "data": 1,
@@ -131,11 +132,13 @@ class Distiller:
             self.teacher.unet.enable_gradient_checkpointing()
             if fake_unet is not None:
                 fake_unet.enable_gradient_checkpointing()
+        self.lora_in_half_precision = False
         if cfg.optim.mixed_precision != "no" and self.acc.device.type == "cuda":
             # The teacher is frozen: keep it in half precision; the student keeps fp32 master weights.
             half = torch.bfloat16 if cfg.optim.mixed_precision == "bf16" else torch.float16
             self.teacher.to(half)
             if cfg.model.lora_rank > 0:  # the student's frozen base weights too; the adapters stay fp32
+                self.lora_in_half_precision = True  # merged at export against the weights on disk
                 for p in student.parameters():
                     if not p.requires_grad:
                         p.data = p.data.to(half)
@@ -554,7 +557,7 @@ class Distiller:
         """student_unet.safetensors (EMA weights) and a complete pipeline directory."""
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
-            student = plain_unet(self.ema.shadow)  # LoRA adapters folded in: stock diffusers loads it
+            student = plain_unet(self.ema.shadow, self.lora_base())  # adapters folded in: stock diffusers loads it
             save_unet_weights(student, self.out / "student_unet.safetensors", shift=self.cfg.model.shift)
             # Written beside, then swapped in: a crash leaves the old pipeline or the new one, whole.
             final, tmp, old = (self.out / name for name in ("pipeline", ".pipeline.tmp", ".pipeline.old"))
@@ -575,7 +578,15 @@ class Distiller:
         if self.acc.is_main_process:
             path = self.out / "stages" / f"{num_steps}-step" / "student_unet.safetensors"
             shift = {SHIFT_METADATA: str(self.cfg.model.shift)}
-            save_state_dict(merged_state_dict(self.ema.shadow), path, metadata={"format": "pt", **shift})
+            state = merged_state_dict(self.ema.shadow, self.lora_base())
+            save_state_dict(state, path, metadata={"format": "pt", **shift})
+
+    def lora_base(self) -> dict[str, torch.Tensor] | None:
+        """The LoRA student's frozen weights at full precision, re-read from disk, where training cast
+        them to bf16 (None otherwise: the student's own weights are exact)."""
+        if not self.lora_in_half_precision:
+            return None
+        return unet_state_dict(self.cfg.model.student_init or resolve_teacher(self.cfg.model.teacher), "the base")
 
     def log_line(self, msg: str) -> None:
         if not self.acc.is_main_process:

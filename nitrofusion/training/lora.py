@@ -61,9 +61,14 @@ def has_lora(unet: torch.nn.Module) -> bool:
 
 
 @torch.no_grad()
-def merged_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
+def merged_state_dict(unet: torch.nn.Module, base: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The UNet's plain state dict (the keys of a UNet without adapters), adapters folded in:
-    W + (alpha / r) B A for every adapted layer. A UNet without adapters is returned as it is."""
+    W + (alpha / r) B A for every adapted layer. A UNet without adapters is returned as it is.
+
+    `base`: the frozen weights at full precision, where the UNet's own were cast to bf16 for
+    training; the merge is then W_fp32 + delta in fp32 (folded into bf16 weights, a change below
+    bf16's resolution, ~0.4% of a weight, would vanish and the student would be a rounded teacher).
+    """
     from peft.tuners.lora import LoraLayer
 
     deltas = {}
@@ -75,19 +80,22 @@ def merged_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
         if ".lora_" in key:
             continue
         plain = key.replace(".base_layer.", ".")
+        if base is not None and value.is_floating_point():
+            value = base[plain].to(value.device, torch.float32)
         if plain in deltas:
             value = (value.float() + deltas[plain].float()).to(value.dtype)
         state[plain] = value
     return state
 
 
-def plain_unet(unet: UNet2DConditionModel) -> UNet2DConditionModel:
-    """A UNet without adapters holding `unet`'s merged weights (the same object if it has none)."""
+def plain_unet(unet: UNet2DConditionModel, base: dict[str, torch.Tensor] | None = None) -> UNet2DConditionModel:
+    """A UNet without adapters holding `unet`'s merged weights (the same object if it has none);
+    `base` as in `merged_state_dict`."""
     from diffusers import UNet2DConditionModel
 
     if not has_lora(unet):
         return unet
-    state = merged_state_dict(unet)
+    state = merged_state_dict(unet, base)
     plain = UNet2DConditionModel.from_config(unet.config).to(next(iter(state.values())).device)
     plain.load_state_dict(state)
     return plain.eval().requires_grad_(False)
