@@ -369,8 +369,34 @@ def test_make_pairs_resumes_and_feeds_training(tiny_sdxl_dir, tmp_path):
     i = 3
     x0 = sampler([prompts[int(again.prompt_ids[i])]], noise_for_seeds([int(again.seeds[i])], sampler.latent_shape))
     torch.testing.assert_close(x0[0], again.latents[i])
-    d = Distiller(config(tiny_sdxl_dir, tmp_path / "run", f"data.pairs={tmp_path / 'pairs'}"), progress=False)
+    made_so = ["data.teacher_steps=2", "data.teacher_guidance=3.0", "data.resolution=16"]  # as the pairs were
+    d = Distiller(config(tiny_sdxl_dir, tmp_path / "run", f"data.pairs={tmp_path / 'pairs'}", *made_so), progress=False)
     assert "skipped" not in d.train_step()
+
+
+def test_pairs_made_another_way_are_refused_not_mixed_in(tiny_sdxl_dir, tmp_path, capsys):
+    from nitrofusion.data.teacher import PairShards, TeacherSampler, make_pairs
+    from nitrofusion.errors import UserError
+    from nitrofusion.pipelines import load_pipeline
+
+    pipe = load_pipeline(tiny_sdxl_dir, sampler="native")
+    sampler = TeacherSampler(pipe, steps=2, guidance_scale=3.0, height=16, width=16)
+    pairs = tmp_path / "pairs"
+    make_pairs(sampler, ["a cat", "a dog"], 3, pairs, batch_size=2, shard_size=2)
+    (pairs / "pairs-00001.safetensors").unlink()  # to be resumed ...
+    with pytest.raises(UserError, match="another prompt list"):  # ... with other prompts: ids would point elsewhere
+        make_pairs(sampler, ["a boot", "a cat"], 3, pairs, batch_size=2, shard_size=2)
+    with pytest.raises(UserError, match="another seed"):
+        make_pairs(sampler, ["a cat", "a dog"], 3, pairs, seed=1, batch_size=2, shard_size=2)
+    assert PairShards.load(pairs).prompts == ["a cat", "a dog"]  # the refusals changed nothing
+    make_pairs(sampler, ["a cat", "a dog"], 3, pairs, batch_size=2, shard_size=2)
+    capsys.readouterr()
+    # A run with another teacher setting reading them: one line, exit 2, before training.
+    args = ["distill", "--set", f"model.teacher={tiny_sdxl_dir}", "--set", f"data.pairs={pairs}"]
+    args += ["--set", "data.teacher_steps=3", "--set", "data.teacher_guidance=3.0", "--set", "data.resolution=16"]
+    expect_cli_error(
+        [*args, "--set", f"run.output_dir={tmp_path / 'run'}"], capsys, "another teacher_steps ('2', now '3')"
+    )
 
 
 def test_distill_makes_missing_pairs_first(tiny_sdxl_dir, tmp_path):

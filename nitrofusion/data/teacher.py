@@ -8,12 +8,14 @@ shards in safetensors; `PairShards` reads them back.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from diffusers import DiffusionPipeline
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -56,6 +58,33 @@ class TeacherSampler:
 SHARD_GLOB = "pairs-*.safetensors"
 
 
+def pairs_recipe(sampler: TeacherSampler, prompts: list[str], seed: int) -> dict[str, str]:
+    """What a pair depends on, recorded in every shard: shards made another way must not be mixed
+    in (a changed prompt list would silently re-point every stored prompt id)."""
+    return {
+        "teacher_steps": str(int(sampler.steps)),
+        "guidance_scale": str(float(sampler.guidance_scale)),
+        "latent_shape": "x".join(map(str, sampler.latent_shape)),
+        "prompts_sha256": hashlib.sha256(json.dumps(prompts).encode()).hexdigest(),
+        "seed": str(seed),
+    }
+
+
+def check_recipe(path: Path, want: dict[str, str]) -> None:
+    """A UserError naming the first setting in which shard `path` differs from `want`."""
+    with safe_open(str(path), framework="pt") as f:
+        have = f.metadata() or {}
+    for key, value in want.items():
+        what = "prompt list" if key == "prompts_sha256" else key
+        if key not in have:
+            raise UserError(f"teacher pairs '{path}' record no {what} (made by an older nitrofusion): make them again")
+        if have[key] != value:
+            raise UserError(
+                f"teacher pairs in '{path.parent}' were made with another {what} ({have.get(key)!r}, now "
+                f"{value!r}): give a new pairs directory or delete its shards"
+            )
+
+
 def make_pairs(
     sampler: TeacherSampler,
     prompts: list[str],
@@ -68,7 +97,12 @@ def make_pairs(
     """Write `count` pairs in shards of `shard_size`; existing complete shards are kept (resume)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "prompts.json").write_text(json.dumps(prompts))
+    recipe = pairs_recipe(sampler, prompts, seed)
+    for existing in sorted(out_dir.glob(SHARD_GLOB)):  # a resumed run adds to shards made the same way only
+        check_recipe(existing, recipe)
+    tmp = out_dir / ".prompts.json.tmp"
+    tmp.write_text(json.dumps(prompts))
+    tmp.replace(out_dir / "prompts.json")
     shards = []
     n_shards = (count + shard_size - 1) // shard_size
     done = sum(
@@ -100,7 +134,7 @@ def make_pairs(
                 "prompt_ids": prompt_ids.contiguous(),
             },
             str(tmp),
-            metadata={"teacher_steps": str(sampler.steps), "guidance_scale": str(sampler.guidance_scale)},
+            metadata=recipe,
         )
         tmp.replace(path)
     bar.close()
@@ -115,14 +149,21 @@ class PairShards:
     prompt_ids: torch.Tensor
 
     @classmethod
-    def load(cls, directory: str | Path) -> PairShards:
+    def load(cls, directory: str | Path, recipe: dict[str, str] | None = None) -> PairShards:
+        """The shards of `directory`, each checked against the directory's prompts.json and against
+        `recipe` (e.g. the reading run's teacher steps, guidance and noise shape): a shard made
+        another way is refused, not mixed in."""
         directory = Path(directory)
         files = sorted(directory.glob(SHARD_GLOB))
         if not files or not (directory / "prompts.json").is_file():
             raise UserError(f"no teacher pairs in '{directory}' (make them with 'nitrofusion make-pairs')")
+        prompts = json.loads((directory / "prompts.json").read_text())
+        own = hashlib.sha256(json.dumps(prompts).encode()).hexdigest()
+        for f in files:
+            check_recipe(f, {**(recipe or {}), "prompts_sha256": own})
         parts = [load_file(str(f)) for f in files]
         return cls(
-            prompts=json.loads((directory / "prompts.json").read_text()),
+            prompts=prompts,
             latents=torch.cat([p["latents"] for p in parts]),
             seeds=torch.cat([p["seeds"] for p in parts]),
             prompt_ids=torch.cat([p["prompt_ids"] for p in parts]),

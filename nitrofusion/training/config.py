@@ -38,6 +38,7 @@ class DataConfig:
     prompts: str = "embedded"  # a text file (one prompt a line) or "embedded"
     pairs: str | None = None  # directory of `make-pairs` shards (made first if empty); None = teacher samples online
     num_pairs: int = 2048  # how many pairs to make when `pairs` is empty
+    pairs_batch_size: int = 64  # teacher samples per call while making them (no gradients: larger than batch_size)
     teacher_steps: int = 25
     teacher_guidance: float = 5.0
     batch_size: int = 8
@@ -232,6 +233,7 @@ def validate(cfg: DistillConfig) -> DistillConfig:
     positive = {
         "data.batch_size": cfg.data.batch_size,
         "data.num_pairs": cfg.data.num_pairs,
+        "data.pairs_batch_size": cfg.data.pairs_batch_size,
         "discriminator.candidates": cfg.discriminator.candidates,
         "discriminator.t_stars_per_step": cfg.discriminator.t_stars_per_step,
         "discriminator.width": cfg.discriminator.width,

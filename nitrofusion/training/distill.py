@@ -28,7 +28,14 @@ from tqdm.auto import tqdm
 
 from nitrofusion.data.conditioning import Conditioning, TextEncoder
 from nitrofusion.data.prompts import load_prompts
-from nitrofusion.data.teacher import SHARD_GLOB, PairShards, TeacherSampler, make_pairs, noise_for_seeds
+from nitrofusion.data.teacher import (
+    SHARD_GLOB,
+    PairShards,
+    TeacherSampler,
+    make_pairs,
+    noise_for_seeds,
+    pairs_recipe,
+)
 from nitrofusion.discriminator.backbone import UNetEncoderFeatures
 from nitrofusion.discriminator.heads import DiscriminatorHead
 from nitrofusion.discriminator.pool import HeadPool
@@ -253,10 +260,12 @@ class Distiller:
                     self.cfg.data.num_pairs,
                     directory,
                     seed=self.cfg.run.seed,
-                    batch_size=max(self.cfg.data.batch_size, 64),
+                    batch_size=self.cfg.data.pairs_batch_size,
                 )
             self.acc.wait_for_everyone()
-        return PairShards.load(directory)
+        # Pairs from another teacher setting or image size would be wrong data, not an error, later.
+        recipe = pairs_recipe(self.sampler, self.prompts, self.cfg.run.seed)
+        return PairShards.load(directory, {k: recipe[k] for k in ("teacher_steps", "guidance_scale", "latent_shape")})
 
     # ---- randomness ------------------------------------------------------------------
     def rng(self, purpose: str, per_rank: bool = False, micro: int = 0) -> torch.Generator:
