@@ -127,6 +127,22 @@ def test_resume_equals_uninterrupted(tiny_sdxl_dir, tmp_path):
         assert torch.equal(v, resumed.pool.state_dict()[k])
 
 
+def test_resuming_with_networks_of_another_shape_is_one_clear_error(tiny_sdxl_dir, tmp_path):
+    from nitrofusion.errors import UserError
+
+    d = Distiller(
+        config(tiny_sdxl_dir, tmp_path, "run.checkpoint_every=1", "refine.steps_per_stage=[1]"), progress=False
+    )
+    d.train()
+    other = Distiller(config(tiny_sdxl_dir, tmp_path, "discriminator.candidates=3"), progress=False)
+    with pytest.raises(UserError, match="made with discriminator.candidates=2, this run has 3"):
+        other.resume("latest")
+    # Keys that shape no network may change between runs (here: the learning rate).
+    again = Distiller(config(tiny_sdxl_dir, tmp_path, "optim.lr=3e-5"), progress=False)
+    again.resume("latest")
+    assert again.step == 1
+
+
 def test_output_loads_like_public_checkpoints(tiny_sdxl_dir, tmp_path, capsys):
     d = Distiller(config(tiny_sdxl_dir, tmp_path / "run", "run.validate_every=2", "model.shift=500"), progress=False)
     out = d.train()

@@ -493,6 +493,37 @@ class Distiller:
             keep=self.cfg.run.keep_checkpoints,
         )
 
+    # The keys that decide what a checkpoint holds (which networks, their shapes): resuming across a
+    # change of any of them cannot load; the rest (learning rates, stage lengths, logging) may change.
+    STATE_KEYS = (
+        "model.lora_rank",
+        "model.lora_targets",
+        "data.resolution",
+        "discriminator.t_stars",
+        "discriminator.kinds",
+        "discriminator.candidates",
+        "discriminator.pool",
+        "discriminator.width",
+        "discriminator.downsamples",
+        "loss.objective",
+        "loss.pretrain_kind",
+        "dmd.classifier_width",
+        "dmd.classifier_downsamples",
+        "pretrain.pixel_width",
+        "pretrain.pixel_downsamples",
+    )
+
+    def _check_resumable(self, saved: dict) -> None:
+        now = self.cfg.to_dict()
+        for key in self.STATE_KEYS:
+            section, name = key.split(".")
+            if section in saved and name in saved[section] and saved[section][name] != now[section][name]:
+                raise UserError(
+                    f"the checkpoint was made with {key}={saved[section][name]!r}, this run has "
+                    f"{now[section][name]!r}: resume with the run's own config ({self.out / 'config.yaml'}) "
+                    "or start in a new run.output_dir"
+                )
+
     def resume(self, which: str) -> None:
         root = self.out / "checkpoints"
         if self.acc.is_main_process:
@@ -509,21 +540,28 @@ class Distiller:
             except Exception as exc:
                 raise UserError(f"cannot resume from '{which}': {exc}") from None
         tensors, meta = found
+        self._check_resumable(meta.get("config", {}))
         raw = self.acc.unwrap_model(self.student)
 
         def part(prefix: str) -> dict[str, torch.Tensor]:
             return {k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
 
-        raw.load_state_dict(part("student"))
-        self.ema.load_own_state_dict(part("ema"))
-        checkpoint.load_optimizer(self.opt_g.optimizer, tensors, meta["opt_g"], "opt_g")
-        for critic in self.critics.values():
-            for name, module in critic.modules.items():
-                module.load_state_dict(part(name))
-            for name, opt in critic.optimizers.items():
-                if name not in meta:
-                    raise UserError(f"checkpoint has no '{name}': it was made with another loss configuration")
-                checkpoint.load_optimizer(opt, tensors, meta[name], name)
+        try:
+            raw.load_state_dict(part("student"))
+            self.ema.load_own_state_dict(part("ema"))
+            checkpoint.load_optimizer(self.opt_g.optimizer, tensors, meta["opt_g"], "opt_g")
+            for critic in self.critics.values():
+                for name, module in critic.modules.items():
+                    module.load_state_dict(part(name))
+                for name, opt in critic.optimizers.items():
+                    if name not in meta:
+                        raise UserError(f"checkpoint has no '{name}': it was made with another loss configuration")
+                    checkpoint.load_optimizer(opt, tensors, meta[name], name)
+        except (RuntimeError, KeyError, ValueError) as exc:  # a network that the checkpoint's config did not have
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(
+                f"the checkpoint does not fit this run's networks ({first[:200]}): resume with the run's own config"
+            ) from None
         self.step = int(meta["step"])
         self.log_line(f"resumed from step {self.step}")
         # A run killed while validating after its checkpoint: draw the grid it never wrote.
