@@ -1,14 +1,17 @@
-"""Reading the text files a user points us at (prompt lists, config files) without surprises.
+"""The files a user points us at and the files we leave them, without surprises.
 
-A path to a device (/dev/zero, /dev/stdin), a FIFO or a multi-gigabyte file would hang or eat
-the machine's memory; bytes that are not UTF-8 would raise deep inside a parser. Each is a
-one-line UserError here instead.
+Reading: a path to a device (/dev/zero, /dev/stdin), a FIFO or a multi-gigabyte file would hang
+or eat the machine's memory; bytes that are not UTF-8 would raise deep inside a parser. Each is
+a one-line UserError here instead. Writing: a report, config or image is written beside its
+name and renamed onto it, so a crash leaves the old file or the new one, never half of one.
 """
 
 from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from nitrofusion.errors import UserError
@@ -35,3 +38,23 @@ def read_user_text(path: str | Path, what: str, max_bytes: int = MAX_TEXT_BYTES)
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise UserError(f"{what} '{path}' is not UTF-8 text (byte {exc.start})") from None
+
+
+@contextmanager
+def replacing(path: str | Path) -> Iterator[Path]:
+    """A temporary path beside `path` to write to; on success it is renamed onto `path`, on an
+    error it is removed."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text_replacing(path: str | Path, text: str) -> None:
+    """`path.write_text(text)`, whole or not at all (`replacing`)."""
+    with replacing(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")

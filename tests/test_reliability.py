@@ -275,3 +275,16 @@ def test_the_prompt_cache_is_bounded_and_evicts_the_least_recently_used():
     again = encoder(["a dog", "a bird", "a cat"])  # more than fits, in one batch: still comes out whole
     assert len(encoder._cache) == 2 and again.prompt_embeds.shape[0] == 3
     assert torch.equal(again.prompt_embeds[0], first.prompt_embeds[1])
+
+
+def test_a_report_written_in_place_is_whole_or_untouched(tmp_path):
+    from nitrofusion.userfiles import replacing, write_text_replacing
+
+    path = tmp_path / "results.json"
+    write_text_replacing(path, "old")
+    with pytest.raises(OSError), replacing(path) as tmp:
+        tmp.write_text("half of the ne")
+        raise OSError("disk full")
+    assert path.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
+    write_text_replacing(path, "new")
+    assert path.read_text() == "new"

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from nitrofusion.errors import UserError
 from nitrofusion.evaluation.cache import ImageCache
 from nitrofusion.evaluation.frechet import GaussianStats, frechet_distance
 from nitrofusion.evaluation.grid import make_grid
+from nitrofusion.userfiles import replacing, write_text_replacing
 
 METRICS = ("embedded", "fid", "clip", "aesthetic", "imagereward")
 FID_FEATURES = ("inception", "clip", "embedded")
@@ -260,15 +260,11 @@ def table(rows: list[dict]) -> str:
 
 
 def write_report(out: Path, rows: list[dict], grid_rows: list[list[Image.Image]], labels: list[str]) -> None:
-    def atomic(path: Path, text: str) -> None:
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
-
-    atomic(out / "results.json", json.dumps(rows, indent=1))
-    atomic(out / "results.md", table(rows) + "\n")
+    write_text_replacing(out / "results.json", json.dumps(rows, indent=1))
+    write_text_replacing(out / "results.md", table(rows) + "\n")
     scale = max(1, 96 // grid_rows[0][0].size[0])
-    make_grid(grid_rows, labels, scale=scale).save(out / "grid.png")
+    with replacing(out / "grid.png") as tmp:
+        make_grid(grid_rows, labels, scale=scale).save(tmp, format="PNG")
 
 
 def combine(directories: list[Path], out: Path, grid_images: int = 10) -> str:

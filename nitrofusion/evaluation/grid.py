@@ -7,6 +7,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from nitrofusion.userfiles import replacing
+
 LABEL_WIDTH = 190  # room for labels such as "teacher (Euler, CFG 5), 25"
 
 
@@ -42,5 +44,6 @@ def grid_from_dirs(dirs: Sequence[str | Path], out: str | Path, scale: int = 3, 
         labels.append(Path(d).name)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    make_grid(rows, labels, scale=scale).save(out)
+    with replacing(out) as tmp:
+        make_grid(rows, labels, scale=scale).save(tmp, format="PNG")
     return out

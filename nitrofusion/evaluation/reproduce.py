@@ -32,6 +32,7 @@ from nitrofusion.errors import UserError
 from nitrofusion.evaluation.embedded import EmbeddedScore, score_pipeline
 from nitrofusion.evaluation.grid import make_grid
 from nitrofusion.training.config import load_config
+from nitrofusion.userfiles import replacing, write_text_replacing
 from nitrofusion.world.evaluator import Evaluator
 from nitrofusion.world.spec import evaluator_path, teacher_path
 
@@ -284,17 +285,19 @@ class Reproduction:
     # ---- report -----------------------------------------------------------------------------
     def write(self, rows: list[Row]) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "results.json").write_text(
-            json.dumps([{**asdict(r), "scores": [asdict(s) for s in r.scores]} for r in rows], indent=1)
+        write_text_replacing(
+            self.out / "results.json",
+            json.dumps([{**asdict(r), "scores": [asdict(s) for s in r.scores]} for r in rows], indent=1),
         )
-        (self.out / "results.md").write_text(report(rows, self.n, self.seeds))
+        write_text_replacing(self.out / "results.md", report(rows, self.n, self.seeds))
         grid_rows, labels = [], []
         for key, label in self.grid_rows():
             d = self.out / "samples" / key
             if d.is_dir():
                 grid_rows.append([Image.open(p).convert("RGB") for p in sorted(d.glob("*.png"))])
                 labels.append(label)
-        make_grid(grid_rows, labels, scale=3).save(self.out / "grid.png")
+        with replacing(self.out / "grid.png") as tmp:
+            make_grid(grid_rows, labels, scale=3).save(tmp, format="PNG")
 
     def grid_rows(self) -> list[tuple[str, str]]:
         rows = [

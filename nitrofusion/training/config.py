@@ -19,7 +19,7 @@ import yaml
 
 from nitrofusion.errors import UserError
 from nitrofusion.training.lora import DEFAULT_TARGETS as DEFAULT_LORA_TARGETS
-from nitrofusion.userfiles import read_user_text
+from nitrofusion.userfiles import read_user_text, write_text_replacing
 
 
 @dataclass
@@ -365,4 +365,4 @@ def load_config(
 
 
 def save_config(cfg: DistillConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    write_text_replacing(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
