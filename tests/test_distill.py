@@ -390,6 +390,25 @@ def test_make_pairs_resumes_and_feeds_training(tiny_sdxl_dir, tmp_path):
     assert "skipped" not in d.train_step()
 
 
+def test_a_multi_step_teacher_sampled_in_few_steps_is_warned_about(tiny_sdxl_dir, caplog):
+    """Its samples are the real data: a 4-step Euler sample of SDXL base would teach the student noise."""
+    from diffusers import LCMScheduler
+
+    from nitrofusion.data.teacher import TeacherSampler
+    from nitrofusion.pipelines import load_pipeline
+
+    pipe = load_pipeline(tiny_sdxl_dir, sampler="native")
+    with caplog.at_level("WARNING", logger="nitrofusion.data.teacher"):
+        TeacherSampler(pipe, steps=25, guidance_scale=5.0, height=16, width=16)
+        assert not caplog.records
+        TeacherSampler(pipe, steps=4, guidance_scale=0.0, height=16, width=16)
+        assert "needs about 25" in caplog.text and type(pipe.scheduler).__name__ in caplog.text
+        caplog.clear()
+        pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)  # a DMD2-style few-step teacher
+        TeacherSampler(pipe, steps=4, guidance_scale=0.0, height=16, width=16)
+        assert not caplog.records
+
+
 def test_pairs_made_another_way_are_refused_not_mixed_in(tiny_sdxl_dir, tmp_path, capsys):
     from nitrofusion.data.teacher import PairShards, TeacherSampler, make_pairs
     from nitrofusion.errors import UserError

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,14 +22,29 @@ from tqdm.auto import tqdm
 
 from nitrofusion.errors import UserError
 
+log = logging.getLogger(__name__)
+
 
 def noise_for_seeds(seeds: list[int], shape: tuple[int, ...]) -> torch.Tensor:
     """Starting noise, one CPU generator per seed (reproducible on any device)."""
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
 
 
+FEW_STEP_SCHEDULERS = {"LCMScheduler", "TCDScheduler", "TimestepShiftLCMScheduler"}
+
+
 class TeacherSampler:
     def __init__(self, pipe: DiffusionPipeline, steps: int, guidance_scale: float, height: int, width: int) -> None:
+        scheduler = type(pipe.scheduler).__name__
+        if steps < 8 and scheduler not in FEW_STEP_SCHEDULERS:
+            # The teacher's samples are the "real" data: a multi-step model sampled in a few steps
+            # gives blurred, noisy images, and the student learns exactly those.
+            log.warning(
+                "the teacher samples with %d steps of its %s: a multi-step teacher needs about 25 "
+                "(data.teacher_steps); a few-step teacher (e.g. DMD2) needs its LCMScheduler in its pipeline",
+                steps,
+                scheduler,
+            )
         self.pipe = pipe
         self.steps = steps
         self.guidance_scale = guidance_scale
