@@ -153,6 +153,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         inception=args.inception,
         clip_model=args.clip_model,
         aesthetic=args.aesthetic,
+        aesthetic_clip_model=args.aesthetic_clip_model,
         image_reward=args.image_reward,
         image_reward_tokenizer=args.image_reward_tokenizer,
         evaluator=args.evaluator,
@@ -312,8 +313,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--fid-features", default="inception", help="inception, clip or embedded")
     e.add_argument("--reference", help="FID reference: a directory of real images or a stats .safetensors")
     e.add_argument("--inception", help="FID Inception-v3 weights (.safetensors; see docs/evaluate.md)")
-    e.add_argument("--clip-model", help="transformers CLIP directory (ViT-L/14 for the paper's numbers)")
+    e.add_argument("--clip-model", help="transformers CLIP directory for CLIP score (the paper's: ViT-B/32)")
     e.add_argument("--aesthetic", help="LAION aesthetic predictor weights (.safetensors)")
+    e.add_argument(
+        "--aesthetic-clip-model", help="the aesthetic predictor's CLIP, ViT-L/14 (default: --clip-model)"
+    )
     e.add_argument("--image-reward", help="ImageReward weights (.safetensors)")
     e.add_argument("--image-reward-tokenizer", help="directory with bert-base-uncased's vocab.txt")
     e.add_argument("--evaluator", help="the embedded evaluator (default: the shipped one)")

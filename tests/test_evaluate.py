@@ -98,8 +98,8 @@ def test_clip_score_matches_the_models_own_forward(tiny_clip_dir):
     with torch.no_grad():
         out = clip.model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, pixel_values=pixels)
     cos = (out.logits_per_image.diagonal() / clip.model.logit_scale.exp()).detach()
-    expected = float((100 * cos.clamp(min=0)).mean())
-    assert clip_score(clip, images, prompts) == pytest.approx(expected, rel=1e-5, abs=1e-4)
+    expected = float(cos.clamp(min=0).mean())  # the paper's scale (0.320), not torchmetrics' x100
+    assert clip_score(clip, images, prompts) == pytest.approx(expected, rel=1e-5, abs=1e-6)
 
 
 def test_clip_missing_or_without_tokenizer_is_one_line(tmp_path, tiny_clip_dir):
@@ -128,6 +128,25 @@ def test_aesthetic_score_is_the_mlp_on_normalised_embeddings(tiny_clip_dir, tmp_
     for i in (0, 2, 4, 6, 7):
         x = x @ mlp.layers[i].weight.T + mlp.layers[i].bias
     assert aesthetic_score(loaded, clip, images) == pytest.approx(float(x.mean().detach()), rel=1e-5)
+
+
+def test_clip_score_and_the_aesthetic_predictor_read_their_own_clip(tiny_clip_dir, tmp_path, monkeypatch):
+    """The paper: CLIP score with ViT-B/32, the aesthetic MLP on ViT-L/14; one model is loaded once."""
+    import nitrofusion.evaluation.clip as clip_module
+    from nitrofusion.evaluation.evaluate import EvalRequest, build_scorers
+
+    loaded = []
+    monkeypatch.setattr(clip_module, "ClipModel", lambda path, device: loaded.append(path) or path)
+    aesthetic = tmp_path / "aesthetic.safetensors"
+    save_file({k: v.contiguous() for k, v in AestheticMLP().state_dict().items()}, str(aesthetic))
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\n")
+    common = dict(model="x", steps=[1], out=tmp_path, prompts=str(prompts), metrics=["clip", "aesthetic"])
+    build_scorers(EvalRequest(**common, clip_model="b32", aesthetic=str(aesthetic), aesthetic_clip_model="l14"), "cpu")
+    assert loaded == ["b32", "l14"]
+    loaded.clear()
+    build_scorers(EvalRequest(**common, clip_model="l14", aesthetic=str(aesthetic)), "cpu")
+    assert loaded == ["l14"]
 
 
 def test_aesthetic_weights_missing_or_wrong(tmp_path):
@@ -163,9 +182,9 @@ def test_reference_statistics_from_images_and_from_file(tmp_path):
 
 
 def test_table_has_only_measured_columns():
-    rows = [{"model": "m", "sampler": "shift-lcm", "steps": 1, "clip_score": 31.234, "seconds_per_image": 0.01}]
+    rows = [{"model": "m", "sampler": "shift-lcm", "steps": 1, "clip_score": 0.31234, "seconds_per_image": 0.01}]
     text = table(rows)
-    assert "CLIP score" in text and "FID" not in text and "31.23" in text
+    assert "CLIP score" in text and "FID" not in text and "0.312" in text
 
 
 @pytest.mark.parametrize(

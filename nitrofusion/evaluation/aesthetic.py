@@ -64,6 +64,6 @@ def aesthetic_score(mlp: AestheticMLP, clip: ClipModel, images: list[Image.Image
     if emb.shape[-1] != mlp.layers[0].in_features:
         raise UserError(
             f"the aesthetic predictor expects {mlp.layers[0].in_features}-d CLIP embeddings but the CLIP model "
-            f"gives {emb.shape[-1]}-d: use CLIP ViT-L/14 (--clip-model)"
+            f"gives {emb.shape[-1]}-d: use CLIP ViT-L/14 (--aesthetic-clip-model)"
         )
     return float(mlp(emb).mean())

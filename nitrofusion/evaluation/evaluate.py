@@ -28,7 +28,7 @@ FID_FEATURES = ("inception", "clip", "embedded")
 # (result key, column title, digits) in the order of the paper's Table 1, then the embedded world's.
 COLUMNS = (
     ("fid", "FID ↓", 2),
-    ("clip_score", "CLIP score ↑", 2),
+    ("clip_score", "CLIP score ↑", 3),
     ("aesthetic", "aesthetic ↑", 3),
     ("image_reward", "ImageReward ↑", 3),
     ("class_accuracy", "class accuracy ↑", 3),
@@ -56,8 +56,9 @@ class EvalRequest:
     fid_features: str = "inception"
     reference: str | None = None
     inception: str | None = None
-    clip_model: str | None = None
+    clip_model: str | None = None  # CLIP score and CLIP-FID (the paper: ViT-B/32)
     aesthetic: str | None = None
+    aesthetic_clip_model: str | None = None  # the aesthetic MLP's CLIP (ViT-L/14); None: clip_model
     image_reward: str | None = None
     image_reward_tokenizer: str | None = None
     evaluator: str | None = None
@@ -91,7 +92,7 @@ def build_scorers(req: EvalRequest, device: str) -> dict[str, Scorer]:
     if req.fid_features not in FID_FEATURES:
         raise UserError(f"--fid-features must be one of {', '.join(FID_FEATURES)}")
     scorers: dict[str, Scorer] = {}
-    evaluator = clip = None
+    evaluator = None
 
     def need_evaluator():
         nonlocal evaluator
@@ -107,15 +108,17 @@ def build_scorers(req: EvalRequest, device: str) -> dict[str, Scorer]:
             evaluator = Evaluator.load(path)
         return evaluator
 
-    def need_clip():
-        nonlocal clip
-        if clip is None:
+    clips: dict[str, object] = {}
+
+    def need_clip(path: str | None = None):
+        path = path or req.clip_model
+        if path not in clips:  # one model however many metrics read it
             from nitrofusion.evaluation.clip import CLIP_HINT, ClipModel
 
-            if not req.clip_model:
+            if not path:
                 raise UserError(f"CLIP score, aesthetic score and CLIP-FID need --clip-model: {CLIP_HINT}")
-            clip = ClipModel(req.clip_model, device)
-        return clip
+            clips[path] = ClipModel(path, device)
+        return clips[path]
 
     if "embedded" in metrics:
         if req.prompts != "embedded":
@@ -171,7 +174,7 @@ def build_scorers(req: EvalRequest, device: str) -> dict[str, Scorer]:
 
         if not req.aesthetic:
             raise UserError(f"the aesthetic score needs --aesthetic PATH: {AESTHETIC_HINT}")
-        mlp, model = load_aesthetic(req.aesthetic), need_clip()
+        mlp, model = load_aesthetic(req.aesthetic), need_clip(req.aesthetic_clip_model)
         scorers["aesthetic"] = lambda images, prompts, labels: {"aesthetic": aesthetic_score(mlp, model, images)}
 
     if "imagereward" in metrics:
