@@ -315,9 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--inception", help="FID Inception-v3 weights (.safetensors; see docs/evaluate.md)")
     e.add_argument("--clip-model", help="transformers CLIP directory for CLIP score (the paper's: ViT-B/32)")
     e.add_argument("--aesthetic", help="LAION aesthetic predictor weights (.safetensors)")
-    e.add_argument(
-        "--aesthetic-clip-model", help="the aesthetic predictor's CLIP, ViT-L/14 (default: --clip-model)"
-    )
+    e.add_argument("--aesthetic-clip-model", help="the aesthetic predictor's CLIP, ViT-L/14 (default: --clip-model)")
     e.add_argument("--image-reward", help="ImageReward weights (.safetensors)")
     e.add_argument("--image-reward-tokenizer", help="directory with bert-base-uncased's vocab.txt")
     e.add_argument("--evaluator", help="the embedded evaluator (default: the shipped one)")

@@ -25,6 +25,11 @@ class Conditioning:
             return None
         return {"text_embeds": self.pooled, "time_ids": self.time_ids}
 
+    def unet_inputs(self, dtype: torch.dtype) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+        """(encoder_hidden_states, added_cond_kwargs) in `dtype`, as a UNet in that dtype takes them."""
+        added = self.added_cond_kwargs
+        return self.prompt_embeds.to(dtype), None if added is None else {k: v.to(dtype) for k, v in added.items()}
+
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Conditioning:
         def mv(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.to(device=device, dtype=dtype or t.dtype)

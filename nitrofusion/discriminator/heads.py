@@ -11,7 +11,7 @@ depend on whether image and prompt agree rather than on the prompt alone.
 
 No normalisation layer: a per-sample norm (GroupNorm with a channel or a few per group, as
 small heads get) divides out each sample's feature scale, and the scale is what most
-separates a regression-trained student (x0 variance 0.83) from the teacher (1.46) on the
+separates a regression-trained student (x0 variance 0.83) from the teacher (1.45) on the
 embedded world; on the deepest maps, down-sampled to 1x1, it outputs a constant. Heads
 built that way stayed at chance (loss 2 ln 2) through whole runs; without the norm, heads
 on the same features tell a regression-trained student from the teacher with 93% mean

@@ -27,7 +27,7 @@ import torch
 from nitrofusion.data.conditioning import Conditioning
 from nitrofusion.objectives.base import Losses, StepContext, input_gradient, with_gradient
 from nitrofusion.objectives.nitrofusion import PoolDiscriminator
-from nitrofusion.objectives.scores import FakeScore, RealScore, noisy
+from nitrofusion.objectives.scores import FakeScore, RealScore
 
 
 class ADM:
@@ -44,10 +44,7 @@ class ADM:
         train_student: bool,
     ) -> Losses:
         x0 = fake
-        g = ctx.rng("dmd", True, micro)
-        t = self.fake.timesteps(x0.shape[0], g, x0.device)
-        eps = torch.randn(x0.shape, generator=g).to(x0.device, x0.dtype)
-        x_t = noisy(x0, eps, t, self.fake.alphas_cumprod)
+        t, _, x_t = self.fake.diffuse(x0, ctx.rng("dmd", True, micro))
         real_x0 = self.real.x0(x_t, t, cond)
         judge_rng = ctx.rng("judge", True, micro)
 

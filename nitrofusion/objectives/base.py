@@ -12,10 +12,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from nitrofusion.data.conditioning import Conditioning
 
 
 class StepContext(Protocol):
@@ -24,6 +27,22 @@ class StepContext(Protocol):
     def rng(self, purpose: str, per_rank: bool = False, micro: int = 0) -> torch.Generator: ...
 
     def average_gradients(self, params: Iterable[nn.Parameter]) -> None: ...
+
+
+class Objective(Protocol):
+    """What the trainer calls each micro-batch (NitroFusion, DMD2, ADM, the pre-training ones):
+    `fake` is the student's x0 (with its graph), `real` the teacher's x0 from the same noise;
+    `train_student` says whether the student steps this iteration (critics step every one)."""
+
+    def __call__(
+        self,
+        ctx: StepContext,
+        fake: torch.Tensor,
+        real: torch.Tensor,
+        cond: Conditioning,
+        micro: int,
+        train_student: bool,
+    ) -> Losses: ...
 
 
 @dataclass

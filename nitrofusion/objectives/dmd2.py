@@ -73,10 +73,8 @@ class DMD2:
     ) -> Losses:
         x0 = fake
         g = ctx.rng("dmd", True, micro)
-        t = self.fake.timesteps(x0.shape[0], g, x0.device)
-        eps = torch.randn(x0.shape, generator=g).to(x0.device, x0.dtype)
+        t, _, x_t = self.fake.diffuse(x0, g)  # x_t keeps the graph into the student (GAN term)
         eps_real = torch.randn(x0.shape, generator=g).to(x0.device, x0.dtype)
-        x_t = noisy(x0, eps, t, self.fake.alphas_cumprod)  # keeps the graph into the student (GAN term)
 
         g_loss, logs = x0.new_zeros(()), {}
         if train_student:  # the scores are only needed on the student's update steps

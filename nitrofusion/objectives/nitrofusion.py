@@ -55,7 +55,7 @@ class NitroFusionObjective:
     def _features(self, x0: torch.Tensor, t_star: int, noise: torch.Tensor, cond: Conditioning) -> list[torch.Tensor]:
         x = add_noise(x0, noise, t_star, self.alphas_cumprod).to(self.backbone.unet.dtype)
         t = torch.full((x.shape[0],), t_star, device=x.device, dtype=torch.long)
-        return self.backbone(x, t, cond.prompt_embeds.to(x.dtype), _cast(cond.added_cond_kwargs, x.dtype))
+        return self.backbone(x, t, *cond.unet_inputs(x.dtype))
 
     def __call__(
         self,
@@ -176,7 +176,3 @@ def _without_checkpointing(unet: torch.nn.Module) -> Iterator[None]:
     finally:
         if on:
             unet.enable_gradient_checkpointing()
-
-
-def _cast(kwargs: dict[str, torch.Tensor] | None, dtype: torch.dtype) -> dict[str, torch.Tensor] | None:
-    return None if kwargs is None else {k: v.to(dtype) for k, v in kwargs.items()}

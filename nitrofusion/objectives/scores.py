@@ -126,17 +126,22 @@ class FakeScore(Critic):
     def x0(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         return unet_x0(self.unet, x_t, t, cond, self.alphas_cumprod)
 
-    def denoising_loss(self, x0: torch.Tensor, cond: Conditioning, generator: torch.Generator) -> torch.Tensor:
-        """|| eps_fake(x_t, t, c) - eps ||^2 on a detached student sample: the fake score learns the student."""
+    def diffuse(self, x0: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(t, eps, x_t): x0 noised to a random level where the scores are queried (t, then eps,
+        drawn from `generator` in that order); x_t keeps x0's graph."""
         t = self.timesteps(x0.shape[0], generator, x0.device)
         eps = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
-        x_t = noisy(x0.detach(), eps, t, self.alphas_cumprod)
+        return t, eps, noisy(x0, eps, t, self.alphas_cumprod)
+
+    def denoising_loss(self, x0: torch.Tensor, cond: Conditioning, generator: torch.Generator) -> torch.Tensor:
+        """|| eps_fake(x_t, t, c) - eps ||^2 on a detached student sample: the fake score learns the student."""
+        t, eps, x_t = self.diffuse(x0.detach(), generator)
         return F.mse_loss(_eps(self.unet, x_t, t, cond), eps.float())
 
     def logit(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """The classifier's logit on the fake UNet's deepest encoder map (the mid block's output)."""
         dtype = self.unet.dtype
-        feats = self.encoder(x_t.to(dtype), t, cond.prompt_embeds.to(dtype), _cast(cond.added_cond_kwargs, dtype))
+        feats = self.encoder(x_t.to(dtype), t, *cond.unet_inputs(dtype))
         return self.classifier(feats[-1]).float()
 
     def classifier_losses(
@@ -174,9 +179,6 @@ def _abar(alphas_cumprod: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> 
 
 def _eps(unet: UNet2DConditionModel, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
     dtype = unet.dtype
-    out = unet(x_t.to(dtype), t, cond.prompt_embeds.to(dtype), added_cond_kwargs=_cast(cond.added_cond_kwargs, dtype))
+    embeds, added = cond.unet_inputs(dtype)
+    out = unet(x_t.to(dtype), t, embeds, added_cond_kwargs=added)
     return out.sample.float()
-
-
-def _cast(kwargs: dict[str, torch.Tensor] | None, dtype: torch.dtype) -> dict[str, torch.Tensor] | None:
-    return None if kwargs is None else {k: v.to(dtype) for k, v in kwargs.items()}

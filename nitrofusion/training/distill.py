@@ -42,7 +42,7 @@ from nitrofusion.discriminator.pool import HeadPool
 from nitrofusion.errors import UserError
 from nitrofusion.evaluation.grid import make_grid
 from nitrofusion.objectives.adm import ADM
-from nitrofusion.objectives.base import Critic
+from nitrofusion.objectives.base import Critic, Objective
 from nitrofusion.objectives.dmd2 import DMD2
 from nitrofusion.objectives.nitrofusion import NitroFusion, NitroFusionObjective, PoolDiscriminator
 from nitrofusion.objectives.pretrain import AdversarialPretraining, PixelDiscriminator, Regression
@@ -226,6 +226,8 @@ class Distiller:
             opt = torch.optim.AdamW(head.parameters(), lr=d.lr, betas=tuple(d.betas), weight_decay=d.weight_decay)
             self.critics["pixel"] = PixelDiscriminator(self.teacher.vae, head, opt, p.pixel_crop, loss.kind)
 
+        self.objective: Objective
+        self.pretrain_objective: Objective
         if loss.objective == "nitrofusion":
             self.objective = NitroFusion(pool)
             main = [pool]
