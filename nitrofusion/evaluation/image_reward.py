@@ -32,6 +32,7 @@ Loading here is strict, so a file that differs is reported key by key instead of
 from __future__ import annotations
 
 import copy
+import functools
 import re
 from pathlib import Path
 
@@ -43,7 +44,7 @@ from transformers import BertTokenizer, BlipTextConfig, BlipTextModel, BlipVisio
 
 from nitrofusion.errors import UserError
 from nitrofusion.evaluation.aesthetic import AestheticMLP
-from nitrofusion.pipelines.loading import read_safetensors
+from nitrofusion.pipelines.loading import layout_problems, read_safetensors
 
 REWARD_MEAN = 0.16717362830052426
 REWARD_STD = 1.0333394966054072
@@ -182,23 +183,10 @@ def preprocess(image: Image.Image, size: int = 224) -> torch.Tensor:
 
 def _check_fit(modules: dict[str, nn.Module], converted: dict[str, dict[str, torch.Tensor]], what: str) -> None:
     """Every parameter of the three modules provided with its shape, and nothing else (in ImageReward names)."""
-    missing, unexpected, shapes = [], [], []
-    for component, module in modules.items():
-        expected, given = module.state_dict(), converted[component]
-        missing += [image_reward_name(component, k) for k in expected if k not in given]
-        unexpected += [image_reward_name(component, k) for k in given if k not in expected]
-        shapes += [
-            f"{image_reward_name(component, k)} {tuple(v.shape)} vs {tuple(expected[k].shape)}"
-            for k, v in given.items()
-            if k in expected and v.shape != expected[k].shape
-        ]
     problems = []
-    if shapes:
-        problems.append(f"{len(shapes)} shape mismatches (file vs model), first: {', '.join(shapes[:3])}")
-    if missing:
-        problems.append(f"{len(missing)} keys missing, first: {', '.join(missing[:3])}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected keys, first: {', '.join(unexpected[:3])}")
+    for component, module in modules.items():
+        label = functools.partial(image_reward_name, component)
+        problems += layout_problems(converted[component], module.state_dict(), label=label)
     if problems:
         raise UserError(f"{what} does not fit the ImageReward model: " + "; ".join(problems))
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
@@ -96,23 +96,37 @@ def unet_file_shift(path: str | Path) -> int | None:
     return int(value) if value is not None and value.isdigit() else None
 
 
-def check_state_dict(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str, limit: int = 3) -> None:
-    """Raise a UserError naming the first missing, unexpected or mis-shaped keys."""
-    expected = module.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
+def layout_problems(
+    given: Mapping[str, torch.Tensor],
+    expected: Mapping[str, torch.Tensor],
+    names: tuple[str, str] = ("file", "model"),
+    label: Callable[[str], str] = str,
+    limit: int = 3,
+) -> list[str]:
+    """How two state dicts' keys and shapes disagree, one phrase per kind, naming the first few
+    keys (through `label`, e.g. the names the user's file uses); empty where they agree."""
+    missing = [label(k) for k in expected if k not in given]
+    extra = [label(k) for k in given if k not in expected]
     shapes = [
-        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in state and tuple(state[k].shape) != tuple(v.shape)
+        f"{label(k)} {tuple(v.shape)} vs {tuple(expected[k].shape)}"
+        for k, v in given.items()
+        if k in expected and tuple(v.shape) != tuple(expected[k].shape)
     ]
     problems = []
     if shapes:
-        problems.append(f"{len(shapes)} shape mismatches (file vs model), first: {', '.join(shapes[:limit])}")
+        problems.append(
+            f"{len(shapes)} shape mismatches ({names[0]} vs {names[1]}), first: {', '.join(shapes[:limit])}"
+        )
     if missing:
-        problems.append(f"{len(missing)} keys missing, first: {', '.join(missing[:limit])}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected keys, first: {', '.join(unexpected[:limit])}")
+        problems.append(f"{len(missing)} keys only in {names[1]}, first: {', '.join(missing[:limit])}")
+    if extra:
+        problems.append(f"{len(extra)} keys only in {names[0]}, first: {', '.join(extra[:limit])}")
+    return problems
+
+
+def check_state_dict(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """Raise a UserError naming the first missing, unexpected or mis-shaped keys."""
+    problems = layout_problems(state, module.state_dict())
     if problems:
         raise UserError(f"{what} does not fit the model it is loaded into: " + "; ".join(problems))
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from nitrofusion.errors import UserError
-from nitrofusion.pipelines.loading import quiet_loading, read_safetensors, resolve_model
+from nitrofusion.pipelines.loading import layout_problems, quiet_loading, read_safetensors, resolve_model
 
 
 def unet_state_dict(source: str | Path, what: str) -> dict[str, torch.Tensor]:
@@ -32,15 +32,6 @@ def unet_state_dict(source: str | Path, what: str) -> dict[str, torch.Tensor]:
 
 def check_same_layout(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], names: tuple[str, str]) -> None:
     """One line naming the first keys or shapes on which two state dicts disagree."""
-    only_a = [k for k in a if k not in b]
-    only_b = [k for k in b if k not in a]
-    shapes = [f"{k} {tuple(a[k].shape)} vs {tuple(b[k].shape)}" for k in a if k in b and a[k].shape != b[k].shape]
-    problems = []
-    if only_a:
-        problems.append(f"{len(only_a)} keys only in {names[0]} (first: {', '.join(only_a[:3])})")
-    if only_b:
-        problems.append(f"{len(only_b)} keys only in {names[1]} (first: {', '.join(only_b[:3])})")
-    if shapes:
-        problems.append(f"{len(shapes)} shape mismatches (first: {', '.join(shapes[:3])})")
+    problems = layout_problems(a, b, names)
     if problems:
         raise UserError(f"{names[0]} and {names[1]} are not the same architecture: " + "; ".join(problems))
