@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -18,6 +19,10 @@ from safetensors.torch import load_file, save_file
 
 from nitrofusion.errors import UserError
 from nitrofusion.evaluation.frechet import GaussianStats
+
+if TYPE_CHECKING:
+    from nitrofusion.evaluation.clip import ClipModel
+    from nitrofusion.world.evaluator import Evaluator
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 Extractor = Callable[[list[Image.Image]], torch.Tensor]
@@ -47,11 +52,11 @@ def inception_extractor(path: str | Path, device: str = "cpu", batch_size: int =
     return extract
 
 
-def clip_extractor(clip) -> Extractor:
+def clip_extractor(clip: ClipModel) -> Extractor:
     return clip.image_embeddings
 
 
-def embedded_extractor(evaluator) -> Extractor:
+def embedded_extractor(evaluator: Evaluator) -> Extractor:
     def extract(images: list[Image.Image]) -> torch.Tensor:
         return evaluator.features_and_logits(to_tensor(images))[0]
 

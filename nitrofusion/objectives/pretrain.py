@@ -77,7 +77,9 @@ class PixelDiscriminator(Critic):
             latents = latents / cfg.scaling_factor
         return self.vae.decode(latents.to(self.vae.dtype)).sample.float()
 
-    def window(self, fake: torch.Tensor, real: torch.Tensor, generator: torch.Generator):
+    def window(
+        self, fake: torch.Tensor, real: torch.Tensor, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         h, w = fake.shape[-2:]
         if not 0 < self.crop < max(h, w):
             return fake, real

@@ -301,7 +301,7 @@ class Distiller:
         return ends
 
     # ---- data --------------------------------------------------------------------------
-    def batch(self, micro: int):
+    def batch(self, micro: int) -> tuple[Conditioning, torch.Tensor, torch.Tensor]:
         """(conditioning, starting noise, teacher x0) for this rank and micro-batch."""
         g = self.rng("data", per_rank=True, micro=micro)
         n = self.cfg.data.batch_size
