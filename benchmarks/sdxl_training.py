@@ -37,7 +37,9 @@ SETTINGS = {  # id: (what, overrides of the sdxl preset)
 def make_teacher_and_pairs(root: Path, tiny: bool, device: str, batch: int) -> tuple[Path, Path, int]:
     from safetensors.torch import save_file
 
+    from nitrofusion.data.teacher import TeacherSampler, pairs_recipe
     from nitrofusion.models.builders import SDXLSpec, build_sdxl_base, build_sdxl_pipeline
+    from nitrofusion.training.config import load_config
 
     if tiny:
         pipe = build_sdxl_pipeline(SDXLSpec())
@@ -50,7 +52,11 @@ def make_teacher_and_pairs(root: Path, tiny: bool, device: str, batch: int) -> t
     n = 4 * batch
     pairs = root / "pairs"
     pairs.mkdir()
-    (pairs / "prompts.json").write_text(json.dumps([f"a photograph of a red fox in the snow, {i}" for i in range(n)]))
+    prompts = [f"a photograph of a red fox in the snow, {i}" for i in range(n)]
+    (pairs / "prompts.json").write_text(json.dumps(prompts))
+    # Recorded as the trainer checks it: made by the sdxl preset's teacher settings at this size.
+    data = load_config("sdxl").data
+    recipe = pairs_recipe(TeacherSampler(pipe, data.teacher_steps, data.teacher_guidance, size, size), prompts, 0)
     g = torch.Generator().manual_seed(0)
     save_file(
         {
@@ -59,6 +65,7 @@ def make_teacher_and_pairs(root: Path, tiny: bool, device: str, batch: int) -> t
             "prompt_ids": torch.arange(n),
         },
         str(pairs / "pairs-00000.safetensors"),
+        metadata=recipe,
     )
     return teacher, pairs, size
 
