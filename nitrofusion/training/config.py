@@ -109,7 +109,7 @@ class OptimConfig:
     grad_accumulation: int = 1
     warmup_steps: int = 0
     ema_decay: float = 0.99
-    mixed_precision: str = "no"  # no | fp16 | bf16
+    mixed_precision: str = "no"  # no | bf16 (fp16 is refused: see validate)
 
 
 @dataclass

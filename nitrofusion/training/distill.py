@@ -142,7 +142,7 @@ class Distiller:
         self.lora_in_half_precision = False
         if cfg.optim.mixed_precision != "no" and self.acc.device.type == "cuda":
             # The teacher is frozen: keep it in half precision; the student keeps fp32 master weights.
-            half = torch.bfloat16 if cfg.optim.mixed_precision == "bf16" else torch.float16
+            half = torch.bfloat16  # the only mixed precision the config accepts (fp16 is refused)
             self.teacher.to(half)
             if cfg.model.lora_rank > 0:  # the student's frozen base weights too; the adapters stay fp32
                 self.lora_in_half_precision = True  # merged at export against the weights on disk
@@ -367,7 +367,7 @@ class Distiller:
             logs["g_loss"] = logs.get("g_loss", 0.0) + float(g_loss.detach()) / accum
             if d_loss is not None:
                 logs["d_loss"] = logs.get("d_loss", 0.0) + float(d_loss.detach()) / accum
-        # A finite loss can still give inf/NaN gradients (fp16 overflow): one bad step must not poison the weights.
+        # A finite loss can still give inf/NaN gradients: one bad step must not poison the weights.
         if not finite or not self._gradients_finite(critics, update_g):
             return self._skip_step()
         kill_point("step", self.step)  # fault injection: gradients computed, no optimizer has stepped yet
