@@ -69,7 +69,7 @@ def test_transfer_refuses_other_architectures(teacher, tmp_path, capsys):
     wider = {
         k: (torch.zeros(v.shape[0] + 1, *v.shape[1:]) if i == 3 else v) for i, (k, v) in enumerate(teacher.items())
     }
-    with pytest.raises(UserError, match="keys only in the base"):
+    with pytest.raises(UserError, match="keys missing from the student"):
         transfer_delta(teacher, bad, teacher)
     with pytest.raises(UserError, match="shape mismatches"):
         transfer_delta(teacher, teacher, wider)

@@ -118,7 +118,7 @@ def layout_problems(
             f"{len(shapes)} shape mismatches ({names[0]} vs {names[1]}), first: {', '.join(shapes[:limit])}"
         )
     if missing:
-        problems.append(f"{len(missing)} keys only in {names[1]}, first: {', '.join(missing[:limit])}")
+        problems.append(f"{len(missing)} keys missing from {names[0]}, first: {', '.join(missing[:limit])}")
     if extra:
         problems.append(f"{len(extra)} keys only in {names[0]}, first: {', '.join(extra[:limit])}")
     return problems
