@@ -206,9 +206,9 @@ class FastSampler:
     per encoder (diffusers tokenises twice more to warn about truncation), the schedule is kept
     on the host so no scheduler step waits for the GPU, and every step's noise is drawn up front
     from the same generators in the same order, so that text encoding, the UNet steps and the VAE
-    decode, down to the uint8 pixels, are one function of tensors (`sample`). Under `compile_pipeline` that function is
-    captured as ONE CUDA graph per batch, step count and size (`graph=True`): a call is then
-    tokenising, drawing noise and one replay.
+    decode, down to the uint8 pixels, are one function of tensors (`sample`). Under
+    `compile_pipeline` that function is captured as ONE CUDA graph per batch, step count and size
+    (`graph=True`): a call is then tokenising, drawing noise, one replay and one copy out.
     """
 
     def __init__(self, pipe: DiffusionPipeline, graph: bool = False) -> None:
