@@ -22,8 +22,10 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 case $part in
 inference)
     # The tests that skip on CPU machines (CUDA graphs, pinned copies), before the figures.
+    # A failing test must not cost the figures this scarce call is for: its output is kept, the run goes on.
     python3 -m pytest -q -p no:cacheprovider tests/test_fast_path.py -k "graphed or compiled_pipeline" \
-        2>&1 | tail -n 30 | tee "$out/cuda-tests.txt"
+        > "$out/cuda-tests.txt" 2>&1 || echo "CUDA-only tests FAILED: see cuda-tests.txt"
+    tail -n 5 "$out/cuda-tests.txt"
     python3 benchmarks/sdxl_inference.py --batches 1 4 --settings stock nitrofusion+compile \
         --breakdown --profile "$out/traces" --out "$out/sdxl_inference.json"
     ;;

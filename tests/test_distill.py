@@ -137,6 +137,17 @@ def test_resuming_with_networks_of_another_shape_is_one_clear_error(tiny_sdxl_di
     other = Distiller(config(tiny_sdxl_dir, tmp_path, "discriminator.candidates=3"), progress=False)
     with pytest.raises(UserError, match="made with discriminator.candidates=2, this run has 3"):
         other.resume("latest")
+    # A network one config has and the other not (DMD2's classifier, from loss weights): named, one line.
+    dmd2 = ["loss.objective=dmd2", "run.checkpoint_every=1", "refine.steps_per_stage=[1]"]
+    Distiller(
+        config(tiny_sdxl_dir, tmp_path / "dmd2", *dmd2, "dmd.gan_g_weight=0", "dmd.gan_d_weight=0"), progress=False
+    ).train()
+    with_classifier = Distiller(config(tiny_sdxl_dir, tmp_path / "dmd2", *dmd2), progress=False)
+    with pytest.raises(
+        UserError, match="checkpoint's classifier does not fit this run's .*keys missing from checkpoint"
+    ) as err:
+        with_classifier.resume("latest")
+    assert "\n" not in str(err.value)
     # Keys that shape no network may change between runs (here: the learning rate).
     again = Distiller(config(tiny_sdxl_dir, tmp_path, "optim.lr=3e-5"), progress=False)
     again.resume("latest")
@@ -165,6 +176,11 @@ def test_output_loads_like_public_checkpoints(tiny_sdxl_dir, tmp_path, capsys):
     assert Image.open(tmp_path / "v.png").text["shift"] == "250"
     d.export()  # again over the old: swapped in whole, nothing left beside it
     assert sorted(p.name for p in out.iterdir() if "pipeline" in p.name) == ["pipeline"]
+    (out / "pipeline").rename(out / ".pipeline.old")  # an export that died between its two renames,
+    d.student_pipeline = lambda **kw: (_ for _ in ()).throw(OSError("disk full"))  # and the next one dies too:
+    with pytest.raises(OSError):
+        d.export()
+    assert (out / "pipeline" / "nitrofusion.json").is_file()  # the whole old pipeline is back in place
     code = main(
         ["generate", "a cat", "--model", str(out / "pipeline"), "--steps", "5", "--out", str(tmp_path / "y.png")]
     )

@@ -136,17 +136,17 @@ def test_clip_score_and_the_aesthetic_predictor_read_their_own_clip(tiny_clip_di
     from nitrofusion.evaluation.evaluate import EvalRequest, build_scorers
 
     loaded = []
-    monkeypatch.setattr(clip_module, "ClipModel", lambda path, device: loaded.append(path) or path)
+    monkeypatch.setattr(clip_module, "ClipModel", lambda path, device, option: loaded.append((path, option)) or path)
     aesthetic = tmp_path / "aesthetic.safetensors"
     save_file({k: v.contiguous() for k, v in AestheticMLP().state_dict().items()}, str(aesthetic))
     prompts = tmp_path / "p.txt"
     prompts.write_text("a cat\n")
     common = dict(model="x", steps=[1], out=tmp_path, prompts=str(prompts), metrics=["clip", "aesthetic"])
     build_scorers(EvalRequest(**common, clip_model="b32", aesthetic=str(aesthetic), aesthetic_clip_model="l14"), "cpu")
-    assert loaded == ["b32", "l14"]
+    assert loaded == [("b32", "--clip-model"), ("l14", "--aesthetic-clip-model")]
     loaded.clear()
     build_scorers(EvalRequest(**common, clip_model="l14", aesthetic=str(aesthetic)), "cpu")
-    assert loaded == ["l14"]
+    assert loaded == [("l14", "--clip-model")]
 
 
 def test_aesthetic_weights_missing_or_wrong(tmp_path):
@@ -268,3 +268,7 @@ def test_compare_puts_several_evaluations_in_one_table(tmp_path, capsys):
     assert "| b | shift-lcm | 1 |" in (tmp_path / "both" / "results.md").read_text()
     assert Image.open(tmp_path / "both" / "grid.png").size[1] > 2 * 32
     assert main(["compare", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 2
+    old = json.loads((tmp_path / "a" / "results.json").read_text())
+    (tmp_path / "a" / "results.json").write_text(json.dumps([{**old[0], "clip_score": 31.9}]))  # the old x100 scale
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "mixed")]) == 2
+    assert "x100 scale" in capsys.readouterr().err

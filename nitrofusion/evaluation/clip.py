@@ -1,9 +1,10 @@
 """CLIP from a local directory: CLIP score, and the image embeddings that the LAION
 aesthetic predictor and CLIP-FID read.
 
-CLIP score follows the usual definition (Hessel et al. 2021, as in torchmetrics):
-100 · max(cos(E_image, E_text), 0), averaged over the images. The numbers depend on the
-CLIP model: the paper-style tables use openai/clip-vit-large-patch14 (ViT-L/14).
+CLIP score is max(cos(E_image, E_text), 0) averaged over the images (Hessel et al. 2021) on
+the paper's scale (Table 1: 0.320 for 25-step SDXL base; torchmetrics reports 100 times
+this). The numbers depend on the CLIP model: the paper's is openai/clip-vit-base-patch32
+(ViT-B/32); the aesthetic predictor reads ViT-L/14 embeddings.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from nitrofusion.errors import UserError
 
 CLIP_HINT = (
     "a transformers CLIP directory (config.json, model.safetensors, tokenizer and preprocessor files), e.g. "
-    "openai/clip-vit-large-patch14 fetched with 'hf download openai/clip-vit-large-patch14 --local-dir DIR' "
+    "openai/clip-vit-base-patch32 (CLIP score) or openai/clip-vit-large-patch14 (aesthetic score), fetched "
+    "with 'hf download openai/clip-vit-base-patch32 --local-dir DIR' "
     "on a machine with hub access"
 )
 

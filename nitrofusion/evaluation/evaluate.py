@@ -110,14 +110,15 @@ def build_scorers(req: EvalRequest, device: str) -> dict[str, Scorer]:
 
     clips: dict[str, object] = {}
 
-    def need_clip(path: str | None = None):
-        path = path or req.clip_model
+    def need_clip(path: str | None = None, option: str = "--clip-model"):
+        if not path:
+            path, option = req.clip_model, "--clip-model"
         if path not in clips:  # one model however many metrics read it
             from nitrofusion.evaluation.clip import CLIP_HINT, ClipModel
 
             if not path:
                 raise UserError(f"CLIP score, aesthetic score and CLIP-FID need --clip-model: {CLIP_HINT}")
-            clips[path] = ClipModel(path, device)
+            clips[path] = ClipModel(path, device, option=option)
         return clips[path]
 
     if "embedded" in metrics:
@@ -174,7 +175,7 @@ def build_scorers(req: EvalRequest, device: str) -> dict[str, Scorer]:
 
         if not req.aesthetic:
             raise UserError(f"the aesthetic score needs --aesthetic PATH: {AESTHETIC_HINT}")
-        mlp, model = load_aesthetic(req.aesthetic), need_clip(req.aesthetic_clip_model)
+        mlp, model = load_aesthetic(req.aesthetic), need_clip(req.aesthetic_clip_model, "--aesthetic-clip-model")
         scorers["aesthetic"] = lambda images, prompts, labels: {"aesthetic": aesthetic_score(mlp, model, images)}
 
     if "imagereward" in metrics:
@@ -278,6 +279,11 @@ def combine(directories: list[Path], out: Path, grid_images: int = 10) -> str:
         if not path.is_file():
             raise UserError(f"'{d}' has no results.json (is it an 'evaluate --out' directory?)")
         for row in json.loads(path.read_text()):
+            if row.get("clip_score", 0) > 1:  # a cosine is at most 1: this is the old x100 scale
+                raise UserError(
+                    f"'{path}' has CLIP scores on the x100 scale of older versions: run its evaluate again "
+                    "(the cached images are reused) so that every column has the same scale"
+                )
             rows.append(row)
             images = Path(d) / "images" / f"{row['sampler']}-{row['steps']}-step"
             grid_rows.append(

@@ -44,6 +44,8 @@ def grid_from_dirs(dirs: Sequence[str | Path], out: str | Path, scale: int = 3, 
         labels.append(Path(d).name)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    # The format from the name the user gave (the temporary name beside it has no telling suffix).
+    fmt = Image.registered_extensions().get(out.suffix.lower(), "PNG")
     with replacing(out) as tmp:
-        make_grid(rows, labels, scale=scale).save(tmp, format="PNG")
+        make_grid(rows, labels, scale=scale).save(tmp, format=fmt)
     return out

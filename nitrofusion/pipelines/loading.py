@@ -281,11 +281,13 @@ def load_pipeline(
     if student_state is not None:
         check_state_dict(pipe.unet, student_state, f"UNet weights '{unet}'")
         pipe.unet.load_state_dict(student_state)
-        if shift is None:
-            shift = unet_file_shift(unet)  # as trained (a distill run records it)
     num_train = pipe.scheduler.config.get("num_train_timesteps", 1000)
     if shift is not None and not 1 <= shift <= num_train:
         raise UserError(f"--shift must be a timestep in 1..{num_train}, got {shift}")
+    if shift is None and unet is not None:
+        shift = unet_file_shift(unet)  # as trained (a distill run records it)
+        if shift is not None and not 1 <= shift <= num_train:
+            raise UserError(f"'{unet}' records shift {shift}, outside 1..{num_train}: give --shift")
 
     has_shift = _scheduler_class_name(model_dir) == TimestepShiftLCMScheduler.__name__
     if sampler == "auto":

@@ -51,6 +51,7 @@ from nitrofusion.pipelines.generation import default_size, generate
 from nitrofusion.pipelines.loading import (
     SHIFT_METADATA,
     check_state_dict,
+    layout_problems,
     load_pipeline,
     read_safetensors,
     save_state_dict,
@@ -548,6 +549,17 @@ class Distiller:
         def part(prefix: str) -> dict[str, torch.Tensor]:
             return {k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
 
+        # Each network's keys and shapes against the checkpoint's first: a config change that
+        # STATE_KEYS does not name (e.g. a critic that one config has and the other not) is
+        # reported by the keys it concerns, not as load_state_dict's multi-line error.
+        networks = {"student": raw} | {n: m for c in self.critics.values() for n, m in c.modules.items()}
+        for name, module in networks.items():
+            problems = layout_problems(part(name), module.state_dict(), names=("checkpoint", "this run"))
+            if problems:
+                raise UserError(
+                    f"the checkpoint's {name} does not fit this run's ({'; '.join(problems)}): "
+                    "resume with the run's own config"
+                )
         try:
             raw.load_state_dict(part("student"))
             self.ema.load_own_state_dict(part("ema"))
@@ -610,6 +622,12 @@ class Distiller:
             save_unet_weights(student, self.out / "student_unet.safetensors", shift=self.cfg.model.shift)
             # Written beside, then swapped in: a crash leaves the old pipeline or the new one, whole.
             final, tmp, old = (self.out / name for name in ("pipeline", ".pipeline.tmp", ".pipeline.old"))
+            if not final.exists():  # an earlier export died between its two renames: put a whole one back
+                # nitrofusion.json is written last, so a .pipeline.tmp that has it is complete.
+                for whole in (tmp, old):
+                    if (whole / "nitrofusion.json").is_file():
+                        whole.rename(final)
+                        break
             for leftover in (tmp, old):
                 shutil.rmtree(leftover, ignore_errors=True)
             self.student_pipeline(unet=student).save_pretrained(str(tmp))
