@@ -17,10 +17,11 @@ from pathlib import Path
 import torch
 from diffusers import DiffusionPipeline
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from nitrofusion.errors import UserError
+from nitrofusion.pipelines.loading import save_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -142,17 +143,8 @@ def make_pairs(
             noise = noise_for_seeds(seeds[sl].tolist(), sampler.latent_shape)
             latents.append(sampler([prompts[int(i)] for i in prompt_ids[sl]], noise).cpu())
             bar.update(len(idx[sl]))
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file(
-            {
-                "latents": torch.cat(latents).contiguous(),
-                "seeds": seeds.contiguous(),
-                "prompt_ids": prompt_ids.contiguous(),
-            },
-            str(tmp),
-            metadata=recipe,
-        )
-        tmp.replace(path)
+        shard = {"latents": torch.cat(latents), "seeds": seeds, "prompt_ids": prompt_ids}
+        save_state_dict(shard, path, metadata=recipe)  # on disk before it has its name: a shard is whole or absent
     bar.close()
     return shards
 
