@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from nitrofusion.errors import UserError
 from nitrofusion.pipelines.loading import save_state_dict
+from nitrofusion.userfiles import write_text_replacing
 
 log = logging.getLogger(__name__)
 
@@ -117,9 +118,7 @@ def make_pairs(
     recipe = pairs_recipe(sampler, prompts, seed)
     for existing in sorted(out_dir.glob(SHARD_GLOB)):  # a resumed run adds to shards made the same way only
         check_recipe(existing, recipe)
-    tmp = out_dir / ".prompts.json.tmp"
-    tmp.write_text(json.dumps(prompts))
-    tmp.replace(out_dir / "prompts.json")
+    write_text_replacing(out_dir / "prompts.json", json.dumps(prompts))
     shards = []
     n_shards = (count + shard_size - 1) // shard_size
     done = sum(

@@ -10,7 +10,6 @@ than mixed into the results.
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,6 +20,7 @@ from tqdm.auto import tqdm
 
 from nitrofusion.errors import UserError
 from nitrofusion.pipelines.generation import generate
+from nitrofusion.userfiles import replacing, write_text_replacing
 
 
 class ImageCache:
@@ -52,9 +52,7 @@ class ImageCache:
         return found
 
     def _write_manifest(self, state: dict) -> None:
-        tmp = self.manifest.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state, indent=1))
-        os.replace(tmp, self.manifest)
+        write_text_replacing(self.manifest, json.dumps(state, indent=1))
 
     def fill(
         self,
@@ -90,9 +88,8 @@ class ImageCache:
             state["seconds"] += time.perf_counter() - t0
             state["generated"] += len(idx)
             for i, r in zip(idx, results):
-                tmp = self.dir / f".{i:05d}.png.tmp"
-                r.image.save(tmp, format="PNG")
-                os.replace(tmp, self.path(i))
+                with replacing(self.path(i)) as tmp:
+                    r.image.save(tmp, format="PNG")
             self._write_manifest(state)
             bar.update(len(idx))
         bar.close()

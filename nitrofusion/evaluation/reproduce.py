@@ -189,9 +189,7 @@ class Reproduction:
             for i, im in enumerate(images[:SAMPLES_KEPT]):
                 im.save(sample_dir / f"{i:02d}.png")
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(score), indent=1))
-        os.replace(tmp, path)
+        write_text_replacing(path, json.dumps(asdict(score), indent=1))
         print(f"  {label}, {steps} step(s), seed {seed}: accuracy {score.class_accuracy:.3f}, FD {score.domain_fd:.1f}")
         return score
 

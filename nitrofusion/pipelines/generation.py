@@ -18,6 +18,7 @@ import nitrofusion
 from nitrofusion.errors import UserError
 from nitrofusion.pipelines.fast import fast_sampler, quantize, to_host
 from nitrofusion.pipelines.loading import SHIFT_LCM_MAX_STEPS
+from nitrofusion.userfiles import replacing
 
 
 @dataclass
@@ -161,8 +162,7 @@ def save_images(results: Sequence[GenerationResult], out: str | Path) -> list[Pa
         info = PngInfo()
         for k, v in r.metadata.items():
             info.add_text(k, v)
-        tmp = path.with_name(f".{path.name}.tmp")
-        r.image.save(tmp, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
+        with replacing(path) as tmp:
+            r.image.save(tmp, format="PNG", pnginfo=info)
         paths.append(path)
     return paths

@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 
 from nitrofusion.errors import UserError
 from nitrofusion.scheduling import TimestepShiftLCMScheduler
+from nitrofusion.userfiles import replacing
 
 Sampler = Literal["auto", "shift-lcm", "native"]
 DEFAULT_SHIFT = 250
@@ -325,15 +326,10 @@ def save_state_dict(state: dict[str, torch.Tensor], path: str | Path, metadata: 
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+    with replacing(path) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp), metadata=metadata)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())  # the bytes are on disk before the name points at them
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import shutil
 import time
 from collections.abc import Iterable
@@ -64,6 +63,7 @@ from nitrofusion.training.ema import EMA
 from nitrofusion.training.faults import fires, kill_point
 from nitrofusion.training.lora import add_lora, merged_state_dict, plain_unet
 from nitrofusion.training.student import ShiftedStudent
+from nitrofusion.userfiles import replacing
 from nitrofusion.weights.io import unet_state_dict
 
 PURPOSES = {
@@ -606,9 +606,8 @@ class Distiller:
             kill_point("validation", self.step)  # fault injection: mid-validation
         path = self.validation_path()
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        make_grid(rows, labels, scale=max(1, 96 // rows[0][0].size[0])).save(tmp, format="PNG")
-        os.replace(tmp, path)  # never a half-written PNG under the real name
+        with replacing(path) as tmp:  # never a half-written PNG under the real name
+            make_grid(rows, labels, scale=max(1, 96 // rows[0][0].size[0])).save(tmp, format="PNG")
         return path
 
     def validation_path(self) -> Path:
