@@ -76,6 +76,11 @@ class TeacherSampler:
 SHARD_GLOB = "pairs-*.safetensors"
 
 
+def prompts_digest(prompts: list[str]) -> str:
+    """A prompt list's fingerprint: shards store prompt ids, which mean nothing under another list."""
+    return hashlib.sha256(json.dumps(prompts).encode()).hexdigest()
+
+
 def pairs_recipe(sampler: TeacherSampler, prompts: list[str], seed: int) -> dict[str, str]:
     """What a pair depends on, recorded in every shard: shards made another way must not be mixed
     in (a changed prompt list would silently re-point every stored prompt id)."""
@@ -83,7 +88,7 @@ def pairs_recipe(sampler: TeacherSampler, prompts: list[str], seed: int) -> dict
         "teacher_steps": str(int(sampler.steps)),
         "guidance_scale": str(float(sampler.guidance_scale)),
         "latent_shape": "x".join(map(str, sampler.latent_shape)),
-        "prompts_sha256": hashlib.sha256(json.dumps(prompts).encode()).hexdigest(),
+        "prompts_sha256": prompts_digest(prompts),
         "seed": str(seed),
     }
 
@@ -165,9 +170,8 @@ class PairShards:
         if not files or not (directory / "prompts.json").is_file():
             raise UserError(f"no teacher pairs in '{directory}' (make them with 'nitrofusion make-pairs')")
         prompts = json.loads((directory / "prompts.json").read_text())
-        own = hashlib.sha256(json.dumps(prompts).encode()).hexdigest()
         for f in files:
-            check_recipe(f, {**(recipe or {}), "prompts_sha256": own})
+            check_recipe(f, {**(recipe or {}), "prompts_sha256": prompts_digest(prompts)})
         parts = [load_file(str(f)) for f in files]
         return cls(
             prompts=prompts,

@@ -86,6 +86,11 @@ def read_safetensors(path: str | Path, device: str | torch.device = "cpu") -> di
 SHIFT_METADATA = "nitrofusion.shift"  # the timestep shift a student was trained with, in its safetensors header
 
 
+def unet_file_metadata(shift: int | None) -> dict[str, str]:
+    """The safetensors header of a student UNet file: the shift it samples at, where known."""
+    return {"format": "pt"} | ({SHIFT_METADATA: str(shift)} if shift is not None else {})
+
+
 def unet_file_shift(path: str | Path) -> int | None:
     """The shift recorded in a student UNet file by `save_unet_weights` (None: not recorded, e.g.
     the public NitroSD files, whose shift the user names)."""
@@ -336,5 +341,4 @@ def save_state_dict(state: dict[str, torch.Tensor], path: str | Path, metadata: 
 def save_unet_weights(unet: UNet2DConditionModel, path: str | Path, shift: int | None = None) -> Path:
     """Write a UNet state dict as safetensors, the format of the public NitroSD checkpoints, with
     the shift it samples at in the header (read back when no --shift is given)."""
-    metadata = {"format": "pt"} | ({SHIFT_METADATA: str(shift)} if shift is not None else {})
-    return save_state_dict(unet.state_dict(), path, metadata=metadata)
+    return save_state_dict(unet.state_dict(), path, metadata=unet_file_metadata(shift))

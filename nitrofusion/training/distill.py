@@ -48,13 +48,13 @@ from nitrofusion.objectives.pretrain import AdversarialPretraining, PixelDiscrim
 from nitrofusion.objectives.scores import FakeScore, RealScore
 from nitrofusion.pipelines.generation import default_size, generate
 from nitrofusion.pipelines.loading import (
-    SHIFT_METADATA,
     check_state_dict,
     layout_problems,
     load_pipeline,
     read_safetensors,
     save_state_dict,
     save_unet_weights,
+    unet_file_metadata,
 )
 from nitrofusion.scheduling import TimestepShiftLCMScheduler
 from nitrofusion.training import checkpoint
@@ -643,9 +643,8 @@ class Distiller:
         (training for k+1 steps keeps the k-step quality) is checked against these files."""
         if self.acc.is_main_process:
             path = self.out / "stages" / f"{num_steps}-step" / "student_unet.safetensors"
-            shift = {SHIFT_METADATA: str(self.cfg.model.shift)}
             state = merged_state_dict(self.ema.shadow, self.lora_base())
-            save_state_dict(state, path, metadata={"format": "pt", **shift})
+            save_state_dict(state, path, metadata=unet_file_metadata(self.cfg.model.shift))
 
     def lora_base(self) -> dict[str, torch.Tensor] | None:
         """The LoRA student's frozen weights at full precision, re-read from disk, where training cast

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from nitrofusion.pipelines.loading import SHIFT_METADATA, save_state_dict, unet_file_shift
+from nitrofusion.pipelines.loading import save_state_dict, unet_file_metadata, unet_file_shift
 from nitrofusion.weights.io import check_same_layout, unet_state_dict
 
 
@@ -41,5 +41,4 @@ def transfer(base: str, student: str, target: str, out: str | Path, scale: float
     )
     # The moved student samples at the student's shift: keep it where the student file recorded it.
     shift = unet_file_shift(student) if Path(student).suffix == ".safetensors" else None
-    metadata = {"format": "pt"} | ({SHIFT_METADATA: str(shift)} if shift is not None else {})
-    return save_state_dict(new, out, metadata=metadata)
+    return save_state_dict(new, out, metadata=unet_file_metadata(shift))
