@@ -272,3 +272,14 @@ def test_compare_puts_several_evaluations_in_one_table(tmp_path, capsys):
     (tmp_path / "a" / "results.json").write_text(json.dumps([{**old[0], "clip_score": 31.9}]))  # the old x100 scale
     assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "mixed")]) == 2
     assert "x100 scale" in capsys.readouterr().err
+
+
+def test_grid_writes_the_format_its_file_name_says(tmp_path, capsys):
+    rows = tmp_path / "a"
+    rows.mkdir()
+    for i in range(2):
+        Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(rows / f"{i}.png")
+    for name, fmt in (("g.png", "PNG"), ("g.jpg", "JPEG")):
+        assert main(["grid", str(rows), "--out", str(tmp_path / name)]) == 0
+        assert Image.open(tmp_path / name).format == fmt
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "g.jpg", "g.png"]  # no temporary left beside
