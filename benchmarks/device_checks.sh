@@ -3,17 +3,24 @@
 # of the lent GPU machine (10 minutes a command; 15 minutes of device time a session):
 #
 #   bash benchmarks/device_checks.sh inference   # CUDA-only tests, then SDXL sampling, batch 1 and 4 (~7 min on an H100)
-#   bash benchmarks/device_checks.sh training    # SDXL training: the preset's pool against a static head set (~3 min)
+#   bash benchmarks/device_checks.sh training    # SDXL training: the preset, a static head set, 8-bit AdamW with and without an EMA (~6 min)
 #
-# Results go to $OUT (the device tool brings that folder back), else runs/device. diffusers is
-# not installed on that machine: carry its wheel in .whl/ (pip download --no-deps
-# --only-binary=:all: -d .whl diffusers==<the version in pyproject>); it is installed here.
+# Results go to $OUT (the device tool brings that folder back), else runs/device. diffusers and
+# bitsandbytes are not installed on that machine: carry their wheels in .whl/ (pip download
+# --no-deps --only-binary=:all: -d .whl diffusers==0.42.1 bitsandbytes==0.50.2, about 48 MB);
+# each one whose package does not import is installed here.
 set -euo pipefail
 part=${1:?"which part: inference or training"}
 out=${OUT:-runs/device}
 mkdir -p "$out"
-if ! python3 -c "import diffusers" 2>/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
+missing=()
+for wheel in .whl/*.whl; do
+    [ -e "$wheel" ] || continue
+    package=$(basename "$wheel" | cut -d- -f1)
+    python3 -c "import $package" 2>/dev/null || missing+=("$wheel")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site "${missing[@]}"
     export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
@@ -30,7 +37,7 @@ inference)
         --breakdown --profile "$out/traces" --out "$out/sdxl_inference.json"
     ;;
 training)
-    python3 benchmarks/sdxl_training.py --warmup 2 --steps 6 --settings preset static \
+    python3 benchmarks/sdxl_training.py --warmup 2 --steps 6 --settings preset static 8bit 8bit-ema \
         --out "$out/sdxl_training.json"
     ;;
 *)

@@ -86,7 +86,7 @@ class FakeScore(Critic):
 
     The classifier is DMD2's: a global head on the deepest encoder feature map of the fake
     UNet, trained together with it (the denoising loss plus gan_d_weight times the
-    classifier's loss, one AdamW for both), real = teacher samples, fake = student samples,
+    classifier's loss, one optimizer for both), real = teacher samples, fake = student samples,
     both noised to the same t.
     """
 
@@ -96,9 +96,7 @@ class FakeScore(Critic):
         alphas_cumprod: torch.Tensor,
         min_t: float,
         max_t: float,
-        lr: float,
-        betas: tuple[float, float],
-        weight_decay: float,
+        make_optimizer: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer],
         grad_clip: float,
         classifier: DiscriminatorHead | None = None,
         loss_kind: str = "non_saturating",
@@ -117,7 +115,7 @@ class FakeScore(Critic):
             self.modules["classifier"] = classifier
             params += list(classifier.parameters())
         self.params = params
-        self.opt = torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
+        self.opt = make_optimizer(params)
         self.optimizers = {"opt_fake": self.opt}
 
     def timesteps(self, n: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:

@@ -52,23 +52,53 @@ def _fsync_dir(path: Path) -> None:
 
 
 def optimizer_tensors(opt: torch.optim.Optimizer, prefix: str) -> tuple[dict[str, torch.Tensor], dict]:
-    """Flatten an optimizer's state into named tensors and its param groups into JSON."""
+    """Flatten an optimizer's state into named tensors and the rest into JSON: its param groups and
+    the state's plain numbers (bitsandbytes keeps `step` as an int, and its quantisation state in a
+    nested dict, flattened here to dotted names; a tensor shared between parameters is stored once
+    per parameter)."""
     sd = opt.state_dict()
     tensors: dict[str, torch.Tensor] = {}
+    numbers: dict[str, int | float] = {}
+    storages: set[int] = set()  # bitsandbytes shares one quantisation map among all its parameters
+
+    def flatten(name: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                flatten(f"{name}.{key}", inner)
+        elif torch.is_tensor(value):
+            tensor = value.detach().cpu().contiguous()
+            if tensor.untyped_storage().data_ptr() in storages:  # safetensors refuses shared memory
+                tensor = tensor.clone()
+            storages.add(tensor.untyped_storage().data_ptr())
+            tensors[f"{prefix}.{name}"] = tensor
+        elif isinstance(value, int | float):
+            numbers[name] = value
+        else:
+            raise TypeError(f"optimizer state {prefix}.{name} is a {type(value).__name__}: cannot be checkpointed")
+
     for idx, state in sd["state"].items():
-        for name, value in state.items():
-            t = value if torch.is_tensor(value) else torch.tensor(value)
-            tensors[f"{prefix}.{idx}.{name}"] = t.detach().cpu().contiguous()
-    return tensors, {"param_groups": sd["param_groups"]}
+        flatten(str(idx), state)
+    meta: dict[str, Any] = {"param_groups": sd["param_groups"]}
+    if numbers:
+        meta["numbers"] = numbers
+    return tensors, meta
 
 
 def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict, prefix: str) -> None:
-    state: dict[int, dict[str, torch.Tensor]] = {}
+    state: dict[int, dict[str, Any]] = {}
+
+    def put(name: str, value: Any) -> None:
+        idx, *path = name.split(".")
+        node = state.setdefault(int(idx), {})
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+
     for key, value in tensors.items():
-        if not key.startswith(prefix + "."):
-            continue
-        idx, name = key[len(prefix) + 1 :].split(".", 1)
-        state.setdefault(int(idx), {})[name] = value
+        if key.startswith(prefix + "."):
+            put(key[len(prefix) + 1 :], value)
+    for name, value in meta.get("numbers", {}).items():
+        put(name, value)
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 

@@ -19,6 +19,7 @@ import yaml
 
 from nitrofusion.errors import UserError
 from nitrofusion.training.lora import DEFAULT_TARGETS as DEFAULT_LORA_TARGETS
+from nitrofusion.training.optimizers import OPTIMIZERS, check_available
 from nitrofusion.userfiles import read_user_text, write_text_replacing
 
 
@@ -79,7 +80,7 @@ class DMDConfig:
     real_guidance: float = 8.0  # CFG of the frozen real score (the teacher); DMD2's SDXL value
     min_t: float = 0.02  # scores are queried at t ~ U[min_t, max_t] * T
     max_t: float = 0.98
-    fake_lr: float = 1e-5  # the fake score's (and dmd2's classifier's) AdamW
+    fake_lr: float = 1e-5  # the fake score's (and dmd2's classifier's) optimizer: optim.optimizer
     fake_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     fake_weight_decay: float = 0.01
     gan_g_weight: float = 5e-3  # dmd2: the classifier's generator loss in the student's loss
@@ -102,6 +103,7 @@ class PretrainConfig:
 
 @dataclass
 class OptimConfig:
+    optimizer: str = "adamw"  # adamw | adamw8bit: the student's and the fake score's (training/optimizers.py)
     lr: float = 1e-5
     betas: list[float] = field(default_factory=lambda: [0.0, 0.99])
     weight_decay: float = 0.01
@@ -155,6 +157,7 @@ CHOICES = {
     "loss.objective": {"nitrofusion", "dmd2", "adm"},
     "loss.pretrain_kind": {"mse", "adversarial"},
     "loss.kind": {"non_saturating", "hinge"},
+    "optim.optimizer": set(OPTIMIZERS),
     "optim.mixed_precision": {"no", "fp16", "bf16"},  # fp16: refused below, with the reason
     "refine.mix": {"uniform", "last"},
 }
@@ -296,6 +299,7 @@ def validate(cfg: DistillConfig) -> DistillConfig:
         # score) would step on scaled gradients, and an overflow would be skipped without the
         # scale ever coming down. bf16 has fp32's range and needs no scaler.
         raise UserError("optim.mixed_precision=fp16 is not supported for training: use bf16 (or no)")
+    check_available(cfg.optim.optimizer)
     if cfg.model.lora_rank > 0 and (not cfg.model.lora_targets or (cfg.model.lora_alpha or 1) <= 0):
         raise UserError("LoRA training needs model.lora_targets (module names) and a positive model.lora_alpha")
     if not 0 <= cfg.dmd.min_t <= cfg.dmd.max_t <= 1:

@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -62,6 +63,7 @@ from nitrofusion.training.config import DistillConfig, save_config
 from nitrofusion.training.ema import EMA
 from nitrofusion.training.faults import fires, kill_point
 from nitrofusion.training.lora import add_lora, merged_state_dict, plain_unet
+from nitrofusion.training.optimizers import make_optimizer
 from nitrofusion.training.student import ShiftedStudent
 from nitrofusion.userfiles import replacing
 from nitrofusion.weights.io import unet_state_dict
@@ -157,9 +159,8 @@ class Distiller:
         self.ema = EMA(student, cfg.optim.ema_decay)
         self._build_objectives(fake_unet)
         trainable = [p for p in student.parameters() if p.requires_grad]  # all, or the LoRA adapters
-        opt_g = torch.optim.AdamW(
-            trainable, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay
-        )
+        o = cfg.optim
+        opt_g = make_optimizer(trainable, o.optimizer, o.lr, tuple(o.betas), o.weight_decay)
         self.student, self.opt_g = self.acc.prepare(student, opt_g)
         self.step = 0
         self.bad_steps = 0
@@ -211,9 +212,13 @@ class Distiller:
                 self.maths.alphas_cumprod,
                 k.min_t,
                 k.max_t,
-                k.fake_lr,
-                tuple(k.fake_betas),
-                k.fake_weight_decay,
+                partial(
+                    make_optimizer,
+                    name=cfg.optim.optimizer,
+                    lr=k.fake_lr,
+                    betas=tuple(k.fake_betas),
+                    weight_decay=k.fake_weight_decay,
+                ),
                 cfg.optim.grad_clip,
                 classifier,
                 loss.kind,
@@ -510,6 +515,7 @@ class Distiller:
         "discriminator.downsamples",
         "loss.objective",
         "loss.pretrain_kind",
+        "optim.optimizer",
         "dmd.classifier_width",
         "dmd.classifier_downsamples",
         "pretrain.pixel_width",

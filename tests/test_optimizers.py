@@ -1,0 +1,72 @@
+"""optim.optimizer=adamw8bit: bitsandbytes' 8-bit AdamW for the student and DMD's fake score."""
+
+import importlib.util
+
+import bitsandbytes
+import pytest
+import torch
+from helpers import config, same_student, straight_and_resumed
+from test_distill import expect_cli_error
+
+from nitrofusion.errors import UserError
+from nitrofusion.training.distill import Distiller
+from nitrofusion.training.optimizers import make_optimizer, state_bytes
+
+
+def test_8bit_moments_take_a_quarter_of_the_memory_and_follow_adamw():
+    """Fitted to the same target, the 8-bit moments land where fp32 AdamW does, in a quarter of its state."""
+    torch.manual_seed(0)
+    target = torch.randn(64, 256)
+    runs = {}
+    for name in ("adamw", "adamw8bit"):
+        weight = torch.nn.Parameter(torch.zeros(64, 256))  # 16,384 values: above bitsandbytes' 4,096 threshold
+        opt = make_optimizer([weight], name, lr=2e-2, betas=(0.0, 0.99), weight_decay=0.01)
+        for _ in range(400):
+            opt.zero_grad()
+            (weight - target).pow(2).sum().backward()
+            opt.step()
+        runs[name] = (weight.detach(), opt)
+    (fp32, adamw), (eight, adamw8bit) = runs["adamw"], runs["adamw8bit"]
+    assert isinstance(adamw8bit, bitsandbytes.optim.AdamW8bit)
+    assert state_bytes(adamw8bit) < 0.27 * state_bytes(adamw)  # 2 bytes + block scales vs 8 bytes a value
+    start = (target - 0).norm()
+    assert (fp32 - target).norm() < 0.05 * start  # both fitted...
+    assert (eight - fp32).norm() < 0.05 * start  # ...to the same place
+
+
+def test_an_8bit_dmd2_run_trains_both_unets_in_8bit_and_resumes_exactly(tiny_sdxl_dir, tmp_path):
+    """The quantised moments, their block scales and bitsandbytes' integer step survive the
+    pickle-free checkpoint: a resumed run ends on the same student, bit for bit."""
+    common = ["optim.optimizer=adamw8bit", "loss.objective=dmd2", "refine.steps_per_stage=[4]"]
+    straight, resumed = straight_and_resumed(tiny_sdxl_dir, tmp_path, *common)
+    assert resumed.step == straight.step == 4
+    assert same_student(tmp_path / "a", tmp_path / "b")
+    for opt in (resumed.opt_g.optimizer, resumed.critics["fake"].opt):
+        assert isinstance(opt, bitsandbytes.optim.AdamW8bit)
+        params = [p for group in opt.param_groups for p in group["params"]]
+        large = [opt.state[p]["state1"] for p in params if p.numel() >= 4096]
+        assert large and all(m.dtype == torch.uint8 for m in large)  # smaller tensors keep fp32 moments
+
+
+def test_resuming_with_the_other_optimizer_is_refused(tiny_sdxl_dir, tmp_path):
+    Distiller(
+        config(tiny_sdxl_dir, tmp_path, "run.checkpoint_every=1", "refine.steps_per_stage=[1]"), progress=False
+    ).train()
+    eight = Distiller(config(tiny_sdxl_dir, tmp_path, "optim.optimizer=adamw8bit"), progress=False)
+    with pytest.raises(UserError, match="made with optim.optimizer='adamw', this run has 'adamw8bit'"):
+        eight.resume("latest")
+
+
+def test_8bit_without_bitsandbytes_stops_before_any_work(tmp_path, capsys, monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a)
+    )
+    out = tmp_path / "run"
+    expect_cli_error(
+        ["distill", "--preset", "embedded", "--set", "optim.optimizer=adamw8bit", "--set", f"run.output_dir={out}"],
+        capsys,
+        "needs bitsandbytes",
+        "nitrofusion[8bit]",
+    )
+    assert not out.exists()
