@@ -4,6 +4,7 @@
 #
 #   bash benchmarks/device_checks.sh inference   # CUDA-only tests, then SDXL sampling, batch 1 and 4 (~7 min on an H100)
 #   bash benchmarks/device_checks.sh training    # SDXL training: the preset, a static head set, 8-bit AdamW with and without an EMA (~6 min)
+#   bash benchmarks/device_checks.sh training 8bit 8bit-ema    # only the named settings
 #
 # Results go to $OUT (the device tool brings that folder back), else runs/device. diffusers and
 # bitsandbytes are not installed on that machine: carry their wheels in .whl/ (pip download
@@ -37,7 +38,10 @@ inference)
         --breakdown --profile "$out/traces" --out "$out/sdxl_inference.json"
     ;;
 training)
-    python3 benchmarks/sdxl_training.py --warmup 2 --steps 6 --settings preset static 8bit 8bit-ema \
+    shift
+    settings=("$@")
+    [ ${#settings[@]} -gt 0 ] || settings=(preset static 8bit 8bit-ema)
+    python3 benchmarks/sdxl_training.py --warmup 2 --steps 6 --settings "${settings[@]}" \
         --out "$out/sdxl_training.json"
     ;;
 *)

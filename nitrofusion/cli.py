@@ -90,7 +90,6 @@ def cmd_train_teacher(args: argparse.Namespace) -> int:
 
 def cmd_distill(args: argparse.Namespace) -> int:
     from nitrofusion.training.config import load_config
-    from nitrofusion.training.distill import Distiller, TrainingStopped
 
     overrides = list(args.set or [])
     if args.output_dir:
@@ -98,6 +97,10 @@ def cmd_distill(args: argparse.Namespace) -> int:
     if args.max_steps is not None:
         overrides.append(f"refine.steps_per_stage=[{args.max_steps}]")
     cfg = load_config(args.preset, args.config, overrides)
+    # Imported once the config is known to be good: diffusers and transformers take seconds to
+    # import, and a mistyped key should not wait for them.
+    from nitrofusion.training.distill import Distiller, TrainingStopped
+
     try:
         out = Distiller(cfg).train(resume=args.resume)
     except TrainingStopped as exc:
