@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 EMA = "optim.ema_decay=0.999"  # an fp32 copy of the student on the GPU (10 GB at SDXL); the preset has none
+DMD2 = "loss.objective=dmd2"
 EIGHT_BIT = "optim.optimizer=adamw8bit"  # 2 bytes of moments a parameter instead of 8 (15 GB less at SDXL)
 SETTINGS = {  # id: (what, overrides of the sdxl preset)
     "preset": ("the preset: bf16, gradient checkpointing, 480-head pool, no EMA", []),
@@ -31,6 +32,9 @@ SETTINGS = {  # id: (what, overrides of the sdxl preset)
     "static": ("static head set (30 heads)", ["discriminator.pool=false"]),
     "8bit": ("8-bit AdamW moments for the student (bitsandbytes)", [EIGHT_BIT]),
     "8bit-ema": ("8-bit AdamW moments, with an EMA of the student", [EIGHT_BIT, EMA]),
+    # DMD2 trains a second UNet (the fake score) with its own optimizer: two fp32 UNets and their moments.
+    "dmd2": ("DMD2 objective (a trained fake score, no head pool)", [DMD2]),
+    "dmd2-8bit": ("DMD2 objective, 8-bit AdamW moments for the student and the fake score", [DMD2, EIGHT_BIT]),
     "lora": ("LoRA rank 64 (frozen base in bf16), EMA of the adapters", ["model.lora_rank=64", EMA]),
     "no-ckpt": ("no gradient checkpointing", ["model.gradient_checkpointing=false"]),
     "fp32": ("fp32 (no mixed precision)", ["optim.mixed_precision=no"]),
@@ -114,6 +118,8 @@ def worker(args: argparse.Namespace) -> None:
             torch.cuda.synchronize()
         result["s_per_iteration"] = (time.perf_counter() - t0) / args.steps
         result["student_optimizer_gib"] = state_bytes(d.opt_g.optimizer) / 2**30
+        critics = [opt for critic in d.critics.values() for opt in critic.optimizers.values()]
+        result["critic_optimizers_gib"] = sum(state_bytes(opt) for opt in critics) / 2**30  # heads, fake score
         if cuda:
             result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
             result["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
