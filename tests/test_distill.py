@@ -455,3 +455,14 @@ def test_distill_makes_missing_pairs_first(tiny_sdxl_dir, tmp_path):
         config(tiny_sdxl_dir, tmp_path / "run", f"data.pairs={tmp_path / 'auto'}", "data.num_pairs=3"), progress=False
     )
     assert len(d.pairs) == 3
+
+
+def test_validation_draws_at_the_training_resolution(tiny_sdxl_dir, tmp_path, monkeypatch):
+    import nitrofusion.training.distill as distill
+
+    sizes = []
+    real = distill.generate
+    monkeypatch.setattr(distill, "generate", lambda *a, **k: sizes.append((k["height"], k["width"])) or real(*a, **k))
+    cfg = config(tiny_sdxl_dir, tmp_path, "data.resolution=24", "run.validate_every=1", "refine.steps_per_stage=[1]")
+    Distiller(cfg, progress=False).train()
+    assert sizes and set(sizes) == {(24, 24)}  # the tiny model's own size is 16

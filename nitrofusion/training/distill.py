@@ -47,7 +47,7 @@ from nitrofusion.objectives.dmd2 import DMD2
 from nitrofusion.objectives.nitrofusion import NitroFusion, NitroFusionObjective, PoolDiscriminator
 from nitrofusion.objectives.pretrain import AdversarialPretraining, PixelDiscriminator, Regression
 from nitrofusion.objectives.scores import FakeScore, RealScore
-from nitrofusion.pipelines.generation import default_size, generate
+from nitrofusion.pipelines.generation import default_size, generate, size_multiple
 from nitrofusion.pipelines.loading import (
     check_state_dict,
     layout_problems,
@@ -606,8 +606,12 @@ class Distiller:
         n = self.cfg.run.validation_prompts
         prompts = [self.prompts[(i * len(self.prompts)) // n] for i in range(n)]
         rows, labels = [], []
+        # Drawn at the size the student trains at, where the sampler accepts it (the UNet trains
+        # at any multiple of 8; sampling asks for the model's own multiple, 32 for SDXL).
+        size = self.size if self.size % size_multiple(pipe) == 0 else default_size(pipe)
         for steps in range(1, self.max_sampling_steps() + 1):
-            rows.append([r.image for r in generate(pipe, prompts, steps=steps, seed=0, batch_size=n, progress=False)])
+            images = generate(pipe, prompts, steps=steps, seed=0, height=size, width=size, batch_size=n, progress=False)
+            rows.append([r.image for r in images])
             labels.append(f"student, {steps} step" + ("s" if steps > 1 else ""))
             kill_point("validation", self.step)  # fault injection: mid-validation
         path = self.validation_path()
