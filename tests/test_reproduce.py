@@ -18,7 +18,28 @@ TINY = [
 ]
 
 
-def test_reproduce_runs_every_row_and_resumes(tmp_path, capsys):
+def in_this_process(monkeypatch) -> list[list[str]]:
+    """Run reproduce's `python -m nitrofusion.cli distill ...` children through the CLI's main in
+    the test's own process: the same command lines, parsed by the same CLI, without paying the
+    ~9 s of importing torch, diffusers and transformers again for each of the nine runs."""
+    import subprocess
+    import sys
+
+    from nitrofusion.evaluation import reproduce
+
+    commands = []
+
+    def run(cmd, **kwargs):
+        assert cmd[:3] == [sys.executable, "-m", "nitrofusion.cli"]
+        commands.append(cmd[3:])
+        return subprocess.CompletedProcess(cmd, main(cmd[3:]))
+
+    monkeypatch.setattr(reproduce.subprocess, "run", run)
+    return commands
+
+
+def test_reproduce_runs_every_row_and_resumes(tmp_path, capsys, monkeypatch):
+    commands = in_this_process(monkeypatch)
     out = tmp_path / "repro"
     args = ["reproduce", "--seeds", "0", "--n", "4", "--batch-size", "4", "--out", str(out)]
     for o in TINY:
@@ -30,6 +51,7 @@ def test_reproduce_runs_every_row_and_resumes(tmp_path, capsys):
     assert all(v.name in names for v in ABLATIONS)
     for v in FAMILY:  # the family at equal compute: 1, 2 and 4 steps each
         assert names.count(f"{v.name} student") == 3
+    assert len(commands) == 9 and all(c[:2] == ["distill", "--preset"] for c in commands)
     ablation_iters = {r["iterations"] for r in rows if r["group"] == "ablation"}
     assert ablation_iters == {4}, "ablations are compared at equal iterations (regression + one-step stage)"
 
