@@ -81,16 +81,19 @@ def prompts_digest(prompts: list[str]) -> str:
     return hashlib.sha256(json.dumps(prompts).encode()).hexdigest()
 
 
-def pairs_recipe(sampler: TeacherSampler, prompts: list[str], seed: int) -> dict[str, str]:
-    """What a pair depends on, recorded in every shard: shards made another way must not be mixed
-    in (a changed prompt list would silently re-point every stored prompt id)."""
+def sampler_recipe(sampler: TeacherSampler) -> dict[str, str]:
+    """The teacher settings a pair depends on: what a run reading the pairs checks them against."""
     return {
         "teacher_steps": str(int(sampler.steps)),
         "guidance_scale": str(float(sampler.guidance_scale)),
         "latent_shape": "x".join(map(str, sampler.latent_shape)),
-        "prompts_sha256": prompts_digest(prompts),
-        "seed": str(seed),
     }
+
+
+def pairs_recipe(sampler: TeacherSampler, prompts: list[str], seed: int) -> dict[str, str]:
+    """What a pair depends on, recorded in every shard: shards made another way must not be mixed
+    in (a changed prompt list would silently re-point every stored prompt id)."""
+    return {**sampler_recipe(sampler), "prompts_sha256": prompts_digest(prompts), "seed": str(seed)}
 
 
 def check_recipe(path: Path, want: dict[str, str]) -> None:

@@ -34,7 +34,7 @@ from nitrofusion.data.teacher import (
     TeacherSampler,
     make_pairs,
     noise_for_seeds,
-    pairs_recipe,
+    sampler_recipe,
 )
 from nitrofusion.discriminator.backbone import UNetEncoderFeatures
 from nitrofusion.discriminator.heads import DiscriminatorHead
@@ -272,8 +272,7 @@ class Distiller:
                 )
             self.acc.wait_for_everyone()
         # Pairs from another teacher setting or image size would be wrong data, not an error, later.
-        recipe = pairs_recipe(self.sampler, self.prompts, self.cfg.run.seed)
-        return PairShards.load(directory, {k: recipe[k] for k in ("teacher_steps", "guidance_scale", "latent_shape")})
+        return PairShards.load(directory, sampler_recipe(self.sampler))
 
     # ---- randomness ------------------------------------------------------------------
     def rng(self, purpose: str, per_rank: bool = False, micro: int = 0) -> torch.Generator:
