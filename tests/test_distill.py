@@ -308,6 +308,7 @@ def test_ill_typed_config_key(tmp_path, capsys):
         ("optim.lr=-1e-5", "'optim.lr' must be positive"),
         ("data.resolution=100", "'data.resolution' must be a positive multiple of 8"),
         ("optim.mixed_precision=fp16", "use bf16"),
+        ("optim.optimizer=sgd", "'optim.optimizer' must be one of ['adamw', 'adamw8bit']"),
     ],
 )
 def test_out_of_range_config_values_stop_before_any_work(tmp_path, capsys, override, fragment):
