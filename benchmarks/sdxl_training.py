@@ -26,6 +26,7 @@ import torch
 EMA = "optim.ema_decay=0.999"  # an fp32 copy of the student on the GPU (10 GB at SDXL); the preset has none
 DMD2 = "loss.objective=dmd2"
 EIGHT_BIT = "optim.optimizer=adamw8bit"  # 2 bytes of moments a parameter instead of 8 (15 GB less at SDXL)
+OFFLOAD = "model.teacher_offload=true"  # training/offload.py
 SETTINGS = {  # id: (what, overrides of the sdxl preset)
     "preset": ("the preset: bf16, gradient checkpointing, 480-head pool, no EMA", []),
     "ema": ("with an EMA of the student", [EMA]),
@@ -35,6 +36,9 @@ SETTINGS = {  # id: (what, overrides of the sdxl preset)
     # DMD2 trains a second UNet (the fake score) with its own optimizer: two fp32 UNets and their moments.
     "dmd2": ("DMD2 objective (a trained fake score, no head pool)", [DMD2]),
     "dmd2-8bit": ("DMD2 objective, 8-bit AdamW moments for the student and the fake score", [DMD2, EIGHT_BIT]),
+    # Text encoders, VAE and the UNet's decoder (never run with pairs made beforehand) in host memory.
+    "offload": ("the teacher's text encoders, VAE and UNet decoder in host memory", [OFFLOAD]),
+    "8bit-ema-offload": ("8-bit AdamW moments, an EMA, the teacher offloaded", [EIGHT_BIT, EMA, OFFLOAD]),
     "lora": ("LoRA rank 64 (frozen base in bf16), EMA of the adapters", ["model.lora_rank=64", EMA]),
     "no-ckpt": ("no gradient checkpointing", ["model.gradient_checkpointing=false"]),
     "fp32": ("fp32 (no mixed precision)", ["optim.mixed_precision=no"]),
@@ -96,6 +100,8 @@ def worker(args: argparse.Namespace) -> None:
     cfg = load_config("sdxl", None, overrides)
     cuda = torch.cuda.is_available() and args.device == "cuda"
     result: dict = {}
+    peaks = {"outside_student_step": 0, "student_step": 0}  # bytes
+    where = {"now": "set-up"}  # for an out-of-memory row: where it ran out
     try:
         t0 = time.perf_counter()
         d = Distiller(cfg, progress=False)
@@ -105,6 +111,25 @@ def worker(args: argparse.Namespace) -> None:
             torch.cuda.reset_peak_memory_stats()
         result["trainable_params"] = sum(p.numel() for p in d.student.parameters() if p.requires_grad)
         result["heads"] = len(d.pool) if d.pool is not None else 0
+        modules = [m for m in d.teacher.components.values() if isinstance(m, torch.nn.Module)]
+        tensors = [t for m in modules for t in m.state_dict().values()]
+        result["teacher_gib"] = sum(t.numel() * t.element_size() for t in tensors) / 2**30
+        result["teacher_in_host_memory_gib"] = d.offload.host_bytes() / 2**30
+        if cuda:  # where the peak is: the student's optimizer step, or everything else (forward, backward, critics)
+            student_step = d.opt_g.step
+
+            def measured_step(*args, **kwargs):
+                peaks["outside_student_step"] = max(peaks["outside_student_step"], torch.cuda.max_memory_allocated())
+                torch.cuda.reset_peak_memory_stats()
+                where["now"] = "the student's optimizer step"
+                out = student_step(*args, **kwargs)
+                where["now"] = "the iteration outside the student's optimizer step"
+                peaks["student_step"] = max(peaks["student_step"], torch.cuda.max_memory_allocated())
+                torch.cuda.reset_peak_memory_stats()
+                return out
+
+            d.opt_g.step = measured_step
+        where["now"] = "the iteration outside the student's optimizer step"
         for _ in range(args.warmup):
             d.train_step()
             d.step += 1
@@ -121,12 +146,14 @@ def worker(args: argparse.Namespace) -> None:
         critics = [opt for critic in d.critics.values() for opt in critic.optimizers.values()]
         result["critic_optimizers_gib"] = sum(state_bytes(opt) for opt in critics) / 2**30  # heads, fake score
         if cuda:
-            result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            peaks["outside_student_step"] = max(peaks["outside_student_step"], torch.cuda.max_memory_allocated())
+            result["peak_gib"] = max(peaks.values()) / 2**30
+            result.update({f"peak_{k}_gib": v / 2**30 for k, v in peaks.items()})
             result["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
     except torch.OutOfMemoryError:
-        result["error"] = "out of memory"
+        result["error"] = f"out of memory in {where['now']}"
         if cuda:
-            result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            result["peak_gib"] = max(*peaks.values(), torch.cuda.max_memory_allocated()) / 2**30
     print("RESULT " + json.dumps(result), flush=True)
 
 

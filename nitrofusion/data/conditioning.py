@@ -7,6 +7,8 @@ and the pooled text vector that conditional discriminator heads read.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -54,8 +56,16 @@ class TextEncoder:
     few steps). Bounded: at SDXL size one prompt is 77 x 2048 numbers (0.6 MB in fp32), so the
     paper's million prompts, all kept, would be hundreds of GB of host memory."""
 
-    def __init__(self, pipe: DiffusionPipeline, height: int, width: int, capacity: int = 4096) -> None:
+    def __init__(
+        self,
+        pipe: DiffusionPipeline,
+        height: int,
+        width: int,
+        capacity: int = 4096,
+        onload: Callable[[], AbstractContextManager] = nullcontext,
+    ) -> None:
         self.pipe = pipe
+        self.onload = onload  # brings offloaded text encoders to the device for an encoding
         self.sdxl = is_sdxl(pipe)
         self.size = (height, width)
         self.capacity = capacity
@@ -67,8 +77,11 @@ class TextEncoder:
         # One prompt per encoder call: batched matmuls round differently with the batch's size and
         # contents, and a prompt's embedding must not depend on which batch first met it, or a
         # resumed run (empty cache) would drift from an uninterrupted one.
-        for p in sorted({p for p in prompts if p not in self._cache}):
-            (self._cache[p],) = self._encode([p])
+        missing = sorted({p for p in prompts if p not in self._cache})
+        if missing:
+            with self.onload():
+                for p in missing:
+                    (self._cache[p],) = self._encode([p])
         out = Conditioning.cat([self._cache[p] for p in prompts])
         for p in prompts:
             self._cache.move_to_end(p)
@@ -101,16 +114,20 @@ class TextEncoder:
         """The unconditional side of classifier-free guidance, as the pipeline's own CFG builds it
         (SDXL with force_zeros_for_empty_prompt: zeros; otherwise the encoded empty prompt), n times."""
         if self._negative is None:
-            device = self.pipe.text_encoder.device
-            if self.sdxl:
-                _, embeds, _, pooled = self.pipe.encode_prompt([""], device=device, do_classifier_free_guidance=True)
-                h, w = self.size
-                time_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=embeds.dtype, device=device)
-            else:
-                _, embeds = self.pipe.encode_prompt([""], device, 1, do_classifier_free_guidance=True)
-                pooled, time_ids = embeds.mean(1), None
-            self._negative = Conditioning(embeds, pooled, time_ids).to("cpu")
+            with self.onload():
+                self._negative = self._encode_negative()
         return Conditioning.cat([self._negative] * n)
+
+    def _encode_negative(self) -> Conditioning:
+        device = self.pipe.text_encoder.device
+        if self.sdxl:
+            _, embeds, _, pooled = self.pipe.encode_prompt([""], device=device, do_classifier_free_guidance=True)
+            h, w = self.size
+            time_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=embeds.dtype, device=device)
+        else:
+            _, embeds = self.pipe.encode_prompt([""], device, 1, do_classifier_free_guidance=True)
+            pooled, time_ids = embeds.mean(1), None
+        return Conditioning(embeds, pooled, time_ids).to("cpu")
 
     @property
     def pooled_dim(self) -> int:

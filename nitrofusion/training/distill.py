@@ -63,6 +63,7 @@ from nitrofusion.training.config import DistillConfig, save_config
 from nitrofusion.training.ema import EMA
 from nitrofusion.training.faults import fires, kill_point
 from nitrofusion.training.lora import add_lora, merged_state_dict, plain_unet
+from nitrofusion.training.offload import HostOffload, teacher_groups
 from nitrofusion.training.optimizers import make_optimizer
 from nitrofusion.training.student import ShiftedStudent
 from nitrofusion.userfiles import replacing
@@ -158,6 +159,9 @@ class Distiller:
         self.maths = ShiftedStudent(self.scheduler)
         self.ema = EMA(student, cfg.optim.ema_decay)
         self._build_objectives(fake_unet)
+        groups = teacher_groups(self.teacher, "fake" in self.critics, "pixel" in self.critics)
+        self.offload = HostOffload(groups if cfg.model.teacher_offload else {}, self.acc.device)
+        self.text.onload = partial(self.offload.onloaded, "text")
         trainable = [p for p in student.parameters() if p.requires_grad]  # all, or the LoRA adapters
         o = cfg.optim
         opt_g = make_optimizer(trainable, o.optimizer, o.lr, tuple(o.betas), o.weight_decay)
@@ -319,7 +323,8 @@ class Distiller:
         else:
             prompts = [self.prompts[int(i)] for i in torch.randint(0, len(self.prompts), (n,), generator=g)]
             noise = torch.randn((n, *self.sampler.latent_shape), generator=g)
-            real = self.sampler(prompts, noise)
+            with self.offload.onloaded("text", "vae", "decoder"):  # the pipeline reads its device off the VAE
+                real = self.sampler(prompts, noise)
         return self.text(prompts).to(device), noise.to(device), real.to(device)
 
     # ---- one iteration -----------------------------------------------------------------
@@ -609,7 +614,10 @@ class Distiller:
         # at any multiple of 8; sampling asks for the model's own multiple, 32 for SDXL).
         size = self.size if self.size % size_multiple(pipe) == 0 else default_size(pipe)
         for steps in range(1, self.max_sampling_steps() + 1):
-            images = generate(pipe, prompts, steps=steps, seed=0, height=size, width=size, batch_size=n, progress=False)
+            with self.offload.onloaded("text", "vae"):
+                images = generate(
+                    pipe, prompts, steps=steps, seed=0, height=size, width=size, batch_size=n, progress=False
+                )
             rows.append([r.image for r in images])
             labels.append(f"student, {steps} step" + ("s" if steps > 1 else ""))
             kill_point("validation", self.step)  # fault injection: mid-validation

@@ -1,0 +1,113 @@
+"""CPU offload of the frozen teacher: what a run calls rarely, or never, lives in host memory.
+
+With the teacher's pairs made beforehand, NitroFusion's iteration runs only the teacher UNet's
+encoder on the device (the discriminator backbone stops after the mid block). The UNet's
+decoder (SDXL: 1.32 B of its 2.57 B parameters) is never called; the text encoders (0.82 B)
+only for prompts the conditioning cache has not met; the VAE only to draw validation grids.
+`HostOffload` keeps such modules' weights in (pinned) host memory and copies them to the
+device for the length of a use (`onloaded`), then drops the device copies.
+
+Only uses without autograd can be offloaded: a module that is differentiated through keeps
+its weights referenced by the graph until the backward pass, so leaving the `with` block
+would not free them, and pointing them back at host memory would break that backward. Such
+modules (the encoder as backbone, the VAE under a pixel discriminator) stay on the device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import partial
+
+import torch
+from torch import nn
+
+GROUPS = ("text", "vae", "decoder")  # the teacher's parts that can live in host memory
+
+
+def _tensors(modules: list[nn.Module]) -> list[torch.Tensor]:
+    seen: dict[int, torch.Tensor] = {}
+    for module in modules:
+        for t in (*module.parameters(), *module.buffers()):
+            seen.setdefault(id(t), t)
+    return list(seen.values())
+
+
+class HostOffload:
+    """Groups of frozen modules whose weights stay in host memory outside `onloaded(...)`.
+
+    A module of an offloaded group called outside `onloaded`, or with autograd on, raises at
+    once with its group's name, instead of a device mismatch deep inside a kernel (or, worse,
+    a CPU run that silently differs from the GPU one)."""
+
+    def __init__(self, groups: dict[str, list[nn.Module]], device: torch.device | str) -> None:
+        self.device = torch.device(device)
+        self._home: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._depth: dict[str, int] = {}
+        pin = self.device.type == "cuda"
+        for name, modules in groups.items():
+            if name not in GROUPS:
+                raise ValueError(f"unknown offload group {name!r} (groups: {', '.join(GROUPS)})")
+            pairs = []
+            for t in _tensors(modules):
+                home = t.detach().to("cpu")
+                home = home.pin_memory() if pin else home  # pinned: the copies in are asynchronous
+                t.data = home  # the device copy is freed here
+                pairs.append((t, home))
+            for module in modules:
+                module.register_forward_pre_hook(partial(self._check, name))
+            self._home[name], self._depth[name] = pairs, 0
+
+    def _check(self, name: str, module: nn.Module, args: tuple) -> None:
+        if self._depth[name] == 0:
+            raise RuntimeError(
+                f"the teacher's {name} is offloaded to host memory (model.teacher_offload) and was called "
+                "outside HostOffload.onloaded"
+            )
+        if torch.is_grad_enabled():
+            raise RuntimeError(f"the teacher's {name} is offloaded to host memory and cannot be differentiated through")
+
+    @property
+    def groups(self) -> list[str]:
+        return list(self._home)
+
+    def host_bytes(self, name: str | None = None) -> int:
+        """Bytes held in host memory instead of on the device (one group, or all of them)."""
+        names = [name] if name else self.groups
+        return sum(home.numel() * home.element_size() for n in names for _, home in self._home.get(n, []))
+
+    @contextmanager
+    def onloaded(self, *names: str) -> Iterator[None]:
+        """The named groups on the device inside the block; groups not offloaded are left alone.
+        Nested blocks copy a group in once and drop it when the outermost one ends."""
+        unknown = [n for n in names if n not in GROUPS]
+        if unknown:
+            raise ValueError(f"unknown offload group {unknown[0]!r} (groups: {', '.join(GROUPS)})")
+        names = tuple(n for n in names if n in self._home)
+        for name in names:
+            if self._depth[name] == 0:
+                for t, home in self._home[name]:
+                    t.data = home.to(self.device, non_blocking=True)
+            self._depth[name] += 1
+        try:
+            yield
+        finally:
+            for name in names:
+                self._depth[name] -= 1
+                if self._depth[name] == 0:
+                    for t, home in self._home[name]:
+                        t.data = home
+
+
+def teacher_groups(pipe, objective_runs_whole_unet: bool, vae_differentiated: bool) -> dict[str, list[nn.Module]]:
+    """The teacher's offloadable parts for a run: its text encoders always; its VAE unless a pixel
+    discriminator decodes through it with gradients; its UNet's decoder unless the objective runs
+    the whole teacher UNet every iteration (DMD2's and ADM's real score)."""
+    groups = {"text": [m for m in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if m is not None]}
+    if not vae_differentiated:
+        # AutoencoderKL's decode() is not its forward(): the guard sits on the parts it calls.
+        groups["vae"] = [m for m in pipe.vae.children() if any(True for _ in m.parameters())] or [pipe.vae]
+    if not objective_runs_whole_unet:
+        unet = pipe.unet
+        groups["decoder"] = [m for m in (*unet.up_blocks, unet.conv_norm_out, unet.conv_out) if m is not None]
+    return groups

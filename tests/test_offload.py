@@ -1,0 +1,82 @@
+"""CPU offload of the teacher (model.teacher_offload): which parts go to host memory, the guard
+against using them outside `onloaded`, and that training with it is the same training."""
+
+import pytest
+import torch
+from helpers import config, same_student
+from torch import nn
+
+from nitrofusion.training.distill import Distiller
+from nitrofusion.training.offload import HostOffload
+
+
+def small() -> nn.Module:
+    return nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 2)).requires_grad_(False)
+
+
+def test_guard_nesting_and_bytes():
+    net, other = small(), small()
+    x = torch.randn(3, 4)
+    want = net(x)
+    off = HostOffload({"text": [net]}, "cpu")
+    assert off.groups == ["text"]
+    assert off.host_bytes() == off.host_bytes("text") == sum(p.numel() * 4 for p in net.parameters())
+    with pytest.raises(RuntimeError, match="teacher's text is offloaded.*outside"):
+        net(x)
+    with off.onloaded("text"), torch.no_grad():
+        with off.onloaded("text", "vae"):  # nested, and a group that is not offloaded: no-op
+            pass
+        assert torch.equal(net(x), want), "the inner block's end must not take the outer block's weights"
+    with off.onloaded("text"), pytest.raises(RuntimeError, match="cannot be differentiated through"):
+        net(x)  # autograd on: the graph would keep device weights that the block's end points back home
+    with pytest.raises(RuntimeError, match="outside"):
+        with torch.no_grad():
+            net(x)  # after the blocks: host memory again
+    other(x)  # modules of no group are untouched
+    with pytest.raises(ValueError, match="unknown offload group 'unet'"):
+        with off.onloaded("unet"):
+            pass
+    with pytest.raises(ValueError, match="unknown offload group"):
+        HostOffload({"everything": [other]}, "cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host-to-device offload needs a GPU")
+def test_offload_moves_weights_off_the_gpu():
+    net = nn.Linear(1024, 1024).requires_grad_(False).cuda()  # 4 MiB of weights
+    x = torch.randn(8, 1024, device="cuda")
+    want = net(x)
+    before = torch.cuda.memory_allocated()
+    off = HostOffload({"decoder": [net]}, "cuda")
+    assert net.weight.device.type == "cpu" and net.weight.is_pinned()
+    assert before - torch.cuda.memory_allocated() >= 4 * 2**20
+    with off.onloaded("decoder"), torch.no_grad():
+        assert net.weight.device.type == "cuda"
+        assert torch.equal(net(x), want)
+    assert net.weight.device.type == "cpu"
+    assert before - torch.cuda.memory_allocated() >= 4 * 2**20
+
+
+CASES = {  # id: (overrides, the teacher parts offloaded)
+    # NitroFusion with the pairs made beforehand: the iteration runs only the UNet's encoder.
+    "pairs": (["data.pairs={pairs}"], ["text", "vae", "decoder"]),
+    # Online pairs: the teacher samples every micro-batch, its decoder brought in for it.
+    "online": ([], ["text", "vae", "decoder"]),
+    # DMD2's real score runs the whole teacher UNet every iteration: the decoder stays.
+    "dmd2": (["loss.objective=dmd2", "data.pairs={pairs}"], ["text", "vae"]),
+    # The pixel discriminator decodes the student's latents through the VAE with gradients.
+    "pixel": (["loss.pretrain_kind=adversarial", "loss.pretrain_steps=1", "data.pairs={pairs}"], ["text", "decoder"]),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_training_with_the_teacher_offloaded_is_the_same_training(tiny_sdxl_dir, tmp_path, case):
+    overrides, groups = CASES[case]
+    overrides = [o.format(pairs=tmp_path / "pairs") for o in overrides] + ["run.validate_every=2"]
+    plain = Distiller(config(tiny_sdxl_dir, tmp_path / "plain", *overrides), progress=False)
+    plain.train()
+    assert plain.offload.groups == []
+    off = Distiller(config(tiny_sdxl_dir, tmp_path / "off", *overrides, "model.teacher_offload=true"), progress=False)
+    assert sorted(off.offload.groups) == sorted(groups)
+    off.train()  # the guard raises if any offloaded part runs outside `onloaded`
+    assert same_student(tmp_path / "plain", tmp_path / "off")
+    assert (tmp_path / "off" / "validation" / "step-00000002.png").is_file()
