@@ -28,9 +28,11 @@ DMD2 = "loss.objective=dmd2"
 EIGHT_BIT = "optim.optimizer=adamw8bit"  # 2 bytes of moments a parameter instead of 8 (15 GB less at SDXL)
 OFFLOAD = "model.teacher_offload=true"  # training/offload.py
 SETTINGS = {  # id: (what, overrides of the sdxl preset)
-    "preset": ("the preset: bf16, gradient checkpointing, 480-head pool, no EMA", []),
+    "preset": ("the preset: bf16, gradient checkpointing, 480-head pool, fused AdamW, no EMA", []),
     "ema": ("with an EMA of the student", [EMA]),
     "static": ("static head set (30 heads)", ["discriminator.pool=false"]),
+    # torch's default AdamW kernels on CUDA (foreach): sqrt(v) as large as the parameters at every step.
+    "foreach": ("AdamW's foreach kernels instead of the fused one", ["optim.fused=false"]),
     "8bit": ("8-bit AdamW moments for the student (bitsandbytes)", [EIGHT_BIT]),
     "8bit-ema": ("8-bit AdamW moments, with an EMA of the student", [EIGHT_BIT, EMA]),
     # DMD2 trains a second UNet (the fake score) with its own optimizer: two fp32 UNets and their moments.

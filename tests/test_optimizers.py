@@ -1,4 +1,5 @@
-"""optim.optimizer=adamw8bit: bitsandbytes' 8-bit AdamW for the student and DMD's fake score."""
+"""The UNet-sized optimizers: bitsandbytes' 8-bit AdamW (optim.optimizer=adamw8bit) for the
+student and DMD's fake score, and AdamW's fused kernel on CUDA (optim.fused)."""
 
 import importlib.util
 
@@ -32,6 +33,32 @@ def test_8bit_moments_take_a_quarter_of_the_memory_and_follow_adamw():
     start = (target - 0).norm()
     assert (fp32 - target).norm() < 0.05 * start  # both fitted...
     assert (eight - fp32).norm() < 0.05 * start  # ...to the same place
+
+
+def test_fused_adamw_only_on_cuda(tiny_sdxl_dir, tmp_path):
+    """On the CPU every optimizer keeps torch's default kernels (the documented results are theirs)."""
+    opt = make_optimizer([torch.nn.Parameter(torch.zeros(3))], "adamw", 1e-3, (0.9, 0.99), 0.0, fused=True)
+    assert not opt.defaults["fused"]
+    d = Distiller(config(tiny_sdxl_dir, tmp_path, "loss.objective=dmd2", "optim.fused=true"), progress=False)
+    optimizers = [d.opt_g.optimizer] + [opt for c in d.critics.values() for opt in c.optimizers.values()]
+    assert len(optimizers) == 2 and all(not opt.defaults["fused"] for opt in optimizers)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fused AdamW is used on CUDA only")
+def test_fused_adamw_on_gpu_steps_like_the_default():
+    torch.manual_seed(0)
+    target = torch.randn(64, 256, device="cuda")
+    weights = {}
+    for fused in (False, True):
+        weight = torch.nn.Parameter(torch.zeros(64, 256, device="cuda"))
+        opt = make_optimizer([weight], "adamw", lr=2e-2, betas=(0.0, 0.99), weight_decay=0.01, fused=fused)
+        assert bool(opt.defaults["fused"]) == fused
+        for _ in range(50):
+            opt.zero_grad()
+            (weight - target).pow(2).sum().backward()
+            opt.step()
+        weights[fused] = weight.detach()
+    torch.testing.assert_close(weights[True], weights[False], rtol=1e-5, atol=1e-5)
 
 
 def test_an_8bit_dmd2_run_trains_both_unets_in_8bit_and_resumes_exactly(tiny_sdxl_dir, tmp_path):

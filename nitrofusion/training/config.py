@@ -113,6 +113,7 @@ class OptimConfig:
     warmup_steps: int = 0
     ema_decay: float = 0.99
     mixed_precision: str = "no"  # no | bf16 (fp16 is refused: see validate)
+    fused: bool = True  # AdamW's fused kernel on CUDA: no optimizer-sized temporaries (training/optimizers.py)
 
 
 @dataclass

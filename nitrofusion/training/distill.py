@@ -164,7 +164,7 @@ class Distiller:
         self.text.onload = partial(self.offload.onloaded, "text")
         trainable = [p for p in student.parameters() if p.requires_grad]  # all, or the LoRA adapters
         o = cfg.optim
-        opt_g = make_optimizer(trainable, o.optimizer, o.lr, tuple(o.betas), o.weight_decay)
+        opt_g = make_optimizer(trainable, o.optimizer, o.lr, tuple(o.betas), o.weight_decay, o.fused)
         self.student, self.opt_g = self.acc.prepare(student, opt_g)
         self.step = 0
         self.bad_steps = 0
@@ -194,8 +194,8 @@ class Distiller:
             judgement = NitroFusionObjective(
                 self.backbone, self.pool, self.scheduler.alphas_cumprod, loss.kind, loss.r1_weight
             )
-            self.opt_d = torch.optim.AdamW(
-                self.pool.parameters(), lr=d.lr, betas=tuple(d.betas), weight_decay=d.weight_decay
+            self.opt_d = make_optimizer(
+                self.pool.parameters(), "adamw", d.lr, tuple(d.betas), d.weight_decay, cfg.optim.fused
             )
             self.critics["pool"] = PoolDiscriminator(judgement, self.opt_d, d.t_stars_per_step, d.refresh_fraction)
         pool = self.critics.get("pool")
@@ -222,6 +222,7 @@ class Distiller:
                     lr=k.fake_lr,
                     betas=tuple(k.fake_betas),
                     weight_decay=k.fake_weight_decay,
+                    fused=cfg.optim.fused,
                 ),
                 cfg.optim.grad_clip,
                 classifier,
@@ -233,7 +234,7 @@ class Distiller:
             init = torch.Generator().manual_seed(cfg.run.seed * 1009 + 29)
             head = DiscriminatorHead("local_cond", 3, p.pixel_width, self.text.pooled_dim, p.pixel_downsamples, init)
             head = head.to(device)
-            opt = torch.optim.AdamW(head.parameters(), lr=d.lr, betas=tuple(d.betas), weight_decay=d.weight_decay)
+            opt = make_optimizer(head.parameters(), "adamw", d.lr, tuple(d.betas), d.weight_decay, cfg.optim.fused)
             self.critics["pixel"] = PixelDiscriminator(self.teacher.vae, head, opt, p.pixel_crop, loss.kind)
 
         self.objective: Objective
