@@ -44,6 +44,21 @@ def test_fused_adamw_only_on_cuda(tiny_sdxl_dir, tmp_path):
     assert len(optimizers) == 2 and all(not opt.defaults["fused"] for opt in optimizers)
 
 
+def test_the_kernels_are_the_runs_choice_not_the_checkpoints():
+    """A checkpoint made with fused AdamW (on a GPU) resumed on the CPU runs the CPU's kernels."""
+    from nitrofusion.training import checkpoint
+
+    made = make_optimizer([torch.nn.Parameter(torch.ones(3))], "adamw", 1e-3, (0.9, 0.99), 0.0)
+    made.param_groups[0]["params"][0].grad = torch.ones(3)
+    made.step()
+    tensors, meta = checkpoint.optimizer_tensors(made, "opt")
+    meta["param_groups"][0]["fused"] = True  # as a CUDA run with optim.fused writes it
+    resumed = make_optimizer([torch.nn.Parameter(torch.ones(3))], "adamw", 1e-3, (0.9, 0.99), 0.0)
+    checkpoint.load_optimizer(resumed, tensors, meta, "opt")
+    assert not resumed.param_groups[0]["fused"]
+    assert torch.equal(resumed.state[resumed.param_groups[0]["params"][0]]["exp_avg"], torch.full((3,), 0.1))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="fused AdamW is used on CUDA only")
 def test_fused_adamw_on_gpu_steps_like_the_default():
     torch.manual_seed(0)

@@ -100,6 +100,12 @@ def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
     for name, value in meta.get("numbers", {}).items():
         put(name, value)
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    for group in opt.param_groups:
+        # Which kernels run is this run's choice (its device, optim.fused), not the checkpoint's:
+        # load_state_dict takes every group entry from the saved state, these flags included.
+        for key in ("fused", "foreach"):
+            if key in opt.defaults:
+                group[key] = opt.defaults[key]
 
 
 def rng_state() -> dict[str, torch.Tensor]:
