@@ -614,14 +614,14 @@ class Distiller:
         # Drawn at the size the student trains at, where the sampler accepts it (the UNet trains
         # at any multiple of 8; sampling asks for the model's own multiple, 32 for SDXL).
         size = self.size if self.size % size_multiple(pipe) == 0 else default_size(pipe)
-        for steps in range(1, self.max_sampling_steps() + 1):
-            with self.offload.onloaded("text", "vae"):
+        with self.offload.onloaded("text", "vae"):
+            for steps in range(1, self.max_sampling_steps() + 1):
                 images = generate(
                     pipe, prompts, steps=steps, seed=0, height=size, width=size, batch_size=n, progress=False
                 )
-            rows.append([r.image for r in images])
-            labels.append(f"student, {steps} step" + ("s" if steps > 1 else ""))
-            kill_point("validation", self.step)  # fault injection: mid-validation
+                rows.append([r.image for r in images])
+                labels.append(f"student, {steps} step" + ("s" if steps > 1 else ""))
+                kill_point("validation", self.step)  # fault injection: mid-validation
         path = self.validation_path()
         path.parent.mkdir(parents=True, exist_ok=True)
         with replacing(path) as tmp:  # never a half-written PNG under the real name
