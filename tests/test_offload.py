@@ -1,12 +1,15 @@
-"""CPU offload of the teacher (model.teacher_offload): which parts go to host memory, the guard
-against using them outside `onloaded`, and that training with it is the same training."""
+"""CPU offload of the teacher (model.teacher_offload) and of the EMA (optim.ema_offload): what
+goes to host memory, the guards against using it there, and that training with it is the same
+training."""
 
 import pytest
 import torch
-from helpers import config, same_student
+from helpers import config, same_student, straight_and_resumed
+from test_distill import expect_cli_error
 from torch import nn
 
 from nitrofusion.training.distill import Distiller
+from nitrofusion.training.ema import EMA
 from nitrofusion.training.offload import HostOffload
 
 
@@ -80,3 +83,70 @@ def test_training_with_the_teacher_offloaded_is_the_same_training(tiny_sdxl_dir,
     off.train()  # the guard raises if any offloaded part runs outside `onloaded`
     assert same_student(tmp_path / "plain", tmp_path / "off")
     assert (tmp_path / "off" / "validation" / "step-00000002.png").is_file()
+
+
+def test_ema_in_host_memory_averages_like_the_one_beside_the_model():
+    torch.manual_seed(0)
+    model = small().requires_grad_(True)
+    resident, host = EMA(model, 0.9), EMA(model, 0.9, host=True)
+    for _ in range(3):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        resident.update(model)
+        host.update(model)
+    for a, b in zip(resident.shadow.state_dict().values(), host.shadow.state_dict().values()):
+        assert torch.equal(a, b)
+    with host.on_device("cpu") as shadow:
+        assert shadow is host.shadow
+        with pytest.raises(RuntimeError, match="inside EMA.on_device"):
+            host.update(model)  # it would average into the device copy, dropped at the block's end
+
+
+def test_training_with_the_ema_in_host_memory_is_the_same_training(tiny_sdxl_dir, tmp_path):
+    ema = ["optim.ema_decay=0.9", "run.validate_every=2"]
+    plain = Distiller(config(tiny_sdxl_dir, tmp_path / "plain", *ema), progress=False)
+    plain.train()
+    straight, resumed = straight_and_resumed(tiny_sdxl_dir, tmp_path, *ema, "optim.ema_offload=true")
+    assert not any(p is q for p, q in zip(straight.ema.shadow.parameters(), straight.student.parameters()))
+    assert same_student(tmp_path / "plain", tmp_path / "a")  # the exported EMA weights
+    assert same_student(tmp_path / "a", tmp_path / "b")  # and through a checkpoint
+    assert (tmp_path / "a" / "validation" / "step-00000002.png").is_file()
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["optim.ema_decay=0"], "needs an EMA to offload"),
+        (["model.lora_rank=4"], "a LoRA student's EMA is its adapters only"),
+    ],
+)
+def test_ema_offload_without_a_whole_ema_is_refused(overrides, message, capsys):
+    args = ["distill", "--preset", "embedded", "--set", "optim.ema_offload=true"]
+    expect_cli_error(args + [a for o in overrides for a in ("--set", o)], capsys, message)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="offload to host memory needs a GPU")
+@pytest.mark.parametrize("pairs", [True, False], ids=["pairs", "online"])
+def test_gpu_training_with_the_teacher_and_ema_offloaded(tiny_sdxl_dir, tmp_path, pairs):
+    common = ["optim.ema_decay=0.9", "optim.mixed_precision=bf16", "run.validate_every=2"]
+    common += [f"data.pairs={tmp_path / 'pairs'}"] if pairs else []
+    off = ["model.teacher_offload=true", "optim.ema_offload=true"]
+    runs = {}
+    for name, extra in (("resident", []), ("offloaded", off)):
+        d = Distiller(config(tiny_sdxl_dir, tmp_path / name, *common, *extra), progress=False)
+        assert d.acc.device.type == "cuda"
+        d.train()
+        runs[name] = d
+    d = runs["offloaded"]
+    assert next(d.teacher.unet.up_blocks.parameters()).device.type == "cpu"
+    assert next(d.teacher.text_encoder.parameters()).is_pinned()
+    assert all(p.device.type == "cpu" for p in d.ema.shadow.parameters())
+    assert next(d.teacher.unet.down_blocks.parameters()).device.type == "cuda"  # the backbone stays
+    assert (tmp_path / "offloaded" / "validation" / "step-00000002.png").is_file()
+    from safetensors.torch import load_file
+
+    a = load_file(str(tmp_path / "resident" / "student_unet.safetensors"))
+    b = load_file(str(tmp_path / "offloaded" / "student_unet.safetensors"))
+    for k in a:  # the same training up to the GPU's own non-determinism
+        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-4)

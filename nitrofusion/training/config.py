@@ -112,6 +112,7 @@ class OptimConfig:
     grad_accumulation: int = 1
     warmup_steps: int = 0
     ema_decay: float = 0.99
+    ema_offload: bool = False  # the EMA's copy in host memory, averaged there (training/ema.py)
     mixed_precision: str = "no"  # no | bf16 (fp16 is refused: see validate)
     fused: bool = True  # AdamW's fused kernel on CUDA: no optimizer-sized temporaries (training/optimizers.py)
 
@@ -296,6 +297,12 @@ def validate(cfg: DistillConfig) -> DistillConfig:
         raise UserError(f"config key 'optim.ema_decay' must be in [0, 1) (0: no EMA), got {cfg.optim.ema_decay}")
     if cfg.data.resolution is not None and (cfg.data.resolution < 8 or cfg.data.resolution % 8):
         raise UserError(f"config key 'data.resolution' must be a positive multiple of 8, got {cfg.data.resolution}")
+    if cfg.optim.ema_offload and cfg.optim.ema_decay == 0:
+        raise UserError("config key 'optim.ema_offload' needs an EMA to offload: set optim.ema_decay > 0")
+    if cfg.optim.ema_offload and cfg.model.lora_rank > 0:
+        raise UserError(
+            "config key 'optim.ema_offload' is for a whole student's EMA; a LoRA student's EMA is its adapters only"
+        )
     if cfg.optim.mixed_precision == "fp16":
         # accelerate's loss scaler wraps the student's optimizer only: the critics' (heads, fake
         # score) would step on scaled gradients, and an overflow would be skipped without the

@@ -157,7 +157,7 @@ class Distiller:
             self.teacher.scheduler.config, shifted_timestep=cfg.model.shift, original_inference_steps=4
         )
         self.maths = ShiftedStudent(self.scheduler)
-        self.ema = EMA(student, cfg.optim.ema_decay)
+        self.ema = EMA(student, cfg.optim.ema_decay, host=cfg.optim.ema_offload)
         self._build_objectives(fake_unet)
         groups = teacher_groups(self.teacher, "fake" in self.critics, "pixel" in self.critics)
         self.offload = HostOffload(groups if cfg.model.teacher_offload else {}, self.acc.device)
@@ -614,7 +614,7 @@ class Distiller:
         # Drawn at the size the student trains at, where the sampler accepts it (the UNet trains
         # at any multiple of 8; sampling asks for the model's own multiple, 32 for SDXL).
         size = self.size if self.size % size_multiple(pipe) == 0 else default_size(pipe)
-        with self.offload.onloaded("text", "vae"):
+        with self.offload.onloaded("text", "vae"), self.ema.on_device(self.acc.device):
             for steps in range(1, self.max_sampling_steps() + 1):
                 images = generate(
                     pipe, prompts, steps=steps, seed=0, height=size, width=size, batch_size=n, progress=False
