@@ -4,9 +4,8 @@
 #
 #   bash benchmarks/device_checks.sh inference   # CUDA-only tests, then SDXL sampling, batch 1 and 4 (~7 min on an H100)
 #   bash benchmarks/device_checks.sh training    # the GPU tests of training, then SDXL training: the preset, AdamW's
-#                                                # foreach kernels, an EMA (on the GPU, in host memory, with 8-bit
-#                                                # moments), the teacher offloaded, LoRA with it (~8 min)
-#   bash benchmarks/device_checks.sh training static dmd2 dmd2-8bit    # only the named settings
+#                                                # foreach kernels, an EMA on the GPU and in host memory (~7 min)
+#   bash benchmarks/device_checks.sh training offload lora-offload 8bit-ema static   # the next call: named settings
 #
 # Results go to $OUT (the device tool brings that folder back), else runs/device. diffusers and
 # bitsandbytes are not installed on that machine: carry their wheels in .whl/ (pip download
@@ -42,7 +41,7 @@ inference)
 training)
     shift
     settings=("$@")
-    [ ${#settings[@]} -gt 0 ] || settings=(preset foreach ema ema-offload offload lora-offload 8bit-ema)
+    [ ${#settings[@]} -gt 0 ] || settings=(preset foreach ema ema-offload)
     python3 -m pytest -q -p no:cacheprovider tests/test_offload.py tests/test_optimizers.py -k "gpu" \
         > "$out/cuda-tests-training.txt" 2>&1 || echo "CUDA-only tests FAILED: see cuda-tests-training.txt"
     tail -n 3 "$out/cuda-tests-training.txt"

@@ -157,6 +157,9 @@ def worker(args: argparse.Namespace) -> None:
             result["peak_gib"] = max(peaks.values()) / 2**30
             result.update({f"peak_{k}_gib": v / 2**30 for k, v in peaks.items()})
             result["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
+            # Host memory pinned for the offloaded parts, as the allocator holds it (it rounds each
+            # block up to a power of two): what the offload costs on the host side.
+            result["pinned_host_gib"] = torch.cuda.host_memory_stats().get("allocated_bytes.current", 0) / 2**30
     except torch.OutOfMemoryError:
         result["error"] = f"out of memory in {where['now']}"
         if cuda:

@@ -362,6 +362,9 @@ def test_two_rank_run_stays_identical(tiny_sdxl_dir, tmp_path):
                 h.update(v.detach().cpu().numpy().tobytes())
         with open("{tmp_path}/rank%d.txt" % acc.process_index, "w") as f:
             f.write(f"{{acc.num_processes}} {{h.hexdigest()}} {{seen}} {{prompts}}")
+        own = [s is not p for s, p in zip(d.ema.shadow.parameters(), acc.unwrap_model(d.student).parameters())]
+        with open("{tmp_path}/ema%d.txt" % acc.process_index, "w") as f:
+            f.write(str(sum(own)))
     """)
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -378,6 +381,8 @@ def test_two_rank_run_stays_identical(tiny_sdxl_dir, tmp_path):
     r1 = (tmp_path / "rank1.txt").read_text().split(" ", 2)
     assert r0[0] == r1[0] == "2"
     assert r0[1] == r1[1], "ranks diverged"
+    # The EMA: a copy on the main process only (the only one that reads it).
+    assert int((tmp_path / "ema0.txt").read_text()) > 0 and int((tmp_path / "ema1.txt").read_text()) == 0
     heads0, data0 = r0[2].rsplit("] [", 1)
     heads1, data1 = r1[2].rsplit("] [", 1)
     assert heads0 == heads1, "ranks sampled different heads"

@@ -60,6 +60,32 @@ def test_the_kernels_are_the_runs_choice_not_the_checkpoints():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="fused AdamW is used on CUDA only")
+@pytest.mark.parametrize("made_fused", [False, True])
+def test_gpu_resume_into_either_kernel(made_fused):
+    """A checkpoint from either kernel resumes into the other: the fused kernel reads `step` on
+    the GPU, the foreach one on the host; resumed, both go on as the uninterrupted run."""
+    from nitrofusion.training import checkpoint
+
+    def run(fused: bool, steps: int, weight=None, state=None):
+        weight = torch.nn.Parameter(torch.zeros(64, 256, device="cuda") if weight is None else weight.clone())
+        opt = make_optimizer([weight], "adamw", lr=2e-2, betas=(0.0, 0.99), weight_decay=0.01, fused=fused)
+        if state is not None:
+            checkpoint.load_optimizer(opt, *state, "opt")
+        for _ in range(steps):
+            opt.zero_grad()
+            (weight - torch.ones_like(weight)).pow(2).sum().backward()
+            opt.step()
+        return weight.detach(), opt
+
+    straight, _ = run(not made_fused, 20)
+    half, opt = run(made_fused, 10)
+    resumed, opt = run(not made_fused, 10, half, checkpoint.optimizer_tensors(opt, "opt"))
+    step = opt.state[opt.param_groups[0]["params"][0]]["step"]
+    assert step.device.type == ("cpu" if made_fused else "cuda") and float(step) == 20
+    torch.testing.assert_close(resumed, straight, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fused AdamW is used on CUDA only")
 def test_fused_adamw_on_gpu_steps_like_the_default():
     torch.manual_seed(0)
     target = torch.randn(64, 256, device="cuda")

@@ -99,13 +99,12 @@ def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
             put(key[len(prefix) + 1 :], value)
     for name, value in meta.get("numbers", {}).items():
         put(name, value)
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    for group in opt.param_groups:
-        # Which kernels run is this run's choice (its device, optim.fused), not the checkpoint's:
-        # load_state_dict takes every group entry from the saved state, these flags included.
-        for key in ("fused", "foreach"):
-            if key in opt.defaults:
-                group[key] = opt.defaults[key]
+    # Which kernels run is this run's choice (its device, optim.fused), not the checkpoint's:
+    # load_state_dict takes every group entry from the saved groups, these flags included, and
+    # places `step` by them (on the parameters' device for the fused kernel, which reads it there).
+    flags = {key: opt.defaults[key] for key in ("fused", "foreach") if key in opt.defaults}
+    groups = [{**group, **flags} for group in meta["param_groups"]]
+    opt.load_state_dict({"state": state, "param_groups": groups})
 
 
 def rng_state() -> dict[str, torch.Tensor]:

@@ -157,7 +157,8 @@ class Distiller:
             self.teacher.scheduler.config, shifted_timestep=cfg.model.shift, original_inference_steps=4
         )
         self.maths = ShiftedStudent(self.scheduler)
-        self.ema = EMA(student, cfg.optim.ema_decay, host=cfg.optim.ema_offload)
+        # Only the main process reads the EMA (checkpoints, grids, exports): the other ranks keep none.
+        self.ema = EMA(student, cfg.optim.ema_decay, host=cfg.optim.ema_offload, keep=self.acc.is_main_process)
         self._build_objectives(fake_unet)
         groups = teacher_groups(self.teacher, "fake" in self.critics, "pixel" in self.critics)
         self.offload = HostOffload(groups if cfg.model.teacher_offload else {}, self.acc.device)

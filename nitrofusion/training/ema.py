@@ -23,13 +23,16 @@ class EMA(nn.Module):
     Frozen parameters (requires_grad False, e.g. the base weights under LoRA) are shared with
     `model`, not copied: they never change, and at SDXL scale a copy costs 10 GB. With decay 0
     (no averaging) every parameter is shared: the "EMA" is the model, at no memory cost.
-    `host`: the weights it owns live in host memory (module docstring).
+    `host`: the weights it owns live in host memory (module docstring). `keep=False`: this process
+    never reads the EMA (another rank writes the checkpoints, grids and exports), so it keeps no
+    copy at all: under DDP only the main process pays for one.
     """
 
-    def __init__(self, model: nn.Module, decay: float, host: bool = False) -> None:
+    def __init__(self, model: nn.Module, decay: float, host: bool = False, keep: bool = True) -> None:
         super().__init__()
         self.decay = decay
-        shared = {id(p): p for p in model.parameters() if decay == 0 or not p.requires_grad}
+        self.kept = keep
+        shared = {id(p): p for p in model.parameters() if decay == 0 or not keep or not p.requires_grad}
         self.shadow = copy.deepcopy(model, shared).eval()
         self.shared = {k for k, v in self.shadow.state_dict(keep_vars=True).items() if id(v) in shared}
         for p in self.shadow.parameters():
@@ -38,7 +41,7 @@ class EMA(nn.Module):
         own = [p for p in self.shadow.parameters() if id(p) not in shared] + list(self.shadow.buffers())
         self._home: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._on_device = False
-        if host:
+        if host and keep:
             pin = any(t.is_cuda for t in own)  # pinned: on_device's copies in are asynchronous
             for t in own:
                 home = t.detach().to("cpu")
@@ -50,6 +53,8 @@ class EMA(nn.Module):
     def update(self, model: nn.Module) -> None:
         if self._on_device:
             raise RuntimeError("EMA.update inside EMA.on_device: the update would be lost with the device copy")
+        if not self.kept:
+            return
         for s, p in zip(self.shadow.parameters(), model.parameters()):
             if s is not p:
                 s.lerp_(p.detach().to(s.device, s.dtype), 1.0 - self.decay)
@@ -63,9 +68,9 @@ class EMA(nn.Module):
             yield self.shadow
             return
         self._on_device = True
-        for t, home in self._home:
-            t.data = home.to(device, non_blocking=True)
         try:
+            for t, home in self._home:
+                t.data = home.to(device, non_blocking=True)
             yield self.shadow
         finally:
             for t, home in self._home:
@@ -77,6 +82,8 @@ class EMA(nn.Module):
         return {k: v for k, v in self.shadow.state_dict().items() if k not in self.shared}
 
     def load_own_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if not self.kept:  # its shadow is the model: loading the EMA there would overwrite the model
+            return
         missing, unexpected = self.shadow.load_state_dict(state, strict=False)
         if unexpected or set(missing) - self.shared:
             raise RuntimeError(

@@ -83,16 +83,17 @@ class HostOffload:
         unknown = [n for n in names if n not in GROUPS]
         if unknown:
             raise ValueError(f"unknown offload group {unknown[0]!r} (groups: {', '.join(GROUPS)})")
-        names = tuple(n for n in names if n in self._home)
-        for name in names:
-            if self._depth[name] == 0:
-                for t, home in self._home[name]:
-                    t.data = home.to(self.device, non_blocking=True)
-            self._depth[name] += 1
+        entered = []
         try:
+            for name in (n for n in names if n in self._home):
+                entered.append(name)  # first: a copy that fails half-way is undone below
+                self._depth[name] += 1
+                if self._depth[name] == 1:
+                    for t, home in self._home[name]:
+                        t.data = home.to(self.device, non_blocking=True)
             yield
         finally:
-            for name in names:
+            for name in entered:
                 self._depth[name] -= 1
                 if self._depth[name] == 0:
                     for t, home in self._home[name]:
