@@ -41,10 +41,12 @@ inference)
 training)
     shift
     settings=("$@")
-    [ ${#settings[@]} -gt 0 ] || settings=(preset foreach ema ema-offload)
-    python3 -m pytest -q -p no:cacheprovider tests/test_offload.py tests/test_optimizers.py -k "gpu" \
-        > "$out/cuda-tests-training.txt" 2>&1 || echo "CUDA-only tests FAILED: see cuda-tests-training.txt"
-    tail -n 3 "$out/cuda-tests-training.txt"
+    if [ ${#settings[@]} -eq 0 ]; then  # the first call: the GPU tests of training too
+        settings=(preset foreach ema ema-offload)
+        python3 -m pytest -q -p no:cacheprovider tests/test_offload.py tests/test_optimizers.py -k "gpu" \
+            > "$out/cuda-tests-training.txt" 2>&1 || echo "CUDA-only tests FAILED: see cuda-tests-training.txt"
+        tail -n 3 "$out/cuda-tests-training.txt"
+    fi
     python3 benchmarks/sdxl_training.py --warmup 2 --steps 6 --settings "${settings[@]}" \
         --out "$out/sdxl_training.json"
     ;;
