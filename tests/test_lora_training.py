@@ -121,6 +121,23 @@ def test_a_half_precision_lora_run_merges_against_the_teachers_weights_on_disk(t
     assert any(not torch.equal(student[k], rounded[k].float()) for k in student)
 
 
+def test_a_lora_student_shares_the_teachers_weights_and_trains_as_a_copy_would(tiny_sdxl_dir, tmp_path):
+    """Its frozen base is the teacher's own tensors (no second copy); trained, it ends where a
+    student started from a copy of the same weights (`model.student_init`: not shared) ends."""
+    common = ["model.lora_rank=4", "loss.pretrain_steps=1"]
+    d = Distiller(config(tiny_sdxl_dir, tmp_path / "shared", *common), progress=False)
+    teacher = {id(p) for p in d.teacher.unet.parameters()}
+    base = [p for n, p in d.student.named_parameters() if "lora_" not in n]
+    assert base and all(id(p) in teacher for p in base)
+    assert not any(p.requires_grad for p in d.teacher.unet.parameters())
+    d.train()
+    init = f"model.student_init={tiny_sdxl_dir / 'unet' / 'diffusion_pytorch_model.safetensors'}"
+    copied = Distiller(config(tiny_sdxl_dir, tmp_path / "copied", *common, init), progress=False)
+    assert not {id(p) for p in copied.student.parameters()} & {id(p) for p in copied.teacher.unet.parameters()}
+    copied.train()
+    assert same_student(tmp_path / "shared", tmp_path / "copied")
+
+
 def test_lora_run_resumes_exactly(tiny_sdxl_dir, tmp_path):
     straight, resumed = straight_and_resumed(tiny_sdxl_dir, tmp_path, "model.lora_rank=4", "refine.steps_per_stage=[4]")
     assert same_student(tmp_path / "a", tmp_path / "b")

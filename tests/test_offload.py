@@ -66,6 +66,8 @@ CASES = {  # id: (overrides, the teacher parts offloaded)
     "online": ([], ["text", "vae", "decoder"]),
     # DMD2's real score runs the whole teacher UNet every iteration: the decoder stays.
     "dmd2": (["loss.objective=dmd2", "data.pairs={pairs}"], ["text", "vae"]),
+    # A LoRA student shares the teacher's UNet weights, decoder included: it stays.
+    "lora": (["model.lora_rank=4", "data.pairs={pairs}"], ["text", "vae"]),
     # The pixel discriminator decodes the student's latents through the VAE with gradients.
     "pixel": (["loss.pretrain_kind=adversarial", "loss.pretrain_steps=1", "data.pairs={pairs}"], ["text", "decoder"]),
 }

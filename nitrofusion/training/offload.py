@@ -100,15 +100,15 @@ class HostOffload:
                         t.data = home
 
 
-def teacher_groups(pipe, objective_runs_whole_unet: bool, vae_differentiated: bool) -> dict[str, list[nn.Module]]:
+def teacher_groups(pipe, whole_unet_every_step: bool, vae_differentiated: bool) -> dict[str, list[nn.Module]]:
     """The teacher's offloadable parts for a run: its text encoders always; its VAE unless a pixel
-    discriminator decodes through it with gradients; its UNet's decoder unless the objective runs
-    the whole teacher UNet every iteration (DMD2's and ADM's real score)."""
+    discriminator decodes through it with gradients; its UNet's decoder unless the whole teacher
+    UNet runs every iteration (DMD2's and ADM's real score; a LoRA student sharing its weights)."""
     groups = {"text": [m for m in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if m is not None]}
     if not vae_differentiated:
         # AutoencoderKL's decode() is not its forward(): the guard sits on the parts it calls.
         groups["vae"] = [m for m in pipe.vae.children() if any(True for _ in m.parameters())] or [pipe.vae]
-    if not objective_runs_whole_unet:
+    if not whole_unet_every_step:
         unet = pipe.unet
         groups["decoder"] = [m for m in (*unet.up_blocks, unet.conv_norm_out, unet.conv_out) if m is not None]
     return groups
