@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from diffusers import DiffusionPipeline, UNet2DConditionModel
 from tqdm.auto import tqdm
 
@@ -131,7 +132,10 @@ class Distiller:
                 module.requires_grad_(False)  # frozen: the teacher, its text encoders and VAE
         # A LoRA student of the teacher's own weights never changes them: it shares them with the
         # teacher instead of copying them (SDXL: 4.8 GiB in bf16) and trains adapters on top.
-        self.student_shares_teacher = cfg.model.lora_rank > 0 and not cfg.model.student_init
+        # Not under FSDP or DeepSpeed: they flatten and shard the student's parameters in place,
+        # which would take the teacher's weights with them.
+        sharded = self.acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+        self.student_shares_teacher = cfg.model.lora_rank > 0 and not cfg.model.student_init and not sharded
         shared = {id(p): p for p in self.teacher.unet.parameters()} if self.student_shares_teacher else {}
         student = copy.deepcopy(self.teacher.unet, shared).train()
         if not self.student_shares_teacher:
