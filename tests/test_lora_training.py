@@ -138,6 +138,23 @@ def test_a_lora_student_shares_the_teachers_weights_and_trains_as_a_copy_would(t
     assert same_student(tmp_path / "shared", tmp_path / "copied")
 
 
+def test_resume_never_writes_into_the_teachers_weights(tiny_sdxl_dir, tmp_path):
+    """The LoRA student's base is the teacher: a checkpoint whose base differs (another teacher,
+    init or precision) is refused in one line instead of being loaded into the teacher."""
+    d = Distiller(config(tiny_sdxl_dir, tmp_path, "model.lora_rank=4"), progress=False)
+    d.train_step()
+    d.step += 1
+    d.save_checkpoint()
+    other = Distiller(config(tiny_sdxl_dir, tmp_path, "model.lora_rank=4"), progress=False)
+    weight = next(other.teacher.unet.parameters())
+    with torch.no_grad():
+        weight.add_(1.0)  # as if another teacher
+    changed = weight.detach().clone()
+    with pytest.raises(UserError, match="not this run's teacher's"):
+        other.resume("latest")
+    assert torch.equal(weight, changed)
+
+
 def test_lora_run_resumes_exactly(tiny_sdxl_dir, tmp_path):
     straight, resumed = straight_and_resumed(tiny_sdxl_dir, tmp_path, "model.lora_rank=4", "refine.steps_per_stage=[4]")
     assert same_student(tmp_path / "a", tmp_path / "b")

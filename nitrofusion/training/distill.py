@@ -585,8 +585,11 @@ class Distiller:
                     f"the checkpoint's {name} does not fit this run's ({'; '.join(problems)}): "
                     "resume with the run's own config"
                 )
+        student = part("student")
+        if self.student_shares_teacher:
+            student = self._without_teacher_weights(raw, student)
         try:
-            raw.load_state_dict(part("student"))
+            raw.load_state_dict(student, strict=not self.student_shares_teacher)
             self.ema.load_own_state_dict(part("ema"))
             checkpoint.load_optimizer(self.opt_g.optimizer, tensors, meta["opt_g"], "opt_g")
             for critic in self.critics.values():
@@ -609,8 +612,25 @@ class Distiller:
         if due and not self.validation_path().is_file():
             self.validate()
 
+    def _without_teacher_weights(self, raw: UNet2DConditionModel, state: dict[str, torch.Tensor]) -> dict:
+        """A LoRA student's checkpoint without the frozen base it shares with the teacher: loading
+        that would write into the teacher (the backbone, the real score). It must hold what the
+        teacher holds now, or the checkpoint was made with another teacher, init or precision."""
+        teacher = {id(p) for p in self.teacher.unet.parameters()}
+        shared = {k: v for k, v in raw.state_dict(keep_vars=True).items() if id(v) in teacher}
+        for key, live in shared.items():
+            saved = state[key]
+            if saved.dtype != live.dtype or not torch.equal(saved.to(live.device), live.detach()):
+                raise UserError(
+                    f"the checkpoint's frozen student weights ({key}) are not this run's teacher's: it was "
+                    "made with another teacher, model.student_init or optim.mixed_precision"
+                )
+        return {k: v for k, v in state.items() if k not in shared}
+
     def student_pipeline(self, use_ema: bool = True, unet: UNet2DConditionModel | None = None) -> DiffusionPipeline:
         """The student as a pipeline (the EMA or the raw student, or `unet` if given)."""
+        if use_ema and unet is None and not self.ema.kept:
+            raise RuntimeError("the EMA is kept on the main process only")
         unet = unet or (self.ema.shadow if use_ema else self.acc.unwrap_model(self.student))
         pipe = type(self.teacher)(**{**self.teacher.components, "unet": unet, "scheduler": self.scheduler})
         pipe.nitro_sampler, pipe.nitro_model = "shift-lcm", str(self.out)
