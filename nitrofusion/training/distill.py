@@ -338,7 +338,9 @@ class Distiller:
         else:
             prompts = [self.prompts[int(i)] for i in torch.randint(0, len(self.prompts), (n,), generator=g)]
             noise = torch.randn((n, *self.sampler.latent_shape), generator=g)
-            with self.offload.onloaded("text", "vae", "decoder"):  # the pipeline reads its device off the VAE
+            # The VAE too, which a latent-only sample never runs (0.16 GiB): the pipeline's device
+            # then never depends on how diffusers picks among components on different devices.
+            with self.offload.onloaded("text", "vae", "decoder"):
                 real = self.sampler(prompts, noise)
         return self.text(prompts).to(device), noise.to(device), real.to(device)
 

@@ -16,6 +16,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from nitrofusion.training.offload import go_home, move_home, visit
+
 
 class EMA(nn.Module):
     """Shadow copy of `model` updated as shadow <- decay * shadow + (1 - decay) * param.
@@ -39,15 +41,8 @@ class EMA(nn.Module):
             if id(p) not in shared:  # a shared one is the model's own: leave it trainable
                 p.requires_grad_(False)
         own = [p for p in self.shadow.parameters() if id(p) not in shared] + list(self.shadow.buffers())
-        self._home: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._home = move_home(own) if host and keep else []
         self._on_device = False
-        if host and keep:
-            pin = any(t.is_cuda for t in own)  # pinned: on_device's copies in are asynchronous
-            for t in own:
-                home = t.detach().to("cpu")
-                home = home.pin_memory() if pin else home
-                t.data = home  # the device copy is freed here
-                self._home.append((t, home))
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
@@ -69,12 +64,10 @@ class EMA(nn.Module):
             return
         self._on_device = True
         try:
-            for t, home in self._home:
-                t.data = home.to(device, non_blocking=True)
+            visit(self._home, device)
             yield self.shadow
         finally:
-            for t, home in self._home:
-                t.data = home
+            go_home(self._home)
             self._on_device = False
 
     def own_state_dict(self) -> dict[str, torch.Tensor]:

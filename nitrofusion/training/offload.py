@@ -15,7 +15,7 @@ modules (the encoder as backbone, the VAE under a pixel discriminator) stay on t
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from functools import partial
 
@@ -23,6 +23,32 @@ import torch
 from torch import nn
 
 GROUPS = ("text", "vae", "decoder")  # the teacher's parts that can live in host memory
+
+
+Homes = list[tuple[torch.Tensor, torch.Tensor]]  # (tensor, its host copy)
+
+
+def move_home(tensors: Iterable[torch.Tensor]) -> Homes:
+    """Point each tensor at a host copy of itself, freeing its device copy. A copy of a GPU tensor
+    is pinned, so the copies back (`visit`) are asynchronous."""
+    homes = []
+    for t in tensors:
+        home = t.detach().to("cpu")
+        home = home.pin_memory() if t.is_cuda else home
+        t.data = home
+        homes.append((t, home))
+    return homes
+
+
+def visit(homes: Homes, device: torch.device | str) -> None:
+    """Each tensor on `device`, copied from its host copy; `go_home` drops the device copies."""
+    for t, home in homes:
+        t.data = home.to(device, non_blocking=True)
+
+
+def go_home(homes: Homes) -> None:
+    for t, home in homes:
+        t.data = home
 
 
 def _tensors(modules: list[nn.Module]) -> list[torch.Tensor]:
@@ -42,21 +68,14 @@ class HostOffload:
 
     def __init__(self, groups: dict[str, list[nn.Module]], device: torch.device | str) -> None:
         self.device = torch.device(device)
-        self._home: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._home: dict[str, Homes] = {}
         self._depth: dict[str, int] = {}
-        pin = self.device.type == "cuda"
         for name, modules in groups.items():
             if name not in GROUPS:
                 raise ValueError(f"unknown offload group {name!r} (groups: {', '.join(GROUPS)})")
-            pairs = []
-            for t in _tensors(modules):
-                home = t.detach().to("cpu")
-                home = home.pin_memory() if pin else home  # pinned: the copies in are asynchronous
-                t.data = home  # the device copy is freed here
-                pairs.append((t, home))
             for module in modules:
                 module.register_forward_pre_hook(partial(self._check, name))
-            self._home[name], self._depth[name] = pairs, 0
+            self._home[name], self._depth[name] = move_home(_tensors(modules)), 0
 
     def _check(self, name: str, module: nn.Module, args: tuple) -> None:
         if self._depth[name] == 0:
@@ -89,15 +108,13 @@ class HostOffload:
                 entered.append(name)  # first: a copy that fails half-way is undone below
                 self._depth[name] += 1
                 if self._depth[name] == 1:
-                    for t, home in self._home[name]:
-                        t.data = home.to(self.device, non_blocking=True)
+                    visit(self._home[name], self.device)
             yield
         finally:
             for name in entered:
                 self._depth[name] -= 1
                 if self._depth[name] == 0:
-                    for t, home in self._home[name]:
-                        t.data = home
+                    go_home(self._home[name])
 
 
 def teacher_groups(pipe, whole_unet_every_step: bool, vae_differentiated: bool) -> dict[str, list[nn.Module]]:
