@@ -5,7 +5,7 @@
 #   bash benchmarks/device_checks.sh inference   # CUDA-only tests, then SDXL sampling, batch 1 and 4 (~7 min on an H100)
 #   bash benchmarks/device_checks.sh training    # the GPU tests of training, then SDXL training: the preset, AdamW's
 #                                                # foreach kernels, an EMA on the GPU and in host memory (~7 min)
-#   bash benchmarks/device_checks.sh training offload lora-offload 8bit-ema static   # the next call: named settings
+#   bash benchmarks/device_checks.sh training offload lora lora-offload 8bit-ema static   # the next call: named settings
 #
 # Results go to $OUT (the device tool brings that folder back), else runs/device. diffusers and
 # bitsandbytes are not installed on that machine: carry their wheels in .whl/ (pip download
