@@ -3,6 +3,7 @@ resume, faults, output format."""
 
 import errno
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -15,6 +16,7 @@ from helpers import config, moved, same_student, snapshot, straight_and_resumed
 from safetensors.torch import load_file
 
 from nitrofusion.cli import main
+from nitrofusion.testing import save_tiny_sdxl, tiny_sdxl_pipeline
 from nitrofusion.training import checkpoint
 from nitrofusion.training.distill import Distiller, TrainingStopped
 
@@ -152,6 +154,35 @@ def test_resuming_with_networks_of_another_shape_is_one_clear_error(tiny_sdxl_di
     again = Distiller(config(tiny_sdxl_dir, tmp_path, "optim.lr=3e-5"), progress=False)
     again.resume("latest")
     assert again.step == 1
+
+
+def test_resuming_with_another_teacher_is_refused_wherever_it_lies(tiny_sdxl_dir, tmp_path):
+    """The checkpoint records which teacher it was made with, by its weights, not its path: the same
+    teacher copied elsewhere resumes; another one (same architecture) is refused in one line."""
+    from nitrofusion.errors import UserError
+
+    Distiller(config(tiny_sdxl_dir, tmp_path / "run", "refine.steps_per_stage=[1]"), progress=False).train()
+    moved_teacher = shutil.copytree(tiny_sdxl_dir, tmp_path / "moved")
+    again = Distiller(config(moved_teacher, tmp_path / "run", "refine.steps_per_stage=[1]"), progress=False)
+    again.resume("latest")
+    assert again.step == 1
+    other = save_tiny_sdxl(tmp_path / "other", seed=1)
+    with pytest.raises(UserError, match="made with another teacher than model.teacher=") as err:
+        Distiller(config(other, tmp_path / "run"), progress=False).resume("latest")
+    assert "\n" not in str(err.value)
+
+
+def test_fingerprint_tells_models_apart_not_precisions():
+    from nitrofusion.training.checkpoint import fingerprint
+
+    a = tiny_sdxl_pipeline(0).unet.state_dict()
+    b = tiny_sdxl_pipeline(1).unet.state_dict()
+    assert fingerprint(a) == fingerprint({k: v.clone() for k, v in a.items()})
+    assert fingerprint(a) == fingerprint({k: v.to(torch.bfloat16) for k, v in a.items()})
+    assert fingerprint(a) != fingerprint(b)
+    name = next(k for k, v in a.items() if v.numel() > 1024)
+    assert fingerprint(a) != fingerprint(a | {name: a[name] + 0.1})
+    assert fingerprint(a) != fingerprint(a | {name: a[name].reshape(-1)})  # same values, another shape
 
 
 def test_output_loads_like_public_checkpoints(tiny_sdxl_dir, tmp_path, capsys):

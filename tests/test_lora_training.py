@@ -7,7 +7,9 @@ from helpers import config, same_student, snapshot, straight_and_resumed
 from safetensors.torch import load_file
 
 from nitrofusion.errors import UserError
+from nitrofusion.testing import save_tiny_sdxl
 from nitrofusion.testing import tiny_sdxl_pipeline as tiny_sdxl
+from nitrofusion.training import checkpoint
 from nitrofusion.training.config import load_config
 from nitrofusion.training.distill import Distiller
 from nitrofusion.training.ema import EMA
@@ -139,8 +141,8 @@ def test_a_lora_student_shares_the_teachers_weights_and_trains_as_a_copy_would(t
 
 
 def test_resume_never_writes_into_the_teachers_weights(tiny_sdxl_dir, tmp_path):
-    """The LoRA student's base is the teacher: a checkpoint whose base differs (another teacher,
-    init or precision) is refused in one line instead of being loaded into the teacher."""
+    """The LoRA student's base is the teacher: a checkpoint made with another teacher is refused in
+    one line, and nothing is loaded into the teacher."""
     d = Distiller(config(tiny_sdxl_dir, tmp_path, "model.lora_rank=4"), progress=False)
     d.train_step()
     d.step += 1
@@ -150,9 +152,43 @@ def test_resume_never_writes_into_the_teachers_weights(tiny_sdxl_dir, tmp_path):
     with torch.no_grad():
         weight.add_(1.0)  # as if another teacher
     changed = weight.detach().clone()
-    with pytest.raises(UserError, match="not this run's teacher's"):
+    with pytest.raises(UserError, match="made with another teacher"):
         other.resume("latest")
     assert torch.equal(weight, changed)
+
+
+def test_a_lora_checkpoint_holds_the_adapters_and_a_fingerprint_of_the_frozen_base(tiny_sdxl_dir, tmp_path):
+    """The frozen base is the teacher's or model.student_init's weights, which a resumed run loads
+    anyway: the checkpoint keeps which weights they were, not a copy. A resume on another base is
+    refused; so is one from a checkpoint that still holds a base (as they all did) other than this run's."""
+    init = f"model.student_init={tiny_sdxl_dir / 'unet' / 'diffusion_pytorch_model.safetensors'}"
+    d = Distiller(config(tiny_sdxl_dir, tmp_path / "run", "model.lora_rank=4", init), progress=False)
+    d.train_step()
+    d.step += 1
+    d.save_checkpoint()
+    tensors, meta = checkpoint.load(checkpoint.list_checkpoints(tmp_path / "run" / "checkpoints")[-1])
+    student = {k.removeprefix("student."): v for k, v in tensors.items() if k.startswith("student.")}
+    trainable = {n for n, p in d.student.named_parameters() if p.requires_grad}
+    assert student.keys() == trainable and all("lora_" in k for k in student)
+    frozen = d.frozen_student_weights(d.student)
+    assert frozen and meta["student_frozen_fingerprint"] == checkpoint.fingerprint(frozen)
+
+    other_base = save_tiny_sdxl(tmp_path / "other", seed=1) / "unet" / "diffusion_pytorch_model.safetensors"
+    other = Distiller(config(tiny_sdxl_dir, tmp_path / "run", "model.lora_rank=4", f"model.student_init={other_base}"))
+    with pytest.raises(UserError, match="trained on other frozen weights"):
+        other.resume("latest")
+
+    # A checkpoint written with its base: that base is checked, never loaded.
+    base = {f"student.{k}": v for k, v in frozen.items()}
+    written = ("step", "state_bytes", "state_crc32", "student_frozen_fingerprint")
+    old_meta = {k: v for k, v in meta.items() if k not in written}
+    checkpoint.save(tmp_path / "run" / "checkpoints", 2, tensors | base, old_meta)
+    with pytest.raises(UserError, match="trained on other frozen weights"):
+        other.resume("latest")
+    again = Distiller(config(tiny_sdxl_dir, tmp_path / "run", "model.lora_rank=4", init), progress=False)
+    again.resume("latest")
+    assert again.step == 2
+    assert all(torch.equal(v, again.student.state_dict()[k]) for k, v in student.items())
 
 
 def test_lora_run_resumes_exactly(tiny_sdxl_dir, tmp_path):

@@ -11,6 +11,7 @@ Optimizer states are flattened to tensors plus JSON hyper-parameters (no torch.l
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -105,6 +106,25 @@ def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
     flags = {key: opt.defaults[key] for key in ("fused", "foreach") if key in opt.defaults}
     groups = [{**group, **flags} for group in meta["param_groups"]]
     opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+def fingerprint(state: dict[str, torch.Tensor], samples: int = 1024) -> str:
+    """A digest that tells one set of weights from another without storing or reading them whole:
+    per tensor, its name, its shape and `samples` evenly spaced values rounded to bf16. The same
+    weights held in fp32 or bf16, on any device, give the same digest (a run may resume at another
+    precision, as a full student may); another model's weights give another. Weights that differ
+    only between the sampled values are not told apart: it identifies models, it is no checksum."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name in sorted(state):
+        flat = state[name].detach().reshape(-1)
+        digest.update(f"{name}{tuple(state[name].shape)};".encode())
+        if flat.numel() > samples:  # integer positions: the same on every device
+            index = torch.arange(samples) * (flat.numel() - 1) // (samples - 1)
+            flat = flat[index.to(flat.device)]
+        if flat.is_floating_point():
+            flat = flat.to(torch.bfloat16).float()
+        digest.update(flat.cpu().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def rng_state() -> dict[str, torch.Tensor]:
