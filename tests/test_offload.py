@@ -105,6 +105,25 @@ def test_ema_in_host_memory_averages_like_the_one_beside_the_model():
             host.update(model)  # it would average into the device copy, dropped at the block's end
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host memory against GPU memory needs a GPU")
+def test_gpu_ema_in_host_memory_averages_on_the_gpu_exactly_like_the_one_beside_the_model():
+    torch.manual_seed(0)
+    model = small().requires_grad_(True).cuda()
+    resident, host = EMA(model, 0.9), EMA(model, 0.9, host=True)
+    assert all(p.device.type == "cpu" and p.is_pinned() for p in host.shadow.parameters())
+    before = torch.cuda.memory_allocated()
+    for _ in range(3):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        resident.update(model)
+        host.update(model)
+    assert torch.cuda.memory_allocated() == before  # nothing of the host EMA stays on the GPU
+    for a, b in zip(resident.shadow.parameters(), host.shadow.parameters()):
+        assert b.device.type == "cpu" and b.is_pinned()
+        assert torch.equal(a.cpu(), b)  # the same kernel on the same device, not the CPU's lerp
+
+
 def test_training_with_the_ema_in_host_memory_is_the_same_training(tiny_sdxl_dir, tmp_path):
     ema = ["optim.ema_decay=0.9", "run.validate_every=2"]
     plain = Distiller(config(tiny_sdxl_dir, tmp_path / "plain", *ema), progress=False)

@@ -112,7 +112,7 @@ class OptimConfig:
     grad_accumulation: int = 1
     warmup_steps: int = 0
     ema_decay: float = 0.99
-    ema_offload: bool = False  # the EMA's copy in host memory, averaged there (training/ema.py)
+    ema_offload: bool = False  # the EMA's copy in host memory, averaged on the GPU a tensor at a time (training/ema.py)
     mixed_precision: str = "no"  # no | bf16 (fp16 is refused: see validate)
     fused: bool = True  # AdamW's fused kernel on CUDA: no optimizer-sized temporaries (training/optimizers.py)
 

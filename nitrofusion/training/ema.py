@@ -1,9 +1,9 @@
 """Exponential moving average of a model's weights, kept as a module for checkpointing.
 
 At SDXL size the EMA's fp32 copy is 10.3 GB of GPU memory. `host=True` keeps it in (pinned)
-host memory instead and updates it there: each update copies the student's weights out and
-averages them on the CPU, once per student update (the `sdxl` preset updates once per 20
-micro-batches, so the copy's cost is spread over all of them). Sampling from the EMA brings it
+host memory instead: each update brings it through the GPU a tensor at a time (10.3 GB each
+way), once per student update (the `sdxl` preset updates once per 20 micro-batches, so the
+copies' cost is spread over all of them). Sampling from the EMA brings it
 to the device for the length of a block (`on_device`).
 """
 
@@ -50,11 +50,25 @@ class EMA(nn.Module):
             raise RuntimeError("EMA.update inside EMA.on_device: the update would be lost with the device copy")
         if not self.kept:
             return
+        weight, pending = 1.0 - self.decay, None
         for s, p in zip(self.shadow.parameters(), model.parameters()):
-            if s is not p:
-                s.lerp_(p.detach().to(s.device, s.dtype), 1.0 - self.decay)
+            if s is p:
+                continue
+            if s.device == p.device:
+                s.lerp_(p.detach().to(s.dtype), weight)
+            else:
+                # A host shadow of a GPU model: averaged on the GPU, a tensor at a time, both ways
+                # through pinned memory. Averaging on the CPU instead reads the student out into
+                # fresh pageable memory and runs a 2.6 B-value lerp on the host's cores at SDXL size.
+                there = s.to(p.device, non_blocking=True)
+                there.lerp_(p.detach().to(s.dtype), weight)
+                s.copy_(there, non_blocking=True)
+                pending = p.device
+                del there  # its block is free for the next tensor's (stream order keeps the copy safe)
         for s, b in zip(self.shadow.buffers(), model.buffers()):
             s.copy_(b)
+        if pending is not None and pending.type == "cuda":
+            torch.cuda.synchronize(pending)  # the copies home are asynchronous: done before anyone reads them
 
     @contextmanager
     def on_device(self, device: torch.device | str) -> Iterator[nn.Module]:
