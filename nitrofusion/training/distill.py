@@ -61,6 +61,7 @@ from nitrofusion.pipelines.loading import (
 from nitrofusion.scheduling import TimestepShiftLCMScheduler
 from nitrofusion.training import checkpoint
 from nitrofusion.training.config import DistillConfig, save_config
+from nitrofusion.training.curves import MetricsLog, plot_curves
 from nitrofusion.training.ema import EMA
 from nitrofusion.training.faults import fires, kill_point
 from nitrofusion.training.lora import add_lora, merged_state_dict, plain_unet
@@ -182,6 +183,7 @@ class Distiller:
         self.student, self.opt_g = self.acc.prepare(student, opt_g)
         self.step = 0
         self.bad_steps = 0
+        self.metrics = MetricsLog(self.out / "metrics.jsonl")
 
     def _build_objectives(self, fake_unet: UNet2DConditionModel | None) -> None:
         """The critics this config trains, the pre-training objective and the main one."""
@@ -310,6 +312,17 @@ class Distiller:
                 return Phase("distill", k + 1)
             left -= n
         return Phase("distill", len(stages))
+
+    def phases(self) -> list[tuple[int, str]]:
+        """(first iteration, name) of each phase that runs: pre-training, then each refinement stage."""
+        start, out = self.cfg.loss.pretrain_steps, []
+        if start > 0:
+            out.append((0, f"pre-training ({self.cfg.loss.pretrain_kind})"))
+        for k, n in enumerate(self.cfg.refine.steps_per_stage):
+            if n > 0:
+                out.append((start, f"{k + 1} step" + ("s" if k else "")))
+            start += n
+        return out
 
     def max_sampling_steps(self) -> int:
         # A regression-only run (every stage 0) still trains the one-step student.
@@ -474,12 +487,15 @@ class Distiller:
             while self.step < total:
                 logs = self.train_step()
                 self.step += 1
+                if self.acc.is_main_process:
+                    self.metrics.record(self.step, self.curve_values(logs))
                 bar.update(1)
                 bar.set_postfix({k: f"{v:.3f}" for k, v in logs.items() if k in ("g_loss", "d_loss")}, refresh=False)
                 if self.step % cfg.run.log_every == 0 or self.step == total:
                     logs["seconds_per_step"] = (time.perf_counter() - t0) / cfg.run.log_every
                     t0 = time.perf_counter()
                     self.acc.log(logs, step=self.step)
+                    self.metrics.flush()
                 # Before the checkpoint of the same step, so a resumed run never misses it.
                 if self.step in stage_ends:
                     self.export_stage(stage_ends[self.step])
@@ -491,6 +507,7 @@ class Distiller:
         finally:
             bar.close()  # before any error message, which must be the last line the user sees
         self.acc.end_training()
+        self.draw_curves()
         return self.export()
 
     # ---- persistence ----------------------------------------------------------------------
@@ -498,6 +515,7 @@ class Distiller:
         self.acc.wait_for_everyone()
         if not self.acc.is_main_process:
             return
+        self.metrics.flush()
         raw = self.acc.unwrap_model(self.student)
         if not all(torch.isfinite(p).all() for p in raw.parameters()):
             self.log_line(f"step {self.step}: the student's weights are not finite; checkpoint not written")
@@ -619,6 +637,8 @@ class Distiller:
                 f"the checkpoint does not fit this run's networks ({first[:200]}): resume with the run's own config"
             ) from None
         self.step = int(meta["step"])
+        if self.acc.is_main_process:
+            self.metrics.keep_until(self.step)
         self.log_line(f"resumed from step {self.step}")
         # A run killed while validating after its checkpoint: draw the grid it never wrote.
         every = self.cfg.run.validate_every
@@ -691,7 +711,23 @@ class Distiller:
         path.parent.mkdir(parents=True, exist_ok=True)
         with replacing(path) as tmp:  # never a half-written PNG under the real name
             make_grid(rows, labels, scale=max(1, 96 // rows[0][0].size[0])).save(tmp, format="PNG")
+        self.draw_curves()
         return path
+
+    def curve_values(self, logs: dict[str, float]) -> dict[str, float]:
+        """An iteration's logs as metrics.jsonl keeps them: pre-training's losses under their own
+        names, since they measure other things (a regression MSE, the pixel critic's game)."""
+        if self.phase(self.step - 1).name != "pretrain":
+            return logs
+        return {(f"pretrain_{k}" if k in ("g_loss", "d_loss") else k): v for k, v in logs.items()}
+
+    def draw_curves(self) -> Path | None:
+        """curves.png: every iteration's losses and critic outputs so far, the phases marked."""
+        if not self.acc.is_main_process:
+            return None
+        self.metrics.flush()
+        title = f"{self.cfg.loss.objective} distillation of {self.cfg.model.teacher}"
+        return plot_curves(self.metrics.read(), self.out / "curves.png", self.phases(), title=title)
 
     def validation_path(self) -> Path:
         return self.out / "validation" / f"step-{self.step:08d}.png"
