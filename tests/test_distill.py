@@ -9,6 +9,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
@@ -154,6 +155,24 @@ def test_resuming_with_networks_of_another_shape_is_one_clear_error(tiny_sdxl_di
     again = Distiller(config(tiny_sdxl_dir, tmp_path, "optim.lr=3e-5"), progress=False)
     again.resume("latest")
     assert again.step == 1
+
+
+@pytest.mark.parametrize("objective", ["nitrofusion", "dmd2", "adm"])
+def test_an_sd15_architecture_teacher_distils_into_a_stock_loadable_student(tiny_sd15_dir, tmp_path, objective):
+    """SD1.5's UNet has no added conditions and one text encoder (the heads' pooled text is the
+    mean token embedding): every objective trains it and exports a pipeline stock diffusers loads."""
+    from diffusers import StableDiffusionPipeline
+
+    extra = ["loss.pretrain_kind=adversarial"] if objective == "adm" else []
+    overrides = [f"loss.objective={objective}", "loss.pretrain_steps=1", "refine.steps_per_stage=[1,1]", *extra]
+    d = Distiller(config(tiny_sd15_dir, tmp_path, *overrides), progress=False)
+    before = snapshot(d.student)
+    d.train()
+    assert moved(before, d.student)
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "pipeline")
+    assert type(pipe.scheduler).__name__ == "TimestepShiftLCMScheduler"
+    image = pipe("a photo", num_inference_steps=2, guidance_scale=0, output_type="np").images[0]
+    assert np.isfinite(image).all() and image.std() > 0
 
 
 def test_resuming_with_another_teacher_is_refused_wherever_it_lies(tiny_sdxl_dir, tmp_path):

@@ -683,7 +683,10 @@ class Distiller:
         if use_ema and unet is None and not self.ema.kept:
             raise RuntimeError("the EMA is kept on the main process only")
         unet = unet or (self.ema.shadow if use_ema else self.acc.unwrap_model(self.student))
-        pipe = type(self.teacher)(**{**self.teacher.components, "unet": unet, "scheduler": self.scheduler})
+        # SD1.5 pipelines record whether they want a safety checker: keep the teacher's answer (else
+        # diffusers warns at every grid and export that the checker is missing).
+        flags = {k: v for k, v in self.teacher.config.items() if k == "requires_safety_checker"}
+        pipe = type(self.teacher)(**{**self.teacher.components, "unet": unet, "scheduler": self.scheduler}, **flags)
         pipe.nitro_sampler, pipe.nitro_model = "shift-lcm", str(self.out)
         pipe.set_progress_bar_config(disable=True)
         return pipe
