@@ -106,7 +106,7 @@ def plot_curves(
             ax.plot(steps, values, color=colour, alpha=0.25, linewidth=0.8)
             ax.plot(steps, smooth(values, max(1, len(values) // 40)), color=colour, linewidth=1.6, label=key)
         ax.set_title(panel, fontsize=9, loc="left")
-        ax.legend(fontsize=8, loc="upper right")
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # outside: clear of the phase names
         ax.grid(alpha=0.3)
         for start, _ in phases[1:]:
             ax.axvline(start, color="grey", linestyle="--", linewidth=0.8)
