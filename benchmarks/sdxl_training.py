@@ -136,12 +136,27 @@ def worker(args: argparse.Namespace) -> None:
                 return out
 
             d.opt_g.step = measured_step
+        # The EMA update on its own (GPU work included): what optim.ema_offload's copies cost.
+        ema_seconds: list[float] = []
+        ema_update = d.ema.update
+
+        def timed_ema_update(model):
+            if cuda:
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            ema_update(model)
+            if cuda:
+                torch.cuda.synchronize()
+            ema_seconds.append(time.perf_counter() - t)
+
+        d.ema.update = timed_ema_update
         where["now"] = "the iteration outside the student's optimizer step"
         for _ in range(args.warmup):
             d.train_step()
             d.step += 1
         if cuda:
             torch.cuda.synchronize()
+        ema_seconds.clear()
         t0 = time.perf_counter()
         for _ in range(args.steps):
             d.train_step()
@@ -149,6 +164,8 @@ def worker(args: argparse.Namespace) -> None:
         if cuda:
             torch.cuda.synchronize()
         result["s_per_iteration"] = (time.perf_counter() - t0) / args.steps
+        if d.ema.decay > 0 and ema_seconds:
+            result["ema_update_s"] = sum(ema_seconds) / len(ema_seconds)
         result["student_optimizer_gib"] = state_bytes(d.opt_g.optimizer) / 2**30
         critics = [opt for critic in d.critics.values() for opt in critic.optimizers.values()]
         result["critic_optimizers_gib"] = sum(state_bytes(opt) for opt in critics) / 2**30  # heads, fake score

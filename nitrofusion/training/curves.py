@@ -93,7 +93,7 @@ def plot_curves(
     if not panels:
         return None
     last = max(r["step"] for r in records)
-    fig = Figure(figsize=(8, 2.2 * len(panels)), dpi=100, layout="constrained")
+    fig = Figure(figsize=(8, 1.0 + 2.0 * len(panels)), dpi=100, layout="constrained")  # + titles and axis
     FigureCanvasAgg(fig)
     axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
     colours = ("tab:blue", "tab:orange")
@@ -110,12 +110,13 @@ def plot_curves(
         ax.grid(alpha=0.3)
         for start, _ in phases[1:]:
             ax.axvline(start, color="grey", linestyle="--", linewidth=0.8)
+    axes[0].set_xlim(0, max(last, 1))  # from iteration 0, where the first phase starts
     for i, (start, name) in enumerate(phases):
         if start <= last:  # staggered: a short phase's name would overwrite the next one's
             axes[0].annotate(
                 name, (start, 1.0), xycoords=("data", "axes fraction"), xytext=(3, -3 - 10 * (i % 2)),
-                textcoords="offset points", va="top", fontsize=8, color="dimgrey",
-            )  # fmt: skip
+                textcoords="offset points", va="top", fontsize=8, color="dimgrey", annotation_clip=True,
+            ).set_in_layout(False)  # fmt: skip
     axes[-1].set_xlabel("iteration")
     if title:
         fig.suptitle(title, fontsize=10)

@@ -478,6 +478,7 @@ class Distiller:
         if self.acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out / "config.yaml")
+            self.metrics.keep_until(self.step)  # a fresh run in an old directory: not the old run's curves
         self.acc.init_trackers("distill")
         total = cfg.total_steps
         stage_ends = self.stage_ends()
