@@ -15,7 +15,6 @@ from pathlib import Path
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from nitrofusion.errors import UserError
-from nitrofusion.userfiles import read_user_text
 
 EXIT_USAGE = 2
 
@@ -23,12 +22,9 @@ EXIT_USAGE = 2
 def _read_prompts(args: argparse.Namespace) -> list[str]:
     prompts = list(args.prompt or [])
     if args.prompts:
-        path = Path(args.prompts)
-        lines = read_user_text(path, "prompt file").splitlines()
-        from_file = [line.strip() for line in lines if line.strip()]
-        if not from_file:
-            raise UserError(f"prompt file '{path}' has no prompts (one per line expected)")
-        prompts += from_file
+        from nitrofusion.data.prompts import read_prompt_file
+
+        prompts += read_prompt_file(args.prompts)
     if not prompts:
         raise UserError("no prompts: give them as arguments or with --prompts FILE")
     return prompts
@@ -233,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="sample images in 1-4 steps")
     g.add_argument("prompt", nargs="*", help="prompts (or use --prompts FILE)")
-    g.add_argument("--prompts", help="text file with one prompt per line")
+    g.add_argument("--prompts", help="prompt file: .txt (a prompt a line), .jsonl, .json (COCO too), .csv/.tsv")
     g.add_argument(
         "--model",
         help="diffusers pipeline directory, hub id in the local cache, 'embedded' (the shipped student, default) "
@@ -284,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     mp = sub.add_parser("make-pairs", help="precompute teacher samples (prompt, noise seed, latent) shards")
     mp.add_argument("--model", default="embedded", help="teacher pipeline directory, hub id or 'embedded'")
-    mp.add_argument("--prompts", default="embedded", help="text file with one prompt a line, or 'embedded'")
+    mp.add_argument("--prompts", default="embedded", help="prompt file (.txt, .jsonl, .json, .csv, .tsv) or 'embedded'")
     mp.add_argument("--n", type=int, default=1024)
     mp.add_argument("--steps", type=int, default=25)
     mp.add_argument("--guidance-scale", type=float, default=5.0)
@@ -299,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", help="pipeline directory or hub id (default: the embedded model)")
     e.add_argument("--unet", help="student UNet state dict (.safetensors)")
     e.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4])
-    e.add_argument("--prompts", default="embedded", help="'embedded' or a text file (one prompt a line)")
+    e.add_argument("--prompts", default="embedded", help="'embedded' or a prompt file (.txt .jsonl .json .csv .tsv)")
     e.add_argument("--n", type=int, default=1000, help="images per setting (prompts cycled)")
     e.add_argument("--sampler", choices=["auto", "shift-lcm", "native"], default="auto")
     e.add_argument("--shift", type=int)

@@ -1,11 +1,29 @@
-"""Prompt sources: a text file (one prompt a line) or the embedded world's prompts."""
+"""Prompt sources: a prompt file, or the embedded world's prompts.
+
+Prompt sets come as plain lists and as captioning datasets' own files, so a file is read by
+its suffix:
+
+- `.txt` (or any other suffix): one prompt a line;
+- `.jsonl`: one JSON value a line, a string or an object with a prompt field;
+- `.json`: a list of such values, or COCO's captions file (`{"annotations": [{"caption": ...}]}`),
+  which is what the paper's COCO-5k prompts are drawn from;
+- `.csv` / `.tsv`: a header row naming a prompt column.
+
+A prompt field is the first of `PROMPT_FIELDS` that a record has.
+"""
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 from pathlib import Path
+from typing import Any
 
 from nitrofusion.errors import UserError
 from nitrofusion.userfiles import read_user_text
+
+PROMPT_FIELDS = ("prompt", "caption", "text")
 
 
 def load_prompts(source: str | Path) -> list[str]:
@@ -16,7 +34,71 @@ def load_prompts(source: str | Path) -> list[str]:
     path = Path(source)
     if not path.is_file():
         raise UserError(f"prompt file '{path}' not found (give a text file with one prompt a line, or 'embedded')")
-    prompts = [line.strip() for line in read_user_text(path, "prompt file").splitlines() if line.strip()]
+    return read_prompt_file(path)
+
+
+def read_prompt_file(path: str | Path) -> list[str]:
+    """The prompts in a file, by its suffix (module docstring); blank prompts are dropped."""
+    path = Path(path)
+    text = read_user_text(path, "prompt file")
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        prompts = [_prompt_of(_json_line(line, path, i), path, f"line {i}") for i, line in _lines(text)]
+    elif suffix == ".json":
+        prompts = _json_prompts(text, path)
+    elif suffix in (".csv", ".tsv"):
+        prompts = _table_prompts(text, path, "\t" if suffix == ".tsv" else ",")
+    else:
+        prompts = text.splitlines()
+    prompts = [p.strip() for p in prompts if p.strip()]
     if not prompts:
         raise UserError(f"prompt file '{path}' has no prompts")
     return prompts
+
+
+def _lines(text: str) -> list[tuple[int, str]]:
+    return [(i, line) for i, line in enumerate(text.splitlines(), start=1) if line.strip()]
+
+
+def _json_line(line: str, path: Path, number: int) -> Any:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"prompt file '{path}', line {number}: not JSON ({exc.msg})") from None
+
+
+def _prompt_of(record: Any, path: Path, where: str) -> str:
+    if isinstance(record, str):
+        return record
+    if isinstance(record, dict):
+        for field in PROMPT_FIELDS:
+            if isinstance(record.get(field), str):
+                return record[field]
+    raise UserError(
+        f"prompt file '{path}', {where}: expected a string or an object with a "
+        f"{' / '.join(repr(f) for f in PROMPT_FIELDS)} string field"
+    )
+
+
+def _json_prompts(text: str, path: Path) -> list[str]:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"prompt file '{path}' is not JSON ({exc.msg}, line {exc.lineno})") from None
+    if isinstance(data, dict) and isinstance(data.get("annotations"), list):  # COCO captions
+        data = data["annotations"]
+    if not isinstance(data, list):
+        raise UserError(f"prompt file '{path}': expected a JSON list of prompts or COCO's {{\"annotations\": [...]}}")
+    return [_prompt_of(record, path, f"item {i}") for i, record in enumerate(data)]
+
+
+def _table_prompts(text: str, path: Path, delimiter: str) -> list[str]:
+    rows = csv.DictReader(io.StringIO(text), delimiter=delimiter)
+    columns = rows.fieldnames or []
+    field = next((f for f in PROMPT_FIELDS if f in columns), None)
+    if field is None:
+        raise UserError(
+            f"prompt file '{path}' has no {' / '.join(repr(f) for f in PROMPT_FIELDS)} column "
+            f"(its header: {', '.join(repr(c) for c in columns[:6]) or 'none'})"
+        )
+    return [row[field] or "" for row in rows]

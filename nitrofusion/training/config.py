@@ -37,7 +37,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    prompts: str = "embedded"  # a text file (one prompt a line) or "embedded"
+    prompts: str = "embedded"  # a prompt file (.txt a prompt a line, .jsonl, .json, .csv, .tsv) or "embedded"
     pairs: str | None = None  # directory of `make-pairs` shards (made first if empty); None = teacher samples online
     num_pairs: int = 2048  # how many pairs to make when `pairs` is empty
     pairs_batch_size: int = 64  # teacher samples per call while making them (no gradients: larger than batch_size)

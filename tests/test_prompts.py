@@ -1,0 +1,64 @@
+"""Prompt files: plain lists and captioning datasets' own formats, read by suffix; bad ones in one line."""
+
+import json
+
+import pytest
+
+from nitrofusion.cli import main
+from nitrofusion.data.prompts import load_prompts
+from nitrofusion.errors import UserError
+
+WANT = ["a cat, sitting", "a dog", 'the "best" shoe']
+
+
+@pytest.mark.parametrize(
+    "name, content",
+    [
+        ("p.txt", 'a cat, sitting\n\n  a dog  \nthe "best" shoe\n'),
+        ("p.jsonl", '{"prompt": "a cat, sitting"}\n\n"a dog"\n{"caption": "the \\"best\\" shoe", "id": 3}\n'),
+        ("p.json", json.dumps(["a cat, sitting", {"text": "a dog"}, {"prompt": 'the "best" shoe'}])),
+        (
+            "captions_val2014.json",  # COCO's layout
+            json.dumps({"images": [], "annotations": [{"image_id": i, "caption": c} for i, c in enumerate(WANT)]}),
+        ),
+        ("p.csv", 'id,caption\n1,"a cat, sitting"\n2,a dog\n3,"the ""best"" shoe"\n4,\n'),
+        ("p.tsv", 'text\tid\na cat, sitting\t1\na dog\t2\nthe "best" shoe\t3\n'),
+    ],
+)
+def test_each_format_gives_the_same_prompts(tmp_path, name, content):
+    path = tmp_path / name
+    path.write_text(content)
+    assert load_prompts(path) == WANT
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("p.jsonl", '{"prompt": "a"}\n{"prompt": "b"\n', "line 2: not JSON"),
+        ("p.jsonl", '{"prompt": "a"}\n{"label": 3}\n', "line 2: expected a string or an object with a 'prompt'"),
+        ("p.json", '{"prompts": ["a"]}', "expected a JSON list of prompts or COCO's"),
+        ("p.json", "[1, 2]", "item 0: expected a string"),
+        ("p.json", '["a", ', "is not JSON"),
+        ("p.csv", "id,label\n1,x\n", "has no 'prompt' / 'caption' / 'text' column (its header: 'id', 'label')"),
+        ("p.csv", "caption\n\n", "has no prompts"),
+        ("p.txt", "\n  \n", "has no prompts"),
+    ],
+)
+def test_a_bad_prompt_file_is_one_line_naming_where(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")) as err:
+        load_prompts(path)
+    assert "\n" not in str(err.value) and str(path) in str(err.value)
+
+
+def test_generate_reads_a_jsonl_prompt_file(tiny_sd15_dir, tmp_path, capsys):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"caption": "a cat"}\n{"caption": "a dog"}\n')
+    args = ["generate", "--prompts", str(path), "--model", str(tiny_sd15_dir), "--sampler", "shift-lcm"]
+    assert main([*args, "--out", str(tmp_path / "o")]) == 0
+    assert len(list((tmp_path / "o").glob("*.png"))) == 2
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{")
+    assert main([*args[:2], str(bad), *args[3:], "--out", str(tmp_path / "o2")]) == 2
+    assert "line 1: not JSON" in capsys.readouterr().err
