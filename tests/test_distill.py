@@ -359,6 +359,7 @@ def test_ill_typed_config_key(tmp_path, capsys):
         ("data.resolution=100", "'data.resolution' must be a positive multiple of 8"),
         ("optim.mixed_precision=fp16", "use bf16"),
         ("optim.optimizer=sgd", "'optim.optimizer' must be one of ['adamw', 'adamw8bit']"),
+        ("run.log_with=stdout", "'run.log_with' must be one of ['aim', 'clearml'"),
     ],
 )
 def test_out_of_range_config_values_stop_before_any_work(tmp_path, capsys, override, fragment):
@@ -368,6 +369,24 @@ def test_out_of_range_config_values_stop_before_any_work(tmp_path, capsys, overr
         ["distill", "--preset", "embedded", "--set", override, "--set", f"run.output_dir={out}"], capsys, fragment
     )
     assert not out.exists()
+
+
+def test_a_tracker_that_is_not_installed_is_a_config_error_not_an_unlogged_run(tmp_path, capsys, monkeypatch):
+    """accelerate would warn and train on without logging; here the config stops first."""
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else find_spec(name, *a))
+    out = tmp_path / "run"
+    args = ["distill", "--preset", "embedded", "--set", "run.log_with=wandb", "--set", f"run.output_dir={out}"]
+    expect_cli_error(args, capsys, "'run.log_with' is wandb: it needs wandb (pip install wandb)")
+    assert not out.exists()
+
+
+def test_no_tracker_logs_nothing_but_the_curves(tiny_sdxl_dir, tmp_path):
+    cfg = config(tiny_sdxl_dir, tmp_path, "run.log_with=none", "refine.steps_per_stage=[1]")
+    Distiller(cfg, progress=False).train()
+    assert not (tmp_path / "distill").exists() and (tmp_path / "metrics.jsonl").is_file()
 
 
 def test_missing_prompts(tiny_sdxl_dir, tmp_path, capsys):

@@ -8,6 +8,7 @@ overrides any key (values parsed as YAML scalars).
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import types
 import typing
 from dataclasses import dataclass, field
@@ -134,6 +135,7 @@ class RunConfig:
     log_every: int = 10
     max_bad_steps: int = 5  # stop after this many non-finite losses in a row
     validation_prompts: int = 10
+    log_with: str = "tensorboard"  # an accelerate tracker (TRACKERS), or "none"
 
 
 @dataclass
@@ -156,6 +158,18 @@ class DistillConfig:
         return dataclasses.asdict(self)
 
 
+# accelerate's trackers and the package each needs. accelerate drops a tracker whose package is
+# missing with a warning and trains on unlogged; here that is a config error instead.
+TRACKERS = {
+    "tensorboard": "tensorboard",
+    "wandb": "wandb",
+    "mlflow": "mlflow",
+    "comet_ml": "comet_ml",
+    "aim": "aim",
+    "clearml": "clearml",
+    "dvclive": "dvclive",
+    "none": None,
+}
 CHOICES = {
     "loss.objective": {"nitrofusion", "dmd2", "adm"},
     "loss.pretrain_kind": {"mse", "adversarial"},
@@ -163,6 +177,7 @@ CHOICES = {
     "optim.optimizer": set(OPTIMIZERS),
     "optim.mixed_precision": {"no", "fp16", "bf16"},  # fp16: refused below, with the reason
     "refine.mix": {"uniform", "last"},
+    "run.log_with": set(TRACKERS),
 }
 KINDS = {"global_cond", "local_cond", "local_uncond"}
 
@@ -227,6 +242,9 @@ def validate(cfg: DistillConfig) -> DistillConfig:
         value = getattr(getattr(cfg, section), name)
         if value not in allowed:
             raise UserError(f"config key '{key}' must be one of {sorted(allowed)}, got {value!r}")
+    package = TRACKERS[cfg.run.log_with]
+    if package is not None and importlib.util.find_spec(package) is None:
+        raise UserError(f"config key 'run.log_with' is {cfg.run.log_with}: it needs {package} (pip install {package})")
     bad = set(cfg.discriminator.kinds) - KINDS
     if bad or not cfg.discriminator.kinds:
         raise UserError(f"config key 'discriminator.kinds' must be a non-empty subset of {sorted(KINDS)}")

@@ -110,7 +110,9 @@ class Distiller:
         self.cfg = cfg
         self.out = Path(cfg.run.output_dir)
         self.acc = accelerator or Accelerator(
-            mixed_precision=cfg.optim.mixed_precision, log_with="tensorboard", project_dir=str(self.out)
+            mixed_precision=cfg.optim.mixed_precision,
+            log_with=None if cfg.run.log_with == "none" else cfg.run.log_with,
+            project_dir=str(self.out),
         )
         self.progress = progress and self.acc.is_main_process
         device = str(self.acc.device)
