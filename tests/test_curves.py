@@ -23,9 +23,10 @@ def test_metrics_log_appends_reads_and_forgets_what_a_resume_redoes(tmp_path):
     assert [r["step"] for r in log.read()] == [1, 2, 3, 4, 5]
     log.keep_until(3)
     assert log.pending == [] and [r["step"] for r in log.read()] == [1, 2, 3]
-    log.record(4, {"g_loss": 1.0})
+    log.record(4, {"g_loss": 1.0, "d_loss": float("nan"), "skipped": float("inf")})
     log.flush()
-    assert log.read()[-1] == {"step": 4, "g_loss": 1.0}
+    assert log.read()[-1] == {"step": 4, "g_loss": 1.0, "d_loss": None, "skipped": None}
+    assert "NaN" not in log.path.read_text() and "Infinity" not in log.path.read_text()  # strict JSON
 
 
 def test_smoothing_is_debiased_and_follows_a_step():
@@ -37,7 +38,7 @@ def test_smoothing_is_debiased_and_follows_a_step():
 def test_curves_draw_a_panel_per_logged_quantity(tmp_path):
     assert plot_curves([], tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()
     one = [{"step": s, "g_loss": 1 / s} for s in range(1, 30)]
-    two = [{**r, "real_logit": 0.1, "fake_logit": float("nan")} for r in one]  # non-finite values are left out
+    two = [{**r, "real_logit": 0.1, "fake_logit": None} for r in one]  # non-finite values (null) are left out
     heights = {}
     for name, records in (("one", one), ("two", two)):
         path = plot_curves(records, tmp_path / f"{name}.png", phases=[(0, "1 step"), (10, "2 steps")])

@@ -171,6 +171,7 @@ def test_an_sd15_architecture_teacher_distils_into_a_stock_loadable_student(tiny
     assert moved(before, d.student)
     pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "pipeline")
     assert type(pipe.scheduler).__name__ == "TimestepShiftLCMScheduler"
+    assert pipe.config.requires_safety_checker is False  # the teacher's setting, not the class default
     image = pipe("a photo", num_inference_steps=2, guidance_scale=0, output_type="np").images[0]
     assert np.isfinite(image).all() and image.std() > 0
 

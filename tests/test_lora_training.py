@@ -178,7 +178,7 @@ def test_a_lora_checkpoint_holds_the_adapters_and_a_fingerprint_of_the_frozen_ba
     with pytest.raises(UserError, match="trained on other frozen weights"):
         other.resume("latest")
 
-    # A checkpoint written with its base: that base is checked, never loaded.
+    # A checkpoint written with its base (as before fingerprints): that base is checked against this run's.
     base = {f"student.{k}": v for k, v in frozen.items()}
     written = ("step", "state_bytes", "state_crc32", "student_frozen_fingerprint")
     old_meta = {k: v for k, v in meta.items() if k not in written}

@@ -117,11 +117,13 @@ def test_gpu_ema_in_host_memory_averages_on_the_gpu_exactly_like_the_one_beside_
             for p in model.parameters():
                 p.add_(torch.randn_like(p))
         resident.update(model)
+        expected = [a.cpu() for a in resident.shadow.parameters()]
+        torch.cuda._sleep(10**8)  # the stream busy: the copies home land late unless update waits for them
         host.update(model)
+        for e, b in zip(expected, host.shadow.parameters()):  # read at once, as a checkpoint would
+            assert b.device.type == "cpu" and b.is_pinned()
+            assert torch.equal(e, b)  # the same kernel on the same device, not the CPU's lerp
     assert torch.cuda.memory_allocated() == before  # nothing of the host EMA stays on the GPU
-    for a, b in zip(resident.shadow.parameters(), host.shadow.parameters()):
-        assert b.device.type == "cpu" and b.is_pinned()
-        assert torch.equal(a.cpu(), b)  # the same kernel on the same device, not the CPU's lerp
 
 
 def test_training_with_the_ema_in_host_memory_is_the_same_training(tiny_sdxl_dir, tmp_path):

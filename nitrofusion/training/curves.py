@@ -34,20 +34,22 @@ class MetricsLog:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.pending: list[dict[str, float]] = []
+        self.pending: list[dict[str, float | None]] = []
 
     def record(self, step: int, logs: dict[str, float]) -> None:
-        self.pending.append({"step": step, **{k: float(v) for k, v in logs.items()}})
+        # A non-finite value is written as null: strict JSON has no NaN (a skipped step logs one).
+        values = {k: float(v) if math.isfinite(v) else None for k, v in logs.items()}
+        self.pending.append({"step": step, **values})
 
     def flush(self) -> None:
         if not self.pending:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a") as f:
-            f.writelines(json.dumps(r) + "\n" for r in self.pending)
+            f.writelines(json.dumps(r, allow_nan=False) + "\n" for r in self.pending)
         self.pending.clear()
 
-    def read(self) -> list[dict[str, float]]:
+    def read(self) -> list[dict[str, float | None]]:
         if not self.path.is_file():
             return []
         records = []
@@ -65,7 +67,7 @@ class MetricsLog:
             return
         kept = [r for r in self.read() if r.get("step", math.inf) <= step]
         with replacing(self.path) as tmp:
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            tmp.write_text("".join(json.dumps(r, allow_nan=False) + "\n" for r in kept))
 
 
 def smooth(values: Sequence[float], span: int) -> list[float]:
@@ -80,7 +82,10 @@ def smooth(values: Sequence[float], span: int) -> list[float]:
 
 
 def plot_curves(
-    records: Iterable[dict[str, float]], path: str | Path, phases: Sequence[tuple[int, str]] = (), title: str = ""
+    records: Iterable[dict[str, float | None]],
+    path: str | Path,
+    phases: Sequence[tuple[int, str]] = (),
+    title: str = "",
 ) -> Path | None:
     """Draw the logged curves, a panel per quantity, as a PNG (atomically). `phases`: (first
     iteration, name) of each training phase, marked on every panel. None if nothing was logged."""
@@ -99,7 +104,7 @@ def plot_curves(
     colours = ("tab:blue", "tab:orange")
     for ax, (panel, keys) in zip(axes, panels):
         for key, colour in zip(keys, colours):
-            points = [(r["step"], r[key]) for r in records if key in r and math.isfinite(r[key])]
+            points = [(r["step"], v) for r in records if isinstance(v := r.get(key), float | int) and math.isfinite(v)]
             if not points:
                 continue
             steps, values = zip(*points)

@@ -11,6 +11,7 @@ samples the same heads.
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import shutil
 import time
@@ -509,8 +510,9 @@ class Distiller:
                     self.validate()
         finally:
             bar.close()  # before any error message, which must be the last line the user sees
+            # The iterations since the last flush are the ones that show why a run stopped.
+            self.draw_curves()
         self.acc.end_training()
-        self.draw_curves()
         return self.export()
 
     # ---- persistence ----------------------------------------------------------------------
@@ -640,8 +642,6 @@ class Distiller:
                 f"the checkpoint does not fit this run's networks ({first[:200]}): resume with the run's own config"
             ) from None
         self.step = int(meta["step"])
-        if self.acc.is_main_process:
-            self.metrics.keep_until(self.step)
         self.log_line(f"resumed from step {self.step}")
         # A run killed while validating after its checkpoint: draw the grid it never wrote.
         every = self.cfg.run.validate_every
@@ -650,9 +650,10 @@ class Distiller:
             self.validate()
 
     def frozen_student_weights(self, raw: UNet2DConditionModel) -> dict[str, torch.Tensor]:
-        """The student's weights that never train (a LoRA student's base), by state-dict key."""
-        frozen = {n for n, p in raw.named_parameters() if not p.requires_grad}
-        return {k: v for k, v in raw.state_dict().items() if k in frozen}
+        """The student's weights that never train (a LoRA student's base), by state-dict key (every
+        key of a tied weight, which named_parameters would name once)."""
+        state = raw.state_dict(keep_vars=True)
+        return {k: v.detach() for k, v in state.items() if isinstance(v, torch.nn.Parameter) and not v.requires_grad}
 
     def teacher_fingerprint(self) -> str:
         state = {
@@ -686,9 +687,11 @@ class Distiller:
         if use_ema and unet is None and not self.ema.kept:
             raise RuntimeError("the EMA is kept on the main process only")
         unet = unet or (self.ema.shadow if use_ema else self.acc.unwrap_model(self.student))
-        # SD1.5 pipelines record whether they want a safety checker: keep the teacher's answer (else
-        # diffusers warns at every grid and export that the checker is missing).
-        flags = {k: v for k, v in self.teacher.config.items() if k == "requires_safety_checker"}
+        # The teacher's own settings that are not modules (SD1.5: requires_safety_checker; SDXL:
+        # force_zeros_for_empty_prompt), or the student's pipeline would take the class defaults.
+        params = inspect.signature(type(self.teacher).__init__).parameters
+        config = self.teacher.config.items()
+        flags = {k: v for k, v in config if k in params and k not in self.teacher.components and k != "self"}
         pipe = type(self.teacher)(**{**self.teacher.components, "unet": unet, "scheduler": self.scheduler}, **flags)
         pipe.nitro_sampler, pipe.nitro_model = "shift-lcm", str(self.out)
         pipe.set_progress_bar_config(disable=True)
@@ -733,7 +736,11 @@ class Distiller:
             return None
         self.metrics.flush()
         title = f"{self.cfg.loss.objective} distillation of {self.cfg.model.teacher}"
-        return plot_curves(self.metrics.read(), self.out / "curves.png", self.phases(), title=title)
+        try:
+            return plot_curves(self.metrics.read(), self.out / "curves.png", self.phases(), title=title)
+        except Exception as exc:  # a figure is not worth a lost export or a masked training error
+            self.log_line(f"curves.png not drawn ({type(exc).__name__}: {exc}); metrics.jsonl has the numbers")
+            return None
 
     def validation_path(self) -> Path:
         return self.out / "validation" / f"step-{self.step:08d}.png"
