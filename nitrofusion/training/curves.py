@@ -46,7 +46,7 @@ class MetricsLog:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a") as f:
-            f.writelines(json.dumps(r, allow_nan=False) + "\n" for r in self.pending)
+            f.writelines(map(_line, self.pending))
         self.pending.clear()
 
     def read(self) -> list[dict[str, float | None]]:
@@ -67,7 +67,11 @@ class MetricsLog:
             return
         kept = [r for r in self.read() if r.get("step", math.inf) <= step]
         with replacing(self.path) as tmp:
-            tmp.write_text("".join(json.dumps(r, allow_nan=False) + "\n" for r in kept))
+            tmp.write_text("".join(map(_line, kept)))
+
+
+def _line(record: dict[str, float | None]) -> str:
+    return json.dumps(record, allow_nan=False) + "\n"  # strict JSON: non-finite values are null by now
 
 
 def smooth(values: Sequence[float], span: int) -> list[float]:

@@ -691,7 +691,7 @@ class Distiller:
         # force_zeros_for_empty_prompt), or the student's pipeline would take the class defaults.
         params = inspect.signature(type(self.teacher).__init__).parameters
         config = self.teacher.config.items()
-        flags = {k: v for k, v in config if k in params and k not in self.teacher.components and k != "self"}
+        flags = {k: v for k, v in config if k in params and k not in self.teacher.components}
         pipe = type(self.teacher)(**{**self.teacher.components, "unet": unet, "scheduler": self.scheduler}, **flags)
         pipe.nitro_sampler, pipe.nitro_model = "shift-lcm", str(self.out)
         pipe.set_progress_bar_config(disable=True)
