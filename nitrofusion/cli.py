@@ -31,15 +31,17 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from nitrofusion.pipelines import generate, load_pipeline, save_images
-    from nitrofusion.pipelines.generation import prepare_output
-    from nitrofusion.world.spec import choose_model
-
+    # What needs no model is checked before importing diffusers (seconds), so a typo fails at once.
     prompts = _read_prompts(args)
     if args.steps < 1:
         raise UserError(f"--steps must be at least 1, got {args.steps}")
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
+
+    from nitrofusion.pipelines import generate, load_pipeline, save_images
+    from nitrofusion.pipelines.generation import prepare_output
+    from nitrofusion.world.spec import choose_model
+
     prepare_output(args.out, len(prompts))
     choice = choose_model(args.model, args.unet, args.shift)
     pipe = load_pipeline(

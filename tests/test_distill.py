@@ -240,7 +240,7 @@ def test_output_loads_like_public_checkpoints(tiny_sdxl_dir, tmp_path, capsys):
 
 def test_each_stage_leaves_its_student(tiny_sdxl_dir, tmp_path):
     d = Distiller(config(tiny_sdxl_dir, tmp_path, "refine.steps_per_stage=[2,0,1]"), progress=False)
-    assert d.stage_ends() == {2: 1, 3: 3}
+    assert d.schedule.stage_ends() == {2: 1, 3: 3}
     out = d.train()
     stage_one = load_file(str(out / "stages" / "1-step" / "student_unet.safetensors"))
     final = load_file(str(out / "student_unet.safetensors"))
@@ -256,7 +256,7 @@ def test_regression_only_schedule(tiny_sdxl_dir, tmp_path):
     d = Distiller(
         config(tiny_sdxl_dir, tmp_path, "loss.pretrain_steps=2", "refine.steps_per_stage=[0]"), progress=False
     )
-    assert d.max_sampling_steps() == 1 and d.stage_ends() == {}
+    assert d.schedule.max_sampling_steps() == 1 and d.schedule.stage_ends() == {}
     out = d.train()
     assert (out / "student_unet.safetensors").is_file() and d.step == 2
 

@@ -1,18 +1,17 @@
 """Fault injection on the trainer: kill -9 at three points, damaged checkpoints, NaN storms.
 
-Each killed run is a real `nitrofusion distill` process SIGKILLed by an armed fault point
-(nitrofusion/training/faults.py), so nothing gets to clean up; `--resume latest` must then
-finish with exactly the student, checkpoint and validation images of an uninterrupted run.
+Each killed run is a `nitrofusion distill` process of its own (tests/helpers.py: cli_process),
+SIGKILLed by an armed fault point (nitrofusion/training/faults.py), so nothing gets to clean
+up; `--resume latest` must then finish with exactly the student, checkpoint and validation
+images of an uninterrupted run.
 """
 
 import os
 import signal
-import subprocess
-import sys
 
 import pytest
 import torch
-from helpers import config, same_student
+from helpers import cli_process, config, same_student
 from safetensors.torch import load_file
 
 from nitrofusion.cli import main
@@ -43,8 +42,7 @@ def run_distill(teacher, out, fault=None):
     env.pop(ENV, None)
     if fault:
         env[ENV] = fault
-    cmd = [sys.executable, "-m", "nitrofusion.cli", "distill", "--resume", "latest", *distill_args(teacher, out)]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    return cli_process(["distill", "--resume", "latest", *distill_args(teacher, out)], env)
 
 
 def every_checkpoint_is_whole(root):

@@ -17,7 +17,6 @@ import shutil
 import time
 from collections.abc import Iterable
 from contextlib import nullcontext
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -68,6 +67,7 @@ from nitrofusion.training.faults import fires, kill_point
 from nitrofusion.training.lora import add_lora, merged_state_dict, plain_unet
 from nitrofusion.training.offload import HostOffload, teacher_groups
 from nitrofusion.training.optimizers import make_optimizer
+from nitrofusion.training.schedule import Phase, Schedule
 from nitrofusion.training.student import ShiftedStudent
 from nitrofusion.userfiles import replacing
 from nitrofusion.weights.io import unet_state_dict
@@ -89,12 +89,6 @@ class TrainingStopped(RuntimeError):
     """Too many non-finite losses in a row; the last good checkpoint is kept."""
 
 
-@dataclass
-class Phase:
-    name: str  # "pretrain" or "distill" (the main objective)
-    num_steps: int  # sampling steps the student is being trained for (1..4)
-
-
 def resolve_teacher(name: str) -> str:
     if name == "embedded":
         from nitrofusion.world.spec import teacher_path
@@ -110,6 +104,7 @@ class Distiller:
     def __init__(self, cfg: DistillConfig, accelerator: Accelerator | None = None, progress: bool = True) -> None:
         self.cfg = cfg
         self.out = Path(cfg.run.output_dir)
+        self.schedule = Schedule(cfg.loss.pretrain_steps, cfg.refine.steps_per_stage, cfg.loss.pretrain_kind)
         self.acc = accelerator or Accelerator(
             mixed_precision=cfg.optim.mixed_precision,
             log_with=None if cfg.run.log_with == "none" else cfg.run.log_with,
@@ -187,6 +182,7 @@ class Distiller:
         self.step = 0
         self.bad_steps = 0
         self.metrics = MetricsLog(self.out / "metrics.jsonl")
+        self.curves_drawn_at: int | None = None  # the iteration curves.png was last drawn at
 
     def _build_objectives(self, fake_unet: UNet2DConditionModel | None) -> None:
         """The critics this config trains, the pre-training objective and the main one."""
@@ -306,39 +302,7 @@ class Distiller:
 
     # ---- schedule --------------------------------------------------------------------
     def phase(self, step: int) -> Phase:
-        if step < self.cfg.loss.pretrain_steps:
-            return Phase("pretrain", 1)
-        left = step - self.cfg.loss.pretrain_steps
-        stages = self.cfg.refine.steps_per_stage
-        for k, n in enumerate(stages):
-            if left < n:
-                return Phase("distill", k + 1)
-            left -= n
-        return Phase("distill", len(stages))
-
-    def phases(self) -> list[tuple[int, str]]:
-        """(first iteration, name) of each phase that runs: pre-training, then each refinement stage."""
-        start, out = self.cfg.loss.pretrain_steps, []
-        if start > 0:
-            out.append((0, f"pre-training ({self.cfg.loss.pretrain_kind})"))
-        for k, n in enumerate(self.cfg.refine.steps_per_stage):
-            if n > 0:
-                out.append((start, f"{k + 1} step" + ("s" if k else "")))
-            start += n
-        return out
-
-    def max_sampling_steps(self) -> int:
-        # A regression-only run (every stage 0) still trains the one-step student.
-        return max([k + 1 for k, n in enumerate(self.cfg.refine.steps_per_stage) if n > 0], default=1)
-
-    def stage_ends(self) -> dict[int, int]:
-        """{iteration at which a refinement stage ends: sampling steps it trained for}."""
-        ends, step = {}, self.cfg.loss.pretrain_steps
-        for k, n in enumerate(self.cfg.refine.steps_per_stage):
-            step += n
-            if n > 0:
-                ends[step] = k + 1
-        return ends
+        return self.schedule.phase(step)
 
     # ---- data --------------------------------------------------------------------------
     def batch(self, micro: int) -> tuple[Conditioning, torch.Tensor, torch.Tensor]:
@@ -484,7 +448,7 @@ class Distiller:
             self.metrics.keep_until(self.step)  # a fresh run in an old directory: not the old run's curves
         self.acc.init_trackers("distill")
         total = cfg.total_steps
-        stage_ends = self.stage_ends()
+        stage_ends = self.schedule.stage_ends()
         bar = tqdm(total=total, initial=self.step, desc="distill", disable=not self.progress)
         t0 = time.perf_counter()
         try:
@@ -708,8 +672,8 @@ class Distiller:
         # Drawn at the size the student trains at, where the sampler accepts it (the UNet trains
         # at any multiple of 8; sampling asks for the model's own multiple, 32 for SDXL).
         size = self.size if self.size % size_multiple(pipe) == 0 else default_size(pipe)
-        with self.offload.onloaded("text", "vae"), self.ema.on_device(self.acc.device):
-            for steps in range(1, self.max_sampling_steps() + 1):
+        with self.offload.onloaded("text", "vae", "safety"), self.ema.on_device(self.acc.device):
+            for steps in range(1, self.schedule.max_sampling_steps() + 1):
                 images = generate(
                     pipe, prompts, steps=steps, seed=0, height=size, width=size, batch_size=n, progress=False
                 )
@@ -734,10 +698,14 @@ class Distiller:
         """curves.png: every iteration's losses and critic outputs so far, the phases marked."""
         if not self.acc.is_main_process:
             return None
+        if self.curves_drawn_at == self.step:  # the last validation drew them; nothing new since
+            return self.out / "curves.png"
         self.metrics.flush()
         title = f"{self.cfg.loss.objective} distillation of {self.cfg.model.teacher}"
         try:
-            return plot_curves(self.metrics.read(), self.out / "curves.png", self.phases(), title=title)
+            path = plot_curves(self.metrics.read(), self.out / "curves.png", self.schedule.labels(), title=title)
+            self.curves_drawn_at = self.step if path else None
+            return path
         except Exception as exc:  # a figure is not worth a lost export or a masked training error
             self.log_line(f"curves.png not drawn ({type(exc).__name__}: {exc}); metrics.jsonl has the numbers")
             return None
