@@ -72,17 +72,29 @@ def cmd_train_teacher(args: argparse.Namespace) -> int:
     from nitrofusion.pipelines.loading import resolve_device
     from nitrofusion.world.train import WorldConfig, build_world
 
-    resolve_device(args.device)
-
     cfg = WorldConfig(
         seed=args.seed,
         device=args.device,
         vae_steps=args.vae_steps,
         unet_steps=args.unet_steps,
         classifier_epochs=args.classifier_epochs,
+        checkpoint_every=args.checkpoint_every,
+        train_images=args.train_images,
+        test_images=args.test_images,
+        samples_per_class=args.samples_per_class,
     )
+    cfg.check()
+    resolve_device(args.device)
     report = build_world(cfg, args.run_dir, args.out, ["unet", "classifier"])
-    print(report)
+    out = Path(args.out)
+    vae = report["vae"]
+    print(f"VAE: test PSNR {vae['test_psnr_db']:.2f} dB, latent scaling factor {1 / vae['latent_std']:.3f}")
+    print(f"evaluator: test accuracy {report['evaluator_test_accuracy']:.4f}")
+    print(f"teacher pipeline: {out / 'teacher'}; evaluator: {out / 'evaluator.safetensors'}")
+    if "samples" in report:
+        print(f"the teacher's samples: {report['samples']}")
+    print(f"curves: {Path(args.run_dir)}/{{vae,unet,classifier}}/curves.png")
+    print(f"{report['total_seconds'] / 60:.1f} min; report: {Path(args.run_dir) / 'report.json'}")
     return 0
 
 
@@ -269,6 +281,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--vae-steps", type=int, default=800)
     t.add_argument("--unet-steps", type=int, default=6000)
     t.add_argument("--classifier-epochs", type=int, default=3)
+    t.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints, in each stage")
+    t.add_argument("--train-images", type=int, default=0, help="train on the first N images only (0: all 60,000)")
+    t.add_argument("--test-images", type=int, default=0, help="measure on the first N test images (0: all 10,000)")
+    t.add_argument("--samples-per-class", type=int, default=8, help="the teacher's samples in samples.png (0: none)")
     t.set_defaults(func=cmd_train_teacher)
 
     d = sub.add_parser("distill", help="distil a multi-step teacher into a 1-4 step student (NitroFusion)")

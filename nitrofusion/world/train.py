@@ -26,10 +26,14 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from tqdm.auto import tqdm
 
+from nitrofusion.errors import UserError
 from nitrofusion.evaluation.frechet import GaussianStats
+from nitrofusion.evaluation.grid import make_grid
 from nitrofusion.models.builders import build_sdxl_pipeline
 from nitrofusion.training import checkpoint
+from nitrofusion.training.curves import MetricsLog, plot_curves
 from nitrofusion.training.ema import EMA
+from nitrofusion.userfiles import replacing
 from nitrofusion.world import data
 from nitrofusion.world.evaluator import Evaluator, FashionClassifier, to_classifier_input
 from nitrofusion.world.spec import IMAGE_SIZE, TEXT_ENCODER_SEED, WORLD_SPEC, assets_dir
@@ -51,7 +55,18 @@ class WorldConfig:
     classifier_epochs: int = 3
     classifier_batch: int = 128
     checkpoint_every: int = 500
+    train_images: int = 0  # 0: all 60,000; fewer for a quick look at the whole build (or a test)
+    test_images: int = 0  # 0: all 10,000 (the evaluator's reference statistics and accuracy)
+    samples_per_class: int = 8  # samples.png: the teacher's images, a row per class
     device: str = "cpu"
+
+    def check(self) -> None:
+        for name in ("vae_steps", "unet_steps", "classifier_epochs", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        for name in ("train_images", "test_images", "samples_per_class"):
+            if getattr(self, name) < 0:
+                raise UserError(f"{name.replace('_', '-')} must be 0 (all) or more, got {getattr(self, name)}")
 
 
 def _log(run_dir: Path, msg: str) -> None:
@@ -60,7 +75,11 @@ def _log(run_dir: Path, msg: str) -> None:
         f.write(msg + "\n")
 
 
-def _resume(stage_dir: Path, modules: dict[str, torch.nn.Module], opt: torch.optim.Optimizer | None) -> int:
+def _resume(
+    stage_dir: Path, modules: dict[str, torch.nn.Module], opt: torch.optim.Optimizer | None, gen: torch.Generator
+) -> int:
+    """Load the stage's newest checkpoint, if any, into the modules, the optimizer and the random
+    streams (torch's and the stage's data generator), so a resumed stage goes on bit for bit."""
     found = checkpoint.load_latest(stage_dir)
     if found is None:
         return 0
@@ -70,15 +89,47 @@ def _resume(stage_dir: Path, modules: dict[str, torch.nn.Module], opt: torch.opt
     if opt is not None:
         checkpoint.load_optimizer(opt, tensors, meta["optimizer"], "opt")
     checkpoint.set_rng_state(tensors)
+    if "rng.data" in tensors:  # checkpoints written before it was kept: the stream starts again
+        gen.set_state(tensors["rng.data"])
     return int(meta["step"])
 
 
-def _save(stage_dir: Path, step: int, modules: dict[str, torch.nn.Module], opt: torch.optim.Optimizer) -> None:
+def _save(
+    stage_dir: Path, step: int, modules: dict[str, torch.nn.Module], opt: torch.optim.Optimizer, gen: torch.Generator
+) -> None:
     tensors = {f"{n}.{k}": v for n, m in modules.items() for k, v in m.state_dict().items()}
     opt_tensors, opt_meta = checkpoint.optimizer_tensors(opt, "opt")
     tensors.update(opt_tensors)
     tensors.update(checkpoint.rng_state())
+    tensors["rng.data"] = gen.get_state()
     checkpoint.save(stage_dir, step, tensors, {"optimizer": opt_meta})
+
+
+def split(cfg: WorldConfig, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fashion-MNIST's train or test split, or its first `train_images` / `test_images` (the files
+    are shuffled: the first few hundred already cover every class)."""
+    images, labels = data.load_split(name)
+    n = cfg.train_images if name == "train" else cfg.test_images
+    return (images[:n], labels[:n]) if n else (images, labels)
+
+
+class StageLog:
+    """A stage's losses, every step, in `<stage>/metrics.jsonl`, drawn as `<stage>/curves.png`."""
+
+    def __init__(self, stage_dir: Path, start: int, panels: tuple[tuple[str, tuple[str, ...]], ...]) -> None:
+        self.stage_dir, self.panels = stage_dir, panels
+        self.metrics = MetricsLog(stage_dir / "metrics.jsonl")
+        self.metrics.keep_until(start)  # a resumed stage logs the steps after its checkpoint again
+
+    def record(self, step: int, **values: float) -> None:
+        self.metrics.record(step, values)
+
+    def checkpointed(self) -> None:
+        self.metrics.flush()
+
+    def draw(self, title: str) -> None:
+        self.metrics.flush()
+        plot_curves(self.metrics.read(), self.stage_dir / "curves.png", title=title, panels=self.panels)
 
 
 def train_vae(cfg: WorldConfig, run_dir: Path) -> AutoencoderKL:
@@ -86,31 +137,35 @@ def train_vae(cfg: WorldConfig, run_dir: Path) -> AutoencoderKL:
     torch.manual_seed(cfg.seed)
     vae = AutoencoderKL(**WORLD_SPEC.vae_config()).to(cfg.device)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
-    start = _resume(stage, {"vae": vae}, opt)
-    images, _ = data.load_split("train")
-    gen = torch.Generator().manual_seed(cfg.seed + start)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    start = _resume(stage, {"vae": vae}, opt, gen)
+    log = StageLog(stage, start, (("VAE reconstruction", ("mse", "l1")), ("KL to N(0, I)", ("kl",))))
+    images, _ = split(cfg, "train")
     bar = tqdm(range(start, cfg.vae_steps), initial=start, total=cfg.vae_steps, desc="vae")
     for step in bar:
         idx = torch.randint(0, len(images), (cfg.vae_batch,), generator=gen)
         x = data.to_model_range(images[idx]).to(cfg.device)
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample()).sample
-        mse = (rec - x).square().mean()
-        loss = mse + 0.1 * (rec - x).abs().mean() + cfg.vae_kl_weight * post.kl().mean()
+        mse, l1, kl = (rec - x).square().mean(), (rec - x).abs().mean(), post.kl().mean()
+        loss = mse + 0.1 * l1 + cfg.vae_kl_weight * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         bar.set_postfix(mse=f"{mse.item():.4f}")
+        log.record(step + 1, mse=mse.item(), l1=l1.item(), kl=kl.item())
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.vae_steps:
-            _save(stage, step + 1, {"vae": vae}, opt)
+            _save(stage, step + 1, {"vae": vae}, opt, gen)
+            log.checkpointed()
+    log.draw("embedded world: VAE")
     return vae.eval()
 
 
 @torch.no_grad()
-def vae_report(vae: AutoencoderKL, device: str) -> dict[str, float]:
-    """Reconstruction PSNR on the test set and the latent scaling factor (1 / latent std)."""
-    images, _ = data.load_split("test")
-    x = data.to_model_range(images[:2000]).to(device)
+def vae_report(vae: AutoencoderKL, cfg: WorldConfig) -> dict[str, float]:
+    """Reconstruction PSNR on (up to 2,000 of) the test images and the latent scaling factor (1 / latent std)."""
+    images, _ = split(cfg, "test")
+    x = data.to_model_range(images[:2000]).to(cfg.device)
     mse, latents = [], []
     for chunk in x.split(250):
         z = vae.encode(chunk).latent_dist.mode()
@@ -143,17 +198,18 @@ def train_unet(cfg: WorldConfig, run_dir: Path, vae: AutoencoderKL, scaling: flo
     per_class = len(data.TEMPLATES)
     time_ids = torch.tensor([[IMAGE_SIZE, IMAGE_SIZE, 0, 0, IMAGE_SIZE, IMAGE_SIZE]], dtype=torch.float32)
 
-    images, labels = data.load_split("train")
+    images, labels = split(cfg, "train")
     lat_mean, lat_std = encode_dataset(vae, images, cfg.device)
 
     torch.manual_seed(cfg.seed + 1)
     unet = UNet2DConditionModel(**WORLD_SPEC.unet_config()).to(cfg.device)
     ema = EMA(unet, cfg.ema_decay)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_lr, weight_decay=0.01)
-    start = _resume(stage, {"unet": unet, "ema": ema}, opt)
+    gen = torch.Generator().manual_seed(cfg.seed + 2)
+    start = _resume(stage, {"unet": unet, "ema": ema}, opt, gen)
+    log = StageLog(stage, start, (("teacher: epsilon MSE", ("loss",)), ("learning rate", ("lr",))))
     sched = pipe.scheduler
     abar = sched.alphas_cumprod.to(cfg.device)
-    gen = torch.Generator().manual_seed(cfg.seed + 2 + start)
     bar = tqdm(range(start, cfg.unet_steps), initial=start, total=cfg.unet_steps, desc="teacher unet")
     unet.train()
     for step in bar:
@@ -182,9 +238,12 @@ def train_unet(cfg: WorldConfig, run_dir: Path, vae: AutoencoderKL, scaling: flo
         opt.step()
         ema.update(unet)
         bar.set_postfix(loss=f"{loss.item():.4f}")
+        log.record(step + 1, loss=loss.item(), lr=opt.param_groups[0]["lr"])
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.unet_steps:
-            _save(stage, step + 1, {"unet": unet, "ema": ema}, opt)
+            _save(stage, step + 1, {"unet": unet, "ema": ema}, opt, gen)
+            log.checkpointed()
             _log(run_dir, f"unet step {step + 1} loss {loss.item():.4f}")
+    log.draw("embedded world: teacher UNet")
     ema.copy_to(unet)
     return unet.eval()
 
@@ -194,12 +253,13 @@ def train_classifier(cfg: WorldConfig, run_dir: Path) -> tuple[Evaluator, float]
     torch.manual_seed(cfg.seed + 3)
     model = FashionClassifier().to(cfg.device)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
-    images, labels = data.load_split("train")
+    images, labels = split(cfg, "train")
     steps_per_epoch = math.ceil(len(images) / cfg.classifier_batch)
     total = cfg.classifier_epochs * steps_per_epoch
-    start = _resume(stage, {"model": model}, opt)
     gen = torch.Generator().manual_seed(cfg.seed + 4)
     perms = [torch.randperm(len(images), generator=gen) for _ in range(cfg.classifier_epochs)]
+    start = _resume(stage, {"model": model}, opt, gen)
+    log = StageLog(stage, start, (("evaluator: cross-entropy", ("loss",)),))
     bar = tqdm(range(start, total), initial=start, total=total, desc="evaluator cnn")
     model.train()
     for step in bar:
@@ -215,10 +275,13 @@ def train_classifier(cfg: WorldConfig, run_dir: Path) -> tuple[Evaluator, float]
         loss.backward()
         opt.step()
         bar.set_postfix(loss=f"{loss.item():.3f}")
+        log.record(step + 1, loss=loss.item())
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == total:
-            _save(stage, step + 1, {"model": model}, opt)
+            _save(stage, step + 1, {"model": model}, opt, gen)
+            log.checkpointed()
+    log.draw("embedded world: evaluator CNN")
     model.eval()
-    test_x, test_y = data.load_split("test")
+    test_x, test_y = split(cfg, "test")
     x = data.to_model_range(test_x)
     probe = Evaluator(model.cpu(), GaussianStats(mu=None, sigma=None, n=0))  # type: ignore[arg-type]
     feats, logits = probe.features_and_logits(x)
@@ -238,6 +301,22 @@ def slim_tokenizers(pipeline_dir: Path) -> None:
             shutil.copy(src / f, pipeline_dir / name / f)
 
 
+def draw_samples(teacher_dir: Path, path: Path, per_class: int = 8) -> Path:
+    """The teacher as it was written (fp16 weights, loaded back): a row per class, 25 Euler steps
+    with CFG 5, image i (row by row) from seed i. One batch: a tenth of the time of ten."""
+    from nitrofusion.pipelines import generate, load_pipeline
+
+    pipe = load_pipeline(teacher_dir, sampler="native", device="cpu", dtype=torch.float32)
+    classes = range(len(data.CLASS_NAMES))
+    prompts = [data.prompt_for(label) for label in classes for _ in range(per_class)]
+    images = [r.image for r in generate(pipe, prompts, steps=25, batch_size=len(prompts), progress=False)]
+    rows = [images[c * per_class : (c + 1) * per_class] for c in classes]
+    labels = list(data.CLASS_NAMES)
+    with replacing(path) as tmp:
+        make_grid(rows, labels, scale=2).save(tmp, format="PNG")
+    return path
+
+
 def build_world(cfg: WorldConfig, run_dir: str | Path, out_dir: str | Path, stages: list[str]) -> dict:
     """Run the requested stages and assemble the pipeline + evaluator into out_dir."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
@@ -246,7 +325,7 @@ def build_world(cfg: WorldConfig, run_dir: str | Path, out_dir: str | Path, stag
     report: dict = {"config": asdict(cfg), "machine": platform.platform(), "torch_threads": torch.get_num_threads()}
     t0 = time.time()
     vae = train_vae(cfg, run_dir)
-    report["vae"] = vae_report(vae, cfg.device)
+    report["vae"] = vae_report(vae, cfg)
     scaling = 1.0 / report["vae"]["latent_std"]
     vae.register_to_config(scaling_factor=scaling)
     _log(run_dir, f"vae {report['vae']}")
@@ -262,6 +341,9 @@ def build_world(cfg: WorldConfig, run_dir: str | Path, out_dir: str | Path, stag
         out_dir.mkdir(parents=True, exist_ok=True)
         pipe.to(torch.float16).save_pretrained(out_dir / "teacher")
         slim_tokenizers(out_dir / "teacher")
+        if cfg.samples_per_class:
+            samples = draw_samples(out_dir / "teacher", run_dir / "samples.png", cfg.samples_per_class)
+            report["samples"] = str(samples)
     if "classifier" in stages:
         t2 = time.time()
         evaluator, acc = train_classifier(cfg, run_dir)

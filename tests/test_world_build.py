@@ -1,0 +1,70 @@
+"""`nitrofusion train-teacher`, the embedded world's build, cut to a few steps on 256 images:
+every stage runs, stock diffusers loads what it writes, and a resumed build goes on bit for bit."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from diffusers import StableDiffusionXLPipeline
+from PIL import Image
+from safetensors.torch import load_file
+
+from nitrofusion.cli import main
+from nitrofusion.world.evaluator import Evaluator
+
+
+def build(run, out):
+    args = ["train-teacher", "--run-dir", str(run), "--out", str(out), "--checkpoint-every", "1"]
+    args += ["--train-images", "256", "--test-images", "300", "--samples-per-class", "1"]
+    return main([*args, "--vae-steps", "2", "--unet-steps", "3", "--classifier-epochs", "1"])
+
+
+def unet_weights(out):
+    return load_file(str(out / "teacher" / "unet" / "diffusion_pytorch_model.safetensors"))
+
+
+def steps_logged(run, stage):
+    return [json.loads(line)["step"] for line in (run / stage / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_tiny_build_writes_a_world_stock_diffusers_loads_and_resumes_exactly(tmp_path, capsys):
+    run, out = tmp_path / "run", tmp_path / "out"
+    assert build(run, out) == 0
+    printed = capsys.readouterr().out
+    assert "evaluator: test accuracy" in printed and "samples.png" in printed
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(out / "teacher", torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe("a photo of a bag", num_inference_steps=2, output_type="np").images.shape == (1, 32, 32, 3)
+    Evaluator.load(out / "evaluator.safetensors")
+    assert Image.open(run / "samples.png").height > 10 * 32  # a row per class
+    report = json.loads((run / "report.json").read_text())
+    assert report["config"]["train_images"] == 256 and 0 <= report["evaluator_test_accuracy"] <= 1
+    for stage, steps in (("vae", 2), ("unet", 3), ("classifier", 2)):  # 256 images: 2 batches of 128
+        assert steps_logged(run, stage) == list(range(1, steps + 1))
+        assert (run / stage / "curves.png").is_file()
+
+    # The same build killed after its second teacher step: its newest checkpoint is step 2's.
+    # Resumed, the third step continues the same random streams: the same teacher to the bit.
+    resumed = tmp_path / "resumed"
+    shutil.copytree(run, resumed / "run")
+    shutil.rmtree(resumed / "run" / "unet" / "step-00000003")
+    assert build(resumed / "run", resumed / "out") == 0
+    a, b = unet_weights(out), unet_weights(resumed / "out")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert steps_logged(resumed / "run", "unet") == [1, 2, 3]
+    log = (resumed / "run" / "log.txt").read_text()  # the killed build's lines, then the resumed one's
+    assert log.count("unet step 1 ") == 1 and log.count("unet step 3 ") == 2, "the resumed build ran only step 3"
+
+
+@pytest.mark.parametrize(
+    "option, value",
+    [("--vae-steps", "0"), ("--checkpoint-every", "0"), ("--train-images", "-1"), ("--test-images", "-5")],
+)
+def test_bad_build_options_are_one_line(tmp_path, capsys, option, value):
+    args = ["train-teacher", "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "out"), option, value]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and option.lstrip("-") in err[0], err
+    assert not (tmp_path / "run").exists()
