@@ -87,6 +87,21 @@ def test_training_with_the_teacher_offloaded_is_the_same_training(tiny_sdxl_dir,
     assert (tmp_path / "off" / "validation" / "step-00000002.png").is_file()
 
 
+def test_an_sd15_teachers_safety_checker_is_offloaded_and_still_judges_the_validation_grids(tmp_path):
+    """SD1.5's safety checker (1.2 GB) runs only on validation images: it waits in host memory,
+    and is brought in to judge each grid (the guard raises if it were called outside)."""
+    from nitrofusion.testing import save_tiny_sd15
+
+    teacher = save_tiny_sd15(tmp_path / "sd15", safety_checker=True)
+    overrides = ["run.validate_every=1", "refine.steps_per_stage=[1]", "model.teacher_offload=true"]
+    d = Distiller(config(teacher, tmp_path / "run", *overrides), progress=False)
+    assert "safety" in d.offload.groups and d.offload.host_bytes("safety") > 0
+    judged = []
+    d.teacher.safety_checker.register_forward_hook(lambda *_: judged.append(d.step))
+    d.train()
+    assert judged == [1] and (tmp_path / "run" / "validation" / "step-00000001.png").is_file()
+
+
 def test_ema_in_host_memory_averages_like_the_one_beside_the_model():
     torch.manual_seed(0)
     model = small().requires_grad_(True)

@@ -19,7 +19,15 @@ from diffusers import (
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+from transformers import (
+    CLIPConfig,
+    CLIPImageProcessor,
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+)
 
 CLIP_MAX_LENGTH = 77
 # SDXL's micro-conditioning: original size (2), crop top-left (2), target size (2).
@@ -164,8 +172,11 @@ class SD15Spec:
     latent_channels: int = 4
 
 
-def build_sd15_pipeline(spec: SD15Spec | None = None, seed: int = 0) -> StableDiffusionPipeline:
-    """A randomly initialised (seeded) SD1.5-architecture pipeline (no safety checker)."""
+def build_sd15_pipeline(
+    spec: SD15Spec | None = None, seed: int = 0, safety_checker: bool = False
+) -> StableDiffusionPipeline:
+    """A randomly initialised (seeded) SD1.5-architecture pipeline; with `safety_checker`, a
+    randomly initialised one of SD1.5's architecture (a CLIP vision tower) at the spec's width."""
     spec = spec or SD15Spec()
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
@@ -201,10 +212,19 @@ def build_sd15_pipeline(spec: SD15Spec | None = None, seed: int = 0) -> StableDi
         tokenizer=clip_tokenizer(),
         unet=unet.eval(),
         scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+        safety_checker=_safety_checker(spec) if safety_checker else None,
+        feature_extractor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size=32) if safety_checker else None,
+        requires_safety_checker=safety_checker,
     )
+
+
+def _safety_checker(spec: SD15Spec) -> StableDiffusionSafetyChecker:
+    width = spec.text_hidden
+    vision = {"hidden_size": width, "intermediate_size": 2 * width, "num_hidden_layers": spec.text_layers}
+    vision |= {"num_attention_heads": spec.text_heads, "image_size": 32, "patch_size": 8}
+    text = {"hidden_size": width, "intermediate_size": 2 * width, "num_hidden_layers": 1, "num_attention_heads": 1}
+    config = CLIPConfig(text_config=text, vision_config=vision, projection_dim=width)
+    return StableDiffusionSafetyChecker(config).eval()
 
 
 def sdxl_base_configs() -> dict[str, dict]:

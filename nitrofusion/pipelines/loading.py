@@ -222,6 +222,19 @@ def _scheduler_class_name(model_dir: Path) -> str:
 TRUSTED_LIBRARIES = ("diffusers", "transformers")  # and nitrofusion's own modules (our scheduler)
 
 
+def _diffusers_pipeline_module(library: str) -> bool:
+    """Whether diffusers resolves `library` to one of its own pipeline packages, as it does for
+    SD1.5's safety checker (["stable_diffusion", "StableDiffusionSafetyChecker"])."""
+    import importlib.util
+
+    if not library.isidentifier():
+        return False
+    try:
+        return importlib.util.find_spec(f"diffusers.pipelines.{library}") is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def check_model_index(model_dir: Path) -> None:
     """Refuse a pipeline whose model_index.json names code from anywhere but diffusers, transformers
     or nitrofusion: a custom pipeline or component class would import a module shipped with the
@@ -244,7 +257,9 @@ def check_model_index(model_dir: Path) -> None:
         if key.startswith("_") or not isinstance(value, list) or len(value) != 2 or value[0] is None:
             continue
         library = value[0]
-        if not isinstance(library, str) or not (library in TRUSTED_LIBRARIES or library.startswith("nitrofusion.")):
+        if not isinstance(library, str) or not (
+            library in TRUSTED_LIBRARIES or library.startswith("nitrofusion.") or _diffusers_pipeline_module(library)
+        ):
             raise UserError(
                 f"'{model_dir}': component '{key}' comes from {library!r}; only diffusers, transformers and "
                 "nitrofusion classes are loaded (never code shipped with a model)"

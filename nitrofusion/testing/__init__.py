@@ -21,8 +21,8 @@ def tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
     return build_sdxl_pipeline(TINY_SDXL, seed=seed)
 
 
-def tiny_sd15_pipeline(seed: int = 0) -> StableDiffusionPipeline:
-    return build_sd15_pipeline(TINY_SD15, seed=seed)
+def tiny_sd15_pipeline(seed: int = 0, safety_checker: bool = False) -> StableDiffusionPipeline:
+    return build_sd15_pipeline(TINY_SD15, seed=seed, safety_checker=safety_checker)
 
 
 def save_tiny_sdxl(path: str | Path, seed: int = 0) -> Path:
@@ -31,6 +31,6 @@ def save_tiny_sdxl(path: str | Path, seed: int = 0) -> Path:
     return Path(path)
 
 
-def save_tiny_sd15(path: str | Path, seed: int = 0) -> Path:
-    tiny_sd15_pipeline(seed).save_pretrained(str(path))
+def save_tiny_sd15(path: str | Path, seed: int = 0, safety_checker: bool = False) -> Path:
+    tiny_sd15_pipeline(seed, safety_checker).save_pretrained(str(path))
     return Path(path)

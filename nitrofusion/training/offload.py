@@ -22,7 +22,7 @@ from functools import partial
 import torch
 from torch import nn
 
-GROUPS = ("text", "vae", "decoder")  # the teacher's parts that can live in host memory
+GROUPS = ("text", "vae", "decoder", "safety")  # the teacher's parts that can live in host memory
 
 
 Homes = list[tuple[torch.Tensor, torch.Tensor]]  # (tensor, its host copy)
@@ -118,9 +118,10 @@ class HostOffload:
 
 
 def teacher_groups(pipe, whole_unet_every_step: bool, vae_differentiated: bool) -> dict[str, list[nn.Module]]:
-    """The teacher's offloadable parts for a run: its text encoders always; its VAE unless a pixel
-    discriminator decodes through it with gradients; its UNet's decoder unless the whole teacher
-    UNet runs every iteration (DMD2's and ADM's real score; a LoRA student sharing its weights)."""
+    """The teacher's offloadable parts for a run: its text encoders and safety checker (if any)
+    always; its VAE unless a pixel discriminator decodes through it with gradients; its UNet's
+    decoder unless the whole teacher UNet runs every iteration (DMD2's and ADM's real score; a
+    LoRA student sharing its weights)."""
     groups = {"text": [m for m in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if m is not None]}
     if not vae_differentiated:
         # AutoencoderKL's decode() is not its forward(): the guard sits on the parts it calls.
@@ -128,4 +129,6 @@ def teacher_groups(pipe, whole_unet_every_step: bool, vae_differentiated: bool) 
     if not whole_unet_every_step:
         unet = pipe.unet
         groups["decoder"] = [m for m in (*unet.up_blocks, unet.conv_norm_out, unet.conv_out) if m is not None]
+    if getattr(pipe, "safety_checker", None) is not None:  # SD1.5's (1.2 GB): it judges validation grids only
+        groups["safety"] = [pipe.safety_checker]
     return groups
