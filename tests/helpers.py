@@ -64,21 +64,24 @@ def _cli_child(args: list[str], env: dict[str, str], stdout: str, stderr: str) -
     os.environ.update(env)
     torch.set_num_threads(int(env.get("OMP_NUM_THREADS", torch.get_num_threads())))
     for fd, path in ((1, stdout), (2, stderr)):
-        os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+        opened = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.dup2(opened, fd)
+        os.close(opened)
     from nitrofusion.cli import main
 
     sys.exit(main(args))
 
 
 def cli_process(args: list[str], env: dict[str, str], timeout: float = 300):
-    """`nitrofusion <args>` in a process of its own, as a user's shell would start it, returned as
-    a CompletedProcess (a negative returncode is the signal that ended it).
+    """`nitrofusion <args>` in a process of its own, returned as a CompletedProcess (a negative
+    returncode is the signal that ended it).
 
-    The process is forked from multiprocessing's fork server, which has imported the CLI and the
-    trainer once: each run then starts in well under a second instead of the ~9 s it takes a new
-    interpreter to import torch, diffusers and transformers. Nothing else is shared: the server
-    runs no code of ours, and a SIGKILL ends only the child, leaving on disk what a killed
-    `nitrofusion` command leaves."""
+    The process is forked from multiprocessing's fork server, which imported the CLI and the
+    trainer once: each run starts in well under a second instead of the ~9 s a new interpreter
+    takes to import torch, diffusers and transformers. The child gets `env` as its environment
+    before any of our code runs in it (settings read at import time, such as transformers'
+    verbosity, come from the server's environment instead), and a SIGKILL ends only the child,
+    leaving on disk what a killed `nitrofusion` command leaves."""
     import multiprocessing
     import subprocess
     import tempfile
@@ -86,13 +89,17 @@ def cli_process(args: list[str], env: dict[str, str], timeout: float = 300):
 
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["nitrofusion.cli", "nitrofusion.training.distill", "helpers"])
+    command = ["nitrofusion", *args]
     with tempfile.TemporaryDirectory() as tmp:
         out, err = Path(tmp) / "stdout", Path(tmp) / "stderr"
         child = ctx.Process(target=_cli_child, args=(list(args), dict(env), str(out), str(err)))
         child.start()
-        child.join(timeout)
-        if child.exitcode is None:
-            child.kill()
-            child.join()
-            raise subprocess.TimeoutExpired(["nitrofusion", *args], timeout)
-        return subprocess.CompletedProcess(["nitrofusion", *args], child.exitcode, out.read_text(), err.read_text())
+        try:
+            child.join(timeout)
+            if child.exitcode is None:
+                raise subprocess.TimeoutExpired(command, timeout, out.read_text(), err.read_text())
+            return subprocess.CompletedProcess(command, child.exitcode, out.read_text(), err.read_text())
+        finally:  # however the wait ends (a timeout, ^C), no child outlives it
+            if child.is_alive():
+                child.kill()
+                child.join()

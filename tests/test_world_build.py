@@ -11,6 +11,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from nitrofusion.cli import main
+from nitrofusion.training import checkpoint
 from nitrofusion.world.evaluator import Evaluator
 
 
@@ -18,10 +19,6 @@ def build(run, out):
     args = ["train-teacher", "--run-dir", str(run), "--out", str(out), "--checkpoint-every", "1"]
     args += ["--train-images", "256", "--test-images", "300", "--samples-per-class", "1"]
     return main([*args, "--vae-steps", "2", "--unet-steps", "3", "--classifier-epochs", "1"])
-
-
-def unet_weights(out):
-    return load_file(str(out / "teacher" / "unet" / "diffusion_pytorch_model.safetensors"))
 
 
 def steps_logged(run, stage):
@@ -45,17 +42,25 @@ def test_a_tiny_build_writes_a_world_stock_diffusers_loads_and_resumes_exactly(t
         assert steps_logged(run, stage) == list(range(1, steps + 1))
         assert (run / stage / "curves.png").is_file()
 
-    # The same build killed after its second teacher step: its newest checkpoint is step 2's.
-    # Resumed, the third step continues the same random streams: the same teacher to the bit.
+    # The same build killed after its second teacher step and its first evaluator step: the
+    # newest checkpoints are those. Resumed, the remaining steps continue the same random
+    # streams: the whole training state (fp32 weights, EMA, optimizer, data stream) and the
+    # evaluator are the uninterrupted build's to the bit.
     resumed = tmp_path / "resumed"
     shutil.copytree(run, resumed / "run")
     shutil.rmtree(resumed / "run" / "unet" / "step-00000003")
+    shutil.rmtree(resumed / "run" / "classifier" / "step-00000002")
+    kept = (resumed / "run" / "classifier" / "step-00000001").stat().st_mtime_ns
     assert build(resumed / "run", resumed / "out") == 0
-    a, b = unet_weights(out), unet_weights(resumed / "out")
+    for stage, last in (("unet", 3), ("classifier", 2)):
+        a, b = (checkpoint.load(r / stage / f"step-{last:08d}")[0] for r in (run, resumed / "run"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), stage
+    a, b = (load_file(str(o / "evaluator.safetensors")) for o in (out, resumed / "out"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert steps_logged(resumed / "run", "unet") == [1, 2, 3]
     log = (resumed / "run" / "log.txt").read_text()  # the killed build's lines, then the resumed one's
     assert log.count("unet step 1 ") == 1 and log.count("unet step 3 ") == 2, "the resumed build ran only step 3"
+    assert (resumed / "run" / "classifier" / "step-00000001").stat().st_mtime_ns == kept, "step 1 ran again"
 
 
 @pytest.mark.parametrize(

@@ -223,16 +223,18 @@ TRUSTED_LIBRARIES = ("diffusers", "transformers")  # and nitrofusion's own modul
 
 
 def _diffusers_pipeline_module(library: str) -> bool:
-    """Whether diffusers resolves `library` to one of its own pipeline packages, as it does for
-    SD1.5's safety checker (["stable_diffusion", "StableDiffusionSafetyChecker"])."""
+    """Whether `library` names one of diffusers' own pipeline packages, which diffusers resolves
+    it to, as for SD1.5's safety checker (["stable_diffusion", "StableDiffusionSafetyChecker"]).
+    Only a regular package inside diffusers/pipelines counts: no private or helper modules."""
     import importlib.util
 
-    if not library.isidentifier():
+    if not library.isidentifier() or library.startswith("_"):
         return False
     try:
-        return importlib.util.find_spec(f"diffusers.pipelines.{library}") is not None
+        spec = importlib.util.find_spec(f"diffusers.pipelines.{library}")
     except (ImportError, ValueError):
         return False
+    return spec is not None and spec.submodule_search_locations is not None and spec.origin is not None
 
 
 def check_model_index(model_dir: Path) -> None:

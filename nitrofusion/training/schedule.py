@@ -35,7 +35,7 @@ class Schedule:
         for span in self.spans:
             if step < span.end:
                 return span
-        # Nothing runs (every count 0) or `step` is past the end: the last stage configured.
+        # `step` past the end (no caller asks) or nothing runs: the last phase that runs, or one step.
         return self.spans[-1] if self.spans else Phase("distill", 1)
 
     def labels(self) -> list[tuple[int, str]]:

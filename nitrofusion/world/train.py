@@ -64,9 +64,9 @@ class WorldConfig:
         for name in ("vae_steps", "unet_steps", "classifier_epochs", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        for name in ("train_images", "test_images", "samples_per_class"):
+        for name, zero in (("train_images", "all"), ("test_images", "all"), ("samples_per_class", "none")):
             if getattr(self, name) < 0:
-                raise UserError(f"{name.replace('_', '-')} must be 0 (all) or more, got {getattr(self, name)}")
+                raise UserError(f"{name.replace('_', '-')} must be 0 ({zero}) or more, got {getattr(self, name)}")
 
 
 def _log(run_dir: Path, msg: str) -> None:
@@ -89,6 +89,8 @@ def _resume(
     if opt is not None:
         checkpoint.load_optimizer(opt, tensors, meta["optimizer"], "opt")
     checkpoint.set_rng_state(tensors)
+    if "rng.cuda" in tensors and torch.cuda.is_available():  # the VAE's posterior samples on CUDA
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
     if "rng.data" in tensors:  # checkpoints written before it was kept: the stream starts again
         gen.set_state(tensors["rng.data"])
     return int(meta["step"])
@@ -102,6 +104,8 @@ def _save(
     tensors.update(opt_tensors)
     tensors.update(checkpoint.rng_state())
     tensors["rng.data"] = gen.get_state()
+    if torch.cuda.is_initialized():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
     checkpoint.save(stage_dir, step, tensors, {"optimizer": opt_meta})
 
 
@@ -124,12 +128,16 @@ class StageLog:
     def record(self, step: int, **values: float) -> None:
         self.metrics.record(step, values)
 
-    def checkpointed(self) -> None:
+    def flush(self) -> None:
+        """Before each checkpoint: a build killed after it finds every step up to it logged."""
         self.metrics.flush()
 
     def draw(self, title: str) -> None:
         self.metrics.flush()
-        plot_curves(self.metrics.read(), self.stage_dir / "curves.png", title=title, panels=self.panels)
+        try:
+            plot_curves(self.metrics.read(), self.stage_dir / "curves.png", title=title, panels=self.panels)
+        except Exception as exc:  # a figure is not worth a lost build
+            tqdm.write(f"{self.stage_dir / 'curves.png'} not drawn ({type(exc).__name__}: {exc})")
 
 
 def train_vae(cfg: WorldConfig, run_dir: Path) -> AutoencoderKL:
@@ -155,8 +163,8 @@ def train_vae(cfg: WorldConfig, run_dir: Path) -> AutoencoderKL:
         bar.set_postfix(mse=f"{mse.item():.4f}")
         log.record(step + 1, mse=mse.item(), l1=l1.item(), kl=kl.item())
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.vae_steps:
+            log.flush()
             _save(stage, step + 1, {"vae": vae}, opt, gen)
-            log.checkpointed()
     log.draw("embedded world: VAE")
     return vae.eval()
 
@@ -240,8 +248,8 @@ def train_unet(cfg: WorldConfig, run_dir: Path, vae: AutoencoderKL, scaling: flo
         bar.set_postfix(loss=f"{loss.item():.4f}")
         log.record(step + 1, loss=loss.item(), lr=opt.param_groups[0]["lr"])
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.unet_steps:
+            log.flush()
             _save(stage, step + 1, {"unet": unet, "ema": ema}, opt, gen)
-            log.checkpointed()
             _log(run_dir, f"unet step {step + 1} loss {loss.item():.4f}")
     log.draw("embedded world: teacher UNet")
     ema.copy_to(unet)
@@ -277,8 +285,8 @@ def train_classifier(cfg: WorldConfig, run_dir: Path) -> tuple[Evaluator, float]
         bar.set_postfix(loss=f"{loss.item():.3f}")
         log.record(step + 1, loss=loss.item())
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == total:
+            log.flush()
             _save(stage, step + 1, {"model": model}, opt, gen)
-            log.checkpointed()
     log.draw("embedded world: evaluator CNN")
     model.eval()
     test_x, test_y = split(cfg, "test")
@@ -301,12 +309,12 @@ def slim_tokenizers(pipeline_dir: Path) -> None:
             shutil.copy(src / f, pipeline_dir / name / f)
 
 
-def draw_samples(teacher_dir: Path, path: Path, per_class: int = 8) -> Path:
+def draw_samples(teacher_dir: Path, path: Path, per_class: int = 8, device: str = "cpu") -> Path:
     """The teacher as it was written (fp16 weights, loaded back): a row per class, 25 Euler steps
     with CFG 5, image i (row by row) from seed i. One batch: a tenth of the time of ten."""
     from nitrofusion.pipelines import generate, load_pipeline
 
-    pipe = load_pipeline(teacher_dir, sampler="native", device="cpu", dtype=torch.float32)
+    pipe = load_pipeline(teacher_dir, sampler="native", device=device, dtype=torch.float32)
     classes = range(len(data.CLASS_NAMES))
     prompts = [data.prompt_for(label) for label in classes for _ in range(per_class)]
     images = [r.image for r in generate(pipe, prompts, steps=25, batch_size=len(prompts), progress=False)]
@@ -342,7 +350,7 @@ def build_world(cfg: WorldConfig, run_dir: str | Path, out_dir: str | Path, stag
         pipe.to(torch.float16).save_pretrained(out_dir / "teacher")
         slim_tokenizers(out_dir / "teacher")
         if cfg.samples_per_class:
-            samples = draw_samples(out_dir / "teacher", run_dir / "samples.png", cfg.samples_per_class)
+            samples = draw_samples(out_dir / "teacher", run_dir / "samples.png", cfg.samples_per_class, cfg.device)
             report["samples"] = str(samples)
     if "classifier" in stages:
         t2 = time.time()
