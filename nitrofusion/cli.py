@@ -69,8 +69,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_train_teacher(args: argparse.Namespace) -> int:
-    from nitrofusion.pipelines.loading import resolve_device
-    from nitrofusion.world.train import WorldConfig, build_world
+    from nitrofusion.world.config import WorldConfig
 
     cfg = WorldConfig(
         seed=args.seed,
@@ -83,7 +82,11 @@ def cmd_train_teacher(args: argparse.Namespace) -> int:
         test_images=args.test_images,
         samples_per_class=args.samples_per_class,
     )
-    cfg.check()
+    cfg.check()  # before the imports below (seconds): a bad option fails at once
+
+    from nitrofusion.pipelines.loading import resolve_device
+    from nitrofusion.world.train import build_world
+
     resolve_device(args.device)
     report = build_world(cfg, args.run_dir, args.out, ["unet", "classifier"])
     out = Path(args.out)

@@ -109,7 +109,7 @@ def plot_curves(
     height = 0.9 + 2.0 * len(panels)
     fig = Figure(figsize=(8, height), dpi=100)
     FigureCanvasAgg(fig)
-    fig.subplots_adjust(left=0.08, right=0.76, top=1 - 0.5 / height, bottom=0.45 / height, hspace=0.3)
+    fig.subplots_adjust(left=0.08, right=0.76, top=1 - 0.65 / height, bottom=0.45 / height, hspace=0.3)
     axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
     colours = ("tab:blue", "tab:orange")
     for ax, (panel, keys) in zip(axes, panels):
