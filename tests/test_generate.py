@@ -1,5 +1,6 @@
 """`nitrofusion generate` end to end on the tiny SDXL and SD1.5 pipelines, and its errors."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -311,3 +312,20 @@ def test_prompt_file_that_is_a_device_is_one_line(tmp_path, capsys):
     assert main(["generate", "--prompts", "/dev/zero", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not a regular file" in err[0], err
+
+
+def test_an_sd15_directory_with_its_safety_checker_loads_and_filters(tmp_path, capsys):
+    """Stock SD1.5 directories name their safety checker ["stable_diffusion", ...], a diffusers
+    pipeline package: it loads (it was refused as foreign code before), and it judges every image."""
+    from nitrofusion.testing import save_tiny_sd15
+
+    model = save_tiny_sd15(tmp_path / "sd15", safety_checker=True)
+    index = json.loads((model / "model_index.json").read_text())
+    assert index["safety_checker"] == ["stable_diffusion", "StableDiffusionSafetyChecker"]
+    pipe = load_pipeline(model, sampler="shift-lcm", device="cpu")
+    judged = []
+    pipe.safety_checker.register_forward_hook(lambda module, args, out: judged.append(len(out[1])))
+    generate(pipe, ["a cat", "a dog", "a bag"], steps=1, batch_size=2, progress=False)
+    assert judged == [2, 1]
+    code, stdout, _ = run(["generate", "a cat", "--model", str(model), "--out", str(tmp_path / "cat.png")], capsys)
+    assert code == 0 and (tmp_path / "cat.png").is_file()
