@@ -13,9 +13,9 @@ start and end tokens.
 
 from __future__ import annotations
 
+import argparse
 import gzip
 import json
-import sys
 from pathlib import Path
 
 N_MERGES = 49152 - 256 - 2
@@ -50,4 +50,10 @@ def main(bpe_gz: str, out_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("bpe_gz", help="bpe_simple_vocab_16e6.txt.gz from the open_clip_torch wheel")
+    p.add_argument("out_dir", help="where vocab.json and merges.txt are written")
+    args = p.parse_args()
+    if not Path(args.bpe_gz).is_file():
+        p.error(f"{args.bpe_gz} is not a file")
+    main(args.bpe_gz, args.out_dir)
