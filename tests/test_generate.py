@@ -329,3 +329,19 @@ def test_an_sd15_directory_with_its_safety_checker_loads_and_filters(tmp_path, c
     assert judged == [2, 1]
     code, stdout, _ = run(["generate", "a cat", "--model", str(model), "--out", str(tmp_path / "cat.png")], capsys)
     assert code == 0 and (tmp_path / "cat.png").is_file()
+
+
+def test_no_safety_checker_leaves_it_out_and_evaluations_keep_the_two_apart(tmp_path, capsys):
+    from nitrofusion.testing import save_tiny_sd15
+
+    model = save_tiny_sd15(tmp_path / "sd15", safety_checker=True)
+    pipe = load_pipeline(model, sampler="shift-lcm", device="cpu", safety_checker=False)
+    assert pipe.safety_checker is None and pipe.nitro_unfiltered and not pipe.config.requires_safety_checker
+    assert not load_pipeline(model, sampler="shift-lcm", device="cpu").nitro_unfiltered
+    args = ["generate", "a cat", "--model", str(model), "--no-safety-checker", "--out", str(tmp_path / "cat.png")]
+    assert run(args, capsys)[0] == 0
+    # Unfiltered images are other images: an evaluation does not mix them into a filtered cache.
+    evaluate = ["evaluate", "--model", str(model), "--steps", "1", "--n", "2", "--out", str(tmp_path / "eval")]
+    assert run([*evaluate, "--no-safety-checker"], capsys)[0] == 0
+    code, _, err = run(evaluate, capsys)
+    assert code == 2 and "other settings (safety_checker)" in err

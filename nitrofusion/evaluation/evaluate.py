@@ -63,6 +63,7 @@ class EvalRequest:
     image_reward_tokenizer: str | None = None
     evaluator: str | None = None
     grid_images: int = 10
+    safety_checker: bool = True  # False: a pipeline's safety checker is left out (no blacked-out images)
 
 
 def load_prompt_set(spec: str, n: int, seed: int) -> tuple[list[str], list[int] | None]:
@@ -214,7 +215,9 @@ def evaluate(req: EvalRequest) -> list[dict]:
     req.out.mkdir(parents=True, exist_ok=True)
     prompts, labels = load_prompt_set(req.prompts, req.n, req.seed)
     scorers = build_scorers(req, device)
-    pipe = load_pipeline(req.model, unet=req.unet, shift=req.shift, sampler=req.sampler, device=device)
+    pipe = load_pipeline(
+        req.model, unet=req.unet, shift=req.shift, sampler=req.sampler, device=device, safety_checker=req.safety_checker
+    )
     pipe.set_progress_bar_config(disable=True)
     sampler = pipe.nitro_sampler
     label = req.label or Path(str(req.model)).name
@@ -231,6 +234,8 @@ def evaluate(req: EvalRequest) -> list[dict]:
             "seed": req.seed,
             "prompts": req.prompts,
         }
+        if pipe.nitro_unfiltered:  # other images than the filtered ones: a cache of their own
+            settings["safety_checker"] = False
         cache = ImageCache(req.out / "images" / f"{sampler}-{steps}-step", settings)
         images, per_image = cache.fill(
             pipe, prompts, steps, req.seed, req.batch_size, guidance, desc=f"{label}, {steps} step(s)"

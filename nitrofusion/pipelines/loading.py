@@ -237,10 +237,10 @@ def _diffusers_pipeline_module(library: str) -> bool:
     return spec is not None and spec.submodule_search_locations is not None and spec.origin is not None
 
 
-def check_model_index(model_dir: Path) -> None:
+def check_model_index(model_dir: Path) -> dict:
     """Refuse a pipeline whose model_index.json names code from anywhere but diffusers, transformers
     or nitrofusion: a custom pipeline or component class would import a module shipped with the
-    model, which is remote code however local the directory looks."""
+    model, which is remote code however local the directory looks. Returns the index."""
     try:
         index = json.loads((model_dir / "model_index.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
@@ -266,6 +266,7 @@ def check_model_index(model_dir: Path) -> None:
                 f"'{model_dir}': component '{key}' comes from {library!r}; only diffusers, transformers and "
                 "nitrofusion classes are loaded (never code shipped with a model)"
             )
+    return index
 
 
 def load_pipeline(
@@ -276,6 +277,7 @@ def load_pipeline(
     device: str | None = None,
     dtype: str | torch.dtype | None = None,
     compile: bool = False,
+    safety_checker: bool = True,
 ) -> DiffusionPipeline:
     """Load a text-to-image pipeline ready for few-step sampling.
 
@@ -284,17 +286,22 @@ def load_pipeline(
     shift-lcm when the pipeline already has it, or a student UNet or a shift is given.
     The chosen sampler is recorded as `pipe.nitro_sampler`. `compile` (CUDA) compiles the
     networks (`nitrofusion.pipelines.fast`); never for training, since its fused projections
-    add keys to the UNet's state dict.
+    add keys to the UNet's state dict. `safety_checker=False` leaves out a pipeline's safety
+    checker (SD1.5's), as evaluations on COCO do: it is not loaded, and no image is blacked out.
+    `pipe.nitro_unfiltered` records that one was left out.
     """
     model_dir = resolve_model(model)
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     student_state = read_safetensors(unet) if unet is not None else None
-    check_model_index(model_dir)
+    index = check_model_index(model_dir)
+    entry = index.get("safety_checker")
+    drop_checker = not safety_checker and isinstance(entry, list) and entry[:1] != [None]
+    overrides = {"safety_checker": None, "requires_safety_checker": False} if drop_checker else {}
     try:
         with quiet_loading():
             pipe = DiffusionPipeline.from_pretrained(
-                str(model_dir), dtype=torch_dtype, use_safetensors=True, local_files_only=True
+                str(model_dir), dtype=torch_dtype, use_safetensors=True, local_files_only=True, **overrides
             )
     except (OSError, ValueError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -333,6 +340,7 @@ def load_pipeline(
         raise UserError(f"unknown sampler '{sampler}': use auto, shift-lcm or native")
     pipe.nitro_sampler = sampler
     pipe.nitro_model = str(model)
+    pipe.nitro_unfiltered = drop_checker
     pipe.set_progress_bar_config(disable=True)
     pipe = pipe.to(device)
     if compile:
