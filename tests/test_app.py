@@ -224,6 +224,15 @@ def test_model_names_are_checked_before_loading():
         load_models([ModelSpec("/does/not/exist", name="a b")])
 
 
+def test_the_app_serves_an_sd15_model_with_or_without_its_safety_checker(tmp_path):
+    from nitrofusion.testing import save_tiny_sd15
+
+    sd15 = save_tiny_sd15(tmp_path / "sd15", safety_checker=True)
+    (kept,) = load_models([ModelSpec(str(sd15))], device="cpu", warmup=False)
+    (left_out,) = load_models([ModelSpec(str(sd15))], device="cpu", warmup=False, safety_checker=False)
+    assert kept.pipe.safety_checker is not None and left_out.pipe.safety_checker is None
+
+
 def test_cli_warns_when_exposed_and_fails_in_one_line_on_a_taken_port(capsys):
     import argparse
 

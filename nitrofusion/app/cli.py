@@ -70,6 +70,7 @@ def _add_arguments(a: argparse.ArgumentParser) -> None:
         action="store_true",
         help="CUDA: compile, capture a sample per step count as a CUDA graph at start-up (default size only)",
     )
+    a.add_argument("--no-safety-checker", action="store_true", help="leave out the models' safety checkers (SD1.5's)")
     a.add_argument("--max-size", type=int, default=1024, help="largest width or height a request may ask for")
     a.add_argument("--queue-size", type=int, default=32, help="requests that may wait per model (one per client)")
     a.add_argument("--no-warmup", action="store_true", help="skip sampling one image per model at start-up")
@@ -120,7 +121,12 @@ def run(args: argparse.Namespace) -> int:
     sock = bind(args.host, args.port)
     try:
         models = load_models(
-            args.models or [], device=args.device, dtype=args.dtype, warmup=not args.no_warmup, compile=args.compile
+            args.models or [],
+            device=args.device,
+            dtype=args.dtype,
+            warmup=not args.no_warmup,
+            compile=args.compile,
+            safety_checker=not args.no_safety_checker,
         )
         app = create_app(models, max_size=args.max_size, queue_size=args.queue_size)
         host, port = sock.getsockname()[:2]

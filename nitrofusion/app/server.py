@@ -199,6 +199,7 @@ def load_models(
     dtype: str | None = "auto",
     warmup: bool = True,
     compile: bool = False,
+    safety_checker: bool = True,
 ) -> list[LoadedModel]:
     """Load every model once (safetensors only, no remote code: `load_pipeline`'s guarantees) and
     optionally sample one image each, so the first user request does not pay for lazy initialisation."""
@@ -217,7 +218,13 @@ def load_models(
     for spec, name in zip(specs, names):
         choice = choose_model(spec.model, spec.unet, spec.shift)
         pipe = load_pipeline(
-            choice.model, unet=choice.unet, shift=choice.shift, device=device, dtype=dtype, compile=compile
+            choice.model,
+            unet=choice.unet,
+            shift=choice.shift,
+            device=device,
+            dtype=dtype,
+            compile=compile,
+            safety_checker=safety_checker,
         )
         compiled = compile and str(pipe.device).startswith("cuda")  # compile_pipeline leaves CPU alone
         loaded = LoadedModel.from_pipeline(name, spec.model or "embedded", pipe, compiled=compiled)
