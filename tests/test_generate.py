@@ -342,6 +342,7 @@ def test_no_safety_checker_leaves_it_out_and_evaluations_keep_the_two_apart(tmp_
     assert run(args, capsys)[0] == 0
     # Unfiltered images are other images: an evaluation does not mix them into a filtered cache.
     evaluate = ["evaluate", "--model", str(model), "--steps", "1", "--n", "2", "--out", str(tmp_path / "eval")]
-    assert run([*evaluate, "--no-safety-checker"], capsys)[0] == 0
+    code, stdout, _ = run([*evaluate, "--no-safety-checker"], capsys)
+    assert code == 0 and "(unfiltered)" in stdout
     code, _, err = run(evaluate, capsys)
     assert code == 2 and "other settings (safety_checker)" in err

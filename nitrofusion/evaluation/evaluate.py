@@ -221,6 +221,9 @@ def evaluate(req: EvalRequest) -> list[dict]:
     pipe.set_progress_bar_config(disable=True)
     sampler = pipe.nitro_sampler
     label = req.label or Path(str(req.model)).name
+    unfiltered = getattr(pipe, "nitro_unfiltered", False)
+    if unfiltered:  # otherwise the same model's rows look alike in the tables
+        label += " (unfiltered)"
     results, grid_rows = [], []
     for steps in req.steps:
         guidance = req.guidance_scale if req.guidance_scale is not None else (0.0 if sampler == "shift-lcm" else 5.0)
@@ -234,7 +237,7 @@ def evaluate(req: EvalRequest) -> list[dict]:
             "seed": req.seed,
             "prompts": req.prompts,
         }
-        if pipe.nitro_unfiltered:  # other images than the filtered ones: a cache of their own
+        if unfiltered:  # other images than the filtered ones: the cache refuses to mix them
             settings["safety_checker"] = False
         cache = ImageCache(req.out / "images" / f"{sampler}-{steps}-step", settings)
         images, per_image = cache.fill(
