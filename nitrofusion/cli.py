@@ -239,6 +239,11 @@ def cmd_grid(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_safety_checker_option(p: argparse.ArgumentParser) -> None:
+    help_ = "leave out the pipeline's safety checker (SD1.5's): no image is blacked out, as in COCO evaluations"
+    p.add_argument("--no-safety-checker", action="store_true", help=help_)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from nitrofusion import __version__
 
@@ -275,11 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="CUDA: compile the networks and replay each sample as one CUDA graph (minutes first; faster after)",
     )
-    g.add_argument(
-        "--no-safety-checker",
-        action="store_true",
-        help="leave out the pipeline's safety checker (SD1.5's): no image is blacked out, as in COCO evaluations",
-    )
+    _add_safety_checker_option(g)
     g.add_argument("--out", default="outputs", help="output directory, or a .png file for one prompt")
     g.set_defaults(func=cmd_generate)
 
@@ -331,11 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
     e.add_argument("--batch-size", type=int, default=100)
     e.add_argument("--device")
-    e.add_argument(
-        "--no-safety-checker",
-        action="store_true",
-        help="leave out the pipeline's safety checker (SD1.5's): no image is blacked out, as in COCO evaluations",
-    )
+    _add_safety_checker_option(e)
     e.add_argument("--label", help="model name in the table")
     e.add_argument(
         "--metrics",

@@ -74,3 +74,14 @@ def test_a_resumed_run_logs_every_iteration_once_as_an_uninterrupted_one(tiny_sd
     assert "real_logit" in records("a")[-1]
     with Image.open(tmp_path / "b" / "curves.png") as image:
         assert image.format == "PNG" and image.size[1] > 600  # pre-training, student, critic, critic outputs
+
+
+def test_a_figure_that_cannot_be_drawn_is_reported_in_one_line_not_raised(tmp_path):
+    from nitrofusion.training.curves import try_plot_curves
+
+    (tmp_path / "file").write_text("")
+    said = []
+    records = [{"step": 1, "g_loss": 1.0}]
+    assert try_plot_curves(records, tmp_path / "file" / "curves.png", said.append) is None  # its folder is a file
+    assert len(said) == 1 and "not drawn" in said[0] and "\n" not in said[0]
+    assert try_plot_curves(records, tmp_path / "curves.png", said.append) == tmp_path / "curves.png"

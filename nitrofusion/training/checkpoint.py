@@ -128,12 +128,18 @@ def fingerprint(state: dict[str, torch.Tensor], samples: int = 1024) -> str:
 
 
 def rng_state() -> dict[str, torch.Tensor]:
-    return {"rng.torch": torch.get_rng_state()}
+    """torch's global random state, and CUDA's where it is in use (sampling on a GPU draws from it)."""
+    state = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_initialized():
+        state["rng.cuda"] = torch.cuda.get_rng_state()
+    return state
 
 
 def set_rng_state(tensors: dict[str, torch.Tensor]) -> None:
     if "rng.torch" in tensors:
         torch.set_rng_state(tensors["rng.torch"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
 
 
 def save(root: str | Path, step: int, tensors: dict[str, torch.Tensor], meta: dict[str, Any], keep: int = 2) -> Path:

@@ -158,18 +158,9 @@ class DistillConfig:
         return dataclasses.asdict(self)
 
 
-# accelerate's trackers and the package each needs. accelerate drops a tracker whose package is
-# missing with a warning and trains on unlogged; here that is a config error instead.
-TRACKERS = {
-    "tensorboard": "tensorboard",
-    "wandb": "wandb",
-    "mlflow": "mlflow",
-    "comet_ml": "comet_ml",
-    "aim": "aim",
-    "clearml": "clearml",
-    "dvclive": "dvclive",
-    "none": None,
-}
+# accelerate's trackers, each imported under its own name. accelerate drops a tracker whose
+# package is missing with a warning and trains on unlogged; here that is a config error instead.
+TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "none")
 CHOICES = {
     "loss.objective": {"nitrofusion", "dmd2", "adm"},
     "loss.pretrain_kind": {"mse", "adversarial"},
@@ -242,9 +233,9 @@ def validate(cfg: DistillConfig) -> DistillConfig:
         value = getattr(getattr(cfg, section), name)
         if value not in allowed:
             raise UserError(f"config key '{key}' must be one of {sorted(allowed)}, got {value!r}")
-    package = TRACKERS[cfg.run.log_with]
-    if package is not None and importlib.util.find_spec(package) is None:
-        raise UserError(f"config key 'run.log_with' is {cfg.run.log_with}: it needs {package} (pip install {package})")
+    package = cfg.run.log_with
+    if package != "none" and importlib.util.find_spec(package) is None:
+        raise UserError(f"config key 'run.log_with' is {package}: it needs {package} (pip install {package})")
     bad = set(cfg.discriminator.kinds) - KINDS
     if bad or not cfg.discriminator.kinds:
         raise UserError(f"config key 'discriminator.kinds' must be a non-empty subset of {sorted(KINDS)}")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from nitrofusion.userfiles import replacing
@@ -140,3 +140,15 @@ def plot_curves(
     with replacing(path) as tmp:
         fig.savefig(tmp, format="png")
     return path
+
+
+def try_plot_curves(
+    records: Iterable[dict[str, float | None]], path: str | Path, report: Callable[[str], None], **kwargs
+) -> Path | None:
+    """`plot_curves`, for training loops: a plotting error is reported in one line, never raised,
+    since a figure is not worth a lost run or a masked training error."""
+    try:
+        return plot_curves(records, path, **kwargs)
+    except Exception as exc:
+        report(f"{path} not drawn ({type(exc).__name__}: {exc}); metrics.jsonl beside it has the numbers")
+        return None

@@ -61,7 +61,7 @@ from nitrofusion.pipelines.loading import (
 from nitrofusion.scheduling import TimestepShiftLCMScheduler
 from nitrofusion.training import checkpoint
 from nitrofusion.training.config import DistillConfig, save_config
-from nitrofusion.training.curves import MetricsLog, plot_curves
+from nitrofusion.training.curves import MetricsLog, try_plot_curves
 from nitrofusion.training.ema import EMA
 from nitrofusion.training.faults import fires, kill_point
 from nitrofusion.training.lora import add_lora, merged_state_dict, plain_unet
@@ -702,13 +702,11 @@ class Distiller:
             return self.out / "curves.png"
         self.metrics.flush()
         title = f"{self.cfg.loss.objective} distillation of {self.cfg.model.teacher}"
-        try:
-            path = plot_curves(self.metrics.read(), self.out / "curves.png", self.schedule.labels(), title=title)
-            self.curves_drawn_at = self.step if path else None
-            return path
-        except Exception as exc:  # a figure is not worth a lost export or a masked training error
-            self.log_line(f"curves.png not drawn ({type(exc).__name__}: {exc}); metrics.jsonl has the numbers")
-            return None
+        path = try_plot_curves(
+            self.metrics.read(), self.out / "curves.png", self.log_line, phases=self.schedule.labels(), title=title
+        )
+        self.curves_drawn_at = self.step if path else None
+        return path
 
     def validation_path(self) -> Path:
         return self.out / "validation" / f"step-{self.step:08d}.png"

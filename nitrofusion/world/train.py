@@ -30,7 +30,7 @@ from nitrofusion.evaluation.frechet import GaussianStats
 from nitrofusion.evaluation.grid import make_grid
 from nitrofusion.models.builders import build_sdxl_pipeline
 from nitrofusion.training import checkpoint
-from nitrofusion.training.curves import MetricsLog, plot_curves
+from nitrofusion.training.curves import MetricsLog, try_plot_curves
 from nitrofusion.training.ema import EMA
 from nitrofusion.userfiles import replacing
 from nitrofusion.world import data
@@ -58,9 +58,7 @@ def _resume(
         module.load_state_dict({k[len(name) + 1 :]: v for k, v in tensors.items() if k.startswith(name + ".")})
     if opt is not None:
         checkpoint.load_optimizer(opt, tensors, meta["optimizer"], "opt")
-    checkpoint.set_rng_state(tensors)
-    if "rng.cuda" in tensors and torch.cuda.is_available():  # the VAE's posterior samples on CUDA
-        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    checkpoint.set_rng_state(tensors)  # the VAE's posterior samples draw from it (CUDA's on a GPU)
     if "rng.data" in tensors:  # checkpoints written before it was kept: the stream starts again
         gen.set_state(tensors["rng.data"])
     return int(meta["step"])
@@ -74,8 +72,6 @@ def _save(
     tensors.update(opt_tensors)
     tensors.update(checkpoint.rng_state())
     tensors["rng.data"] = gen.get_state()
-    if torch.cuda.is_initialized():
-        tensors["rng.cuda"] = torch.cuda.get_rng_state()
     checkpoint.save(stage_dir, step, tensors, {"optimizer": opt_meta})
 
 
@@ -104,10 +100,8 @@ class StageLog:
 
     def draw(self, title: str) -> None:
         self.metrics.flush()
-        try:
-            plot_curves(self.metrics.read(), self.stage_dir / "curves.png", title=title, panels=self.panels)
-        except Exception as exc:  # a figure is not worth a lost build
-            tqdm.write(f"{self.stage_dir / 'curves.png'} not drawn ({type(exc).__name__}: {exc})")
+        path = self.stage_dir / "curves.png"
+        try_plot_curves(self.metrics.read(), path, tqdm.write, title=title, panels=self.panels)
 
 
 def train_vae(cfg: WorldConfig, run_dir: Path) -> AutoencoderKL:
