@@ -22,6 +22,8 @@ from functools import partial
 import torch
 from torch import nn
 
+from nitrofusion.training.host_memory import host_copies
+
 GROUPS = ("text", "vae", "decoder", "safety")  # the teacher's parts that can live in host memory
 
 
@@ -29,15 +31,14 @@ Homes = list[tuple[torch.Tensor, torch.Tensor]]  # (tensor, its host copy)
 
 
 def move_home(tensors: Iterable[torch.Tensor]) -> Homes:
-    """Point each tensor at a host copy of itself, freeing its device copy. A copy of a GPU tensor
-    is pinned, so the copies back (`visit`) are asynchronous."""
-    homes = []
-    for t in tensors:
-        home = t.detach().to("cpu")
-        home = home.pin_memory() if t.is_cuda else home
+    """Point each tensor at a host copy of itself, freeing its device copy. The copies of GPU
+    tensors are pinned (packed in few blocks: host_memory.py), so the copies back (`visit`) are
+    asynchronous."""
+    tensors = list(tensors)
+    homes = host_copies(tensors, pin=any(t.is_cuda for t in tensors))
+    for t, home in zip(tensors, homes):
         t.data = home
-        homes.append((t, home))
-    return homes
+    return list(zip(tensors, homes))
 
 
 def visit(homes: Homes, device: torch.device | str) -> None:
@@ -51,7 +52,8 @@ def go_home(homes: Homes) -> None:
         t.data = home
 
 
-def _tensors(modules: list[nn.Module]) -> list[torch.Tensor]:
+def unique_tensors(modules: list[nn.Module]) -> list[torch.Tensor]:
+    """The parameters and buffers of `modules`, each once (tied weights are one tensor)."""
     seen: dict[int, torch.Tensor] = {}
     for module in modules:
         for t in (*module.parameters(), *module.buffers()):
@@ -75,7 +77,7 @@ class HostOffload:
                 raise ValueError(f"unknown offload group {name!r} (groups: {', '.join(GROUPS)})")
             for module in modules:
                 module.register_forward_pre_hook(partial(self._check, name))
-            self._home[name], self._depth[name] = move_home(_tensors(modules)), 0
+            self._home[name], self._depth[name] = move_home(unique_tensors(modules)), 0
 
     def _check(self, name: str, module: nn.Module, args: tuple) -> None:
         if self._depth[name] == 0:
