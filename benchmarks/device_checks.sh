@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# The GPU-only checks and figures of docs/benchmarks.md, in two parts that each fit one call
-# of the lent GPU machine (10 minutes a command; 15 minutes of device time a session):
+# The GPU-only checks and figures of docs/benchmarks.md, in parts that each fit one call of the
+# lent GPU machine (10 minutes a command; 15 minutes of device time a session, start included,
+# so a session gets two calls at most). In the order they matter:
 #
-#   bash benchmarks/device_checks.sh inference   # CUDA-only tests, then SDXL sampling, batch 1 and 4 (~7 min on an H100)
-#   bash benchmarks/device_checks.sh training    # the GPU tests of training, then SDXL training: the preset, AdamW's
-#                                                # foreach kernels, an EMA on the GPU and in host memory (~7 min)
-#   bash benchmarks/device_checks.sh training offload lora lora-offload 8bit-ema static   # the next call: named settings
+#   bash benchmarks/device_checks.sh training    # the GPU tests of training and offload, then SDXL training rows:
+#                                                # the preset, the teacher offloaded, 8-bit AdamW with an EMA, the
+#                                                # static head set (~6 min on an H100)
+#   bash benchmarks/device_checks.sh inference 1 # CUDA-only tests, then SDXL sampling at batch 1 (~4 min; default: 1 4, ~7 min)
+#   bash benchmarks/device_checks.sh training ema ema-offload foreach lora lora-offload   # later calls: named settings
+#   bash benchmarks/device_checks.sh training dmd2 dmd2-8bit
 #
 # Results go to $OUT (the device tool brings that folder back), else runs/device. diffusers and
 # bitsandbytes are not installed on that machine: carry their wheels in .whl/ (pip download
@@ -30,20 +33,24 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 
 case $part in
 inference)
+    shift
+    batches=("$@")
+    [ ${#batches[@]} -gt 0 ] || batches=(1 4)
     # The tests that skip on CPU machines (CUDA graphs, pinned copies), before the figures.
     # A failing test must not cost the figures this scarce call is for: its output is kept, the run goes on.
     python3 -m pytest -q -p no:cacheprovider tests/test_fast_path.py -k "graphed or compiled_pipeline" \
         > "$out/cuda-tests.txt" 2>&1 || echo "CUDA-only tests FAILED: see cuda-tests.txt"
     tail -n 5 "$out/cuda-tests.txt"
-    python3 benchmarks/sdxl_inference.py --batches 1 4 --settings stock nitrofusion+compile \
+    python3 benchmarks/sdxl_inference.py --batches "${batches[@]}" --settings stock nitrofusion+compile \
         --breakdown --profile "$out/traces" --out "$out/sdxl_inference.json"
     ;;
 training)
     shift
     settings=("$@")
     if [ ${#settings[@]} -eq 0 ]; then  # the first call: the GPU tests of training too
-        settings=(preset foreach ema ema-offload)
-        python3 -m pytest -q -p no:cacheprovider tests/test_offload.py tests/test_optimizers.py -k "gpu" \
+        settings=(preset offload 8bit-ema static)
+        python3 -m pytest -q -p no:cacheprovider tests/test_offload.py tests/test_optimizers.py \
+            tests/test_host_memory.py -k "gpu" \
             > "$out/cuda-tests-training.txt" 2>&1 || echo "CUDA-only tests FAILED: see cuda-tests-training.txt"
         tail -n 3 "$out/cuda-tests-training.txt"
     fi

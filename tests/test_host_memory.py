@@ -41,8 +41,12 @@ def test_the_automatic_block_keeps_the_spare_small():
 @pytest.mark.parametrize(
     "pin",
     [
-        False,
-        pytest.param(True, marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned memory needs CUDA")),
+        pytest.param(False, id="pageable"),
+        pytest.param(
+            True,
+            id="gpu-pinned",
+            marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned memory needs CUDA"),
+        ),
     ],
 )
 def test_host_copies_are_equal_separate_and_share_few_blocks(pin):
