@@ -110,6 +110,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
         overrides.append(f"run.output_dir={args.output_dir}")
     if args.max_steps is not None:
         overrides.append(f"refine.steps_per_stage=[{args.max_steps}]")
+    if args.no_safety_checker:
+        overrides.append("model.safety_checker=false")
     cfg = load_config(args.preset, args.config, overrides)
     # Imported once the config is known to be good: diffusers and transformers take seconds to
     # import, and a mistyped key should not wait for them.
@@ -135,7 +137,8 @@ def cmd_make_pairs(args: argparse.Namespace) -> int:
     if args.n < 1 or args.batch_size < 1 or args.steps < 1:
         raise UserError("--n, --batch-size and --steps must be at least 1")
     prompts = load_prompts(args.prompts)
-    pipe = load_pipeline(resolve_teacher(args.model), sampler="native", device=args.device)
+    # Pairs are latents: nothing is decoded, so a safety checker (SD1.5's 1.2 GB) would never run.
+    pipe = load_pipeline(resolve_teacher(args.model), sampler="native", device=args.device, safety_checker=False)
     size = args.resolution or default_size(pipe)
     sampler = TeacherSampler(pipe, args.steps, args.guidance_scale, size, size)
     shards = make_pairs(sampler, prompts, args.n, args.out, seed=args.seed, batch_size=args.batch_size)
@@ -305,6 +308,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--resume", help="'latest' or a checkpoint directory")
     d.add_argument("--output-dir", help="shortcut for --set run.output_dir=...")
     d.add_argument("--max-steps", type=int, help="shortcut: train only N one-step iterations")
+    d.add_argument(
+        "--no-safety-checker",
+        action="store_true",
+        help="shortcut for --set model.safety_checker=false: the teacher's (SD1.5's) safety checker is not loaded, "
+        "judges no validation grid and is left out of the exported pipeline",
+    )
     d.set_defaults(func=cmd_distill)
 
     mp = sub.add_parser("make-pairs", help="precompute teacher samples (prompt, noise seed, latent) shards")

@@ -7,6 +7,11 @@ from nitrofusion.training.config import DistillConfig, load_config
 
 def config(tiny_sdxl_dir, out, *overrides: str) -> DistillConfig:
     """A distillation of the tiny SDXL pipeline small enough for a step in well under a second."""
+    return load_config(None, None, config_overrides(tiny_sdxl_dir, out, *overrides))
+
+
+def config_overrides(tiny_sdxl_dir, out, *overrides: str) -> list[str]:
+    """`config`'s settings as `--set` values, for the command line."""
     base = [
         f"model.teacher={tiny_sdxl_dir}",
         "data.teacher_steps=1",
@@ -20,7 +25,7 @@ def config(tiny_sdxl_dir, out, *overrides: str) -> DistillConfig:
         "run.validate_every=0",
         "run.checkpoint_every=1000",
     ]
-    return load_config(None, None, base + list(overrides))
+    return base + list(overrides)
 
 
 def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -2,6 +2,7 @@
 resume, faults, output format."""
 
 import errno
+import json
 import os
 import shutil
 import subprocess
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
-from helpers import config, moved, same_student, snapshot, straight_and_resumed
+from helpers import config, config_overrides, moved, same_student, snapshot, straight_and_resumed
 from safetensors.torch import load_file
 
 from nitrofusion.cli import main
@@ -174,6 +175,44 @@ def test_an_sd15_architecture_teacher_distils_into_a_stock_loadable_student(tiny
     assert pipe.config.requires_safety_checker is False  # the teacher's setting, not the class default
     image = pipe("a photo", num_inference_steps=2, guidance_scale=0, output_type="np").images[0]
     assert np.isfinite(image).all() and image.std() > 0
+
+
+def test_distill_no_safety_checker_leaves_an_sd15_teachers_checker_out_of_the_run_and_the_export(tmp_path, capsys):
+    """As diffusers' own training scripts validate: `--no-safety-checker` (model.safety_checker=false)
+    does not load SD1.5's checker, so no validation grid is blacked out, and the exported pipeline
+    says it has none rather than carrying one the run never had."""
+    from diffusers import StableDiffusionPipeline
+
+    from nitrofusion.testing import save_tiny_sd15
+
+    teacher = save_tiny_sd15(tmp_path / "sd15", safety_checker=True)
+    overrides = config_overrides(teacher, tmp_path / "run", "loss.pretrain_steps=0", "run.validate_every=1")
+    args = ["distill", *(a for o in overrides for a in ("--set", o)), "--max-steps", "1", "--no-safety-checker"]
+    assert main(args) == 0
+    assert (tmp_path / "run" / "validation" / "step-00000001.png").is_file()
+    index = json.loads((tmp_path / "run" / "pipeline" / "model_index.json").read_text())
+    assert index["safety_checker"] == [None, None] and index["requires_safety_checker"] is False
+    assert not (tmp_path / "run" / "pipeline" / "safety_checker").exists()
+    assert StableDiffusionPipeline.from_pretrained(tmp_path / "run" / "pipeline").safety_checker is None
+    kept = Distiller(config(teacher, tmp_path / "kept"), progress=False)
+    assert kept.teacher.safety_checker is not None  # the default keeps it, as stock diffusers loads it
+
+
+def test_make_pairs_never_loads_a_safety_checker(tmp_path, monkeypatch):
+    """Pairs are latents: nothing is decoded, so SD1.5's checker (1.2 GB) is not even loaded."""
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+
+    from nitrofusion.testing import save_tiny_sd15
+
+    teacher = save_tiny_sd15(tmp_path / "sd15", safety_checker=True)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("make-pairs loaded the safety checker")
+
+    monkeypatch.setattr(StableDiffusionSafetyChecker, "__init__", refuse)
+    args = ["make-pairs", "--model", str(teacher), "--n", "2", "--steps", "1", "--out", str(tmp_path / "pairs")]
+    assert main([*args, "--device", "cpu"]) == 0
+    assert list((tmp_path / "pairs").glob("pairs-*.safetensors"))
 
 
 def test_resuming_with_another_teacher_is_refused_wherever_it_lies(tiny_sdxl_dir, tmp_path):

@@ -31,6 +31,7 @@ class ModelConfig:
     shift: int = 250  # timestep shift, the same in training and sampling
     gradient_checkpointing: bool = False
     teacher_offload: bool = False  # teacher parts used without gradients live in host memory (training/offload.py)
+    safety_checker: bool = True  # the teacher's (SD1.5) safety checker: judges validation grids, ships in the export
     lora_rank: int = 0  # > 0: train LoRA adapters of this rank instead of the whole UNet (training/lora.py)
     lora_alpha: float | None = None  # adapter scale alpha / rank; None = rank (scale 1)
     lora_targets: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))

@@ -114,7 +114,11 @@ class Distiller:
         device = str(self.acc.device)
 
         self.teacher = load_pipeline(
-            resolve_teacher(cfg.model.teacher), sampler="native", device=device, dtype=torch.float32
+            resolve_teacher(cfg.model.teacher),
+            sampler="native",
+            device=device,
+            dtype=torch.float32,
+            safety_checker=cfg.model.safety_checker,
         )
         if not isinstance(self.teacher.unet, UNet2DConditionModel):
             raise UserError("the teacher's UNet must be a diffusers UNet2DConditionModel")
