@@ -4,16 +4,17 @@
 # so a session gets two calls at most). In the order they matter:
 #
 #   bash benchmarks/device_checks.sh training    # the GPU tests of training and offload, then SDXL training rows:
-#                                                # the preset, the teacher offloaded, 8-bit AdamW with an EMA, the
-#                                                # static head set (~6 min on an H100)
+#                                                # the preset, with an EMA, the teacher offloaded, 8-bit AdamW with
+#                                                # an EMA, the static head set (~7 min on an H100)
 #   bash benchmarks/device_checks.sh inference 1 # CUDA-only tests, then SDXL sampling at batch 1 (~4 min; default: 1 4, ~7 min)
-#   bash benchmarks/device_checks.sh training ema ema-offload foreach lora lora-offload   # later calls: named settings
+#   INFERENCE_SETTINGS="stock+compile nitrofusion+compile" bash benchmarks/device_checks.sh inference 1
+#   bash benchmarks/device_checks.sh training ema-offload foreach lora lora-offload   # later calls: named settings
 #   bash benchmarks/device_checks.sh training dmd2 dmd2-8bit
 #
 # Results go to $OUT (the device tool brings that folder back), else runs/device. diffusers and
 # bitsandbytes are not installed on that machine: carry their wheels in .whl/ (pip download
 # --no-deps --only-binary=:all: -d .whl diffusers==0.42.1 bitsandbytes==0.50.2, about 48 MB);
-# each one whose package does not import is installed here.
+# each one whose package is missing there, or there in another version, is installed here.
 set -euo pipefail
 part=${1:?"which part: inference or training"}
 out=${OUT:-runs/device}
@@ -22,7 +23,9 @@ missing=()
 for wheel in .whl/*.whl; do
     [ -e "$wheel" ] || continue
     package=$(basename "$wheel" | cut -d- -f1)
-    python3 -c "import $package" 2>/dev/null || missing+=("$wheel")
+    version=$(basename "$wheel" | cut -d- -f2)
+    have=$(python3 -c "import importlib.metadata as m; print(m.version('$package'))" 2>/dev/null || true)
+    [ "$have" = "$version" ] || missing+=("$wheel")
 done
 if [ ${#missing[@]} -gt 0 ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site "${missing[@]}"
@@ -41,14 +44,15 @@ inference)
     python3 -m pytest -q -p no:cacheprovider tests/test_fast_path.py -k "graphed or compiled_pipeline" \
         > "$out/cuda-tests.txt" 2>&1 || echo "CUDA-only tests FAILED: see cuda-tests.txt"
     tail -n 5 "$out/cuda-tests.txt"
-    python3 benchmarks/sdxl_inference.py --batches "${batches[@]}" --settings stock nitrofusion+compile \
+    read -r -a settings <<< "${INFERENCE_SETTINGS:-stock nitrofusion+compile}"
+    python3 benchmarks/sdxl_inference.py --batches "${batches[@]}" --settings "${settings[@]}" \
         --breakdown --profile "$out/traces" --out "$out/sdxl_inference.json"
     ;;
 training)
     shift
     settings=("$@")
     if [ ${#settings[@]} -eq 0 ]; then  # the first call: the GPU tests of training too
-        settings=(preset offload 8bit-ema static)
+        settings=(preset ema offload 8bit-ema static)
         python3 -m pytest -q -p no:cacheprovider tests/test_offload.py tests/test_optimizers.py \
             tests/test_host_memory.py -k "gpu" \
             > "$out/cuda-tests-training.txt" 2>&1 || echo "CUDA-only tests FAILED: see cuda-tests-training.txt"

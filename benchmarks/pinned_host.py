@@ -4,7 +4,7 @@ torch's pinned allocator gives each request the next power of two in bytes. Pinn
 on its own (what `model.teacher_offload` and `optim.ema_offload` did before host_memory.py) then
 costs the sum of those roundings; `host_copies` asks for a few power-of-two blocks instead. The
 sizes come from SDXL base 1.0's architecture built on the meta device (nothing is allocated),
-so this runs anywhere in seconds; on a GPU, tests/test_offload.py checks the allocator's own
+so this runs anywhere in seconds; on a GPU, tests/test_host_memory.py checks the allocator's own
 count against `pack`.
 
     python benchmarks/pinned_host.py --out runs/pinned_host.json

@@ -51,6 +51,7 @@ import numpy as np
 import torch
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+SETTINGS = ("stock", "nitrofusion", "nitrofusion+compile", "stock+compile", "no-sdpa")
 
 
 def sync(device: torch.device) -> None:
@@ -318,7 +319,8 @@ def main() -> None:
     p.add_argument(
         "--settings",
         nargs="+",
-        default=["stock", "nitrofusion", "nitrofusion+compile", "stock+compile", "no-sdpa"],
+        choices=SETTINGS,
+        default=list(SETTINGS),
     )
     p.add_argument("--no-compile", action="store_true", help="skip the compiled rows (e.g. on CPU)")
     p.add_argument("--tiny", action="store_true", help="the tiny test SDXL pipeline instead of SDXL base")

@@ -4,8 +4,14 @@ The `sdxl` preset (1024², batch 5, 480-head pool, bf16, gradient checkpointing)
 1.0's architecture with random weights (memory and speed do not depend on the values), with
 gradient accumulation 1 (one micro-batch per iteration; the preset's 20 multiply the time,
 not the memory). Teacher pairs are random latents of the right shape, so only the training
-iteration is timed. Each setting runs in its own process, so its peak memory is its own; a
-setting that does not fit is reported as out of memory. Results are written after every setting.
+iteration is timed; their 1,000 prompts are all different, so nearly every micro-batch meets
+prompts the conditioning cache has not, as training on a large prompt set does (with the teacher
+offloaded, the text encoders come to the GPU for them). After the timed iterations one
+validation (the preset's 10 prompts at 1 to 4 steps, decoded) is timed on its own, with its own
+peak: it runs with the training's whole state resident. The teacher is made in a process of its
+own and every setting runs in its own process, so each finds the whole GPU free (recorded as
+`gpu_free_gib_at_start`) and its peak memory is its own; a setting that does not fit is reported
+as out of memory, with where. Results are written after every setting.
 
     python benchmarks/sdxl_training.py --out runs/sdxl_training.json          # a CUDA machine
     python benchmarks/sdxl_training.py --tiny --device cpu --steps 2          # the same code, tiny, CPU
@@ -27,7 +33,7 @@ EMA = "optim.ema_decay=0.999"  # an fp32 copy of the student on the GPU (10 GB a
 DMD2 = "loss.objective=dmd2"
 EIGHT_BIT = "optim.optimizer=adamw8bit"  # 2 bytes of moments a parameter instead of 8 (15 GB less at SDXL)
 OFFLOAD = "model.teacher_offload=true"  # training/offload.py
-EMA_OFFLOAD = "optim.ema_offload=true"  # the EMA in host memory, averaged there (training/ema.py)
+EMA_OFFLOAD = "optim.ema_offload=true"  # the EMA in host memory, averaged on the GPU tensor by tensor (training/ema.py)
 SETTINGS = {  # id: (what, overrides of the sdxl preset)
     "preset": ("the preset: bf16, gradient checkpointing, 480-head pool, fused AdamW, no EMA", []),
     "ema": ("with an EMA of the student", [EMA]),
@@ -36,7 +42,7 @@ SETTINGS = {  # id: (what, overrides of the sdxl preset)
     "foreach": ("AdamW's foreach kernels instead of the fused one", ["optim.fused=false"]),
     "8bit": ("8-bit AdamW moments for the student (bitsandbytes)", [EIGHT_BIT]),
     "8bit-ema": ("8-bit AdamW moments, with an EMA of the student", [EIGHT_BIT, EMA]),
-    # One copy out and a CPU average per student update: per iteration here (accumulation 1), per
+    # The EMA's copies in and out per student update: per iteration here (accumulation 1), per
     # 20 micro-batches in the preset.
     "ema-offload": ("an EMA of the student in host memory", [EMA, EMA_OFFLOAD]),
     # DMD2 trains a second UNet (the fake score) with its own optimizer: two fp32 UNets and their moments.
@@ -52,7 +58,10 @@ SETTINGS = {  # id: (what, overrides of the sdxl preset)
 }
 
 
-def make_teacher_and_pairs(root: Path, tiny: bool, device: str, batch: int) -> tuple[Path, Path, int]:
+PAIRS = 1000  # distinct prompts: the timed micro-batches draw 5 each, so nearly all are new to the cache
+
+
+def make_teacher_and_pairs(root: Path, tiny: bool, device: str) -> tuple[Path, Path, int]:
     from safetensors.torch import save_file
 
     from nitrofusion.data.teacher import TeacherSampler, pairs_recipe
@@ -67,7 +76,7 @@ def make_teacher_and_pairs(root: Path, tiny: bool, device: str, batch: int) -> t
     pipe.save_pretrained(str(teacher))
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     latent = pipe.unet.config.sample_size
-    n = 4 * batch
+    n = PAIRS
     pairs = root / "pairs"
     pairs.mkdir()
     prompts = [f"a photograph of a red fox in the snow, {i}" for i in range(n)]
@@ -109,6 +118,9 @@ def worker(args: argparse.Namespace) -> None:
     result: dict = {}
     peaks = {"outside_student_step": 0, "student_step": 0}  # bytes
     where = {"now": "set-up"}  # for an out-of-memory row: where it ran out
+    if cuda:  # what this process found free: the whole card, less its own CUDA context
+        free, total = torch.cuda.mem_get_info()
+        result.update(gpu_free_gib_at_start=free / 2**30, gpu_total_gib=total / 2**30)
     try:
         t0 = time.perf_counter()
         d = Distiller(cfg, progress=False)
@@ -179,14 +191,38 @@ def worker(args: argparse.Namespace) -> None:
             result["peak_gib"] = max(peaks.values()) / 2**30
             result.update({f"peak_{k}_gib": v / 2**30 for k, v in peaks.items()})
             result["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
-            # Host memory pinned for the offloaded parts, as the allocator holds it (it rounds each
-            # block up to a power of two): what the offload costs on the host side.
+            # Host memory pinned for the offloaded parts, as the allocator holds it (packed in
+            # power-of-two blocks: training/host_memory.py): what the offload costs on the host side.
             result["pinned_host_gib"] = torch.cuda.host_memory_stats().get("allocated_bytes.current", 0) / 2**30
     except torch.OutOfMemoryError:
         result["error"] = f"out of memory in {where['now']}"
         if cuda:
             result["peak_gib"] = max(*peaks.values(), torch.cuda.max_memory_allocated()) / 2**30
+        print("RESULT " + json.dumps(result), flush=True)
+        return
+    if args.validate:  # the training's state all resident, its gradients freed: a peak of its own
+        try:
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+            d.validate()
+            if cuda:
+                torch.cuda.synchronize()
+            result["validation_s"] = time.perf_counter() - t0
+        except torch.OutOfMemoryError:
+            result["validation_error"] = "out of memory"
+        if cuda:
+            result["peak_validation_gib"] = torch.cuda.max_memory_allocated() / 2**30
     print("RESULT " + json.dumps(result), flush=True)
+
+
+def teacher_worker(args: argparse.Namespace) -> None:
+    """Makes the teacher and the pairs in a process of its own: the memory it used on the GPU
+    (SDXL built in fp32, then cast) goes back to the card when it exits, before any setting runs."""
+    teacher, pairs, size = make_teacher_and_pairs(Path(args.root), args.tiny, args.device)
+    device = torch.cuda.get_device_name() if args.device == "cuda" else args.device
+    print("RESULT " + json.dumps({"teacher": str(teacher), "pairs": str(pairs), "size": size, "device": device}))
 
 
 def main() -> None:
@@ -197,9 +233,12 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--settings", nargs="+", choices=sorted(SETTINGS), help="settings to run (default: all)")
     p.add_argument("--tiny", action="store_true", help="the tiny test SDXL pipeline instead of SDXL base")
+    p.add_argument("--no-validate", dest="validate", action="store_false", help="skip the timed validation")
     p.add_argument("--out", default="runs/sdxl_training.json")
     # worker-only arguments
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--make-teacher", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--root", help=argparse.SUPPRESS)
     p.add_argument("--teacher", help=argparse.SUPPRESS)
     p.add_argument("--pairs", help=argparse.SUPPRESS)
     p.add_argument("--size", type=int, help=argparse.SUPPRESS)
@@ -208,59 +247,53 @@ def main() -> None:
     args = p.parse_args()
     if args.worker:
         return worker(args)
+    if args.make_teacher:
+        return teacher_worker(args)
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     names = args.settings or list(SETTINGS)
+    # This process never touches the GPU: memory its allocator kept cached would be missing from
+    # every setting's card (it was: 13 GiB, before 2026-11-27, when this process built the teacher).
     report = {
-        "machine": {
-            "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-            "torch": torch.__version__,
-            "diffusers": __import__("diffusers").__version__,
-        },
+        "machine": {"torch": torch.__version__, "diffusers": __import__("diffusers").__version__},
         "model": "tiny SDXL (tests)" if args.tiny else "SDXL base 1.0 architecture, random weights",
         "batch": args.batch,
+        "pairs": PAIRS,
         "rows": [],
     }
+    common = ["--device", args.device, "--batch", str(args.batch)] + (["--tiny"] if args.tiny else [])
     with tempfile.TemporaryDirectory() as tmp:
-        teacher, pairs, size = make_teacher_and_pairs(Path(tmp), args.tiny, args.device, args.batch)
-        report["size"] = size
+        made = run_worker(["--make-teacher", "--root", tmp, *common])
+        if "error" in made:
+            raise SystemExit(f"making the teacher failed: {made['error']}")
+        report["machine"]["device"], report["size"] = made["device"], made["size"]
         for i, name in enumerate(names):
-            cmd = [
-                sys.executable,
-                __file__,
-                "--worker",
-                "--device",
-                args.device,
-                "--teacher",
-                str(teacher),
-                "--pairs",
-                str(pairs),
-                "--size",
-                str(size),
-                "--batch",
-                str(args.batch),
-                "--warmup",
-                str(args.warmup),
-                "--steps",
-                str(args.steps),
-                "--run-dir",
-                str(Path(tmp) / f"run{i}"),
-                "--overrides",
-                json.dumps(SETTINGS[name][1]),
-            ]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-            if lines:
-                row = json.loads(lines[-1][len("RESULT ") :])
-            else:
-                row = {"error": f"exit {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}"}
             what, overrides = SETTINGS[name]
+            row = run_worker(
+                [
+                    "--worker",
+                    *common,
+                    *("--teacher", made["teacher"], "--pairs", made["pairs"], "--size", str(made["size"])),
+                    *("--warmup", str(args.warmup), "--steps", str(args.steps)),
+                    *("--run-dir", str(Path(tmp) / f"run{i}"), "--overrides", json.dumps(overrides)),
+                    *([] if args.validate else ["--no-validate"]),
+                ]
+            )
             row = {"setting": name, "what": what, "overrides": overrides, **row}
             report["rows"].append(row)
             out.write_text(json.dumps(report, indent=1))
             print(json.dumps(row), flush=True)
     print(f"wrote {out}")
+
+
+def run_worker(args: list[str]) -> dict:
+    """This script in a new process with `args`; what it printed after RESULT, or the error."""
+    proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if lines:
+        return json.loads(lines[-1][len("RESULT ") :])
+    return {"error": f"exit {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}"}
 
 
 if __name__ == "__main__":

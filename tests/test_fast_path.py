@@ -241,7 +241,8 @@ def test_inference_benchmark_runs_on_the_tiny_pipeline(tmp_path):
     for r in stages:
         assert {"text encoding", "UNet", "VAE decode", "images", "other"} <= set(r["stages_ms"])
         assert all(v > 0 for k, v in r["stages_ms"].items() if k != "other")
-        assert abs(sum(r["stages_ms"].values()) - r["total_ms"]) < 1e-6
+        # "other" is the call less the timed stages: negative if a stage were timed twice (nested).
+        assert r["stages_ms"]["other"] >= 0
 
 
 def test_training_benchmark_runs_on_the_tiny_pipeline(tmp_path):
@@ -252,6 +253,7 @@ def test_training_benchmark_runs_on_the_tiny_pipeline(tmp_path):
     rows = {r["setting"]: r for r in json.loads(out.read_text())["rows"]}
     assert set(rows) == {"8bit-ema", "offload"}
     assert all("error" not in r and r["s_per_iteration"] > 0 for r in rows.values())
+    assert all(r["validation_s"] > 0 and "validation_error" not in r for r in rows.values())
     # The 8-bit row's student moments against the offload row's fp32 AdamW: a third or less (the
     # tiny UNet's many small tensors keep fp32 moments; at SDXL size it is about a quarter).
     assert 0 < rows["8bit-ema"]["student_optimizer_gib"] < 0.35 * rows["offload"]["student_optimizer_gib"]

@@ -678,8 +678,11 @@ class Distiller:
         size = self.size if self.size % size_multiple(pipe) == 0 else default_size(pipe)
         with self.offload.onloaded("text", "vae", "safety"), self.ema.on_device(self.acc.device):
             for steps in range(1, self.schedule.max_sampling_steps() + 1):
+                # In batches of the training's size: the decode of 10 images at once at 1024² would
+                # add its activations to the training's resident state (images do not depend on it).
+                batch = min(n, self.cfg.data.batch_size)
                 images = generate(
-                    pipe, prompts, steps=steps, seed=0, height=size, width=size, batch_size=n, progress=False
+                    pipe, prompts, steps=steps, seed=0, height=size, width=size, batch_size=batch, progress=False
                 )
                 rows.append([r.image for r in images])
                 labels.append(f"student, {steps} step" + ("s" if steps > 1 else ""))
