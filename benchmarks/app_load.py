@@ -3,13 +3,16 @@
 Starts the server in its own process (the embedded student on CPU by default, 127.0.0.1, a free port),
 then runs `--clients` concurrent clients for `--seconds`: each sends a new request every 100-200 ms with
 its client id and a rising request id, the prompt growing a character at a time, like a user typing. Old
-requests are not cancelled by the client (unless `--abort`): the server supersedes them (409), which is
-what is measured. Then one client types alone for `--single-seconds`.
+requests are not cancelled by the client (as the page does not; `--abort` cancels them): the server
+drops those still waiting (409) and delivers those it was drawing, marked `X-Superseded`, which is what
+is measured. Then one client types alone for `--single-seconds`.
 
 Counted: errors (anything but 200, 409 superseded and 503 busy, or a failed connection; must be 0),
-completed images, superseded and busy replies, p50/p95 latency of completed requests, the median time
-from a keystroke to the first image of that prompt or a newer one ("keystroke -> image"), and the
-server's RSS before and after. Prints a markdown table; writes JSON to `--out`. Stops by itself.
+completed images (and how many of them were superseded while drawn), superseded and busy replies,
+p50/p95 latency of completed requests, the median time from a keystroke to the first image of that
+prompt or a newer one ("keystroke -> image"), the median time between two images a client receives
+while typing, and the server's RSS before and after. Prints a markdown table; writes JSON to `--out`.
+Stops by itself.
 
     python benchmarks/app_load.py [--clients 20] [--seconds 30] [--single-seconds 10] [--out FILE]
 """
@@ -51,6 +54,7 @@ class ClientLog:
     latencies: list[float] = field(default_factory=list)  # completed requests: send -> image
     errors: list[str] = field(default_factory=list)
     aborted: int = 0
+    stale: int = 0  # images that arrived marked X-Superseded (a newer keystroke came while they were drawn)
 
     def keystroke_to_image(self) -> list[float]:
         """For each request: time until an image for it or a newer request of this client arrived."""
@@ -61,6 +65,11 @@ class ClientLog:
             if best is not None:
                 out.append(best - self.sent[rid])
         return out
+
+    def image_gaps(self) -> list[float]:
+        """Seconds between consecutive images this client received: how often its picture changes."""
+        times = sorted(self.done.values())
+        return [b - a for a, b in zip(times, times[1:])]
 
 
 def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
@@ -101,7 +110,7 @@ async def typing_client(
         if pos > len(text):  # the prompt is typed out: start the next one
             text, pos = PROMPTS[(PROMPTS.index(text) + 1) % len(PROMPTS)], 3
         if abort and previous is not None and not previous.done():
-            previous.cancel()  # what the page does: AbortController on every keystroke
+            previous.cancel()  # a client that aborts its older requests on every keystroke
             log.aborted += 1
         log.sent[rid] = time.perf_counter()
         previous = asyncio.create_task(send(c, client_id, rid, text[:pos], log))
@@ -130,6 +139,7 @@ async def send(c: httpx.AsyncClient, client_id: str, rid: int, prompt: str, log:
             return
         log.done[rid] = t1
         log.latencies.append(t1 - t0)
+        log.stale += r.headers.get("x-superseded") == "true"
     elif r.status_code not in (409, 503):
         log.errors.append(f"{r.status_code}: {r.text[:200]}")
 
@@ -147,6 +157,7 @@ def summarise(logs: list[ClientLog], seconds: float) -> dict:
     statuses = [s for log in logs for s in log.statuses]
     lat = sorted(x for log in logs for x in log.latencies)
     k2i = [x for log in logs for x in log.keystroke_to_image()]
+    gaps = [x for log in logs for x in log.image_gaps()]
 
     def q(xs: list[float], p: float) -> float | None:
         return round(statistics.quantiles(xs, n=100)[p - 1] * 1000, 1) if len(xs) >= 2 else None
@@ -156,6 +167,7 @@ def summarise(logs: list[ClientLog], seconds: float) -> dict:
         "errors": sum(len(log.errors) for log in logs),
         "error_samples": [e for log in logs for e in log.errors][:5],
         "completed": statuses.count(200),
+        "completed_superseded_while_drawn": sum(log.stale for log in logs),
         "superseded_409": statuses.count(409),
         "busy_503": statuses.count(503),
         "aborted_by_client": sum(log.aborted for log in logs),
@@ -163,6 +175,7 @@ def summarise(logs: list[ClientLog], seconds: float) -> dict:
         "latency_p50_ms": q(lat, 50),
         "latency_p95_ms": q(lat, 95),
         "keystroke_to_image_median_ms": round(statistics.median(k2i) * 1000, 1) if k2i else None,
+        "between_images_median_ms": round(statistics.median(gaps) * 1000, 1) if gaps else None,
     }
 
 
@@ -202,12 +215,18 @@ def table(r: dict) -> str:
         ("requests sent", load["requests"], single["requests"]),
         ("errors", load["errors"], single["errors"]),
         ("completed images", load["completed"], single["completed"]),
+        (
+            "of which superseded while drawn (X-Superseded)",
+            load["completed_superseded_while_drawn"],
+            single["completed_superseded_while_drawn"],
+        ),
         ("dropped stale (409 superseded)", load["superseded_409"], single["superseded_409"]),
         ("busy (503)", load["busy_503"], single["busy_503"]),
         ("images / s", load["images_per_s"], single["images_per_s"]),
         ("latency p50 (ms), completed", load["latency_p50_ms"], single["latency_p50_ms"]),
         ("latency p95 (ms), completed", load["latency_p95_ms"], single["latency_p95_ms"]),
         ("keystroke -> image, median (ms)", *(x["keystroke_to_image_median_ms"] for x in (load, single))),
+        ("between a client's images, median (ms)", *(x["between_images_median_ms"] for x in (load, single))),
     ]
     lines = [
         f"| | {r['clients']} clients, {r['seconds']:g} s | 1 client alone |",

@@ -31,6 +31,8 @@ from nitrofusion.app.server import (  # noqa: E402
     load_models,
 )
 
+LOCAL = "http://127.0.0.1"  # the app answers to this machine's names only (TestClient's default is "testserver")
+
 
 @pytest.fixture(scope="module")
 def embedded() -> LoadedModel:
@@ -40,12 +42,12 @@ def embedded() -> LoadedModel:
 
 @pytest.fixture
 def client(embedded):
-    with TestClient(create_app([embedded])) as c:
+    with TestClient(create_app([embedded]), base_url=LOCAL) as c:
         yield c
 
 
-def _post(c, **body):
-    return c.post("/api/generate", json={"prompt": "a photo of a sneaker", **body})
+def _post(c, headers: dict | None = None, **body):
+    return c.post("/api/generate", json={"prompt": "a photo of a sneaker", **body}, headers=headers)
 
 
 def _error_of(r) -> str:
@@ -115,7 +117,7 @@ def test_tokenizers_are_used_on_the_worker_thread_only(embedded, monkeypatch):
         return count(self, prompt)
 
     monkeypatch.setattr(LoadedModel, "count_tokens", spy)
-    with TestClient(create_app([embedded])) as c:
+    with TestClient(create_app([embedded]), base_url=LOCAL) as c:
         assert _post(c).status_code == 200
     assert threads and all(t.startswith("nitrofusion-embedded") for t in threads), threads
 
@@ -140,6 +142,8 @@ def test_tokenizers_are_used_on_the_worker_thread_only(embedded, monkeypatch):
         ({"prompt": 42}, 422, "prompt"),
         ({"prompt": None}, 422, "prompt"),
         ({"unexpected": 1}, 422, "unexpected"),
+        ({"request_id": 2**63}, 422, "request_id"),
+        ({"prompt": "a" * 4001}, 422, "prompt"),
     ],
 )
 def test_bad_input_is_one_json_line(client, body, status, message):
@@ -163,8 +167,33 @@ def test_malformed_body(client, raw, status, message):
     assert message in _error_of(r)
 
 
+@pytest.mark.parametrize("kind", ["text/plain", "application/x-www-form-urlencoded", None])
+def test_a_json_body_of_another_content_type_is_415_and_says_so(client, kind):
+    """What `curl -d '{...}'` sends without -H: the message names the header, not the body."""
+    headers = {"content-type": kind} if kind else {}
+    r = client.post("/api/generate", content=b'{"prompt": "a bag"}', headers=headers)
+    assert r.status_code == 415 and "Content-Type must be application/json" in _error_of(r)
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1:7860", "localhost", "LOCALHOST:1", "[::1]:7860"])
+def test_the_app_answers_to_this_machines_names(embedded, host):
+    with TestClient(create_app([embedded]), base_url=LOCAL) as c:
+        assert c.get("/api/models", headers={"host": host}).status_code == 200
+
+
+@pytest.mark.parametrize("host", ["evil.example", "evil.example:7860", "127.0.0.1.evil.example", "[::2]:1", ""])
+def test_another_host_name_is_refused_against_dns_rebinding(embedded, host):
+    """A page whose domain is re-pointed at 127.0.0.1 reaches the app as same-origin, with its own name
+    in the Host header: refused, so it can neither draw nor read the models' local paths."""
+    with TestClient(create_app([embedded]), base_url=LOCAL) as c:
+        for r in (c.get("/api/models", headers={"host": host}), _post(c, headers={"host": host})):
+            assert r.status_code == 400 and "this app answers to 127.0.0.1, ::1, localhost only" in _error_of(r)
+    with TestClient(create_app([embedded], hosts=("*",)), base_url=LOCAL) as c:  # --host 0.0.0.0: any name
+        assert c.get("/api/models", headers={"host": host or "x"}).status_code == 200
+
+
 def test_size_cap(embedded):
-    with TestClient(create_app([embedded], max_size=32)) as c:
+    with TestClient(create_app([embedded], max_size=32), base_url=LOCAL) as c:
         r = _post(c, width=48, height=48)
         assert r.status_code == 400 and "from 8 to 32" in _error_of(r)
         assert c.get("/api/models").json()["models"][0]["sizes"] == [16, 24, 32]
@@ -172,7 +201,7 @@ def test_size_cap(embedded):
 
 def test_a_compiled_model_serves_its_compiled_size_only(embedded):
     compiled = dataclasses.replace(embedded, compiled_size=embedded.default_size)
-    with TestClient(create_app([compiled])) as c:
+    with TestClient(create_app([compiled]), base_url=LOCAL) as c:
         assert c.get("/api/models").json()["models"][0]["sizes"] == [embedded.default_size]
         r = _post(c, width=embedded.default_size * 2, height=embedded.default_size * 2)
         assert r.status_code == 400 and "compiled for" in _error_of(r)
@@ -231,6 +260,13 @@ def test_the_app_serves_an_sd15_model_with_or_without_its_safety_checker(tmp_pat
     (kept,) = load_models([ModelSpec(str(sd15))], device="cpu", warmup=False)
     (left_out,) = load_models([ModelSpec(str(sd15))], device="cpu", warmup=False, safety_checker=False)
     assert kept.pipe.safety_checker is not None and left_out.pipe.safety_checker is None
+    judged = []
+    kept.pipe.safety_checker.register_forward_hook(lambda *_: judged.append(1))
+    for model, judged_so_far in ((kept, 1), (left_out, 1)):
+        with TestClient(create_app([model]), base_url=LOCAL) as c:
+            r = _post(c)
+            assert r.status_code == 200 and Image.open(io.BytesIO(r.content)).format == "PNG", r.text
+        assert len(judged) == judged_so_far  # the kept checker judged its served image; nothing judged the other
 
 
 def test_cli_warns_when_exposed_and_fails_in_one_line_on_a_taken_port(capsys):
@@ -289,7 +325,7 @@ async def _until(condition, timeout: float = 5.0) -> None:
 def _run_with(app, scenario) -> None:
     async def main():
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://app", timeout=10) as c:
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1", timeout=10) as c:
 
             def post(prompt: str, client: str | None = None, request_id: int | None = None, model=None):
                 body = {"prompt": prompt, "client": client, "request_id": request_id, "model": model}
@@ -316,10 +352,13 @@ def test_latest_request_per_client_wins():
         assert r2.status_code == 409 and r2.json()["superseded"] is True
         m.gate.set()
         r1, r3 = await first, await third
-        assert r1.status_code == 409, "finished after a newer request arrived: not rendered"
+        # Finished after a newer request arrived: delivered all the same, marked, so the page can show it
+        # until the newer image comes (a user typing faster than the model draws sees the picture follow).
+        assert r1.status_code == 200 and r1.content == b"a" and r1.headers["x-superseded"] == "true"
         assert r3.status_code == 200 and r3.content == b"abc" and r3.headers["x-request-id"] == "3"
+        assert r3.headers["x-superseded"] == "false"
         assert m.started == ["a", "abc"], "the stale keystroke was never generated"
-        assert worker.state() == {"running": False, "waiting": 0, "completed": 1, "superseded": 2, "discarded": 1,
+        assert worker.state() == {"running": False, "waiting": 0, "completed": 1, "superseded": 1, "stale": 1,
                                   "busy": 0, "failed": 0}  # fmt: skip
 
     _run_with(app, scenario)
@@ -379,6 +418,26 @@ def test_full_queue_is_503_and_the_line_keeps_moving():
         replies = [await t for t in waiting]
         assert [(r.status_code, r.content) for r in replies] == [(200, b"bb"), (200, b"c")]
         assert app.state.workers["gated"].state()["busy"] == 1
+
+    _run_with(app, scenario)
+
+
+def test_a_request_refused_as_busy_supersedes_nothing():
+    """A's next keystroke finds the line full: 503, and A's image being generated is not lost to it."""
+    m = GatedModel()
+    app = create_app([m], queue_size=1)
+
+    async def scenario(c, post):
+        running = post("a", "A", 1)
+        await _until(lambda: m.started == ["a"])
+        waiting = post("b", "B", 1)
+        await _until(lambda: app.state.workers["gated"].state()["waiting"] == 1)
+        assert (await post("ab", "A", 2)).status_code == 503
+        m.gate.set()
+        r = await running
+        assert r.status_code == 200 and r.content == b"a" and r.headers["x-superseded"] == "false"
+        assert (await waiting).status_code == 200
+        assert (await post("ab", "A", 2)).status_code == 200, "the refused request id was not taken either"
 
     _run_with(app, scenario)
 

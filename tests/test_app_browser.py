@@ -27,7 +27,7 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not 
 if not CHROMIUM.exists():
     pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium)", allow_module_level=True)
 
-from nitrofusion.app.server import ModelSpec, ServerThread, create_app, load_models  # noqa: E402
+from nitrofusion.app.server import LoadedModel, ModelSpec, Rendered, ServerThread, create_app, load_models  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +62,7 @@ def test_image_follows_typing_and_steps(server, browser, tmp_path):
     assert page.locator("#model option").all_inner_texts() == ["embedded"]
     assert page.locator("#size").input_value() == "32"
 
-    # Type like a person: every keystroke aborts the previous request; the newest one is rendered.
+    # Type like a person: a request per keystroke; the newest one's image ends on screen.
     page.locator("#prompt").press_sequentially("a photo of a sneaker", delay=25)
     page.wait_for_function(IMAGE_IS_LATEST, timeout=15_000)
     first_src, first_bytes = page.locator("#image").get_attribute("src"), page.evaluate(IMAGE_BYTES)
@@ -110,3 +110,44 @@ def test_long_prompt_notice_and_errors(server, browser):
     assert page.locator("#error").is_hidden()
     assert page.locator("#seed").input_value() == page.locator("#image").get_attribute("data-seed")
     page.close()
+
+
+class SlowModel(LoadedModel):
+    """Draws a flat 32x32 PNG in 0.25 s: slower than a person types."""
+
+    def __init__(self) -> None:
+        super().__init__("slow", "test", None, "shift-lcm", default_size=32, size_multiple=8, token_limit=77)
+
+    def render(self, prompt: str, steps: int, seed: int, width: int, height: int) -> Rendered:
+        import io
+        import time
+
+        from PIL import Image
+
+        time.sleep(0.25)
+        png = io.BytesIO()
+        Image.new("RGB", (width, height), (len(prompt) * 9 % 256, 80, 160)).save(png, format="PNG")
+        return Rendered(png.getvalue(), seed, 0.25)
+
+
+def test_typing_faster_than_the_model_draws_still_shows_images_as_you_type(browser):
+    """Each image that was being drawn when a newer keystroke came is shown (if nothing newer is), so
+    the picture follows the typing, with "updating…", instead of staying blank until a pause."""
+    with ServerThread(create_app([SlowModel()])) as server:
+        page = browser.new_page()
+        page.goto(server.url)
+        page.wait_for_selector("body[data-ready=true]")
+        page.evaluate(
+            "() => { window.shownIds = []; new MutationObserver(() => window.shownIds.push("
+            "Number(document.getElementById('image').dataset.requestId))).observe("
+            "document.getElementById('image'), {attributes: true, attributeFilter: ['data-request-id']}); }"
+        )
+        page.locator("#prompt").press_sequentially("a photo of a red leather bag", delay=60)  # 1.7 s of typing
+        typed = page.evaluate("requestId")
+        shown_while_typing = page.evaluate("window.shownIds.slice()")
+        page.wait_for_function(IMAGE_IS_LATEST, timeout=15_000)
+        shown = page.evaluate("window.shownIds")
+        assert len(shown_while_typing) >= 2, shown  # about one image per 0.25 s drawing, not none
+        assert all(a < b for a, b in zip(shown, shown[1:])), "an older image replaced a newer one"
+        assert shown[-1] == typed and "updating" not in page.locator("#info").inner_text()
+        page.close()

@@ -28,7 +28,7 @@ def server():
 def raw_get(server, target: str) -> tuple[int, bytes]:
     """Send the request line exactly as given (an HTTP client would normalise the dots away)."""
     with socket.create_connection((server.host, server.port), timeout=10) as s:
-        s.sendall(f"GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        s.sendall(f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
         data = b""
         while chunk := s.recv(65536):
             data += chunk
@@ -63,7 +63,7 @@ def test_clients_cannot_name_files_as_models(server):
 
 def test_oversized_requests_are_refused_before_they_are_read(server):
     with socket.create_connection((server.host, server.port), timeout=10) as s:
-        head = "POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        head = "POST /api/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
         s.sendall(f"{head}Content-Length: {10**9}\r\nConnection: close\r\n\r\n".encode())
         reply = s.recv(65536)  # answered although not a byte of the announced gigabyte was sent
     assert reply.startswith(b"HTTP/1.1 413")

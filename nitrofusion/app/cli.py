@@ -104,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         import uvicorn
 
-        from nitrofusion.app.server import create_app, load_models
+        from nitrofusion.app.server import LOOPBACK_HOSTS, create_app, load_models
     except ImportError as exc:
         raise UserError(
             f"the app needs fastapi and uvicorn ({exc.name} is missing): pip install fastapi uvicorn"
@@ -128,7 +128,9 @@ def run(args: argparse.Namespace) -> int:
             compile=args.compile,
             safety_checker=not args.no_safety_checker,
         )
-        app = create_app(models, max_size=args.max_size, queue_size=args.queue_size)
+        # On loopback, only this machine's own names are answered (DNS rebinding); exposed on purpose, any.
+        hosts = (*LOOPBACK_HOSTS, args.host) if is_loopback(args.host) else ("*",)
+        app = create_app(models, max_size=args.max_size, queue_size=args.queue_size, hosts=hosts)
         host, port = sock.getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host
         print(f"nitrofusion app: http://{shown}:{port}  (models: {', '.join(m.name for m in models)})", flush=True)

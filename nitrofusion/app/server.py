@@ -76,8 +76,11 @@ CLIENT_MEMORY = 4096  # clients whose newest request id is remembered (least rec
 # The page only talks to this server: no CDN, no external request is even allowed.
 PAGE_CSP = (
     "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src 'self' blob:; "
-    "connect-src 'self' blob:; base-uri 'none'; form-action 'none'"
+    "connect-src 'self' blob:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
 )
+# The names a browser uses for this machine. A request naming another host is refused: a web page
+# whose domain is re-pointed at 127.0.0.1 (DNS rebinding) would otherwise reach the app as same-origin.
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
 # --- models -------------------------------------------------------------------------------------
@@ -310,30 +313,35 @@ class ModelWorker:
         self._waiting: OrderedDict[str | Ticket, _Job] = OrderedDict()  # client -> job, in arrival order
         self._running: _Job | None = None
         self._task: asyncio.Task | None = None
-        # superseded: every 409 (waiting, stale on arrival, finished too late); discarded: generated in vain.
-        self.stats = {"completed": 0, "superseded": 0, "discarded": 0, "busy": 0, "failed": 0}
+        # superseded: every 409 (replaced while waiting, stale on arrival); stale: images that finished after
+        # a newer request of their client arrived (delivered all the same, marked: see `_run`).
+        self.stats = {"completed": 0, "superseded": 0, "stale": 0, "busy": 0, "failed": 0}
 
     def state(self) -> dict[str, Any]:
         return {"running": self._running is not None, "waiting": len(self._waiting), **self.stats}
 
-    async def submit(self, ticket: Ticket, work: Callable[[], Any]) -> tuple[Any, float]:
-        """Run `work` in the worker thread when the model is free; returns (result, seconds waited).
-        Raises Superseded or Busy."""
-        job = _Job(ticket, work, asyncio.get_running_loop().create_future())
-        older = self._waiting.get(ticket.key)
-        if older is not None:
-            # Same client, not started yet: the new request takes its place in line (assigning an existing
-            # key keeps its position), so a user who keeps typing still reaches the model.
-            self._waiting[ticket.key] = job
-            self._fail(older, Superseded())
-        elif len(self._waiting) >= self.capacity:
+    def check_room(self, client: str | None) -> None:
+        """Raise Busy unless a request of `client` finds a place in line now: its waiting request's, or
+        a free one. Asked before the request becomes its client's newest, so that a request refused as
+        busy supersedes nothing (it would otherwise cost its client the image being generated)."""
+        if (client is None or client not in self._waiting) and len(self._waiting) >= self.capacity:
             self.stats["busy"] += 1
             raise Busy(f"model '{self.name}' is busy: {len(self._waiting)} requests are waiting; try again shortly")
-        else:
-            self._waiting[ticket.key] = job
+
+    async def submit(self, ticket: Ticket, work: Callable[[], Any]) -> tuple[Any, float, bool]:
+        """Run `work` in the worker thread when the model is free; returns (result, seconds waited,
+        whether a newer request of the client arrived while it ran). Raises Superseded or Busy."""
+        job = _Job(ticket, work, asyncio.get_running_loop().create_future())
+        self.check_room(ticket.client)
+        older = self._waiting.get(ticket.key)
+        # Same client, not started yet: the new request takes its place in line (assigning an existing
+        # key keeps its position), so a user who keeps typing still reaches the model.
+        self._waiting[ticket.key] = job
+        if older is not None:
+            self._fail(older, Superseded())
         self._pump()
-        result = await job.future
-        return result, job.started_at - job.queued_at
+        result, stale = await job.future
+        return result, job.started_at - job.queued_at, stale
 
     def _fail(self, job: _Job, exc: BaseException) -> None:
         if isinstance(exc, Superseded):
@@ -355,12 +363,13 @@ class ModelWorker:
             if job.future.done() or not self._slots.is_current(job.ticket):
                 raise Superseded()
             result = await asyncio.get_running_loop().run_in_executor(self._executor, job.work)
-            if not self._slots.is_current(job.ticket):
-                self.stats["discarded"] += 1
-                raise Superseded()  # a newer request arrived while this one ran: never render a stale image
-            self.stats["completed"] += 1
+            # A newer request arrived while this one ran. Its image is delivered all the same, marked
+            # stale: a user typing faster than the model draws then sees the picture follow, an image a
+            # generation, instead of nothing until a pause (the page shows it only if nothing newer is shown).
+            stale = not self._slots.is_current(job.ticket)
+            self.stats["stale" if stale else "completed"] += 1
             if not job.future.done():
-                job.future.set_result(result)
+                job.future.set_result((result, stale))
         except Superseded as exc:
             self._fail(job, exc)
         except Exception as exc:  # the generation failed: answer this request, keep serving the others
@@ -387,7 +396,7 @@ class GenerateRequest(BaseModel):
     height: StrictInt | None = None
     model: StrictStr | None = None
     client: StrictStr | None = Field(None, min_length=1, max_length=128)
-    request_id: Annotated[StrictInt, Field(ge=0)] | None = None
+    request_id: Annotated[StrictInt, Field(ge=0, le=2**63 - 1)] | None = None
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None, **extra: Any) -> JSONResponse:
@@ -397,7 +406,7 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None, **e
 # Fields whose type is a union: pydantic reports one error per alternative; say it once, plainly.
 _FIELD_HINTS = {
     "seed": 'must be a whole number from 0 to 2**63-1, null or "random"',
-    "request_id": "must be a whole number >= 0 or null",
+    "request_id": "must be a whole number from 0 to 2**63-1, or null",
 }
 
 
@@ -440,14 +449,39 @@ class _BodyLimit:
         await self.app(scope, limited_receive, send)
 
 
+class _HostCheck:
+    """Refuse requests whose Host header names another machine than this one (`allowed`; "*": any)."""
+
+    def __init__(self, app: Any, allowed: Sequence[str]) -> None:
+        self.app, self.allowed = app, {h.lower().strip("[]") for h in allowed}
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http" or "*" in self.allowed:
+            return await self.app(scope, receive, send)
+        host = dict(scope["headers"]).get(b"host", b"").decode("latin-1").lower()
+        # "name:port", "1.2.3.4:port" or "[::1]:port"
+        name = host[1:].partition("]")[0] if host.startswith("[") else host.partition(":")[0]
+        if name not in self.allowed:
+            message = (
+                f"this app answers to {', '.join(sorted(self.allowed))} only, not to Host '{host[:100]}' "
+                "(start it with --host to serve another name)"
+            )
+            return await _error(400, message)(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
 def _page() -> str:
     return (resources.files("nitrofusion.app") / "page.html").read_text(encoding="utf-8")
 
 
 def create_app(
-    models: Sequence[LoadedModel], max_size: int = DEFAULT_MAX_SIZE, queue_size: int = DEFAULT_QUEUE_SIZE
+    models: Sequence[LoadedModel],
+    max_size: int = DEFAULT_MAX_SIZE,
+    queue_size: int = DEFAULT_QUEUE_SIZE,
+    hosts: Sequence[str] = LOOPBACK_HOSTS,
 ) -> FastAPI:
-    """The app for these (already loaded) models; the first one is the default."""
+    """The app for these (already loaded) models; the first one is the default. `hosts`: the names
+    it answers to in the Host header ("*": any, for a server exposed with --host on purpose)."""
     if not models:
         raise UserError("the app needs at least one model")
     if max_size < 1 or queue_size < 1:
@@ -470,13 +504,17 @@ def create_app(
     app.state.workers = workers
 
     app.add_middleware(_BodyLimit, limit=MAX_BODY_BYTES)
+    app.add_middleware(_HostCheck, allowed=hosts)  # added last: runs first
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         return _error(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)
-    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if request.method == "POST" and kind != "application/json":  # e.g. curl -d without -H
+            return _error(415, f"Content-Type must be application/json, got '{kind[:100] or 'none'}'")
         return _error(*_validation_message(exc))
 
     @app.exception_handler(UserError)
@@ -531,16 +569,21 @@ def create_app(
                 )
         seed = secrets.randbelow(2**32) if req.seed is None or req.seed == "random" else req.seed
 
+        worker = workers[model.name]
+        try:
+            worker.check_room(req.client)  # before the claim: a refused request supersedes nothing
+        except Busy as exc:
+            return _error(503, str(exc), headers={"Retry-After": "1"})
         ticket = slots.claim(req.client, req.request_id)
         if ticket is None:
-            workers[model.name].stats["superseded"] += 1
+            worker.stats["superseded"] += 1
             return _error(409, "superseded: a newer request of this client was already received", superseded=True)
 
         def work() -> Rendered:
             return model.render(prompt, req.steps, seed, width, height)
 
         try:
-            rendered, waited = await workers[model.name].submit(ticket, work)
+            rendered, waited, stale = await worker.submit(ticket, work)
         except Superseded:
             return _error(409, "superseded by a newer request of this client", superseded=True)
         except Busy as exc:
@@ -564,6 +607,7 @@ def create_app(
             "X-Prompt-Truncated": "true" if model.token_limit and rendered.tokens > model.token_limit else "false",
             "X-Prompt-Tokens": str(rendered.tokens),
             "X-Token-Limit": str(model.token_limit),
+            "X-Superseded": "true" if stale else "false",
             "Cache-Control": "no-store",
         }
         if req.request_id is not None:
