@@ -109,6 +109,7 @@ def worker(args: argparse.Namespace) -> None:
         f"data.resolution={args.size}",
         f"data.batch_size={args.batch}",
         "optim.grad_accumulation=1",
+        "loss.pretrain_steps=0",  # the adversarial iterations: the preset's regression warm-up runs no critic
         f"run.output_dir={args.run_dir}",
         "run.validate_every=0",
         *json.loads(args.overrides),

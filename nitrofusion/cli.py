@@ -140,7 +140,7 @@ def cmd_make_pairs(args: argparse.Namespace) -> int:
     # Pairs are latents: nothing is decoded, so a safety checker (SD1.5's 1.2 GB) would never run.
     pipe = load_pipeline(resolve_teacher(args.model), sampler="native", device=args.device, safety_checker=False)
     size = args.resolution or default_size(pipe)
-    sampler = TeacherSampler(pipe, args.steps, args.guidance_scale, size, size)
+    sampler = TeacherSampler(pipe, args.steps, args.guidance_scale, size, size, args.timesteps)
     shards = make_pairs(sampler, prompts, args.n, args.out, seed=args.seed, batch_size=args.batch_size)
     print(f"{len(shards)} shards in {args.out}")
     return 0
@@ -321,6 +321,12 @@ def build_parser() -> argparse.ArgumentParser:
     mp.add_argument("--prompts", default="embedded", help="prompt file (.txt, .jsonl, .json, .csv, .tsv) or 'embedded'")
     mp.add_argument("--n", type=int, default=1024)
     mp.add_argument("--steps", type=int, default=25)
+    mp.add_argument(
+        "--timesteps",
+        type=int,
+        nargs="+",
+        help="the teacher's own schedule, as many as --steps (DMD2's 4-step SDXL: 999 749 499 249)",
+    )
     mp.add_argument("--guidance-scale", type=float, default=5.0)
     mp.add_argument("--batch-size", type=int, default=64)
     mp.add_argument("--resolution", type=int)

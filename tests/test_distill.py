@@ -540,6 +540,52 @@ def test_a_multi_step_teacher_sampled_in_few_steps_is_warned_about(tiny_sdxl_dir
         assert not caplog.records
 
 
+def test_a_dmd2_style_teacher_samples_at_its_own_timesteps(tiny_sdxl_dir, tmp_path, capsys):
+    """A stock LCMScheduler spaces 4 steps as 999, 759, 499, 259; DMD2's 4-step SDXL was trained at
+    and samples with 999, 749, 499, 249: data.teacher_timesteps (make-pairs --timesteps) gives them."""
+    from diffusers import LCMScheduler
+
+    from nitrofusion.data.teacher import TeacherSampler, make_pairs, sampler_recipe
+    from nitrofusion.errors import UserError
+    from nitrofusion.pipelines import load_pipeline
+
+    pipe = load_pipeline(tiny_sdxl_dir, sampler="native")
+    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+    seen: list[int] = []
+    pipe.unet.register_forward_pre_hook(lambda m, args, kwargs: seen.append(int(args[1])), with_kwargs=True)
+    lcm = TeacherSampler(pipe, 4, 0.0, 16, 16)
+    noise = torch.randn(1, *lcm.latent_shape)
+    lcm(["a boot"], noise)
+    assert seen == [999, 759, 499, 259]
+    seen.clear()
+    dmd2 = TeacherSampler(pipe, 4, 0.0, 16, 16, timesteps=[999, 749, 499, 249])
+    dmd2(["a boot"], noise)
+    assert seen == [999, 749, 499, 249]
+    assert sampler_recipe(dmd2)["teacher_timesteps"] == "999,749,499,249"  # pairs made so say so
+    assert "teacher_timesteps" not in sampler_recipe(lcm)  # pairs made before the option stay valid
+    make_pairs(dmd2, ["a boot"], 1, tmp_path / "pairs")
+    with pytest.raises(UserError, match="another teacher_timesteps"):
+        make_pairs(
+            TeacherSampler(pipe, 4, 0.0, 16, 16, timesteps=[999, 759, 499, 259]), ["a boot"], 2, tmp_path / "pairs"
+        )
+    with pytest.raises(UserError, match="are not 4"):
+        TeacherSampler(pipe, 4, 0.0, 16, 16, timesteps=[999, 499])
+    capsys.readouterr()  # make_pairs' progress bars
+    expect_cli_error(
+        [
+            "distill",
+            "--preset",
+            "sdxl",
+            "--set",
+            "data.teacher_steps=4",
+            "--set",
+            "data.teacher_timesteps=[999,249,499,1]",
+        ],
+        capsys,
+        "'data.teacher_timesteps' must list data.teacher_steps (4) decreasing timesteps",
+    )
+
+
 def test_pairs_made_another_way_are_refused_not_mixed_in(tiny_sdxl_dir, tmp_path, capsys):
     from nitrofusion.data.teacher import PairShards, TeacherSampler, make_pairs
     from nitrofusion.errors import UserError

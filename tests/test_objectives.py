@@ -297,3 +297,19 @@ def test_config_refusals(override, fragment):
     with pytest.raises(UserError) as err:
         load_config(None, None, [override])
     assert fragment in str(err.value)
+
+
+def test_r1_penalises_the_gradient_of_what_the_losses_average():
+    """D(x) = mean over heads of each head's mean logit: the penalty is that gradient's squared norm,
+    the same whether the heads are listed once or twice (r1_weight carries across head counts)."""
+    from nitrofusion.objectives.adversarial import r1_penalty
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4, 5, 5, generator=g).requires_grad_(True)
+    w_local, w_global = torch.randn(1, 4, 1, 1, generator=g), torch.randn(1, 4, 5, 5, generator=g)
+    local = (x * w_local).sum(1, keepdim=True)  # a logit per patch: (3, 1, 5, 5)
+    global_ = (x * w_global).sum((1, 2, 3)).unsqueeze(1)  # a logit per image: (3, 1)
+    expected_grad = 0.5 * (w_local.expand(1, 4, 5, 5) / 25 + w_global)  # the same for every sample
+    expected = expected_grad.square().sum()
+    torch.testing.assert_close(r1_penalty([local, global_], x), expected)
+    torch.testing.assert_close(r1_penalty([local, global_, local, global_], x), expected)

@@ -9,8 +9,10 @@ shards in safetensors; `PairShards` reads them back.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,8 +38,24 @@ FEW_STEP_SCHEDULERS = {"LCMScheduler", "TCDScheduler", "TimestepShiftLCMSchedule
 
 
 class TeacherSampler:
-    def __init__(self, pipe: DiffusionPipeline, steps: int, guidance_scale: float, height: int, width: int) -> None:
+    """`timesteps`: the teacher's own schedule, where its scheduler's spacing is not it (DMD2's 4-step
+    SDXL samples at 999, 749, 499, 249; a stock LCMScheduler spaces 4 steps as 999, 759, 499, 259)."""
+
+    def __init__(
+        self,
+        pipe: DiffusionPipeline,
+        steps: int,
+        guidance_scale: float,
+        height: int,
+        width: int,
+        timesteps: Sequence[int] | None = None,
+    ) -> None:
         scheduler = type(pipe.scheduler).__name__
+        if timesteps is not None:
+            if len(timesteps) != steps:
+                raise UserError(f"the teacher's timesteps {list(timesteps)} are not {steps} (its steps)")
+            if "timesteps" not in inspect.signature(pipe.scheduler.set_timesteps).parameters:
+                raise UserError(f"the teacher's {scheduler} takes no custom timesteps")
         if steps < 8 and scheduler not in FEW_STEP_SCHEDULERS:
             # The teacher's samples are the "real" data: a multi-step model sampled in a few steps
             # gives blurred, noisy images, and the student learns exactly those.
@@ -49,6 +67,7 @@ class TeacherSampler:
             )
         self.pipe = pipe
         self.steps = steps
+        self.timesteps = None if timesteps is None else [int(t) for t in timesteps]
         self.guidance_scale = guidance_scale
         self.height, self.width = height, width
         pipe.set_progress_bar_config(disable=True)
@@ -61,9 +80,10 @@ class TeacherSampler:
     @torch.no_grad()
     def __call__(self, prompts: list[str], noise: torch.Tensor) -> torch.Tensor:
         """Teacher x0 latents (the diffusion latent space, i.e. VAE latents x scaling factor)."""
+        schedule = {"num_inference_steps": self.steps} if self.timesteps is None else {"timesteps": self.timesteps}
         out = self.pipe(
             prompt=prompts,
-            num_inference_steps=self.steps,
+            **schedule,
             guidance_scale=self.guidance_scale,
             height=self.height,
             width=self.width,
@@ -83,11 +103,14 @@ def prompts_digest(prompts: list[str]) -> str:
 
 def sampler_recipe(sampler: TeacherSampler) -> dict[str, str]:
     """The teacher settings a pair depends on: what a run reading the pairs checks them against."""
-    return {
+    recipe = {
         "teacher_steps": str(int(sampler.steps)),
         "guidance_scale": str(float(sampler.guidance_scale)),
         "latent_shape": "x".join(map(str, sampler.latent_shape)),
     }
+    if sampler.timesteps is not None:  # only then: pairs made before the option stay readable
+        recipe["teacher_timesteps"] = ",".join(map(str, sampler.timesteps))
+    return recipe
 
 
 def pairs_recipe(sampler: TeacherSampler, prompts: list[str], seed: int) -> dict[str, str]:

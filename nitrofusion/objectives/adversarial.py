@@ -26,7 +26,10 @@ def generator_loss(fake: list[torch.Tensor], kind: str) -> torch.Tensor:
 
 
 def r1_penalty(real_logits: list[torch.Tensor], real_input: torch.Tensor) -> torch.Tensor:
-    """E ||d D(x) / d x||^2 on real inputs (x must require grad)."""
-    total = sum(r.sum() for r in real_logits)
+    """E ||d D(x) / d x||^2 on real inputs (x must require grad), D(x) being what the losses average:
+    the mean over heads of each head's mean logit (over patches), so that loss.r1_weight means the
+    same whatever the number of heads and the latent size. Summed over the batch, each sample's
+    gradient is its own D's."""
+    total = sum(r.reshape(len(r), -1).mean(1).sum() for r in real_logits) / len(real_logits)
     (grad,) = torch.autograd.grad(total, real_input, create_graph=True)
     return grad.square().flatten(1).sum(1).mean()

@@ -44,6 +44,7 @@ class DataConfig:
     num_pairs: int = 2048  # how many pairs to make when `pairs` is empty
     pairs_batch_size: int = 64  # teacher samples per call while making them (no gradients: larger than batch_size)
     teacher_steps: int = 25
+    teacher_timesteps: list[int] | None = None  # the teacher's own schedule, e.g. DMD2's [999, 749, 499, 249]
     teacher_guidance: float = 5.0
     batch_size: int = 8
     resolution: int | None = None  # pixels; None = the model's default
@@ -267,6 +268,16 @@ def validate(cfg: DistillConfig) -> DistillConfig:
     for key, value in positive.items():
         if value < 1:
             raise UserError(f"config key '{key}' must be at least 1, got {value}")
+    ts = cfg.data.teacher_timesteps
+    if ts is not None and (
+        len(ts) != cfg.data.teacher_steps
+        or any(a <= b for a, b in zip(ts, ts[1:]))
+        or not all(0 <= t < 1000 for t in ts)
+    ):
+        raise UserError(
+            f"config key 'data.teacher_timesteps' must list data.teacher_steps ({cfg.data.teacher_steps}) "
+            f"decreasing timesteps in 0..999, got {ts}"
+        )
     if cfg.discriminator.t_stars_per_step > len(cfg.discriminator.t_stars):
         raise UserError("config key 'discriminator.t_stars_per_step' exceeds the number of t_stars")
     non_negative = {

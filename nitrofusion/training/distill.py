@@ -126,7 +126,12 @@ class Distiller:
         self.text = TextEncoder(self.teacher, self.size, self.size)
         self.prompts = load_prompts(cfg.data.prompts)
         self.sampler = TeacherSampler(
-            self.teacher, cfg.data.teacher_steps, cfg.data.teacher_guidance, self.size, self.size
+            self.teacher,
+            cfg.data.teacher_steps,
+            cfg.data.teacher_guidance,
+            self.size,
+            self.size,
+            cfg.data.teacher_timesteps,
         )
         self.pairs = self._load_or_make_pairs(cfg.data.pairs) if cfg.data.pairs else None
 
