@@ -132,11 +132,19 @@ def test_aesthetic_score_is_the_mlp_on_normalised_embeddings(tiny_clip_dir, tmp_
 
 def test_clip_score_and_the_aesthetic_predictor_read_their_own_clip(tiny_clip_dir, tmp_path, monkeypatch):
     """The paper: CLIP score with ViT-B/32, the aesthetic MLP on ViT-L/14; one model is loaded once."""
+    from types import SimpleNamespace
+
     import nitrofusion.evaluation.clip as clip_module
     from nitrofusion.evaluation.evaluate import EvalRequest, build_scorers
 
     loaded = []
-    monkeypatch.setattr(clip_module, "ClipModel", lambda path, device, option: loaded.append((path, option)) or path)
+    widths = {"b32": 512, "l14": 768}  # CLIP ViT-B/32's and ViT-L/14's embedding widths
+
+    def stand_in(path, device, option):
+        loaded.append((path, option))
+        return SimpleNamespace(model=SimpleNamespace(config=SimpleNamespace(projection_dim=widths[path])))
+
+    monkeypatch.setattr(clip_module, "ClipModel", stand_in)
     aesthetic = tmp_path / "aesthetic.safetensors"
     save_file({k: v.contiguous() for k, v in AestheticMLP().state_dict().items()}, str(aesthetic))
     prompts = tmp_path / "p.txt"
@@ -147,6 +155,9 @@ def test_clip_score_and_the_aesthetic_predictor_read_their_own_clip(tiny_clip_di
     loaded.clear()
     build_scorers(EvalRequest(**common, clip_model="l14", aesthetic=str(aesthetic)), "cpu")
     assert loaded == [("l14", "--clip-model")]
+    # ViT-B/32 alone: refused while loading, before an image is generated, not after.
+    with pytest.raises(UserError, match="768-d CLIP embeddings but the CLIP model gives 512-d"):
+        build_scorers(EvalRequest(**common, clip_model="b32", aesthetic=str(aesthetic)), "cpu")
 
 
 def test_aesthetic_weights_missing_or_wrong(tmp_path):
@@ -177,6 +188,18 @@ def test_reference_statistics_from_images_and_from_file(tmp_path):
     assert frechet_distance(stats, again) == pytest.approx(0.0, abs=1e-9)
     with pytest.raises(UserError, match="toy statistics"):
         fid.reference_stats(cache, "inception", extract)
+    # The file records its source and feature network: reused for the same two only.
+    from nitrofusion.evaluation.evaluate import reference_from_cache
+
+    made = fid.reference_stats(ref_dir, "toy", extract, cache, extractor="/weights/a")
+    assert reference_from_cache(cache, str(ref_dir), "/weights/a") is not None
+    assert reference_from_cache(cache, str(ref_dir), "/weights/b") is None  # other weights: computed again
+    assert reference_from_cache(cache, str(tmp_path), "/weights/a") is None  # another directory
+    with pytest.raises(UserError, match="features of '/weights/a', not of '/weights/b'"):
+        fid.reference_stats(cache, "toy", extract, extractor="/weights/b")
+    assert frechet_distance(made, fid.reference_stats(cache, "toy", extract, extractor="/weights/a")) == pytest.approx(
+        0
+    )
     with pytest.raises(UserError, match="not found"):
         fid.reference_stats(tmp_path / "missing", "toy", extract)
 
@@ -244,6 +267,10 @@ def test_evaluate_command_on_the_embedded_world(tmp_path, capsys):
     assert [r["class_accuracy"] for r in again] == [r["class_accuracy"] for r in rows]
     manifest = json.loads((out / "images" / "shift-lcm-1-step" / "manifest.json").read_text())
     assert manifest["generated"] == 8
+    # Another --n orders the embedded prompts otherwise: its images are not these, so it is refused.
+    capsys.readouterr()
+    assert main([a if a != "8" else "12" for a in args]) == 2
+    assert "prompts_sha256" in capsys.readouterr().err
 
 
 def test_compare_puts_several_evaluations_in_one_table(tmp_path, capsys):
@@ -272,6 +299,11 @@ def test_compare_puts_several_evaluations_in_one_table(tmp_path, capsys):
     (tmp_path / "a" / "results.json").write_text(json.dumps([{**old[0], "clip_score": 31.9}]))  # the old x100 scale
     assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "mixed")]) == 2
     assert "x100 scale" in capsys.readouterr().err
+    (tmp_path / "a" / "results.json").write_text(json.dumps(old))
+    b = json.loads((tmp_path / "b" / "results.json").read_text())
+    (tmp_path / "b" / "results.json").write_text(json.dumps([{**b[0], "n": 2000}]))  # another sample count
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "mixed")]) == 2
+    assert "measured class_accuracy with n=2000, an earlier directory with 4" in capsys.readouterr().err
 
 
 def test_grid_writes_the_format_its_file_name_says(tmp_path, capsys):

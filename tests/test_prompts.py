@@ -31,6 +31,21 @@ def test_each_format_gives_the_same_prompts(tmp_path, name, content):
     assert load_prompts(path) == WANT
 
 
+def test_coco_captions_give_one_caption_per_image(tmp_path):
+    """About five captions an image: n evaluation prompts must be n images (COCO-5K), each image's
+    first caption, images in id order."""
+    annotations = [
+        {"image_id": 42, "id": 1, "caption": "a dog on a sofa"},
+        {"image_id": 7, "id": 2, "caption": "a red bus"},
+        {"image_id": 42, "id": 3, "caption": "a sleeping dog"},
+        {"image_id": 7, "id": 4, "caption": "a bus in the street"},
+        {"image_id": 9, "id": 5, "caption": "two cups"},
+    ]
+    path = tmp_path / "captions_val2014.json"
+    path.write_text(json.dumps({"images": [], "annotations": annotations}))
+    assert load_prompts(path) == ["a red bus", "two cups", "a dog on a sofa"]
+
+
 @pytest.mark.parametrize(
     "name, content, message",
     [

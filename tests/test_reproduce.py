@@ -94,6 +94,27 @@ def test_reproduce_runs_every_row_and_resumes(tmp_path, capsys, monkeypatch):
     rows = json.loads((out / "results.json").read_text())
     assert {r["group"] for r in rows} == {"teacher", "student", "family", "ablation"}
 
+    # Scores of another sample count are not reported as this one's.
+    capsys.readouterr()
+    assert main([a if a != "4" else "6" for a in args]) == 2
+    assert "scored on 4 images, this reproduction asks --n 6" in capsys.readouterr().err
+
+
+def test_a_finished_run_is_reused_only_if_trained_with_this_config(tmp_path):
+    import pytest
+
+    from nitrofusion.errors import UserError
+    from nitrofusion.training.config import load_config, save_config
+
+    cfg = load_config("embedded", None, ["run.seed=3", f"run.output_dir={tmp_path}"])
+    save_config(cfg, tmp_path / "config.yaml")
+    want = cfg.to_dict()
+    Reproduction._check_trained_as(tmp_path, want)
+    Reproduction._check_trained_as(tmp_path, {**want, "run": {**want["run"], "log_every": 7}})  # cadence only
+    other = load_config("embedded", None, ["run.seed=3", "loss.regression_weight=0"]).to_dict()
+    with pytest.raises(UserError, match="trained with loss.regression_weight=10.0, this reproduction asks 0"):
+        Reproduction._check_trained_as(tmp_path, other)
+
 
 def test_reproduce_bad_options_are_one_line(tmp_path, capsys):
     for extra, needle in (

@@ -80,13 +80,25 @@ def _prompt_of(record: Any, path: Path, where: str) -> str:
     )
 
 
+def _one_caption_per_image(annotations: list) -> list:
+    """COCO gives about five captions per image: evaluations (COCO-5K, COCO-30K) take one per image,
+    so that n prompts are n different images. Here: each image's first caption, images by id."""
+    first: dict = {}
+    for record in annotations:
+        key = record.get("image_id") if isinstance(record, dict) else None
+        if key is None:  # not COCO's layout after all: every record as it is
+            return annotations
+        first.setdefault(key, record)
+    return [first[k] for k in sorted(first)]
+
+
 def _json_prompts(text: str, path: Path) -> list[str]:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise UserError(f"prompt file '{path}' is not JSON ({exc.msg}, line {exc.lineno})") from None
     if isinstance(data, dict) and isinstance(data.get("annotations"), list):  # COCO captions
-        data = data["annotations"]
+        data = _one_caption_per_image(data["annotations"])
     if not isinstance(data, list):
         raise UserError(f"prompt file '{path}': expected a JSON list of prompts or COCO's {{\"annotations\": [...]}}")
     return [_prompt_of(record, path, f"item {i}") for i, record in enumerate(data)]

@@ -57,13 +57,18 @@ def load_aesthetic(path: str | Path, embed_dim: int = 768) -> AestheticMLP:
     return mlp.eval()
 
 
+def check_fits(mlp: AestheticMLP, clip: ClipModel) -> None:
+    """Before any image is generated: the predictor reads one CLIP's embeddings (ViT-L/14's, 768-d)."""
+    width = clip.model.config.projection_dim
+    if width != mlp.layers[0].in_features:
+        raise UserError(
+            f"the aesthetic predictor expects {mlp.layers[0].in_features}-d CLIP embeddings but the CLIP model "
+            f"gives {width}-d: use CLIP ViT-L/14 (--aesthetic-clip-model)"
+        )
+
+
 @torch.no_grad()
 def aesthetic_score(mlp: AestheticMLP, clip: ClipModel, images: list[Image.Image]) -> float:
     """Mean predicted rating (higher is better) over the images."""
-    emb = clip.image_embeddings(images)
-    if emb.shape[-1] != mlp.layers[0].in_features:
-        raise UserError(
-            f"the aesthetic predictor expects {mlp.layers[0].in_features}-d CLIP embeddings but the CLIP model "
-            f"gives {emb.shape[-1]}-d: use CLIP ViT-L/14 (--aesthetic-clip-model)"
-        )
-    return float(mlp(emb).mean())
+    check_fits(mlp, clip)
+    return float(mlp(clip.image_embeddings(images)).mean())

@@ -1,5 +1,5 @@
 """`nitrofusion evaluate`: generate (cached, resumable), score, and report in the layout of
-the paper's Table 1 (model, steps, FID, CLIP score, aesthetic score, ImageReward), plus the
+the paper's Table 1 (model, steps, CLIP score, FID, aesthetic score, ImageReward), plus the
 embedded world's own columns (class accuracy, domain FD) when its prompts are used.
 
 Every metric's weights are loaded before the first image is generated, so a missing file
@@ -8,6 +8,7 @@ fails in a second, not after an hour of sampling.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Callable
@@ -27,8 +28,8 @@ METRICS = ("embedded", "fid", "clip", "aesthetic", "imagereward")
 FID_FEATURES = ("inception", "clip", "embedded")
 # (result key, column title, digits) in the order of the paper's Table 1, then the embedded world's.
 COLUMNS = (
-    ("fid", "FID ↓", 2),
     ("clip_score", "CLIP score ↑", 3),
+    ("fid", "FID ↓", 2),
     ("aesthetic", "aesthetic ↑", 3),
     ("image_reward", "ImageReward ↑", 3),
     ("class_accuracy", "class accuracy ↑", 3),
@@ -137,6 +138,7 @@ def build_scorers(req: EvalRequest, device: str) -> dict[str, Scorer]:
     if "fid" in metrics:
         from nitrofusion.evaluation import fid
 
+        extractor = ""  # the feature network's weights, recorded with the reference statistics
         if req.fid_features == "inception":
             if not req.inception:
                 from nitrofusion.evaluation.inception import CONVERT_HINT, WEIGHTS_URL
@@ -145,15 +147,15 @@ def build_scorers(req: EvalRequest, device: str) -> dict[str, Scorer]:
                     f"FID with Inception features needs --inception PATH: the FID Inception weights ({WEIGHTS_URL}) "
                     f"converted to safetensors with: {CONVERT_HINT}"
                 )
-            extract = fid.inception_extractor(req.inception, device)
+            extract, extractor = fid.inception_extractor(req.inception, device), str(Path(req.inception).resolve())
         elif req.fid_features == "clip":
-            extract = fid.clip_extractor(need_clip())
+            extract, extractor = fid.clip_extractor(need_clip()), str(req.clip_model)
         else:
             extract = fid.embedded_extractor(need_evaluator())
         if req.reference:
             cache = req.out / f"reference-{req.fid_features}.safetensors"
-            ref = reference_from_cache(cache, req.reference) or fid.reference_stats(
-                req.reference, req.fid_features, extract, cache
+            ref = reference_from_cache(cache, req.reference, extractor) or fid.reference_stats(
+                req.reference, req.fid_features, extract, cache, extractor
             )
         elif req.fid_features == "embedded":
             ref = need_evaluator().reference  # the real Fashion-MNIST test set
@@ -172,11 +174,12 @@ def build_scorers(req: EvalRequest, device: str) -> dict[str, Scorer]:
         scorers["clip"] = lambda images, prompts, labels: {"clip_score": clip_score(model, images, prompts)}
 
     if "aesthetic" in metrics:
-        from nitrofusion.evaluation.aesthetic import AESTHETIC_HINT, aesthetic_score, load_aesthetic
+        from nitrofusion.evaluation.aesthetic import AESTHETIC_HINT, aesthetic_score, check_fits, load_aesthetic
 
         if not req.aesthetic:
             raise UserError(f"the aesthetic score needs --aesthetic PATH: {AESTHETIC_HINT}")
         mlp, model = load_aesthetic(req.aesthetic), need_clip(req.aesthetic_clip_model, "--aesthetic-clip-model")
+        check_fits(mlp, model)
         scorers["aesthetic"] = lambda images, prompts, labels: {"aesthetic": aesthetic_score(mlp, model, images)}
 
     if "imagereward" in metrics:
@@ -192,17 +195,19 @@ def build_scorers(req: EvalRequest, device: str) -> dict[str, Scorer]:
     return scorers
 
 
-def reference_from_cache(cache: Path, reference: str) -> GaussianStats | None:
-    """Reuse statistics computed from the same reference directory in an earlier run."""
-    stamp = cache.with_suffix(".source")
-    if cache.is_file() and stamp.is_file() and stamp.read_text() == str(Path(reference).resolve()):
-        from safetensors.torch import load_file
+def reference_from_cache(cache: Path, reference: str, extractor: str) -> GaussianStats | None:
+    """Reuse statistics computed in an earlier run from the same reference directory with the same
+    feature network (both recorded in the file); anything else is computed again."""
+    from nitrofusion.evaluation.fid import stats_metadata
 
-        return GaussianStats.from_tensors(load_file(str(cache)))
-    if Path(reference).is_dir():
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        stamp.write_text(str(Path(reference).resolve()))
-    return None
+    if not cache.is_file() or not Path(reference).is_dir():
+        return None
+    meta = stats_metadata(cache)
+    if meta.get("source") != str(Path(reference).resolve()) or meta.get("extractor", "") != extractor:
+        return None
+    from safetensors.torch import load_file
+
+    return GaussianStats.from_tensors(load_file(str(cache)))
 
 
 def evaluate(req: EvalRequest) -> list[dict]:
@@ -214,6 +219,7 @@ def evaluate(req: EvalRequest) -> list[dict]:
     device = resolve_device(req.device)
     req.out.mkdir(parents=True, exist_ok=True)
     prompts, labels = load_prompt_set(req.prompts, req.n, req.seed)
+    prompts_sha256 = hashlib.sha256(json.dumps(prompts).encode()).hexdigest()
     scorers = build_scorers(req, device)
     pipe = load_pipeline(
         req.model, unet=req.unet, shift=req.shift, sampler=req.sampler, device=device, safety_checker=req.safety_checker
@@ -236,6 +242,10 @@ def evaluate(req: EvalRequest) -> list[dict]:
             "guidance_scale": guidance,
             "seed": req.seed,
             "prompts": req.prompts,
+            # The prompts themselves (the embedded set's order depends on n) and the UNet file's identity:
+            # a changed file at the same path must not be served from images of the old one.
+            "prompts_sha256": prompts_sha256,
+            "unet_file": _file_identity(req.unet),
         }
         if unfiltered:  # other images than the filtered ones: the cache refuses to mix them
             settings["safety_checker"] = False
@@ -246,13 +256,25 @@ def evaluate(req: EvalRequest) -> list[dict]:
         row = {**settings, "model_path": settings["model"], "model": label, "n": req.n, "seconds_per_image": per_image}
         for scorer in scorers.values():
             row.update({k: v for k, v in scorer(images, prompts, labels).items() if k != "n"})
+        # What the numbers were measured with: `compare` refuses to put other protocols side by side.
         if "fid" in scorers:
-            row["fid_features"] = req.fid_features
+            row.update(fid_features=req.fid_features, fid_reference=req.reference)
+        if "clip" in scorers or ("fid" in scorers and req.fid_features == "clip"):
+            row["clip_model"] = req.clip_model
+        if "aesthetic" in scorers:
+            row["aesthetic_clip_model"] = req.aesthetic_clip_model or req.clip_model
         results.append(row)
         grid_rows.append(images[: req.grid_images])
         print(table([row]).splitlines()[-1], flush=True)
     write_report(req.out, results, grid_rows, [f"{r['sampler']}, {r['steps']} step(s)" for r in results])
     return results
+
+
+def _file_identity(path: str | None) -> str | None:
+    if path is None or not Path(path).is_file():
+        return None
+    st = Path(path).stat()
+    return f"{st.st_size} bytes, modified {st.st_mtime_ns}"
 
 
 def table(rows: list[dict]) -> str:
@@ -279,6 +301,31 @@ def write_report(out: Path, rows: list[dict], grid_rows: list[list[Image.Image]]
         make_grid(grid_rows, labels, scale=scale).save(tmp, format="PNG")
 
 
+# A column's protocol: the settings its numbers depend on besides the model.
+PROTOCOL = {
+    "fid": ("fid_features", "fid_reference", "n"),
+    "clip_score": ("clip_model",),
+    "aesthetic": ("aesthetic_clip_model",),
+    "class_accuracy": ("n",),
+}
+
+
+def _check_same_protocol(rows: list[dict], row: dict, path: Path) -> None:
+    """One table compares like with like: a FID over other features, reference or sample count, or a
+    CLIP score of another CLIP, is another number."""
+    for column, keys in PROTOCOL.items():
+        if column not in row:
+            continue
+        for other in (r for r in rows if column in r):
+            differ = [k for k in keys if k in row and k in other and row[k] != other[k]]
+            if differ:
+                k = differ[0]
+                raise UserError(
+                    f"'{path}' measured {column} with {k}={row[k]!r}, an earlier directory with {other[k]!r}: "
+                    "numbers of two protocols are not put in one table"
+                )
+
+
 def combine(directories: list[Path], out: Path, grid_images: int = 10) -> str:
     """One table and one side-by-side grid from several `evaluate` output directories."""
     rows, grid_rows, labels = [], [], []
@@ -292,6 +339,7 @@ def combine(directories: list[Path], out: Path, grid_images: int = 10) -> str:
                     f"'{path}' has CLIP scores on the x100 scale of older versions: run its evaluate again "
                     "(the cached images are reused) so that every column has the same scale"
                 )
+            _check_same_protocol(rows, row, path)
             rows.append(row)
             images = Path(d) / "images" / f"{row['sampler']}-{row['steps']}-step"
             grid_rows.append(

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from nitrofusion.errors import UserError
 from nitrofusion.evaluation.frechet import GaussianStats
+from nitrofusion.userfiles import replacing
 
 if TYPE_CHECKING:
     from nitrofusion.evaluation.clip import ClipModel
@@ -28,10 +29,21 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 Extractor = Callable[[list[Image.Image]], torch.Tensor]
 
 
+def center_square(im: Image.Image) -> Image.Image:
+    """The largest centred square: a non-square photo (COCO's references) is cropped, not squashed."""
+    w, h = im.size
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    return im if w == h else im.crop((left, top, left + side, top + side))
+
+
 def to_tensor(images: list[Image.Image], size: int | None = None) -> torch.Tensor:
-    """PIL images -> float [N, 3, H, W] in [-1, 1], resized (bicubic) to size x size if given."""
+    """PIL images -> float [N, 3, H, W] in [-1, 1]; if `size` is given, centre-cropped to a square and
+    resized to size x size with PIL's bicubic filter on the 8-bit image (clean-fid resizes each
+    channel as floats with PIL bicubic, pytorch-fid bilinearly in torch: FID compares only with
+    FIDs computed the same way, docs/evaluate.md)."""
     if size is not None:
-        images = [im.convert("RGB").resize((size, size), Image.BICUBIC) for im in images]
+        images = [center_square(im.convert("RGB")).resize((size, size), Image.BICUBIC) for im in images]
     arr = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) for im in images])
     return torch.from_numpy(arr).permute(0, 3, 1, 2).div(127.5).sub(1.0)
 
@@ -67,21 +79,33 @@ def list_images(directory: str | Path) -> list[Path]:
     return sorted(p for p in Path(directory).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
+def stats_metadata(path: str | Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return f.metadata() or {}
+
+
 def reference_stats(
-    reference: str | Path, features: str, extract: Extractor, cache: Path | None = None
+    reference: str | Path, features: str, extract: Extractor, cache: Path | None = None, extractor: str = ""
 ) -> GaussianStats:
     """Statistics of the reference set: a `.safetensors` stats file written by this function,
-    or a directory of images (whose statistics are then saved to `cache` for next time)."""
+    or a directory of images (whose statistics are then saved to `cache` for next time).
+    `extractor` names the feature network's weights: a stats file made with other weights
+    (another Inception or CLIP) is refused, since its features are not these."""
     ref = Path(reference).expanduser()
     if ref.is_file():
         if ref.suffix != ".safetensors":
             raise UserError(f"--reference '{ref}' must be a directory of images or a .safetensors stats file")
-        from safetensors import safe_open
-
-        with safe_open(str(ref), "pt") as f:
-            made_with = (f.metadata() or {}).get("features")
-        if made_with != features:
-            raise UserError(f"--reference '{ref}' holds {made_with} statistics, but FID here uses {features} features")
+        meta = stats_metadata(ref)
+        if meta.get("features") != features:
+            raise UserError(
+                f"--reference '{ref}' holds {meta.get('features')} statistics, but FID here uses {features} features"
+            )
+        if extractor and meta.get("extractor") and meta["extractor"] != extractor:
+            raise UserError(
+                f"--reference '{ref}' holds statistics of the features of '{meta['extractor']}', not of '{extractor}'"
+            )
         return GaussianStats.from_tensors(load_file(str(ref)))
     if not ref.is_dir():
         raise UserError(f"--reference '{ref}' not found (a directory of real images or a stats .safetensors)")
@@ -93,8 +117,10 @@ def reference_stats(
         feats.append(extract([Image.open(p).convert("RGB") for p in paths[i : i + 500]]))
     stats = GaussianStats.from_features(torch.cat(feats))
     if cache is not None:
+        # The provenance in the file itself, written whole or not at all: an interrupted run never
+        # leaves statistics that claim another source.
+        meta = {"features": features, "source": str(ref.resolve()), "images": str(len(paths)), "extractor": extractor}
         cache.parent.mkdir(parents=True, exist_ok=True)
-        save_file(
-            {k: v.contiguous() for k, v in stats.to_tensors().items()}, str(cache), metadata={"features": features}
-        )
+        with replacing(cache) as tmp:
+            save_file({k: v.contiguous() for k, v in stats.to_tensors().items()}, str(tmp), metadata=meta)
     return stats

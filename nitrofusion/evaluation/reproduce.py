@@ -149,8 +149,6 @@ class Reproduction:
     def distill(self, variant: Variant, seed: int) -> Path:
         """Train (or finish training) one run in a child process; returns its directory."""
         run = self.run_dir(variant, seed)
-        if (run / "student_unet.safetensors").is_file():
-            return run
         overrides = [
             *self.overrides,
             *variant.overrides,
@@ -159,6 +157,9 @@ class Reproduction:
             f"run.output_dir={run}",
         ]
         preset = variant.preset or self.preset
+        if (run / "student_unet.safetensors").is_file():
+            self._check_trained_as(run, load_config(preset, None, overrides).to_dict())
+            return run
         cmd = [sys.executable, "-m", "nitrofusion.cli", "distill", "--preset", preset, "--resume", "latest"]
         for o in overrides:
             cmd += ["--set", o]
@@ -168,6 +169,24 @@ class Reproduction:
             raise UserError(f"distill run '{run}' failed (exit {done.returncode}); rerun reproduce to resume it")
         return run
 
+    @staticmethod
+    def _check_trained_as(run: Path, want: dict) -> None:
+        """A finished run is reused only if it was trained with this reproduction's config (another
+        preset or --set would otherwise be reported with the old students)."""
+        import yaml
+
+        saved = yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").is_file() else {}
+        for section, values in want.items():
+            for key, value in values.items():
+                if section == "run" and key != "seed":  # logging and checkpoint cadence: not the student
+                    continue
+                have = saved.get(section, {}).get(key)
+                if have != value:
+                    raise UserError(
+                        f"'{run}' was trained with {section}.{key}={have!r}, this reproduction asks {value!r}: "
+                        "use another --out, or delete that run"
+                    )
+
     # ---- scores, cached -------------------------------------------------------------------
     def score(
         self, key: str, load: Callable[[], object], steps: int, seed: int, label: str, group: str
@@ -175,7 +194,13 @@ class Reproduction:
         """A row's score for one seed: from the cache, or computed if its group is being (re)made."""
         path = self.out / "scores" / f"{key}.json"
         if path.is_file():
-            return EmbeddedScore(**json.loads(path.read_text()))
+            cached = EmbeddedScore(**json.loads(path.read_text()))
+            if cached.n != self.n:
+                raise UserError(
+                    f"'{path}' was scored on {cached.n} images, this reproduction asks --n {self.n}: "
+                    "use another --out, or delete its scores/"
+                )
+            return cached
         if self.report_only or group not in self.tables:
             return None
         pipe = load()
