@@ -215,7 +215,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 def cmd_transfer(args: argparse.Namespace) -> int:
     from nitrofusion.weights.transfer import transfer
 
-    print(transfer(args.base, args.student, args.target, args.out, scale=args.scale))
+    print(transfer(args.base, args.student, args.target, args.out, scale=args.scale, dtype=args.dtype))
     return 0
 
 
@@ -397,6 +397,12 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--target", required=True, help="another fine-tune of the same base (pipeline, unet/ or file)")
     tr.add_argument("--scale", type=float, default=1.0, help="multiplier of the delta")
     tr.add_argument("--out", required=True, help="the new student UNet (.safetensors), use with generate --unet")
+    tr.add_argument(
+        "--dtype",
+        default="auto",
+        help="auto (the target's as read: a file's stored dtype, fp32 for a folder), fp32, fp16 or bf16 "
+        "(bf16 can round small deltas away)",
+    )
     tr.set_defaults(func=cmd_transfer)
 
     lo = sub.add_parser("export-lora", help="the student - teacher delta as a LoRA for diffusers' load_lora_weights")

@@ -87,6 +87,31 @@ def test_transfer_refuses_other_architectures(teacher, tmp_path, capsys):
         ]
     )
     assert code == 2 and "not found" in capsys.readouterr().err
+    # A wrong --out or --dtype is said before three UNets are read.
+    for extra, needle in (
+        (["--out", str(tmp_path / "o.bin")], "must end in .safetensors"),
+        (["--dtype", "f8"], "--dtype"),
+    ):
+        args = [
+            "transfer",
+            "--base",
+            "missing",
+            "--student",
+            "x",
+            "--target",
+            "y",
+            "--out",
+            str(tmp_path / "o.safetensors"),
+        ]
+        assert main(args + extra) == 2 and needle in capsys.readouterr().err
+
+
+def test_transfer_stores_the_dtype_asked_for(teacher):
+    student, target = shifted(teacher, 1), shifted(teacher, 2)
+    half = transfer_delta(teacher, student, target, dtype=torch.float16)
+    assert all(v.dtype == torch.float16 for v in half.values() if v.is_floating_point())
+    exact = transfer_delta(teacher, student, target)
+    assert all(torch.equal(half[k], exact[k].half()) for k in exact)  # rounded once, from the fp32 sum
 
 
 def test_low_rank_is_the_svd_optimum():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -61,6 +62,15 @@ def resolve_model(model: str | Path) -> Path:
             "download it where a hub is reachable or pass --model with a local pipeline directory"
         )
     raise UserError(f"model '{model}' not found: pass --model with a diffusers pipeline directory or a hub id")
+
+
+def weights_variant(folder: str | Path) -> str | None:
+    """ "fp16" where a model directory (a pipeline or one component) holds only fp16-variant weights
+    (`*.fp16.safetensors`, as SDXL base's cache does after `from_pretrained(..., variant="fp16")`,
+    the public NitroSD snippet's way), else None: the plain files are read when they exist."""
+    files = [p.name for p in Path(folder).rglob("*.safetensors")]
+    plain = [f for f in files if ".fp16." not in f]
+    return "fp16" if files and not plain else None
 
 
 def _hub_cache() -> str:
@@ -301,7 +311,12 @@ def load_pipeline(
     try:
         with quiet_loading():
             pipe = DiffusionPipeline.from_pretrained(
-                str(model_dir), dtype=torch_dtype, use_safetensors=True, local_files_only=True, **overrides
+                str(model_dir),
+                dtype=torch_dtype,
+                use_safetensors=True,
+                local_files_only=True,
+                variant=weights_variant(model_dir),
+                **overrides,
             )
     except (OSError, ValueError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -318,6 +333,13 @@ def load_pipeline(
         shift = unet_file_shift(unet)  # as trained (a distill run records it)
         if shift is not None and not 1 <= shift <= num_train:
             raise UserError(f"'{unet}' records shift {shift}, outside 1..{num_train}: give --shift")
+        if shift is None and sampler != "native":
+            # The public NitroSD files record none, and the two differ: a wrong shift samples at wrong timesteps.
+            warnings.warn(
+                f"'{unet}' records no timestep shift: sampling at {DEFAULT_SHIFT} (NitroSD-Realism's); "
+                "NitroSD-Vibrant needs --shift 500",
+                stacklevel=2,
+            )
 
     has_shift = _scheduler_class_name(model_dir) == TimestepShiftLCMScheduler.__name__
     if sampler == "auto":

@@ -7,7 +7,13 @@ from pathlib import Path
 import torch
 
 from nitrofusion.errors import UserError
-from nitrofusion.pipelines.loading import layout_problems, quiet_loading, read_safetensors, resolve_model
+from nitrofusion.pipelines.loading import (
+    layout_problems,
+    quiet_loading,
+    read_safetensors,
+    resolve_model,
+    weights_variant,
+)
 
 
 def unet_state_dict(source: str | Path, what: str) -> dict[str, torch.Tensor]:
@@ -23,7 +29,9 @@ def unet_state_dict(source: str | Path, what: str) -> dict[str, torch.Tensor]:
         raise UserError(f"{what} '{source}' is neither a .safetensors file nor a pipeline with a unet/ folder")
     try:
         with quiet_loading():
-            unet = UNet2DConditionModel.from_pretrained(str(folder), use_safetensors=True, local_files_only=True)
+            unet = UNet2DConditionModel.from_pretrained(
+                str(folder), use_safetensors=True, local_files_only=True, variant=weights_variant(folder)
+            )
     except (OSError, ValueError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UserError(f"cannot read the UNet of {what} '{source}': {first}") from None
