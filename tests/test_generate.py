@@ -387,3 +387,57 @@ def test_a_student_file_without_a_recorded_shift_says_which_it_samples_at(tiny_s
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         load_pipeline(tiny_sdxl_dir, unet=str(student_file), shift=500, device="cpu")  # named: nothing to say
+
+
+def test_a_hub_pipeline_downloads_its_components_in_one_precision_only(tmp_path):
+    """SDXL base's repo: model_index, component folders in fp32 and fp16, two single-file
+    checkpoints and a VAE variant at the root. Only the named folders' configs and plain weights
+    are fetched; a repo of fp16 files only gets those."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    from nitrofusion.pipelines.loading import download_pipeline
+
+    def repo(files: list[str]) -> Path:
+        root = tmp_path / f"repo{len(list(tmp_path.iterdir()))}"
+        index = {"_class_name": "StableDiffusionXLPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}
+        index |= {"vae": ["diffusers", "AutoencoderKL"], "feature_extractor": [None, None]}
+        for f in ["model_index.json", *files]:
+            (root / f).parent.mkdir(parents=True, exist_ok=True)
+            (root / f).write_text(json.dumps(index) if f == "model_index.json" else "x")
+        return root
+
+    def fake_download(root: Path):
+        fetched: list[str] = []
+
+        def snapshot_download(repo_id, allow_patterns=None, ignore_patterns=None):
+            names = [str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()]
+            fetched.extend(filter_repo_objects(names, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns))
+            cache = tmp_path / f"cache-{root.name}"
+            for f in fetched:
+                (cache / f).parent.mkdir(parents=True, exist_ok=True)
+                (cache / f).write_text((root / f).read_text())
+            return str(cache)
+
+        return snapshot_download, fetched
+
+    weights = ["unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors"]
+    sdxl = repo(
+        [
+            "unet/config.json",
+            "vae/config.json",
+            *weights,
+            *(w.replace(".safetensors", ".fp16.safetensors") for w in weights),
+            "sd_xl_base_1.0.safetensors",
+            "sd_xl_offset_example-lora_1.0.safetensors",
+            "vae_1_0/diffusion_pytorch_model.safetensors",
+        ]
+    )
+    snapshot, fetched = fake_download(sdxl)
+    download_pipeline("stabilityai/stable-diffusion-xl-base-1.0", snapshot)
+    assert sorted(set(fetched)) == sorted(["model_index.json", "unet/config.json", "vae/config.json", *weights])
+    fp16_only = repo(
+        ["unet/config.json", "vae/config.json", *(w.replace(".safetensors", ".fp16.safetensors") for w in weights)]
+    )
+    snapshot, fetched = fake_download(fp16_only)
+    got = download_pipeline("someone/fp16-only", snapshot)
+    assert sorted(p.name for p in got.rglob("*.safetensors")) == ["diffusion_pytorch_model.fp16.safetensors"] * 2

@@ -51,7 +51,9 @@ def resolve_model(model: str | Path) -> Path:
             pass
         if not _offline():
             try:
-                return Path(snapshot_download(str(model), allow_patterns=["*.json", "*.txt", "*.safetensors"]))
+                return download_pipeline(str(model), snapshot_download)
+            except UserError:
+                raise
             except Exception as exc:  # network errors come in many types
                 raise UserError(
                     f"model '{model}' is not in the Hugging Face cache and could not be downloaded "
@@ -71,6 +73,21 @@ def weights_variant(folder: str | Path) -> str | None:
     files = [p.name for p in Path(folder).rglob("*.safetensors")]
     plain = [f for f in files if ".fp16." not in f]
     return "fp16" if files and not plain else None
+
+
+def download_pipeline(repo: str, snapshot_download: Callable[..., str]) -> Path:
+    """A pipeline repo's model index, then only the folders it names, configs and safetensors in one
+    precision: SDXL base's repo also holds two 6.9 GB single-file checkpoints at its root, a VAE
+    variant and fp16 copies of every component (about 35 GB, where 7 GB make the pipeline)."""
+    root = Path(snapshot_download(repo, allow_patterns=["model_index.json"]))
+    index = check_model_index(root)  # refused before any weight is fetched
+    folders = [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[:1] != [None]]
+    files = [f"{folder}/{pattern}" for folder in folders for pattern in ("*.json", "*.txt")]
+    plain = [f"{folder}/*.safetensors" for folder in folders]
+    root = Path(snapshot_download(repo, allow_patterns=files + plain, ignore_patterns=["*.fp16.safetensors"]))
+    if not any(root.rglob("*.safetensors")):  # a repo of fp16 files only
+        root = Path(snapshot_download(repo, allow_patterns=files + [f"{f}/*.fp16.safetensors" for f in folders]))
+    return root
 
 
 def _hub_cache() -> str:
