@@ -155,6 +155,25 @@ def test_lora_round_trip_through_stock_diffusers(teacher, tmp_path, capsys):
         assert "relative_error" in f.metadata()["nitrofusion"]
 
 
+def test_a_mixed_rank_fp16_lora_loads_into_stock_diffusers(teacher, tmp_path, capsys):
+    """What a real export is: the default fp16 file, and a rank above some modules' smallest side
+    (the tiny UNet's conv_out has 4 output channels), so modules get different ranks."""
+    student = shifted(teacher, 3, rank=2)
+    s, t = save(student, tmp_path / "s.safetensors"), save(teacher, tmp_path / "t.safetensors")
+    assert main(["export-lora", "--student", s, "--teacher", t, "--rank", "8", "--out", str(tmp_path / "lora")]) == 0
+    lora = load_file(str(tmp_path / "lora" / "pytorch_lora_weights.safetensors"))
+    assert {v.dtype for v in lora.values()} == {torch.float16}
+    assert len({v.shape[0] for k, v in lora.items() if k.endswith("lora_A.weight")}) > 1, "one rank everywhere"
+    pipe = tiny_sdxl_pipeline()
+    pipe.load_lora_weights(str(tmp_path / "lora"))
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()
+    fused = pipe.unet.state_dict()
+    for k in student:
+        delta = (student[k] - teacher[k]).abs().max().item()
+        assert (fused[k] - student[k]).abs().max().item() <= 2e-3 * max(delta, 1e-3), k  # fp16 factors
+
+
 def test_lora_error_is_reported_when_the_rank_is_too_small(teacher):
     student = shifted(teacher, 4, rank=6, biases=0.01)
     _, report = extract_lora(student, teacher, rank=2)

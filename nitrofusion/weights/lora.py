@@ -34,7 +34,8 @@ class LoraReport:
     def line(self) -> str:
         return (
             f"rank {self.rank}: {self.modules} modules, {self.parameters / 1e6:.2f}M parameters, "
-            f"relative error {self.relative_error:.4f} (of which biases/norms {math.sqrt(self.uncovered_share):.4f})"
+            f"relative error {self.relative_error:.4f} (of which biases/norms {math.sqrt(self.uncovered_share):.4f}; "
+            "in fp32, before the factors are stored in --dtype)"
         )
 
 
