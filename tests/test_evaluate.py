@@ -102,6 +102,19 @@ def test_clip_score_matches_the_models_own_forward(tiny_clip_dir):
     assert clip_score(clip, images, prompts) == pytest.approx(expected, rel=1e-5, abs=1e-6)
 
 
+def test_clip_score_reads_a_long_caption_up_to_clips_77_tokens(tiny_clip_dir):
+    """COCO has captions over 77 tokens: CLIP reads their start, so whatever follows changes nothing
+    (and nothing fails), while a change inside the first tokens does."""
+    clip = ClipModel(tiny_clip_dir)
+    long = "a photo of " + " ".join(["a red leather shoe"] * 30)  # far over 77 tokens
+    base, tail, start = clip.text_embeddings(
+        [long, long + " on a wooden table at night", "a drawing of " + long[len("a photo of ") :]]
+    )
+    assert torch.equal(base, tail)
+    assert not torch.allclose(base, start)
+    assert 0 <= clip_score(clip, _images(1), [long + " on a wooden table at night"]) <= 1
+
+
 def test_clip_missing_or_without_tokenizer_is_one_line(tmp_path, tiny_clip_dir):
     with pytest.raises(UserError, match="--clip-model") as err:
         ClipModel(tmp_path / "nowhere")

@@ -233,7 +233,7 @@ def app_client():
     from nitrofusion.app.server import ModelSpec, create_app, load_models
 
     (model,) = load_models([ModelSpec()], device="cpu", warmup=False)
-    with TestClient(create_app([model], max_size=64)) as c:
+    with TestClient(create_app([model], max_size=64), base_url="http://127.0.0.1") as c:  # a name the app answers to
         yield c
 
 

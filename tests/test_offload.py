@@ -99,7 +99,8 @@ def test_an_sd15_teachers_safety_checker_is_offloaded_and_still_judges_the_valid
     judged = []
     d.teacher.safety_checker.register_forward_hook(lambda *_: judged.append(d.step))
     d.train()
-    assert judged == [1] and (tmp_path / "run" / "validation" / "step-00000001.png").is_file()
+    # Once per validation batch (the grid's 10 prompts in batches of the training's 2), at step 1 only.
+    assert judged == [1] * 5 and (tmp_path / "run" / "validation" / "step-00000001.png").is_file()
 
 
 def test_ema_in_host_memory_averages_like_the_one_beside_the_model():
