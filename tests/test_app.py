@@ -442,6 +442,26 @@ def test_a_request_refused_as_busy_supersedes_nothing():
     _run_with(app, scenario)
 
 
+def test_switching_models_frees_the_old_models_place_in_line_at_once():
+    one, two = GatedModel("one"), GatedModel("two")
+    app = create_app([one, two])
+
+    async def scenario(c, post):
+        running = post("b", "B", 1, model="one")
+        await _until(lambda: one.started == ["b"])
+        waiting = post("a", "A", 1, model="one")
+        await _until(lambda: app.state.workers["one"].state()["waiting"] == 1)
+        two.gate.set()
+        moved = await post("a", "A", 2, model="two")  # A switched models while waiting for "one"
+        assert moved.status_code == 200
+        r = await asyncio.wait_for(waiting, 5)  # answered at once, not when "one" came free
+        assert r.status_code == 409 and app.state.workers["one"].state()["waiting"] == 0
+        one.gate.set()
+        assert (await running).status_code == 200 and one.started == ["b"]
+
+    _run_with(app, scenario)
+
+
 def test_failed_generation_answers_500_and_server_goes_on():
     m = GatedModel()
     m.gate.set()

@@ -343,6 +343,13 @@ class ModelWorker:
         result, stale = await job.future
         return result, job.started_at - job.queued_at, stale
 
+    def drop_waiting(self, client: str) -> None:
+        """A newer request of `client` went to another model: its place in this line is freed now
+        (answered 409), not when it would have reached the model."""
+        job = self._waiting.pop(client, None)
+        if job is not None:
+            self._fail(job, Superseded())
+
     def _fail(self, job: _Job, exc: BaseException) -> None:
         if isinstance(exc, Superseded):
             self.stats["superseded"] += 1
@@ -578,6 +585,10 @@ def create_app(
         if ticket is None:
             worker.stats["superseded"] += 1
             return _error(409, "superseded: a newer request of this client was already received", superseded=True)
+        if req.client is not None:  # the client switched models: its request waiting for another one is stale
+            for other in workers.values():
+                if other is not worker:
+                    other.drop_waiting(req.client)
 
         def work() -> Rendered:
             return model.render(prompt, req.steps, seed, width, height)
