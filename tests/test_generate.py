@@ -441,3 +441,14 @@ def test_a_hub_pipeline_downloads_its_components_in_one_precision_only(tmp_path)
     snapshot, fetched = fake_download(fp16_only)
     got = download_pipeline("someone/fp16-only", snapshot)
     assert sorted(p.name for p in got.rglob("*.safetensors")) == ["diffusion_pytorch_model.fp16.safetensors"] * 2
+
+
+def test_a_shift_too_small_for_the_steps_is_refused_not_sampled_wrongly(tiny_sdxl_dir, capsys):
+    """Shift 3 maps 4 steps' noise levels 999, 749, 499, 249 onto UNet timesteps 2, 2, 1, 0: the
+    scheduler would skip one. Refused in one line; shift 250 (and shift 3 at 1-2 steps) samples."""
+    pipe = load_pipeline(tiny_sdxl_dir, sampler="shift-lcm", shift=3, device="cpu")
+    assert len(generate(pipe, ["a cat"], steps=2)) == 1
+    with pytest.raises(UserError, match="--shift 3 is too small for 4 steps: the UNet timesteps"):
+        generate(pipe, ["a cat"], steps=4)
+    code, _, err = run(["generate", "a cat", "--model", str(tiny_sdxl_dir), "--shift", "3", "--steps", "3"], capsys)
+    assert code == 2 and "too small for 3 steps" in err

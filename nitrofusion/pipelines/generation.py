@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 from collections.abc import Sequence
@@ -40,6 +41,24 @@ def default_size(pipe: DiffusionPipeline) -> int:
     return int(pipe.unet.config.sample_size) * pipe.vae_scale_factor
 
 
+def check_distinct_timesteps(pipe: DiffusionPipeline, steps: int) -> None:
+    """A very small shift maps two noise levels onto one UNet timestep, and the scheduler (diffusers'
+    step-index lookup) would then skip a step: refused, not sampled wrongly. Checked once per
+    scheduler and step count (0.5 ms: a real cost per call on the compiled path)."""
+    scheduler = pipe.scheduler
+    key = (id(scheduler), steps)
+    checked = getattr(pipe, "nitro_checked_schedules", set())
+    if key in checked:
+        return
+    probe = copy.deepcopy(scheduler)
+    probe.set_timesteps(steps)
+    ts = [int(t) for t in probe.timesteps]
+    if len(set(ts)) < len(ts):
+        shift = scheduler.config.shifted_timestep
+        raise UserError(f"--shift {shift} is too small for {steps} steps: the UNet timesteps {ts} repeat")
+    pipe.nitro_checked_schedules = checked | {key}
+
+
 def check_request(pipe: DiffusionPipeline, steps: int, height: int, width: int) -> None:
     sampler = getattr(pipe, "nitro_sampler", "native")
     if sampler == "shift-lcm" and not 1 <= steps <= SHIFT_LCM_MAX_STEPS:
@@ -49,6 +68,8 @@ def check_request(pipe: DiffusionPipeline, steps: int, height: int, width: int) 
         )
     if steps < 1:
         raise UserError(f"--steps must be at least 1, got {steps}")
+    if sampler == "shift-lcm":
+        check_distinct_timesteps(pipe, steps)
     m = size_multiple(pipe)
     for name, v in (("height", height), ("width", width)):
         if v <= 0 or v % m:
