@@ -130,12 +130,15 @@ def cmd_distill(args: argparse.Namespace) -> int:
 def cmd_make_pairs(args: argparse.Namespace) -> int:
     from nitrofusion.data.prompts import load_prompts
     from nitrofusion.data.teacher import TeacherSampler, make_pairs
+    from nitrofusion.data.teacher_timesteps import check_teacher_timesteps
     from nitrofusion.pipelines import load_pipeline
     from nitrofusion.pipelines.generation import default_size
     from nitrofusion.training.distill import resolve_teacher
 
     if args.n < 1 or args.batch_size < 1 or args.steps < 1:
         raise UserError("--n, --batch-size and --steps must be at least 1")
+    if args.timesteps is not None:  # before the teacher is loaded
+        check_teacher_timesteps(args.timesteps, args.steps, "--timesteps", "--steps")
     prompts = load_prompts(args.prompts)
     # Pairs are latents: nothing is decoded, so a safety checker (SD1.5's 1.2 GB) would never run.
     pipe = load_pipeline(resolve_teacher(args.model), sampler="native", device=args.device, safety_checker=False)
@@ -242,8 +245,12 @@ def cmd_grid(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_safety_checker_option(p: argparse.ArgumentParser) -> None:
-    help_ = "leave out the pipeline's safety checker (SD1.5's): no image is blacked out, as in COCO evaluations"
+SAFETY_CHECKER_HELP = (
+    "leave out the pipeline's safety checker (SD1.5's): no image is blacked out, as in COCO evaluations"
+)
+
+
+def _add_safety_checker_option(p: argparse.ArgumentParser, help_: str = SAFETY_CHECKER_HELP) -> None:
     p.add_argument("--no-safety-checker", action="store_true", help=help_)
 
 
@@ -308,10 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--resume", help="'latest' or a checkpoint directory")
     d.add_argument("--output-dir", help="shortcut for --set run.output_dir=...")
     d.add_argument("--max-steps", type=int, help="shortcut: train only N one-step iterations")
-    d.add_argument(
-        "--no-safety-checker",
-        action="store_true",
-        help="shortcut for --set model.safety_checker=false: the teacher's (SD1.5's) safety checker is not loaded, "
+    _add_safety_checker_option(
+        d,
+        "shortcut for --set model.safety_checker=false: the teacher's (SD1.5's) safety checker is not loaded, "
         "judges no validation grid and is left out of the exported pipeline",
     )
     d.set_defaults(func=cmd_distill)

@@ -568,9 +568,16 @@ def test_a_dmd2_style_teacher_samples_at_its_own_timesteps(tiny_sdxl_dir, tmp_pa
         make_pairs(
             TeacherSampler(pipe, 4, 0.0, 16, 16, timesteps=[999, 759, 499, 259]), ["a boot"], 2, tmp_path / "pairs"
         )
-    with pytest.raises(UserError, match="are not 4"):
+    with pytest.raises(UserError, match=r"timesteps must list the teacher's steps \(4\) decreasing"):
         TeacherSampler(pipe, 4, 0.0, 16, 16, timesteps=[999, 499])
+    with pytest.raises(UserError, match="decreasing timesteps in 0..999, got \\[249, 499, 749, 999\\]"):
+        TeacherSampler(pipe, 4, 0.0, 16, 16, timesteps=[249, 499, 749, 999])  # the library API checks it too
     capsys.readouterr()  # make_pairs' progress bars
+    expect_cli_error(
+        ["make-pairs", "--model", str(tiny_sdxl_dir), "--steps", "4", "--timesteps", "999", "749", "499", "--out", "x"],
+        capsys,
+        "--timesteps must list --steps (4) decreasing timesteps in 0..999, got [999, 749, 499]",
+    )
     expect_cli_error(
         [
             "distill",

@@ -202,12 +202,10 @@ def test_reference_statistics_from_images_and_from_file(tmp_path):
     with pytest.raises(UserError, match="toy statistics"):
         fid.reference_stats(cache, "inception", extract)
     # The file records its source and feature network: reused for the same two only.
-    from nitrofusion.evaluation.evaluate import reference_from_cache
-
     made = fid.reference_stats(ref_dir, "toy", extract, cache, extractor="/weights/a")
-    assert reference_from_cache(cache, str(ref_dir), "/weights/a") is not None
-    assert reference_from_cache(cache, str(ref_dir), "/weights/b") is None  # other weights: computed again
-    assert reference_from_cache(cache, str(tmp_path), "/weights/a") is None  # another directory
+    assert fid.cached_reference_stats(cache, str(ref_dir), "/weights/a") is not None
+    assert fid.cached_reference_stats(cache, str(ref_dir), "/weights/b") is None  # other weights: computed again
+    assert fid.cached_reference_stats(cache, str(tmp_path), "/weights/a") is None  # another directory
     with pytest.raises(UserError, match="features of '/weights/a', not of '/weights/b'"):
         fid.reference_stats(cache, "toy", extract, extractor="/weights/b")
     assert frechet_distance(made, fid.reference_stats(cache, "toy", extract, extractor="/weights/a")) == pytest.approx(

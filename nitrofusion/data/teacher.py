@@ -22,6 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
+from nitrofusion.data.teacher_timesteps import check_teacher_timesteps
 from nitrofusion.errors import UserError
 from nitrofusion.pipelines.loading import save_state_dict
 from nitrofusion.userfiles import write_text_replacing
@@ -52,8 +53,7 @@ class TeacherSampler:
     ) -> None:
         scheduler = type(pipe.scheduler).__name__
         if timesteps is not None:
-            if len(timesteps) != steps:
-                raise UserError(f"the teacher's timesteps {list(timesteps)} are not {steps} (its steps)")
+            check_teacher_timesteps(timesteps, steps)
             if "timesteps" not in inspect.signature(pipe.scheduler.set_timesteps).parameters:
                 raise UserError(f"the teacher's {scheduler} takes no custom timesteps")
         if steps < 8 and scheduler not in FEW_STEP_SCHEDULERS:

@@ -8,7 +8,6 @@ fails in a second, not after an hour of sampling.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from collections.abc import Callable
@@ -154,7 +153,7 @@ def build_scorers(req: EvalRequest, device: str) -> dict[str, Scorer]:
             extract = fid.embedded_extractor(need_evaluator())
         if req.reference:
             cache = req.out / f"reference-{req.fid_features}.safetensors"
-            ref = reference_from_cache(cache, req.reference, extractor) or fid.reference_stats(
+            ref = fid.cached_reference_stats(cache, req.reference, extractor) or fid.reference_stats(
                 req.reference, req.fid_features, extract, cache, extractor
             )
         elif req.fid_features == "embedded":
@@ -195,22 +194,8 @@ def build_scorers(req: EvalRequest, device: str) -> dict[str, Scorer]:
     return scorers
 
 
-def reference_from_cache(cache: Path, reference: str, extractor: str) -> GaussianStats | None:
-    """Reuse statistics computed in an earlier run from the same reference directory with the same
-    feature network (both recorded in the file); anything else is computed again."""
-    from nitrofusion.evaluation.fid import stats_metadata
-
-    if not cache.is_file() or not Path(reference).is_dir():
-        return None
-    meta = stats_metadata(cache)
-    if meta.get("source") != str(Path(reference).resolve()) or meta.get("extractor", "") != extractor:
-        return None
-    from safetensors.torch import load_file
-
-    return GaussianStats.from_tensors(load_file(str(cache)))
-
-
 def evaluate(req: EvalRequest) -> list[dict]:
+    from nitrofusion.data.teacher import prompts_digest
     from nitrofusion.pipelines import load_pipeline
     from nitrofusion.pipelines.loading import resolve_device
 
@@ -219,7 +204,7 @@ def evaluate(req: EvalRequest) -> list[dict]:
     device = resolve_device(req.device)
     req.out.mkdir(parents=True, exist_ok=True)
     prompts, labels = load_prompt_set(req.prompts, req.n, req.seed)
-    prompts_sha256 = hashlib.sha256(json.dumps(prompts).encode()).hexdigest()
+    prompts_sha256 = prompts_digest(prompts)
     scorers = build_scorers(req, device)
     pipe = load_pipeline(
         req.model, unet=req.unet, shift=req.shift, sampler=req.sampler, device=device, safety_checker=req.safety_checker

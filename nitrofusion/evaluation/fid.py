@@ -86,6 +86,18 @@ def stats_metadata(path: str | Path) -> dict[str, str]:
         return f.metadata() or {}
 
 
+def cached_reference_stats(cache: Path, reference: str | Path, extractor: str) -> GaussianStats | None:
+    """Statistics that `reference_stats` saved to `cache` in an earlier run, if they were computed
+    from the same reference directory with the same feature network (both recorded in the file);
+    None otherwise, and they are computed again."""
+    if not cache.is_file() or not Path(reference).is_dir():
+        return None
+    meta = stats_metadata(cache)
+    if meta.get("source") != str(Path(reference).resolve()) or meta.get("extractor", "") != extractor:
+        return None
+    return GaussianStats.from_tensors(load_file(str(cache)))
+
+
 def reference_stats(
     reference: str | Path, features: str, extract: Extractor, cache: Path | None = None, extractor: str = ""
 ) -> GaussianStats:

@@ -200,22 +200,24 @@ def resolve_device(device: str | None) -> str:
     return str(parsed)
 
 
+DTYPES = {  # the names a user may give a floating-point dtype
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+}
+
+
 def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "auto"):
         return torch.float16 if device.startswith("cuda") else torch.float32
-    table = {
-        "fp32": torch.float32,
-        "float32": torch.float32,
-        "fp16": torch.float16,
-        "float16": torch.float16,
-        "bf16": torch.bfloat16,
-        "bfloat16": torch.bfloat16,
-    }
-    if dtype not in table:
+    if dtype not in DTYPES:
         raise UserError(f"unknown dtype '{dtype}': use auto, fp32, fp16 or bf16")
-    return table[dtype]
+    return DTYPES[dtype]
 
 
 @contextmanager

@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from nitrofusion.data.teacher_timesteps import check_teacher_timesteps
 from nitrofusion.errors import UserError
 from nitrofusion.training.lora import DEFAULT_TARGETS as DEFAULT_LORA_TARGETS
 from nitrofusion.training.optimizers import OPTIMIZERS, check_available
@@ -268,16 +269,9 @@ def validate(cfg: DistillConfig) -> DistillConfig:
     for key, value in positive.items():
         if value < 1:
             raise UserError(f"config key '{key}' must be at least 1, got {value}")
-    ts = cfg.data.teacher_timesteps
-    if ts is not None and (
-        len(ts) != cfg.data.teacher_steps
-        or any(a <= b for a, b in zip(ts, ts[1:]))
-        or not all(0 <= t < 1000 for t in ts)
-    ):
-        raise UserError(
-            f"config key 'data.teacher_timesteps' must list data.teacher_steps ({cfg.data.teacher_steps}) "
-            f"decreasing timesteps in 0..999, got {ts}"
-        )
+    if cfg.data.teacher_timesteps is not None:
+        what = "config key 'data.teacher_timesteps'"
+        check_teacher_timesteps(cfg.data.teacher_timesteps, cfg.data.teacher_steps, what, "data.teacher_steps")
     if cfg.discriminator.t_stars_per_step > len(cfg.discriminator.t_stars):
         raise UserError("config key 'discriminator.t_stars_per_step' exceeds the number of t_stars")
     non_negative = {

@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from nitrofusion.errors import UserError
-from nitrofusion.pipelines.loading import save_state_dict
+from nitrofusion.pipelines.loading import DTYPES, save_state_dict
 from nitrofusion.weights.io import check_same_layout, unet_state_dict
 
 
@@ -96,7 +96,7 @@ def extract_lora(
 
 def export_lora(student: str, teacher: str, out: str | Path, rank: int = 64, dtype: str = "fp16") -> LoraReport:
     lora, report = extract_lora(unet_state_dict(student, "--student"), unet_state_dict(teacher, "--teacher"), rank)
-    cast = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    cast = DTYPES[dtype]
     out = Path(out)
     if out.suffix != ".safetensors":
         out = out / "pytorch_lora_weights.safetensors"  # the file name diffusers looks for in a folder

@@ -15,10 +15,8 @@ from pathlib import Path
 import torch
 
 from nitrofusion.errors import UserError
-from nitrofusion.pipelines.loading import save_state_dict, unet_file_metadata, unet_file_shift
+from nitrofusion.pipelines.loading import DTYPES, save_state_dict, unet_file_metadata, unet_file_shift
 from nitrofusion.weights.io import check_same_layout, unet_state_dict
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def transfer_delta(
@@ -42,7 +40,7 @@ def transfer(base: str, student: str, target: str, out: str | Path, scale: float
     if Path(out).suffix != ".safetensors":
         raise UserError(f"--out '{out}' must end in .safetensors: generate --unet reads only safetensors files")
     if dtype != "auto" and dtype not in DTYPES:
-        raise UserError(f"--dtype must be auto, {', '.join(DTYPES)}; got {dtype}")
+        raise UserError(f"--dtype must be auto, fp32, fp16 or bf16; got {dtype}")
     new = transfer_delta(
         unet_state_dict(base, "--base"),
         unet_state_dict(student, "--student"),
