@@ -376,6 +376,11 @@ def test_a_pipeline_cached_with_fp16_files_only_loads(tmp_path, student_file):
     state = unet_state_dict(tmp_path / "fp16-only", "the base")
     assert state.keys() == pipe.unet.state_dict().keys()
     assert generate(loaded, ["a cat"], steps=1, seed=0)[0].image.size == (16, 16)
+    # Sharded fp16 files are named name.fp16-00001-of-0000N.safetensors.
+    pipe.save_pretrained(tmp_path / "fp16-shards", variant="fp16", max_shard_size="200KB")
+    assert len(list((tmp_path / "fp16-shards" / "unet").glob("*.fp16-0*.safetensors"))) > 1
+    sharded = load_pipeline(tmp_path / "fp16-shards", sampler="shift-lcm", device="cpu")
+    assert all(torch.equal(sharded.unet.state_dict()[k], v) for k, v in pipe.unet.state_dict().items())
 
 
 def test_a_student_file_without_a_recorded_shift_says_which_it_samples_at(tiny_sdxl_dir, student_file):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -57,13 +58,13 @@ def resolve_model(model: str | Path) -> Path:
             except Exception as exc:  # network errors come in many types
                 raise UserError(
                     f"model '{model}' is not in the Hugging Face cache and could not be downloaded "
-                    f"({type(exc).__name__}); pass --model with a local pipeline directory"
+                    f"({type(exc).__name__}); name a local pipeline directory instead"
                 ) from None
         raise UserError(
             f"model '{model}' is not in the Hugging Face cache ({_hub_cache()}) and HF_HUB_OFFLINE is set; "
-            "download it where a hub is reachable or pass --model with a local pipeline directory"
+            "download it where a hub is reachable or name a local pipeline directory"
         )
-    raise UserError(f"model '{model}' not found: pass --model with a diffusers pipeline directory or a hub id")
+    raise UserError(f"model '{model}' not found: name a diffusers pipeline directory or a hub id")
 
 
 def weights_variant(folder: str | Path) -> str | None:
@@ -71,7 +72,7 @@ def weights_variant(folder: str | Path) -> str | None:
     (`*.fp16.safetensors`, as SDXL base's cache does after `from_pretrained(..., variant="fp16")`,
     the public NitroSD snippet's way), else None: the plain files are read when they exist."""
     files = [p.name for p in Path(folder).rglob("*.safetensors")]
-    plain = [f for f in files if ".fp16." not in f]
+    plain = [f for f in files if not re.search(r"\.fp16[.-]", f)]  # shards: name.fp16-00001-of-00002.safetensors
     return "fp16" if files and not plain else None
 
 

@@ -4,8 +4,8 @@
 
 The distillation delta is added to the target fine-tune (the paper's result: a NitroFusion
 student of SDXL moved onto anime and oil-painting fine-tunes of SDXL). Arithmetic is done in
-float32; the result is stored in `dtype` ("auto": the target's as read, i.e. a file's stored
-dtype, and float32 for a diffusers folder, which `from_pretrained` reads in float32).
+float32, one tensor at a time on memory-mapped inputs, so RAM holds little more than the result;
+the result is stored in `dtype` ("auto": the dtype the target's weights are stored in).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from nitrofusion.errors import UserError
 from nitrofusion.pipelines.loading import DTYPES, save_state_dict, unet_file_metadata, unet_file_shift
@@ -29,7 +30,7 @@ def transfer_delta(
     check_same_layout(student, base, ("the student", "the base"))
     check_same_layout(target, base, ("the target", "the base"))
     out = {}
-    for k, t in target.items():
+    for k, t in tqdm(target.items(), total=len(target), desc="transfer"):
         delta = student[k].float() - base[k].float()
         out[k] = (t.float() + scale * delta).to(dtype or t.dtype) if t.is_floating_point() else t.clone()
     return out
