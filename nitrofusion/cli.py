@@ -406,8 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument(
         "--dtype",
         default="auto",
-        help="auto (the dtype the target is stored in), fp32, fp16 or bf16 "
-        "(bf16 can round small deltas away)",
+        help="auto (the dtype the target is stored in), fp32, fp16 or bf16 (bf16 can round small deltas away)",
     )
     tr.set_defaults(func=cmd_transfer)
 
