@@ -400,14 +400,19 @@ def test_ill_typed_config_key(tmp_path, capsys):
         ("optim.mixed_precision=fp16", "use bf16"),
         ("optim.optimizer=sgd", "'optim.optimizer' must be one of ['adamw', 'adamw8bit']"),
         ("run.log_with=stdout", "'run.log_with' must be one of ['aim', 'clearml'"),
+        ("optim.grad_clip=0", "'optim.grad_clip' must be a positive gradient norm"),  # 0 zeroed every gradient
+        ("loss.r1_weight=.nan", "'loss.r1_weight' must be a finite number, got nan"),  # nan < 0 is False
+        ("discriminator.t_stars=[10,250,10]", "'discriminator.t_stars' lists a value twice"),
+        ("discriminator.kinds=[local_cond,local_cond]", "'discriminator.kinds' lists a value twice"),
+        ("model.lora_rank=4 model.lora_alpha=0", "positive model.lora_alpha"),  # 0 became the rank
+        ("loss.objective=dmd2 loss.r1_weight=1", "'loss.r1_weight' regularises the head pool"),  # was ignored
     ],
 )
 def test_out_of_range_config_values_stop_before_any_work(tmp_path, capsys, override, fragment):
     """Caught when the config loads, not after the teacher has loaded (or mid-run, at a division by 0)."""
     out = tmp_path / "run"
-    expect_cli_error(
-        ["distill", "--preset", "embedded", "--set", override, "--set", f"run.output_dir={out}"], capsys, fragment
-    )
+    sets = [arg for item in override.split() for arg in ("--set", item)]
+    expect_cli_error(["distill", "--preset", "embedded", *sets, "--set", f"run.output_dir={out}"], capsys, fragment)
     assert not out.exists()
 
 
@@ -454,7 +459,7 @@ def test_two_rank_run_stays_identical(tiny_sdxl_dir, tmp_path):
         from nitrofusion.training.distill import Distiller
         acc = Accelerator(cpu=True)
         cfg = load_config(None, None, ["model.teacher={tiny_sdxl_dir}", "data.teacher_steps=1", "data.batch_size=2",
-            "discriminator.width=4", "discriminator.candidates=2", "refine.steps_per_stage=[2]",
+            "discriminator.width=4", "discriminator.candidates=2", "refine.steps_per_stage=[3]",
             "run.output_dir={tmp_path}/run", "run.validate_every=0", "run.checkpoint_every=1000"])
         d = Distiller(cfg, accelerator=acc, progress=False)
         seen = []
@@ -474,6 +479,19 @@ def test_two_rank_run_stays_identical(tiny_sdxl_dir, tmp_path):
         own = [s is not p for s, p in zip(d.ema.shadow.parameters(), acc.unwrap_model(d.student).parameters())]
         with open("{tmp_path}/ema%d.txt" % acc.process_index, "w") as f:
             f.write(str(sum(own)))
+        # A critic's loss that is NaN on rank 1 only: every rank skips the step, or the NaN is averaged in.
+        objective = d.objective
+        def poisoned(*args, **kwargs):
+            losses = objective(*args, **kwargs)
+            if acc.process_index == 1:
+                losses.d_loss = losses.d_loss * float("nan")
+            return losses
+        d.objective = poisoned
+        before = [v.clone() for m in (acc.unwrap_model(d.student), d.pool) for v in m.state_dict().values()]
+        d.train_step()
+        after = [v for m in (acc.unwrap_model(d.student), d.pool) for v in m.state_dict().values()]
+        with open("{tmp_path}/skip%d.txt" % acc.process_index, "w") as f:
+            f.write(f"{{d.bad_steps}} {{all(torch.equal(a, b) for a, b in zip(before, after))}}")
     """)
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -496,6 +514,31 @@ def test_two_rank_run_stays_identical(tiny_sdxl_dir, tmp_path):
     heads1, data1 = r1[2].rsplit("] [", 1)
     assert heads0 == heads1, "ranks sampled different heads"
     assert data0 != data1, "ranks saw the same data"
+    skips = [(tmp_path / f"skip{rank}.txt").read_text() for rank in (0, 1)]
+    assert skips == ["1 True", "1 True"], f"a NaN on rank 1 only: {skips} (skipped steps, weights unchanged)"
+
+
+def test_every_rank_and_micro_batch_draws_its_own_random_stream():
+    """Keys were rank * 31 + micro: rank 1's first micro-batch repeated rank 0's 32nd."""
+    from types import SimpleNamespace
+
+    def keys(world, accum, step=5):
+        cfg = SimpleNamespace(run=SimpleNamespace(seed=0), optim=SimpleNamespace(grad_accumulation=accum))
+        return [
+            Distiller.rng(
+                SimpleNamespace(cfg=cfg, step=step, acc=SimpleNamespace(process_index=rank, num_processes=world)),
+                "data",
+                True,
+                micro,
+            ).initial_seed()
+            for rank in range(world)
+            for micro in range(accum)
+        ]
+
+    for world, accum in ((2, 40), (8, 200), (1, 3)):
+        assert len(set(keys(world, accum))) == world * accum
+    # A single process draws what it drew before ranks were spread apart: runs repeat across versions.
+    assert keys(1, 3) == [(((0 * 1_000_003 + 5) * 101 + 1) * 1009 + micro) for micro in range(3)]
 
 
 def test_make_pairs_resumes_and_feeds_training(tiny_sdxl_dir, tmp_path):

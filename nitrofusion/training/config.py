@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
 import types
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -230,7 +232,23 @@ def _merge(obj: Any, updates: dict, prefix: str = "") -> None:
             setattr(obj, key, _check_type(full, value, hints[key]))
 
 
+def _numbers(node: object, prefix: str = "") -> Iterator[tuple[str, float]]:
+    """Every float in a config as (dotted key, value), lists included."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from _numbers(value, f"{prefix}{key}.")
+    elif isinstance(node, list):
+        for value in node:
+            yield from _numbers(value, prefix)
+    elif isinstance(node, float):
+        yield prefix[:-1], node
+
+
 def validate(cfg: DistillConfig) -> DistillConfig:
+    # nan passes every comparison below (nan < 0 is False), and no setting here means inf.
+    for key, value in _numbers(cfg.to_dict()):
+        if not math.isfinite(value):
+            raise UserError(f"config key '{key}' must be a finite number, got {value}")
     for key, allowed in CHOICES.items():
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
@@ -244,6 +262,10 @@ def validate(cfg: DistillConfig) -> DistillConfig:
         raise UserError(f"config key 'discriminator.kinds' must be a non-empty subset of {sorted(KINDS)}")
     if not all(0 <= t < 1000 for t in cfg.discriminator.t_stars) or not cfg.discriminator.t_stars:
         raise UserError("config key 'discriminator.t_stars' must be noise levels in 0..999")
+    for key in ("discriminator.kinds", "discriminator.t_stars"):  # a repeat would build heads never sampled
+        values = getattr(cfg.discriminator, key.split(".")[1])
+        if len(set(values)) != len(values):
+            raise UserError(f"config key '{key}' lists a value twice: {values}")
     if not 0 <= cfg.discriminator.refresh_fraction <= 1:
         raise UserError("config key 'discriminator.refresh_fraction' must be in [0, 1]")
     if len(cfg.refine.steps_per_stage) > 4 or not cfg.refine.steps_per_stage:
@@ -289,7 +311,6 @@ def validate(cfg: DistillConfig) -> DistillConfig:
         "model.lora_rank": cfg.model.lora_rank,
         "data.teacher_guidance": cfg.data.teacher_guidance,
         "optim.weight_decay": cfg.optim.weight_decay,
-        "optim.grad_clip": cfg.optim.grad_clip,
         "optim.warmup_steps": cfg.optim.warmup_steps,
         "discriminator.lr": cfg.discriminator.lr,
         "discriminator.weight_decay": cfg.discriminator.weight_decay,
@@ -308,6 +329,11 @@ def validate(cfg: DistillConfig) -> DistillConfig:
         raise UserError(f"config key 'model.shift' must be a timestep in 1..1000, got {cfg.model.shift}")
     if cfg.optim.lr <= 0:
         raise UserError(f"config key 'optim.lr' must be positive, got {cfg.optim.lr}")
+    if cfg.optim.grad_clip <= 0:  # clipping to a norm of 0 zeroes every gradient
+        raise UserError(
+            f"config key 'optim.grad_clip' must be a positive gradient norm, got {cfg.optim.grad_clip} "
+            "(a large value such as 1e9 never clips)"
+        )
     if not 0 <= cfg.optim.ema_decay < 1:
         raise UserError(f"config key 'optim.ema_decay' must be in [0, 1) (0: no EMA), got {cfg.optim.ema_decay}")
     if cfg.data.resolution is not None and (cfg.data.resolution < 8 or cfg.data.resolution % 8):
@@ -324,12 +350,23 @@ def validate(cfg: DistillConfig) -> DistillConfig:
         # scale ever coming down. bf16 has fp32's range and needs no scaler.
         raise UserError("optim.mixed_precision=fp16 is not supported for training: use bf16 (or no)")
     check_available(cfg.optim.optimizer)
-    if cfg.model.lora_rank > 0 and (not cfg.model.lora_targets or (cfg.model.lora_alpha or 1) <= 0):
+    alpha = cfg.model.lora_alpha
+    if cfg.model.lora_rank > 0 and (not cfg.model.lora_targets or (alpha is not None and alpha <= 0)):
         raise UserError("LoRA training needs model.lora_targets (module names) and a positive model.lora_alpha")
     if not 0 <= cfg.dmd.min_t <= cfg.dmd.max_t <= 1:
         raise UserError("config keys 'dmd.min_t' and 'dmd.max_t' must satisfy 0 <= min_t <= max_t <= 1")
     if cfg.dmd.fake_lr <= 0:
         raise UserError(f"config key 'dmd.fake_lr' must be positive, got {cfg.dmd.fake_lr}")
+    adversarial_pretrain = cfg.loss.pretrain_kind == "adversarial" and cfg.loss.pretrain_steps > 0
+    if (
+        cfg.loss.r1_weight > 0
+        and cfg.loss.objective == "dmd2"
+        and cfg.loss.pool_weight == 0
+        and not adversarial_pretrain
+    ):
+        raise UserError(
+            "config key 'loss.r1_weight' regularises the head pool, which dmd2 trains only with loss.pool_weight > 0"
+        )
     if cfg.loss.pool_weight > 0 and cfg.loss.objective != "dmd2":
         # nitrofusion's loss is the pool already; adm's pool judges the scores' predictions instead.
         raise UserError("config key 'loss.pool_weight' adds the head pool to loss.objective=dmd2 only")

@@ -306,7 +306,10 @@ class Distiller:
     # ---- randomness ------------------------------------------------------------------
     def rng(self, purpose: str, per_rank: bool = False, micro: int = 0) -> torch.Generator:
         rank = self.acc.process_index if per_rank else 0
-        key = ((self.cfg.run.seed * 1_000_003 + self.step) * 101 + PURPOSES[purpose]) * 1009 + rank * 31 + micro
+        # One stream per (rank, micro-batch) of the iteration; a single process's are its micro-batches.
+        streams = self.cfg.optim.grad_accumulation * self.acc.num_processes
+        stream = micro * self.acc.num_processes + rank
+        key = ((self.cfg.run.seed * 1_000_003 + self.step) * 101 + PURPOSES[purpose]) * max(1009, streams) + stream
         return torch.Generator().manual_seed(key % (2**63 - 1))
 
     # ---- schedule --------------------------------------------------------------------
@@ -374,8 +377,7 @@ class Distiller:
                 total = (g_loss if update_g else 0) + (d_loss if d_loss is not None else 0)
                 if fires("loss.nan", self.step):  # fault injection (docs/reliability.md)
                     total = total * float("nan")
-                finite = torch.isfinite(torch.as_tensor(total, dtype=torch.float32)).all()
-                finite = bool(self.acc.reduce(finite.float().to(self.acc.device), "min") > 0)
+                finite = self.on_every_rank(torch.isfinite(torch.as_tensor(total, dtype=torch.float32)).all())
                 if not finite:
                     break
                 self.acc.backward(total / accum)
@@ -407,8 +409,13 @@ class Distiller:
         grads = [p.grad for p in params if p.grad is not None]
         if not grads:
             return True
-        ok = torch.isfinite(torch.nn.utils.get_total_norm(grads, foreach=True)).float()
-        return bool(self.acc.reduce(ok.to(self.acc.device), "min") > 0)
+        return self.on_every_rank(torch.isfinite(torch.nn.utils.get_total_norm(grads, foreach=True)))
+
+    def on_every_rank(self, ok: torch.Tensor) -> bool:
+        """Whether `ok` holds on every rank (all ranks skip a step together, or none does).
+        accelerate's reduce knows sum, mean and max: "min" would sum, true if any rank is."""
+        failed = (~ok.bool()).float().to(self.acc.device)
+        return not bool(self.acc.reduce(failed, "max") > 0)
 
     def _skip_step(self) -> dict[str, float]:
         self.opt_g.zero_grad(set_to_none=True)
