@@ -18,6 +18,7 @@ from helpers import config, config_overrides, moved, same_student, snapshot, str
 from safetensors.torch import load_file
 
 from nitrofusion.cli import main
+from nitrofusion.errors import UserError
 from nitrofusion.testing import save_tiny_sdxl, tiny_sdxl_pipeline
 from nitrofusion.training import checkpoint
 from nitrofusion.training.distill import Distiller, TrainingStopped
@@ -541,6 +542,26 @@ def test_every_rank_and_micro_batch_draws_its_own_random_stream():
     assert keys(1, 3) == [(((0 * 1_000_003 + 5) * 101 + 1) * 1009 + micro) for micro in range(3)]
 
 
+def test_pairs_of_a_stochastic_teacher_repeat_whatever_the_batch_and_global_seed(tiny_sdxl_dir, tmp_path):
+    """An LCM teacher (DMD2's) adds noise between steps; it came from torch's global state."""
+    from diffusers import LCMScheduler
+
+    from nitrofusion.data.teacher import PairShards, TeacherSampler, make_pairs
+    from nitrofusion.pipelines import load_pipeline
+
+    pipe = load_pipeline(tiny_sdxl_dir, sampler="native")
+    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+    sampler = TeacherSampler(pipe, steps=2, guidance_scale=1.0, height=16, width=16)
+    made = []
+    for name, batch_size in (("a", 2), ("b", 2), ("c", 1)):
+        torch.manual_seed(len(made))
+        make_pairs(sampler, ["a cat", "a dog"], 4, tmp_path / name, batch_size=batch_size)
+        made.append(PairShards.load(tmp_path / name).latents)
+    assert torch.equal(made[0], made[1])
+    # Per-pair generators: another batch size draws the same noise (matmuls round by batch size).
+    torch.testing.assert_close(made[0], made[2], rtol=1e-4, atol=1e-4)
+
+
 def test_make_pairs_resumes_and_feeds_training(tiny_sdxl_dir, tmp_path):
     from nitrofusion.data.teacher import PairShards, TeacherSampler, make_pairs, noise_for_seeds
     from nitrofusion.pipelines import load_pipeline
@@ -677,3 +698,41 @@ def test_validation_draws_at_the_training_resolution(tiny_sdxl_dir, tmp_path, mo
     cfg = config(tiny_sdxl_dir, tmp_path, "data.resolution=24", "run.validate_every=1", "refine.steps_per_stage=[1]")
     Distiller(cfg, progress=False).train()
     assert sizes and set(sizes) == {(24, 24)}  # the tiny model's own size is 16
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ("discriminator.downsamples=8",),
+        ("loss.objective=dmd2", "dmd.classifier_downsamples=8"),
+        ("loss.pretrain_kind=adversarial", "loss.pretrain_steps=1", "pretrain.pixel_downsamples=9"),
+    ],
+)
+def test_a_head_deeper_than_its_input_is_refused_when_built(tiny_sdxl_dir, tmp_path, overrides):
+    """It crashed at the first judgement ('Kernel size can't be greater than actual input size'),
+    which at SDXL comes after the preset's 500 regression iterations."""
+    key = overrides[-1].split("=")[0]
+    with pytest.raises(UserError, match=rf"config key '{key}'=\d halves a \d+-pixel map below one pixel: at most \d"):
+        Distiller(config(tiny_sdxl_dir, tmp_path, *overrides), progress=False)
+
+
+def test_sharded_training_is_refused_in_one_line(tiny_sdxl_dir, tmp_path):
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    for kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        with pytest.raises(UserError, match=f"{kind.value} is not supported by distill: launch with DDP"):
+            Distiller(config(tiny_sdxl_dir, tmp_path), accelerator=SimpleNamespace(distributed_type=kind))
+
+
+def test_an_online_stochastic_teacher_resumes_exactly(tmp_path):
+    """Sampled online, an LCM teacher's step noise came from torch's global state, which no
+    checkpoint holds: the resumed run's data differed from the uninterrupted run's."""
+    from diffusers import LCMScheduler
+
+    pipe = tiny_sdxl_pipeline()
+    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+    pipe.save_pretrained(tmp_path / "lcm-teacher")
+    straight, resumed = straight_and_resumed(tmp_path / "lcm-teacher", tmp_path, "data.teacher_steps=2")
+    assert same_student(tmp_path / "a", tmp_path / "b")

@@ -383,7 +383,7 @@ def test_a_pipeline_cached_with_fp16_files_only_loads(tmp_path, student_file):
     assert all(torch.equal(sharded.unet.state_dict()[k], v) for k, v in pipe.unet.state_dict().items())
 
 
-def test_a_student_file_without_a_recorded_shift_says_which_it_samples_at(tiny_sdxl_dir, student_file):
+def test_a_student_file_without_a_recorded_shift_says_which_it_samples_at(tiny_sdxl_dir, student_file, tmp_path):
     """The public NitroSD files record none, and Realism (250) and Vibrant (500) differ."""
     with pytest.warns(UserWarning, match="records no timestep shift: sampling at 250.*--shift 500"):
         load_pipeline(tiny_sdxl_dir, unet=str(student_file), device="cpu")
@@ -392,6 +392,26 @@ def test_a_student_file_without_a_recorded_shift_says_which_it_samples_at(tiny_s
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         load_pipeline(tiny_sdxl_dir, unet=str(student_file), shift=500, device="cpu")  # named: nothing to say
+    # A pipeline with a shift scheduler of its own keeps its shift: the warning names that one.
+    from nitrofusion import TimestepShiftLCMScheduler
+
+    pipe = load_pipeline(tiny_sdxl_dir, device="cpu")
+    pipe.scheduler = TimestepShiftLCMScheduler.from_config(pipe.scheduler.config, shifted_timestep=500)
+    pipe.save_pretrained(tmp_path / "own-shift")
+    with pytest.warns(UserWarning, match=r"sampling at 500 \(the pipeline's scheduler's\)"):
+        loaded = load_pipeline(tmp_path / "own-shift", unet=str(student_file), device="cpu")
+    assert loaded.scheduler.config.shifted_timestep == 500
+
+
+def test_cpu_weights_are_aligned_whatever_the_file_layout(tiny_sdxl_dir):
+    """Weights mapped from a safetensors file sat at its 8-byte offsets, and AVX-512 matmul kernels
+    round by alignment: the teacher's pooled text embedding differed by 2e-7 from an offloaded
+    (aligned) copy of the same weights, and a run with the teacher offloaded drifted."""
+    from nitrofusion.pipelines.loading import CPU_ALIGN
+
+    pipe = load_pipeline(tiny_sdxl_dir, device="cpu")
+    tensors = [t for m in pipe.components.values() if isinstance(m, torch.nn.Module) for t in m.state_dict().values()]
+    assert tensors and all(t.data_ptr() % CPU_ALIGN == 0 for t in tensors)
 
 
 def test_a_hub_pipeline_downloads_its_components_in_one_precision_only(tmp_path):

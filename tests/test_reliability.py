@@ -286,3 +286,68 @@ def test_a_report_written_in_place_is_whole_or_untouched(tmp_path):
     assert path.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
     write_text_replacing(path, "new")
     assert path.read_text() == "new"
+
+
+def test_resuming_an_earlier_checkpoint_sets_the_later_ones_aside(tiny_sdxl_dir, tmp_path):
+    """Pruning kept the highest steps: a run resumed from step 1 deleted its own new checkpoints,
+    and --resume latest went back to the abandoned step 3."""
+    from nitrofusion.training.distill import Distiller
+
+    overrides = ("refine.steps_per_stage=[4]", "run.checkpoint_every=1", "run.keep_checkpoints=2")
+    first = Distiller(config(tiny_sdxl_dir, tmp_path, *overrides), progress=False)
+    for _ in range(3):
+        first.train_step()
+        first.step += 1
+        first.save_checkpoint()
+    root = tmp_path / "checkpoints"
+    assert [p.name for p in checkpoint.list_checkpoints(root)] == ["step-00000002", "step-00000003"]
+    again = Distiller(config(tiny_sdxl_dir, tmp_path, *overrides), progress=False)
+    again.resume(str(root / "step-00000002"))
+    again.train_step()
+    again.step += 1
+    again.save_checkpoint()
+    assert [p.name for p in checkpoint.list_checkpoints(root)] == ["step-00000002", "step-00000003"]
+    assert checkpoint.load_latest(root)[1]["step"] == 3
+    assert (root / "abandoned-step-00000003").is_dir()  # the user's, not deleted
+    new, old = (
+        load_file(str(root / name / "state.safetensors")) for name in ("step-00000003", "abandoned-step-00000003")
+    )
+    assert all(torch.equal(new[k], old[k]) for k in new if k.startswith("student."))  # the same step, made again
+    assert "set aside" in (tmp_path / "log.txt").read_text()
+
+
+def test_a_resumed_run_takes_its_optimizer_settings_from_its_config(tiny_sdxl_dir, tmp_path):
+    """load_state_dict took the learning rates, betas and weight decay of the checkpoint's groups."""
+    from nitrofusion.training.distill import Distiller
+
+    first = Distiller(config(tiny_sdxl_dir, tmp_path), progress=False)
+    first.train_step()
+    first.step += 1
+    first.save_checkpoint()
+    changed = ("discriminator.lr=0.123", "discriminator.betas=[0.5,0.9]", "optim.weight_decay=0.25")
+    resumed = Distiller(config(tiny_sdxl_dir, tmp_path, *changed), progress=False)
+    resumed.resume("latest")
+    group = resumed.opt_d.param_groups[0]
+    assert (group["lr"], group["betas"]) == (0.123, (0.5, 0.9))
+    assert resumed.opt_g.param_groups[0]["weight_decay"] == 0.25
+    assert resumed.opt_d.state, "the moments come from the checkpoint"
+
+
+@pytest.mark.parametrize("before, after", [(0.9, 0.0), (0.0, 0.9)])
+def test_resuming_with_the_ema_turned_off_or_on_keeps_the_student(tiny_sdxl_dir, tmp_path, before, after):
+    """With decay 0 the EMA is the student: loading a checkpoint's averages there replaced the
+    student by its EMA (on the main rank only). Turned on, the EMA starts from the student."""
+    from nitrofusion.training.distill import Distiller
+
+    first = Distiller(config(tiny_sdxl_dir, tmp_path, f"optim.ema_decay={before}"), progress=False)
+    for _ in range(2):
+        first.train_step()
+        first.step += 1
+    first.save_checkpoint()
+    saved = load_file(str(tmp_path / "checkpoints" / "step-00000002" / "state.safetensors"))
+    resumed = Distiller(config(tiny_sdxl_dir, tmp_path, f"optim.ema_decay={after}"), progress=False)
+    resumed.resume("latest")
+    student = resumed.acc.unwrap_model(resumed.student).state_dict()
+    assert all(torch.equal(student[k[len("student.") :]], v) for k, v in saved.items() if k.startswith("student."))
+    shadow = resumed.ema.shadow.state_dict()
+    assert all(torch.equal(shadow[k], student[k]) for k in student)

@@ -35,6 +35,14 @@ def noise_for_seeds(seeds: list[int], shape: tuple[int, ...]) -> torch.Tensor:
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
 
 
+def step_noise_generators(seeds: list[int]) -> list[torch.Generator]:
+    """One generator per seed for the noise a stochastic scheduler adds between steps (LCM's, as a
+    DMD2 teacher samples): without one it comes from torch's global state, and pairs and resumed
+    runs would not repeat. Seeded apart from `noise_for_seeds` (a scrambled seed, not seed + k,
+    which would be another pair's starting noise)."""
+    return [torch.Generator().manual_seed((int(s) * 0x9E3779B97F4A7C15 + 0x632BE59BD9B4E019) % 2**63) for s in seeds]
+
+
 FEW_STEP_SCHEDULERS = {"LCMScheduler", "TCDScheduler", "TimestepShiftLCMScheduler"}
 
 
@@ -78,8 +86,11 @@ class TeacherSampler:
         return (self.pipe.unet.config.in_channels, self.height // f, self.width // f)
 
     @torch.no_grad()
-    def __call__(self, prompts: list[str], noise: torch.Tensor) -> torch.Tensor:
-        """Teacher x0 latents (the diffusion latent space, i.e. VAE latents x scaling factor)."""
+    def __call__(
+        self, prompts: list[str], noise: torch.Tensor, generator: torch.Generator | list[torch.Generator] | None = None
+    ) -> torch.Tensor:
+        """Teacher x0 latents (the diffusion latent space, i.e. VAE latents x scaling factor).
+        `generator`: the scheduler's noise between steps (one, or one per prompt)."""
         schedule = {"num_inference_steps": self.steps} if self.timesteps is None else {"timesteps": self.timesteps}
         out = self.pipe(
             prompt=prompts,
@@ -88,6 +99,7 @@ class TeacherSampler:
             height=self.height,
             width=self.width,
             latents=noise.to(self.pipe.device, self.pipe.unet.dtype),
+            generator=generator,
             output_type="latent",
         )
         return out.images.float()
@@ -171,7 +183,8 @@ def make_pairs(
         for b in range(0, len(idx), batch_size):
             sl = slice(b, b + batch_size)
             noise = noise_for_seeds(seeds[sl].tolist(), sampler.latent_shape)
-            latents.append(sampler([prompts[int(i)] for i in prompt_ids[sl]], noise).cpu())
+            generators = step_noise_generators(seeds[sl].tolist())
+            latents.append(sampler([prompts[int(i)] for i in prompt_ids[sl]], noise, generators).cpu())
             bar.update(len(idx[sl]))
         shard = {"latents": torch.cat(latents), "seeds": seeds, "prompt_ids": prompt_ids}
         save_state_dict(shard, path, metadata=recipe)  # on disk before it has its name: a shard is whole or absent

@@ -32,6 +32,12 @@ HEAD_KINDS = ("global_cond", "local_cond", "local_uncond", "global_uncond")
 NEGATIVE_SLOPE = 0.2
 
 
+def max_downsamples(side: int) -> int:
+    """The most halvings a head can make of a map of this side: a 4x4 stride-2 convolution
+    (padding 1) needs an input of at least 2, so d of them need a side of at least 2**d."""
+    return max(side, 1).bit_length() - 1
+
+
 class DiscriminatorHead(nn.Module):
     def __init__(
         self,

@@ -353,15 +353,15 @@ def load_pipeline(
         shift = unet_file_shift(unet)  # as trained (a distill run records it)
         if shift is not None and not 1 <= shift <= num_train:
             raise UserError(f"'{unet}' records shift {shift}, outside 1..{num_train}: give --shift")
-        if shift is None and sampler != "native":
-            # The public NitroSD files record none, and the two differ: a wrong shift samples at wrong timesteps.
-            warnings.warn(
-                f"'{unet}' records no timestep shift: sampling at {DEFAULT_SHIFT} (NitroSD-Realism's); "
-                "NitroSD-Vibrant needs --shift 500",
-                stacklevel=2,
-            )
-
     has_shift = _scheduler_class_name(model_dir) == TimestepShiftLCMScheduler.__name__
+    if shift is None and unet is not None and sampler != "native":
+        # The public NitroSD files record none, and the two differ: a wrong shift samples at wrong timesteps.
+        own = pipe.scheduler.config.get("shifted_timestep") if has_shift else None
+        used = f"{own} (the pipeline's scheduler's)" if own is not None else f"{DEFAULT_SHIFT} (NitroSD-Realism's)"
+        warnings.warn(
+            f"'{unet}' records no timestep shift: sampling at {used}; NitroSD-Vibrant needs --shift 500",
+            stacklevel=2,
+        )
     if sampler == "auto":
         sampler = "shift-lcm" if (has_shift or unet is not None or shift is not None) else "native"
     if sampler == "shift-lcm":
@@ -385,11 +385,27 @@ def load_pipeline(
     pipe.nitro_unfiltered = drop_checker
     pipe.set_progress_bar_config(disable=True)
     pipe = pipe.to(device)
+    align_weights(pipe)
     if compile:
         from nitrofusion.pipelines.fast import compile_pipeline
 
         compile_pipeline(pipe)
     return pipe
+
+
+CPU_ALIGN = 64  # bytes: torch's CPU allocator's alignment (a cache line, an AVX-512 vector)
+
+
+def align_weights(pipe: DiffusionPipeline) -> None:
+    """Copy CPU weights that sit at unaligned addresses into aligned memory. Weights mapped straight
+    from a safetensors file lie at the file's 8-byte offsets, and CPU matmul kernels round
+    differently with alignment: the same weights loaded from another file layout, or copied
+    (a deepcopy, an offload), gave other bits (seen on AVX-512 machines). A device copy is aligned."""
+    for module in pipe.components.values():
+        if isinstance(module, torch.nn.Module):
+            for t in (*module.parameters(), *module.buffers()):
+                if t.device.type == "cpu" and t.data_ptr() % CPU_ALIGN:
+                    t.data = t.data.clone()
 
 
 def save_state_dict(state: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> Path:

@@ -100,11 +100,14 @@ def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
             put(key[len(prefix) + 1 :], value)
     for name, value in meta.get("numbers", {}).items():
         put(name, value)
-    # Which kernels run is this run's choice (its device, optim.fused), not the checkpoint's:
-    # load_state_dict takes every group entry from the saved groups, these flags included, and
-    # places `step` by them (on the parameters' device for the fused kernel, which reads it there).
-    flags = {key: opt.defaults[key] for key in ("fused", "foreach") if key in opt.defaults}
-    groups = [{**group, **flags} for group in meta["param_groups"]]
+    # The checkpoint gives the state (moments, step counts); the hyper-parameters (learning rate,
+    # betas, weight decay) and the kernels (fused, foreach: this run's device) are this run's
+    # config, which a resumed run may change. load_state_dict would take every group entry from
+    # the saved groups, and places `step` by their kernel flags.
+    saved, live = meta["param_groups"], opt.state_dict()["param_groups"]
+    if [len(g["params"]) for g in saved] != [len(g["params"]) for g in live]:
+        raise ValueError(f"{prefix}: the checkpoint's parameter groups differ from this run's")
+    groups = [{**now, "params": then["params"]} for then, now in zip(saved, live)]
     opt.load_state_dict({"state": state, "param_groups": groups})
 
 
@@ -168,6 +171,26 @@ def save(root: str | Path, step: int, tensors: dict[str, torch.Tensor], meta: di
     for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+ABANDONED_PREFIX = "abandoned-"
+
+
+def set_aside_later(root: str | Path, step: int) -> list[Path]:
+    """Rename the checkpoints after `step` to abandoned-step-...: a run resumed from an earlier
+    checkpoint would otherwise prune its own new ones as the oldest, and `latest` would return to
+    the abandoned run. Set aside, not deleted: they are the user's. Returns the new names."""
+    moved = []
+    for path in list_checkpoints(root):
+        if int(path.name[len(PREFIX) :]) > step:
+            target = path.with_name(ABANDONED_PREFIX + path.name)
+            n = 1
+            while target.exists():
+                n += 1
+                target = path.with_name(f"{ABANDONED_PREFIX}{n}-{path.name}")
+            os.replace(path, target)
+            moved.append(target)
+    return moved
 
 
 def remove_unfinished(root: str | Path) -> list[Path]:

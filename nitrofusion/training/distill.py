@@ -38,7 +38,7 @@ from nitrofusion.data.teacher import (
     sampler_recipe,
 )
 from nitrofusion.discriminator.backbone import UNetEncoderFeatures
-from nitrofusion.discriminator.heads import DiscriminatorHead
+from nitrofusion.discriminator.heads import DiscriminatorHead, max_downsamples
 from nitrofusion.discriminator.pool import HeadPool
 from nitrofusion.errors import UserError
 from nitrofusion.evaluation.grid import make_grid
@@ -89,6 +89,15 @@ class TrainingStopped(RuntimeError):
     """Too many non-finite losses in a row; the last good checkpoint is kept."""
 
 
+def check_depth(key: str, downsamples: int, side: int) -> None:
+    """Found when the networks are built, not at the first judgement (after pre-training, at SDXL)."""
+    if downsamples > max_downsamples(side):
+        raise UserError(
+            f"config key '{key}'={downsamples} halves a {side}-pixel map below one pixel: "
+            f"at most {max_downsamples(side)} at this resolution"
+        )
+
+
 def resolve_teacher(name: str) -> str:
     if name == "embedded":
         from nitrofusion.world.spec import teacher_path
@@ -110,6 +119,13 @@ class Distiller:
             log_with=None if cfg.run.log_with == "none" else cfg.run.log_with,
             project_dir=str(self.out),
         )
+        if self.acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+            # Untested, and built for replicated students: the EMA pairs parameters by position, the
+            # backward simulation runs the unwrapped student, and only rank 0 gathers a checkpoint.
+            raise UserError(
+                f"{self.acc.distributed_type.value} is not supported by distill: launch with DDP "
+                "(accelerate launch --multi_gpu); the sdxl preset fits one 80 GB GPU (docs/benchmarks.md)"
+            )
         self.progress = progress and self.acc.is_main_process
         device = str(self.acc.device)
 
@@ -140,10 +156,7 @@ class Distiller:
                 module.requires_grad_(False)  # frozen: the teacher, its text encoders and VAE
         # A LoRA student of the teacher's own weights never changes them: it shares them with the
         # teacher instead of copying them (SDXL: 4.8 GiB in bf16) and trains adapters on top.
-        # Not under FSDP or DeepSpeed: they flatten and shard the student's parameters in place,
-        # which would take the teacher's weights with them.
-        sharded = self.acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
-        self.student_shares_teacher = cfg.model.lora_rank > 0 and not cfg.model.student_init and not sharded
+        self.student_shares_teacher = cfg.model.lora_rank > 0 and not cfg.model.student_init
         shared = {id(p): p for p in self.teacher.unet.parameters()} if self.student_shares_teacher else {}
         student = copy.deepcopy(self.teacher.unet, shared).train()
         if not self.student_shares_teacher:
@@ -204,6 +217,7 @@ class Distiller:
         if loss.objective in ("nitrofusion", "adm") or loss.pool_weight > 0 or adversarial_pretrain:
             self.backbone = UNetEncoderFeatures(self.teacher.unet)
             shapes = self.backbone.feature_shapes(self.size // self.teacher.vae_scale_factor, device)
+            check_depth("discriminator.downsamples", d.downsamples, min(min(h, w) for _, h, w in shapes))
             self.pool = HeadPool(
                 [c for c, _, _ in shapes],
                 d.kinds,
@@ -231,6 +245,10 @@ class Distiller:
             classifier = None
             if loss.objective == "dmd2" and (k.gan_g_weight > 0 or k.gan_d_weight > 0):
                 deepest = fake_unet.config.block_out_channels[-1]  # the mid block's output
+                side = self.size // self.teacher.vae_scale_factor
+                for _ in fake_unet.config.block_out_channels[1:]:  # every down block but the last halves it
+                    side = (side + 1) // 2
+                check_depth("dmd.classifier_downsamples", k.classifier_downsamples, side)
                 init = torch.Generator().manual_seed(cfg.run.seed * 1009 + 17)
                 classifier = DiscriminatorHead(
                     "global_uncond", deepest, k.classifier_width, self.text.pooled_dim, k.classifier_downsamples, init
@@ -255,6 +273,9 @@ class Distiller:
             real = RealScore(self.teacher.unet, self.maths.alphas_cumprod, k.real_guidance, self.text.negative)
         if adversarial_pretrain and cfg.pretrain.pixel_weight > 0:
             p = cfg.pretrain
+            latent_side = self.size // self.teacher.vae_scale_factor
+            side = min(p.pixel_crop or latent_side, latent_side) * self.teacher.vae_scale_factor
+            check_depth("pretrain.pixel_downsamples", p.pixel_downsamples, side)
             init = torch.Generator().manual_seed(cfg.run.seed * 1009 + 29)
             head = DiscriminatorHead("local_cond", 3, p.pixel_width, self.text.pooled_dim, p.pixel_downsamples, init)
             head = head.to(device)
@@ -333,7 +354,7 @@ class Distiller:
             # The VAE too, which a latent-only sample never runs (0.16 GiB): the pipeline's device
             # then never depends on how diffusers picks among components on different devices.
             with self.offload.onloaded("text", "vae", "decoder"):
-                real = self.sampler(prompts, noise)
+                real = self.sampler(prompts, noise, g)
         return self.text(prompts).to(device), noise.to(device), real.to(device)
 
     # ---- one iteration -----------------------------------------------------------------
@@ -607,7 +628,8 @@ class Distiller:
                 )
         try:
             raw.load_state_dict(student, strict=not frozen)  # keys and shapes checked above, frozen ones aside
-            self.ema.load_own_state_dict(part("ema"))
+            if not self.ema.load_own_state_dict(part("ema"), raw):
+                self.log_line("the checkpoint holds no EMA (made with optim.ema_decay=0): it starts from the student")
             checkpoint.load_optimizer(self.opt_g.optimizer, tensors, meta["opt_g"], "opt_g")
             for critic in self.critics.values():
                 for name, module in critic.modules.items():
@@ -623,6 +645,9 @@ class Distiller:
             ) from None
         self.step = int(meta["step"])
         self.log_line(f"resumed from step {self.step}")
+        if self.acc.is_main_process:
+            for path in checkpoint.set_aside_later(root, self.step):
+                self.log_line(f"{path}: a later checkpoint of the run resumed before it, set aside")
         # A run killed while validating after its checkpoint: draw the grid it never wrote.
         every = self.cfg.run.validate_every
         due = every and (self.step % every == 0 or self.step == self.cfg.total_steps)

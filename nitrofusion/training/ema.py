@@ -88,14 +88,26 @@ class EMA(nn.Module):
         """The shadow's state without the weights it shares with the model (a checkpoint holds those once)."""
         return {k: v for k, v in self.shadow.state_dict().items() if k not in self.shared}
 
-    def load_own_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        if not self.kept:  # its shadow is the model: loading the EMA there would overwrite the model
-            return
+    def load_own_state_dict(self, state: dict[str, torch.Tensor], model: nn.Module) -> bool:
+        """Load a checkpoint's EMA; False where it has none to load (a run without averaging), and
+        the average starts from `model` as resumed. The weights this EMA shares with the model (all
+        of them with decay 0) are the model's: a checkpoint's averages must not overwrite them."""
+        if not self.kept:  # another rank's EMA: this one shares every weight with the model
+            return True
+        state = {k: v for k, v in state.items() if k not in self.shared}
+        own = {k for k, _ in self.shadow.named_parameters() if k not in self.shared}
+        if own and not own & state.keys():
+            with torch.no_grad():
+                for s, p in zip(self.shadow.parameters(), model.parameters()):
+                    if s is not p:
+                        s.copy_(p.detach())
+            return False
         missing, unexpected = self.shadow.load_state_dict(state, strict=False)
         if unexpected or set(missing) - self.shared:
             raise RuntimeError(
                 f"EMA state does not fit: missing {sorted(set(missing) - self.shared)[:3]}, unexpected {unexpected[:3]}"
             )
+        return True
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:

@@ -44,7 +44,9 @@ def add_lora(
     from peft import LoraConfig
 
     unet.requires_grad_(False)
-    config = LoraConfig(r=rank, lora_alpha=rank if alpha is None else alpha, target_modules=targets, init_lora_weights=True)
+    config = LoraConfig(
+        r=rank, lora_alpha=rank if alpha is None else alpha, target_modules=targets, init_lora_weights=True
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         try:
