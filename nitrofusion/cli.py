@@ -38,8 +38,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
 
-    from nitrofusion.pipelines import generate, load_pipeline, save_images
-    from nitrofusion.pipelines.generation import prepare_output
+    from nitrofusion.pipelines import load_pipeline, save_images
+    from nitrofusion.pipelines.generation import generate_batches, prepare_output
     from nitrofusion.world.spec import choose_model
 
     prepare_output(args.out, len(prompts))
@@ -54,7 +54,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         compile=args.compile,
         safety_checker=not args.no_safety_checker,
     )
-    results = generate(
+    batches = generate_batches(
         pipe,
         prompts,
         steps=args.steps,
@@ -64,7 +64,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         guidance_scale=args.guidance_scale,
     )
-    for path in save_images(results, args.out):
+    paths = []
+    for batch in batches:  # each batch on disk before the next is drawn: a stopped run keeps its images
+        paths += save_images(batch, args.out, first=len(paths))
+    for path in paths:
         print(path)
     return 0
 

@@ -87,6 +87,12 @@ def test_fast_sampler_applies_only_where_it_matches_the_pipeline(tiny_sdxl_dir, 
     pipe = load_pipeline(tiny_sdxl_dir, sampler="shift-lcm", device="cpu")
     pipe.unet.register_to_config(time_cond_proj_dim=256)  # LCM-style guidance embedding: timestep_cond
     assert fast_sampler(pipe) is None
+    # Offload hooks (enable_model_cpu_offload) move modules per call: its latents would stay behind.
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    pipe = load_pipeline(tiny_sdxl_dir, sampler="shift-lcm", device="cpu")
+    add_hook_to_module(pipe.unet, ModelHook())
+    assert fast_sampler(pipe) is None
 
 
 def _refuse_capture(monkeypatch):

@@ -477,3 +477,71 @@ def test_a_shift_too_small_for_the_steps_is_refused_not_sampled_wrongly(tiny_sdx
         generate(pipe, ["a cat"], steps=4)
     code, _, err = run(["generate", "a cat", "--model", str(tiny_sdxl_dir), "--shift", "3", "--steps", "3"], capsys)
     assert code == 2 and "too small for 3 steps" in err
+    # The check follows the scheduler's settings, not its identity: a shift changed in place is seen.
+    pipe = load_pipeline(tiny_sdxl_dir, sampler="shift-lcm", shift=250, device="cpu")
+    assert len(generate(pipe, ["a cat"], steps=4)) == 1
+    pipe.scheduler.register_to_config(shifted_timestep=3)
+    with pytest.raises(UserError, match="too small for 4 steps"):
+        generate(pipe, ["a cat"], steps=4)
+
+
+@pytest.mark.parametrize(
+    "extra, fragment",
+    [
+        (["--seed", str(2**64)], "--seed must be in"),  # a torch overflow traceback, after the model loaded
+        (["--seed", str(2**64 - 1)], None),  # two images: the second would take seed 2**64
+        (["--height", "0"], "--height must be a positive multiple"),  # 0 meant the default size
+        (["--guidance-scale", "inf"], "--guidance-scale must be a finite number"),  # an all-black image, exit 0
+        (["--guidance-scale", "nan"], "--guidance-scale must be a finite number"),
+        (["--steps", "9", "--sampler", "shift-lcm"], "--steps must be 1 to 4"),
+    ],
+)
+def test_bad_requests_are_one_line_and_leave_nothing(tiny_sdxl_dir, tmp_path, capsys, extra, fragment):
+    """Refused after the model loads, they used to leave the output folder behind, empty."""
+    prompts = ["a", "b"] if fragment is None else ["a"]
+    fragment = fragment or "--seed must be in"
+    out = tmp_path / "new" / "images"
+    expect_error(["generate", *prompts, "--model", str(tiny_sdxl_dir), "--out", str(out), *extra], capsys, fragment)
+    assert not (tmp_path / "new").exists()
+
+
+def test_an_out_png_that_is_a_directory_is_refused_before_any_work(tiny_sdxl_dir, tmp_path, capsys):
+    (tmp_path / "x.png").mkdir()
+    args = ["generate", "a", "--model", str(tiny_sdxl_dir), "--out", str(tmp_path / "x.png")]
+    expect_error(args, capsys, "is a directory")
+
+
+def test_images_are_written_a_batch_at_a_time(tiny_sdxl_dir, tmp_path, monkeypatch):
+    """All images were held until the end: 5,000 COCO captions at 1024² are 15 GB, and a run
+    stopped at the last one left nothing on disk."""
+    import nitrofusion.pipelines.generation as generation
+
+    drawn = []
+    original = generation.pil_images
+
+    def stop_at_the_third(pixels):
+        if len(drawn) == 2:
+            raise KeyboardInterrupt
+        drawn.append(1)
+        return original(pixels)
+
+    monkeypatch.setattr(generation, "pil_images", stop_at_the_third)
+    args = ["generate", "a", "b", "c", "--model", str(tiny_sdxl_dir), "--batch-size", "1", "--out", str(tmp_path)]
+    assert main(args) == 130  # interrupted
+    assert sorted(p.name[:4] for p in tmp_path.glob("*.png")) == ["0000", "0001"]
+
+
+def test_the_native_sampler_of_a_distilled_pipeline_is_its_shift_lcm(tiny_sdxl_dir, tmp_path, capsys):
+    """Its own scheduler is the shift-LCM one: --steps 5 was an LCM traceback, and CFG 5 was
+    applied to a student by default."""
+    from nitrofusion import TimestepShiftLCMScheduler
+
+    pipe = load_pipeline(tiny_sdxl_dir, device="cpu")
+    pipe.scheduler = TimestepShiftLCMScheduler.from_config(pipe.scheduler.config, shifted_timestep=500)
+    pipe.save_pretrained(tmp_path / "student")
+    native = load_pipeline(tmp_path / "student", sampler="native", device="cpu")
+    result = generate(native, ["a cat"], steps=1)[0]
+    assert (result.metadata["guidance_scale"], result.metadata["shift"]) == ("0", "500")
+    capsys.readouterr()
+    args = ["generate", "a", "--model", str(tmp_path / "student"), "--sampler", "native", "--steps", "5"]
+    expect_error([*args, "--out", str(tmp_path / "o")], capsys, "--steps must be 1 to 4")

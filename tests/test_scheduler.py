@@ -170,3 +170,15 @@ def test_inside_stock_sdxl_pipeline(tiny_sdxl_dir, tmp_path):
     again = StableDiffusionXLPipeline.from_pretrained(tmp_path / "pipe")
     assert isinstance(again.scheduler, TimestepShiftLCMScheduler)
     assert again.scheduler.config.shifted_timestep == 250
+    # In a fresh process: diffusers resolves a custom component's module among those imported.
+    import subprocess
+    import sys
+
+    code = (
+        "from nitrofusion import TimestepShiftLCMScheduler\n"
+        "from diffusers import DiffusionPipeline\n"
+        f"pipe = DiffusionPipeline.from_pretrained({str(tmp_path / 'pipe')!r})\n"
+        "print(type(pipe.scheduler).__name__, pipe.scheduler.config.shifted_timestep)"
+    )
+    fresh = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert fresh.stdout.split() == ["TimestepShiftLCMScheduler", "250"], fresh.stderr[-2000:]

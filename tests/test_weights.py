@@ -1,5 +1,6 @@
 """Weight-delta transfer and LoRA export on the tiny SDXL UNet."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -166,8 +167,15 @@ def test_a_mixed_rank_fp16_lora_loads_into_stock_diffusers(teacher, tmp_path, ca
     lora = load_file(str(tmp_path / "lora" / "pytorch_lora_weights.safetensors"))
     assert {v.dtype for v in lora.values()} == {torch.float16}
     assert len({v.shape[0] for k, v in lora.items() if k.endswith("lora_A.weight")}) > 1, "one rank everywhere"
+    # The config rides in the header, as diffusers writes it: loaders need not infer the alphas.
+    with safe_open(str(tmp_path / "lora" / "pytorch_lora_weights.safetensors"), "pt") as f:
+        config = json.loads(f.metadata()["lora_adapter_metadata"])
+    assert config["unet.r"] == config["unet.lora_alpha"] == 8
+    assert config["unet.rank_pattern"] == config["unet.alpha_pattern"] and "conv_out" in config["unet.rank_pattern"]
     pipe = tiny_sdxl_pipeline()
     pipe.load_lora_weights(str(tmp_path / "lora"))
+    (adapter,) = pipe.unet.peft_config.values()
+    assert adapter.rank_pattern == config["unet.rank_pattern"]
     pipe.fuse_lora()
     pipe.unload_lora_weights()
     fused = pipe.unet.state_dict()

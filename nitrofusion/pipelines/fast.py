@@ -276,8 +276,8 @@ class FastSampler:
     @staticmethod
     def supports(pipe: DiffusionPipeline) -> bool:
         """An SDXL pipeline with both text encoders and the shift-LCM sampler (a UNet with a
-        guidance embedding, a VAE with a latent mean/std, or a watermarker, stays with the stock
-        pipeline, which feeds or applies them)."""
+        guidance embedding, a VAE with a latent mean/std, a watermarker or offload hooks stays
+        with the stock pipeline, which feeds, applies or runs them)."""
         vae = getattr(pipe, "vae", None)
         return (
             isinstance(pipe, StableDiffusionXLPipeline)
@@ -289,6 +289,9 @@ class FastSampler:
             and vae is not None
             and getattr(vae.config, "latents_mean", None) is None
             and getattr(pipe, "watermark", None) is None
+            # accelerate's offload hooks (enable_model_cpu_offload) move modules per call: the
+            # stock pipeline runs them; this sampler reads the device from the weights once.
+            and not any(hasattr(m, "_hf_hook") for m in (pipe.unet, vae, pipe.text_encoder, pipe.text_encoder_2))
         )
 
     def tokenize(self, prompts: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

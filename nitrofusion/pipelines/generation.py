@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import copy
+import json
+import math
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,9 +46,10 @@ def default_size(pipe: DiffusionPipeline) -> int:
 def check_distinct_timesteps(pipe: DiffusionPipeline, steps: int) -> None:
     """A very small shift maps two noise levels onto one UNet timestep, and the scheduler (diffusers'
     step-index lookup) would then skip a step: refused, not sampled wrongly. Checked once per
-    scheduler and step count (0.5 ms: a real cost per call on the compiled path)."""
+    scheduler settings and step count (0.5 ms: a real cost per call on the compiled path)."""
     scheduler = pipe.scheduler
-    key = (id(scheduler), steps)
+    # By its settings, not its id: a scheduler's config can be changed in place, and an id reused.
+    key = (type(scheduler).__name__, json.dumps(dict(scheduler.config), sort_keys=True, default=str), steps)
     checked = getattr(pipe, "nitro_checked_schedules", set())
     if key in checked:
         return
@@ -76,6 +79,9 @@ def check_request(pipe: DiffusionPipeline, steps: int, height: int, width: int) 
             raise UserError(f"--{name} must be a positive multiple of {m} for this model, got {v}")
 
 
+SEEDS = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
+
+
 def generate(
     pipe: DiffusionPipeline,
     prompts: Sequence[str],
@@ -87,11 +93,32 @@ def generate(
     guidance_scale: float | None = None,
     progress: bool = True,
 ) -> list[GenerationResult]:
-    """Sample one image per prompt; image i uses seed + i, whatever the batch size."""
+    """Sample one image per prompt; image i starts from the noise of seed + i, whatever the batch
+    size (on a CPU, the pixels of two batch sizes can still differ by rounding, about 1/255)."""
+    batches = generate_batches(pipe, prompts, steps, seed, height, width, batch_size, guidance_scale, progress)
+    return [result for batch in batches for result in batch]
+
+
+def generate_batches(
+    pipe: DiffusionPipeline,
+    prompts: Sequence[str],
+    steps: int = 1,
+    seed: int = 0,
+    height: int | None = None,
+    width: int | None = None,
+    batch_size: int = 4,
+    guidance_scale: float | None = None,
+    progress: bool = True,
+) -> Iterator[list[GenerationResult]]:
+    """`generate`, a batch at a time: a caller can write each batch before the next is drawn."""
     if not prompts:
         raise UserError("no prompts given")
-    height = height or default_size(pipe)
-    width = width or default_size(pipe)
+    if not SEEDS[0] <= seed <= seed + len(prompts) - 1 <= SEEDS[1]:
+        raise UserError(f"--seed must be in {SEEDS[0]}..{SEEDS[1] - len(prompts) + 1} for {len(prompts)} images")
+    if guidance_scale is not None and not (math.isfinite(guidance_scale) and guidance_scale >= 0):
+        raise UserError(f"--guidance-scale must be a finite number >= 0, got {guidance_scale}")
+    height = default_size(pipe) if height is None else height
+    width = default_size(pipe) if width is None else width
     check_request(pipe, steps, height, width)
     sampler = getattr(pipe, "nitro_sampler", "native")
     if guidance_scale is None:
@@ -99,7 +126,6 @@ def generate(
     # The pipeline's own modules without its per-call work, where it applies (same images).
     fast = fast_sampler(pipe) if guidance_scale <= 1 else None
     device = fast.device if fast is not None else pipe.device  # pipe.device walks every submodule
-    results: list[GenerationResult] = []
     bar = tqdm(total=len(prompts), desc=f"generate ({steps} step{'s' if steps > 1 else ''})", disable=not progress)
     for start in range(0, len(prompts), batch_size):
         chunk = list(prompts[start : start + batch_size])
@@ -125,6 +151,7 @@ def generate(
                     output_type="pt",
                 )
                 images = to_pil(output.images)
+        results = []
         for prompt, s, image in zip(chunk, seeds, images):
             meta = {
                 "prompt": prompt,
@@ -139,8 +166,8 @@ def generate(
                 meta["shift"] = str(pipe.scheduler.config.shifted_timestep)
             results.append(GenerationResult(image, prompt, s, steps, meta))
         bar.update(len(chunk))
+        yield results
     bar.close()
-    return results
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
@@ -164,21 +191,36 @@ def prepare_output(out: str | Path, count: int) -> tuple[Path, bool]:
     single = out.suffix.lower() == ".png"
     if single and count != 1:
         raise UserError(f"--out {out} names one PNG file but {count} images will be written; give a directory")
+    if single and out.is_dir():
+        raise UserError(f"--out {out} is a directory: name a new .png file, or give the directory without .png")
+    directory = out.parent if single else out
+    if directory.exists() and not directory.is_dir():
+        raise UserError(f"output location '{directory}' is a file, not a directory")
+    # Nothing is created yet (a refused run leaves no empty folder): the nearest existing folder
+    # must let the missing ones be made.
+    existing = directory
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"cannot create output directory '{directory}': '{existing}' is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"output location '{out}' is not writable")
+    if single and out.exists() and not os.access(out, os.W_OK):
+        raise UserError(f"output location '{out}' is not writable")
+    return out, single
+
+
+def save_images(results: Sequence[GenerationResult], out: str | Path, first: int = 0) -> list[Path]:
+    """Write PNGs (with prompt, seed, steps, model... as text chunks) and return their paths;
+    `first`: the number of the first image (for a run saved a batch at a time)."""
+    out, single = prepare_output(out, first + len(results))
     directory = out.parent if single else out
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"cannot create output directory '{directory}': {exc.strerror}") from None
-    if not os.access(directory, os.W_OK) or (single and out.exists() and not os.access(out, os.W_OK)):
-        raise UserError(f"output location '{out}' is not writable")
-    return out, single
-
-
-def save_images(results: Sequence[GenerationResult], out: str | Path) -> list[Path]:
-    """Write PNGs (with prompt, seed, steps, model... as text chunks) and return their paths."""
-    out, single = prepare_output(out, len(results))
     paths = []
-    for i, r in enumerate(results):
+    for i, r in enumerate(results, start=first):
         path = out if single else out / f"{i:04d}-{_slug(r.prompt)}-s{r.seed}.png"
         info = PngInfo()
         for k, v in r.metadata.items():

@@ -34,8 +34,9 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
 
 
-def resolve_model(model: str | Path) -> Path:
-    """A local diffusers pipeline directory for `model` (a path or a hub id in the local cache)."""
+def resolve_model(model: str | Path, option: str = "--model") -> Path:
+    """A local diffusers pipeline directory for `model` (a path or a hub id in the local cache);
+    `option`: what the user gave it as, for the messages."""
     path = Path(model).expanduser()
     if path.exists():
         if not (path / "model_index.json").is_file():
@@ -58,13 +59,13 @@ def resolve_model(model: str | Path) -> Path:
             except Exception as exc:  # network errors come in many types
                 raise UserError(
                     f"model '{model}' is not in the Hugging Face cache and could not be downloaded "
-                    f"({type(exc).__name__}); name a local pipeline directory instead"
+                    f"({type(exc).__name__}); pass {option} a local pipeline directory"
                 ) from None
         raise UserError(
             f"model '{model}' is not in the Hugging Face cache ({_hub_cache()}) and HF_HUB_OFFLINE is set; "
-            "download it where a hub is reachable or name a local pipeline directory"
+            f"download it where a hub is reachable or pass {option} a local pipeline directory"
         )
-    raise UserError(f"model '{model}' not found: name a diffusers pipeline directory or a hub id")
+    raise UserError(f"model '{model}' not found: pass {option} a diffusers pipeline directory or a hub id")
 
 
 def weights_variant(folder: str | Path) -> str | None:
@@ -308,19 +309,22 @@ def load_pipeline(
     dtype: str | torch.dtype | None = None,
     compile: bool = False,
     safety_checker: bool = True,
+    option: str = "--model",
 ) -> DiffusionPipeline:
     """Load a text-to-image pipeline ready for few-step sampling.
 
-    sampler: "shift-lcm" installs `TimestepShiftLCMScheduler` (1-4 steps, no CFG);
-    "native" keeps the pipeline's own scheduler (a multi-step teacher); "auto" picks
+    sampler: "shift-lcm" installs `TimestepShiftLCMScheduler` (1-4 steps, no CFG by default);
+    "native" keeps the pipeline's own scheduler (a multi-step teacher; a distilled pipeline's
+    own is the shift-LCM one, and is recorded as such); "auto" picks
     shift-lcm when the pipeline already has it, or a student UNet or a shift is given.
     The chosen sampler is recorded as `pipe.nitro_sampler`. `compile` (CUDA) compiles the
     networks (`nitrofusion.pipelines.fast`); never for training, since its fused projections
     add keys to the UNet's state dict. `safety_checker=False` leaves out a pipeline's safety
     checker (SD1.5's), as evaluations on COCO do: it is not loaded, and no image is blacked out.
-    `pipe.nitro_unfiltered` records that one was left out.
+    `pipe.nitro_unfiltered` records that one was left out. `option`: how the user named the
+    model (a flag or config key), for the error messages.
     """
-    model_dir = resolve_model(model)
+    model_dir = resolve_model(model, option)
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     student_state = read_safetensors(unet) if unet is not None else None
@@ -380,6 +384,8 @@ def load_pipeline(
         pipe.scheduler = scheduler
     elif sampler != "native":
         raise UserError(f"unknown sampler '{sampler}': use auto, shift-lcm or native")
+    elif isinstance(pipe.scheduler, TimestepShiftLCMScheduler):
+        sampler = "shift-lcm"  # a distilled pipeline's own scheduler: 1-4 steps, no CFG by default
     pipe.nitro_sampler = sampler
     pipe.nitro_model = str(model)
     pipe.nitro_unfiltered = drop_checker

@@ -135,6 +135,7 @@ class Distiller:
             device=device,
             dtype=torch.float32,
             safety_checker=cfg.model.safety_checker,
+            option="model.teacher",
         )
         if not isinstance(self.teacher.unet, UNet2DConditionModel):
             raise UserError("the teacher's UNet must be a diffusers UNet2DConditionModel")

@@ -28,10 +28,7 @@ def unet_state_dict(source: str | Path, what: str) -> dict[str, torch.Tensor]:
     if (path / "config.json").is_file():
         folder = path
     else:
-        try:
-            folder = resolve_model(source) / "unet"
-        except UserError as exc:
-            raise UserError(f"{what}: {exc}") from None
+        folder = resolve_model(source, option=what) / "unet"
     if not (folder / "config.json").is_file():
         raise UserError(f"{what} '{source}' is neither a .safetensors file nor a pipeline with a unet/ folder")
     try:

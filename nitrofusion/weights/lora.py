@@ -4,14 +4,17 @@ Each Linear or Conv2d weight delta ΔW (reshaped to out × in·kh·kw) is replac
 rank-r approximation (truncated SVD, Eckart–Young): ΔW ≈ B·A with B = U_r·√S_r and
 A = √S_r·V_rᵀ. A conv's A is a conv with the original kernel and B a 1×1 conv, PEFT's layout.
 Keys follow the PEFT/diffusers naming (`unet.<module>.lora_A.weight`), with lora_alpha = r
-so the LoRA scale is 1. Deltas of biases and norm weights cannot be carried by a LoRA; they
-are counted in the reported error.
+so the LoRA scale is 1, and the file's header carries the adapter's config as diffusers writes
+it (`lora_adapter_metadata`): a module whose rank is below --rank (its matrix is smaller) keeps
+scale 1 in any loader that reads it, not only in those that infer per-module alphas. Deltas of
+biases and norm weights cannot be carried by a LoRA; they are counted in the reported error.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,11 +97,39 @@ def extract_lora(
     return lora, report
 
 
+ADAPTER_METADATA = "lora_adapter_metadata"  # diffusers' safetensors header key for a LoRA's config
+
+
+def adapter_config(lora: dict[str, torch.Tensor]) -> dict:
+    """The PEFT LoraConfig of an exported LoRA: the commonest rank as r, the others by module in
+    rank_pattern, and alpha equal to rank everywhere (scale 1)."""
+    ranks = {
+        k[len("unet.") : -len(".lora_A.weight")]: v.shape[0] for k, v in lora.items() if k.endswith("lora_A.weight")
+    }
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    others = {module: rank for module, rank in sorted(ranks.items()) if rank != r}
+    return {
+        "r": r,
+        "lora_alpha": r,
+        "rank_pattern": others,
+        "alpha_pattern": others,
+        "target_modules": sorted(ranks),
+        "use_dora": False,
+        "lora_bias": False,
+    }
+
+
 def export_lora(student: str, teacher: str, out: str | Path, rank: int = 64, dtype: str = "fp16") -> LoraReport:
     lora, report = extract_lora(unet_state_dict(student, "--student"), unet_state_dict(teacher, "--teacher"), rank)
     cast = DTYPES[dtype]
     out = Path(out)
     if out.suffix != ".safetensors":
         out = out / "pytorch_lora_weights.safetensors"  # the file name diffusers looks for in a folder
-    save_state_dict({k: v.to(cast) for k, v in lora.items()}, out, metadata={"nitrofusion": json.dumps(vars(report))})
+    config = {f"unet.{k}": v for k, v in adapter_config(lora).items()}  # diffusers' per-component prefix
+    metadata = {
+        "format": "pt",
+        ADAPTER_METADATA: json.dumps(config, sort_keys=True),
+        "nitrofusion": json.dumps(vars(report)),
+    }
+    save_state_dict({k: v.to(cast) for k, v in lora.items()}, out, metadata=metadata)
     return report
