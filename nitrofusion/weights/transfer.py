@@ -4,7 +4,8 @@
 
 The distillation delta is added to the target fine-tune (the paper's result: a NitroFusion
 student of SDXL moved onto anime and oil-painting fine-tunes of SDXL). Arithmetic is done in
-float32, one tensor at a time on memory-mapped inputs, so RAM holds little more than the result;
+float32, one tensor at a time from memory-mapped inputs, and each result tensor is written as it
+is made, so RAM holds a few tensors, not three UNets and a result (SDXL: 25-35 GB before);
 the result is stored in `dtype` ("auto": the dtype the target's weights are stored in).
 """
 
@@ -16,8 +17,19 @@ import torch
 from tqdm.auto import tqdm
 
 from nitrofusion.errors import UserError
-from nitrofusion.pipelines.loading import DTYPES, save_state_dict, unet_file_metadata, unet_file_shift
-from nitrofusion.weights.io import check_same_layout, unet_state_dict
+from nitrofusion.pipelines.loading import DTYPES, unet_file_metadata, unet_file_shift
+from nitrofusion.weights.io import check_same_layout, unet_state_dict, write_safetensors_streaming
+
+
+def moved(
+    base: torch.Tensor, student: torch.Tensor, target: torch.Tensor, scale: float, dtype: torch.dtype | None
+) -> torch.Tensor:
+    """One tensor of θ_target + scale · (θ_student − θ_base), summed in fp32 and rounded once."""
+    if not target.is_floating_point():
+        return target.clone()
+    delta = student.float() - base.float()
+    # Out of place: .float() of an fp32 tensor is that tensor, the caller's (or a mapped file's).
+    return torch.add(target.float(), delta, alpha=scale).to(dtype or target.dtype)
 
 
 def transfer_delta(
@@ -27,13 +39,15 @@ def transfer_delta(
     scale: float = 1.0,
     dtype: torch.dtype | None = None,
 ) -> dict[str, torch.Tensor]:
+    check_layouts(base, student, target)
+    return {k: moved(base[k], student[k], t, scale, dtype) for k, t in target.items()}
+
+
+def check_layouts(
+    base: dict[str, torch.Tensor], student: dict[str, torch.Tensor], target: dict[str, torch.Tensor]
+) -> None:
     check_same_layout(student, base, ("the student", "the base"))
     check_same_layout(target, base, ("the target", "the base"))
-    out = {}
-    for k, t in tqdm(target.items(), total=len(target), desc="transfer"):
-        delta = student[k].float() - base[k].float()
-        out[k] = (t.float() + scale * delta).to(dtype or t.dtype) if t.is_floating_point() else t.clone()
-    return out
 
 
 def transfer(base: str, student: str, target: str, out: str | Path, scale: float = 1.0, dtype: str = "auto") -> Path:
@@ -42,13 +56,14 @@ def transfer(base: str, student: str, target: str, out: str | Path, scale: float
         raise UserError(f"--out '{out}' must end in .safetensors: generate --unet reads only safetensors files")
     if dtype != "auto" and dtype not in DTYPES:
         raise UserError(f"--dtype must be auto, fp32, fp16 or bf16; got {dtype}")
-    new = transfer_delta(
-        unet_state_dict(base, "--base"),
-        unet_state_dict(student, "--student"),
-        unet_state_dict(target, "--target"),
-        scale,
-        None if dtype == "auto" else DTYPES[dtype],
+    b, s, t = (
+        unet_state_dict(src, what) for src, what in ((base, "--base"), (student, "--student"), (target, "--target"))
     )
+    check_layouts(b, s, t)
+    cast = None if dtype == "auto" else DTYPES[dtype]
+    # Inputs are memory-mapped and the result is written as it is made: RAM holds a few tensors.
+    layout = [(k, (cast or v.dtype) if v.is_floating_point() else v.dtype, tuple(v.shape)) for k, v in t.items()]
+    tensors = (moved(b[k], s[k], t[k], scale, cast) for k in tqdm(t, desc="transfer"))
     # The moved student samples at the student's shift: keep it where the student file recorded it.
     shift = unet_file_shift(student) if Path(student).suffix == ".safetensors" else None
-    return save_state_dict(new, out, metadata=unet_file_metadata(shift))
+    return write_safetensors_streaming(out, layout, tensors, metadata=unet_file_metadata(shift))
