@@ -6,6 +6,7 @@ Problems with the user's input (UserError) print one line and exit with status 2
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ from pathlib import Path
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from nitrofusion.errors import UserError
+from nitrofusion.userfiles import check_writable_folder
 
 EXIT_USAGE = 2
 
@@ -109,9 +111,12 @@ def cmd_distill(args: argparse.Namespace) -> int:
     from nitrofusion.training.config import load_config
 
     overrides = list(args.set or [])
-    if args.output_dir:
+    if args.output_dir is not None:
+        check_writable_folder(args.output_dir, "--output-dir")
         overrides.append(f"run.output_dir={args.output_dir}")
     if args.max_steps is not None:
+        if args.max_steps < 1:
+            raise UserError(f"--max-steps must be at least 1, got {args.max_steps}")
         overrides.append(f"refine.steps_per_stage=[{args.max_steps}]")
     if args.no_safety_checker:
         overrides.append("model.safety_checker=false")
@@ -135,17 +140,24 @@ def cmd_make_pairs(args: argparse.Namespace) -> int:
     from nitrofusion.data.teacher import TeacherSampler, make_pairs
     from nitrofusion.data.teacher_timesteps import check_teacher_timesteps
     from nitrofusion.pipelines import load_pipeline
-    from nitrofusion.pipelines.generation import default_size
+    from nitrofusion.pipelines.generation import default_size, size_multiple
     from nitrofusion.training.distill import resolve_teacher
 
     if args.n < 1 or args.batch_size < 1 or args.steps < 1:
         raise UserError("--n, --batch-size and --steps must be at least 1")
+    if not (math.isfinite(args.guidance_scale) and args.guidance_scale >= 0):  # inf made NaN pairs
+        raise UserError(f"--guidance-scale must be a finite number >= 0, got {args.guidance_scale}")
+    if args.resolution is not None and (args.resolution < 8 or args.resolution % 8):
+        raise UserError(f"--resolution must be a positive multiple of 8, got {args.resolution}")
     if args.timesteps is not None:  # before the teacher is loaded
         check_teacher_timesteps(args.timesteps, args.steps, "--timesteps", "--steps")
+    check_writable_folder(args.out, "--out")
     prompts = load_prompts(args.prompts)
     # Pairs are latents: nothing is decoded, so a safety checker (SD1.5's 1.2 GB) would never run.
     pipe = load_pipeline(resolve_teacher(args.model), sampler="native", device=args.device, safety_checker=False)
-    size = args.resolution or default_size(pipe)
+    size = default_size(pipe) if args.resolution is None else args.resolution
+    if size % size_multiple(pipe):
+        raise UserError(f"--resolution must be a multiple of {size_multiple(pipe)} for this teacher, got {size}")
     sampler = TeacherSampler(pipe, args.steps, args.guidance_scale, size, size, args.timesteps)
     shards = make_pairs(sampler, prompts, args.n, args.out, seed=args.seed, batch_size=args.batch_size)
     print(f"{len(shards)} shards in {args.out}")
@@ -241,6 +253,18 @@ def cmd_grid(args: argparse.Namespace) -> int:
     for d in args.dirs:
         if not Path(d).is_dir():
             raise UserError(f"'{d}' is not a directory of PNG images")
+    if args.limit < 1:
+        raise UserError(f"--limit must be at least 1, got {args.limit}")
+    if not 1 <= args.scale <= 16:  # 32-pixel images x 16 = 512 each; far more only exhausts memory
+        raise UserError(f"--scale must be 1 to 16, got {args.scale}")
+    from PIL import Image
+
+    out = Path(args.out)
+    if out.suffix.lower() not in Image.registered_extensions():
+        raise UserError(f"--out '{out}' needs an image file extension (.png, .jpg, ...)")
+    if out.is_dir():
+        raise UserError(f"--out '{out}' is a folder: name an image file")
+    check_writable_folder(out.parent, "--out folder")
     try:
         print(grid_from_dirs(args.dirs, args.out, scale=args.scale, limit=args.limit))
     except ValueError as exc:
@@ -445,6 +469,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:  # a path that could not be read or written, found where it was used
+        where = f": '{exc.filename}'" if exc.filename else ""
+        print(f"nitrofusion {args.command}: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

@@ -40,6 +40,24 @@ def read_user_text(path: str | Path, what: str, max_bytes: int = MAX_TEXT_BYTES)
         raise UserError(f"{what} '{path}' is not UTF-8 text (byte {exc.start})") from None
 
 
+def check_writable_folder(path: str | Path, what: str) -> Path:
+    """`path` can be made or written into as a folder, checked before any work and creating
+    nothing: a refused run leaves no empty folder behind."""
+    if not str(path).strip():  # Path("") would be the working directory
+        raise UserError(f"{what} is empty: name a folder")
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{what} '{path}' is a file, not a folder")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"cannot create {what} '{path}': '{existing}' is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{what} '{path}' is not writable")
+    return path
+
+
 @contextmanager
 def replacing(path: str | Path) -> Iterator[Path]:
     """A temporary path beside `path` to write to; on success it is renamed onto `path`, on an

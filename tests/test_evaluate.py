@@ -124,6 +124,15 @@ def test_clip_missing_or_without_tokenizer_is_one_line(tmp_path, tiny_clip_dir):
     (broken / "vocab.json").unlink()
     with pytest.raises(UserError):
         ClipModel(broken)
+    # A text encoder alone: transformers built the vision tower with random weights, and scored.
+    from transformers import CLIPModel, CLIPTextModel
+
+    text_only = tmp_path / "text-only"
+    CLIPTextModel(CLIPModel.from_pretrained(str(tiny_clip_dir)).config.text_config).save_pretrained(str(text_only))
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(tiny_clip_dir / name, text_only / name)
+    with pytest.raises(UserError, match="is not a whole CLIPModel: .* weights are missing"):
+        ClipModel(text_only)
 
 
 def test_aesthetic_score_is_the_mlp_on_normalised_embeddings(tiny_clip_dir, tmp_path):

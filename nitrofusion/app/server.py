@@ -493,6 +493,12 @@ def create_app(
         raise UserError("the app needs at least one model")
     if max_size < 1 or queue_size < 1:
         raise UserError("--max-size and --queue-size must be at least 1")
+    small = [m for m in models if m.default_size > max_size]
+    if small:  # its requests without a size (the page's first) would all be refused
+        raise UserError(
+            f"--max-size {max_size} is below model '{small[0].name}''s own size {small[0].default_size}: "
+            f"give --max-size {small[0].default_size} or more"
+        )
     by_name = {m.name: m for m in models}
     slots = ClientSlots()
     workers = {m.name: ModelWorker(m.name, slots, queue_size) for m in models}

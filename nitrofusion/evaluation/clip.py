@@ -35,11 +35,21 @@ class ClipModel:
         if not (path / "config.json").is_file():
             raise UserError(f"CLIP model not found at '{path}': {option} must point at {CLIP_HINT}")
         try:
-            self.model = CLIPModel.from_pretrained(str(path), local_files_only=True, use_safetensors=True)
+            self.model, info = CLIPModel.from_pretrained(
+                str(path), local_files_only=True, use_safetensors=True, output_loading_info=True
+            )
             self.tokenizer = CLIPTokenizer.from_pretrained(str(path), local_files_only=True)
         except (OSError, ValueError) as exc:
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise UserError(f"could not load the CLIP model in '{path}' ({option}): {first}") from None
+        # transformers fills weights a file lacks with random ones, with a log line: a text encoder
+        # alone (no vision tower) scored with an untrained half would give a number that means nothing.
+        missing = sorted(info.get("missing_keys", []))
+        if missing:
+            raise UserError(
+                f"'{path}' ({option}) is not a whole CLIPModel: {len(missing)} of its weights are missing "
+                f"(first: {missing[0]}); it must point at {CLIP_HINT}"
+            )
         # transformers returns a 2-token stand-in instead of failing when the vocabulary is absent.
         if len(self.tokenizer) < 1000:
             raise UserError(f"the CLIP directory '{path}' ({option}) has no tokenizer (vocab.json, merges.txt)")

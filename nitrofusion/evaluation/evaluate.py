@@ -21,7 +21,7 @@ from nitrofusion.errors import UserError
 from nitrofusion.evaluation.cache import ImageCache
 from nitrofusion.evaluation.frechet import GaussianStats, frechet_distance
 from nitrofusion.evaluation.grid import make_grid
-from nitrofusion.userfiles import replacing, write_text_replacing
+from nitrofusion.userfiles import check_writable_folder, read_user_text, replacing, write_text_replacing
 
 METRICS = ("embedded", "fid", "clip", "aesthetic", "imagereward")
 FID_FEATURES = ("inception", "clip", "embedded")
@@ -92,6 +92,17 @@ def build_scorers(req: EvalRequest, device: str) -> dict[str, Scorer]:
         raise UserError(f"unknown metric '{unknown[0]}' (choose from {', '.join(METRICS)})")
     if req.fid_features not in FID_FEATURES:
         raise UserError(f"--fid-features must be one of {', '.join(FID_FEATURES)}")
+    # An option for a metric not measured would be accepted and change nothing.
+    for option, value, needs in (
+        ("--reference", req.reference, "fid"),
+        ("--inception", req.inception, "fid"),
+        ("--aesthetic", req.aesthetic, "aesthetic"),
+        ("--image-reward", req.image_reward, "imagereward"),
+    ):
+        if value is not None and needs not in metrics:
+            raise UserError(f"{option} is for the {needs} metric, which --metrics does not include")
+    if req.inception is not None and req.fid_features != "inception":
+        raise UserError(f"--inception is for --fid-features inception, not {req.fid_features}")
     scorers: dict[str, Scorer] = {}
     evaluator = None
 
@@ -197,18 +208,32 @@ def build_scorers(req: EvalRequest, device: str) -> dict[str, Scorer]:
 def evaluate(req: EvalRequest) -> list[dict]:
     from nitrofusion.data.teacher import prompts_digest
     from nitrofusion.pipelines import load_pipeline
+    from nitrofusion.pipelines.generation import check_request, default_size
     from nitrofusion.pipelines.loading import resolve_device
 
     if req.n < 2:
         raise UserError(f"--n must be at least 2 (a covariance needs two samples), got {req.n}")
+    # Every option before anything is loaded or made: a refused run leaves nothing behind.
+    if req.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {req.batch_size}")
+    if not req.steps or min(req.steps) < 1 or len(set(req.steps)) != len(req.steps):
+        raise UserError(f"--steps must be distinct step counts of at least 1, got {req.steps}")
+    g = req.guidance_scale
+    if g is not None and not (math.isfinite(g) and g >= 0):
+        raise UserError(f"--guidance-scale must be a finite number >= 0, got {g}")
+    check_writable_folder(req.out, "--out")
     device = resolve_device(req.device)
-    req.out.mkdir(parents=True, exist_ok=True)
     prompts, labels = load_prompt_set(req.prompts, req.n, req.seed)
     prompts_sha256 = prompts_digest(prompts)
     scorers = build_scorers(req, device)
     pipe = load_pipeline(
         req.model, unet=req.unet, shift=req.shift, sampler=req.sampler, device=device, safety_checker=req.safety_checker
     )
+    if req.shift is not None and pipe.nitro_sampler != "shift-lcm":
+        raise UserError(f"--shift is for the shift-lcm sampler; the {pipe.nitro_sampler} sampler has none")
+    for steps in req.steps:  # all of them before the first is sampled
+        check_request(pipe, steps, default_size(pipe), default_size(pipe))
+    req.out.mkdir(parents=True, exist_ok=True)
     pipe.set_progress_bar_config(disable=True)
     sampler = pipe.nitro_sampler
     label = req.label or Path(str(req.model)).name
@@ -311,14 +336,35 @@ def _check_same_protocol(rows: list[dict], row: dict, path: Path) -> None:
                 )
 
 
+ROW_KEYS = ("model", "sampler", "steps", "n")  # what every evaluate row has, and compare reads
+
+
+def _results_rows(path: Path) -> list[dict]:
+    """An evaluate run's rows, or one line saying what is wrong with the file."""
+    try:
+        rows = json.loads(read_user_text(path, "results file"))
+    except ValueError as exc:
+        raise UserError(f"'{path}' is not valid JSON ({exc}): run its evaluate again") from None
+    if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) for r in rows):
+        raise UserError(f"'{path}' holds no evaluate rows (a non-empty list of results): run its evaluate again")
+    for row in rows:
+        missing = [k for k in ROW_KEYS if k not in row]
+        if missing:
+            raise UserError(f"'{path}' has a row without {', '.join(missing)}: run its evaluate again")
+    return rows
+
+
 def combine(directories: list[Path], out: Path, grid_images: int = 10) -> str:
     """One table and one side-by-side grid from several `evaluate` output directories."""
+    if len({Path(d).resolve() for d in directories}) != len(directories):
+        raise UserError("a directory is named twice: each would give the same rows")
+    check_writable_folder(out, "--out")
     rows, grid_rows, labels = [], [], []
     for d in directories:
         path = Path(d) / "results.json"
         if not path.is_file():
             raise UserError(f"'{d}' has no results.json (is it an 'evaluate --out' directory?)")
-        for row in json.loads(path.read_text()):
+        for row in _results_rows(path):
             if row.get("clip_score", 0) > 1:  # a cosine is at most 1: this is the old x100 scale
                 raise UserError(
                     f"'{path}' has CLIP scores on the x100 scale of older versions: run its evaluate again "
@@ -327,9 +373,12 @@ def combine(directories: list[Path], out: Path, grid_images: int = 10) -> str:
             _check_same_protocol(rows, row, path)
             rows.append(row)
             images = Path(d) / "images" / f"{row['sampler']}-{row['steps']}-step"
-            grid_rows.append(
-                [Image.open(images / f"{i:05d}.png").convert("RGB") for i in range(min(grid_images, row["n"]))]
-            )
+            try:
+                grid_rows.append(
+                    [Image.open(images / f"{i:05d}.png").convert("RGB") for i in range(min(grid_images, row["n"]))]
+                )
+            except OSError as exc:  # PIL's UnidentifiedImageError is one too
+                raise UserError(f"'{d}': a cached image cannot be read ({exc}): run its evaluate again") from None
             labels.append(f"{row['model']}, {row['steps']}")
     out.mkdir(parents=True, exist_ok=True)
     write_report(out, rows, grid_rows, labels)

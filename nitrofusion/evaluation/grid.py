@@ -40,7 +40,10 @@ def grid_from_dirs(dirs: Sequence[str | Path], out: str | Path, scale: int = 3, 
         files = sorted(Path(d).glob("*.png"))[:limit]
         if not files:
             raise ValueError(f"no PNG files in {d}")
-        rows.append([Image.open(f) for f in files])
+        try:
+            rows.append([Image.open(f).convert("RGB") for f in files])
+        except OSError as exc:  # PIL's UnidentifiedImageError is one too
+            raise ValueError(f"cannot read an image in {d}: {exc}") from None
         labels.append(Path(d).name)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -32,7 +32,7 @@ from nitrofusion.errors import UserError
 from nitrofusion.evaluation.embedded import EmbeddedScore, score_pipeline
 from nitrofusion.evaluation.grid import make_grid
 from nitrofusion.training.config import load_config
-from nitrofusion.userfiles import replacing, write_text_replacing
+from nitrofusion.userfiles import check_writable_folder, replacing, write_text_replacing
 from nitrofusion.world.evaluator import Evaluator
 from nitrofusion.world.spec import evaluator_path, teacher_path
 
@@ -110,7 +110,11 @@ class Reproduction:
     ):
         if len(seeds) < 1 or n < 2:
             raise UserError("need at least one seed and --n of at least 2")
-        self.out = Path(out)
+        if len(set(seeds)) != len(seeds):  # a repeated seed is the same run twice: a spread of 0 it did not measure
+            raise UserError(f"--seeds lists a seed twice: {seeds}")
+        if batch_size < 1:
+            raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+        self.out = check_writable_folder(out, "--out")
         self.seeds = seeds
         self.n = n
         self.preset = preset
@@ -307,6 +311,8 @@ class Reproduction:
 
     # ---- report -----------------------------------------------------------------------------
     def write(self, rows: list[Row]) -> None:
+        if not rows:
+            raise UserError(f"no scores to report under '{self.out}': run reproduce without --report-only first")
         self.out.mkdir(parents=True, exist_ok=True)
         write_text_replacing(
             self.out / "results.json",

@@ -46,6 +46,7 @@ def compile_pipeline(pipe: DiffusionPipeline, mode: str = COMPILE_MODE) -> Diffu
     inside it); elsewhere the UNet and decoder are compiled in `mode` and the text encoders
     without graphs. A CPU pipeline is returned as it is."""
     if pipe.device.type != "cuda":
+        warnings.warn(f"--compile applies on CUDA only: the pipeline on {pipe.device.type} runs eagerly", stacklevel=2)
         return pipe
     for name in ("unet", "vae"):
         getattr(pipe, name).to(memory_format=torch.channels_last)

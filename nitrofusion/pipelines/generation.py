@@ -21,7 +21,7 @@ import nitrofusion
 from nitrofusion.errors import UserError
 from nitrofusion.pipelines.fast import fast_sampler, quantize, to_host
 from nitrofusion.pipelines.loading import SHIFT_LCM_MAX_STEPS
-from nitrofusion.userfiles import replacing
+from nitrofusion.userfiles import check_writable_folder, replacing
 
 
 @dataclass
@@ -193,18 +193,7 @@ def prepare_output(out: str | Path, count: int) -> tuple[Path, bool]:
         raise UserError(f"--out {out} names one PNG file but {count} images will be written; give a directory")
     if single and out.is_dir():
         raise UserError(f"--out {out} is a directory: name a new .png file, or give the directory without .png")
-    directory = out.parent if single else out
-    if directory.exists() and not directory.is_dir():
-        raise UserError(f"output location '{directory}' is a file, not a directory")
-    # Nothing is created yet (a refused run leaves no empty folder): the nearest existing folder
-    # must let the missing ones be made.
-    existing = directory
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise UserError(f"cannot create output directory '{directory}': '{existing}' is a file")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"output location '{out}' is not writable")
+    check_writable_folder(out.parent if single else out, "output directory")
     if single and out.exists() and not os.access(out, os.W_OK):
         raise UserError(f"output location '{out}' is not writable")
     return out, single

@@ -325,6 +325,10 @@ def validate(cfg: DistillConfig) -> DistillConfig:
             raise UserError(f"config key '{key}' must not be negative, got {value}")
     if any(n < 0 for n in cfg.refine.steps_per_stage):
         raise UserError(f"config key 'refine.steps_per_stage' must not be negative, got {cfg.refine.steps_per_stage}")
+    if sum(cfg.refine.steps_per_stage) + cfg.loss.pretrain_steps == 0:  # the export would be the teacher
+        raise UserError("nothing to train: refine.steps_per_stage and loss.pretrain_steps add up to 0 iterations")
+    if not str(cfg.run.output_dir).strip():
+        raise UserError("config key 'run.output_dir' is empty: name a folder")
     if not 1 <= cfg.model.shift <= 1000:
         raise UserError(f"config key 'model.shift' must be a timestep in 1..1000, got {cfg.model.shift}")
     if cfg.optim.lr <= 0:

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from nitrofusion.errors import UserError
 from nitrofusion.pipelines.loading import DTYPES, save_state_dict
+from nitrofusion.userfiles import check_writable_folder
 from nitrofusion.weights.io import check_same_layout, unet_state_dict
 
 
@@ -120,11 +121,17 @@ def adapter_config(lora: dict[str, torch.Tensor]) -> dict:
 
 
 def export_lora(student: str, teacher: str, out: str | Path, rank: int = 64, dtype: str = "fp16") -> LoraReport:
-    lora, report = extract_lora(unet_state_dict(student, "--student"), unet_state_dict(teacher, "--teacher"), rank)
-    cast = DTYPES[dtype]
     out = Path(out)
-    if out.suffix != ".safetensors":
+    if out.suffix.lower() != ".safetensors":
         out = out / "pytorch_lora_weights.safetensors"  # the file name diffusers looks for in a folder
+    if out.is_dir():
+        raise UserError(f"--out '{out}' is a folder: name a .safetensors file or a folder to write into")
+    check_writable_folder(out.parent, "--out")  # before the SVDs (minutes at SDXL size)
+    student_state = unet_state_dict(student, "--student")
+    if "conv_in.weight" not in student_state:
+        raise UserError(f"--student '{student}' is not a UNet's state dict (no conv_in.weight)")
+    lora, report = extract_lora(student_state, unet_state_dict(teacher, "--teacher"), rank)
+    cast = DTYPES[dtype]
     config = {f"unet.{k}": v for k, v in adapter_config(lora).items()}  # diffusers' per-component prefix
     metadata = {
         "format": "pt",

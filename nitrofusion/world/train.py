@@ -26,13 +26,14 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from tqdm.auto import tqdm
 
+from nitrofusion.errors import UserError
 from nitrofusion.evaluation.frechet import GaussianStats
 from nitrofusion.evaluation.grid import make_grid
 from nitrofusion.models.builders import build_sdxl_pipeline
 from nitrofusion.training import checkpoint
 from nitrofusion.training.curves import MetricsLog, try_plot_curves
 from nitrofusion.training.ema import EMA
-from nitrofusion.userfiles import replacing
+from nitrofusion.userfiles import check_writable_folder, replacing, write_text_replacing
 from nitrofusion.world import data
 from nitrofusion.world.config import WorldConfig
 from nitrofusion.world.evaluator import Evaluator, FashionClassifier, to_classifier_input
@@ -291,9 +292,28 @@ def draw_samples(teacher_dir: Path, path: Path, per_class: int = 8, device: str 
 
 def build_world(cfg: WorldConfig, run_dir: str | Path, out_dir: str | Path, stages: list[str]) -> dict:
     """Run the requested stages and assemble the pipeline + evaluator into out_dir."""
-    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    run_dir = check_writable_folder(run_dir, "--run-dir")
+    out_dir = check_writable_folder(out_dir, "--out")  # before hours of training, not after
+    # A run directory resumes its stages' checkpoints: under other settings they would be mixed in.
+    recorded = run_dir / "config.json"
+    if recorded.is_file():
+        try:
+            before = json.loads(recorded.read_text())
+        except ValueError:
+            before = None
+        free = {"device", "checkpoint_every", "samples_per_class"}  # how it runs and reports, not what it trains
+        changed = sorted(
+            k
+            for k, v in asdict(cfg).items()
+            if k not in free and (not isinstance(before, dict) or before.get(k, v) != v)
+        )
+        if changed:
+            raise UserError(
+                f"--run-dir '{run_dir}' holds a run with other settings ({', '.join(changed)}): "
+                "resume it with its own, or give a new --run-dir"
+            )
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    write_text_replacing(recorded, json.dumps(asdict(cfg), indent=1))
     report: dict = {"config": asdict(cfg), "machine": platform.platform(), "torch_threads": torch.get_num_threads()}
     t0 = time.time()
     vae = train_vae(cfg, run_dir)

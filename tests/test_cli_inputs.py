@@ -1,0 +1,127 @@
+"""Bad input to every command: one line, exit 2, and nothing left behind (found by a sweep of each
+option; each case was a traceback, a silently wrong result or a leftover folder before)."""
+
+import json
+
+import pytest
+from PIL import Image
+
+from nitrofusion.cli import main
+
+
+def one_line_error(args, capsys, fragment):
+    code = main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and fragment in err[0], (code, err)
+
+
+@pytest.fixture
+def pngs(tmp_path):
+    folder = tmp_path / "pngs"
+    folder.mkdir()
+    for i in range(2):
+        Image.new("RGB", (8, 8), (i * 100, 0, 0)).save(folder / f"{i}.png")
+    return folder
+
+
+CASES = {
+    # make-pairs: inf guidance wrote NaN latents as training data; 0 meant the default size.
+    "pairs-guidance": (
+        ["make-pairs", "--guidance-scale", "inf", "--out", "{new}"],
+        "--guidance-scale must be a finite",
+    ),
+    "pairs-resolution": (["make-pairs", "--resolution", "33", "--out", "{new}"], "--resolution must be a positive"),
+    "pairs-zero-size": (["make-pairs", "--resolution", "0", "--out", "{new}"], "--resolution must be a positive"),
+    "pairs-out-file": (["make-pairs", "--out", "{file}"], "is a file, not a folder"),
+    # distill: zero iterations exported the teacher as a "student"; an empty folder name was ignored.
+    "distill-max-steps": (["distill", "--max-steps", "0", "--output-dir", "{new}"], "--max-steps must be at least 1"),
+    "distill-nothing": (
+        ["distill", "--set", "refine.steps_per_stage=[0]", "--output-dir", "{new}"],
+        "nothing to train",
+    ),
+    "distill-empty-out": (["distill", "--output-dir", ""], "--output-dir is empty"),
+    # evaluate: checked per step after the model loaded, or never.
+    "eval-batch": (["evaluate", "--n", "4", "--batch-size", "0", "--out", "{new}"], "--batch-size must be at least 1"),
+    "eval-steps-twice": (["evaluate", "--n", "4", "--steps", "1", "1", "--out", "{new}"], "distinct step counts"),
+    "eval-steps-zero": (["evaluate", "--n", "4", "--steps", "0", "--out", "{new}"], "distinct step counts"),
+    "eval-guidance": (["evaluate", "--n", "4", "--guidance-scale", "nan", "--out", "{new}"], "must be a finite"),
+    "eval-steps-late": (["evaluate", "--n", "4", "--steps", "1", "5", "--out", "{new}"], "--steps must be 1 to 4"),
+    "eval-reference": (["evaluate", "--n", "4", "--reference", "r.npz", "--out", "{new}"], "--reference is for"),
+    "eval-native-shift": (
+        ["evaluate", "--n", "4", "--model", "embedded-teacher", "--sampler", "native", "--shift", "250"]
+        + ["--out", "{new}"],
+        "--shift is for the shift-lcm sampler",
+    ),
+    # reproduce: a repeated seed reported a spread of 0 it never measured.
+    "repro-seeds": (["reproduce", "--report-only", "--seeds", "0", "0", "--out", "{new}"], "lists a seed twice"),
+    "repro-batch": (["reproduce", "--report-only", "--batch-size", "0", "--out", "{new}"], "--batch-size must be"),
+    "repro-empty": (["reproduce", "--report-only", "--out", "{new}"], "no scores to report"),
+    # grid: a huge scale hung; a .txt name got PNG bytes; a limit of 0 said there were no images.
+    "grid-limit": (["grid", "{pngs}", "--limit", "0", "--out", "{new}/g.png"], "--limit must be at least 1"),
+    "grid-scale": (["grid", "{pngs}", "--scale", "100000", "--out", "{new}/g.png"], "--scale must be 1 to 16"),
+    "grid-suffix": (["grid", "{pngs}", "--out", "{new}/g.txt"], "needs an image file extension"),
+    "grid-out-dir": (["grid", "{pngs}", "--out", "{pngs}"], "needs an image file extension"),
+    "grid-corrupt": (["grid", "{bad_pngs}", "--out", "{new}/g.png"], "cannot read an image"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_is_one_line_and_leaves_nothing(case, tmp_path, pngs, capsys):
+    args, fragment = CASES[case]
+    (tmp_path / "file").write_text("")
+    bad = tmp_path / "bad_pngs"
+    bad.mkdir()
+    (bad / "0.png").write_bytes(b"not a png")
+    paths = {"new": tmp_path / "new" / "out", "file": tmp_path / "file", "pngs": pngs, "bad_pngs": bad}
+    one_line_error([a.format(**paths) for a in args], capsys, fragment)
+    assert not (tmp_path / "new").exists()
+
+
+def test_compare_says_what_is_wrong_with_a_results_file(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    for content, fragment in (
+        ("{not json", "is not valid JSON"),
+        ("[]", "holds no evaluate rows"),
+        ('{"model": "x"}', "holds no evaluate rows"),
+        ('[{"model": "x"}]', "has a row without sampler, steps, n"),
+    ):
+        (run / "results.json").write_text(content)
+        one_line_error(["compare", str(run), "--out", str(tmp_path / "new")], capsys, fragment)
+    one_line_error(["compare", str(run), str(run), "--out", str(tmp_path / "new")], capsys, "named twice")
+    assert not (tmp_path / "new").exists()
+
+
+def test_export_lora_checks_its_out_and_inputs_before_the_svd(tmp_path, capsys):
+    import torch
+    from safetensors.torch import save_file
+
+    (tmp_path / "x.safetensors").mkdir()
+    save_file({"a.weight": torch.ones(2, 2)}, str(tmp_path / "a.safetensors"))
+    save_file({"a.weight": torch.zeros(2, 2)}, str(tmp_path / "b.safetensors"))
+    args = ["export-lora", "--student", str(tmp_path / "a.safetensors"), "--teacher", str(tmp_path / "b.safetensors")]
+    one_line_error([*args, "--out", str(tmp_path / "x.safetensors")], capsys, "is a folder")
+    one_line_error([*args, "--out", str(tmp_path / "lora")], capsys, "is not a UNet's state dict")
+    assert not (tmp_path / "lora").exists()
+
+
+def test_the_app_refuses_a_max_size_below_its_models_own():
+    from nitrofusion.app.server import LoadedModel, create_app
+    from nitrofusion.errors import UserError
+
+    model = LoadedModel.__new__(LoadedModel)
+    model.name, model.default_size = "embedded", 32
+    with pytest.raises(UserError, match="--max-size 16 is below model 'embedded''s own size 32"):
+        create_app([model], max_size=16)
+
+
+def test_train_teacher_refuses_a_run_dir_of_other_settings_and_a_file_as_out(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"seed": 0, "train_images": 256}))
+    (tmp_path / "file").write_text("")
+    base = ["train-teacher", "--run-dir", str(run), "--train-images", "128", "--seed", "7"]
+    one_line_error(
+        [*base, "--out", str(tmp_path / "out")], capsys, "holds a run with other settings (seed, train_images"
+    )
+    one_line_error([*base, "--out", str(tmp_path / "file")], capsys, "is a file, not a folder")
