@@ -62,6 +62,19 @@ CASES = {
     "grid-suffix": (["grid", "{pngs}", "--out", "{new}/g.txt"], "needs an image file extension"),
     "grid-out-dir": (["grid", "{pngs}", "--out", "{pngs}"], "needs an image file extension"),
     "grid-corrupt": (["grid", "{bad_pngs}", "--out", "{new}/g.png"], "cannot read an image"),
+    # Messages that named the wrong fault: "not found" for a folder, "holds None statistics".
+    "prompts-folder": (["generate", "--prompts", "{pngs}", "--out", "{new}"], "is not a regular file"),
+    "unet-folder": (["generate", "a", "--unet", "{pngs}", "--out", "{new}"], "is not a file"),
+    "reference-weights": (
+        ["evaluate", "--n", "4", "--metrics", "fid", "--fid-features", "embedded", "--reference", "{weights}"]
+        + ["--out", "{new}"],
+        "is not a statistics file",
+    ),
+    "reference-corrupt": (
+        ["evaluate", "--n", "4", "--metrics", "fid", "--fid-features", "embedded", "--reference", "{corrupt}"]
+        + ["--out", "{new}"],
+        "is not a readable safetensors file",
+    ),
 }
 
 
@@ -72,7 +85,13 @@ def test_bad_input_is_one_line_and_leaves_nothing(case, tmp_path, pngs, capsys):
     bad = tmp_path / "bad_pngs"
     bad.mkdir()
     (bad / "0.png").write_bytes(b"not a png")
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "weights.safetensors"))
+    (tmp_path / "corrupt.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
     paths = {"new": tmp_path / "new" / "out", "file": tmp_path / "file", "pngs": pngs, "bad_pngs": bad}
+    paths |= {"weights": tmp_path / "weights.safetensors", "corrupt": tmp_path / "corrupt.safetensors"}
     one_line_error([a.format(**paths) for a in args], capsys, fragment)
     assert not (tmp_path / "new").exists()
 

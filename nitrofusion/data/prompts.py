@@ -32,8 +32,10 @@ def load_prompts(source: str | Path) -> list[str]:
 
         return [p for p, _ in all_prompts()]
     path = Path(source)
-    if not path.is_file():
+    if not path.exists():
         raise UserError(f"prompt file '{path}' not found (give a text file with one prompt a line, or 'embedded')")
+    if not path.is_file():  # a folder, a device (/dev/zero), a FIFO
+        raise UserError(f"prompt file '{path}' is not a regular file (give a text file with one prompt a line)")
     return read_prompt_file(path)
 
 

@@ -80,10 +80,13 @@ def list_images(directory: str | Path) -> list[Path]:
 
 
 def stats_metadata(path: str | Path) -> dict[str, str]:
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(path), "pt") as f:
-        return f.metadata() or {}
+    try:
+        with safe_open(str(path), "pt") as f:
+            return f.metadata() or {}
+    except (SafetensorError, OSError) as exc:
+        raise UserError(f"'{path}' is not a readable safetensors file (corrupt or truncated?): {exc}") from None
 
 
 def cached_reference_stats(cache: Path, reference: str | Path, extractor: str) -> GaussianStats | None:
@@ -110,6 +113,8 @@ def reference_stats(
         if ref.suffix != ".safetensors":
             raise UserError(f"--reference '{ref}' must be a directory of images or a .safetensors stats file")
         meta = stats_metadata(ref)
+        if "features" not in meta:  # e.g. a network's weights, not statistics
+            raise UserError(f"--reference '{ref}' is not a statistics file written by evaluate (no features recorded)")
         if meta.get("features") != features:
             raise UserError(
                 f"--reference '{ref}' holds {meta.get('features')} statistics, but FID here uses {features} features"

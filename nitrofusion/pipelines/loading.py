@@ -101,8 +101,10 @@ def _hub_cache() -> str:
 def read_safetensors(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """Load a safetensors file, turning every kind of unreadable file into a UserError."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise UserError(f"weights file '{path}' not found")
+    if not path.is_file():
+        raise UserError(f"weights file '{path}' is not a file (a .safetensors file is expected)")
     if path.suffix != ".safetensors":
         raise UserError(f"'{path}' is not a .safetensors file; only safetensors weights are loaded")
     try:

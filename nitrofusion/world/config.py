@@ -32,7 +32,7 @@ class WorldConfig:
     def check(self) -> None:
         for name in ("vae_steps", "unet_steps", "classifier_epochs", "checkpoint_every"):
             if getattr(self, name) < 1:
-                raise UserError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         for name, zero in (("train_images", "all"), ("test_images", "all"), ("samples_per_class", "none")):
             if getattr(self, name) < 0:
-                raise UserError(f"{name.replace('_', '-')} must be 0 ({zero}) or more, got {getattr(self, name)}")
+                raise UserError(f"--{name.replace('_', '-')} must be 0 ({zero}) or more, got {getattr(self, name)}")
