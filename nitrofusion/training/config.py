@@ -79,6 +79,16 @@ class LossConfig:
     pool_weight: float = 0.0  # dmd2 only: NitroFusion's head-pool GAN loss added to the student's loss
     regression_weight: float = 0.0  # + this x MSE to the teacher's x0 in the student's main loss (ADD-style)
 
+    @property
+    def adversarial_pretraining(self) -> bool:
+        return self.pretrain_kind == "adversarial" and self.pretrain_steps > 0
+
+    @property
+    def head_pool(self) -> bool:
+        """Whether the run trains the head pool: NitroFusion's and ADM's loss, dmd2's pool term,
+        or DMDX's adversarial pre-training."""
+        return self.objective in ("nitrofusion", "adm") or self.pool_weight > 0 or self.adversarial_pretraining
+
 
 @dataclass
 class DMDConfig:
@@ -361,13 +371,7 @@ def validate(cfg: DistillConfig) -> DistillConfig:
         raise UserError("config keys 'dmd.min_t' and 'dmd.max_t' must satisfy 0 <= min_t <= max_t <= 1")
     if cfg.dmd.fake_lr <= 0:
         raise UserError(f"config key 'dmd.fake_lr' must be positive, got {cfg.dmd.fake_lr}")
-    adversarial_pretrain = cfg.loss.pretrain_kind == "adversarial" and cfg.loss.pretrain_steps > 0
-    if (
-        cfg.loss.r1_weight > 0
-        and cfg.loss.objective == "dmd2"
-        and cfg.loss.pool_weight == 0
-        and not adversarial_pretrain
-    ):
+    if cfg.loss.r1_weight > 0 and not cfg.loss.head_pool:
         raise UserError(
             "config key 'loss.r1_weight' regularises the head pool, which dmd2 trains only with loss.pool_weight > 0"
         )

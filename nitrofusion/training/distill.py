@@ -211,11 +211,10 @@ class Distiller:
         """The critics this config trains, the pre-training objective and the main one."""
         cfg, device = self.cfg, str(self.acc.device)
         d, loss = cfg.discriminator, cfg.loss
-        adversarial_pretrain = loss.pretrain_kind == "adversarial" and loss.pretrain_steps > 0
         self.critics: dict[str, Critic] = {}
         self.pool: HeadPool | None = None
         self.opt_d: torch.optim.Optimizer | None = None
-        if loss.objective in ("nitrofusion", "adm") or loss.pool_weight > 0 or adversarial_pretrain:
+        if loss.head_pool:
             self.backbone = UNetEncoderFeatures(self.teacher.unet)
             shapes = self.backbone.feature_shapes(self.size // self.teacher.vae_scale_factor, device)
             check_depth("discriminator.downsamples", d.downsamples, min(min(h, w) for _, h, w in shapes))
@@ -272,7 +271,7 @@ class Distiller:
                 loss.kind,
             )
             real = RealScore(self.teacher.unet, self.maths.alphas_cumprod, k.real_guidance, self.text.negative)
-        if adversarial_pretrain and cfg.pretrain.pixel_weight > 0:
+        if loss.adversarial_pretraining and cfg.pretrain.pixel_weight > 0:
             p = cfg.pretrain
             latent_side = self.size // self.teacher.vae_scale_factor
             side = min(p.pixel_crop or latent_side, latent_side) * self.teacher.vae_scale_factor
@@ -297,7 +296,7 @@ class Distiller:
         else:
             self.objective = ADM(real, self.critics["fake"], pool)
             main = [self.critics["fake"], pool]
-        if adversarial_pretrain:
+        if loss.adversarial_pretraining:
             latent = pool if cfg.pretrain.latent_weight > 0 else None
             pixel = self.critics.get("pixel")
             self.pretrain_objective = AdversarialPretraining(
