@@ -6,7 +6,6 @@ Problems with the user's input (UserError) print one line and exit with status 2
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 from pathlib import Path
@@ -15,7 +14,7 @@ from pathlib import Path
 # text-to-image sampling never uses; keep the CLI's stderr for our own messages.
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from nitrofusion.errors import UserError
+from nitrofusion.errors import UserError, check_guidance_scale
 from nitrofusion.userfiles import check_writable_folder
 
 EXIT_USAGE = 2
@@ -145,8 +144,7 @@ def cmd_make_pairs(args: argparse.Namespace) -> int:
 
     if args.n < 1 or args.batch_size < 1 or args.steps < 1:
         raise UserError("--n, --batch-size and --steps must be at least 1")
-    if not (math.isfinite(args.guidance_scale) and args.guidance_scale >= 0):  # inf made NaN pairs
-        raise UserError(f"--guidance-scale must be a finite number >= 0, got {args.guidance_scale}")
+    check_guidance_scale(args.guidance_scale)
     if args.resolution is not None and (args.resolution < 8 or args.resolution % 8):
         raise UserError(f"--resolution must be a positive multiple of 8, got {args.resolution}")
     if args.timesteps is not None:  # before the teacher is loaded

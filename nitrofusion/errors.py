@@ -4,6 +4,8 @@ The CLI prints these as one line and exits with status 2 (the app answers them w
 anything else is a bug and keeps its traceback.
 """
 
+import math
+
 _CONTROL = {i: f"\\x{i:02x}" for i in range(32)} | {ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): " "}
 
 
@@ -16,3 +18,10 @@ class UserError(Exception):
 
     def __init__(self, message: str) -> None:
         super().__init__(str(message).translate(_CONTROL))
+
+
+def check_guidance_scale(value: float | None, option: str = "--guidance-scale") -> None:
+    """None (the sampler's default) or a finite number >= 0: inf gave NaN images (and NaN teacher
+    pairs), nan and negative values silently turned guidance off."""
+    if value is not None and not (math.isfinite(value) and value >= 0):
+        raise UserError(f"{option} must be a finite number >= 0, got {value}")

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from nitrofusion.errors import UserError
+from nitrofusion.errors import UserError, check_guidance_scale
 from nitrofusion.evaluation.cache import ImageCache
 from nitrofusion.evaluation.frechet import GaussianStats, frechet_distance
 from nitrofusion.evaluation.grid import make_grid
@@ -218,9 +218,7 @@ def evaluate(req: EvalRequest) -> list[dict]:
         raise UserError(f"--batch-size must be at least 1, got {req.batch_size}")
     if not req.steps or min(req.steps) < 1 or len(set(req.steps)) != len(req.steps):
         raise UserError(f"--steps must be distinct step counts of at least 1, got {req.steps}")
-    g = req.guidance_scale
-    if g is not None and not (math.isfinite(g) and g >= 0):
-        raise UserError(f"--guidance-scale must be a finite number >= 0, got {g}")
+    check_guidance_scale(req.guidance_scale)
     check_writable_folder(req.out, "--out")
     device = resolve_device(req.device)
     prompts, labels = load_prompt_set(req.prompts, req.n, req.seed)

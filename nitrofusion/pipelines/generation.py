@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 import re
 from collections.abc import Iterator, Sequence
@@ -18,7 +17,7 @@ from PIL.PngImagePlugin import PngInfo
 from tqdm.auto import tqdm
 
 import nitrofusion
-from nitrofusion.errors import UserError
+from nitrofusion.errors import UserError, check_guidance_scale
 from nitrofusion.pipelines.fast import fast_sampler, quantize, to_host
 from nitrofusion.pipelines.loading import SHIFT_LCM_MAX_STEPS
 from nitrofusion.userfiles import check_writable_folder, replacing
@@ -115,8 +114,7 @@ def generate_batches(
         raise UserError("no prompts given")
     if not SEEDS[0] <= seed <= seed + len(prompts) - 1 <= SEEDS[1]:
         raise UserError(f"--seed must be in {SEEDS[0]}..{SEEDS[1] - len(prompts) + 1} for {len(prompts)} images")
-    if guidance_scale is not None and not (math.isfinite(guidance_scale) and guidance_scale >= 0):
-        raise UserError(f"--guidance-scale must be a finite number >= 0, got {guidance_scale}")
+    check_guidance_scale(guidance_scale)
     height = default_size(pipe) if height is None else height
     width = default_size(pipe) if width is None else width
     check_request(pipe, steps, height, width)
