@@ -452,6 +452,7 @@ def test_a_hub_pipeline_downloads_its_components_in_one_precision_only(tmp_path)
             "vae/config.json",
             *weights,
             *(w.replace(".safetensors", ".fp16.safetensors") for w in weights),
+            "unet/diffusion_pytorch_model.fp16-00001-of-00002.safetensors",  # an fp16 shard: not fetched either
             "sd_xl_base_1.0.safetensors",
             "sd_xl_offset_example-lora_1.0.safetensors",
             "vae_1_0/diffusion_pytorch_model.safetensors",

@@ -7,9 +7,9 @@ public checkpoints are (`UNet2DConditionModel.from_config(...)` + `load_state_di
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
-import re
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -68,12 +68,16 @@ def resolve_model(model: str | Path, option: str = "--model") -> Path:
     raise UserError(f"model '{model}' not found: pass {option} a diffusers pipeline directory or a hub id")
 
 
+# diffusers' fp16-variant file names: a single file, and shards (name.fp16-00001-of-00002.safetensors).
+FP16_FILES = ("*.fp16.safetensors", "*.fp16-*.safetensors")
+
+
 def weights_variant(folder: str | Path) -> str | None:
     """ "fp16" where a model directory (a pipeline or one component) holds only fp16-variant weights
-    (`*.fp16.safetensors`, as SDXL base's cache does after `from_pretrained(..., variant="fp16")`,
-    the public NitroSD snippet's way), else None: the plain files are read when they exist."""
+    (FP16_FILES, as SDXL base's cache does after `from_pretrained(..., variant="fp16")`, the public
+    NitroSD snippet's way), else None: the plain files are read when they exist."""
     files = [p.name for p in Path(folder).rglob("*.safetensors")]
-    plain = [f for f in files if not re.search(r"\.fp16[.-]", f)]  # shards: name.fp16-00001-of-00002.safetensors
+    plain = [f for f in files if not any(fnmatch.fnmatch(f, pattern) for pattern in FP16_FILES)]
     return "fp16" if files and not plain else None
 
 
@@ -86,9 +90,10 @@ def download_pipeline(repo: str, snapshot_download: Callable[..., str]) -> Path:
     folders = [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[:1] != [None]]
     files = [f"{folder}/{pattern}" for folder in folders for pattern in ("*.json", "*.txt")]
     plain = [f"{folder}/*.safetensors" for folder in folders]
-    root = Path(snapshot_download(repo, allow_patterns=files + plain, ignore_patterns=["*.fp16.safetensors"]))
+    root = Path(snapshot_download(repo, allow_patterns=files + plain, ignore_patterns=list(FP16_FILES)))
     if not any(root.rglob("*.safetensors")):  # a repo of fp16 files only
-        root = Path(snapshot_download(repo, allow_patterns=files + [f"{f}/*.fp16.safetensors" for f in folders]))
+        fp16 = [f"{folder}/{pattern}" for folder in folders for pattern in FP16_FILES]
+        root = Path(snapshot_download(repo, allow_patterns=files + fp16))
     return root
 
 
