@@ -106,7 +106,7 @@ def write_safetensors_streaming(
     header: dict[str, dict] = {"__metadata__": metadata} if metadata else {}
     offset = 0
     for name, dtype, shape in layout:
-        size = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        size = torch.Size(shape).numel() * dtype.itemsize
         header[name] = {
             "dtype": SAFETENSORS_DTYPES[dtype],
             "shape": list(shape),
@@ -119,12 +119,10 @@ def write_safetensors_streaming(
     path.parent.mkdir(parents=True, exist_ok=True)
     with replacing(path) as tmp, open(tmp, "wb") as fh:
         fh.write(struct.pack("<Q", len(encoded)) + encoded)
-        count = 0
         for (name, dtype, shape), tensor in zip(layout, tensors, strict=True):
             if tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
                 raise ValueError(f"{name}: got {tensor.dtype} {tuple(tensor.shape)}, the header says {dtype} {shape}")
             fh.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
-            count += 1
         fh.flush()
         os.fsync(fh.fileno())  # the bytes are on disk before the name points at them
     return path
