@@ -700,6 +700,16 @@ def test_validation_draws_at_the_training_resolution(tiny_sdxl_dir, tmp_path, mo
     assert sizes and set(sizes) == {(24, 24)}  # the tiny model's own size is 16
 
 
+def test_validation_samples_an_fp32_student_beside_a_half_precision_teacher(tiny_sdxl_dir, tmp_path):
+    """Under bf16 on a GPU the frozen modules are cast to bf16 and the student keeps fp32 master
+    weights; validation crashed there (its latents take the text encoder's dtype: "mat1 and mat2
+    must have the same dtype"), found by the GPU run of 2026-11-27. The same casts, on the CPU."""
+    d = Distiller(config(tiny_sdxl_dir, tmp_path, "optim.mixed_precision=bf16"), progress=False)
+    d.teacher.to(torch.bfloat16)  # what the Distiller does on CUDA only
+    assert next(d.acc.unwrap_model(d.student).parameters()).dtype == torch.float32
+    assert d.validate().is_file()
+
+
 @pytest.mark.parametrize(
     "overrides",
     [

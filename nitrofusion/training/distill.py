@@ -713,7 +713,10 @@ class Distiller:
         # Drawn at the size the student trains at, where the sampler accepts it (the UNet trains
         # at any multiple of 8; sampling asks for the model's own multiple, 32 for SDXL).
         size = self.size if self.size % size_multiple(pipe) == 0 else default_size(pipe)
-        with self.offload.onloaded("text", "vae", "safety"), self.ema.on_device(self.acc.device):
+        # Under the training's autocast: the student keeps fp32 master weights while the frozen
+        # modules (text encoders, VAE) are in bf16/fp16, whose dtype sets the sampler's latents.
+        on_device = self.ema.on_device(self.acc.device)
+        with self.offload.onloaded("text", "vae", "safety"), on_device, self.acc.autocast():
             for steps in range(1, self.schedule.max_sampling_steps() + 1):
                 # In batches of the training's size: the decode of 10 images at once at 1024² would
                 # add its activations to the training's resident state (images do not depend on it).
