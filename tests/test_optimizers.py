@@ -87,14 +87,17 @@ def test_gpu_resume_into_either_kernel(made_fused):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="fused AdamW is used on CUDA only")
 def test_fused_adamw_on_gpu_steps_like_the_default():
+    # The target lies beyond where 20 steps can reach, so no weight crosses it: at a crossing the
+    # gradient's sign is a rounding's, and the two kernels' last-bit differences grew to 0.09 on
+    # 55 of 16,384 weights (the H200 run of 2026-11-27, with a target inside reach and beta1=0).
     torch.manual_seed(0)
-    target = torch.randn(64, 256, device="cuda")
+    target = 5 + torch.randn(64, 256, device="cuda")
     weights = {}
     for fused in (False, True):
         weight = torch.nn.Parameter(torch.zeros(64, 256, device="cuda"))
-        opt = make_optimizer([weight], "adamw", lr=2e-2, betas=(0.0, 0.99), weight_decay=0.01, fused=fused)
+        opt = make_optimizer([weight], "adamw", lr=1e-2, betas=(0.9, 0.99), weight_decay=0.01, fused=fused)
         assert bool(opt.defaults["fused"]) == fused
-        for _ in range(50):
+        for _ in range(20):
             opt.zero_grad()
             (weight - target).pow(2).sum().backward()
             opt.step()
