@@ -1,19 +1,19 @@
 #!/usr/bin/env bash
 # The GPU-only checks and figures of docs/benchmarks.md, in parts that each fit one call of the
 # lent GPU machine (10 minutes a command; 15 minutes of device time a session, start included,
-# so a session gets two calls at most). In the order they matter:
+# a call within 30 s of the last finds the machine warm). In the order they matter:
 #
 #   bash benchmarks/device_checks.sh training    # the GPU tests of training and offload, then SDXL training rows:
-#                                                # the preset, with an EMA, the teacher offloaded, 8-bit AdamW with
-#                                                # an EMA, the static head set (~7 min on an H100)
+#                                                # the preset, without its EMA, the static head set, the teacher
+#                                                # offloaded, 8-bit AdamW (~5 min on an H200, ~50 s a row)
+#   bash benchmarks/device_checks.sh training offload 8bit foreach ema-offload lora lora-offload   # named rows
 #   bash benchmarks/device_checks.sh inference 1 # CUDA-only tests, then SDXL sampling at batch 1 (~4 min; default: 1 4, ~7 min)
 #   INFERENCE_SETTINGS="stock+compile nitrofusion+compile" bash benchmarks/device_checks.sh inference 1
-#   bash benchmarks/device_checks.sh training ema-offload foreach lora lora-offload   # later calls: named settings
 #   bash benchmarks/device_checks.sh training dmd2 dmd2-8bit
 #
 # Results go to $OUT (the device tool brings that folder back), else runs/device. diffusers and
-# bitsandbytes are not installed on that machine: carry their wheels in .whl/ (pip download
-# --no-deps --only-binary=:all: -d .whl diffusers==0.42.1 bitsandbytes==0.50.2, about 48 MB);
+# bitsandbytes are not installed on that machine: carry their wheels in .whl/ (python
+# benchmarks/device_wheels.py: 10 MB, bitsandbytes without the kernels of other CUDA releases);
 # each one whose package is missing there, or there in another version, is installed here.
 set -euo pipefail
 part=${1:?"which part: inference or training"}
@@ -51,13 +51,12 @@ inference)
 training)
     shift
     settings=("$@")
-    if [ ${#settings[@]} -eq 0 ]; then  # the first call: the GPU tests of training too
-        settings=(preset ema offload 8bit-ema static)
-        python3 -m pytest -q -p no:cacheprovider tests/test_offload.py tests/test_optimizers.py \
-            tests/test_host_memory.py -k "gpu" \
-            > "$out/cuda-tests-training.txt" 2>&1 || echo "CUDA-only tests FAILED: see cuda-tests-training.txt"
-        tail -n 3 "$out/cuda-tests-training.txt"
-    fi
+    [ ${#settings[@]} -gt 0 ] || settings=(preset no-ema static offload 8bit)
+    # The GPU tests of training (20 s), before the rows; a failure is kept and the rows still run.
+    python3 -m pytest -q -p no:cacheprovider tests/test_offload.py tests/test_optimizers.py \
+        tests/test_host_memory.py -k "gpu" \
+        > "$out/cuda-tests-training.txt" 2>&1 || echo "CUDA-only tests FAILED: see cuda-tests-training.txt"
+    tail -n 3 "$out/cuda-tests-training.txt"
     python3 benchmarks/sdxl_training.py --warmup 2 --steps 6 --settings "${settings[@]}" \
         --out "$out/sdxl_training.json"
     ;;

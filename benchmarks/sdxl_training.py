@@ -29,30 +29,29 @@ from pathlib import Path
 
 import torch
 
-EMA = "optim.ema_decay=0.999"  # an fp32 copy of the student on the GPU (10 GB at SDXL); the preset has none
+NO_EMA = "optim.ema_decay=0"  # the preset keeps an fp32 EMA of the student on the GPU (9.6 GiB at SDXL)
 DMD2 = "loss.objective=dmd2"
 EIGHT_BIT = "optim.optimizer=adamw8bit"  # 2 bytes of moments a parameter instead of 8 (15 GB less at SDXL)
 OFFLOAD = "model.teacher_offload=true"  # training/offload.py
 EMA_OFFLOAD = "optim.ema_offload=true"  # the EMA in host memory, averaged on the GPU tensor by tensor (training/ema.py)
 SETTINGS = {  # id: (what, overrides of the sdxl preset)
-    "preset": ("the preset: bf16, gradient checkpointing, 480-head pool, fused AdamW, no EMA", []),
-    "ema": ("with an EMA of the student", [EMA]),
+    "preset": ("the preset: bf16, gradient checkpointing, 480-head pool, fused AdamW, an EMA of the student", []),
+    "no-ema": ("without the EMA", [NO_EMA]),
     "static": ("static head set (30 heads)", ["discriminator.pool=false"]),
     # torch's default AdamW kernels on CUDA (foreach): sqrt(v) as large as the parameters at every step.
     "foreach": ("AdamW's foreach kernels instead of the fused one", ["optim.fused=false"]),
     "8bit": ("8-bit AdamW moments for the student (bitsandbytes)", [EIGHT_BIT]),
-    "8bit-ema": ("8-bit AdamW moments, with an EMA of the student", [EIGHT_BIT, EMA]),
     # The EMA's copies in and out per student update: per iteration here (accumulation 1), per
     # 20 micro-batches in the preset.
-    "ema-offload": ("an EMA of the student in host memory", [EMA, EMA_OFFLOAD]),
+    "ema-offload": ("the EMA of the student in host memory", [EMA_OFFLOAD]),
     # DMD2 trains a second UNet (the fake score) with its own optimizer: two fp32 UNets and their moments.
     "dmd2": ("DMD2 objective (a trained fake score, no head pool)", [DMD2]),
     "dmd2-8bit": ("DMD2 objective, 8-bit AdamW moments for the student and the fake score", [DMD2, EIGHT_BIT]),
     # Text encoders, VAE and the UNet's decoder (never run with pairs made beforehand) in host memory.
     "offload": ("the teacher's text encoders, VAE and UNet decoder in host memory", [OFFLOAD]),
-    "8bit-ema-offload": ("8-bit AdamW moments, an EMA, the teacher offloaded", [EIGHT_BIT, EMA, OFFLOAD]),
-    "lora": ("LoRA rank 64 (frozen base in bf16), EMA of the adapters", ["model.lora_rank=64", EMA]),
-    "lora-offload": ("LoRA rank 64, EMA of the adapters, the teacher offloaded", ["model.lora_rank=64", EMA, OFFLOAD]),
+    "8bit-offload": ("8-bit AdamW moments, the teacher offloaded", [EIGHT_BIT, OFFLOAD]),
+    "lora": ("LoRA rank 64 (frozen base in bf16), EMA of the adapters", ["model.lora_rank=64"]),
+    "lora-offload": ("LoRA rank 64, EMA of the adapters, the teacher offloaded", ["model.lora_rank=64", OFFLOAD]),
     "no-ckpt": ("no gradient checkpointing", ["model.gradient_checkpointing=false"]),
     "fp32": ("fp32 (no mixed precision)", ["optim.mixed_precision=no"]),
 }
