@@ -9,7 +9,7 @@
 #   bash benchmarks/device_checks.sh training offload 8bit foreach ema-offload lora lora-offload   # named rows
 #   bash benchmarks/device_checks.sh inference 1 # CUDA-only tests, then SDXL sampling at batch 1 (~4 min; default: 1 4, ~7 min)
 #   INFERENCE_SETTINGS="stock+compile nitrofusion+compile" bash benchmarks/device_checks.sh inference 1
-#   bash benchmarks/device_checks.sh training dmd2 dmd2-8bit
+#   bash benchmarks/device_checks.sh training dmd2 dmd2-8bit no-ckpt
 #
 # Results go to $OUT (the device tool brings that folder back), else runs/device. diffusers and
 # bitsandbytes are not installed on that machine: carry their wheels in .whl/ (python

@@ -23,3 +23,14 @@ def tiny_sdxl_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_sd15_dir(tmp_path_factory):
     return save_tiny_sd15(tmp_path_factory.mktemp("tiny-sd15"))
+
+
+@pytest.fixture
+def bf16_accelerator():
+    """accelerate keeps one state per process and refuses a second mixed precision in it: a test
+    that trains in bf16 starts and leaves a fresh one, so the fp32 tests around it keep theirs."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)

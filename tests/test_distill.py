@@ -700,14 +700,34 @@ def test_validation_draws_at_the_training_resolution(tiny_sdxl_dir, tmp_path, mo
     assert sizes and set(sizes) == {(24, 24)}  # the tiny model's own size is 16
 
 
-def test_validation_samples_an_fp32_student_beside_a_half_precision_teacher(tiny_sdxl_dir, tmp_path):
-    """Under bf16 on a GPU the frozen modules are cast to bf16 and the student keeps fp32 master
-    weights; validation crashed there (its latents take the text encoder's dtype: "mat1 and mat2
-    must have the same dtype"), found by the GPU run of 2026-11-27. The same casts, on the CPU."""
-    d = Distiller(config(tiny_sdxl_dir, tmp_path, "optim.mixed_precision=bf16"), progress=False)
-    d.teacher.to(torch.bfloat16)  # what the Distiller does on CUDA only
-    assert next(d.acc.unwrap_model(d.student).parameters()).dtype == torch.float32
-    assert d.validate().is_file()
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        [],
+        ["loss.pretrain_kind=adversarial", "loss.pretrain_steps=1"],
+        ["loss.objective=dmd2"],
+        ["model.lora_rank=4"],
+        ["model.teacher_offload=true", "optim.ema_offload=true"],
+    ],
+    ids=["one-step", "pixel-pretrain", "dmd2", "lora", "offload"],
+)
+def test_bf16_training_keeps_the_teacher_in_bf16_and_the_student_in_fp32(
+    tiny_sdxl_dir, tmp_path, overrides, bf16_accelerator
+):
+    """The path every GPU run takes. Validation crashed on it ("mat1 and mat2 must have the same
+    dtype": the sampler's latents took the bf16 text encoders' dtype, the student is fp32), found
+    by the H200 run of 2026-11-27; the CPU tests had run fp32 only."""
+    cfg = config(tiny_sdxl_dir, tmp_path, "optim.mixed_precision=bf16", "run.validate_every=1", *overrides)
+    d = Distiller(cfg, progress=False)
+    student = d.acc.unwrap_model(d.student)
+    before = snapshot(student)
+    d.train()
+    assert next(d.teacher.unet.parameters()).dtype == torch.bfloat16
+    assert next(d.teacher.text_encoder.parameters()).dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in student.parameters() if p.requires_grad)
+    assert moved(before, student)
+    assert all(torch.isfinite(v).all() for v in load_file(str(tmp_path / "student_unet.safetensors")).values())
+    assert (tmp_path / "validation" / "step-00000002.png").is_file()
 
 
 @pytest.mark.parametrize(

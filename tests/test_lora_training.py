@@ -105,15 +105,16 @@ def test_lora_distillation_trains_only_adapters_and_exports_a_stock_loadable_stu
     assert set(pipe.unet.state_dict()) == set(teacher)
 
 
-def test_a_half_precision_lora_run_merges_against_the_teachers_weights_on_disk(tiny_sdxl_dir, tmp_path):
-    """The export path of a bf16 LoRA run (CUDA only), on the CPU: the frozen base cast to bf16 as
-    there; the export folds the adapters into the teacher's fp32 weights from disk, not the bf16 copy."""
-    d = Distiller(config(tiny_sdxl_dir, tmp_path / "run", "model.lora_rank=4"), progress=False)
+def test_a_half_precision_lora_run_merges_against_the_teachers_weights_on_disk(
+    tiny_sdxl_dir, tmp_path, bf16_accelerator
+):
+    """A bf16 LoRA run holds its frozen base in bf16; the export folds the adapters into the
+    teacher's fp32 weights from disk, not the bf16 copy."""
+    cfg = config(tiny_sdxl_dir, tmp_path / "run", "model.lora_rank=4", "optim.mixed_precision=bf16")
+    d = Distiller(cfg, progress=False)
     d.train_step()
-    for p in d.ema.shadow.parameters():
-        if not p.requires_grad:
-            p.data = p.data.to(torch.bfloat16)
-    d.lora_in_half_precision = True
+    assert d.lora_in_half_precision
+    assert {p.dtype for n, p in d.ema.shadow.named_parameters() if "lora_" not in n} == {torch.bfloat16}
     d.export()
     student = load_file(str(tmp_path / "run" / "student_unet.safetensors"))
     teacher = load_file(str(tiny_sdxl_dir / "unet" / "diffusion_pytorch_model.safetensors"))

@@ -176,8 +176,9 @@ class Distiller:
             if fake_unet is not None:
                 fake_unet.enable_gradient_checkpointing()
         self.lora_in_half_precision = False
-        if cfg.optim.mixed_precision != "no" and self.acc.device.type == "cuda":
+        if cfg.optim.mixed_precision != "no":
             # The teacher is frozen: keep it in half precision; the student keeps fp32 master weights.
+            # On any device, so the CPU tests run the path a GPU run takes.
             half = torch.bfloat16  # the only mixed precision the config accepts (fp16 is refused)
             self.teacher.to(half)
             if cfg.model.lora_rank > 0:  # the student's frozen base weights too; the adapters stay fp32
