@@ -188,6 +188,25 @@ def test_graphed_function_replays_like_the_plain_function():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_graphed_function_that_cannot_be_captured_runs_plainly_on_the_callers_stream():
+    """A function that waits for the host (here `.item()`) cannot be captured: it runs plainly,
+    with a warning, and the caller's stream is current again (torch.cuda.graph restores it only
+    when the capture ends well)."""
+
+    def fn(x):
+        return (x * float(x.sum().item() > 0),)
+
+    graphed = GraphedFunction(fn, "syncing")
+    x = torch.ones(4, device="cuda")
+    stream = torch.cuda.current_stream()
+    with pytest.warns(UserWarning, match="syncing not captured"):
+        out = graphed(x)
+    assert torch.cuda.current_stream() == stream
+    assert list(graphed.graphs.values()) == [None]
+    assert torch.equal(out[0], x) and torch.equal(graphed(x)[0], x)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_a_compiled_pipeline_replays_whole_samples_like_its_modules_called_plainly(tiny_sdxl_dir):
     """The whole path on a GPU, tiny: compile_pipeline, one graph per sample (pixels quantised
     inside it, copied out through pinned memory); prompts A, B, A give A twice and B apart, and

@@ -194,8 +194,14 @@ class GraphedFunction:
 
     def _record(self, static_in: tuple[torch.Tensor, ...]) -> tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...]]:
         graph = torch.cuda.CUDAGraph()
-        with _CAPTURE_LOCK, torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-            static_out = self.fn(*static_in)
+        stream = torch.cuda.current_stream()
+        try:
+            with _CAPTURE_LOCK, torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+                static_out = self.fn(*static_in)
+        finally:
+            # torch.cuda.graph gives the caller's stream back only when capture_end succeeds: after
+            # a failed capture the uncaptured runs and the caller would go on on the capture stream.
+            torch.cuda.set_stream(stream)
         self.pool = graph.pool()
         return graph, static_out
 
