@@ -269,7 +269,7 @@ def test_the_app_serves_an_sd15_model_with_or_without_its_safety_checker(tmp_pat
         assert len(judged) == judged_so_far  # the kept checker judged its served image; nothing judged the other
 
 
-def test_cli_warns_when_exposed_and_fails_in_one_line_on_a_taken_port(capsys):
+def test_cli_fails_in_one_line_on_a_taken_port_and_warns_once_exposed(capsys, tmp_path):
     import argparse
 
     from nitrofusion.errors import UserError
@@ -280,6 +280,10 @@ def test_cli_warns_when_exposed_and_fails_in_one_line_on_a_taken_port(capsys):
         port = taken.getsockname()[1]
         with pytest.raises(UserError, match=f"cannot listen on 0.0.0.0:{port}"):
             run(parser.parse_args(["app", "--host", "0.0.0.0", "--port", str(port)]))
+    assert capsys.readouterr().err == ""  # the refusal is the one line; nothing was exposed
+    # Bound: the warning comes before the models load (here a missing one stops the start).
+    with pytest.raises(UserError):
+        run(parser.parse_args(["app", "--host", "0.0.0.0", "--port", "0", "--model", str(tmp_path / "nothing")]))
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("warning: --host 0.0.0.0 exposes the app")
 

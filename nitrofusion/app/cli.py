@@ -112,13 +112,13 @@ def run(args: argparse.Namespace) -> int:
 
     if args.max_size < 8 or args.queue_size < 1:
         raise UserError("--max-size must be at least 8 and --queue-size at least 1")
+    sock = bind(args.host, args.port)  # first: a host that cannot be bound is one line, no warning
     if not is_loopback(args.host):
         print(
             f"warning: --host {args.host} exposes the app to the network, with no authentication; "
             "anyone who can reach it can use this machine's compute",
             file=sys.stderr,
         )
-    sock = bind(args.host, args.port)
     try:
         models = load_models(
             args.models or [],
