@@ -40,11 +40,27 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
 
     from nitrofusion.pipelines import load_pipeline, save_images
-    from nitrofusion.pipelines.generation import generate_batches, prepare_output
+    from nitrofusion.pipelines.generation import (
+        check_seeds,
+        check_size,
+        check_steps,
+        generate_batches,
+        prepare_output,
+        size_multiple_of_folder,
+    )
+    from nitrofusion.pipelines.loading import resolve_model
     from nitrofusion.world.spec import choose_model
 
     prepare_output(args.out, len(prompts))
+    # What the request asks of the model is checked again after loading; here what can be known
+    # before it (an SDXL pipeline loads in tens of seconds).
+    check_seeds(args.seed, len(prompts))
+    check_guidance_scale(args.guidance_scale)
+    check_steps(args.sampler, args.steps)
     choice = choose_model(args.model, args.unet, args.shift)
+    multiple = size_multiple_of_folder(resolve_model(choice.model))
+    if multiple is not None:
+        check_size(multiple, args.height, args.width)
     pipe = load_pipeline(
         choice.model,
         unet=choice.unet,

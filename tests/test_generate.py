@@ -506,6 +506,44 @@ def test_bad_requests_are_one_line_and_leave_nothing(tiny_sdxl_dir, tmp_path, ca
     assert not (tmp_path / "new").exists()
 
 
+@pytest.mark.parametrize(
+    "extra, fragment",
+    [
+        (["--height", "12"], "--height must be a positive multiple of 8"),
+        (["--width", "0"], "--width must be a positive multiple of 8"),
+        (["--seed", str(2**64)], "--seed must be in"),
+        (["--guidance-scale", "nan"], "--guidance-scale must be a finite number"),
+        (["--steps", "9", "--sampler", "shift-lcm"], "--steps must be 1 to 4"),
+    ],
+)
+def test_what_a_request_asks_of_the_model_is_checked_before_it_loads(
+    tiny_sdxl_dir, tmp_path, capsys, monkeypatch, extra, fragment
+):
+    """Each was refused only after the pipeline had loaded: tens of seconds at SDXL size."""
+    import nitrofusion.pipelines as pipelines
+
+    def load_pipeline(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(pipelines, "load_pipeline", load_pipeline)
+    args = ["generate", "x", "--model", str(tiny_sdxl_dir), "--out", str(tmp_path / "o"), *extra]
+    expect_error(args, capsys, fragment)
+
+
+def test_the_size_multiple_read_before_loading_is_the_loaded_pipelines(tiny_sdxl_dir, tiny_sd15_dir, tmp_path):
+    from nitrofusion.pipelines.generation import size_multiple, size_multiple_of_folder
+    from nitrofusion.world.spec import embedded_model
+
+    for folder in (tiny_sdxl_dir, tiny_sd15_dir, embedded_model("embedded").model):
+        assert size_multiple_of_folder(folder) == size_multiple(load_pipeline(folder, device="cpu"))
+    configs = Path(__file__).parents[1] / "nitrofusion" / "models" / "configs" / "sdxl-base"
+    for part in ("unet", "vae"):  # SDXL base's own: two UNet down-samplings (x4), a VAE factor of 8
+        (tmp_path / part).mkdir()
+        (tmp_path / part / "config.json").write_text((configs / f"{part}.json").read_text())
+    assert size_multiple_of_folder(tmp_path) == 32
+    assert size_multiple_of_folder(tmp_path / "missing") is None
+
+
 def test_an_out_png_that_is_a_directory_is_refused_before_any_work(tiny_sdxl_dir, tmp_path, capsys):
     (tmp_path / "x.png").mkdir()
     args = ["generate", "a", "--model", str(tiny_sdxl_dir), "--out", str(tmp_path / "x.png")]

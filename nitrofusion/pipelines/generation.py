@@ -63,6 +63,13 @@ def check_distinct_timesteps(pipe: DiffusionPipeline, steps: int) -> None:
 
 def check_request(pipe: DiffusionPipeline, steps: int, height: int, width: int) -> None:
     sampler = getattr(pipe, "nitro_sampler", "native")
+    check_steps(sampler, steps)
+    if sampler == "shift-lcm":
+        check_distinct_timesteps(pipe, steps)
+    check_size(size_multiple(pipe), height, width)
+
+
+def check_steps(sampler: str, steps: int) -> None:
     if sampler == "shift-lcm" and not 1 <= steps <= SHIFT_LCM_MAX_STEPS:
         raise UserError(
             f"--steps must be 1 to {SHIFT_LCM_MAX_STEPS} with the shift-LCM sampler, got {steps} "
@@ -70,12 +77,32 @@ def check_request(pipe: DiffusionPipeline, steps: int, height: int, width: int) 
         )
     if steps < 1:
         raise UserError(f"--steps must be at least 1, got {steps}")
-    if sampler == "shift-lcm":
-        check_distinct_timesteps(pipe, steps)
-    m = size_multiple(pipe)
+
+
+def check_size(multiple: int, height: int | None, width: int | None) -> None:
+    """`None`: the model's default size, which fits it."""
     for name, v in (("height", height), ("width", width)):
-        if v <= 0 or v % m:
-            raise UserError(f"--{name} must be a positive multiple of {m} for this model, got {v}")
+        if v is not None and (v <= 0 or v % multiple):
+            raise UserError(f"--{name} must be a positive multiple of {multiple} for this model, got {v}")
+
+
+def check_seeds(seed: int, n: int) -> None:
+    if not SEEDS[0] <= seed <= seed + n - 1 <= SEEDS[1]:
+        raise UserError(f"--seed must be in {SEEDS[0]}..{SEEDS[1] - n + 1} for {n} images")
+
+
+def size_multiple_of_folder(folder: str | Path) -> int | None:
+    """`size_multiple` from a pipeline folder's UNet and VAE configs, before anything is loaded
+    (an SDXL pipeline takes tens of seconds); None where they cannot be read, and the check after
+    loading stands alone."""
+    try:
+        unet = json.loads((Path(folder) / "unet" / "config.json").read_text())
+        vae = json.loads((Path(folder) / "vae" / "config.json").read_text())
+        unet_factor = 2 ** (len(unet["block_out_channels"]) - 1)
+        vae_factor = 2 ** (len(vae["block_out_channels"]) - 1)  # diffusers' vae_scale_factor
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return max(8, vae_factor * unet_factor)
 
 
 SEEDS = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
@@ -112,8 +139,7 @@ def generate_batches(
     """`generate`, a batch at a time: a caller can write each batch before the next is drawn."""
     if not prompts:
         raise UserError("no prompts given")
-    if not SEEDS[0] <= seed <= seed + len(prompts) - 1 <= SEEDS[1]:
-        raise UserError(f"--seed must be in {SEEDS[0]}..{SEEDS[1] - len(prompts) + 1} for {len(prompts)} images")
+    check_seeds(seed, len(prompts))
     check_guidance_scale(guidance_scale)
     height = default_size(pipe) if height is None else height
     width = default_size(pipe) if width is None else width
