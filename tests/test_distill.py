@@ -519,6 +519,40 @@ def test_two_rank_run_stays_identical(tiny_sdxl_dir, tmp_path):
     assert skips == ["1 True", "1 True"], f"a NaN on rank 1 only: {skips} (skipped steps, weights unchanged)"
 
 
+def test_every_rank_makes_its_share_of_the_missing_pairs(tiny_sdxl_dir, tmp_path):
+    """Rank 0 made them all while the others waited in a barrier: hours at SDXL size, past NCCL's
+    10-minute timeout. Each rank now makes its shards, and waits for the others' on disk."""
+    script = tmp_path / "pairs_two_ranks.py"
+    script.write_text(
+        textwrap.dedent(f"""
+        from accelerate import Accelerator
+        import nitrofusion.data.teacher as teacher
+        from nitrofusion.training.config import load_config
+        from nitrofusion.training.distill import Distiller
+        acc = Accelerator(cpu=True)
+        written, save = [], teacher.save_state_dict
+        teacher.save_state_dict = lambda state, path, **kw: written.append(path.name) or save(state, path, **kw)
+        cfg = load_config(None, None, ["model.teacher={tiny_sdxl_dir}", "data.teacher_steps=1",
+            "data.pairs={tmp_path}/pairs", "data.num_pairs=600", "run.output_dir={tmp_path}/run"])
+        d = Distiller(cfg, accelerator=acc, progress=False)
+        with open("{tmp_path}/rank%d.txt" % acc.process_index, "w") as f:
+            f.write(f"{{len(d.pairs)}} {{' '.join(written)}}")
+    """)
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = Path(sys.executable).with_name("torchrun")
+    proc = subprocess.run(
+        [str(torchrun), "--nproc_per_node", "2", "--master_port", "29534", str(script)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)]
+    assert ranks == ["600 pairs-00000.safetensors pairs-00002.safetensors", "600 pairs-00001.safetensors"]
+
+
 def test_every_rank_and_micro_batch_draws_its_own_random_stream():
     """Keys were rank * 31 + micro: rank 1's first micro-batch repeated rank 0's 32nd."""
     from types import SimpleNamespace
@@ -572,7 +606,9 @@ def test_make_pairs_resumes_and_feeds_training(tiny_sdxl_dir, tmp_path):
     shards = make_pairs(sampler, prompts, 5, tmp_path / "pairs", batch_size=2, shard_size=2)
     assert len(shards) == 3
     first = PairShards.load(tmp_path / "pairs")
-    shards[1].unlink()  # an interrupted run: the missing shard is made again, the others kept
+    shards[1].unlink()  # an interrupted run: refused as it is, the missing shard made again, the others kept
+    with pytest.raises(UserError, match="incomplete: 1 shards missing, pairs-00001"):
+        PairShards.load(tmp_path / "pairs")
     make_pairs(sampler, prompts, 5, tmp_path / "pairs", batch_size=2, shard_size=2)
     again = PairShards.load(tmp_path / "pairs")
     assert len(again) == 5 and torch.equal(first.latents, again.latents)
@@ -658,7 +694,7 @@ def test_a_dmd2_style_teacher_samples_at_its_own_timesteps(tiny_sdxl_dir, tmp_pa
 
 
 def test_pairs_made_another_way_are_refused_not_mixed_in(tiny_sdxl_dir, tmp_path, capsys):
-    from nitrofusion.data.teacher import PairShards, TeacherSampler, make_pairs
+    from nitrofusion.data.teacher import TeacherSampler, make_pairs
     from nitrofusion.errors import UserError
     from nitrofusion.pipelines import load_pipeline
 
@@ -671,7 +707,7 @@ def test_pairs_made_another_way_are_refused_not_mixed_in(tiny_sdxl_dir, tmp_path
         make_pairs(sampler, ["a boot", "a cat"], 3, pairs, batch_size=2, shard_size=2)
     with pytest.raises(UserError, match="another seed"):
         make_pairs(sampler, ["a cat", "a dog"], 3, pairs, seed=1, batch_size=2, shard_size=2)
-    assert PairShards.load(pairs).prompts == ["a cat", "a dog"]  # the refusals changed nothing
+    assert json.loads((pairs / "prompts.json").read_text()) == ["a cat", "a dog"]  # the refusals changed nothing
     make_pairs(sampler, ["a cat", "a dog"], 3, pairs, batch_size=2, shard_size=2)
     capsys.readouterr()
     # A run with another teacher setting reading them: one line, exit 2, before training.
@@ -687,6 +723,45 @@ def test_distill_makes_missing_pairs_first(tiny_sdxl_dir, tmp_path):
         config(tiny_sdxl_dir, tmp_path / "run", f"data.pairs={tmp_path / 'auto'}", "data.num_pairs=3"), progress=False
     )
     assert len(d.pairs) == 3
+
+
+def test_distill_completes_pairs_stopped_half_way_to_their_own_count(tiny_sdxl_dir, tmp_path):
+    """A stopped `make-pairs` (or distill) left shards 0 and 2 of 3: distill trained on the two
+    without a word. It now makes the missing one, to the count the folder was started for."""
+    from nitrofusion.data.teacher import make_pairs
+
+    d = Distiller(config(tiny_sdxl_dir, tmp_path / "run"), progress=False)  # its teacher and prompts
+    shards = make_pairs(d.sampler, d.prompts, 600, tmp_path / "p", seed=d.cfg.run.seed, batch_size=64)
+    whole = [load_file(str(s)) for s in shards]
+    shards[1].unlink()
+    d = Distiller(config(tiny_sdxl_dir, tmp_path / "run", f"data.pairs={tmp_path / 'p'}"), progress=False)
+    assert len(d.pairs) == 600  # not the config's data.num_pairs (2048)
+    for shard, want in zip(shards, whole):  # (the bytes differ: safetensors orders metadata as it likes)
+        assert all(torch.equal(v, want[k]) for k, v in load_file(str(shard)).items())
+
+
+def test_pairs_made_in_shares_by_several_processes_are_one_processs_pairs(tiny_sdxl_dir, tmp_path):
+    from nitrofusion.data.teacher import TeacherSampler, make_pairs, missing_shards
+    from nitrofusion.pipelines import load_pipeline
+
+    sampler = TeacherSampler(load_pipeline(tiny_sdxl_dir, sampler="native"), 1, 3.0, 16, 16)
+    prompts = ["a cat", "a dog", "a boot"]
+    one = make_pairs(sampler, prompts, 7, tmp_path / "one", batch_size=2, shard_size=2)
+    made = {}
+    for rank in (1, 0, 2):  # any order
+        assert missing_shards(tmp_path / "three") != []  # until the last share is made
+        before = set((tmp_path / "three").glob("pairs-*"))
+        make_pairs(sampler, prompts, 7, tmp_path / "three", batch_size=2, shard_size=2, rank=rank, world=3)
+        made[rank] = sorted(p.name for p in set((tmp_path / "three").glob("pairs-*")) - before)
+    assert made == {
+        0: ["pairs-00000.safetensors", "pairs-00003.safetensors"],
+        1: ["pairs-00001.safetensors"],
+        2: ["pairs-00002.safetensors"],
+    }
+    assert missing_shards(tmp_path / "three") == []
+    for shard in one:
+        made = load_file(str(tmp_path / "three" / shard.name))
+        assert all(torch.equal(v, made[k]) for k, v in load_file(str(shard)).items())
 
 
 def test_validation_draws_at_the_training_resolution(tiny_sdxl_dir, tmp_path, monkeypatch):

@@ -146,6 +146,32 @@ def check_recipe(path: Path, want: dict[str, str]) -> None:
             )
 
 
+PAIRS_INFO = "pairs.json"  # how many pairs the folder is meant to hold, in shards of what size
+
+
+def shard_path(out_dir: Path, index: int) -> Path:
+    return out_dir / f"pairs-{index:05d}.safetensors"
+
+
+def missing_shards(directory: str | Path) -> list[Path] | None:
+    """The shards a folder of pairs still lacks by its `pairs.json`; None for a folder without
+    one (made before it was written): its shards are taken as complete."""
+    directory = Path(directory)
+    try:
+        info = json.loads((directory / PAIRS_INFO).read_text())
+        count, size = int(info["count"]), int(info["shard_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return [p for p in (shard_path(directory, i) for i in range(-(-count // size))) if not p.is_file()]
+
+
+def planned_count(directory: str | Path) -> int | None:
+    try:
+        return int(json.loads((Path(directory) / PAIRS_INFO).read_text())["count"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def make_pairs(
     sampler: TeacherSampler,
     prompts: list[str],
@@ -154,29 +180,34 @@ def make_pairs(
     seed: int = 0,
     batch_size: int = 16,
     shard_size: int = 256,
+    rank: int = 0,
+    world: int = 1,
+    progress: bool = True,
 ) -> list[Path]:
-    """Write `count` pairs in shards of `shard_size`; existing complete shards are kept (resume)."""
+    """Write `count` pairs in shards of `shard_size`; existing complete shards are kept (resume).
+    With `world` processes, process `rank` makes the shards i with i % world == rank: a shard's
+    pairs depend on its index only, not on which process makes it."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     recipe = pairs_recipe(sampler, prompts, seed)
     for existing in sorted(out_dir.glob(SHARD_GLOB)):  # a resumed run adds to shards made the same way only
         check_recipe(existing, recipe)
-    write_text_replacing(out_dir / "prompts.json", json.dumps(prompts))
-    shards = []
+    if rank == 0:  # one writer: the files are replaced through one temporary name each
+        write_text_replacing(out_dir / "prompts.json", json.dumps(prompts))
+        write_text_replacing(out_dir / PAIRS_INFO, json.dumps({"count": count, "shard_size": shard_size}))
     n_shards = (count + shard_size - 1) // shard_size
-    done = sum(
-        min(shard_size, count - i * shard_size)
-        for i in range(n_shards)
-        if (out_dir / f"pairs-{i:05d}.safetensors").is_file()
-    )
-    bar = tqdm(total=count, initial=done, desc="teacher pairs")
-    for s in range(n_shards):
-        path = out_dir / f"pairs-{s:05d}.safetensors"
-        shards.append(path)
-        if path.is_file():
+    shards = [shard_path(out_dir, s) for s in range(n_shards)]
+    mine = [s for s in range(rank, n_shards, world)]
+
+    def size(s: int) -> int:
+        return min(shard_size, count - s * shard_size)
+
+    done = sum(size(s) for s in mine if shards[s].is_file())
+    bar = tqdm(total=sum(size(s) for s in mine), initial=done, desc="teacher pairs", disable=not progress)
+    for s in mine:
+        if shards[s].is_file():
             continue
-        lo, hi = s * shard_size, min(count, (s + 1) * shard_size)
-        idx = torch.arange(lo, hi)
+        idx = torch.arange(s * shard_size, s * shard_size + size(s))
         prompt_ids = (idx * 7919 + seed) % len(prompts)  # spread prompts evenly over the pairs
         seeds = seed * 1_000_003 + idx
         latents = []
@@ -187,7 +218,7 @@ def make_pairs(
             latents.append(sampler([prompts[int(i)] for i in prompt_ids[sl]], noise, generators).cpu())
             bar.update(len(idx[sl]))
         shard = {"latents": torch.cat(latents), "seeds": seeds, "prompt_ids": prompt_ids}
-        save_state_dict(shard, path, metadata=recipe)  # on disk before it has its name: a shard is whole or absent
+        save_state_dict(shard, shards[s], metadata=recipe)  # on disk before it has its name: whole or absent
     bar.close()
     return shards
 
@@ -208,6 +239,12 @@ class PairShards:
         files = sorted(directory.glob(SHARD_GLOB))
         if not files or not (directory / "prompts.json").is_file():
             raise UserError(f"no teacher pairs in '{directory}' (make them with 'nitrofusion make-pairs')")
+        missing = missing_shards(directory)
+        if missing:
+            raise UserError(
+                f"the teacher pairs in '{directory}' are incomplete: {len(missing)} shards missing, "
+                f"{missing[0].name} first (a stopped make-pairs: run it again with the same options, it resumes)"
+            )
         prompts = json.loads((directory / "prompts.json").read_text())
         for f in files:
             check_recipe(f, {**(recipe or {}), "prompts_sha256": prompts_digest(prompts)})

@@ -34,7 +34,9 @@ from nitrofusion.data.teacher import (
     PairShards,
     TeacherSampler,
     make_pairs,
+    missing_shards,
     noise_for_seeds,
+    planned_count,
     sampler_recipe,
 )
 from nitrofusion.discriminator.backbone import UNetEncoderFeatures
@@ -311,17 +313,25 @@ class Distiller:
         self.trained_critics: dict[str, list[Critic]] = {"pretrain": before, "distill": main}
 
     def _load_or_make_pairs(self, directory: str) -> PairShards:
-        if not list(Path(directory).glob(SHARD_GLOB)):
-            if self.acc.is_main_process:
-                make_pairs(
-                    self.sampler,
-                    self.prompts,
-                    self.cfg.data.num_pairs,
-                    directory,
-                    seed=self.cfg.run.seed,
-                    batch_size=self.cfg.data.pairs_batch_size,
-                )
-            self.acc.wait_for_everyone()
+        """Missing pairs are made first (a folder stopped half-way is completed, to the count it
+        was started for), each process making its share of the shards: one process alone would
+        take hours at SDXL size, past the 10 minutes NCCL lets the others wait in a barrier. The
+        others' shards are waited for on disk, then the processes meet."""
+        if not list(Path(directory).glob(SHARD_GLOB)) or missing_shards(directory):
+            make_pairs(
+                self.sampler,
+                self.prompts,
+                planned_count(directory) or self.cfg.data.num_pairs,
+                directory,
+                seed=self.cfg.run.seed,
+                batch_size=self.cfg.data.pairs_batch_size,
+                rank=self.acc.process_index,
+                world=self.acc.num_processes,
+                progress=self.progress,
+            )
+            while missing_shards(directory):
+                time.sleep(5)  # another process's shards, still being made
+        self.acc.wait_for_everyone()
         # Pairs from another teacher setting or image size would be wrong data, not an error, later.
         return PairShards.load(directory, sampler_recipe(self.sampler))
 
