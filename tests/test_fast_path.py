@@ -187,6 +187,19 @@ def test_graphed_function_replays_like_the_plain_function():
     assert len(graphed.graphs) == 2 and all(v is not None for v in graphed.graphs.values())
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_graphed_function_on_a_second_gpu_captures_there():
+    """With cuda:0 current, a function of cuda:1 tensors was captured on a cuda:0 stream: an empty
+    graph (the kernels ran eagerly), whose every replay returned the capture's outputs."""
+    weight = torch.randn(16, 16, device="cuda:1")
+    graphed = GraphedFunction(lambda x: (x @ weight,))
+    a, b = torch.randn(4, 16, device="cuda:1"), torch.randn(4, 16, device="cuda:1")
+    assert torch.cuda.current_device() == 0
+    for x in (a, b, a):
+        assert torch.equal(graphed(x)[0], x @ weight)
+    assert all(entry is not None for entry in graphed.graphs.values())
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_graphed_function_that_cannot_be_captured_runs_plainly_on_the_callers_stream():
     """A function that waits for the host (here `.item()`) cannot be captured: it runs plainly,

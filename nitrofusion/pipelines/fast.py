@@ -15,6 +15,7 @@ Measured on an H100 at 1024², bf16 (benchmarks/sdxl_inference.py):
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import threading
@@ -152,6 +153,14 @@ class GraphedFunction:
         self.pool = None
 
     def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        # Capture, copies and replay on the inputs' GPU: torch.cuda.graph captures on a stream of
+        # the *current* device, and on cuda:1 with cuda:0 current it would record nothing while
+        # the kernels ran eagerly, and every replay would return the capture's outputs.
+        cuda = next((x.device for x in inputs if x.is_cuda), None)
+        with torch.cuda.device(cuda) if cuda is not None else contextlib.nullcontext():
+            return self._call(inputs)
+
+    def _call(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         key = tuple((x.shape, x.dtype, x.device) for x in inputs)
         if key not in self.graphs:
             self.graphs[key] = self._capture(inputs)
@@ -179,7 +188,7 @@ class GraphedFunction:
         except RuntimeError as exc:
             shapes = ", ".join("x".join(map(str, x.shape)) for x in inputs)
             message = f"{self.name} not captured as a CUDA graph for {shapes} ({exc}); running it uncaptured"
-            warnings.warn(message, stacklevel=3)
+            warnings.warn(message, stacklevel=4)
             return None
         return graph, static_in, static_out
 
