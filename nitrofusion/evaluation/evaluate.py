@@ -239,6 +239,7 @@ def evaluate(req: EvalRequest) -> list[dict]:
     if unfiltered:  # otherwise the same model's rows look alike in the tables
         label += " (unfiltered)"
     results, grid_rows = [], []
+    weights = next(pipe.unet.parameters())
     for steps in req.steps:
         guidance = req.guidance_scale if req.guidance_scale is not None else (0.0 if sampler == "shift-lcm" else 5.0)
         settings = {
@@ -254,6 +255,10 @@ def evaluate(req: EvalRequest) -> list[dict]:
             # a changed file at the same path must not be served from images of the old one.
             "prompts_sha256": prompts_sha256,
             "unet_file": _file_identity(req.unet),
+            # A seed's noise differs between CPU and CUDA generators, and the precision rounds
+            # differently: a cache resumed on another device or dtype would mix two samplings.
+            "device": weights.device.type,
+            "dtype": str(weights.dtype).removeprefix("torch."),
         }
         if unfiltered:  # other images than the filtered ones: the cache refuses to mix them
             settings["safety_checker"] = False
