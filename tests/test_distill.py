@@ -450,6 +450,19 @@ def test_teacher_that_is_not_a_unet_pipeline(tmp_path, capsys):
     expect_cli_error(["distill", "--set", f"model.teacher={tmp_path}"], capsys)
 
 
+def run_on_two_ranks(script: Path, port: int) -> None:
+    """`script` in two gloo processes on the CPU, as `torchrun` starts them."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    proc = subprocess.run(
+        [str(torchrun), "--nproc_per_node", "2", "--master_port", str(port), str(script)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 def test_two_rank_run_stays_identical(tiny_sdxl_dir, tmp_path):
     script = tmp_path / "two_ranks.py"
     script.write_text(
@@ -495,16 +508,7 @@ def test_two_rank_run_stays_identical(tiny_sdxl_dir, tmp_path):
             f.write(f"{{d.bad_steps}} {{all(torch.equal(a, b) for a, b in zip(before, after))}}")
     """)
     )
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    torchrun = Path(sys.executable).with_name("torchrun")
-    proc = subprocess.run(
-        [str(torchrun), "--nproc_per_node", "2", "--master_port", "29533", str(script)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_on_two_ranks(script, 29533)
     r0 = (tmp_path / "rank0.txt").read_text().split(" ", 2)
     r1 = (tmp_path / "rank1.txt").read_text().split(" ", 2)
     assert r0[0] == r1[0] == "2"
@@ -539,16 +543,7 @@ def test_every_rank_makes_its_share_of_the_missing_pairs(tiny_sdxl_dir, tmp_path
             f.write(f"{{len(d.pairs)}} {{' '.join(written)}}")
     """)
     )
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    torchrun = Path(sys.executable).with_name("torchrun")
-    proc = subprocess.run(
-        [str(torchrun), "--nproc_per_node", "2", "--master_port", "29534", str(script)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_on_two_ranks(script, 29534)
     ranks = [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)]
     assert ranks == ["600 pairs-00000.safetensors pairs-00002.safetensors", "600 pairs-00001.safetensors"]
 

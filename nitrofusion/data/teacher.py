@@ -147,29 +147,30 @@ def check_recipe(path: Path, want: dict[str, str]) -> None:
 
 
 PAIRS_INFO = "pairs.json"  # how many pairs the folder is meant to hold, in shards of what size
+SHARD_SIZE = 256
 
 
 def shard_path(out_dir: Path, index: int) -> Path:
     return out_dir / f"pairs-{index:05d}.safetensors"
 
 
+def planned_pairs(directory: str | Path) -> tuple[int, int] | None:
+    """(count, shard size) from a folder's `pairs.json`; None for a folder without one (made
+    before it was written), whose shards are taken as complete."""
+    try:
+        info = json.loads((Path(directory) / PAIRS_INFO).read_text())
+        return int(info["count"]), int(info["shard_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def missing_shards(directory: str | Path) -> list[Path] | None:
-    """The shards a folder of pairs still lacks by its `pairs.json`; None for a folder without
-    one (made before it was written): its shards are taken as complete."""
-    directory = Path(directory)
-    try:
-        info = json.loads((directory / PAIRS_INFO).read_text())
-        count, size = int(info["count"]), int(info["shard_size"])
-    except (OSError, ValueError, KeyError, TypeError):
+    """The shards a folder of pairs still lacks by its `pairs.json` (None without one)."""
+    plan = planned_pairs(directory)
+    if plan is None:
         return None
-    return [p for p in (shard_path(directory, i) for i in range(-(-count // size))) if not p.is_file()]
-
-
-def planned_count(directory: str | Path) -> int | None:
-    try:
-        return int(json.loads((Path(directory) / PAIRS_INFO).read_text())["count"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+    count, size = plan
+    return [p for p in (shard_path(Path(directory), i) for i in range(-(-count // size))) if not p.is_file()]
 
 
 def make_pairs(
@@ -179,7 +180,7 @@ def make_pairs(
     out_dir: str | Path,
     seed: int = 0,
     batch_size: int = 16,
-    shard_size: int = 256,
+    shard_size: int = SHARD_SIZE,
     rank: int = 0,
     world: int = 1,
     progress: bool = True,
@@ -197,7 +198,7 @@ def make_pairs(
         write_text_replacing(out_dir / PAIRS_INFO, json.dumps({"count": count, "shard_size": shard_size}))
     n_shards = (count + shard_size - 1) // shard_size
     shards = [shard_path(out_dir, s) for s in range(n_shards)]
-    mine = [s for s in range(rank, n_shards, world)]
+    mine = list(range(rank, n_shards, world))
 
     def size(s: int) -> int:
         return min(shard_size, count - s * shard_size)

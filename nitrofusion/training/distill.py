@@ -31,12 +31,13 @@ from nitrofusion.data.conditioning import Conditioning, TextEncoder
 from nitrofusion.data.prompts import load_prompts
 from nitrofusion.data.teacher import (
     SHARD_GLOB,
+    SHARD_SIZE,
     PairShards,
     TeacherSampler,
     make_pairs,
     missing_shards,
     noise_for_seeds,
-    planned_count,
+    planned_pairs,
     sampler_recipe,
 )
 from nitrofusion.discriminator.backbone import UNetEncoderFeatures
@@ -317,19 +318,24 @@ class Distiller:
         was started for), each process making its share of the shards: one process alone would
         take hours at SDXL size, past the 10 minutes NCCL lets the others wait in a barrier. The
         others' shards are waited for on disk, then the processes meet."""
-        if not list(Path(directory).glob(SHARD_GLOB)) or missing_shards(directory):
-            make_pairs(
+        plan = planned_pairs(directory)
+        make = not list(Path(directory).glob(SHARD_GLOB)) or bool(missing_shards(directory))
+        self.acc.wait_for_everyone()  # every process decides on the folder before any writes to it
+        if make:
+            count, shard_size = plan or (self.cfg.data.num_pairs, SHARD_SIZE)
+            shards = make_pairs(
                 self.sampler,
                 self.prompts,
-                planned_count(directory) or self.cfg.data.num_pairs,
+                count,
                 directory,
                 seed=self.cfg.run.seed,
                 batch_size=self.cfg.data.pairs_batch_size,
+                shard_size=shard_size,
                 rank=self.acc.process_index,
                 world=self.acc.num_processes,
                 progress=self.progress,
             )
-            while missing_shards(directory):
+            while not all(p.is_file() for p in shards):
                 time.sleep(5)  # another process's shards, still being made
         self.acc.wait_for_everyone()
         # Pairs from another teacher setting or image size would be wrong data, not an error, later.
