@@ -548,6 +548,28 @@ def test_every_rank_makes_its_share_of_the_missing_pairs(tiny_sdxl_dir, tmp_path
     assert ranks == ["600 pairs-00000.safetensors pairs-00002.safetensors", "600 pairs-00001.safetensors"]
 
 
+def test_ranks_wait_for_each_other_as_long_as_the_config_says(tmp_path):
+    """NCCL's default of 10 minutes aborted a run whose main process wrote a checkpoint (43 GB at
+    SDXL size) while the others waited in the next all-reduce: the wait is run.process_timeout_minutes."""
+    script = tmp_path / "timeout_two_ranks.py"
+    script.write_text(
+        textwrap.dedent(f"""
+        import os, torch, torch.distributed as dist
+        os.environ["ACCELERATE_USE_CPU"] = "true"  # gloo ranks on a CPU, not one process each
+        from nitrofusion.training.config import load_config
+        from nitrofusion.training.distill import make_accelerator
+        cfg = load_config(None, None, ["run.process_timeout_minutes=7", "optim.mixed_precision=no",
+            "run.log_with=none", "run.output_dir={tmp_path}/run"])
+        acc = make_accelerator(cfg)
+        backend = dist.distributed_c10d._get_default_group()._get_backend(torch.device("cpu"))
+        with open("{tmp_path}/rank%d.txt" % acc.process_index, "w") as f:
+            f.write(f"{{acc.num_processes}} {{backend.options._timeout.total_seconds()}}")
+    """)
+    )
+    run_on_two_ranks(script, 29535)
+    assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == ["2 420.0", "2 420.0"]
+
+
 def test_every_rank_and_micro_batch_draws_its_own_random_stream():
     """Keys were rank * 31 + micro: rank 1's first micro-batch repeated rank 0's 32nd."""
     from types import SimpleNamespace

@@ -151,6 +151,10 @@ class RunConfig:
     max_bad_steps: int = 5  # stop after this many non-finite losses in a row
     validation_prompts: int = 10
     log_with: str = "tensorboard"  # an accelerate tracker (TRACKERS), or "none"
+    # How long a process waits for the others in a collective before the run aborts. NCCL's own
+    # default is 10 minutes; the main process alone writes checkpoints (SDXL with the EMA: 43 GB)
+    # and draws validation grids while the others wait in the next all-reduce.
+    process_timeout_minutes: int = 60
 
 
 @dataclass
@@ -294,6 +298,7 @@ def validate(cfg: DistillConfig) -> DistillConfig:
         "run.checkpoint_every": cfg.run.checkpoint_every,
         "run.max_bad_steps": cfg.run.max_bad_steps,
         "run.log_every": cfg.run.log_every,
+        "run.process_timeout_minutes": cfg.run.process_timeout_minutes,
         "run.validation_prompts": cfg.run.validation_prompts,
         "data.teacher_steps": cfg.data.teacher_steps,
         "model.shift": cfg.model.shift,

@@ -17,13 +17,14 @@ import shutil
 import time
 from collections.abc import Iterable
 from contextlib import nullcontext
+from datetime import timedelta
 from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import DistributedType
+from accelerate.utils import DistributedType, InitProcessGroupKwargs
 from diffusers import DiffusionPipeline, UNet2DConditionModel
 from tqdm.auto import tqdm
 
@@ -101,6 +102,16 @@ def check_depth(key: str, downsamples: int, side: int) -> None:
         )
 
 
+def make_accelerator(cfg: DistillConfig) -> Accelerator:
+    """The run's accelerator: its mixed precision, tracker, and how long a rank waits for the others."""
+    return Accelerator(
+        mixed_precision=cfg.optim.mixed_precision,
+        log_with=None if cfg.run.log_with == "none" else cfg.run.log_with,
+        project_dir=str(cfg.run.output_dir),
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(minutes=cfg.run.process_timeout_minutes))],
+    )
+
+
 def resolve_teacher(name: str) -> str:
     if name == "embedded":
         from nitrofusion.world.spec import teacher_path
@@ -117,11 +128,7 @@ class Distiller:
         self.cfg = cfg
         self.out = Path(cfg.run.output_dir)
         self.schedule = Schedule(cfg.loss.pretrain_steps, cfg.refine.steps_per_stage, cfg.loss.pretrain_kind)
-        self.acc = accelerator or Accelerator(
-            mixed_precision=cfg.optim.mixed_precision,
-            log_with=None if cfg.run.log_with == "none" else cfg.run.log_with,
-            project_dir=str(self.out),
-        )
+        self.acc = accelerator or make_accelerator(cfg)
         if self.acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
             # Untested, and built for replicated students: the EMA pairs parameters by position, the
             # backward simulation runs the unwrapped student, and only rank 0 gathers a checkpoint.
@@ -316,8 +323,9 @@ class Distiller:
     def _load_or_make_pairs(self, directory: str) -> PairShards:
         """Missing pairs are made first (a folder stopped half-way is completed, to the count it
         was started for), each process making its share of the shards: one process alone would
-        take hours at SDXL size, past the 10 minutes NCCL lets the others wait in a barrier. The
-        others' shards are waited for on disk, then the processes meet."""
+        take hours at SDXL size, past the time the others may wait in a barrier
+        (run.process_timeout_minutes). The others' shards are waited for on disk, then the
+        processes meet."""
         plan = planned_pairs(directory)
         make = not list(Path(directory).glob(SHARD_GLOB)) or bool(missing_shards(directory))
         self.acc.wait_for_everyone()  # every process decides on the folder before any writes to it
