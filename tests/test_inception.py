@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from nitrofusion.errors import UserError
-from nitrofusion.evaluation.inception import BasicConv2d, FIDInceptionV3, load_fid_inception
+from nitrofusion.evaluation.inception import BasicConv2d, FIDInceptionV3, ieee_fp32, load_fid_inception
 
 # Derived per block as sum of cout * (cin * kh * kw + 2) (bias-free conv + BN affine):
 # stem 172,672; Mixed_5b/5c/5d 255,904 + 277,472 + 285,152; Mixed_6a 1,153,280;
@@ -64,6 +64,31 @@ def test_features_shape_range_and_determinism(model, images):
     f = model.features(images, batch_size=1)
     assert f.device.type == "cpu" and f.dtype == torch.float32
     torch.testing.assert_close(f, a)
+
+
+def tf32_flags() -> tuple:
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if conv is not None and hasattr(conv, "fp32_precision"):
+        return conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision
+    return torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+
+
+def test_features_are_computed_without_tf32_and_the_flags_are_restored(model, images):
+    """torch's default runs cuDNN convolutions in TF32 on recent GPUs: FIDs would depend on the card."""
+    seen = []
+    hook = model.Mixed_7c.register_forward_hook(lambda *_: seen.append(tf32_flags()))
+    before = tf32_flags()
+    try:
+        with torch.no_grad():
+            model(images)
+    finally:
+        hook.remove()
+    exact = ("ieee", "ieee") if isinstance(before[0], str) else (False, False)
+    assert seen == [exact]
+    assert tf32_flags() == before
+    with pytest.raises(RuntimeError), ieee_fp32():  # restored on the way out of an error too
+        raise RuntimeError
+    assert tf32_flags() == before
 
 
 def test_state_dict_naming_and_parameter_count():

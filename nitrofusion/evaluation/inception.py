@@ -19,6 +19,8 @@ has to be converted to safetensors once, then passed with --inception PATH:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -186,6 +188,33 @@ class InceptionE(nn.Module):
         )
 
 
+@contextmanager
+def ieee_fp32() -> Iterator[None]:
+    """cuDNN convolutions and CUDA matmuls in IEEE fp32 for the duration.
+
+    torch runs cuDNN convolutions in TF32 by default on Ampere and later GPUs (a 10-bit
+    mantissa), which moves Inception features by about 1e-3: an FID would then depend on
+    the card, and generated images' statistics computed on a GPU would not be comparable
+    with reference statistics computed on a CPU. The flags are restored afterwards.
+    """
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if conv is not None and hasattr(conv, "fp32_precision"):  # torch >= 2.9; its legacy flags must not be mixed in
+        matmul = torch.backends.cuda.matmul
+        saved = conv.fp32_precision, matmul.fp32_precision
+        conv.fp32_precision = matmul.fp32_precision = "ieee"
+        try:
+            yield
+        finally:
+            conv.fp32_precision, matmul.fp32_precision = saved
+        return
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 class FIDInceptionV3(nn.Module):
     """The FID Inception-v3 (TF 2015-12-05 graph) up to its 2048-d global-average-pooled features."""
 
@@ -216,10 +245,15 @@ class FIDInceptionV3(nn.Module):
         `images`: float [N, 3, H, W] (or grey [N, 1, H, W]) with values in [-1, 1], the
         project's image convention and the range the TF graph was trained on, so no
         further normalisation happens here. Other sizes are bilinearly resized to 299x299
-        (align_corners=False, no antialiasing), as pytorch-fid does.
+        (align_corners=False, no antialiasing), as pytorch-fid does. On a GPU it runs in IEEE
+        fp32, not TF32 (`ieee_fp32`).
         """
         if images.ndim != 4 or images.shape[1] not in (1, 3):
             raise ValueError(f"expected images [N, 3, H, W] or [N, 1, H, W], got shape {tuple(images.shape)}")
+        with ieee_fp32():
+            return self._pool3(images)
+
+    def _pool3(self, images: torch.Tensor) -> torch.Tensor:
         x = images.to(self.fc.weight.dtype)
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
