@@ -629,6 +629,11 @@ def test_make_pairs_resumes_and_feeds_training(tiny_sdxl_dir, tmp_path):
     make_pairs(sampler, prompts, 5, tmp_path / "pairs", batch_size=2, shard_size=2)
     again = PairShards.load(tmp_path / "pairs")
     assert len(again) == 5 and torch.equal(first.latents, again.latents)
+    from safetensors import safe_open
+
+    with safe_open(str(shards[0]), "pt") as f:
+        made_with = f.metadata()  # provenance: which precision, where
+    assert (made_with["teacher_dtype"], made_with["device"]) == ("float32", "cpu")
     # a pair is the teacher's sample from the noise its seed gives
     i = 3
     x0 = sampler([prompts[int(again.prompt_ids[i])]], noise_for_seeds([int(again.seeds[i])], sampler.latent_shape))

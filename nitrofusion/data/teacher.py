@@ -199,6 +199,7 @@ def make_pairs(
     n_shards = (count + shard_size - 1) // shard_size
     shards = [shard_path(out_dir, s) for s in range(n_shards)]
     mine = list(range(rank, n_shards, world))
+    device_type = torch.device(sampler.pipe.device).type
 
     def size(s: int) -> int:
         return min(shard_size, count - s * shard_size)
@@ -219,7 +220,10 @@ def make_pairs(
             latents.append(sampler([prompts[int(i)] for i in prompt_ids[sl]], noise, generators).cpu())
             bar.update(len(idx[sl]))
         shard = {"latents": torch.cat(latents), "seeds": seeds, "prompt_ids": prompt_ids}
-        save_state_dict(shard, shards[s], metadata=recipe)  # on disk before it has its name: whole or absent
+        # Provenance beyond the recipe (not checked on reading: `make-pairs` samples in fp16 on a GPU by
+        # default, `distill` in fp32, and either's pairs may complete the other's folder).
+        made_with = {"teacher_dtype": str(sampler.pipe.unet.dtype).removeprefix("torch."), "device": device_type}
+        save_state_dict(shard, shards[s], metadata={**recipe, **made_with})  # whole or absent: named once written
     bar.close()
     return shards
 
