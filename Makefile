@@ -1,7 +1,8 @@
 # The README's quick start: `make demo` and `make test`, on a fresh Debian machine with Python 3.11.
 #
 # TORCH pins the CPU build of PyTorch that these machines install from local disk. With a GPU,
-# keep your own torch: `make test TORCH=torch` (or any pip requirement, e.g. torch==2.9.1).
+# another build into a fresh venv: `rm -rf .venv; make test TORCH=torch` (or any pip requirement,
+# e.g. torch==2.9.1); an existing .venv is kept as it is.
 
 PYTHON ?= python3
 VENV ?= .venv
