@@ -443,6 +443,21 @@ def test_missing_prompts(tiny_sdxl_dir, tmp_path, capsys):
     )
 
 
+def test_a_v_prediction_teacher_trains_a_v_prediction_student(tiny_sdxl_dir, tmp_path):
+    """The student's x0 was read as epsilon whatever the teacher predicts (SD 2.x-768 predicts v),
+    while the exported sampler kept the teacher's prediction type: the two now agree."""
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny_sdxl_dir, teacher)
+    sched = teacher / "scheduler" / "scheduler_config.json"
+    sched.write_text(json.dumps({**json.loads(sched.read_text()), "prediction_type": "v_prediction"}))
+    d = Distiller(config(teacher, tmp_path / "run", "loss.pretrain_steps=1"), progress=False)
+    assert d.maths.prediction_type == d.scheduler.config.prediction_type == "v_prediction"
+    assert "skipped" not in d.train_step()
+    assert d.student_pipeline().scheduler.config.prediction_type == "v_prediction"
+    with pytest.raises(UserError, match="epsilon"):  # DMD2's scores read the teacher as epsilon
+        Distiller(config(teacher, tmp_path / "dmd2", "loss.objective=dmd2"), progress=False)
+
+
 def test_teacher_that_is_not_a_unet_pipeline(tmp_path, capsys):
     (tmp_path / "model_index.json").write_text(
         '{"_class_name": "DDPMPipeline", "scheduler": ["diffusers", "DDPMScheduler"]}'

@@ -182,3 +182,66 @@ def test_inside_stock_sdxl_pipeline(tiny_sdxl_dir, tmp_path):
     )
     fresh = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert fresh.stdout.split() == ["TimestepShiftLCMScheduler", "250"], fresh.stderr[-2000:]
+
+
+def test_a_small_shift_that_repeats_timesteps_still_runs_every_step_once():
+    """Shift 2 at 4 steps gives the UNet timesteps 1, 1, 0, 0: the step index started at the
+    second match, ran past the schedule, and re-noised the last output."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 4, 8, 8)
+    s = make(2)
+    s.set_timesteps(4)
+    assert s.timesteps.tolist() == [1, 1, 0, 0]
+    sample = x
+    for i, t in enumerate(s.timesteps):
+        assert s.step_index in (None, i)
+        out = s.step(fake_unet(sample, int(t)), t, sample, generator=torch.Generator().manual_seed(i))
+        sample = out.prev_sample
+    assert s.step_index == 4
+    assert torch.equal(out.prev_sample, out.denoised)  # the last step returns its estimate, not re-noised
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+@pytest.mark.parametrize("shift", [250, 500])
+def test_the_students_training_maths_is_the_samplers_step(prediction_type, shift):
+    """Training reads the student's output through ShiftedStudent, sampling through the scheduler's
+    step: for every prediction type the two give the same x0 and the same next input."""
+    from types import SimpleNamespace
+
+    from nitrofusion.training.student import ShiftedStudent, add_noise
+
+    s = TimestepShiftLCMScheduler(shifted_timestep=shift, prediction_type=prediction_type)
+    maths = ShiftedStudent(TimestepShiftLCMScheduler.from_config(s.config))
+    unet = lambda x, t, *_, **__: SimpleNamespace(sample=fake_unet(x, int(t[0])))  # noqa: E731
+    cond = SimpleNamespace(prompt_embeds=None, added_cond_kwargs=None)
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 8, 8)
+    s.set_timesteps(4)
+    levels = maths.levels(4)
+    for i, t in enumerate(s.timesteps):
+        noise = torch.randn_like(x) if i < 3 else None
+        prev, denoised = s.step(fake_unet(x, int(t)), t, x, noise=noise, return_dict=False)
+        x0 = maths.x0(unet, x, levels[i], cond)
+        torch.testing.assert_close(x0, denoised, rtol=1e-5, atol=1e-5)
+        if noise is not None:
+            torch.testing.assert_close(add_noise(x0, noise, levels[i + 1], maths.alphas_cumprod), prev)
+        x = prev
+
+
+def test_the_student_is_never_trained_or_sampled_with_the_teachers_clipping(tiny_sdxl_dir, tmp_path):
+    """A teacher whose scheduler clips its x0 (clip_sample) gave the exported student a sampler
+    that clips where training did not."""
+    import json
+    import shutil
+
+    from nitrofusion.pipelines import load_pipeline
+    from nitrofusion.training.student import ShiftedStudent
+
+    with pytest.raises(ValueError, match="clip or threshold"):
+        ShiftedStudent(TimestepShiftLCMScheduler(clip_sample=True))
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny_sdxl_dir, teacher)
+    config = teacher / "scheduler" / "scheduler_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "clip_sample": True, "thresholding": True}))
+    pipe = load_pipeline(teacher, sampler="shift-lcm")
+    assert not pipe.scheduler.config.clip_sample and not pipe.scheduler.config.thresholding

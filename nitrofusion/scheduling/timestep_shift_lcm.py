@@ -92,6 +92,10 @@ class TimestepShiftLCMScheduler(LCMScheduler):
         self.timesteps = shift_timesteps(
             self.noise_timesteps, self.config.shifted_timestep, self.config.num_train_timesteps
         )
+        # A small shift repeats timesteps (shift 2, 4 steps: 1, 1, 0, 0), and diffusers would locate
+        # the first step at the second match: the sampler starts at step 0, whatever the values
+        # (a pipeline that starts later, img2img, sets its own begin index after this).
+        self.set_begin_index(0)
 
     @contextmanager
     def _unshifted(self) -> Iterator[None]:

@@ -196,8 +196,14 @@ class Distiller:
                 for p in student.parameters():
                     if not p.requires_grad:
                         p.data = p.data.to(half)
+        # The teacher's noise schedule and prediction type; never its sampling-time clipping, which
+        # the student is not trained with (the exported pipeline samples as the student learnt).
         self.scheduler = TimestepShiftLCMScheduler.from_config(
-            self.teacher.scheduler.config, shifted_timestep=cfg.model.shift, original_inference_steps=4
+            self.teacher.scheduler.config,
+            shifted_timestep=cfg.model.shift,
+            original_inference_steps=4,
+            clip_sample=False,
+            thresholding=False,
         )
         self.maths = ShiftedStudent(self.scheduler)
         # Only the main process reads the EMA (checkpoints, grids, exports): the other ranks keep none.

@@ -1,8 +1,9 @@
 """The student's one-step maths, identical to TimestepShiftLCMScheduler's `step`.
 
 A student step at noise level t (unshifted) feeds the UNet timestep s = floor(t*shift/T),
-reads its epsilon as x0 = (x_t - sqrt(1-abar_s) eps) / sqrt(abar_s), and applies the LCM
-boundary condition c_out(s) x0 + c_skip(s) x_t. Re-noising to the next level t' uses
+reads its output as x0 by the scheduler's prediction type (epsilon: x0 = (x_t - sqrt(1-abar_s)
+eps) / sqrt(abar_s); v: x0 = sqrt(abar_s) x_t - sqrt(1-abar_s) v; sample: x0 itself), and applies
+the LCM boundary condition c_out(s) x0 + c_skip(s) x_t. Re-noising to the next level t' uses
 abar_{t'}. Training and sampling share this code path's constants through the scheduler.
 """
 
@@ -21,6 +22,12 @@ class ShiftedStudent:
         self.alphas_cumprod = scheduler.alphas_cumprod.double()
         self.T = scheduler.config.num_train_timesteps
         self.shift = scheduler.config.shifted_timestep
+        self.prediction_type = scheduler.config.prediction_type
+        if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
+            raise ValueError(f"unknown prediction_type {self.prediction_type!r}")
+        if scheduler.config.clip_sample or scheduler.config.thresholding:
+            # The sampler would clip x0 where training does not: build it with both off.
+            raise ValueError("the student's scheduler must not clip or threshold its x0 estimate")
 
     def levels(self, num_steps: int) -> list[int]:
         """Unshifted noise levels of a num_steps schedule (999, 749, 499, 249 for 4)."""
@@ -30,9 +37,14 @@ class ShiftedStudent:
     def x0(self, unet: UNet2DConditionModel, x_t: torch.Tensor, level: int, cond: Conditioning) -> torch.Tensor:
         s = int(shift_timesteps(torch.tensor([level]), self.shift, self.T))
         t = torch.full((x_t.shape[0],), s, device=x_t.device, dtype=torch.long)
-        eps = unet(x_t, t, cond.prompt_embeds, added_cond_kwargs=cond.added_cond_kwargs).sample
+        out = unet(x_t, t, cond.prompt_embeds, added_cond_kwargs=cond.added_cond_kwargs).sample.to(x_t.dtype)
         a = float(self.alphas_cumprod[s])
-        x0 = (x_t - (1 - a) ** 0.5 * eps.to(x_t.dtype)) / a**0.5
+        if self.prediction_type == "epsilon":
+            x0 = (x_t - (1 - a) ** 0.5 * out) / a**0.5
+        elif self.prediction_type == "v_prediction":
+            x0 = a**0.5 * x_t - (1 - a) ** 0.5 * out
+        else:
+            x0 = out
         c_skip, c_out = self.scheduler.get_scalings_for_boundary_condition_discrete(s)
         return c_out * x0 + c_skip * x_t
 
