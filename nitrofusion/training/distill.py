@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import inspect
 import json
+import os
 import shutil
 import time
 from collections.abc import Iterable
@@ -102,9 +103,20 @@ def check_depth(key: str, downsamples: int, side: int) -> None:
         )
 
 
+def has_accelerator_device() -> bool:
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6: CUDA, XPU, MPS, ...
+    return accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
+
+
 def make_accelerator(cfg: DistillConfig) -> Accelerator:
-    """The run's accelerator: its mixed precision, tracker, and how long a rank waits for the others."""
+    """The run's accelerator: its mixed precision, tracker, and how long a rank waits for the others.
+
+    Several processes on a machine without a GPU (`torchrun --nproc_per_node 2`) are gloo ranks on
+    the CPU: accelerate, not told `cpu=True`, gave each process a run of its own, and they trained
+    apart into one output folder."""
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
     return Accelerator(
+        cpu=several and not has_accelerator_device(),
         mixed_precision=cfg.optim.mixed_precision,
         log_with=None if cfg.run.log_with == "none" else cfg.run.log_with,
         project_dir=str(cfg.run.output_dir),
