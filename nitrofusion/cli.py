@@ -247,7 +247,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 def cmd_transfer(args: argparse.Namespace) -> int:
     from nitrofusion.weights.transfer import transfer
 
-    print(transfer(args.base, args.student, args.target, args.out, scale=args.scale, dtype=args.dtype))
+    print(transfer(args.base, args.student, args.target, args.out, args.scale, args.dtype, args.shift))
     return 0
 
 
@@ -448,6 +448,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype",
         default="auto",
         help="auto (the dtype the target is stored in), fp32, fp16 or bf16 (bf16 can round small deltas away)",
+    )
+    tr.add_argument(
+        "--shift",
+        type=int,
+        default=None,
+        help="the timestep shift to record in the result for generate --unet (default: the student's where it "
+        "records one: a distill file or pipeline; the public NitroSD files record none: 250 Realism, 500 Vibrant)",
     )
     tr.set_defaults(func=cmd_transfer)
 

@@ -302,15 +302,52 @@ def test_a_streamed_safetensors_file_reads_back_with_safetensors(tmp_path):
         "f.scalar": torch.tensor(2.5),
         "g.empty": torch.zeros(0, 4),
         "h.strided": torch.randn(4, 6, generator=g).t(),  # not contiguous
+        "i.fp8": torch.randn(3, 2, generator=g).to(torch.float8_e4m3fn),  # was a KeyError, not a file
+        "j.fp8": torch.randn(4, generator=g).to(torch.float8_e5m2),
+        "k.u16": torch.arange(6, dtype=torch.int32).to(torch.uint16),
     }
     layout = [(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()]
     path = write_safetensors_streaming(tmp_path / "x.safetensors", layout, iter(tensors.values()), {"k": "v"})
     back = load_file(str(path))
-    assert back.keys() == tensors.keys() and all(torch.equal(back[k], v) for k, v in tensors.items())
+    assert back.keys() == tensors.keys()
+    # float64 holds every value of these dtypes exactly (torch.equal has no float8 kernel)
+    assert all(back[k].dtype == v.dtype and torch.equal(back[k].double(), v.double()) for k, v in tensors.items())
     with safe_open(str(path), "pt") as f:
         assert f.metadata() == {"k": "v"}
     # A tensor that is not what the header said: an error, and no file under the name.
-    wrong = [*layout[:-1], ("h.strided", torch.float16, (6, 4))]
+    wrong = [*layout[:7], ("h.strided", torch.float16, (6, 4)), *layout[8:]]
     with pytest.raises(ValueError, match="h.strided"):
         write_safetensors_streaming(tmp_path / "y.safetensors", wrong, iter(tensors.values()))
     assert not (tmp_path / "y.safetensors").exists() and not list(tmp_path.glob(".y*"))
+
+
+def test_the_moved_student_records_the_students_shift_wherever_the_student_comes_from(teacher, tmp_path):
+    """Only a student *file*'s shift was carried: a student given as its pipeline (whose scheduler
+    records shifted_timestep 500) gave a file with none, which generate then sampled at 250."""
+    from nitrofusion.pipelines.loading import unet_file_shift
+    from nitrofusion.scheduling import TimestepShiftLCMScheduler
+    from nitrofusion.testing import save_tiny_sdxl
+
+    student = save_tiny_sdxl(tmp_path / "student")
+    pipe_scheduler = student / "scheduler"
+    TimestepShiftLCMScheduler(shifted_timestep=500).save_pretrained(pipe_scheduler)
+    base, target = save(teacher, tmp_path / "b.safetensors"), save(teacher, tmp_path / "t.safetensors")
+    for i, (source, extra, want) in enumerate(
+        [
+            (student, [], 500),  # the pipeline
+            (student / "unet", [], 500),  # its unet/ folder
+            (student, ["--shift", "250"], 250),  # named: wins
+            (save(teacher, tmp_path / "public.safetensors"), [], None),  # a file that records none
+        ]
+    ):
+        out = tmp_path / f"moved{i}.safetensors"
+        args = ["transfer", "--base", base, "--student", str(source), "--target", target, "--out", str(out)]
+        assert main(args + extra) == 0
+        assert unet_file_shift(out) == want, source
+
+
+@pytest.mark.parametrize(("extra", "needle"), [(["--scale", "nan"], "--scale"), (["--shift", "0"], "--shift")])
+def test_transfer_refuses_a_scale_or_shift_that_would_write_a_broken_student(tmp_path, capsys, extra, needle):
+    args = ["transfer", "--base", "b", "--student", "s", "--target", "t", "--out", str(tmp_path / "o.safetensors")]
+    assert main(args + extra) == 2 and needle in capsys.readouterr().err
+    assert not (tmp_path / "o.safetensors").exists()

@@ -91,6 +91,8 @@ SAFETENSORS_DTYPES = {
     torch.uint8: "U8",
     torch.bool: "BOOL",
 }
+NEWER_DTYPES = {"uint16": "U16", "uint32": "U32", "uint64": "U64", "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2"}
+SAFETENSORS_DTYPES.update({getattr(torch, n): code for n, code in NEWER_DTYPES.items() if hasattr(torch, n)})
 
 
 def write_safetensors_streaming(

@@ -11,13 +11,15 @@ the result is stored in `dtype` ("auto": the dtype the target's weights are stor
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from nitrofusion.errors import UserError
-from nitrofusion.pipelines.loading import DTYPES, unet_file_metadata, unet_file_shift
+from nitrofusion.pipelines.loading import DTYPES, resolve_model, unet_file_metadata, unet_file_shift
 from nitrofusion.weights.io import check_same_layout, unet_state_dict, write_safetensors_streaming
 
 
@@ -50,12 +52,48 @@ def check_layouts(
     check_same_layout(target, base, ("the target", "the base"))
 
 
-def transfer(base: str, student: str, target: str, out: str | Path, scale: float = 1.0, dtype: str = "auto") -> Path:
+def recorded_shift(student: str | Path) -> int | None:
+    """The timestep shift a student samples at, where its source records one: a student file's
+    header (`distill` writes it), or the TimestepShiftLCMScheduler of the pipeline the student is
+    (or whose `unet/` folder it is). None for the public NitroSD files, which record none."""
+    path = Path(student).expanduser()
+    if path.is_file():
+        return unet_file_shift(path)
+    if (path / "config.json").is_file():  # a unet/ folder: its pipeline's scheduler, if it has one
+        path = path.parent
+    elif not (path / "model_index.json").is_file():
+        try:
+            path = resolve_model(student, option="--student")  # a hub id in the local cache
+        except UserError:
+            return None
+    try:
+        config = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    value = config.get("shifted_timestep") if isinstance(config, dict) else None
+    recorded = isinstance(config, dict) and config.get("_class_name") == "TimestepShiftLCMScheduler"
+    return value if recorded and isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def transfer(
+    base: str,
+    student: str,
+    target: str,
+    out: str | Path,
+    scale: float = 1.0,
+    dtype: str = "auto",
+    shift: int | None = None,
+) -> Path:
+    """`shift`: the timestep shift recorded in the result (default: the student's, where recorded)."""
     # Checked before three UNets are read (minutes and tens of GB at SDXL size).
     if Path(out).suffix != ".safetensors":
         raise UserError(f"--out '{out}' must end in .safetensors: generate --unet reads only safetensors files")
     if dtype != "auto" and dtype not in DTYPES:
         raise UserError(f"--dtype must be auto, fp32, fp16 or bf16; got {dtype}")
+    if not math.isfinite(scale):
+        raise UserError(f"--scale must be a finite number, got {scale}")
+    if shift is not None and not 1 <= shift <= 1000:
+        raise UserError(f"--shift must be a timestep in 1..1000, got {shift}")
     b, s, t = (
         unet_state_dict(src, what) for src, what in ((base, "--base"), (student, "--student"), (target, "--target"))
     )
@@ -64,6 +102,6 @@ def transfer(base: str, student: str, target: str, out: str | Path, scale: float
     # Inputs are memory-mapped and the result is written as it is made: RAM holds a few tensors.
     layout = [(k, (cast or v.dtype) if v.is_floating_point() else v.dtype, tuple(v.shape)) for k, v in t.items()]
     tensors = (moved(b[k], s[k], t[k], scale, cast) for k in tqdm(t, desc="transfer"))
-    # The moved student samples at the student's shift: keep it where the student file recorded it.
-    shift = unet_file_shift(student) if Path(student).suffix == ".safetensors" else None
+    # The moved student samples at the student's shift: recorded in the result, as distill records it.
+    shift = recorded_shift(student) if shift is None else shift
     return write_safetensors_streaming(out, layout, tensors, metadata=unet_file_metadata(shift))
