@@ -351,3 +351,9 @@ def test_transfer_refuses_a_scale_or_shift_that_would_write_a_broken_student(tmp
     args = ["transfer", "--base", "b", "--student", "s", "--target", "t", "--out", str(tmp_path / "o.safetensors")]
     assert main(args + extra) == 2 and needle in capsys.readouterr().err
     assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_export_lora_says_a_bad_rank_before_reading_the_unets(tmp_path, capsys):
+    missing = str(tmp_path / "nowhere.safetensors")  # read first, this would be the error
+    assert main(["export-lora", "--student", missing, "--teacher", missing, "--rank", "0", "--out", str(tmp_path)]) == 2
+    assert "--rank" in capsys.readouterr().err

@@ -121,6 +121,8 @@ def adapter_config(lora: dict[str, torch.Tensor]) -> dict:
 
 
 def export_lora(student: str, teacher: str, out: str | Path, rank: int = 64, dtype: str = "fp16") -> LoraReport:
+    if rank < 1:  # said before two UNets are read and their deltas decomposed
+        raise UserError(f"--rank must be at least 1, got {rank}")
     out = Path(out)
     if out.suffix.lower() != ".safetensors":
         out = out / "pytorch_lora_weights.safetensors"  # the file name diffusers looks for in a folder
