@@ -352,3 +352,32 @@ def test_grid_writes_the_format_its_file_name_says(tmp_path, capsys):
         assert main(["grid", str(rows), "--out", str(tmp_path / name)]) == 0
         assert Image.open(tmp_path / name).format == fmt
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "g.jpg", "g.png"]  # no temporary left beside
+
+
+def test_embedded_reference_statistics_are_not_reused_for_another_evaluator(tmp_path):
+    """The embedded features recorded no feature network: statistics of a reference folder computed
+    with one --evaluator were reused for another's features."""
+    from pathlib import Path
+
+    from nitrofusion.evaluation.evaluate import EvalRequest, build_scorers
+    from nitrofusion.world.spec import evaluator_path
+
+    ref_dir = tmp_path / "real"
+    ref_dir.mkdir()
+    for i, im in enumerate(_images(4, seed=5, size=32)):
+        im.save(ref_dir / f"{i}.png")
+    other = shutil.copy(evaluator_path(), tmp_path / "other-evaluator.safetensors")
+    cache = tmp_path / "out" / "reference-embedded.safetensors"
+    for evaluator in (None, str(other)):
+        req = EvalRequest(
+            model="x",
+            steps=[1],
+            out=tmp_path / "out",
+            metrics=["fid"],
+            fid_features="embedded",
+            reference=str(ref_dir),
+            evaluator=evaluator,
+        )
+        build_scorers(req, "cpu")
+        used = Path(evaluator).resolve() if evaluator else evaluator_path().resolve()
+        assert fid.stats_metadata(cache)["extractor"] == str(used)

@@ -106,13 +106,17 @@ def build_scorers(req: EvalRequest, device: str) -> dict[str, Scorer]:
     scorers: dict[str, Scorer] = {}
     evaluator = None
 
+    def evaluator_file() -> Path:
+        from nitrofusion.world.spec import evaluator_path
+
+        return Path(req.evaluator).expanduser() if req.evaluator else evaluator_path()
+
     def need_evaluator():
         nonlocal evaluator
         if evaluator is None:
             from nitrofusion.world.evaluator import Evaluator
-            from nitrofusion.world.spec import evaluator_path
 
-            path = Path(req.evaluator) if req.evaluator else evaluator_path()
+            path = evaluator_file()
             if not path.is_file():
                 raise UserError(
                     f"evaluator weights '{path}' not found; --evaluator must point at evaluator.safetensors"
@@ -161,7 +165,8 @@ def build_scorers(req: EvalRequest, device: str) -> dict[str, Scorer]:
         elif req.fid_features == "clip":
             extract, extractor = fid.clip_extractor(need_clip()), str(req.clip_model)
         else:
-            extract = fid.embedded_extractor(need_evaluator())
+            # Another evaluator's features are other features: its reference statistics are not these.
+            extract, extractor = fid.embedded_extractor(need_evaluator()), str(evaluator_file().resolve())
         if req.reference:
             cache = req.out / f"reference-{req.fid_features}.safetensors"
             ref = fid.cached_reference_stats(cache, req.reference, extractor) or fid.reference_stats(

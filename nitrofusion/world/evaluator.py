@@ -48,10 +48,12 @@ class FashionClassifier(nn.Module):
 
 
 def to_classifier_input(images: torch.Tensor) -> torch.Tensor:
-    """RGB images in [-1, 1] (or [0, 1] if `images.min() >= 0` is not assumed) -> grey [N,1,32,32].
+    """RGB images in [-1, 1] -> grey [N,1,32,32], resized to 32x32 with antialiasing if needed.
 
-    Accepts float [N, 3, H, W] in [-1, 1] (the pipelines' `output_type="pt"` is [0, 1]; use
-    `from_unit_range`). Resizes to 32x32 with antialiasing if needed.
+    The range is not checked (a generator's failure may be all bright): a pipeline's
+    `output_type="pt"` is in [0, 1] and must be mapped to [-1, 1] first (x * 2 - 1), or the
+    scores are meaningless (test accuracy 0.40 instead of 0.94). `evaluation.fid.to_tensor` turns
+    PIL images into this range.
     """
     x = images.float().mean(1, keepdim=True)
     if x.shape[-1] != 32 or x.shape[-2] != 32:
