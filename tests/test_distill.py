@@ -454,8 +454,41 @@ def test_a_v_prediction_teacher_trains_a_v_prediction_student(tiny_sdxl_dir, tmp
     assert d.maths.prediction_type == d.scheduler.config.prediction_type == "v_prediction"
     assert "skipped" not in d.train_step()
     assert d.student_pipeline().scheduler.config.prediction_type == "v_prediction"
-    with pytest.raises(UserError, match="epsilon"):  # DMD2's scores read the teacher as epsilon
-        Distiller(config(teacher, tmp_path / "dmd2", "loss.objective=dmd2"), progress=False)
+    # DMD2's scores read the teacher as epsilon: refused before any teacher pairs are made (hours at SDXL size).
+    with pytest.raises(UserError, match="epsilon-prediction, it predicts v_prediction"):
+        Distiller(config(teacher, tmp_path / "dmd2", "loss.objective=dmd2", f"data.pairs={tmp_path}/p"), progress=False)
+    assert not (tmp_path / "p").exists()
+
+
+def test_a_teacher_with_a_guidance_embedding_is_refused_before_pairs_are_made(tmp_path):
+    """An LCM-distilled UNet (time_cond_proj_dim) gets a guidance embedding from its pipeline: the
+    student trained without one and was sampled with one."""
+    from nitrofusion.testing import tiny_sd15_pipeline
+
+    pipe = tiny_sd15_pipeline()
+    settings = {k: v for k, v in pipe.unet.config.items() if not k.startswith("_")}  # _use_default_values resets
+    pipe.unet = UNet2DConditionModel.from_config({**settings, "time_cond_proj_dim": 8})
+    teacher = tmp_path / "lcm"
+    pipe.save_pretrained(teacher)
+    with pytest.raises(UserError, match="guidance embedding"):
+        Distiller(config(teacher, tmp_path / "run", f"data.pairs={tmp_path}/p"), progress=False)
+    assert not (tmp_path / "p").exists()
+
+
+def test_a_run_resumes_with_the_safety_checker_switched(tmp_path):
+    """The teacher's fingerprint held SD1.5's safety checker, which never touches training: a run
+    resumed with --no-safety-checker (or without it) was refused as 'another teacher'."""
+    from nitrofusion.testing import save_tiny_sd15
+
+    teacher = save_tiny_sd15(tmp_path / "sd15", safety_checker=True)
+    first = Distiller(config(teacher, tmp_path / "run"), progress=False)
+    first.train_step()
+    first.step += 1
+    first.save_checkpoint()
+    resumed = Distiller(config(teacher, tmp_path / "run", "model.safety_checker=false"), progress=False)
+    assert resumed.teacher.safety_checker is None
+    resumed.resume("latest")
+    assert resumed.step == 1
 
 
 def test_teacher_that_is_not_a_unet_pipeline(tmp_path, capsys):

@@ -161,6 +161,16 @@ class Distiller:
         )
         if not isinstance(self.teacher.unet, UNet2DConditionModel):
             raise UserError("the teacher's UNet must be a diffusers UNet2DConditionModel")
+        # Said before any teacher pairs are made (hours at SDXL size).
+        if getattr(self.teacher.unet.config, "time_cond_proj_dim", None) is not None:
+            # An LCM-distilled UNet (e.g. LCM Dreamshaper) takes a guidance embedding, which its
+            # pipeline computes from guidance_scale: the student would train without it and sample with it.
+            raise UserError("the teacher's UNet takes a guidance embedding (time_cond_proj_dim): not supported")
+        prediction = self.teacher.scheduler.config.get("prediction_type", "epsilon")
+        if cfg.loss.objective in ("dmd2", "adm") and prediction != "epsilon":
+            raise UserError(
+                f"loss.objective {cfg.loss.objective} reads the teacher as epsilon-prediction, it predicts {prediction}"
+            )
         self.size = cfg.data.resolution or default_size(self.teacher)
         self.text = TextEncoder(self.teacher, self.size, self.size)
         self.prompts = load_prompts(cfg.data.prompts)
@@ -268,8 +278,6 @@ class Distiller:
         pool = self.critics.get("pool")
 
         if fake_unet is not None:
-            if self.teacher.scheduler.config.get("prediction_type", "epsilon") != "epsilon":
-                raise UserError("loss.objective dmd2/adm reads the teacher as an epsilon-prediction model")
             k = cfg.dmd
             classifier = None
             if loss.objective == "dmd2" and (k.gan_g_weight > 0 or k.gan_d_weight > 0):
@@ -646,7 +654,11 @@ class Distiller:
         self._check_resumable(meta.get("config", {}))
         raw = self.acc.unwrap_model(self.student)
         saved_teacher = meta.get("teacher_fingerprint")  # absent from checkpoints written before it was
-        if saved_teacher is not None and saved_teacher != self.teacher_fingerprint():
+        # Checkpoints written before the safety checker was left out hashed it too.
+        if saved_teacher is not None and saved_teacher not in (
+            self.teacher_fingerprint(),
+            self.teacher_fingerprint(()),
+        ):
             raise UserError(
                 f"the checkpoint was made with another teacher than model.teacher={self.cfg.model.teacher!r} "
                 "(its weights differ): resume with the teacher it was made with, or start in a new run.output_dir"
@@ -703,11 +715,13 @@ class Distiller:
         state = raw.state_dict(keep_vars=True)
         return {k: v.detach() for k, v in state.items() if isinstance(v, torch.nn.Parameter) and not v.requires_grad}
 
-    def teacher_fingerprint(self) -> str:
+    def teacher_fingerprint(self, without: tuple[str, ...] = ("safety_checker",)) -> str:
+        """The teacher's weights, as a checkpoint records them. Not the safety checker's, which never
+        touches training (`model.safety_checker` may change between a run and its resume)."""
         state = {
             f"{name}.{key}": value
             for name, module in self.teacher.components.items()
-            if isinstance(module, torch.nn.Module)
+            if isinstance(module, torch.nn.Module) and name not in without
             for key, value in module.state_dict().items()
         }
         return checkpoint.fingerprint(state)
