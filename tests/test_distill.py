@@ -874,6 +874,12 @@ def test_bf16_training_keeps_the_teacher_in_bf16_and_the_student_in_fp32(
     assert moved(before, student)
     assert all(torch.isfinite(v).all() for v in load_file(str(tmp_path / "student_unet.safetensors")).values())
     assert (tmp_path / "validation" / "step-00000002.png").is_file()
+    # The exported pipeline carries the teacher's own text encoders and VAE, not their bf16 rounding.
+    for part in ("text_encoder", "text_encoder_2", "vae"):
+        (file,) = (tmp_path / "pipeline" / part).glob("*.safetensors")
+        (own,) = (tiny_sdxl_dir / part).glob("*.safetensors")
+        exported, teacher = load_file(str(file)), load_file(str(own))
+        assert exported.keys() == teacher.keys() and all(torch.equal(exported[k], teacher[k]) for k in teacher), part
 
 
 @pytest.mark.parametrize(

@@ -744,8 +744,11 @@ class Distiller:
             )
         return {k: v for k, v in saved.items() if k not in frozen}
 
-    def student_pipeline(self, use_ema: bool = True, unet: UNet2DConditionModel | None = None) -> DiffusionPipeline:
-        """The student as a pipeline (the EMA or the raw student, or `unet` if given)."""
+    def student_pipeline(
+        self, use_ema: bool = True, unet: UNet2DConditionModel | None = None, components: dict | None = None
+    ) -> DiffusionPipeline:
+        """The student as a pipeline (the EMA or the raw student, or `unet` if given), with the
+        teacher's other modules (or `components`' in their place)."""
         if use_ema and unet is None and not self.ema.kept:
             raise RuntimeError("the EMA is kept on the main process only")
         unet = unet or (self.ema.shadow if use_ema else self.acc.unwrap_model(self.student))
@@ -754,7 +757,8 @@ class Distiller:
         params = inspect.signature(type(self.teacher).__init__).parameters
         config = self.teacher.config.items()
         flags = {k: v for k, v in config if k in params and k not in self.teacher.components}
-        pipe = type(self.teacher)(**{**self.teacher.components, "unet": unet, "scheduler": self.scheduler}, **flags)
+        modules = {**self.teacher.components, **(components or {}), "unet": unet, "scheduler": self.scheduler}
+        pipe = type(self.teacher)(**modules, **flags)
         pipe.nitro_sampler, pipe.nitro_model = "shift-lcm", str(self.out)
         pipe.set_progress_bar_config(disable=True)
         return pipe
@@ -831,7 +835,7 @@ class Distiller:
                         break
             for leftover in (tmp, old):
                 shutil.rmtree(leftover, ignore_errors=True)
-            self.student_pipeline(unet=student).save_pretrained(str(tmp))
+            self.student_pipeline(unet=student, components=self.teacher_modules_as_stored()).save_pretrained(str(tmp))
             about = {"teacher": self.cfg.model.teacher, "shift": self.cfg.model.shift, "steps": self.step}
             (tmp / "nitrofusion.json").write_text(json.dumps(about, indent=1))
             if final.exists():
@@ -839,6 +843,22 @@ class Distiller:
             tmp.rename(final)
             shutil.rmtree(old, ignore_errors=True)
         return self.out
+
+    def teacher_modules_as_stored(self) -> dict | None:
+        """The teacher's text encoders, VAE (and safety checker) at full precision, re-read from disk,
+        where mixed precision cast them to bf16 for training (None otherwise: they are exact). The
+        exported pipeline carries the teacher's own weights, not their bf16 rounding."""
+        if self.cfg.optim.mixed_precision == "no":
+            return None
+        own = load_pipeline(
+            resolve_teacher(self.cfg.model.teacher),
+            sampler="native",
+            device="cpu",
+            dtype=torch.float32,
+            safety_checker=self.cfg.model.safety_checker,
+            option="model.teacher",
+        )
+        return {k: v for k, v in own.components.items() if k not in ("unet", "scheduler")}
 
     def export_stage(self, num_steps: int) -> None:
         """The EMA student as it leaves a refinement stage: the bottom-up refinement's claim
