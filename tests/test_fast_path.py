@@ -241,6 +241,33 @@ def test_a_compiled_pipeline_replays_whole_samples_like_its_modules_called_plain
     assert all(entry is not None for entry in sampler.sample.graphs.values())  # captured, not fallen back
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_a_compiled_pipeline_with_a_multistep_scheduler_samples_as_its_eager_self(tiny_sd15_dir):
+    """SD1.5's PNDM keeps the UNet's earlier outputs, which a CUDA-graphed UNet overwrites on its
+    next call: such a pipeline compiles its UNet without graphs and samples as it does eagerly."""
+    from diffusers import PNDMScheduler
+
+    def loaded():
+        pipe = load_pipeline(tiny_sd15_dir, sampler="native", device="cuda", dtype="fp32")
+        pipe.scheduler = PNDMScheduler.from_config(pipe.scheduler.config, skip_prk_steps=True, steps_offset=1)
+        return pipe
+
+    def sample(pipe):
+        out = pipe(
+            ["a cat"],
+            num_inference_steps=4,
+            guidance_scale=3.0,
+            generator=torch.Generator("cuda").manual_seed(0),
+            output_type="np",
+        )
+        return out.images
+
+    eager = sample(loaded())
+    compiled = compile_pipeline(loaded())
+    first, second = sample(compiled), sample(compiled)
+    assert np.abs(first - eager).max() < 0.02 and np.abs(second - eager).max() < 0.02
+
+
 def test_generate_never_asks_diffusers_for_the_device(tiny_sdxl_dir, monkeypatch):
     """`pipe.device` / `ModelMixin.device` walk every submodule (~4 ms per call at SDXL size, the
     largest host cost of a compiled batch-1 sample on the H100): the fast path reads a parameter."""

@@ -23,7 +23,7 @@ import warnings
 from collections.abc import Callable
 
 import torch
-from diffusers import DiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import DiffusionPipeline, LCMScheduler, StableDiffusionXLPipeline
 from diffusers.utils.torch_utils import randn_tensor
 
 from nitrofusion.scheduling import TimestepShiftLCMScheduler
@@ -61,7 +61,11 @@ def compile_pipeline(pipe: DiffusionPipeline, mode: str = COMPILE_MODE) -> Diffu
         sampler.compile_decode(**CAPTURED_COMPILE)
         compile_text_encoders(pipe, **CAPTURED_COMPILE)  # fused kernels: less GPU time inside the graph
     else:
-        pipe.unet = torch.compile(pipe.unet, mode=mode)
+        # A CUDA-graphed UNet's output is overwritten by its next call. LCM's step (the shift-LCM
+        # sampler's too) is done with it by then; a multistep scheduler keeps earlier outputs
+        # (SD1.5's PNDM, DPM-Solver), so with one the UNet is compiled without graphs.
+        unet_mode = mode if isinstance(pipe.scheduler, LCMScheduler) else None
+        pipe.unet = torch.compile(pipe.unet, mode=unet_mode)
         pipe.vae.decode = torch.compile(pipe.vae.decode, mode=mode)
         compile_text_encoders(pipe, TEXT_ENCODER_MODE)
     return pipe
