@@ -43,8 +43,8 @@ def default_size(pipe: DiffusionPipeline) -> int:
 
 
 def check_distinct_timesteps(pipe: DiffusionPipeline, steps: int) -> None:
-    """A very small shift maps two noise levels onto one UNet timestep, and the scheduler (diffusers'
-    step-index lookup) would then skip a step: refused, not sampled wrongly. Checked once per
+    """A very small shift maps two noise levels onto one UNet timestep: the student would be told
+    one timestep for two different noise levels. Refused rather than sampled. Checked once per
     scheduler settings and step count (0.5 ms: a real cost per call on the compiled path)."""
     scheduler = pipe.scheduler
     # By its settings, not its id: a scheduler's config can be changed in place, and an id reused.
