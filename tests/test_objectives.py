@@ -313,3 +313,36 @@ def test_r1_penalises_the_gradient_of_what_the_losses_average():
     expected = expected_grad.square().sum()
     torch.testing.assert_close(r1_penalty([local, global_], x), expected)
     torch.testing.assert_close(r1_penalty([local, global_, local, global_], x), expected)
+
+
+def test_r1_is_taken_with_respect_to_the_noised_input_the_heads_judge():
+    """It was taken with respect to the clean x0, i.e. scaled by abar(t*): the heads of t* 750 were
+    regularised 18 times less than those of t* 10."""
+    from contextlib import nullcontext
+    from types import SimpleNamespace
+
+    from nitrofusion.objectives.nitrofusion import NitroFusionObjective
+
+    weight = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+
+    class Backbone:  # features = the noised input itself
+        unet = SimpleNamespace(dtype=torch.float32)
+
+        def __call__(self, x, t):
+            return [x]
+
+    pool = SimpleNamespace(
+        logits=lambda ids, feats, text: [(feats[0] * weight).sum((1, 2, 3)).unsqueeze(1)],  # D(x_t) = <w, x_t>
+        frozen=lambda ids: nullcontext(),
+    )
+    cond = SimpleNamespace(pooled=None, unet_inputs=lambda dtype: ())
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    abar = torch.cumprod(1 - betas, 0)
+    x0 = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    for t_star in (10, 750):
+        losses = []
+        for r1 in (0.0, 1.0):
+            judge = NitroFusionObjective(Backbone(), pool, abar, r1_weight=r1)
+            g = torch.Generator().manual_seed(2)
+            losses.append(judge(x0, x0, cond, [t_star], {t_star: [0]}, g, train_generator=False).d_loss)
+        torch.testing.assert_close(losses[1] - losses[0], weight.square().sum())  # ||dD/dx_t||^2, whatever t*

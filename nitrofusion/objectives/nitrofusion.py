@@ -53,7 +53,10 @@ class NitroFusionObjective:
         self.r1_weight = r1_weight
 
     def _features(self, x0: torch.Tensor, t_star: int, noise: torch.Tensor, cond: Conditioning) -> list[torch.Tensor]:
-        x = add_noise(x0, noise, t_star, self.alphas_cumprod).to(self.backbone.unet.dtype)
+        return self._features_of(add_noise(x0, noise, t_star, self.alphas_cumprod), t_star, cond)
+
+    def _features_of(self, x_t: torch.Tensor, t_star: int, cond: Conditioning) -> list[torch.Tensor]:
+        x = x_t.to(self.backbone.unet.dtype)
         t = torch.full((x.shape[0],), t_star, device=x.device, dtype=torch.long)
         return self.backbone(x, t, *cond.unet_inputs(x.dtype))
 
@@ -82,13 +85,15 @@ class NitroFusionObjective:
             else:
                 with torch.no_grad():
                     fake_feats = self._features(fake.detach(), t_star, n_fake, cond)
-            real_in = real.detach().requires_grad_(self.r1_weight > 0)
+            # R1 penalises the gradient with respect to what the heads judge, the noised x_t (with
+            # respect to x0 it would be scaled by abar(t*): 18x weaker at t* 750 than at 10).
+            real_in = add_noise(real.detach(), n_real, t_star, self.alphas_cumprod).requires_grad_(self.r1_weight > 0)
             # R1 differentiates the gradient again; fused attention kernels have no double backward,
             # and a checkpointed block would be recomputed outside this kernel choice, so neither is used.
             kernel = sdpa_kernel(SDPBackend.MATH) if self.r1_weight > 0 else nullcontext()
             plain = _without_checkpointing(self.backbone.unet) if self.r1_weight > 0 else nullcontext()
             with torch.set_grad_enabled(self.r1_weight > 0), kernel, plain:
-                real_feats = self._features(real_in, t_star, n_real, cond)
+                real_feats = self._features_of(real_in, t_star, cond)
             real_logits = [lg.float() for lg in self.pool.logits(ids, real_feats, text)]
             fake_logits = [lg.float() for lg in self.pool.logits(ids, fake_feats, text)]
             d = discriminator_loss(real_logits, fake_logits, self.loss_kind)
