@@ -346,3 +346,15 @@ def test_r1_is_taken_with_respect_to_the_noised_input_the_heads_judge():
             g = torch.Generator().manual_seed(2)
             losses.append(judge(x0, x0, cond, [t_star], {t_star: [0]}, g, train_generator=False).d_loss)
         torch.testing.assert_close(losses[1] - losses[0], weight.square().sum())  # ||dD/dx_t||^2, whatever t*
+
+
+def test_dmd2_with_a_guidance_distilled_teacher_is_warned_about(tiny_sdxl_dir, tmp_path, caplog):
+    """DMD2's and ADM's real score is the teacher at any noise level with CFG on top: a few-step,
+    guidance-distilled teacher (sampled at teacher_guidance 0, as DMD2's own 4-step model) is none."""
+    with caplog.at_level("WARNING", logger="nitrofusion.training.distill"):
+        Distiller(config(tiny_sdxl_dir, tmp_path / "a", "loss.objective=dmd2"), progress=False)
+        assert "wrong score" not in caplog.text
+        Distiller(
+            config(tiny_sdxl_dir, tmp_path / "b", "loss.objective=dmd2", "data.teacher_guidance=0"), progress=False
+        )
+        assert "gives a wrong score" in caplog.text

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import inspect
 import json
+import logging
 import os
 import shutil
 import time
@@ -32,6 +33,7 @@ from tqdm.auto import tqdm
 from nitrofusion.data.conditioning import Conditioning, TextEncoder
 from nitrofusion.data.prompts import load_prompts
 from nitrofusion.data.teacher import (
+    FEW_STEP_SCHEDULERS,
     SHARD_GLOB,
     SHARD_SIZE,
     PairShards,
@@ -76,6 +78,8 @@ from nitrofusion.training.schedule import Phase, Schedule
 from nitrofusion.training.student import ShiftedStudent
 from nitrofusion.userfiles import replacing
 from nitrofusion.weights.io import unet_state_dict
+
+log = logging.getLogger(__name__)
 
 PURPOSES = {
     "data": 1,
@@ -170,6 +174,18 @@ class Distiller:
         if cfg.loss.objective in ("dmd2", "adm") and prediction != "epsilon":
             raise UserError(
                 f"loss.objective {cfg.loss.objective} reads the teacher as epsilon-prediction, it predicts {prediction}"
+            )
+        few_step = type(self.teacher.scheduler).__name__ in FEW_STEP_SCHEDULERS
+        if cfg.loss.objective in ("dmd2", "adm") and (few_step or cfg.data.teacher_guidance <= 1):
+            # The real score queries the teacher at every noise level, with CFG on top: a guidance-
+            # distilled few-step teacher (DMD2's own 4-step model) is no diffusion model's score.
+            log.warning(
+                "loss.objective %s uses the teacher as a diffusion model's score (CFG %s at any noise level): "
+                "a few-step or guidance-distilled teacher (its %s, data.teacher_guidance %s) gives a wrong score",
+                cfg.loss.objective,
+                cfg.dmd.real_guidance,
+                type(self.teacher.scheduler).__name__,
+                cfg.data.teacher_guidance,
             )
         self.size = cfg.data.resolution or default_size(self.teacher)
         self.text = TextEncoder(self.teacher, self.size, self.size)
