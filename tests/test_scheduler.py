@@ -245,3 +245,18 @@ def test_the_student_is_never_trained_or_sampled_with_the_teachers_clipping(tiny
     config.write_text(json.dumps({**json.loads(config.read_text()), "clip_sample": True, "thresholding": True}))
     pipe = load_pipeline(teacher, sampler="shift-lcm")
     assert not pipe.scheduler.config.clip_sample and not pipe.scheduler.config.thresholding
+
+
+def test_built_from_an_sd15_pndm_config_it_keeps_the_schedule_and_drops_what_it_does_not_take(tmp_path):
+    """A student of SD1.5 carried PNDM's skip_prk_steps into its scheduler config: every stock
+    diffusers load warned that the attribute was not expected."""
+    from diffusers import PNDMScheduler
+
+    pndm = PNDMScheduler(skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False)
+    s = TimestepShiftLCMScheduler.from_base_config(pndm.config, shifted_timestep=500)
+    assert "skip_prk_steps" not in s.config
+    assert (s.config.steps_offset, s.config.set_alpha_to_one, s.config.shifted_timestep) == (1, False, 500)
+    s.save_pretrained(tmp_path)
+    import json
+
+    assert "skip_prk_steps" not in json.loads((tmp_path / "scheduler_config.json").read_text())

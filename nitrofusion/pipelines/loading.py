@@ -385,7 +385,7 @@ def load_pipeline(
         else:
             # A base model's scheduler config with a student UNet: its noise schedule and prediction
             # type, never its sampling-time clipping (distill trains without it, as NitroSD's README samples).
-            scheduler = TimestepShiftLCMScheduler.from_config(
+            scheduler = TimestepShiftLCMScheduler.from_base_config(
                 pipe.scheduler.config,
                 shifted_timestep=DEFAULT_SHIFT if shift is None else shift,
                 original_inference_steps=4,

@@ -10,8 +10,10 @@ unshifted schedule (it is the real noise level of the next input).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import inspect
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from typing import Any
 
 import numpy as np
 import torch
@@ -85,6 +87,14 @@ class TimestepShiftLCMScheduler(LCMScheduler):
             rescale_betas_zero_snr=rescale_betas_zero_snr,
         )
         self.noise_timesteps = self.timesteps.clone()
+
+    @classmethod
+    def from_base_config(cls, config: Mapping[str, Any], **overrides: Any) -> TimestepShiftLCMScheduler:
+        """From another scheduler's config (the teacher's: its noise schedule and prediction type),
+        keeping only the settings this class takes: a PNDM config's `skip_prk_steps` would otherwise
+        be written into the student's scheduler config, and stock diffusers warns on every load."""
+        own = inspect.signature(cls.__init__).parameters
+        return cls.from_config({k: v for k, v in config.items() if k in own}, **overrides)
 
     def set_timesteps(self, *args, **kwargs) -> None:  # noqa: D102 - same contract as LCMScheduler
         super().set_timesteps(*args, **kwargs)

@@ -236,7 +236,7 @@ class Distiller:
                         p.data = p.data.to(half)
         # The teacher's noise schedule and prediction type; never its sampling-time clipping, which
         # the student is not trained with (the exported pipeline samples as the student learnt).
-        self.scheduler = TimestepShiftLCMScheduler.from_config(
+        self.scheduler = TimestepShiftLCMScheduler.from_base_config(
             self.teacher.scheduler.config,
             shifted_timestep=cfg.model.shift,
             original_inference_steps=4,
