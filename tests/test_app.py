@@ -266,7 +266,8 @@ def test_the_app_serves_an_sd15_model_with_or_without_its_safety_checker(tmp_pat
         with TestClient(create_app([model]), base_url=LOCAL) as c:
             r = _post(c)
             assert r.status_code == 200 and Image.open(io.BytesIO(r.content)).format == "PNG", r.text
-        assert len(judged) == judged_so_far  # the kept checker judged its served image; nothing judged the other
+        assert len(judged) == judged_so_far  # the kept checker judged its served image
+    assert left_out.pipe.nitro_unfiltered and not kept.pipe.nitro_unfiltered  # the other has none to judge with
 
 
 def test_cli_fails_in_one_line_on_a_taken_port_and_warns_once_exposed(capsys, tmp_path):

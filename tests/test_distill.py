@@ -54,12 +54,32 @@ from nitrofusion.training.distill import Distiller, TrainingStopped
 def test_one_step_of_each_path(tiny_sdxl_dir, tmp_path, overrides):
     d = Distiller(config(tiny_sdxl_dir, tmp_path, *overrides), progress=False)
     student, pool = snapshot(d.student), snapshot(d.pool)
+    judged, micro_batches = [], []  # what the step did, to check each setting took effect
+    logits, batch = d.pool.logits, d.batch
+    d.pool.logits = lambda ids, *a: judged.append(list(ids)) or logits(ids, *a)
+    d.batch = lambda micro: micro_batches.append(micro) or batch(micro)
     logs = d.train_step()
     assert "skipped" not in logs
     assert moved(student, d.student), "the student did not move"
     assert torch.isfinite(torch.tensor(logs["g_loss"]))
     if "loss.pretrain_steps=1" not in overrides:
         assert moved(pool, d.pool), "the discriminator did not move"
+    kinds = {d.pool.slots[i].kind for ids in judged for i in ids}
+    groups = {d.pool.slots[i].t_star for ids in judged for i in ids}
+    settings = dict(o.split("=", 1) for o in overrides)
+    if settings.get("discriminator.kinds") == "[global_cond]":
+        assert kinds == {"global_cond"}
+    elif settings.get("discriminator.kinds") == "[global_cond,local_cond]":
+        assert kinds == {"global_cond", "local_cond"}
+    elif "loss.pretrain_steps=1" not in overrides:
+        assert kinds == {"global_cond", "local_cond", "local_uncond"}
+    if "discriminator.t_stars_per_step" in settings:
+        assert len(groups) == 2  # two noise levels judged, each with its own head group
+    if "discriminator.pool" in settings:
+        assert groups == {-1} and len(d.pool) == 3 * d.pool.num_levels  # one static set
+    refreshes = judged and not {"discriminator.refresh_fraction", "discriminator.pool"} & settings.keys()
+    assert (logs.get("refreshed", 0) > 0) == bool(refreshes)  # ~1% of a dynamic pool, never a static set
+    assert micro_batches == list(range(int(settings.get("optim.grad_accumulation", 1))))
 
 
 @pytest.mark.parametrize("stage", [2, 3, 4])

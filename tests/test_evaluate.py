@@ -284,7 +284,20 @@ def test_evaluate_command_on_the_embedded_world(tmp_path, capsys):
     # A second run reuses every cached image and gives the same numbers.
     assert main(args) == 0
     again = json.loads((out / "results.json").read_text())
-    assert [r["class_accuracy"] for r in again] == [r["class_accuracy"] for r in rows]
+    assert [(r["class_accuracy"], r["domain_fd"]) for r in again] == [
+        (r["class_accuracy"], r["domain_fd"]) for r in rows
+    ]
+    # The one-step row is the evaluator's score of the cached images for the prompts' classes.
+    from nitrofusion.world.data import evaluation_prompts
+    from nitrofusion.world.evaluator import Evaluator
+    from nitrofusion.world.spec import evaluator_path
+
+    cached = sorted((out / "images" / "shift-lcm-1-step").glob("*.png"))
+    assert len(cached) == 8
+    labels = torch.tensor([c for _, c in evaluation_prompts(8, 0)])
+    score = Evaluator.load(evaluator_path()).score(fid.to_tensor([Image.open(p) for p in cached]), labels)
+    assert rows[0]["class_accuracy"] == pytest.approx(score["class_accuracy"])
+    assert rows[0]["domain_fd"] == pytest.approx(score["domain_fd"], rel=1e-6)
     manifest = json.loads((out / "images" / "shift-lcm-1-step" / "manifest.json").read_text())
     assert manifest["generated"] == 8
     # Another --n orders the embedded prompts otherwise: its images are not these, so it is refused.

@@ -19,10 +19,16 @@ def test_against_scipy_sqrtm_on_random_covariances():
     rng = np.random.default_rng(1)
     a, b = rng.normal(size=(200, 24)), rng.normal(size=(300, 24)) @ rng.normal(size=(24, 24)) * 0.3
     sa, sb = GaussianStats.from_features(a), GaussianStats.from_features(b)
-    ref = np.trace(scipy.linalg.sqrtm(sa.sigma @ sb.sigma).real)
+    # The statistics themselves against numpy's (unbiased covariance, as pytorch-fid's np.cov), so
+    # the oracle below does not share them with the code under test.
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    np.testing.assert_allclose(sa.mu, mu_a, atol=1e-12)
+    np.testing.assert_allclose(sa.sigma, cov_a, atol=1e-12)
+    ref = np.trace(scipy.linalg.sqrtm(cov_a @ cov_b).real)
     assert abs(trace_sqrt_product(sa.sigma, sb.sigma) - ref) < 1e-6 * max(1.0, abs(ref))
-    diff = sa.mu - sb.mu
-    expected = diff @ diff + np.trace(sa.sigma) + np.trace(sb.sigma) - 2 * ref
+    diff = mu_a - mu_b
+    expected = diff @ diff + np.trace(cov_a) + np.trace(cov_b) - 2 * ref
     assert abs(frechet_distance(sa, sb) - expected) < 1e-6 * max(1.0, expected)
 
 

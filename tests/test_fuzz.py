@@ -104,7 +104,7 @@ def no_real_work(monkeypatch, tmp_path):
     def reached(*args, **kwargs):
         raise Reached
 
-    monkeypatch.setattr(nitrofusion.pipelines, "generate", reached)
+    monkeypatch.setattr(nitrofusion.pipelines, "load_pipeline", reached)  # generate's first real work
     monkeypatch.setattr(nitrofusion.training.distill.Distiller, "__init__", reached)
     monkeypatch.setattr(nitrofusion.data.teacher, "make_pairs", reached)
     monkeypatch.setattr(nitrofusion.evaluation.evaluate, "evaluate", reached)

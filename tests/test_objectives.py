@@ -9,7 +9,6 @@ from helpers import config, moved, same_student, snapshot, straight_and_resumed
 from nitrofusion.errors import UserError
 from nitrofusion.objectives.base import input_gradient, with_gradient
 from nitrofusion.objectives.dmd2 import distribution_matching_loss
-from nitrofusion.objectives.scores import unet_x0
 from nitrofusion.training.config import load_config
 from nitrofusion.training.distill import Distiller
 
@@ -192,10 +191,17 @@ def test_real_score_is_classifier_free_guidance(tiny_sdxl_dir, tmp_path):
     acp = d.maths.alphas_cumprod
     with torch.no_grad():
         guided = d.objective.real.x0(noise, t, cond)
-        x_c = unet_x0(d.teacher.unet, noise, t, cond, acp)
-        x_u = unet_x0(d.teacher.unet, noise, t, d.text.negative(2), acp)
-    # x0 is affine in eps, so guidance on eps is the same guidance on x0
-    torch.testing.assert_close(guided, x_u + 3 * (x_c - x_u), rtol=1e-4, atol=1e-4)
+        # The oracle from the teacher UNet itself, not through scores.unet_x0 (which real.x0 uses).
+        x = noise.to(d.teacher.unet.dtype)
+
+        def eps(c):
+            embeds, added = c.unet_inputs(x.dtype)
+            return d.teacher.unet(x, t, embeds, added_cond_kwargs=added).sample.float()
+
+        e = eps(d.text.negative(2)) + 3 * (eps(cond) - eps(d.text.negative(2)))
+        a = acp[t].float()[:, None, None, None]
+        expected = (noise.float() - (1 - a).sqrt() * e) / a.sqrt()
+    torch.testing.assert_close(guided, expected, rtol=1e-4, atol=1e-4)
     assert torch.count_nonzero(d.text.negative(1).prompt_embeds) == 0  # SDXL: force_zeros_for_empty_prompt
 
 
@@ -358,3 +364,39 @@ def test_dmd2_with_a_guidance_distilled_teacher_is_warned_about(tiny_sdxl_dir, t
             config(tiny_sdxl_dir, tmp_path / "b", "loss.objective=dmd2", "data.teacher_guidance=0"), progress=False
         )
         assert "gives a wrong score" in caplog.text
+
+
+def test_gan_losses_by_hand():
+    """Both kinds against their formulas written out with math.log/exp, averaged per head over its
+    logits (patches and batch), then over heads."""
+    import math
+
+    from nitrofusion.objectives.adversarial import discriminator_loss, generator_loss
+
+    real = [torch.tensor([[0.5, -2.0]]), torch.tensor([[3.0]])]
+    fake = [torch.tensor([[-1.0, 0.25]]), torch.tensor([[-0.5]])]
+
+    def softplus(x):
+        return math.log1p(math.exp(x))
+
+    def mean(values):
+        return sum(values) / len(values)
+
+    ns_d = mean(
+        [
+            mean([softplus(-v) for v in (0.5, -2.0)]) + mean([softplus(v) for v in (-1.0, 0.25)]),
+            softplus(-3.0) + softplus(-0.5),
+        ]
+    )
+    ns_g = mean([mean([softplus(-v) for v in (-1.0, 0.25)]), softplus(0.5)])
+    hinge_d = mean(
+        [
+            mean([max(0, 1 - v) for v in (0.5, -2.0)]) + mean([max(0, 1 + v) for v in (-1.0, 0.25)]),
+            max(0, 1 - 3.0) + max(0, 1 - 0.5),
+        ]
+    )
+    hinge_g = mean([mean([1.0, -0.25]), 0.5])
+    assert discriminator_loss(real, fake, "non_saturating").item() == pytest.approx(ns_d)
+    assert generator_loss(fake, "non_saturating").item() == pytest.approx(ns_g)
+    assert discriminator_loss(real, fake, "hinge").item() == pytest.approx(hinge_d)
+    assert generator_loss(fake, "hinge").item() == pytest.approx(hinge_g)

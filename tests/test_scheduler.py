@@ -93,7 +93,6 @@ def test_step_outputs_match_oracle(steps, shift):
     for i, t in enumerate(s.timesteps):
         sample = s.step(fake_unet(sample, int(t)), t, sample, generator=gen).prev_sample
         torch.testing.assert_close(sample, expected[i], rtol=1e-4, atol=1e-5)
-    assert s.timesteps.tolist() == TABLE.get(steps, ([], {shift: s.timesteps.tolist()}))[1][shift]
 
 
 @pytest.mark.parametrize("steps", [1, 2, 3, 4])

@@ -41,7 +41,9 @@ def save(state, path):
 
 
 def test_transfer_identity_and_known_delta(teacher, tmp_path):
-    student, target = shifted(teacher, 1), shifted(teacher, 2)
+    # Biases and norm weights move too (a transfer that skipped 1-D tensors would pass otherwise).
+    student, target = shifted(teacher, 1, biases=0.01), shifted(teacher, 2, biases=0.01)
+    assert all(not torch.equal(student[k], teacher[k]) for k in teacher if k.endswith(".bias"))
     # Transferring onto the base itself gives the student back.
     same = transfer_delta(teacher, student, teacher)
     assert all(torch.allclose(same[k], student[k], atol=1e-6) for k in student)
@@ -64,6 +66,9 @@ def test_transfer_identity_and_known_delta(teacher, tmp_path):
     moved = load_file(str(out))
     for k in teacher:
         assert torch.allclose(moved[k], target[k] + (student[k] - teacher[k]), atol=1e-6)
+    half = transfer_delta(teacher, student, target, scale=0.5)  # --scale multiplies the delta
+    for k in teacher:
+        torch.testing.assert_close(half[k], target[k] + 0.5 * (student[k] - teacher[k]), atol=1e-6, rtol=0)
 
 
 def test_transfer_refuses_other_architectures(teacher, tmp_path, capsys):
