@@ -82,6 +82,22 @@ def test_one_step_of_each_path(tiny_sdxl_dir, tmp_path, overrides):
     assert micro_batches == list(range(int(settings.get("optim.grad_accumulation", 1))))
 
 
+def test_each_micro_batch_draws_its_own_refinement_step(tiny_sdxl_dir, tmp_path):
+    """j was drawn once per iteration: the 20 micro-batches of an sdxl-preset iteration all trained
+    the same step. Micro-batch 0 keeps the draw a one-micro-batch run always had."""
+    d = Distiller(
+        config(tiny_sdxl_dir, tmp_path, "refine.steps_per_stage=[0,0,0,1]", "optim.grad_accumulation=4"),
+        progress=False,
+    )
+    js = []
+    original = d.maths.simulate
+    d.maths.simulate = lambda *a, **k: js.append(a[3]) or original(*a, **k)
+    d.train_step()
+    assert len(js) == 4 and len(set(js)) > 1, js
+    first = int(torch.randint(0, 4, (1,), generator=d.rng("stepidx")))
+    assert js[0] == first
+
+
 @pytest.mark.parametrize("stage", [2, 3, 4])
 def test_each_refinement_stage(tiny_sdxl_dir, tmp_path, stage):
     stages = [0] * (stage - 1) + [1]

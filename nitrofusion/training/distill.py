@@ -432,9 +432,12 @@ class Distiller:
 
         Bottom-up refinement: in stage k, j is drawn from 0..k-1 (or is k-1 with refine.mix=last);
         the student's own first j steps run under no_grad (backward simulation) to make the input.
+        j is drawn per micro-batch (an iteration of the sdxl preset's 20 covers the steps evenly, not
+        one step 20 times), the same on every rank (their backward simulations take equal time).
         """
         k = phase.num_steps
-        j = k - 1 if self.cfg.refine.mix == "last" else int(torch.randint(0, k, (1,), generator=self.rng("stepidx")))
+        draw = self.rng("stepidx", micro=micro)
+        j = k - 1 if self.cfg.refine.mix == "last" else int(torch.randint(0, k, (1,), generator=draw))
         raw = self.acc.unwrap_model(self.student)
         x_in, level = self.maths.simulate(raw, noise, k, j, cond, self.rng("simulate", True, micro))
         with torch.set_grad_enabled(train):
