@@ -193,6 +193,23 @@ def test_resuming_with_networks_of_another_shape_is_one_clear_error(tiny_sdxl_di
     again = Distiller(config(tiny_sdxl_dir, tmp_path, "optim.lr=3e-5"), progress=False)
     again.resume("latest")
     assert again.step == 1
+    # Nor what loaded weights compute: the timestep shift the student is told. It resumed quietly.
+    with pytest.raises(UserError, match="made with model.shift=250, this run has 500"):
+        Distiller(config(tiny_sdxl_dir, tmp_path, "model.shift=500"), progress=False).resume("latest")
+
+
+def test_a_lora_run_resumes_only_at_its_own_scale(tiny_sdxl_dir, tmp_path):
+    """lora_alpha is not in the state dict (the scale alpha/r is an attribute): a resume with another
+    loaded the adapters and computed another student. None means the rank, and compares as it."""
+    from nitrofusion.errors import UserError
+
+    lora = ["model.lora_rank=2", "run.checkpoint_every=1", "refine.steps_per_stage=[1]"]
+    Distiller(config(tiny_sdxl_dir, tmp_path, *lora), progress=False).train()
+    with pytest.raises(UserError, match="model.lora_alpha=2, this run has 16"):
+        Distiller(config(tiny_sdxl_dir, tmp_path, *lora, "model.lora_alpha=16"), progress=False).resume("latest")
+    same = Distiller(config(tiny_sdxl_dir, tmp_path, *lora, "model.lora_alpha=2"), progress=False)
+    same.resume("latest")
+    assert same.step == 1
 
 
 @pytest.mark.parametrize("objective", ["nitrofusion", "dmd2", "adm"])

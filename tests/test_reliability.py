@@ -288,6 +288,23 @@ def test_a_report_written_in_place_is_whole_or_untouched(tmp_path):
     assert path.read_text() == "new"
 
 
+def test_a_fresh_run_in_an_old_folder_sets_the_old_checkpoints_aside(tiny_sdxl_dir, tmp_path):
+    """The old run's checkpoints outranked the new run's: pruning deleted each new one as it was
+    written, and --resume latest after a crash returned to the old run."""
+    from nitrofusion.training.distill import Distiller
+
+    overrides = ("refine.steps_per_stage=[2]", "run.checkpoint_every=1", "run.keep_checkpoints=2")
+    old = Distiller(config(tiny_sdxl_dir, tmp_path, *overrides), progress=False)
+    old.step = 900
+    old.save_checkpoint()
+    root = tmp_path / "checkpoints"
+    Distiller(config(tiny_sdxl_dir, tmp_path, *overrides), progress=False).train()
+    assert [p.name for p in checkpoint.list_checkpoints(root)] == ["step-00000001", "step-00000002"]
+    assert checkpoint.load_latest(root)[1]["step"] == 2
+    assert (root / "abandoned-step-00000900").is_dir()  # the user's, not deleted
+    assert "earlier run in this folder, set aside" in (tmp_path / "log.txt").read_text()
+
+
 def test_resuming_an_earlier_checkpoint_sets_the_later_ones_aside(tiny_sdxl_dir, tmp_path):
     """Pruning kept the highest steps: a run resumed from step 1 deleted its own new checkpoints,
     and --resume latest went back to the abandoned step 3."""

@@ -553,6 +553,9 @@ class Distiller:
             self.out.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out / "config.yaml")
             self.metrics.keep_until(self.step)  # a fresh run in an old directory: not the old run's curves
+            if self.step == 0:  # nor its checkpoints: they would outrank this run's, which pruning would delete
+                for path in checkpoint.set_aside_later(self.out / "checkpoints", 0):
+                    self.log_line(f"{path}: a checkpoint of an earlier run in this folder, set aside")
         self.acc.init_trackers("distill")
         total = cfg.total_steps
         stage_ends = self.schedule.stage_ends()
@@ -623,10 +626,14 @@ class Distiller:
         )
 
     # The keys that decide what a checkpoint holds (which networks, their shapes): resuming across a
-    # change of any of them cannot load; the rest (learning rates, stage lengths, logging) may change.
+    # change of any of them cannot load, or would change what the loaded weights compute (the LoRA
+    # scale alpha/r, the timestep shift the student is told); the rest (learning rates, stage
+    # lengths, logging) may change.
     STATE_KEYS = (
         "model.lora_rank",
+        "model.lora_alpha",
         "model.lora_targets",
+        "model.shift",
         "data.resolution",
         "discriminator.t_stars",
         "discriminator.kinds",
@@ -645,6 +652,10 @@ class Distiller:
 
     def _check_resumable(self, saved: dict) -> None:
         now = self.cfg.to_dict()
+        for config in (saved, now):  # lora_alpha None means "the rank": compared as the scale it gives
+            model = config.get("model", {})
+            if "lora_alpha" in model and model["lora_alpha"] is None:
+                config["model"] = {**model, "lora_alpha": model.get("lora_rank")}
         for key in self.STATE_KEYS:
             section, name = key.split(".")
             if section in saved and name in saved[section] and saved[section][name] != now[section][name]:
