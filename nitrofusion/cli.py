@@ -28,6 +28,11 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
         prompts += read_prompt_file(args.prompts)
     if not prompts:
         raise UserError("no prompts: give them as arguments or with --prompts FILE")
+    for i, prompt in enumerate(prompts):
+        try:
+            prompt.encode("utf-8")  # a command-line argument in another encoding holds lone surrogates
+        except UnicodeEncodeError:
+            raise UserError(f"prompt {i + 1} is not UTF-8 text (was it typed in another encoding?)") from None
     return prompts
 
 

@@ -105,6 +105,9 @@ def test_long_prompt_notice_and_errors(server, browser):
     # A bad seed is caught on the page; random seeds show the seed that was used.
     page.locator("#seed").fill("-3")
     assert page.locator("#error").is_visible()
+    for typed in ("", "9007199254740993"):  # no seed (was sent as 0); past 2**53 (was sent as ...992)
+        page.locator("#seed").fill(typed)
+        assert page.locator("#error").is_visible() and "whole number" in page.locator("#error").inner_text()
     page.locator("#random").check()
     page.wait_for_function(IMAGE_IS_LATEST, timeout=15_000)
     assert page.locator("#error").is_hidden()

@@ -63,6 +63,11 @@ def test_fast_sampler_says_what_a_long_prompt_lost(tiny_sdxl_dir, caplog):
     with caplog.at_level("WARNING", logger="nitrofusion.pipelines.fast"):
         FastSampler(pipe).tokenize(["a cat"], torch.device("cpu"))
     assert not caplog.records
+    # A pasted page (the app renders at every keystroke) is said in a few hundred characters, not whole.
+    with caplog.at_level("WARNING", logger="nitrofusion.pipelines.fast"):
+        FastSampler(pipe).tokenize([LONG_PROMPT + " zebra" * 2000], torch.device("cpu"))
+    (record,) = caplog.records
+    assert len(record.getMessage()) < 400 and "tokens)" in record.getMessage()
 
 
 def test_fast_sampler_decodes_an_fp16_vae_in_fp32_like_the_pipeline(tiny_sdxl_dir):

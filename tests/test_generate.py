@@ -584,3 +584,21 @@ def test_the_native_sampler_of_a_distilled_pipeline_is_its_shift_lcm(tiny_sdxl_d
     capsys.readouterr()
     args = ["generate", "a", "--model", str(tmp_path / "student"), "--sampler", "native", "--steps", "5"]
     expect_error([*args, "--out", str(tmp_path / "o")], capsys, "--steps must be 1 to 4")
+
+
+def test_a_second_run_into_the_same_folder_keeps_the_first_runs_images(tiny_sdxl_dir, tmp_path, capsys):
+    """Names say index, prompt and seed, not steps or model: a run at 4 steps replaced the 1-step
+    run's image without a word."""
+    args = ["generate", "a cat", "--model", str(tiny_sdxl_dir), "--sampler", "shift-lcm", "--out", str(tmp_path)]
+    assert run([*args, "--steps", "1"], capsys)[0] == 0
+    first = (tmp_path / "0000-a-cat-s0.png").read_bytes()
+    code, stdout, _ = run([*args, "--steps", "4"], capsys)
+    assert code == 0 and stdout.strip().endswith("0000-a-cat-s0-2.png")
+    assert (tmp_path / "0000-a-cat-s0.png").read_bytes() == first
+    assert Image.open(tmp_path / "0000-a-cat-s0-2.png").text["steps"] == "4"
+
+
+def test_a_prompt_that_is_not_utf8_is_one_line_before_any_model_loads(tmp_path, capsys):
+    """Bytes in another encoding reach Python as lone surrogates: the tokenizer raised a traceback
+    after the model had loaded."""
+    expect_error(["generate", "caf\udce9", "--out", str(tmp_path)], capsys, "prompt 1 is not UTF-8 text")

@@ -15,23 +15,25 @@ API (JSON in, JSON or PNG out; every error is JSON ``{"error": "<one line>"}``, 
   200 ``image/png`` (prompt, seed, steps, model... as PNG text chunks) with headers ``X-Seed``, ``X-Steps``,
   ``X-Width``, ``X-Height``, ``X-Model``, ``X-Elapsed-Ms`` (generation time), ``X-Queue-Ms`` (time waiting for
   the model), ``X-Prompt-Truncated`` (``true``/``false``), ``X-Prompt-Tokens``, ``X-Token-Limit``, and
-  ``X-Request-Id`` when one was sent.
+  ``X-Request-Id`` when one was sent, and ``X-Superseded: true`` on an image whose client sent a newer request
+  while it was drawn (delivered: the compute is spent, and the page shows it if nothing newer is on screen).
   400 bad input (blank prompt, bad size, malformed JSON); 422 wrong types or steps outside 1-4;
   404 unknown model; 409 superseded (``{"error": ..., "superseded": true}``): a newer request of the same client
-  arrived, so this one is not rendered; 503 the model's queue is full (``Retry-After: 1``); 413 body too large.
+  arrived before this one was drawn, so it is not rendered; 503 the model's queue is full (``Retry-After: 1``);
+  413 body too large.
 
 ``GET /api/models``: ``{"default": name, "models": [{name, source, sampler, default_size, size_multiple,
 max_size, sizes, steps, token_limit}, ...]}``.
 
 ``GET /api/health``: ``{"status": "ok", "models": {name: {"running": bool, "waiting": int, "completed": int,
-"superseded": int, "discarded": int, "busy": int, "failed": int}}}``: ``superseded`` counts every 409 (waiting, stale
-on arrival or finished too late), ``discarded`` those of them answered after their image was generated.
+"superseded": int, "stale": int, "busy": int, "failed": int}}}``: ``superseded`` counts every 409 (replaced while
+waiting, stale on arrival), ``stale`` the images delivered with ``X-Superseded: true``.
 
 Scheduling: each model has one worker thread (one generation at a time, the event loop stays free) and a
 bounded line of waiting requests holding at most one request per client. A client's new request takes the
 place in line of its older waiting one, which is answered 409 at once, so a typing user is never starved by
 the line and stale keystrokes are dropped, not queued. A request is rendered only if it is still its client's
-newest when it starts and when it finishes; otherwise it is answered 409.
+newest when it starts (otherwise 409); one superseded while drawn is delivered, marked.
 """
 
 from __future__ import annotations

@@ -126,7 +126,9 @@ def warn_truncated(tokenizer, encoded) -> None:
             kept = tokenizer.decode(encoding.ids, skip_special_tokens=True)
             text = tokenizer.decode(lost, skip_special_tokens=True)
             limit = tokenizer.model_max_length
-            log.warning("prompt %r truncated to %d tokens; dropped: %r", kept[:40] + "...", limit, text)
+            # Cut short: the app renders at every keystroke, and a pasted page would fill the log each time.
+            dropped = text if len(text) <= 200 else f"{text[:100]} ... {text[-100:]} ({len(lost)} tokens)"
+            log.warning("prompt %r truncated to %d tokens; dropped: %r", kept[:40] + "...", limit, dropped)
 
 
 # Captures run one at a time: the app samples each model on its own thread, and two captures

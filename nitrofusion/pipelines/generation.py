@@ -223,9 +223,21 @@ def prepare_output(out: str | Path, count: int) -> tuple[Path, bool]:
     return out, single
 
 
+def unused_name(path: Path) -> Path:
+    """`path`, or `stem-2.png`, `stem-3.png`, ... : the first name no file has yet."""
+    n = 1
+    candidate = path
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.stem}-{n}{path.suffix}")
+    return candidate
+
+
 def save_images(results: Sequence[GenerationResult], out: str | Path, first: int = 0) -> list[Path]:
     """Write PNGs (with prompt, seed, steps, model... as text chunks) and return their paths;
-    `first`: the number of the first image (for a run saved a batch at a time)."""
+    `first`: the number of the first image (for a run saved a batch at a time). Into a folder,
+    an image never replaces an earlier run's (the names say prompt and seed, not steps, model or
+    size): it takes the next free name. A file named with --out is written as asked."""
     out, single = prepare_output(out, first + len(results))
     directory = out.parent if single else out
     try:
@@ -234,7 +246,7 @@ def save_images(results: Sequence[GenerationResult], out: str | Path, first: int
         raise UserError(f"cannot create output directory '{directory}': {exc.strerror}") from None
     paths = []
     for i, r in enumerate(results, start=first):
-        path = out if single else out / f"{i:04d}-{_slug(r.prompt)}-s{r.seed}.png"
+        path = out if single else unused_name(out / f"{i:04d}-{_slug(r.prompt)}-s{r.seed}.png")
         info = PngInfo()
         for k, v in r.metadata.items():
             info.add_text(k, v)
