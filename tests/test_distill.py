@@ -672,6 +672,41 @@ def test_ranks_wait_for_each_other_as_long_as_the_config_says(tmp_path):
     assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == ["2 420.0", "2 420.0"]
 
 
+def test_ranks_that_resume_from_different_checkpoints_are_stopped(tiny_sdxl_dir, tmp_path):
+    """Each rank reads the checkpoint itself: on disks that are not shared, one rank resumed at step
+    N and another started afresh, and they trained apart until the run hung."""
+    overrides = ["run.checkpoint_every=1", "refine.steps_per_stage=[3]"]
+    first = Distiller(config(tiny_sdxl_dir, tmp_path / "run", *overrides), progress=False)
+    first.train_step()
+    first.step += 1
+    first.save_checkpoint()
+    script = tmp_path / "resume_two_ranks.py"
+    script.write_text(
+        textwrap.dedent(f"""
+        from accelerate import Accelerator
+        import nitrofusion.training.distill as distill
+        from nitrofusion.errors import UserError
+        from nitrofusion.training.config import load_config
+        acc = Accelerator(cpu=True)
+        cfg = load_config(None, None, {config_overrides(tiny_sdxl_dir, tmp_path / "run", *overrides)!r})
+        d = distill.Distiller(cfg, accelerator=acc, progress=False)
+        if acc.process_index == 1:  # this rank's disk has no checkpoint
+            distill.checkpoint.load_latest = lambda *a, **k: None
+        try:
+            d.train(resume="latest")
+            said = "trained"
+        except UserError as exc:
+            said = str(exc)
+        with open("{tmp_path}/rank%d.txt" % acc.process_index, "w") as f:
+            f.write(f"{{d.step}} {{said}}")
+    """)
+    )
+    run_on_two_ranks(script, 29536)
+    ranks = [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)]
+    assert [r.split(" ", 1)[0] for r in ranks] == ["1", "0"]
+    assert all("resumed from different checkpoints" in r for r in ranks), ranks
+
+
 def test_every_rank_and_micro_batch_draws_its_own_random_stream():
     """Keys were rank * 31 + micro: rank 1's first micro-batch repeated rank 0's 32nd."""
     from types import SimpleNamespace

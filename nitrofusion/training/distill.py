@@ -549,6 +549,16 @@ class Distiller:
         cfg = self.cfg
         if resume:
             self.resume(resume)
+            # Each process reads the checkpoint on its own: on disks that are not shared (several
+            # machines), one could resume at step N and another start afresh, their weights apart.
+            step = torch.tensor(float(self.step))
+            if self.acc.num_processes > 1 and not self.on_every_rank(
+                step == self.acc.reduce(step.to(self.acc.device), "max").cpu()
+            ):
+                raise UserError(
+                    "the processes resumed from different checkpoints (is run.output_dir on a disk every "
+                    "machine shares?): resume from one path they can all read"
+                )
         if self.acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out / "config.yaml")
