@@ -34,8 +34,12 @@ class GenerationResult:
 
 def size_multiple(pipe: DiffusionPipeline) -> int:
     """Height and width must be multiples of this: VAE factor x UNet down-sampling, and >= 8."""
-    unet_factor = 2 ** (len(pipe.unet.config.block_out_channels) - 1)
-    return max(8, pipe.vae_scale_factor * unet_factor)
+    return multiple_of(pipe.unet.config.block_out_channels, pipe.vae_scale_factor)
+
+
+def multiple_of(unet_block_out_channels: Sequence[int], vae_factor: int) -> int:
+    """VAE factor x the UNet's down-sampling (one halving per block but the last), and >= 8."""
+    return max(8, vae_factor * 2 ** (len(unet_block_out_channels) - 1))
 
 
 def default_size(pipe: DiffusionPipeline) -> int:
@@ -98,11 +102,9 @@ def size_multiple_of_folder(folder: str | Path) -> int | None:
     try:
         unet = json.loads((Path(folder) / "unet" / "config.json").read_text())
         vae = json.loads((Path(folder) / "vae" / "config.json").read_text())
-        unet_factor = 2 ** (len(unet["block_out_channels"]) - 1)
-        vae_factor = 2 ** (len(vae["block_out_channels"]) - 1)  # diffusers' vae_scale_factor
+        return multiple_of(unet["block_out_channels"], 2 ** (len(vae["block_out_channels"]) - 1))  # diffusers' factor
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return max(8, vae_factor * unet_factor)
 
 
 SEEDS = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes

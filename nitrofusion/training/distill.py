@@ -170,23 +170,25 @@ class Distiller:
             # An LCM-distilled UNet (e.g. LCM Dreamshaper) takes a guidance embedding, which its
             # pipeline computes from guidance_scale: the student would train without it and sample with it.
             raise UserError("the teacher's UNet takes a guidance embedding (time_cond_proj_dim): not supported")
-        prediction = self.teacher.scheduler.config.get("prediction_type", "epsilon")
-        if cfg.loss.objective in ("dmd2", "adm") and prediction != "epsilon":
-            raise UserError(
-                f"loss.objective {cfg.loss.objective} reads the teacher as epsilon-prediction, it predicts {prediction}"
-            )
-        few_step = type(self.teacher.scheduler).__name__ in FEW_STEP_SCHEDULERS
-        if cfg.loss.objective in ("dmd2", "adm") and (few_step or cfg.data.teacher_guidance <= 1):
-            # The real score queries the teacher at every noise level, with CFG on top: a guidance-
-            # distilled few-step teacher (DMD2's own 4-step model) is no diffusion model's score.
-            log.warning(
-                "loss.objective %s uses the teacher as a diffusion model's score (CFG %s at any noise level): "
-                "a few-step or guidance-distilled teacher (its %s, data.teacher_guidance %s) gives a wrong score",
-                cfg.loss.objective,
-                cfg.dmd.real_guidance,
-                type(self.teacher.scheduler).__name__,
-                cfg.data.teacher_guidance,
-            )
+        if cfg.loss.objective in ("dmd2", "adm"):  # their scores read the teacher as a diffusion model
+            prediction = self.teacher.scheduler.config.get("prediction_type", "epsilon")
+            if prediction != "epsilon":
+                raise UserError(
+                    f"loss.objective {cfg.loss.objective} reads the teacher as epsilon-prediction, "
+                    f"it predicts {prediction}"
+                )
+            scheduler = type(self.teacher.scheduler).__name__
+            if scheduler in FEW_STEP_SCHEDULERS or cfg.data.teacher_guidance <= 1:
+                # The real score queries the teacher at every noise level, with CFG on top: a guidance-
+                # distilled few-step teacher (DMD2's own 4-step model) is no diffusion model's score.
+                log.warning(
+                    "loss.objective %s uses the teacher as a diffusion model's score (CFG %s at any noise level): "
+                    "a few-step or guidance-distilled teacher (its %s, data.teacher_guidance %s) gives a wrong score",
+                    cfg.loss.objective,
+                    cfg.dmd.real_guidance,
+                    scheduler,
+                    cfg.data.teacher_guidance,
+                )
         self.size = cfg.data.resolution or default_size(self.teacher)
         self.text = TextEncoder(self.teacher, self.size, self.size)
         self.prompts = load_prompts(cfg.data.prompts)
@@ -662,17 +664,22 @@ class Distiller:
 
     def _check_resumable(self, saved: dict) -> None:
         now = self.cfg.to_dict()
-        for config in (saved, now):  # lora_alpha None means "the rank": compared as the scale it gives
-            model = config.get("model", {})
-            if "lora_alpha" in model and model["lora_alpha"] is None:
-                config["model"] = {**model, "lora_alpha": model.get("lora_rank")}
+
+        def setting(config: dict, section: str, name: str) -> object:
+            value = config[section][name]
+            if (section, name) == ("model", "lora_alpha") and value is None:
+                return config[section].get("lora_rank")  # None means "the rank": compared as the scale it gives
+            return value
+
         for key in self.STATE_KEYS:
             section, name = key.split(".")
-            if section in saved and name in saved[section] and saved[section][name] != now[section][name]:
+            if section not in saved or name not in saved[section]:
+                continue
+            was, is_now = setting(saved, section, name), setting(now, section, name)
+            if was != is_now:
                 raise UserError(
-                    f"the checkpoint was made with {key}={saved[section][name]!r}, this run has "
-                    f"{now[section][name]!r}: resume with the run's own config ({self.out / 'config.yaml'}) "
-                    "or start in a new run.output_dir"
+                    f"the checkpoint was made with {key}={was!r}, this run has {is_now!r}: resume with "
+                    f"the run's own config ({self.out / 'config.yaml'}) or start in a new run.output_dir"
                 )
 
     def resume(self, which: str) -> None:
