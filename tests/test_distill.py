@@ -447,6 +447,7 @@ def test_ill_typed_config_key(tmp_path, capsys):
     "override, fragment",
     [
         ("run.log_every=0", "'run.log_every' must be at least 1"),
+        ("run.process_timeout_minutes=0", "'run.process_timeout_minutes' must be at least 1"),
         ("model.shift=5000", "'model.shift' must be a timestep in 1..1000"),
         ("optim.ema_decay=2", "'optim.ema_decay' must be in [0, 1)"),
         ("optim.lr=-1e-5", "'optim.lr' must be positive"),
