@@ -364,7 +364,7 @@ def test_latest_request_per_client_wins():
         assert r3.headers["x-superseded"] == "false"
         assert m.started == ["a", "abc"], "the stale keystroke was never generated"
         assert worker.state() == {"running": False, "waiting": 0, "completed": 1, "superseded": 1, "stale": 1,
-                                  "busy": 0, "failed": 0}  # fmt: skip
+                                  "busy": 0, "failed": 0, "abandoned": 0}  # fmt: skip
 
     _run_with(app, scenario)
 
@@ -445,6 +445,49 @@ def test_a_request_refused_as_busy_supersedes_nothing():
         assert (await post("ab", "A", 2)).status_code == 200, "the refused request id was not taken either"
 
     _run_with(app, scenario)
+
+
+def test_a_request_whose_client_hung_up_leaves_the_line_and_is_never_drawn():
+    """A script's timeout or a closed tab: the request kept its place in line and was drawn for
+    nobody, holding up the clients still waiting. Over real sockets, as uvicorn reports a hang-up."""
+    import json
+
+    m = GatedModel()
+    app = create_app([m], queue_size=1)
+    worker = app.state.workers["gated"]
+
+    def until(condition) -> None:
+        deadline = time.monotonic() + 5
+        while not condition():
+            assert time.monotonic() < deadline, "timed out"
+            time.sleep(0.01)
+
+    def send(sock: socket.socket, prompt: str, client: str) -> None:
+        body = json.dumps({"prompt": prompt, "client": client}).encode()
+        head = ["POST /api/generate HTTP/1.1", "Host: 127.0.0.1", "Content-Type: application/json"]
+        sock.sendall("\r\n".join([*head, f"Content-Length: {len(body)}", "", ""]).encode() + body)
+
+    with ServerThread(app) as server:
+        running = socket.create_connection((server.host, server.port))
+        send(running, "a", "A")
+        until(lambda: m.started == ["a"])
+        gone = socket.create_connection((server.host, server.port))
+        send(gone, "b", "B")
+        until(lambda: worker.state()["waiting"] == 1)
+        gone.close()
+        until(lambda: worker.state()["waiting"] == 0)
+        assert worker.stats["abandoned"] == 1
+        # The freed place takes the next client at once (the line holds one): no 503.
+        with httpx.Client(base_url=server.url, timeout=10) as c:
+            waiting = threading.Thread(target=lambda: c.post("/api/generate", json={"prompt": "c", "client": "C"}))
+            waiting.start()
+            until(lambda: worker.state()["waiting"] == 1)
+            m.gate.set()
+            waiting.join(10)
+        assert running.recv(4096).startswith(b"HTTP/1.1 200")
+        running.close()
+        until(lambda: worker.stats["completed"] == 2)
+    assert m.started == ["a", "c"]
 
 
 def test_switching_models_frees_the_old_models_place_in_line_at_once():

@@ -214,8 +214,8 @@ def test_a_lora_run_resumes_only_at_its_own_scale(tiny_sdxl_dir, tmp_path):
 
 @pytest.mark.parametrize("objective", ["nitrofusion", "dmd2", "adm"])
 def test_an_sd15_architecture_teacher_distils_into_a_stock_loadable_student(tiny_sd15_dir, tmp_path, objective):
-    """SD1.5's UNet has no added conditions and one text encoder (the heads' pooled text is the
-    mean token embedding): every objective trains it and exports a pipeline stock diffusers loads."""
+    """SD1.5's UNet has no added conditions and one text encoder (the heads' pooled text is CLIP's
+    sentence embedding): every objective trains it and exports a pipeline stock diffusers loads."""
     from diffusers import StableDiffusionPipeline
 
     extra = ["loss.pretrain_kind=adversarial"] if objective == "adm" else []
@@ -229,6 +229,26 @@ def test_an_sd15_architecture_teacher_distils_into_a_stock_loadable_student(tiny
     assert pipe.config.requires_safety_checker is False  # the teacher's setting, not the class default
     image = pipe("a photo", num_inference_steps=2, guidance_scale=0, output_type="np").images[0]
     assert np.isfinite(image).all() and image.std() > 0
+
+
+def test_sd15_heads_read_clips_sentence_embedding_as_the_pooled_text(tiny_sd15_dir):
+    """The conditional heads' text for SD1.5 is the text encoder's own pooled output (the final
+    state at the end-of-text token); it was the mean over all 77 token states, padding included,
+    which moves little between prompts. Prompts of different lengths, and the empty prompt."""
+    from diffusers import StableDiffusionPipeline
+
+    from nitrofusion.data.conditioning import TextEncoder
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd15_dir, safety_checker=None)
+    encoder = TextEncoder(pipe, 32, 32)
+    prompts = ["a cat", "a red bag on a long wooden table by the sea", "a" * 400]
+    tok = pipe.tokenizer
+    with torch.no_grad():
+        for prompts_, pooled in ((prompts, encoder(prompts).pooled), ([""], encoder.negative(1).pooled)):
+            ids = tok(prompts_, padding="max_length", max_length=tok.model_max_length, truncation=True).input_ids
+            own = pipe.text_encoder(torch.tensor(ids)).pooler_output
+            torch.testing.assert_close(pooled, own, rtol=1e-5, atol=1e-6)
+    assert encoder.pooled_dim == own.shape[-1]
 
 
 def test_distill_no_safety_checker_leaves_an_sd15_teachers_checker_out_of_the_run_and_the_export(tmp_path, capsys):

@@ -537,11 +537,44 @@ def test_the_size_multiple_read_before_loading_is_the_loaded_pipelines(tiny_sdxl
     for folder in (tiny_sdxl_dir, tiny_sd15_dir, embedded_model("embedded").model):
         assert size_multiple_of_folder(folder) == size_multiple(load_pipeline(folder, device="cpu"))
     configs = Path(__file__).parents[1] / "nitrofusion" / "models" / "configs" / "sdxl-base"
-    for part in ("unet", "vae"):  # SDXL base's own: two UNet down-samplings (x4), a VAE factor of 8
+    for part in ("unet", "vae"):  # SDXL base's own: a VAE factor of 8
         (tmp_path / part).mkdir()
         (tmp_path / part / "config.json").write_text((configs / f"{part}.json").read_text())
-    assert size_multiple_of_folder(tmp_path) == 32
+    assert size_multiple_of_folder(tmp_path) == 8
     assert size_multiple_of_folder(tmp_path / "missing") is None
+
+
+def test_a_size_whose_latents_the_unet_cannot_halve_evenly_samples_as_stock_diffusers_does(tmp_path, capsys):
+    """SDXL's UNet halves its latents twice, SD1.5's three times, but diffusers samples any multiple
+    of 8 px (a 520 px SDXL latent is 65 wide: the UNet up-samples to its skips' sizes). generate
+    refused those sizes (multiples of 32 and 64 only). A VAE factor of 8 and three halvings, as SD1.5."""
+    from diffusers import StableDiffusionPipeline
+
+    from nitrofusion.models.builders import SD15Spec, build_sd15_pipeline
+
+    spec = SD15Spec(
+        block_out_channels=(32, 32, 32, 32),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        vae_block_out_channels=(32, 32, 32, 32),
+    )
+    model = tmp_path / "sd15"
+    build_sd15_pipeline(spec).save_pretrained(str(model))
+    out = tmp_path / "out.png"
+    args = ["generate", "a cat", "--model", str(model), "--out", str(out)]
+    code, _, err = run([*args, "--height", "72", "--width", "40"], capsys)
+    assert code == 0, err
+    image = np.asarray(Image.open(out))
+    assert image.shape == (72, 40, 3) and image.std() > 0
+    pipe = load_pipeline(model, sampler="shift-lcm", device="cpu")
+    ours = generate(pipe, ["a cat"], steps=1, height=72, width=40, progress=False)[0].image
+    stock = StableDiffusionPipeline.from_pretrained(str(model))
+    stock.scheduler = pipe.scheduler
+    seed = torch.Generator().manual_seed(0)
+    theirs = stock("a cat", height=72, width=40, num_inference_steps=1, guidance_scale=0, generator=seed).images[0]
+    assert np.array_equal(np.asarray(ours), np.asarray(theirs))
+    code, _, err = run([*args, "--height", "76"], capsys)
+    assert code == 2 and "multiple of 8" in err
 
 
 def test_an_out_png_that_is_a_directory_is_refused_before_any_work(tiny_sdxl_dir, tmp_path, capsys):
@@ -602,3 +635,23 @@ def test_a_prompt_that_is_not_utf8_is_one_line_before_any_model_loads(tmp_path, 
     """Bytes in another encoding reach Python as lone surrogates: the tokenizer raised a traceback
     after the model had loaded."""
     expect_error(["generate", "caf\udce9", "--out", str(tmp_path)], capsys, "prompt 1 is not UTF-8 text")
+
+
+@pytest.mark.parametrize("safety_checker", [True, False])
+def test_a_teachers_frozen_parts_are_read_without_its_unet(tmp_path, safety_checker):
+    """A bf16 run's export re-reads the teacher's text encoders and VAE at full precision; it read
+    the whole pipeline before, a 10 GB UNet included (SDXL), only to drop it. With the UNet's
+    weights gone the parts still load, bit for bit as stored."""
+    from nitrofusion.pipelines.loading import load_frozen_parts
+    from nitrofusion.testing import save_tiny_sd15
+
+    model = save_tiny_sd15(tmp_path / "sd15", safety_checker=True)
+    for f in (model / "unet").glob("*.safetensors"):
+        f.unlink()
+    parts = load_frozen_parts(model, safety_checker=safety_checker)
+    assert "unet" not in parts and "scheduler" not in parts
+    assert (parts["safety_checker"] is not None) == safety_checker
+    (vae_file,) = (model / "vae").glob("*.safetensors")
+    stored = load_file(str(vae_file))
+    vae = parts["vae"].state_dict()
+    assert all(vae[k].dtype == torch.float32 and torch.equal(vae[k], v.float()) for k, v in stored.items())

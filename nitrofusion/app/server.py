@@ -26,8 +26,9 @@ API (JSON in, JSON or PNG out; every error is JSON ``{"error": "<one line>"}``, 
 max_size, sizes, steps, token_limit}, ...]}``.
 
 ``GET /api/health``: ``{"status": "ok", "models": {name: {"running": bool, "waiting": int, "completed": int,
-"superseded": int, "stale": int, "busy": int, "failed": int}}}``: ``superseded`` counts every 409 (replaced while
-waiting, stale on arrival), ``stale`` the images delivered with ``X-Superseded: true``.
+"superseded": int, "stale": int, "busy": int, "failed": int, "abandoned": int}}}``: ``superseded`` counts every
+409 (replaced while waiting, stale on arrival), ``stale`` the images delivered with ``X-Superseded: true``,
+``abandoned`` the requests whose client closed its connection while they waited (their place is freed at once).
 
 Scheduling: each model has one worker thread (one generation at a time, the event loop stays free) and a
 bounded line of waiting requests holding at most one request per client. A client's new request takes the
@@ -47,7 +48,7 @@ import secrets
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -252,6 +253,10 @@ class Busy(Exception):
     """The model's line of waiting requests is full."""
 
 
+class Abandoned(Exception):
+    """The client closed its connection while its request waited: nobody would see the image."""
+
+
 @dataclass(frozen=True)
 class Ticket:
     client: str | None  # None: a request without a client id, superseded by nothing
@@ -317,7 +322,8 @@ class ModelWorker:
         self._task: asyncio.Task | None = None
         # superseded: every 409 (replaced while waiting, stale on arrival); stale: images that finished after
         # a newer request of their client arrived (delivered all the same, marked: see `_run`).
-        self.stats = {"completed": 0, "superseded": 0, "stale": 0, "busy": 0, "failed": 0}
+        # abandoned: requests whose client hung up while they waited (a script's timeout, a closed tab).
+        self.stats = {"completed": 0, "superseded": 0, "stale": 0, "busy": 0, "failed": 0, "abandoned": 0}
 
     def state(self) -> dict[str, Any]:
         return {"running": self._running is not None, "waiting": len(self._waiting), **self.stats}
@@ -330,9 +336,13 @@ class ModelWorker:
             self.stats["busy"] += 1
             raise Busy(f"model '{self.name}' is busy: {len(self._waiting)} requests are waiting; try again shortly")
 
-    async def submit(self, ticket: Ticket, work: Callable[[], Any]) -> tuple[Any, float, bool]:
+    async def submit(
+        self, ticket: Ticket, work: Callable[[], Any], hung_up: Callable[[], Awaitable[Any]] | None = None
+    ) -> tuple[Any, float, bool]:
         """Run `work` in the worker thread when the model is free; returns (result, seconds waited,
-        whether a newer request of the client arrived while it ran). Raises Superseded or Busy."""
+        whether a newer request of the client arrived while it ran). Raises Superseded or Busy, or
+        Abandoned when `hung_up` (returns once the client's connection is gone) returns first while
+        the request still waits: its place in line is freed then, not when it reaches the model."""
         job = _Job(ticket, work, asyncio.get_running_loop().create_future())
         self.check_room(ticket.client)
         older = self._waiting.get(ticket.key)
@@ -342,6 +352,18 @@ class ModelWorker:
         if older is not None:
             self._fail(older, Superseded())
         self._pump()
+        if hung_up is not None:
+            watch = asyncio.ensure_future(hung_up())
+            try:
+                await asyncio.wait({job.future, watch}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                watch.cancel()
+            # One already drawing is left to finish (a thread cannot be stopped mid-step); its image is dropped.
+            if not job.future.done() and self._waiting.get(ticket.key) is job:
+                del self._waiting[ticket.key]
+                self.stats["abandoned"] += 1
+                job.future.cancel()
+                raise Abandoned()
         result, stale = await job.future
         return result, job.started_at - job.queued_at, stale
 
@@ -558,7 +580,7 @@ def create_app(
         return {"default": models[0].name, "models": [m.describe(max_size) for m in models]}
 
     @app.post("/api/generate", response_model=None)
-    async def generate(req: GenerateRequest) -> Response:
+    async def generate(req: GenerateRequest, request: Request) -> Response:
         prompt = req.prompt.strip()
         if not prompt:
             return _error(400, "the prompt is empty")
@@ -601,8 +623,15 @@ def create_app(
         def work() -> Rendered:
             return model.render(prompt, req.steps, seed, width, height)
 
+        async def hung_up() -> None:
+            # The body is read: the server's next message for this request is its disconnect.
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+
         try:
-            rendered, waited, stale = await worker.submit(ticket, work)
+            rendered, waited, stale = await worker.submit(ticket, work, hung_up)
+        except Abandoned:
+            return Response(status_code=499)  # nginx's "client closed request": nobody reads it
         except Superseded:
             return _error(409, "superseded by a newer request of this client", superseded=True)
         except Busy as exc:

@@ -98,8 +98,7 @@ class TextEncoder:
             time_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=embeds.dtype, device=device).expand(len(prompts), -1)
         else:
             embeds, _ = self.pipe.encode_prompt(prompts, device, 1, do_classifier_free_guidance=False)
-            # SD1.5 has no pooled embedding; the mean over tokens stands in for it.
-            pooled, time_ids = embeds.mean(1), None
+            pooled, time_ids = self._sentence_embedding(prompts, embeds), None
         return [
             Conditioning(
                 embeds[i : i + 1].cpu(),
@@ -108,6 +107,15 @@ class TextEncoder:
             )
             for i in range(len(prompts))
         ]
+
+    def _sentence_embedding(self, prompts: list[str], embeds: torch.Tensor) -> torch.Tensor:
+        """SD1.5's pooled text: the final token states at each prompt's end-of-text token, CLIP's
+        own sentence embedding (its `pooler_output`; SD1.5's UNet never reads it). A mean over
+        the 77 states would weigh the constant start token and the padding with the words."""
+        tok = self.pipe.tokenizer
+        ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True).input_ids
+        ends = [row.index(tok.eos_token_id) if tok.eos_token_id in row else len(row) - 1 for row in ids]
+        return embeds[torch.arange(len(prompts)), torch.tensor(ends)]
 
     @torch.no_grad()
     def negative(self, n: int) -> Conditioning:
@@ -126,7 +134,7 @@ class TextEncoder:
             time_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=embeds.dtype, device=device)
         else:
             _, embeds = self.pipe.encode_prompt([""], device, 1, do_classifier_free_guidance=True)
-            pooled, time_ids = embeds.mean(1), None
+            pooled, time_ids = self._sentence_embedding([""], embeds), None
         return Conditioning(embeds, pooled, time_ids).to("cpu")
 
     @property

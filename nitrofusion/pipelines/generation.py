@@ -33,13 +33,14 @@ class GenerationResult:
 
 
 def size_multiple(pipe: DiffusionPipeline) -> int:
-    """Height and width must be multiples of this: VAE factor x UNet down-sampling, and >= 8."""
-    return multiple_of(pipe.unet.config.block_out_channels, pipe.vae_scale_factor)
+    """Height and width must be multiples of this: the VAE's factor, and >= 8, as diffusers' own
+    pipelines ask. The UNet need not divide its latents evenly: it up-samples to its skip
+    connections' sizes (an SDXL latent side of 65, 520 px, samples)."""
+    return multiple_of(pipe.vae_scale_factor)
 
 
-def multiple_of(unet_block_out_channels: Sequence[int], vae_factor: int) -> int:
-    """VAE factor x the UNet's down-sampling (one halving per block but the last), and >= 8."""
-    return max(8, vae_factor * 2 ** (len(unet_block_out_channels) - 1))
+def multiple_of(vae_factor: int) -> int:
+    return max(8, vae_factor)
 
 
 def default_size(pipe: DiffusionPipeline) -> int:
@@ -100,9 +101,8 @@ def size_multiple_of_folder(folder: str | Path) -> int | None:
     (an SDXL pipeline takes tens of seconds); None where they cannot be read, and the check after
     loading stands alone."""
     try:
-        unet = json.loads((Path(folder) / "unet" / "config.json").read_text())
         vae = json.loads((Path(folder) / "vae" / "config.json").read_text())
-        return multiple_of(unet["block_out_channels"], 2 ** (len(vae["block_out_channels"]) - 1))  # diffusers' factor
+        return multiple_of(2 ** (len(vae["block_out_channels"]) - 1))  # diffusers' factor
     except (OSError, ValueError, KeyError, TypeError):
         return None
 

@@ -335,23 +335,7 @@ def load_pipeline(
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     student_state = read_safetensors(unet) if unet is not None else None
-    index = check_model_index(model_dir)
-    entry = index.get("safety_checker")
-    drop_checker = not safety_checker and isinstance(entry, list) and entry[:1] != [None]
-    overrides = {"safety_checker": None, "requires_safety_checker": False} if drop_checker else {}
-    try:
-        with quiet_loading():
-            pipe = DiffusionPipeline.from_pretrained(
-                str(model_dir),
-                dtype=torch_dtype,
-                use_safetensors=True,
-                local_files_only=True,
-                variant=weights_variant(model_dir),
-                **overrides,
-            )
-    except (OSError, ValueError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UserError(f"could not load the pipeline in '{model_dir}': {first}") from None
+    pipe, drop_checker = _read_pipeline(model_dir, torch_dtype, safety_checker)
     if not hasattr(pipe, "unet") or not isinstance(pipe.unet, UNet2DConditionModel):
         raise UserError(f"'{model_dir}' is not a UNet text-to-image pipeline (SDXL or SD1.5 architecture)")
     if student_state is not None:
@@ -408,6 +392,42 @@ def load_pipeline(
 
         compile_pipeline(pipe)
     return pipe
+
+
+def _read_pipeline(
+    model_dir: Path, dtype: torch.dtype, safety_checker: bool, **overrides: None
+) -> tuple[DiffusionPipeline, bool]:
+    """The pipeline as stored (safetensors only, no remote code), and whether its safety checker
+    was left out. `overrides` name components not to read at all (`unet=None`)."""
+    index = check_model_index(model_dir)
+    entry = index.get("safety_checker")
+    drop_checker = not safety_checker and isinstance(entry, list) and entry[:1] != [None]
+    if drop_checker:
+        overrides = {**overrides, "safety_checker": None, "requires_safety_checker": False}
+    try:
+        with quiet_loading():
+            pipe = DiffusionPipeline.from_pretrained(
+                str(model_dir),
+                dtype=dtype,
+                use_safetensors=True,
+                local_files_only=True,
+                variant=weights_variant(model_dir),
+                **overrides,
+            )
+    except (OSError, ValueError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"could not load the pipeline in '{model_dir}': {first}") from None
+    return pipe, drop_checker
+
+
+def load_frozen_parts(
+    model: str | Path, dtype: torch.dtype = torch.float32, safety_checker: bool = True, option: str = "--model"
+) -> dict[str, object]:
+    """A pipeline's components other than its UNet and scheduler, on the CPU: what a distilled
+    pipeline takes over from its teacher unchanged. The UNet is never read (at SDXL size it is
+    10 GB of host memory and tens of seconds, only to be discarded)."""
+    pipe, _ = _read_pipeline(resolve_model(model, option), dtype, safety_checker, unet=None)
+    return {k: v for k, v in pipe.components.items() if k not in ("unet", "scheduler")}
 
 
 CPU_ALIGN = 64  # bytes: torch's CPU allocator's alignment (a cache line, an AVX-512 vector)

@@ -59,6 +59,7 @@ from nitrofusion.pipelines.generation import default_size, generate, size_multip
 from nitrofusion.pipelines.loading import (
     check_state_dict,
     layout_problems,
+    load_frozen_parts,
     load_pipeline,
     read_safetensors,
     save_state_dict,
@@ -818,8 +819,8 @@ class Distiller:
         n = self.cfg.run.validation_prompts
         prompts = [self.prompts[(i * len(self.prompts)) // n] for i in range(n)]
         rows, labels = [], []
-        # Drawn at the size the student trains at, where the sampler accepts it (the UNet trains
-        # at any multiple of 8; sampling asks for the model's own multiple, 32 for SDXL).
+        # Drawn at the size the student trains at, where the sampler accepts it (a VAE with a
+        # factor above 8 asks for more).
         size = self.size if self.size % size_multiple(pipe) == 0 else default_size(pipe)
         # Under the training's autocast: the student keeps fp32 master weights while the frozen
         # modules (text encoders, VAE) are in bf16/fp16, whose dtype sets the sampler's latents.
@@ -897,15 +898,12 @@ class Distiller:
         exported pipeline carries the teacher's own weights, not their bf16 rounding."""
         if self.cfg.optim.mixed_precision == "no":
             return None
-        own = load_pipeline(
+        return load_frozen_parts(
             resolve_teacher(self.cfg.model.teacher),
-            sampler="native",
-            device="cpu",
             dtype=torch.float32,
             safety_checker=self.cfg.model.safety_checker,
             option="model.teacher",
         )
-        return {k: v for k, v in own.components.items() if k not in ("unet", "scheduler")}
 
     def export_stage(self, num_steps: int) -> None:
         """The EMA student as it leaves a refinement stage: the bottom-up refinement's claim
