@@ -152,6 +152,63 @@ def test_pool_bookkeeping(tiny_sdxl_dir, tmp_path):
         assert all(p in d.opt_d.state for p in d.pool.heads[trained].parameters())
 
 
+def test_heads_are_drawn_per_micro_batch_and_all_drawn_heads_train(tiny_sdxl_dir, tmp_path):
+    """A head trains only when drawn, and a 1% refresh gives it ~100 iterations: drawn once per
+    iteration it trained ~6 times in its life. Each micro-batch now draws its own t* group and
+    heads; micro-batch 0 keeps the one-micro-batch draw (the embedded presets train as before)."""
+    d = Distiller(config(tiny_sdxl_dir, tmp_path, "optim.grad_accumulation=4"), progress=False)
+    critic = d.critics["pool"]
+    critic.begin_step(d)
+    draws = [critic.draw(d, m) for m in range(4)]
+    legacy_t = d.pool.sample_t_stars(1, d.rng("heads"))
+    assert draws[0] == (legacy_t, {t: d.pool.sample_heads(t, d.rng("heads", micro=t + 1)) for t in legacy_t})
+    assert len({tuple(ids) for _, heads in draws for ids in heads.values()}) == 4  # four different head sets
+    assert critic.draw(d, 2) is draws[2]  # one draw per micro-batch, whatever calls it again
+    captured = {}
+    original_step = d.opt_d.step
+
+    def spy():
+        captured["with_grad"] = {
+            i for i, h in enumerate(d.pool.heads) if any(p.grad is not None for p in h.parameters())
+        }
+        original_step()
+
+    d.opt_d.step = spy
+    d.train_step()
+    d.step = 0  # the step's draws, as train_step made them
+    critic.begin_step(d)
+    assert captured["with_grad"] == {i for m in range(4) for ids in critic.draw(d, m)[1].values() for i in ids}
+
+
+def test_the_students_loss_never_writes_the_heads_gradients(tiny_sdxl_dir, tmp_path):
+    """The student's pass through the heads is under `frozen`: only the heads' own loss trains them.
+    (ADM's check cannot show this: its student gradient never writes .grad.)"""
+    d = Distiller(config(tiny_sdxl_dir, tmp_path), progress=False)
+    d.critics["pool"].begin_step(d)
+    cond, noise, real = d.batch(0)
+    fake = (real + 0.1 * noise).requires_grad_(True)
+    losses = d.objective(d, fake, real, cond, 0, True)
+    losses.g_loss.backward()
+    assert fake.grad.abs().sum() > 0
+    assert all(p.grad is None for p in d.pool.parameters())
+    losses.d_loss.backward()
+    assert any(p.grad is not None for p in d.pool.parameters())
+
+
+def test_a_head_trained_and_refreshed_in_one_step_keeps_no_optimizer_state(tiny_sdxl_dir, tmp_path):
+    """The trainer's own refresh drops the reset heads' Adam moments: a fresh head must not move by
+    its predecessor's momentum."""
+    d = Distiller(config(tiny_sdxl_dir, tmp_path, "discriminator.refresh_fraction=0.5"), progress=False)
+    refreshed = []
+    original = d.pool.refresh
+    d.pool.refresh = lambda *a: refreshed.extend(original(*a)) or refreshed
+    d.train_step()
+    trained = {i for i, h in enumerate(d.pool.heads) if all(p in d.opt_d.state for p in h.parameters())}
+    drawn = {i for ids in d.critics["pool"].draw(d, 0)[1].values() for i in ids}
+    assert drawn & set(refreshed), "the test needs a head that was both trained and refreshed"
+    assert trained == drawn - set(refreshed)
+
+
 def test_static_head_set_is_small_and_shared(tiny_sdxl_dir, tmp_path):
     d = Distiller(config(tiny_sdxl_dir, tmp_path, "discriminator.pool=false"), progress=False)
     assert len(d.pool) == 3 * d.pool.num_levels

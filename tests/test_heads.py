@@ -48,3 +48,49 @@ def test_a_head_on_a_map_downsampled_to_one_pixel_still_answers():
     logits = head(torch.randn(32, 8, 4, 4, generator=g))
     assert logits.shape == (32,) and logits.std() > 1e-3
     assert train_and_score("global_uncond", side=4) > 0.9
+
+
+@pytest.mark.parametrize("kind", ["global_cond", "local_cond", "local_uncond", "global_uncond"])
+def test_a_fresh_head_judges_neutrally_whatever_the_prompt(kind):
+    """A refreshed head should not push the student before it has learnt anything. He-initialised,
+    a conditional head's text term alone gave logits of 0.5-1 on the embedded world's features
+    (40x the rest of the head): a random text-image projection judged the student."""
+    g = torch.Generator().manual_seed(0)
+    features, text = 2 * torch.randn(64, 8, 8, 8, generator=g), torch.randn(64, 32, generator=g)
+    neutral = DiscriminatorHead(kind, 8, 16, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert neutral(features, text).abs().mean() < 0.1
+    if kind.endswith("_cond"):
+        he = DiscriminatorHead(kind, 8, 16, 32, generator=torch.Generator().manual_seed(1), text_init="he")
+        with torch.no_grad():
+            assert he(features, text).abs().mean() > 0.3  # what "neutral" removes
+
+
+def test_a_neutral_conditional_head_learns_whether_image_and_prompt_agree():
+    """From a zero text projection the head still learns the prompt: real features carry their own
+    prompt's pattern, fake ones another prompt's, so only the text term can tell them apart."""
+    g = torch.Generator().manual_seed(0)
+    pattern = torch.randn(6, 8, generator=g)
+
+    def batch(n: int = 64) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        text = torch.randn(n, 6, generator=g)
+        noise = 0.5 * torch.randn(2, n, 8, 4, 4, generator=g)
+        real = (text @ pattern)[:, :, None, None] + noise[0]
+        fake = (text.roll(1, 0) @ pattern)[:, :, None, None] + noise[1]  # a prompt's image, shown with another
+        return real, fake, text
+
+    scores = {}
+    for kind in ("global_cond", "global_uncond"):
+        head = DiscriminatorHead(kind, 8, 16, 6, downsamples=1, generator=torch.Generator().manual_seed(1))
+        opt = torch.optim.Adam(head.parameters(), lr=1e-3, betas=(0.0, 0.99))
+        for _ in range(300):
+            real, fake, text = batch()
+            loss = F.softplus(-head(real, text)).mean() + F.softplus(head(fake, text)).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        real, fake, text = batch(512)
+        with torch.no_grad():
+            r, f = head(real, text), head(fake, text)
+        scores[kind] = 0.5 * ((r > 0).float().mean() + (f < 0).float().mean()).item()
+    assert scores["global_cond"] > 0.8 and scores["global_uncond"] < 0.6, scores

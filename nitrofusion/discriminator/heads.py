@@ -30,6 +30,7 @@ HEAD_KINDS = ("global_cond", "local_cond", "local_uncond", "global_uncond")
 
 
 NEGATIVE_SLOPE = 0.2
+TEXT_INITS = ("neutral", "he")  # a conditional head's text projection at init: zero, or He like the trunk
 
 
 def max_downsamples(side: int) -> int:
@@ -47,11 +48,15 @@ class DiscriminatorHead(nn.Module):
         cond_dim: int,
         downsamples: int = 2,
         generator: torch.Generator | None = None,
+        text_init: str = "neutral",
     ) -> None:
         super().__init__()
         if kind not in HEAD_KINDS:
             raise ValueError(f"unknown head kind {kind!r}")
+        if text_init not in TEXT_INITS:
+            raise ValueError(f"unknown text_init {text_init!r}")
         self.kind = kind
+        self.text_init = text_init
         self.is_global = kind.startswith("global")
         self.is_conditional = kind.endswith("_cond")
         layers: list[nn.Module] = [nn.Conv2d(in_channels, width, 1), nn.LeakyReLU(NEGATIVE_SLOPE)]
@@ -76,7 +81,12 @@ class DiscriminatorHead(nn.Module):
 
         with torch.no_grad():
             for m in self.modules():
-                if isinstance(m, (nn.Conv2d, nn.Linear)):
+                if m is self.embed_text and self.text_init == "neutral":
+                    # A fresh head judges neutrally: He-initialised, <phi(x), W c> alone put the
+                    # logits at 0.5-1 (40x the rest of the head) for whatever prompt. From zero W
+                    # still learns: its gradient is phi(x) c^T.
+                    m.weight.zero_()
+                elif isinstance(m, (nn.Conv2d, nn.Linear)):
                     # He init for the LeakyReLU that follows: activations keep their scale with depth.
                     draw(m.weight, nn.init.kaiming_normal_, a=NEGATIVE_SLOPE, nonlinearity="leaky_relu")
                     if m.bias is not None:

@@ -42,6 +42,7 @@ class HeadPool(nn.Module):
         candidates: int = 4,
         dynamic: bool = True,
         seed: int = 0,
+        text_init: str = "neutral",
     ) -> None:
         super().__init__()
         self.kinds = list(kinds)
@@ -58,7 +59,8 @@ class HeadPool(nn.Module):
         ]
         init = torch.Generator().manual_seed(seed)
         self.heads = nn.ModuleList(
-            DiscriminatorHead(s.kind, feature_channels[s.level], width, cond_dim, downsamples, init) for s in self.slots
+            DiscriminatorHead(s.kind, feature_channels[s.level], width, cond_dim, downsamples, init, text_init)
+            for s in self.slots
         )
         self._index = {s: i for i, s in enumerate(self.slots)}
         self.num_levels = len(feature_channels)

@@ -46,17 +46,16 @@ class ADM:
         x0 = fake
         t, _, x_t = self.fake.diffuse(x0, ctx.rng("dmd", True, micro))
         real_x0 = self.real.x0(x_t, t, cond)
-        judge_rng = ctx.rng("judge", True, micro)
 
         if train_student:
             leaf = x_t.detach().requires_grad_(True)
             fake_x0 = self.fake.x0(leaf, t, cond)
-            judged = self.pool(fake_x0, real_x0, cond, judge_rng, train_generator=True)
+            judged = self.pool(ctx, micro, fake_x0, real_x0, cond, train_generator=True)
             g_loss = with_gradient(judged.g_loss, x_t, input_gradient(judged.g_loss, leaf))
         else:
             with torch.no_grad():
                 fake_x0 = self.fake.x0(x_t, t, cond)
-            judged = self.pool(fake_x0, real_x0, cond, judge_rng, train_generator=False)
+            judged = self.pool(ctx, micro, fake_x0, real_x0, cond, train_generator=False)
             g_loss = judged.g_loss
         fake_loss = self.fake.denoising_loss(x0, cond, ctx.rng("critic", True, micro))
         logs = {"real_logit": judged.real_score, "fake_logit": judged.fake_score, "fake_loss": fake_loss.item()}

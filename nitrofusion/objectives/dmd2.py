@@ -92,7 +92,7 @@ class DMD2:
             d_loss = d_loss + self.gan_d_weight * cls
             logs.update(cls_logs, cls_loss=cls.item())
         if self.pool is not None:
-            judged = self.pool(x0, real, cond, ctx.rng("judge", True, micro), train_student)
+            judged = self.pool(ctx, micro, x0, real, cond, train_student)
             g_loss = g_loss + self.pool_weight * judged.g_loss
             d_loss = d_loss + judged.d_loss
             logs.update(real_logit=judged.real_score, fake_logit=judged.fake_score)

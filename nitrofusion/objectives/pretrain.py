@@ -141,7 +141,7 @@ class AdversarialPretraining:
     ) -> Losses:
         g_loss, d_loss, logs = fake.new_zeros(()), fake.new_zeros(()), {}
         if self.pool is not None:
-            judged = self.pool(fake, real, cond, ctx.rng("judge", True, micro), train_student)
+            judged = self.pool(ctx, micro, fake, real, cond, train_student)
             g_loss = g_loss + self.latent_weight * judged.g_loss
             d_loss = d_loss + judged.d_loss
             logs.update(real_logit=judged.real_score, fake_logit=judged.fake_score)

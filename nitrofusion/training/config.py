@@ -66,6 +66,10 @@ class DiscriminatorConfig:
     lr: float = 2e-4
     betas: list[float] = field(default_factory=lambda: [0.0, 0.99])
     weight_decay: float = 0.0
+    # neutral: a conditional head's text projection starts at zero, so a fresh head's logit is
+    # ~0 whatever the prompt; he: He-initialised like the trunk (logits ~0.5-1 from the text term
+    # alone), what the embedded presets' results were measured with.
+    text_init: str = "neutral"
 
 
 @dataclass
@@ -187,6 +191,7 @@ CHOICES = {
     "optim.optimizer": set(OPTIMIZERS),
     "optim.mixed_precision": {"no", "fp16", "bf16"},  # fp16: refused below, with the reason
     "refine.mix": {"uniform", "last"},
+    "discriminator.text_init": {"neutral", "he"},
     "run.log_with": set(TRACKERS),
 }
 KINDS = {"global_cond", "local_cond", "local_uncond"}

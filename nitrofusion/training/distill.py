@@ -92,6 +92,7 @@ PURPOSES = {
     "dmd": 7,  # DMD2/ADM: the scores' t and noise
     "critic": 8,  # the fake score's denoising t and noise
     "pixel": 9,  # the pixel discriminator's crop
+    "heads_micro": 10,  # the pool's draws for micro-batches after the first
 }
 
 
@@ -286,6 +287,7 @@ class Distiller:
                 d.candidates,
                 dynamic=d.pool,
                 seed=cfg.run.seed,
+                text_init=d.text_init,
             ).to(device)
             judgement = NitroFusionObjective(
                 self.backbone, self.pool, self.scheduler.alphas_cumprod, loss.kind, loss.r1_weight
@@ -333,8 +335,9 @@ class Distiller:
             side = min(p.pixel_crop or latent_side, latent_side) * self.teacher.vae_scale_factor
             check_depth("pretrain.pixel_downsamples", p.pixel_downsamples, side)
             init = torch.Generator().manual_seed(cfg.run.seed * 1009 + 29)
-            head = DiscriminatorHead("local_cond", 3, p.pixel_width, self.text.pooled_dim, p.pixel_downsamples, init)
-            head = head.to(device)
+            head = DiscriminatorHead(
+                "local_cond", 3, p.pixel_width, self.text.pooled_dim, p.pixel_downsamples, init, d.text_init
+            ).to(device)
             opt = make_optimizer(head.parameters(), "adamw", d.lr, tuple(d.betas), d.weight_decay, cfg.optim.fused)
             self.critics["pixel"] = PixelDiscriminator(self.teacher.vae, head, opt, p.pixel_crop, loss.kind)
 
