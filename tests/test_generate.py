@@ -461,6 +461,10 @@ def test_a_hub_pipeline_downloads_its_components_in_one_precision_only(tmp_path)
     snapshot, fetched = fake_download(sdxl)
     download_pipeline("stabilityai/stable-diffusion-xl-base-1.0", snapshot)
     assert sorted(set(fetched)) == sorted(["model_index.json", "unet/config.json", "vae/config.json", *weights])
+    # With a student UNet (--unet) the base UNet's 10 GB are not fetched, only its config.
+    snapshot, fetched = fake_download(sdxl)
+    download_pipeline("stabilityai/stable-diffusion-xl-base-1.0", snapshot, unet_weights=False)
+    assert sorted(set(fetched)) == sorted(["model_index.json", "unet/config.json", "vae/config.json", weights[1]])
     fp16_only = repo(
         ["unet/config.json", "vae/config.json", *(w.replace(".safetensors", ".fp16.safetensors") for w in weights)]
     )
@@ -655,3 +659,103 @@ def test_a_teachers_frozen_parts_are_read_without_its_unet(tmp_path, safety_chec
     stored = load_file(str(vae_file))
     vae = parts["vae"].state_dict()
     assert all(vae[k].dtype == torch.float32 and torch.equal(vae[k], v.float()) for k, v in stored.items())
+
+
+def snippet_cache(tiny_sdxl_dir: Path, root: Path, with_unet_weights: bool = False) -> Path:
+    """What the public NitroSD snippet leaves: from_pretrained(base, unet=unet, variant="fp16")
+    skips the base UNet's weights (unet/config.json only), the rest in fp16 files; a stray plain
+    checkpoint at the root as SDXL base's repo has."""
+    import shutil
+
+    shutil.copytree(tiny_sdxl_dir, root)
+    for f in root.rglob("*.safetensors"):
+        if f.parent.name == "unet" and not with_unet_weights:
+            f.unlink()
+        else:
+            f.rename(f.with_name(f.name.replace(".safetensors", ".fp16.safetensors")))
+    save_file({"w": torch.zeros(1)}, str(root / "sd_xl_offset_example-lora_1.0.safetensors"))
+    return root
+
+
+def test_a_base_cached_by_the_public_snippet_loads_with_a_student_unet(tiny_sdxl_dir, student_file, tmp_path):
+    """The snippet never downloads the base UNet's weights; with --unet they are not needed, so
+    the cache it made loads, and draws what the complete pipeline draws. A stray plain file at the
+    root (SDXL base's single-file checkpoints) does not hide that the components are fp16 only."""
+    from nitrofusion.pipelines.loading import weights_variant
+
+    cache = snippet_cache(tiny_sdxl_dir, tmp_path / "base")
+    assert weights_variant(cache) == "fp16"
+    ours = generate(load_pipeline(cache, unet=student_file, device="cpu"), ["a cat"], steps=2, progress=False)
+    full = generate(load_pipeline(tiny_sdxl_dir, unet=student_file, device="cpu"), ["a cat"], steps=2, progress=False)
+    assert np.array_equal(np.asarray(ours[0].image), np.asarray(full[0].image))
+    with pytest.raises(UserError, match="could not load the pipeline"):
+        load_pipeline(cache, device="cpu")  # without a student the UNet's weights are needed
+
+
+def test_a_hub_snapshot_in_part_is_not_taken_for_the_pipeline(tmp_path, monkeypatch):
+    """The snippet's first line, UNet2DConditionModel.from_config(repo, subfolder="unet"), leaves a
+    snapshot holding unet/config.json alone: it was taken for the pipeline ('model_index.json is
+    not readable JSON'). It is now incomplete: downloaded in full where a hub is reachable, else one
+    line saying so."""
+    import nitrofusion.pipelines.loading as loading
+
+    snapshot = tmp_path / "snapshot"
+    (snapshot / "unet").mkdir(parents=True)
+    (snapshot / "unet" / "config.json").write_text("{}")
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: str(snapshot))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError, match=r"not \(in full\) in the Hugging Face cache"):
+        loading.resolve_model("someone/base")
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    asked = []
+    monkeypatch.setattr(
+        loading, "download_pipeline", lambda repo, sd, unet_weights: asked.append(unet_weights) or snapshot
+    )
+    assert loading.resolve_model("someone/base", unet_weights=False) == snapshot and asked == [False]
+
+
+def test_a_pipeline_saved_from_the_public_snippet_loads_and_samples_at_nitrosds_timesteps(tiny_sdxl_dir, tmp_path):
+    """Saved from the snippet's script, the scheduler is recorded as ["__main__", "TimestepShiftLCMScheduler"]
+    (refused as foreign code), and with original_inference_steps 50: the snippet sets 4 on the config
+    object, which is never written. It is read as ours, at 4, without importing anything."""
+    import shutil
+
+    from nitrofusion.pipelines.generation import check_distinct_timesteps
+
+    model = tmp_path / "saved"
+    shutil.copytree(tiny_sdxl_dir, model)
+    index = json.loads((model / "model_index.json").read_text())
+    index["scheduler"] = ["__main__", "TimestepShiftLCMScheduler"]
+    (model / "model_index.json").write_text(json.dumps(index))
+    config = json.loads((model / "scheduler" / "scheduler_config.json").read_text())
+    config |= {"_class_name": "TimestepShiftLCMScheduler", "shifted_timestep": 250, "original_inference_steps": 50}
+    (model / "scheduler" / "scheduler_config.json").write_text(json.dumps(config))
+    pipe = load_pipeline(model, device="cpu")
+    assert pipe.nitro_sampler == "shift-lcm" and pipe.scheduler.config.original_inference_steps == 4
+    check_distinct_timesteps(pipe, 4)
+    pipe.scheduler.set_timesteps(4)
+    assert pipe.scheduler.noise_timesteps.tolist() == [999, 749, 499, 249]  # at 50: 999, 759, 499, 259
+    assert pipe.scheduler.timesteps.tolist() == [249, 187, 124, 62]  # the UNet's, shift 250
+
+
+def test_a_pipeline_built_as_the_public_snippet_builds_it_samples_without_guidance(tiny_sdxl_dir, student_file):
+    """Stock diffusers classes, the shifted LCM scheduler, no load_pipeline: generate took it for
+    a multi-step pipeline and sampled with CFG 5. It is a shift-LCM one: guidance 0, 1-4 steps."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from nitrofusion import TimestepShiftLCMScheduler
+    from nitrofusion.pipelines.loading import load_unet_weights
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(tiny_sdxl_dir))
+    load_unet_weights(pipe.unet, student_file)
+    pipe.scheduler = TimestepShiftLCMScheduler.from_config(
+        pipe.scheduler.config, original_inference_steps=4, shifted_timestep=250
+    )
+    (result,) = generate(pipe, ["a cat"], steps=1, progress=False)
+    assert result.metadata["sampler"] == "shift-lcm" and result.metadata["guidance_scale"] == "0"
+    expected = pipe("a cat", num_inference_steps=1, guidance_scale=0, generator=torch.Generator().manual_seed(0))
+    assert np.array_equal(np.asarray(result.image), np.asarray(expected.images[0]))
+    with pytest.raises(UserError, match="1 to 4"):
+        generate(pipe, ["a cat"], steps=8, progress=False)

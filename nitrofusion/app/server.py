@@ -115,7 +115,7 @@ class LoadedModel:
 
     @classmethod
     def from_pipeline(cls, name: str, source: str, pipe: Any, compiled: bool = False) -> LoadedModel:
-        from nitrofusion.pipelines.generation import default_size, size_multiple
+        from nitrofusion.pipelines.generation import default_size, sampler_of, size_multiple
 
         tokenizers = [t for t in (getattr(pipe, "tokenizer", None), getattr(pipe, "tokenizer_2", None)) if t]
         # Tokenizers without a real limit report a huge model_max_length; CLIP's is 77.
@@ -124,7 +124,7 @@ class LoadedModel:
             name=name,
             source=source,
             pipe=pipe,
-            sampler=str(getattr(pipe, "nitro_sampler", "native")),
+            sampler=sampler_of(pipe),
             default_size=default_size(pipe),
             size_multiple=size_multiple(pipe),
             token_limit=min(limits) if limits else 0,

@@ -13,7 +13,7 @@ from diffusers import DiffusionPipeline
 from PIL import Image
 
 from nitrofusion.evaluation.fid import to_tensor
-from nitrofusion.pipelines.generation import generate
+from nitrofusion.pipelines.generation import generate, sampler_of
 from nitrofusion.world import data
 from nitrofusion.world.evaluator import Evaluator
 
@@ -52,7 +52,7 @@ def score_pipeline(
     metrics = evaluator.score(to_tensor(images), torch.tensor([c for _, c in pairs]))
     score = EmbeddedScore(
         model=label or str(getattr(pipe, "nitro_model", "")),
-        sampler=getattr(pipe, "nitro_sampler", "native"),
+        sampler=sampler_of(pipe),
         steps=steps,
         guidance_scale=float(results[0].metadata["guidance_scale"]),
         n=n,

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import DiffusionPipeline
+from diffusers import DiffusionPipeline, LCMScheduler
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from tqdm.auto import tqdm
@@ -43,6 +43,17 @@ def multiple_of(vae_factor: int) -> int:
     return max(8, vae_factor)
 
 
+def sampler_of(pipe: DiffusionPipeline) -> str:
+    """How `pipe` samples: as `load_pipeline` recorded it, else from its scheduler. A pipeline built
+    as the public NitroSD snippet builds it (stock diffusers, the shifted LCM scheduler) is a
+    shift-LCM one: 1-4 steps, no guidance; taken as native it was sampled with CFG 5."""
+    recorded = getattr(pipe, "nitro_sampler", None)
+    if recorded is not None:
+        return recorded
+    config = getattr(pipe.scheduler, "config", {})
+    return "shift-lcm" if isinstance(pipe.scheduler, LCMScheduler) and "shifted_timestep" in config else "native"
+
+
 def default_size(pipe: DiffusionPipeline) -> int:
     return int(pipe.unet.config.sample_size) * pipe.vae_scale_factor
 
@@ -67,7 +78,7 @@ def check_distinct_timesteps(pipe: DiffusionPipeline, steps: int) -> None:
 
 
 def check_request(pipe: DiffusionPipeline, steps: int, height: int, width: int) -> None:
-    sampler = getattr(pipe, "nitro_sampler", "native")
+    sampler = sampler_of(pipe)
     check_steps(sampler, steps)
     if sampler == "shift-lcm":
         check_distinct_timesteps(pipe, steps)
@@ -146,7 +157,7 @@ def generate_batches(
     height = default_size(pipe) if height is None else height
     width = default_size(pipe) if width is None else width
     check_request(pipe, steps, height, width)
-    sampler = getattr(pipe, "nitro_sampler", "native")
+    sampler = sampler_of(pipe)
     if guidance_scale is None:
         guidance_scale = 0.0 if sampler == "shift-lcm" else 5.0
     # The pipeline's own modules without its per-call work, where it applies (same images).

@@ -34,9 +34,10 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
 
 
-def resolve_model(model: str | Path, option: str = "--model") -> Path:
+def resolve_model(model: str | Path, option: str = "--model", unet_weights: bool = True) -> Path:
     """A local diffusers pipeline directory for `model` (a path or a hub id in the local cache);
-    `option`: what the user gave it as, for the messages."""
+    `option`: what the user gave it as, for the messages. `unet_weights=False`: a student UNet
+    replaces the pipeline's, so a cached copy without UNet weights will do and none is fetched."""
     path = Path(model).expanduser()
     if path.exists():
         if not (path / "model_index.json").is_file():
@@ -48,12 +49,16 @@ def resolve_model(model: str | Path, option: str = "--model") -> Path:
         from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
         try:
-            return Path(snapshot_download(str(model), local_files_only=True))
+            cached = Path(snapshot_download(str(model), local_files_only=True))
+            if _cached_in_full(cached, unet_weights):
+                return cached
+            # In part only: e.g. the public snippet's first line reads SDXL base's unet/config.json
+            # alone, and its from_pretrained(..., unet=...) never fetches the base UNet's weights.
         except (LocalEntryNotFoundError, HFValidationError, OSError):
             pass
         if not _offline():
             try:
-                return download_pipeline(str(model), snapshot_download)
+                return download_pipeline(str(model), snapshot_download, unet_weights)
             except UserError:
                 raise
             except Exception as exc:  # network errors come in many types
@@ -62,7 +67,7 @@ def resolve_model(model: str | Path, option: str = "--model") -> Path:
                     f"({type(exc).__name__}); pass {option} a local pipeline directory"
                 ) from None
         raise UserError(
-            f"model '{model}' is not in the Hugging Face cache ({_hub_cache()}) and HF_HUB_OFFLINE is set; "
+            f"model '{model}' is not (in full) in the Hugging Face cache ({_hub_cache()}) and HF_HUB_OFFLINE is set; "
             f"download it where a hub is reachable or pass {option} a local pipeline directory"
         )
     raise UserError(f"model '{model}' not found: pass {option} a diffusers pipeline directory or a hub id")
@@ -76,23 +81,40 @@ def weights_variant(folder: str | Path) -> str | None:
     """ "fp16" where a model directory (a pipeline or one component) holds only fp16-variant weights
     (FP16_FILES, as SDXL base's cache does after `from_pretrained(..., variant="fp16")`, the public
     NitroSD snippet's way), else None: the plain files are read when they exist."""
-    files = [p.name for p in Path(folder).rglob("*.safetensors")]
+    folder = Path(folder)
+    try:  # a pipeline: only the folders its index names (SDXL base's root holds single-file checkpoints)
+        index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+        parts = [
+            folder / k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[:1] != [None]
+        ]
+    except (OSError, ValueError, AttributeError):
+        parts = [folder]
+    files = [p.name for part in parts for p in part.rglob("*.safetensors")]
     plain = [f for f in files if not any(fnmatch.fnmatch(f, pattern) for pattern in FP16_FILES)]
     return "fp16" if files and not plain else None
 
 
-def download_pipeline(repo: str, snapshot_download: Callable[..., str]) -> Path:
+def _cached_in_full(root: Path, unet_weights: bool) -> bool:
+    """A cached snapshot that can be loaded: its model index, and its UNet's weights where needed."""
+    if not (root / "model_index.json").is_file():
+        return False
+    return not unet_weights or any((root / "unet").glob("*.safetensors"))
+
+
+def download_pipeline(repo: str, snapshot_download: Callable[..., str], unet_weights: bool = True) -> Path:
     """A pipeline repo's model index, then only the folders it names, configs and safetensors in one
     precision: SDXL base's repo also holds two 6.9 GB single-file checkpoints at its root, a VAE
-    variant and fp16 copies of every component (about 35 GB, where 7 GB make the pipeline)."""
+    variant and fp16 copies of every component (about 35 GB, where 7 GB make the pipeline).
+    `unet_weights=False`: the UNet's config only (a student replaces its weights)."""
     root = Path(snapshot_download(repo, allow_patterns=["model_index.json"]))
     index = check_model_index(root)  # refused before any weight is fetched
     folders = [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[:1] != [None]]
     files = [f"{folder}/{pattern}" for folder in folders for pattern in ("*.json", "*.txt")]
-    plain = [f"{folder}/*.safetensors" for folder in folders]
+    weighted = [folder for folder in folders if unet_weights or folder != "unet"]
+    plain = [f"{folder}/*.safetensors" for folder in weighted]
     root = Path(snapshot_download(repo, allow_patterns=files + plain, ignore_patterns=list(FP16_FILES)))
     if not any(root.rglob("*.safetensors")):  # a repo of fp16 files only
-        fp16 = [f"{folder}/{pattern}" for folder in folders for pattern in FP16_FILES]
+        fp16 = [f"{folder}/{pattern}" for folder in weighted for pattern in FP16_FILES]
         root = Path(snapshot_download(repo, allow_patterns=files + fp16))
     return root
 
@@ -297,6 +319,8 @@ def check_model_index(model_dir: Path) -> dict:
         if key.startswith("_") or not isinstance(value, list) or len(value) != 2 or value[0] is None:
             continue
         library = value[0]
+        if key == "scheduler" and value == ["__main__", TimestepShiftLCMScheduler.__name__]:
+            continue  # the public snippet's class, saved from its script: read as ours (_read_pipeline)
         if not isinstance(library, str) or not (
             library in TRUSTED_LIBRARIES or library.startswith("nitrofusion.") or _diffusers_pipeline_module(library)
         ):
@@ -331,16 +355,18 @@ def load_pipeline(
     `pipe.nitro_unfiltered` records that one was left out. `option`: how the user named the
     model (a flag or config key), for the error messages.
     """
-    model_dir = resolve_model(model, option)
+    model_dir = resolve_model(model, option, unet_weights=unet is None)
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
-    student_state = read_safetensors(unet) if unet is not None else None
-    pipe, drop_checker = _read_pipeline(model_dir, torch_dtype, safety_checker)
+    index = check_model_index(model_dir)
+    if index.get("unet", [None])[1:] != [UNet2DConditionModel.__name__]:
+        raise UserError(f"'{model_dir}' is not a UNet text-to-image pipeline (SDXL or SD1.5 architecture)")
+    student = {}
+    if unet is not None:
+        student["unet"] = _student_unet(model_dir, read_safetensors(unet), torch_dtype, f"UNet weights '{unet}'")
+    pipe, drop_checker = _read_pipeline(model_dir, torch_dtype, safety_checker, **student)
     if not hasattr(pipe, "unet") or not isinstance(pipe.unet, UNet2DConditionModel):
         raise UserError(f"'{model_dir}' is not a UNet text-to-image pipeline (SDXL or SD1.5 architecture)")
-    if student_state is not None:
-        check_state_dict(pipe.unet, student_state, f"UNet weights '{unet}'")
-        pipe.unet.load_state_dict(student_state)
     num_train = pipe.scheduler.config.get("num_train_timesteps", 1000)
     if shift is not None and not 1 <= shift <= num_train:
         raise UserError(f"--shift must be a timestep in 1..{num_train}, got {shift}")
@@ -361,10 +387,14 @@ def load_pipeline(
         sampler = "shift-lcm" if (has_shift or unet is not None or shift is not None) else "native"
     if sampler == "shift-lcm":
         if has_shift and isinstance(pipe.scheduler, TimestepShiftLCMScheduler):
+            # original_inference_steps is 4 in NitroSD's recipe, but the snippet sets it on the config
+            # object, which save_pretrained never writes: its saved pipelines record LCM's 50, and
+            # 3 or 4 steps would land on other timesteps (999, 759, 499, 259 instead of ..., 249).
+            fixed = {"original_inference_steps": 4} if pipe.scheduler.config.original_inference_steps != 4 else {}
+            if shift is not None:
+                fixed["shifted_timestep"] = shift
             scheduler = (
-                pipe.scheduler
-                if shift is None
-                else TimestepShiftLCMScheduler.from_config(pipe.scheduler.config, shifted_timestep=shift)
+                TimestepShiftLCMScheduler.from_config(pipe.scheduler.config, **fixed) if fixed else pipe.scheduler
             )
         else:
             # A base model's scheduler config with a student UNet: its noise schedule and prediction
@@ -395,15 +425,19 @@ def load_pipeline(
 
 
 def _read_pipeline(
-    model_dir: Path, dtype: torch.dtype, safety_checker: bool, **overrides: None
+    model_dir: Path, dtype: torch.dtype, safety_checker: bool, **overrides: object
 ) -> tuple[DiffusionPipeline, bool]:
     """The pipeline as stored (safetensors only, no remote code), and whether its safety checker
-    was left out. `overrides` name components not to read at all (`unet=None`)."""
+    was left out. `overrides` are components not read from disk (`unet=None`: none at all)."""
     index = check_model_index(model_dir)
     entry = index.get("safety_checker")
     drop_checker = not safety_checker and isinstance(entry, list) and entry[:1] != [None]
     if drop_checker:
         overrides = {**overrides, "safety_checker": None, "requires_safety_checker": False}
+    # The public snippet's class saved from its script: read as ours, "__main__" never looked into.
+    snippet = index.get("scheduler") == ["__main__", TimestepShiftLCMScheduler.__name__]
+    if snippet:
+        overrides = {**overrides, "scheduler": None}
     try:
         with quiet_loading():
             pipe = DiffusionPipeline.from_pretrained(
@@ -417,7 +451,35 @@ def _read_pipeline(
     except (OSError, ValueError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UserError(f"could not load the pipeline in '{model_dir}': {first}") from None
+    if snippet:
+        pipe.scheduler = _shift_lcm_from_folder(model_dir / "scheduler")
     return pipe, drop_checker
+
+
+def _shift_lcm_from_folder(folder: Path) -> TimestepShiftLCMScheduler:
+    try:
+        return TimestepShiftLCMScheduler.from_base_config(TimestepShiftLCMScheduler.load_config(str(folder)))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"could not read the scheduler config in '{folder}': {exc}") from None
+
+
+def _student_unet(
+    model_dir: Path, state: dict[str, torch.Tensor], dtype: torch.dtype, what: str
+) -> UNet2DConditionModel:
+    """The pipeline's UNet architecture holding a student's weights, built without reading the
+    pipeline's own UNet weights: the public NitroSD snippet passes its UNet to from_pretrained,
+    so a cache it made holds SDXL base's unet/config.json and no weights (which are 5-10 GB)."""
+    from accelerate import init_empty_weights
+
+    try:
+        config = UNet2DConditionModel.load_config(str(model_dir / "unet"))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"could not read the UNet config in '{model_dir / 'unet'}': {exc}") from None
+    with init_empty_weights():  # no 2.6B random numbers drawn only to be replaced
+        unet = UNet2DConditionModel.from_config(config)
+    check_state_dict(unet, state, what)
+    unet.load_state_dict(state, assign=True)
+    return unet.to(dtype)
 
 
 def load_frozen_parts(
