@@ -528,6 +528,7 @@ def test_ill_typed_config_key(tmp_path, capsys):
         ("model.shift=5000", "'model.shift' must be a timestep in 1..1000"),
         ("optim.ema_decay=2", "'optim.ema_decay' must be in [0, 1)"),
         ("optim.lr=-1e-5", "'optim.lr' must be positive"),
+        ("discriminator.lr=0", "'discriminator.lr' must be positive"),
         ("data.resolution=100", "'data.resolution' must be a positive multiple of 8"),
         ("optim.mixed_precision=fp16", "use bf16"),
         ("optim.optimizer=sgd", "'optim.optimizer' must be one of ['adamw', 'adamw8bit']"),
@@ -1084,3 +1085,70 @@ def test_an_online_stochastic_teacher_resumes_exactly(tmp_path):
     pipe.save_pretrained(tmp_path / "lcm-teacher")
     straight, resumed = straight_and_resumed(tmp_path / "lcm-teacher", tmp_path, "data.teacher_steps=2")
     assert same_student(tmp_path / "a", tmp_path / "b")
+
+
+def test_waiting_for_another_ranks_pairs_stops_when_none_arrive(tiny_sdxl_dir, tmp_path, monkeypatch):
+    """A rank that died making its share, or a disk another machine cannot see, never delivers its
+    shards: the wait went on forever, outside any collective. It stops after
+    run.process_timeout_minutes without a new shard, and waits on while shards keep coming."""
+    import nitrofusion.training.distill as distill
+
+    d = Distiller(config(tiny_sdxl_dir, tmp_path, "run.process_timeout_minutes=2"), progress=False)
+    clock = [0.0]
+    arrivals = {}
+    monkeypatch.setattr(distill.time, "monotonic", lambda: clock[0])
+
+    def sleep(seconds):
+        clock[0] += 30 * seconds  # half a minute per poll
+        for path, at in arrivals.items():
+            if clock[0] >= at:
+                path.touch()
+
+    monkeypatch.setattr(distill.time, "sleep", sleep)
+    shards = [tmp_path / f"pairs-{i:05d}.safetensors" for i in range(3)]
+    shards[0].touch()
+    arrivals = {shards[1]: 100.0, shards[2]: 200.0}  # a new shard every 100 s: never 2 min without one
+    d.wait_for_shards(shards, tmp_path)
+    assert clock[0] >= 200
+    late = tmp_path / "pairs-00003.safetensors"
+    with pytest.raises(TrainingStopped, match="no new shard .* for 2 min, 1 missing \\(pairs-00003"):
+        d.wait_for_shards([*shards, late], tmp_path)
+    assert 120 < clock[0] - 200 <= 150 + 30 * 5
+
+
+def test_seconds_per_step_counts_the_iterations_of_its_window_and_only_training(tiny_sdxl_dir, tmp_path, monkeypatch):
+    """It divided the window's wall time by log_every: a resumed run's first window and the last
+    window (shorter ones) were under-reported, and checkpoints and validation grids were counted
+    as iterations."""
+    import nitrofusion.training.distill as distill
+
+    d = Distiller(
+        config(
+            tiny_sdxl_dir,
+            tmp_path,
+            "refine.steps_per_stage=[3]",
+            "run.log_every=2",
+            "run.checkpoint_every=1",
+            "run.validate_every=1",
+        ),
+        progress=False,
+    )
+    clock = [0.0]
+    monkeypatch.setattr(distill.time, "perf_counter", lambda: clock[0])
+    step, save, validate = d.train_step, d.save_checkpoint, d.validate
+
+    def timed(fn, seconds):
+        def run(*a, **k):
+            out = fn(*a, **k)
+            clock[0] += seconds
+            return out
+
+        return run
+
+    d.train_step, d.save_checkpoint, d.validate = timed(step, 3.0), timed(save, 100.0), timed(validate, 100.0)
+    logged = []
+    d.acc.log = lambda logs, step: logged.append((step, logs["seconds_per_step"]))
+    d.train()
+    total = d.cfg.total_steps
+    assert total % 2 == 1 and logged[-1][0] == total  # the last window holds one iteration
+    assert all(value == pytest.approx(3.0) for _, value in logged), logged

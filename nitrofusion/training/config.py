@@ -332,7 +332,6 @@ def validate(cfg: DistillConfig) -> DistillConfig:
         "data.teacher_guidance": cfg.data.teacher_guidance,
         "optim.weight_decay": cfg.optim.weight_decay,
         "optim.warmup_steps": cfg.optim.warmup_steps,
-        "discriminator.lr": cfg.discriminator.lr,
         "discriminator.weight_decay": cfg.discriminator.weight_decay,
         "discriminator.downsamples": cfg.discriminator.downsamples,
         "loss.r1_weight": cfg.loss.r1_weight,
@@ -353,6 +352,8 @@ def validate(cfg: DistillConfig) -> DistillConfig:
         raise UserError(f"config key 'model.shift' must be a timestep in 1..1000, got {cfg.model.shift}")
     if cfg.optim.lr <= 0:
         raise UserError(f"config key 'optim.lr' must be positive, got {cfg.optim.lr}")
+    if cfg.discriminator.lr <= 0:  # 0 was accepted: heads that never learn, judging at their init
+        raise UserError(f"config key 'discriminator.lr' must be positive, got {cfg.discriminator.lr}")
     if cfg.optim.grad_clip <= 0:  # clipping to a norm of 0 zeroes every gradient
         raise UserError(
             f"config key 'optim.grad_clip' must be a positive gradient norm, got {cfg.optim.grad_clip} "

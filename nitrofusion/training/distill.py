@@ -97,7 +97,8 @@ PURPOSES = {
 
 
 class TrainingStopped(RuntimeError):
-    """Too many non-finite losses in a row; the last good checkpoint is kept."""
+    """Training cannot go on: too many non-finite losses in a row (the last good checkpoint is
+    kept), or another process's teacher pairs never arrived."""
 
 
 def check_depth(key: str, downsamples: int, side: int) -> None:
@@ -391,11 +392,28 @@ class Distiller:
                 world=self.acc.num_processes,
                 progress=self.progress,
             )
-            while not all(p.is_file() for p in shards):
-                time.sleep(5)  # another process's shards, still being made
+            self.wait_for_shards(shards, directory)
         self.acc.wait_for_everyone()
         # Pairs from another teacher setting or image size would be wrong data, not an error, later.
         return PairShards.load(directory, sampler_recipe(self.sampler))
+
+    def wait_for_shards(self, shards: list[Path], directory: Path) -> None:
+        """Until every rank's shards are on disk. A rank that died making its share, or a disk that
+        not every machine shares, never delivers: stop once no new shard has appeared for
+        run.process_timeout_minutes (outside any collective, so the process group's own timeout
+        never fires here)."""
+        limit = 60 * self.cfg.run.process_timeout_minutes
+        changed, waiting = time.monotonic(), len(shards)
+        while missing := [p for p in shards if not p.is_file()]:
+            if len(missing) < waiting:
+                changed, waiting = time.monotonic(), len(missing)
+            elif time.monotonic() - changed > limit:
+                raise TrainingStopped(
+                    f"teacher pairs: no new shard in '{directory}' for {self.cfg.run.process_timeout_minutes} min, "
+                    f"{len(missing)} missing ({missing[0].name} first): did another process stop, or does it "
+                    "write to a disk this one cannot see? run again, it resumes"
+                )
+            time.sleep(min(5.0, limit / 10))  # another process's shards, still being made
 
     # ---- randomness ------------------------------------------------------------------
     def rng(self, purpose: str, per_rank: bool = False, micro: int = 0) -> torch.Generator:
@@ -576,18 +594,22 @@ class Distiller:
         total = cfg.total_steps
         stage_ends = self.schedule.stage_ends()
         bar = tqdm(total=total, initial=self.step, desc="distill", disable=not self.progress)
-        t0 = time.perf_counter()
+        # Training time only (checkpoints and validation grids are not iterations), per iteration
+        # of the window: a resumed run's first window and the last may be shorter than log_every.
+        trained, window = 0.0, 0
         try:
             while self.step < total:
+                t0 = time.perf_counter()
                 logs = self.train_step()
+                trained, window = trained + time.perf_counter() - t0, window + 1
                 self.step += 1
                 if self.acc.is_main_process:
                     self.metrics.record(self.step, self.curve_values(logs))
                 bar.update(1)
                 bar.set_postfix({k: f"{v:.3f}" for k, v in logs.items() if k in ("g_loss", "d_loss")}, refresh=False)
                 if self.step % cfg.run.log_every == 0 or self.step == total:
-                    logs["seconds_per_step"] = (time.perf_counter() - t0) / cfg.run.log_every
-                    t0 = time.perf_counter()
+                    logs["seconds_per_step"] = trained / window
+                    trained, window = 0.0, 0
                     self.acc.log(logs, step=self.step)
                     self.metrics.flush()
                 # Before the checkpoint of the same step, so a resumed run never misses it.
