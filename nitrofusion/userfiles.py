@@ -35,9 +35,13 @@ def read_user_text(path: str | Path, what: str, max_bytes: int = MAX_TEXT_BYTES)
     except OSError as exc:
         raise UserError(f"cannot read {what} '{path}': {exc.strerror}") from None
     try:
-        return data.decode("utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise UserError(f"{what} '{path}' is not UTF-8 text (byte {exc.start})") from None
+    # Windows editors start UTF-8 files with a byte order mark: left in, it became part of the first
+    # prompt, of a CSV's first column name (its 'prompt' column then not found) or broke JSON. Removed
+    # after decoding, not by the utf-8-sig codec, whose error offsets would not count the mark.
+    return text.removeprefix("\ufeff")
 
 
 def check_writable_folder(path: str | Path, what: str) -> Path:

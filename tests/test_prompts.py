@@ -77,3 +77,38 @@ def test_generate_reads_a_jsonl_prompt_file(tiny_sd15_dir, tmp_path, capsys):
     bad.write_text("{")
     assert main([*args[:2], str(bad), *args[3:], "--out", str(tmp_path / "o2")]) == 2
     assert "line 1: not JSON" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "name, content",
+    [
+        ("p.txt", 'a cat, sitting\r\na dog\r\nthe "best" shoe\r\n'),
+        ("p.jsonl", '"a cat, sitting"\n{"prompt": "a dog"}\n"the \\"best\\" shoe"\n'),
+        ("p.json", json.dumps(WANT)),
+        ("p.csv", 'prompt,id\n"a cat, sitting",1\na dog,2\n"the ""best"" shoe",3\n'),
+    ],
+)
+def test_a_byte_order_mark_is_not_part_of_the_prompts(tmp_path, name, content):
+    """Windows editors start UTF-8 with one: it stayed in the first prompt, hid a CSV's first column
+    ('prompt' not found) and made a JSON file 'not JSON'."""
+    path = tmp_path / name
+    path.write_bytes("\ufeff".encode() + content.encode())
+    assert load_prompts(path) == WANT
+
+
+@pytest.mark.parametrize("separator", ["\u2028", "\u2029", "\x85", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e"])
+def test_a_prompt_is_one_line_whatever_else_it_holds(tmp_path, separator):
+    """str.splitlines also splits at these, which scraped captions hold: one prompt became two."""
+    caption = f"a cat{separator}sitting on a mat"
+    (tmp_path / "p.txt").write_text(f"{caption}\na dog\n", newline="")
+    assert load_prompts(tmp_path / "p.txt") == [caption, "a dog"]
+    if ord(separator) >= 0x20:  # JSON strings hold no raw control characters
+        (tmp_path / "p.jsonl").write_text(json.dumps(caption, ensure_ascii=False) + '\n"a dog"\n', newline="")
+        assert load_prompts(tmp_path / "p.jsonl") == [caption, "a dog"]
+
+
+def test_a_file_that_is_not_utf8_names_the_byte_after_a_byte_order_mark(tmp_path):
+    path = tmp_path / "p.txt"
+    path.write_bytes(b"\xef\xbb\xbfa cat\n\xff")
+    with pytest.raises(UserError, match=r"is not UTF-8 text \(byte 9\)"):
+        load_prompts(path)

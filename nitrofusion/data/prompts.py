@@ -51,7 +51,7 @@ def read_prompt_file(path: str | Path) -> list[str]:
     elif suffix in (".csv", ".tsv"):
         prompts = _table_prompts(text, path, "\t" if suffix == ".tsv" else ",")
     else:
-        prompts = text.splitlines()
+        prompts = [line for _, line in _lines(text)]
     prompts = [p.strip() for p in prompts if p.strip()]
     if not prompts:
         raise UserError(f"prompt file '{path}' has no prompts")
@@ -59,7 +59,11 @@ def read_prompt_file(path: str | Path) -> list[str]:
 
 
 def _lines(text: str) -> list[tuple[int, str]]:
-    return [(i, line) for i, line in enumerate(text.splitlines(), start=1) if line.strip()]
+    r"""The non-blank lines, numbered. Split at \n only (a \r\n file's \r taken off):
+    str.splitlines also splits at U+2028, U+2029, \x85, \x0b, \x0c and \x1c-\x1e, which scraped
+    captions hold inside a prompt (and JSON Lines inside a string)."""
+    lines = (line.removesuffix("\r") for line in text.split("\n"))
+    return [(i, line) for i, line in enumerate(lines, start=1) if line.strip()]
 
 
 def _json_line(line: str, path: Path, number: int) -> Any:

@@ -12,7 +12,7 @@ import hashlib
 import inspect
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from nitrofusion.data.teacher_timesteps import check_teacher_timesteps
 from nitrofusion.errors import UserError
 from nitrofusion.pipelines.loading import save_state_dict
+from nitrofusion.training.checkpoint import fingerprint
 from nitrofusion.userfiles import write_text_replacing
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,15 @@ class TeacherSampler:
         self.timesteps = None if timesteps is None else [int(t) for t in timesteps]
         self.guidance_scale = guidance_scale
         self.height, self.width = height, width
+        self._unet_fingerprint: str | None = None
         pipe.set_progress_bar_config(disable=True)
+
+    @property
+    def unet_fingerprint(self) -> str:
+        """The teacher UNet's identity (computed once: the teacher is frozen)."""
+        if self._unet_fingerprint is None:
+            self._unet_fingerprint = fingerprint(_AsFp16(self.pipe.unet.state_dict()))
+        return self._unet_fingerprint
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -105,6 +114,26 @@ class TeacherSampler:
         return out.images.float()
 
 
+class _AsFp16(Mapping[str, torch.Tensor]):
+    """A state dict's floating tensors as fp16, one at a time. `make-pairs` loads the teacher in fp16
+    on a GPU, `distill` in fp32; `fingerprint` rounds to bf16, and bf16 of an fp32 weight and of
+    its fp16 rounding differ (double rounding, fp16 subnormals) in some values of every tensor,
+    which would tell one teacher from itself. Through fp16 both give the same digest."""
+
+    def __init__(self, state: Mapping[str, torch.Tensor]) -> None:
+        self.state = state
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        value = self.state[key]
+        return value.half() if value.is_floating_point() else value
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.state)
+
+    def __len__(self) -> int:
+        return len(self.state)
+
+
 SHARD_GLOB = "pairs-*.safetensors"
 
 
@@ -114,14 +143,18 @@ def prompts_digest(prompts: list[str]) -> str:
 
 
 def sampler_recipe(sampler: TeacherSampler) -> dict[str, str]:
-    """The teacher settings a pair depends on: what a run reading the pairs checks them against."""
+    """The teacher and settings a pair depends on: what a run reading the pairs checks them against.
+    The teacher by its UNet's weights and its scheduler, not by name: another model of the same
+    steps, guidance and size gives other pairs."""
     recipe = {
         "teacher_steps": str(int(sampler.steps)),
         "guidance_scale": str(float(sampler.guidance_scale)),
         "latent_shape": "x".join(map(str, sampler.latent_shape)),
     }
-    if sampler.timesteps is not None:  # only then: pairs made before the option stay readable
+    if sampler.timesteps is not None:  # absent means the scheduler's own spacing (OPTIONAL_KEYS)
         recipe["teacher_timesteps"] = ",".join(map(str, sampler.timesteps))
+    recipe["teacher_fingerprint"] = sampler.unet_fingerprint
+    recipe["teacher_scheduler"] = type(sampler.pipe.scheduler).__name__
     return recipe
 
 
@@ -131,18 +164,37 @@ def pairs_recipe(sampler: TeacherSampler, prompts: list[str], seed: int) -> dict
     return {**sampler_recipe(sampler), "prompts_sha256": prompts_digest(prompts), "seed": str(seed)}
 
 
+# Recipe keys whose absence is a setting, not shards older than the key: key -> (the key that a
+# recipe holding the setting always records, what absence means). Compared both ways wherever
+# that key is: pairs made at DMD2's timesteps were taken by a run at the scheduler's own spacing.
+OPTIONAL_KEYS = {"teacher_timesteps": ("teacher_steps", "the scheduler's own spacing")}
+# Not recorded before the teacher was: such pairs may be any teacher's. Refused rather than
+# trusted, as pairs of another setting are: wrong pairs train without an error, and remaking
+# them costs minutes for the embedded presets (made on first use) and no more than making them did.
+TEACHER_KEYS = ("teacher_fingerprint", "teacher_scheduler")
+
+
 def check_recipe(path: Path, want: dict[str, str]) -> None:
     """A UserError naming the first setting in which shard `path` differs from `want`."""
     with safe_open(str(path), framework="pt") as f:
         have = f.metadata() or {}
-    for key, value in want.items():
+    optional = [k for k, (anchor, _) in OPTIONAL_KEYS.items() if anchor in want and k not in want]
+    for key in [*want, *optional]:
         what = "prompt list" if key == "prompts_sha256" else key
-        if key not in have:
-            raise UserError(f"teacher pairs '{path}' record no {what} (made by an older nitrofusion): make them again")
-        if have[key] != value:
+        value, had = want.get(key), have.get(key)
+        if had is None and key in TEACHER_KEYS:
             raise UserError(
-                f"teacher pairs in '{path.parent}' were made with another {what} ({have.get(key)!r}, now "
-                f"{value!r}): give a new pairs directory or delete its shards"
+                f"teacher pairs '{path}' predate the teacher record (no {key}): they may be another "
+                "teacher's; make them again (give a new pairs directory or delete its shards)"
+            )
+        if had is None and key not in OPTIONAL_KEYS:
+            raise UserError(f"teacher pairs '{path}' record no {what} (made by an older nitrofusion): make them again")
+        if had != value:
+            absent = OPTIONAL_KEYS.get(key, ("", "none"))[1]
+            raise UserError(
+                f"teacher pairs in '{path.parent}' were made with another {what} "
+                f"({absent if had is None else repr(had)}, now {absent if value is None else repr(value)}): "
+                "give a new pairs directory or delete its shards"
             )
 
 
@@ -152,6 +204,14 @@ SHARD_SIZE = 256
 
 def shard_path(out_dir: Path, index: int) -> Path:
     return out_dir / f"pairs-{index:05d}.safetensors"
+
+
+def shard_length(path: Path) -> int:
+    """The pairs shard `path` holds (0 if absent), read from its header."""
+    if not path.is_file():
+        return 0
+    with safe_open(str(path), framework="pt") as f:
+        return int(f.get_slice("seeds").get_shape()[0])
 
 
 def planned_pairs(directory: str | Path) -> tuple[int, int] | None:
@@ -164,13 +224,35 @@ def planned_pairs(directory: str | Path) -> tuple[int, int] | None:
         return None
 
 
+def planned_shards(directory: str | Path, count: int, shard_size: int) -> list[tuple[Path, int]]:
+    """(path, pairs it holds) of each shard of `count` pairs. A pair depends on its index only, so
+    a shard holding more (made for a larger count) holds the planned pairs first."""
+    n_shards = -(-count // shard_size)
+    return [(shard_path(Path(directory), s), min(shard_size, count - s * shard_size)) for s in range(n_shards)]
+
+
 def missing_shards(directory: str | Path) -> list[Path] | None:
-    """The shards a folder of pairs still lacks by its `pairs.json` (None without one)."""
+    """The shards a folder of pairs still lacks by its `pairs.json` (None without one): absent, or
+    shorter than planned (made for a smaller count, to be extended)."""
     plan = planned_pairs(directory)
     if plan is None:
         return None
-    count, size = plan
-    return [p for p in (shard_path(Path(directory), i) for i in range(-(-count // size))) if not p.is_file()]
+    return [path for path, size in planned_shards(directory, *plan) if shard_length(path) < size]
+
+
+PROMPT_STRIDE = 7919  # a prime: consecutive pairs' prompts lie far apart in the list
+
+
+def prompt_stride(n_prompts: int) -> int:
+    """The step between consecutive pairs' prompt ids (mod the prompt count): prime and not dividing
+    the count, so every prompt is used and evenly. 7919 unless it divides the count (which left
+    count/7919 prompts used), so pairs made before it was checked keep their prompts."""
+    stride = PROMPT_STRIDE
+    while n_prompts % stride == 0:
+        stride += 1
+        while any(stride % d == 0 for d in range(2, int(stride**0.5) + 1)):
+            stride += 1
+    return stride
 
 
 def make_pairs(
@@ -191,26 +273,36 @@ def make_pairs(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     recipe = pairs_recipe(sampler, prompts, seed)
-    for existing in sorted(out_dir.glob(SHARD_GLOB)):  # a resumed run adds to shards made the same way only
-        check_recipe(existing, recipe)
+    existing = sorted(out_dir.glob(SHARD_GLOB))
+    for path in existing:  # a resumed run adds to shards made the same way only
+        check_recipe(path, recipe)
+    plan = planned_pairs(out_dir)
+    if existing and plan is not None and plan[1] != shard_size:  # shard i would hold other pairs
+        raise UserError(
+            f"the teacher pairs in '{out_dir}' are in shards of {plan[1]} pairs, not {shard_size}: "
+            "give a new pairs directory"
+        )
     if rank == 0:  # one writer: the files are replaced through one temporary name each
         write_text_replacing(out_dir / "prompts.json", json.dumps(prompts))
         write_text_replacing(out_dir / PAIRS_INFO, json.dumps({"count": count, "shard_size": shard_size}))
-    n_shards = (count + shard_size - 1) // shard_size
-    shards = [shard_path(out_dir, s) for s in range(n_shards)]
-    mine = list(range(rank, n_shards, world))
+    planned = planned_shards(out_dir, count, shard_size)
+    shards = [path for path, _ in planned]
+    mine = list(range(rank, len(planned), world))
     device_type = torch.device(sampler.pipe.device).type
+    stride = prompt_stride(len(prompts))
 
     def size(s: int) -> int:
-        return min(shard_size, count - s * shard_size)
+        return planned[s][1]
 
-    done = sum(size(s) for s in mine if shards[s].is_file())
-    bar = tqdm(total=sum(size(s) for s in mine), initial=done, desc="teacher pairs", disable=not progress)
+    # Shards made for an earlier count: a longer one holds this plan's pairs first and is kept as it
+    # is (loading reads its first pairs), a shorter one (the last of a smaller count) is extended.
+    held = {s: min(shard_length(shards[s]), size(s)) for s in mine}
+    bar = tqdm(total=sum(size(s) for s in mine), initial=sum(held.values()), desc="teacher pairs", disable=not progress)
     for s in mine:
-        if shards[s].is_file():
+        if held[s] == size(s):
             continue
-        idx = torch.arange(s * shard_size, s * shard_size + size(s))
-        prompt_ids = (idx * 7919 + seed) % len(prompts)  # spread prompts evenly over the pairs
+        idx = torch.arange(s * shard_size + held[s], s * shard_size + size(s))
+        prompt_ids = (idx * stride + seed) % len(prompts)  # spread prompts evenly over the pairs
         seeds = seed * 1_000_003 + idx
         latents = []
         for b in range(0, len(idx), batch_size):
@@ -220,6 +312,8 @@ def make_pairs(
             latents.append(sampler([prompts[int(i)] for i in prompt_ids[sl]], noise, generators).cpu())
             bar.update(len(idx[sl]))
         shard = {"latents": torch.cat(latents), "seeds": seeds, "prompt_ids": prompt_ids}
+        if held[s]:
+            shard = {k: torch.cat([v[: held[s]], shard[k]]) for k, v in load_file(str(shards[s])).items()}
         # Provenance beyond the recipe (not checked on reading: `make-pairs` samples in fp16 on a GPU by
         # default, `distill` in fp32, and either's pairs may complete the other's folder).
         made_with = {"teacher_dtype": str(sampler.pipe.unet.dtype).removeprefix("torch."), "device": device_type}
@@ -241,19 +335,37 @@ class PairShards:
         `recipe` (e.g. the reading run's teacher steps, guidance and noise shape): a shard made
         another way is refused, not mixed in."""
         directory = Path(directory)
-        files = sorted(directory.glob(SHARD_GLOB))
-        if not files or not (directory / "prompts.json").is_file():
+        found = sorted(directory.glob(SHARD_GLOB))
+        if not found or not (directory / "prompts.json").is_file():
             raise UserError(f"no teacher pairs in '{directory}' (make them with 'nitrofusion make-pairs')")
-        missing = missing_shards(directory)
-        if missing:
-            raise UserError(
-                f"the teacher pairs in '{directory}' are incomplete: {len(missing)} shards missing, "
-                f"{missing[0].name} first (a stopped make-pairs: run it again with the same options, it resumes)"
-            )
+        plan = planned_pairs(directory)
+        if plan is None:  # a folder made before pairs.json: every shard, whole
+            shards: list[tuple[Path, int | None]] = [(f, None) for f in found]
+        else:
+            shards = list(planned_shards(directory, *plan))
+            missing = missing_shards(directory) or []
+            if missing:
+                short = sum(p.is_file() for p in missing)
+                raise UserError(
+                    f"the teacher pairs in '{directory}' are incomplete: {len(missing)} shards missing, "
+                    f"{missing[0].name} first{f' ({short} short: made for fewer pairs)' if short else ''} "
+                    "(a stopped make-pairs: run it again with the same options, it resumes)"
+                )
+            # Left by a make-pairs for more pairs before one for fewer: kept, not read.
+            unplanned = sorted(set(found) - {path for path, _ in shards})
+            if unplanned:
+                log.warning(
+                    "%d shards in '%s' lie beyond the %d pairs of its %s and are not read (%s first)",
+                    len(unplanned),
+                    directory,
+                    plan[0],
+                    PAIRS_INFO,
+                    unplanned[0].name,
+                )
         prompts = json.loads((directory / "prompts.json").read_text())
-        for f in files:
+        for f, _ in shards:
             check_recipe(f, {**(recipe or {}), "prompts_sha256": prompts_digest(prompts)})
-        parts = [load_file(str(f)) for f in files]
+        parts = [{k: v[:size] for k, v in load_file(str(f)).items()} for f, size in shards]
         return cls(
             prompts=prompts,
             latents=torch.cat([p["latents"] for p in parts]),

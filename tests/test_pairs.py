@@ -1,0 +1,197 @@
+"""Teacher pairs: a folder holds the pairs of one teacher, one setting and one planned count, and
+a run that would read or complete them otherwise is refused in one line, not fed other data."""
+
+import json
+import logging
+
+import pytest
+import torch
+from diffusers import LCMScheduler
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from nitrofusion.cli import main
+from nitrofusion.data.teacher import (
+    PROMPT_STRIDE,
+    TEACHER_KEYS,
+    PairShards,
+    TeacherSampler,
+    make_pairs,
+    missing_shards,
+    prompt_stride,
+    sampler_recipe,
+)
+from nitrofusion.errors import UserError
+from nitrofusion.pipelines import load_pipeline
+from nitrofusion.testing import save_tiny_sdxl, tiny_sdxl_pipeline
+
+PROMPTS = ["a cat", "a dog", "a boot"]
+
+
+def sampler(seed: int = 0, timesteps: list[int] | None = None, lcm: bool = False, steps: int = 1) -> TeacherSampler:
+    """A tiny teacher (its weights drawn from `seed`) at 16x16; `lcm`: a DMD2-style one, which
+    takes its own timesteps."""
+    pipe = tiny_sdxl_pipeline(seed)
+    if lcm:
+        pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+    return TeacherSampler(pipe, steps, 1.0, 16, 16, timesteps)
+
+
+def one_line(exc: pytest.ExceptionInfo) -> str:
+    assert "\n" not in str(exc.value)
+    return str(exc.value)
+
+
+def test_custom_timesteps_are_checked_both_ways(tmp_path):
+    """Shards made at DMD2's timesteps passed a run at the scheduler's spacing (it had no key to
+    compare) and were completed by it; the reverse was called 'made by an older nitrofusion'."""
+    dmd2, lcm = sampler(timesteps=[999, 749, 499, 249], lcm=True, steps=4), sampler(lcm=True, steps=4)
+    make_pairs(dmd2, PROMPTS, 3, tmp_path / "dmd2", batch_size=2, shard_size=2, progress=False)
+    (tmp_path / "dmd2" / "pairs-00001.safetensors").unlink()  # half-made: not to be finished another way
+    want = "another teacher_timesteps ('999,749,499,249', now the scheduler's own spacing)"
+    with pytest.raises(UserError) as exc:
+        make_pairs(lcm, PROMPTS, 3, tmp_path / "dmd2", batch_size=2, shard_size=2, progress=False)
+    assert want in one_line(exc)
+    assert not (tmp_path / "dmd2" / "pairs-00001.safetensors").exists()
+    make_pairs(dmd2, PROMPTS, 3, tmp_path / "dmd2", batch_size=2, shard_size=2, progress=False)
+    with pytest.raises(UserError, match=want.replace("(", r"\(").replace(")", r"\)")):
+        PairShards.load(tmp_path / "dmd2", sampler_recipe(lcm))
+    assert len(PairShards.load(tmp_path / "dmd2", sampler_recipe(dmd2))) == 3
+
+    make_pairs(lcm, PROMPTS, 2, tmp_path / "lcm", progress=False)
+    with pytest.raises(UserError) as exc:
+        PairShards.load(tmp_path / "lcm", sampler_recipe(dmd2))
+    assert "another teacher_timesteps (the scheduler's own spacing, now '999,749,499,249')" in one_line(exc)
+    assert len(PairShards.load(tmp_path / "lcm", sampler_recipe(lcm))) == 2  # no timesteps either side
+
+
+def test_another_teachers_pairs_are_refused(tmp_path):
+    """model.teacher switched to another model of the same steps, guidance and size reused the
+    first one's pairs."""
+    first, other = sampler(0), sampler(1)
+    assert sampler_recipe(first)["teacher_steps"] == sampler_recipe(other)["teacher_steps"]
+    make_pairs(first, PROMPTS, 3, tmp_path / "p", batch_size=2, shard_size=2, progress=False)
+    with pytest.raises(UserError) as exc:
+        PairShards.load(tmp_path / "p", sampler_recipe(other))
+    assert f"another teacher_fingerprint ('{first.unet_fingerprint}', now '{other.unet_fingerprint}')" in one_line(exc)
+    (tmp_path / "p" / "pairs-00001.safetensors").unlink()
+    with pytest.raises(UserError, match="another teacher_fingerprint"):
+        make_pairs(other, PROMPTS, 3, tmp_path / "p", batch_size=2, shard_size=2, progress=False)
+    assert not (tmp_path / "p" / "pairs-00001.safetensors").exists()
+    # The same weights under another scheduler give other samples too.
+    lcm = sampler(0, lcm=True)
+    with pytest.raises(UserError, match="another teacher_scheduler \\('EulerDiscreteScheduler', now 'LCMScheduler'\\)"):
+        make_pairs(lcm, PROMPTS, 3, tmp_path / "p", batch_size=2, shard_size=2, progress=False)
+    make_pairs(sampler(0), PROMPTS, 3, tmp_path / "p", batch_size=2, shard_size=2, progress=False)
+    assert len(PairShards.load(tmp_path / "p", sampler_recipe(first))) == 3
+
+
+def test_the_teacher_is_the_same_in_fp16_and_fp32(tiny_sdxl_dir):
+    """`make-pairs` loads the teacher in fp16 on a GPU, `distill` in fp32: the pairs of one are the
+    other's."""
+    fp32 = TeacherSampler(load_pipeline(tiny_sdxl_dir, sampler="native", dtype=torch.float32), 1, 1.0, 16, 16)
+    fp16 = TeacherSampler(load_pipeline(tiny_sdxl_dir, sampler="native", dtype=torch.float16), 1, 1.0, 16, 16)
+    assert fp16.pipe.unet.dtype == torch.float16
+    assert fp32.unet_fingerprint == fp16.unet_fingerprint
+    assert fp32.unet_fingerprint != sampler(1).unet_fingerprint
+
+
+def test_pairs_made_before_the_teacher_record_are_refused(tmp_path):
+    """They may be any teacher's: one line saying so, and nothing changed in the folder."""
+    teacher = sampler(0)
+    shards = make_pairs(teacher, PROMPTS, 3, tmp_path / "p", batch_size=2, shard_size=2, progress=False)
+    for shard in shards:  # as the previous version wrote them
+        with safe_open(str(shard), "pt") as f:
+            meta = {k: v for k, v in f.metadata().items() if k not in TEACHER_KEYS}
+        save_file(load_file(str(shard)), str(shard), metadata=meta)
+    before = {s: s.read_bytes() for s in shards}
+    for attempt in (
+        lambda: PairShards.load(tmp_path / "p", sampler_recipe(teacher)),
+        lambda: make_pairs(teacher, PROMPTS, 3, tmp_path / "p", batch_size=2, shard_size=2, progress=False),
+    ):
+        with pytest.raises(UserError) as exc:
+            attempt()
+        assert "predate the teacher record (no teacher_fingerprint)" in one_line(exc)
+    assert {s: s.read_bytes() for s in shards} == before
+    assert len(PairShards.load(tmp_path / "p")) == 3  # a reader that checks no teacher still reads them
+
+
+def test_a_teacher_swap_is_one_line_from_distill(tiny_sdxl_dir, tmp_path, capsys):
+    other = save_tiny_sdxl(tmp_path / "other", seed=1)
+    teacher = TeacherSampler(load_pipeline(tiny_sdxl_dir, sampler="native"), 1, 3.0, 16, 16)
+    make_pairs(teacher, PROMPTS, 2, tmp_path / "pairs", progress=False)
+    args = ["distill", "--set", f"model.teacher={other}", "--set", f"data.pairs={tmp_path / 'pairs'}"]
+    args += ["--set", "data.teacher_steps=1", "--set", "data.teacher_guidance=3.0", "--set", "data.resolution=16"]
+    args += ["--set", f"run.output_dir={tmp_path / 'run'}"]
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "another teacher_fingerprint" in err[0], err
+
+
+def test_every_prompt_is_used_whatever_the_prompt_count(tmp_path):
+    """The stride 7919 used one prompt of 7919, two of 15838, ..."""
+    prompts = [f"prompt {i}" for i in range(PROMPT_STRIDE)]
+    make_pairs(sampler(), prompts, 4, tmp_path / "p", progress=False)
+    assert len(set(PairShards.load(tmp_path / "p").prompt_ids.tolist())) == 4
+    for n in (PROMPT_STRIDE, 2 * PROMPT_STRIDE, 7927 * 7919, 2 * 3 * 7919 * 7927 * 7933):
+        stride = prompt_stride(n)
+        assert n % stride and all(stride % d for d in range(2, int(stride**0.5) + 1))
+    assert prompt_stride(2 * PROMPT_STRIDE) == 7927  # the next prime
+
+
+@pytest.mark.parametrize("n", [1, 2, 80, 1000, 7918, 7920, 50_000, 7919 * 7927 + 1])
+def test_prompt_counts_not_divisible_by_7919_keep_their_prompts(n):
+    """Pairs made before (the embedded world's: 80 prompts) are made as before."""
+    assert prompt_stride(n) == 7919
+
+
+def test_a_smaller_count_reads_only_its_pairs_and_a_larger_one_extends_the_last_shard(tmp_path, caplog):
+    """make-pairs --n 5, then --n 3 into the same folder read 5 pairs (every shard on disk); --n 7
+    after --n 5 left the 1-pair last shard short of its 2."""
+    teacher = sampler()
+    folder = tmp_path / "p"
+    make_pairs(teacher, PROMPTS, 5, folder, batch_size=2, shard_size=2, progress=False)
+    five = PairShards.load(folder)
+    make_pairs(teacher, PROMPTS, 3, folder, batch_size=2, shard_size=2, progress=False)
+    with caplog.at_level(logging.WARNING, logger="nitrofusion.data.teacher"):
+        three = PairShards.load(folder)
+    assert len(three) == 3 and torch.equal(three.latents, five.latents[:3])
+    assert torch.equal(three.seeds, five.seeds[:3]) and torch.equal(three.prompt_ids, five.prompt_ids[:3])
+    assert "1 shards in" in caplog.text and "pairs-00002.safetensors first" in caplog.text
+    assert len(load_file(str(folder / "pairs-00001.safetensors"))["seeds"]) == 2  # nothing thrown away
+
+    make_pairs(teacher, PROMPTS, 7, folder, batch_size=2, shard_size=2, progress=False)
+    seven = PairShards.load(folder)
+    fresh = make_pairs(teacher, PROMPTS, 7, tmp_path / "fresh", batch_size=2, shard_size=2, progress=False)
+    assert len(seven) == 7 and torch.equal(seven.latents[:5], five.latents)
+    whole = PairShards.load(tmp_path / "fresh")
+    assert torch.equal(seven.seeds, whole.seeds) and torch.equal(seven.prompt_ids, whole.prompt_ids)
+    torch.testing.assert_close(seven.latents, whole.latents, rtol=1e-4, atol=1e-4)  # batched otherwise
+    assert [len(load_file(str(s))["seeds"]) for s in fresh] == [2, 2, 2, 1]
+    assert len(load_file(str(folder / "pairs-00002.safetensors"))["seeds"]) == 2
+
+
+def test_a_short_planned_shard_is_incomplete_and_completed(tmp_path):
+    """A make-pairs for more pairs stopped after writing its plan: the last shard of the smaller
+    count is short of the new plan, which distill (through missing_shards) completes first."""
+    teacher = sampler()
+    folder = tmp_path / "p"
+    make_pairs(teacher, PROMPTS, 3, folder, batch_size=2, shard_size=2, progress=False)
+    (folder / "pairs.json").write_text(json.dumps({"count": 4, "shard_size": 2}))
+    assert missing_shards(folder) == [folder / "pairs-00001.safetensors"]
+    with pytest.raises(UserError) as exc:
+        PairShards.load(folder)
+    assert "incomplete: 1 shards missing, pairs-00001.safetensors first (1 short" in one_line(exc)
+    make_pairs(teacher, PROMPTS, 4, folder, batch_size=2, shard_size=2, progress=False)
+    assert missing_shards(folder) == [] and len(PairShards.load(folder)) == 4
+
+
+def test_another_shard_size_is_refused(tmp_path):
+    """Shard i of another size holds other pairs: completing the folder would mix them."""
+    teacher = sampler()
+    make_pairs(teacher, PROMPTS, 3, tmp_path / "p", batch_size=2, shard_size=2, progress=False)
+    with pytest.raises(UserError) as exc:
+        make_pairs(teacher, PROMPTS, 5, tmp_path / "p", batch_size=2, shard_size=4, progress=False)
+    assert "are in shards of 2 pairs, not 4" in one_line(exc)
+    assert json.loads((tmp_path / "p" / "pairs.json").read_text()) == {"count": 3, "shard_size": 2}
