@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import statistics
 
-from nitrofusion.evaluation.reproduce import ABLATIONS, Reproduction, Variant
+from nitrofusion.evaluation.reproduce import ABLATIONS, FULL, Reproduction, Variant
 
 VARIANTS = (
     Variant("pool, 2 candidates", ("discriminator.candidates=2",)),
@@ -54,7 +54,9 @@ def main() -> None:
                 load = rep._pipeline(lambda v=variant, s=seed: rep.distill(v, s) / "student_unet.safetensors")
             if load is None and not (rep.out / "scores" / f"{key}-1-seed{seed}.json").is_file():
                 continue
-            score = rep.score(f"{key}-1-seed{seed}", load, 1, seed, label, "ablation")
+            # The full method's stage-one student is FULL's run (as `reproduce` scores it).
+            trained_with = rep.trained_with(variant or FULL, seed)
+            score = rep.score(f"{key}-1-seed{seed}", load, 1, seed, label, "ablation", trained_with)
             if score is not None:
                 scores.append(score)
         if not scores:

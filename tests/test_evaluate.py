@@ -39,6 +39,22 @@ def tiny_pipe():
 PROMPTS = [f"a photo of thing {i}" for i in range(7)]
 
 
+def test_cached_images_are_read_when_used_not_held(tiny_pipe, tmp_path, monkeypatch):
+    """All images were decoded into memory at once: 15.7 GB for a 5,000-image SDXL evaluation at
+    1024x1024, before any scorer ran. The scorers take them a batch at a time; so does the cache."""
+    import nitrofusion.evaluation.cache as cache
+
+    images, _ = ImageCache(tmp_path, {"steps": 1}).fill(tiny_pipe, PROMPTS[:4], 1, 0, batch_size=4, guidance_scale=1.0)
+    opened = []
+    real_open = cache.Image.open
+    monkeypatch.setattr(cache.Image, "open", lambda p, *a, **k: opened.append(p) or real_open(p, *a, **k))
+    again, _ = ImageCache(tmp_path, {"steps": 1}).fill(tiny_pipe, PROMPTS[:4], 1, 0, batch_size=4, guidance_scale=1.0)
+    assert len(again) == 4 and opened == []
+    batch = again[1:3]
+    assert [im.mode for im in batch] == ["RGB", "RGB"] and len(opened) == 2
+    assert np.array_equal(np.asarray(again[3]), np.asarray(Image.open(tmp_path / "00003.png").convert("RGB")))
+
+
 def test_cache_resumes_with_the_same_images(tiny_pipe, tmp_path):
     settings = {"model": "tiny", "steps": 2}
     whole, _ = ImageCache(tmp_path / "a", settings).fill(tiny_pipe, PROMPTS, 2, 10, batch_size=3, guidance_scale=1.0)
@@ -58,6 +74,35 @@ def test_cache_refuses_other_settings(tiny_pipe, tmp_path):
     ImageCache(tmp_path, {"steps": 1}).fill(tiny_pipe, PROMPTS[:2], 1, 0, batch_size=2, guidance_scale=1.0)
     with pytest.raises(UserError, match="other settings \\(steps\\)"):
         ImageCache(tmp_path, {"steps": 2}).fill(tiny_pipe, PROMPTS[:2], 2, 0, batch_size=2, guidance_scale=1.0)
+
+
+def test_cache_interrupted_in_its_first_batch_is_not_mixed_with_other_settings(tiny_pipe, tmp_path, monkeypatch):
+    """The images of a batch were written before the manifest: a run stopped in its first batch left
+    images with no recorded settings, which a run with another model into the same --out took as its own."""
+    import nitrofusion.evaluation.cache as cache_module
+
+    written = []
+    replacing = cache_module.replacing
+
+    def stop_after_the_first_image(path):
+        if written:
+            raise KeyboardInterrupt
+        written.append(path)
+        return replacing(path)
+
+    monkeypatch.setattr(cache_module, "replacing", stop_after_the_first_image)
+    with pytest.raises(KeyboardInterrupt):
+        ImageCache(tmp_path, {"model": "a"}).fill(tiny_pipe, PROMPTS[:3], 1, 0, batch_size=3, guidance_scale=1.0)
+    monkeypatch.setattr(cache_module, "replacing", replacing)
+    assert (tmp_path / "00000.png").is_file()
+    with pytest.raises(UserError, match="other settings \\(model\\)"):
+        ImageCache(tmp_path, {"model": "b"}).fill(tiny_pipe, PROMPTS[:3], 1, 0, batch_size=3, guidance_scale=1.0)
+    # Images left with no manifest at all (by an older version): their settings are unknown.
+    (tmp_path / "manifest.json").unlink()
+    with pytest.raises(UserError, match="holds images but no manifest.json") as err:
+        ImageCache(tmp_path, {"model": "b"}).fill(tiny_pipe, PROMPTS[:3], 1, 0, batch_size=3, guidance_scale=1.0)
+    assert str(tmp_path) in str(err.value) and "\n" not in str(err.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["00000.png"]  # refused, nothing deleted or added
 
 
 @pytest.fixture(scope="module")
@@ -212,9 +257,9 @@ def test_reference_statistics_from_images_and_from_file(tmp_path):
         fid.reference_stats(cache, "inception", extract)
     # The file records its source and feature network: reused for the same two only.
     made = fid.reference_stats(ref_dir, "toy", extract, cache, extractor="/weights/a")
-    assert fid.cached_reference_stats(cache, str(ref_dir), "/weights/a") is not None
-    assert fid.cached_reference_stats(cache, str(ref_dir), "/weights/b") is None  # other weights: computed again
-    assert fid.cached_reference_stats(cache, str(tmp_path), "/weights/a") is None  # another directory
+    assert fid.cached_reference_stats(cache, str(ref_dir), "toy", "/weights/a") is not None
+    assert fid.cached_reference_stats(cache, str(ref_dir), "toy", "/weights/b") is None  # other weights: computed again
+    assert fid.cached_reference_stats(cache, str(tmp_path), "toy", "/weights/a") is None  # another directory
     with pytest.raises(UserError, match="features of '/weights/a', not of '/weights/b'"):
         fid.reference_stats(cache, "toy", extract, extractor="/weights/b")
     assert frechet_distance(made, fid.reference_stats(cache, "toy", extract, extractor="/weights/a")) == pytest.approx(
@@ -369,19 +414,21 @@ def test_grid_writes_the_format_its_file_name_says(tmp_path, capsys):
 
 def test_embedded_reference_statistics_are_not_reused_for_another_evaluator(tmp_path):
     """The embedded features recorded no feature network: statistics of a reference folder computed
-    with one --evaluator were reused for another's features."""
-    from pathlib import Path
-
+    with one --evaluator were reused for another's features. The network is named by its contents:
+    a copy of the shipped evaluator is the same network, other weights at the same path are not."""
     from nitrofusion.evaluation.evaluate import EvalRequest, build_scorers
+    from nitrofusion.world.evaluator import Evaluator
     from nitrofusion.world.spec import evaluator_path
 
     ref_dir = tmp_path / "real"
     ref_dir.mkdir()
     for i, im in enumerate(_images(4, seed=5, size=32)):
         im.save(ref_dir / f"{i}.png")
-    other = shutil.copy(evaluator_path(), tmp_path / "other-evaluator.safetensors")
+    other = tmp_path / "other-evaluator.safetensors"
+    shutil.copy(evaluator_path(), other)
     cache = tmp_path / "out" / "reference-embedded.safetensors"
-    for evaluator in (None, str(other)):
+
+    def build(evaluator):
         req = EvalRequest(
             model="x",
             steps=[1],
@@ -392,5 +439,99 @@ def test_embedded_reference_statistics_are_not_reused_for_another_evaluator(tmp_
             evaluator=evaluator,
         )
         build_scorers(req, "cpu")
-        used = Path(evaluator).resolve() if evaluator else evaluator_path().resolve()
-        assert fid.stats_metadata(cache)["extractor"] == str(used)
+        return fid.stats_metadata(cache)
+
+    shipped = build(None)
+    assert shipped["extractor"] == fid.weights_identity(evaluator_path())
+    assert shipped["extractor_file"] == str(evaluator_path().resolve())
+    assert build(str(other))["extractor"] == shipped["extractor"]  # the same bytes, the same features
+    retrained = Evaluator.load(other)
+    with torch.no_grad():
+        retrained.model.features[1].weight.mul_(1.5)
+    retrained.save(other)
+    meta = build(str(other))
+    assert meta["extractor"] == fid.weights_identity(other) != shipped["extractor"]
+    # An image added to the reference folder: the statistics are computed again, over five.
+    _images(1, seed=6, size=32)[0].save(ref_dir / "4.png")
+    assert build(str(other))["images"] == "5"
+
+
+def test_reference_statistics_are_computed_again_when_the_images_change(tmp_path):
+    """Reference statistics were reused by the directory's path alone: images added to (or replaced
+    in) the reference folder were never read."""
+    ref_dir = tmp_path / "real"
+    ref_dir.mkdir()
+    for i, im in enumerate(_images(6, seed=3, size=20)):
+        im.save(ref_dir / f"{i}.png")
+
+    def extract(images):
+        t = fid.to_tensor(images, 16)
+        return torch.cat([t.mean((2, 3)), t.std((2, 3))], 1)
+
+    cache = tmp_path / "ref.safetensors"
+    fid.reference_stats(ref_dir, "toy", extract, cache, extractor="sha256:a")
+    assert fid.cached_reference_stats(cache, ref_dir, "toy", "sha256:a") is not None
+    _images(1, seed=9, size=20)[0].save(ref_dir / "sub-added.png")
+    assert fid.cached_reference_stats(cache, ref_dir, "toy", "sha256:a") is None  # one more image
+    fid.reference_stats(ref_dir, "toy", extract, cache, extractor="sha256:a")
+    assert fid.stats_metadata(cache)["images"] == "7"
+    assert fid.cached_reference_stats(cache, ref_dir, "toy", "sha256:a") is not None
+    _images(1, seed=10, size=24)[0].save(ref_dir / "0.png")  # the same count, another image
+    assert fid.cached_reference_stats(cache, ref_dir, "toy", "sha256:a") is None
+    # A stats file prepared otherwise (another resize) is other numbers, and refused by name.
+    meta = {**fid.stats_metadata(cache), "preprocess": "bilinear to 299"}
+    other = tmp_path / "other.safetensors"
+    save_file(
+        {k: v.contiguous() for k, v in fid.GaussianStats.from_features(torch.rand(4, 6)).to_tensors().items()},
+        str(other),
+        metadata=meta,
+    )
+    with pytest.raises(UserError, match="prepared its images otherwise \\(bilinear to 299\\)"):
+        fid.reference_stats(other, "toy", extract, extractor="sha256:a")
+
+
+def test_evaluate_warns_of_cycled_prompts_and_of_fewer_images_than_features(tmp_path, capsys):
+    """A prompt file shorter than --n was cycled, and a FID over fewer images than feature dimensions
+    computed, without a word: both are now one warning line, and the row records the distinct prompts."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a coat\na bag\n")
+    out = tmp_path / "ev"
+    args = ["evaluate", "--steps", "1", "--n", "4", "--batch-size", "4", "--prompts", str(prompts), "--out", str(out)]
+    capsys.readouterr()
+    assert main([*args, "--metrics", "fid", "--fid-features", "embedded"]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 2
+    assert "holds 2 prompts, fewer than --n 4: they are cycled" in warnings[0]
+    assert "FID over 4 images of 128-d features" in warnings[1] and "rank at most 3" in warnings[1]
+    row = json.loads((out / "results.json").read_text())[0]
+    assert (row["n"], row["distinct_prompts"]) == (4, 2)
+
+
+def test_a_wrong_or_corrupt_evaluator_is_one_line(tmp_path, capsys):
+    """--evaluator pointing at a corrupt file, another network or weights without reference statistics
+    gave a traceback (SafetensorError, load_state_dict's RuntimeError, KeyError 'mu')."""
+    from safetensors.torch import load_file
+
+    from nitrofusion.world.spec import evaluator_path
+
+    shipped = load_file(str(evaluator_path()))
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(evaluator_path().read_bytes()[:1000])
+    other_network = tmp_path / "aesthetic.safetensors"
+    save_file({k: v.contiguous() for k, v in AestheticMLP().state_dict().items()}, str(other_network))
+    no_reference = tmp_path / "no-reference.safetensors"
+    save_file({k: v for k, v in shipped.items() if not k.startswith("ref.")}, str(no_reference))
+    wrong_reference = tmp_path / "wrong-reference.safetensors"
+    save_file({**shipped, "ref.mu": torch.zeros(64, dtype=torch.float64)}, str(wrong_reference))
+    for path, needle in (
+        (corrupt, "not a readable safetensors file"),
+        (other_network, "does not fit the model"),
+        (no_reference, "ref.mu missing"),
+        (wrong_reference, "ref.mu of shape [64]"),
+    ):
+        out = tmp_path / f"out-{path.stem}"
+        args = ["evaluate", "--steps", "1", "--n", "4", "--evaluator", str(path), "--out", str(out)]
+        assert main(args) == 2, path
+        err = capsys.readouterr().err.strip()
+        assert needle in err and str(path) in err and len(err.splitlines()) == 1, err
+        assert not (out / "images").exists()

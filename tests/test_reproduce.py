@@ -134,3 +134,62 @@ def test_an_ablation_that_changes_nothing_in_the_preset_is_skipped(tmp_path):
     plain = Reproduction(tmp_path, [0], 4, overrides=["loss.regression_weight=0"])
     assert not anchored.changes_nothing(no_anchor) and plain.changes_nothing(no_anchor)
     assert not plain.changes_nothing(regression_only)
+
+
+def _scored_without_sampling(monkeypatch) -> None:
+    """Scores from a stand-in for sampling and distilling: what is tested is which cached score is
+    reused for which reproduction, not the numbers."""
+    from PIL import Image
+
+    from nitrofusion.evaluation import reproduce
+    from nitrofusion.evaluation.embedded import EmbeddedScore
+
+    def score_pipeline(pipe, evaluator, steps, n, seed, batch_size, label):
+        score = EmbeddedScore(label, "shift-lcm", steps, 0.0, n, 0.5, 100.0 + seed, 0.01)
+        return score, [Image.new("RGB", (32, 32))] * n
+
+    monkeypatch.setattr(reproduce, "score_pipeline", score_pipeline)
+    monkeypatch.setattr(Reproduction, "_pipeline", lambda self, unet=None, sampler="auto": lambda: None)
+
+
+def test_a_cached_score_is_reused_only_for_its_config_and_evaluator(tmp_path, monkeypatch):
+    """score() checked only n: a second reproduction into the same --out with another --set (or
+    another evaluator) reported the old students' numbers as its own."""
+    import pytest
+
+    from nitrofusion.errors import UserError
+
+    _scored_without_sampling(monkeypatch)
+    out = tmp_path / "repro"
+    Reproduction(out, [0], 4, overrides=TINY).run()
+    Reproduction(out, [0], 4, overrides=TINY).run()  # the same reproduction: every score reused
+    with pytest.raises(UserError, match="scored for a run trained with loss.regression_weight=10.0, this .* asks 0"):
+        Reproduction(out, [0], 4, overrides=[*TINY, "loss.regression_weight=0"]).run()
+    with pytest.raises(UserError, match="scored for a run trained with loss.regression_weight"):  # tabulating too
+        Reproduction(out, [0], 4, overrides=[*TINY, "loss.regression_weight=0"], report_only=True).run()
+    other_evaluator = Reproduction(out, [0], 4, overrides=TINY)
+    other_evaluator.evaluator_sha256 = "0" * 64
+    with pytest.raises(UserError, match="teacher-native-25-seed0.json' was scored with another evaluator"):
+        other_evaluator.run()
+
+    # A score of an older version records neither: tabulated by --report-only, refused by a run that
+    # would report it as this config's.
+    legacy = out / "scores" / "nitrofusion-final-1-seed0.json"
+    legacy.write_text(json.dumps({k: v for k, v in json.loads(legacy.read_text()).items() if k != "scored_with"}))
+    with pytest.raises(UserError, match="does not record the evaluator and training config .* --report-only"):
+        Reproduction(out, [0], 4, overrides=TINY).run()
+    rows = Reproduction(out, [0], 4, overrides=TINY, report_only=True).run()
+    assert any(r.model == "NitroFusion student" and r.steps == 1 for r in rows)
+
+
+def test_the_committed_scores_are_still_tabulated_by_report_only(tmp_path):
+    """docs/results/scores predate the recorded evaluator and config: --report-only reads them and
+    gives the committed tables' numbers."""
+    from pathlib import Path
+
+    docs = Path(__file__).resolve().parent.parent / "docs" / "results"
+    out = tmp_path / "repro"
+    shutil.copytree(docs / "scores", out / "scores")
+    shutil.copytree(docs / "samples", out / "samples")
+    Reproduction(out, [0, 1, 2], 1000, report_only=True).run()
+    assert json.loads((out / "results.json").read_text()) == json.loads((docs / "results.json").read_text())

@@ -2,8 +2,9 @@
 aesthetic predictor and CLIP-FID read.
 
 CLIP score is max(cos(E_image, E_text), 0) averaged over the images (Hessel et al. 2021) on
-the paper's scale (Table 1: 0.320 for 25-step SDXL base; torchmetrics reports 100 times
-this). The numbers depend on the CLIP model: the paper's is openai/clip-vit-base-patch32
+the paper's scale (Table 1: 0.320 for 25-step SDXL base). torchmetrics' CLIPScore is
+max(100 * mean cos, 0), which is 100 times this wherever no pair's cosine is negative (the
+clamp per pair is Hessel et al.'s). The numbers depend on the CLIP model: the paper's is openai/clip-vit-base-patch32
 (ViT-B/32); the aesthetic predictor reads ViT-L/14 embeddings.
 """
 
@@ -96,7 +97,8 @@ class ClipModel:
 
 def clip_score(clip: ClipModel, images: list[Image.Image], prompts: list[str]) -> float:
     """Mean of max(cos(image, prompt), 0) over image-prompt pairs: the paper's scale (Table 1:
-    0.320 for 25-step SDXL base with ViT-B/32); torchmetrics' CLIPScore is 100 times this."""
+    0.320 for 25-step SDXL base with ViT-B/32); torchmetrics' CLIPScore clamps the mean instead,
+    100 times this wherever no pair's cosine is negative."""
     if len(images) != len(prompts):
         raise ValueError("one prompt per image is needed")
     cos = (clip.image_embeddings(images) * clip.text_embeddings(prompts)).sum(-1)

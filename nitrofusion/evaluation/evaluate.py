@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,23 +67,39 @@ class EvalRequest:
     safety_checker: bool = True  # False: a pipeline's safety checker is left out (no blacked-out images)
 
 
-def load_prompt_set(spec: str, n: int, seed: int) -> tuple[list[str], list[int] | None]:
-    """`embedded` (balanced over the ten classes, with labels) or a text file, cycled to n prompts."""
+def load_prompt_set(spec: str, n: int, seed: int) -> tuple[list[str], list[int] | None, str | None]:
+    """`embedded` (balanced over the ten classes, with labels) or a text file, cycled to n prompts;
+    and a warning where a file holds fewer than n (its prompts then repeat, and every metric that
+    reads the prompts measures fewer distinct ones than --n says)."""
     if spec == "embedded":
         from nitrofusion.world.data import evaluation_prompts
 
         pairs = evaluation_prompts(n, seed)
-        return [p for p, _ in pairs], [c for _, c in pairs]
+        return [p for p, _ in pairs], [c for _, c in pairs], None
     from nitrofusion.data.prompts import load_prompts
 
     prompts = load_prompts(spec)
-    return [prompts[i % len(prompts)] for i in range(n)], None
+    warning = None
+    if len(prompts) < n:
+        warning = (
+            f"'{spec}' holds {len(prompts)} prompts, fewer than --n {n}: they are cycled, "
+            f"so each is drawn about {n / len(prompts):.1f} times (with other seeds)"
+        )
+    return [prompts[i % len(prompts)] for i in range(n)], None, warning
 
 
 Scorer = Callable[[list[Image.Image], list[str], list[int] | None], dict[str, float]]
 
 
-def build_scorers(req: EvalRequest, device: str) -> dict[str, Scorer]:
+class Scorers(dict[str, Scorer]):
+    """The scorers by metric, and the feature width of each Frechet distance among them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.feature_dims: dict[str, int] = {}
+
+
+def build_scorers(req: EvalRequest, device: str) -> Scorers:
     """Load every requested metric's model now; each missing weight is one clear error."""
     metrics = req.metrics or (
         ["embedded"] if req.prompts == "embedded" else ["fid", "clip", "aesthetic", "imagereward"]
@@ -103,7 +120,7 @@ def build_scorers(req: EvalRequest, device: str) -> dict[str, Scorer]:
             raise UserError(f"{option} is for the {needs} metric, which --metrics does not include")
     if req.inception is not None and req.fid_features != "inception":
         raise UserError(f"--inception is for --fid-features inception, not {req.fid_features}")
-    scorers: dict[str, Scorer] = {}
+    scorers = Scorers()
     evaluator = None
 
     def evaluator_file() -> Path:
@@ -140,7 +157,10 @@ def build_scorers(req: EvalRequest, device: str) -> dict[str, Scorer]:
     if "embedded" in metrics:
         if req.prompts != "embedded":
             raise UserError("the embedded metrics (class accuracy, domain FD) need --prompts embedded")
+        from nitrofusion.world.evaluator import FEATURE_DIM
+
         ev = need_evaluator()
+        scorers.feature_dims["domain FD"] = FEATURE_DIM
 
         def embedded(images, prompts, labels):
             from nitrofusion.evaluation.fid import to_tensor
@@ -152,8 +172,9 @@ def build_scorers(req: EvalRequest, device: str) -> dict[str, Scorer]:
     if "fid" in metrics:
         from nitrofusion.evaluation import fid
 
-        extractor = ""  # the feature network's weights, recorded with the reference statistics
         if req.fid_features == "inception":
+            from nitrofusion.evaluation.inception import FEATURE_DIM as INCEPTION_DIM
+
             if not req.inception:
                 from nitrofusion.evaluation.inception import CONVERT_HINT, WEIGHTS_URL
 
@@ -161,16 +182,24 @@ def build_scorers(req: EvalRequest, device: str) -> dict[str, Scorer]:
                     f"FID with Inception features needs --inception PATH: the FID Inception weights ({WEIGHTS_URL}) "
                     f"converted to safetensors with: {CONVERT_HINT}"
                 )
-            extract, extractor = fid.inception_extractor(req.inception, device), str(Path(req.inception).resolve())
+            extract, weights = fid.inception_extractor(req.inception, device), Path(req.inception)
+            fid_dim = INCEPTION_DIM
         elif req.fid_features == "clip":
-            extract, extractor = fid.clip_extractor(need_clip()), str(req.clip_model)
+            clip = need_clip()
+            extract, weights = fid.clip_extractor(clip), Path(str(req.clip_model))
+            fid_dim = int(clip.model.config.projection_dim)
         else:
-            # Another evaluator's features are other features: its reference statistics are not these.
-            extract, extractor = fid.embedded_extractor(need_evaluator()), str(evaluator_file().resolve())
+            from nitrofusion.world.evaluator import FEATURE_DIM
+
+            extract, weights, fid_dim = fid.embedded_extractor(need_evaluator()), evaluator_file(), FEATURE_DIM
+        scorers.feature_dims["FID"] = fid_dim
         if req.reference:
+            # The feature network by its contents, not its path: other weights at the same path
+            # (another evaluator, a re-downloaded CLIP) give other features and other statistics.
+            extractor, extractor_file = fid.weights_identity(weights), str(weights.expanduser().resolve())
             cache = req.out / f"reference-{req.fid_features}.safetensors"
-            ref = fid.cached_reference_stats(cache, req.reference, extractor) or fid.reference_stats(
-                req.reference, req.fid_features, extract, cache, extractor
+            ref = fid.cached_reference_stats(cache, req.reference, req.fid_features, extractor) or fid.reference_stats(
+                req.reference, req.fid_features, extract, cache, extractor, extractor_file
             )
         elif req.fid_features == "embedded":
             ref = need_evaluator().reference  # the real Fashion-MNIST test set
@@ -226,9 +255,18 @@ def evaluate(req: EvalRequest) -> list[dict]:
     check_guidance_scale(req.guidance_scale)
     check_writable_folder(req.out, "--out")
     device = resolve_device(req.device)
-    prompts, labels = load_prompt_set(req.prompts, req.n, req.seed)
+    prompts, labels, prompts_warning = load_prompt_set(req.prompts, req.n, req.seed)
     prompts_sha256 = prompts_digest(prompts)
     scorers = build_scorers(req, device)
+    # Warnings, not refusals (the embedded world is evaluated on a few images on purpose, in tests and
+    # quick looks), and only once every option is accepted: a refused run stays one line.
+    warnings = [prompts_warning] if prompts_warning else []
+    warnings += [
+        f"{name} over {req.n} images of {dim}-d features: their covariance has rank at most {req.n - 1}, "
+        f"so the distance is biased (use --n {dim} or more for a number to compare)"
+        for name, dim in scorers.feature_dims.items()
+        if req.n < dim
+    ]
     pipe = load_pipeline(
         req.model, unet=req.unet, shift=req.shift, sampler=req.sampler, device=device, safety_checker=req.safety_checker
     )
@@ -245,8 +283,9 @@ def evaluate(req: EvalRequest) -> list[dict]:
         label += " (unfiltered)"
     results, grid_rows = [], []
     weights = next(pipe.unet.parameters())
+    guidance = req.guidance_scale if req.guidance_scale is not None else (0.0 if sampler == "shift-lcm" else 5.0)
+    caches = []
     for steps in req.steps:
-        guidance = req.guidance_scale if req.guidance_scale is not None else (0.0 if sampler == "shift-lcm" else 5.0)
         settings = {
             "model": str(req.model),
             "unet": req.unet,
@@ -268,10 +307,22 @@ def evaluate(req: EvalRequest) -> list[dict]:
         if unfiltered:  # other images than the filtered ones: the cache refuses to mix them
             settings["safety_checker"] = False
         cache = ImageCache(req.out / "images" / f"{sampler}-{steps}-step", settings)
+        cache.check()  # every setting's cache before the first is sampled
+        caches.append((steps, settings, cache))
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
+    for steps, settings, cache in caches:
         images, per_image = cache.fill(
             pipe, prompts, steps, req.seed, req.batch_size, guidance, desc=f"{label}, {steps} step(s)"
         )
-        row = {**settings, "model_path": settings["model"], "model": label, "n": req.n, "seconds_per_image": per_image}
+        row = {
+            **settings,
+            "model_path": settings["model"],
+            "model": label,
+            "n": req.n,
+            "distinct_prompts": len(set(prompts)),  # below n where a prompt file was cycled
+            "seconds_per_image": per_image,
+        }
         for scorer in scorers.values():
             row.update({k: v for k, v in scorer(images, prompts, labels).items() if k != "n"})
         # What the numbers were measured with: `compare` refuses to put other protocols side by side.

@@ -8,6 +8,7 @@ input size), because FID moves with the resampling filter; compare only like wit
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -79,6 +80,55 @@ def list_images(directory: str | Path) -> list[Path]:
     return sorted(p for p in Path(directory).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
+# How each feature set prepares an image before the network (see to_tensor and the extractors);
+# recorded with reference statistics, since FID moves with the resize: change the text with the code.
+PREPROCESS = {
+    "inception": "centre square, PIL bicubic to 299x299 on 8-bit RGB, [-1, 1]",
+    "clip": "the CLIP directory's image processor",
+    "embedded": "RGB [-1, 1], grey mean, bilinear antialiased to 32x32",
+}
+# What in a transformers directory decides its image features (weights, config, image processor);
+# a hub download's other formats (.bin, .h5, .msgpack: GBs each) are never read here.
+_DIGESTED_IN_A_DIRECTORY = {".safetensors", ".json"}
+
+
+def weights_identity(path: str | Path) -> str:
+    """sha256 of a weights file's bytes (of a directory's .safetensors and .json files, by relative
+    name). The whole contents, not the safetensors header and size: two trainings of one network
+    have the same names, shapes and size and differ only in the values. sha256 runs at about
+    1.8 GB/s here, a second even for CLIP ViT-L/14, against minutes of feature extraction."""
+    path = Path(path).expanduser()
+    if path.is_file():
+        return "sha256:" + _file_sha256(path)
+    files = sorted(
+        p
+        for p in path.rglob("*")
+        if p.is_file() and p.suffix in _DIGESTED_IN_A_DIRECTORY and ".cache" not in p.relative_to(path).parts
+    )
+    digest = hashlib.sha256()
+    for p in files:
+        digest.update(f"{p.relative_to(path).as_posix()}\0{_file_sha256(p)}\n".encode())
+    return "sha256:" + digest.hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def listing_digest(directory: Path, paths: list[Path]) -> str:
+    """A digest of the reference images' (relative path, size, mtime_ns): an image added, removed
+    or replaced changes it, without reading thousands of images to find out."""
+    digest = hashlib.sha256()
+    for p in paths:
+        st = p.stat()
+        digest.update(f"{p.relative_to(directory).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
 def stats_metadata(path: str | Path) -> dict[str, str]:
     from safetensors import SafetensorError, safe_open
 
@@ -89,25 +139,45 @@ def stats_metadata(path: str | Path) -> dict[str, str]:
         raise UserError(f"'{path}' is not a readable safetensors file (corrupt or truncated?): {exc}") from None
 
 
-def cached_reference_stats(cache: Path, reference: str | Path, extractor: str) -> GaussianStats | None:
+def _provenance(ref: Path, paths: list[Path], features: str, extractor: str) -> dict[str, str]:
+    return {
+        "features": features,
+        "source": str(ref.resolve()),
+        "images": str(len(paths)),
+        "listing_sha256": listing_digest(ref, paths),
+        "extractor": extractor,
+        "preprocess": PREPROCESS.get(features, ""),
+    }
+
+
+def cached_reference_stats(cache: Path, reference: str | Path, features: str, extractor: str) -> GaussianStats | None:
     """Statistics that `reference_stats` saved to `cache` in an earlier run, if they were computed
-    from the same reference directory with the same feature network (both recorded in the file);
-    None otherwise, and they are computed again."""
-    if not cache.is_file() or not Path(reference).is_dir():
+    from the same reference images (directory, count, and each file's name, size and modification
+    time) with the same feature network and image preparation (all recorded in the file); None
+    otherwise, and they are computed again."""
+    ref = Path(reference).expanduser()
+    if not cache.is_file() or not ref.is_dir():
         return None
     meta = stats_metadata(cache)
-    if meta.get("source") != str(Path(reference).resolve()) or meta.get("extractor", "") != extractor:
+    want = _provenance(ref, list_images(ref), features, extractor)
+    if any(meta.get(k) != v for k, v in want.items()):
         return None
     return GaussianStats.from_tensors(load_file(str(cache)))
 
 
 def reference_stats(
-    reference: str | Path, features: str, extract: Extractor, cache: Path | None = None, extractor: str = ""
+    reference: str | Path,
+    features: str,
+    extract: Extractor,
+    cache: Path | None = None,
+    extractor: str = "",
+    extractor_file: str = "",
 ) -> GaussianStats:
     """Statistics of the reference set: a `.safetensors` stats file written by this function,
     or a directory of images (whose statistics are then saved to `cache` for next time).
-    `extractor` names the feature network's weights: a stats file made with other weights
-    (another Inception or CLIP) is refused, since its features are not these."""
+    `extractor` identifies the feature network's weights (`weights_identity`), `extractor_file`
+    names them for messages: a stats file made with other weights (another Inception or CLIP)
+    or another image preparation is refused, since its features are not these."""
     ref = Path(reference).expanduser()
     if ref.is_file():
         if ref.suffix != ".safetensors":
@@ -119,9 +189,20 @@ def reference_stats(
             raise UserError(
                 f"--reference '{ref}' holds {meta.get('features')} statistics, but FID here uses {features} features"
             )
-        if extractor and meta.get("extractor") and meta["extractor"] != extractor:
+        theirs = meta.get("extractor", "")
+        # Files of older versions name the network by its path, not by its contents.
+        ours = extractor if theirs.startswith("sha256:") or not extractor_file else extractor_file
+        if extractor and theirs and theirs != ours:
+            them, us = meta.get("extractor_file") or theirs, extractor_file or extractor
             raise UserError(
-                f"--reference '{ref}' holds statistics of the features of '{meta['extractor']}', not of '{extractor}'"
+                f"--reference '{ref}' holds statistics of the features of "
+                + (f"another version of '{us}' (its contents differ)" if them == us else f"'{them}', not of '{us}'")
+            )
+        preprocess = PREPROCESS.get(features, "")
+        if meta.get("preprocess", preprocess) != preprocess:
+            raise UserError(
+                f"--reference '{ref}' prepared its images otherwise ({meta['preprocess']}) than this version "
+                f"({preprocess}): compute it again from the images"
             )
         return GaussianStats.from_tensors(load_file(str(ref)))
     if not ref.is_dir():
@@ -136,7 +217,7 @@ def reference_stats(
     if cache is not None:
         # The provenance in the file itself, written whole or not at all: an interrupted run never
         # leaves statistics that claim another source.
-        meta = {"features": features, "source": str(ref.resolve()), "images": str(len(paths)), "extractor": extractor}
+        meta = {**_provenance(ref, paths, features, extractor), "extractor_file": extractor_file}
         cache.parent.mkdir(parents=True, exist_ok=True)
         with replacing(cache) as tmp:
             save_file({k: v.contiguous() for k, v in stats.to_tensors().items()}, str(tmp), metadata=meta)

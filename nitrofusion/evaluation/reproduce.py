@@ -12,11 +12,14 @@ Rows (each over several seeds, reported as mean ± sd):
   only in the objective.
 
 Everything is cached under the output directory (distill runs resume, each score is a JSON
-file), so an interrupted reproduction continues where it stopped.
+file), so an interrupted reproduction continues where it stopped. Each score records what it
+depends on besides its key (the evaluator's sha256; for a student, the config it was trained
+with), and one that differs from this reproduction's is refused rather than reported as its own.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import statistics
@@ -127,6 +130,7 @@ class Reproduction:
         self.overrides = list(overrides or [])
         self.cfg = load_config(preset, None, self.overrides)
         self.evaluator = Evaluator.load(evaluator_path())
+        self.evaluator_sha256 = hashlib.sha256(evaluator_path().read_bytes()).hexdigest()
         self.teacher = str(teacher_path())
         if self.cfg.model.teacher != "embedded":
             raise UserError("reproduce measures the embedded world; its preset must distil the embedded teacher")
@@ -150,19 +154,35 @@ class Reproduction:
     def run_dir(self, variant: Variant, seed: int) -> Path:
         return self.out / "runs" / variant.slug / f"seed-{seed}"
 
-    def distill(self, variant: Variant, seed: int) -> Path:
-        """Train (or finish training) one run in a child process; returns its directory."""
-        run = self.run_dir(variant, seed)
-        overrides = [
+    def _run_overrides(self, variant: Variant, seed: int) -> list[str]:
+        return [
             *self.overrides,
             *variant.overrides,
             *self._schedule(variant),
             f"run.seed={seed}",
-            f"run.output_dir={run}",
+            f"run.output_dir={self.run_dir(variant, seed)}",
         ]
+
+    def run_config(self, variant: Variant, seed: int) -> dict:
+        """The resolved config of one run, as `distill` is asked to train it."""
+        return load_config(variant.preset or self.preset, None, self._run_overrides(variant, seed)).to_dict()
+
+    def trained_with(self, variant: Variant, seed: int) -> dict:
+        """What of a run's config its student depends on, as JSON reads it back (tuples as lists):
+        recorded with each of its scores."""
+        kept = {
+            section: {k: v for k, v in values.items() if not _cadence_only(section, k)}
+            for section, values in self.run_config(variant, seed).items()
+        }
+        return json.loads(json.dumps(kept))
+
+    def distill(self, variant: Variant, seed: int) -> Path:
+        """Train (or finish training) one run in a child process; returns its directory."""
+        run = self.run_dir(variant, seed)
+        overrides = self._run_overrides(variant, seed)
         preset = variant.preset or self.preset
         if (run / "student_unet.safetensors").is_file():
-            self._check_trained_as(run, load_config(preset, None, overrides).to_dict())
+            self._check_trained_as(run, self.run_config(variant, seed))
             return run
         cmd = [sys.executable, "-m", "nitrofusion.cli", "distill", "--preset", preset, "--resume", "latest"]
         for o in overrides:
@@ -180,30 +200,37 @@ class Reproduction:
         import yaml
 
         saved = yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").is_file() else {}
-        for section, values in want.items():
-            for key, value in values.items():
-                if section == "run" and key != "seed":  # logging and checkpoint cadence: not the student
-                    continue
-                have = saved.get(section, {}).get(key)
-                if have != value:
-                    raise UserError(
-                        f"'{run}' was trained with {section}.{key}={have!r}, this reproduction asks {value!r}: "
-                        "use another --out, or delete that run"
-                    )
+        differ = _config_difference(saved, want)
+        if differ:
+            raise UserError(f"'{run}' was trained with {differ}: use another --out, or delete that run")
 
     # ---- scores, cached -------------------------------------------------------------------
     def score(
-        self, key: str, load: Callable[[], object], steps: int, seed: int, label: str, group: str
+        self,
+        key: str,
+        load: Callable[[], object],
+        steps: int,
+        seed: int,
+        label: str,
+        group: str,
+        trained_with: dict | None = None,
     ) -> EmbeddedScore | None:
-        """A row's score for one seed: from the cache, or computed if its group is being (re)made."""
+        """A row's score for one seed: from the cache, or computed if its group is being (re)made.
+        `trained_with` is a student's config (`trained_with()`), None for the teacher."""
         path = self.out / "scores" / f"{key}.json"
+        scored_with = {"evaluator_sha256": self.evaluator_sha256}
+        if trained_with is not None:
+            scored_with["trained_with"] = trained_with
         if path.is_file():
-            cached = EmbeddedScore(**json.loads(path.read_text()))
+            saved = json.loads(path.read_text())
+            recorded = saved.pop("scored_with", None)
+            cached = EmbeddedScore(**saved)
             if cached.n != self.n:
                 raise UserError(
                     f"'{path}' was scored on {cached.n} images, this reproduction asks --n {self.n}: "
                     "use another --out, or delete its scores/"
                 )
+            self._check_scored_with(path, recorded, scored_with)
             return cached
         if self.report_only or group not in self.tables:
             return None
@@ -218,9 +245,35 @@ class Reproduction:
             for i, im in enumerate(images[:SAMPLES_KEPT]):
                 im.save(sample_dir / f"{i:02d}.png")
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_text_replacing(path, json.dumps(asdict(score), indent=1))
+        write_text_replacing(path, json.dumps({**asdict(score), "scored_with": scored_with}, indent=1))
         print(f"  {label}, {steps} step(s), seed {seed}: accuracy {score.class_accuracy:.3f}, FD {score.domain_fd:.1f}")
         return score
+
+    def _check_scored_with(self, path: Path, recorded: dict | None, want: dict) -> None:
+        """A cached score is this reproduction's only if made with its evaluator and, for a student,
+        from a run trained with its config (another preset or --set, e.g.)."""
+        if recorded is None or ("trained_with" in want and "trained_with" not in recorded):
+            # Scores of older versions record neither (the committed docs/results/scores are such).
+            # Tabulating them is what --report-only asks; a run that trains and scores would report
+            # them as this config's without knowing, so it refuses.
+            if self.report_only:
+                return
+            raise UserError(
+                f"'{path}' does not record the evaluator and training config it was scored with (an older "
+                "version wrote it): tabulate it with --report-only, or delete it to score it again"
+            )
+        if recorded.get("evaluator_sha256") != want["evaluator_sha256"]:
+            have = str(recorded.get("evaluator_sha256"))[:12]
+            raise UserError(
+                f"'{path}' was scored with another evaluator (sha256 {have}..., this one's is "
+                f"{want['evaluator_sha256'][:12]}...): use another --out, or delete its scores/"
+            )
+        if "trained_with" in want:
+            differ = _config_difference(recorded["trained_with"], want["trained_with"])
+            if differ:
+                raise UserError(
+                    f"'{path}' was scored for a run trained with {differ}: use another --out, or delete its scores/"
+                )
 
     def _pipeline(self, unet: Callable[[], Path] | None = None, sampler: str = "auto"):
         """A loader; `unet` is called only when a score is not cached, so finished rows never retrain."""
@@ -266,6 +319,7 @@ class Reproduction:
                         s,
                         label,
                         group,
+                        self.trained_with(variant, s),
                     )
                     for s in self.seeds
                 ]
@@ -279,6 +333,7 @@ class Reproduction:
                 s,
                 "NitroFusion, one-step stage",
                 "ablation",
+                self.trained_with(FULL, s),
             )
             for s in self.seeds
         ]
@@ -297,6 +352,7 @@ class Reproduction:
                         s,
                         variant.name,
                         "ablation",
+                        self.trained_with(variant, s),
                     )
                 )
             self._add(rows, Row("ablation", variant.name, "shift-LCM", 1, iters, scores))
@@ -339,6 +395,24 @@ class Reproduction:
         ]
         rows += [(f"{v.slug}-1", f"{v.name} 1") for v in FAMILY]
         return rows + [(f"{v.slug}-1", f"{v.name} 1") for v in ABLATIONS]
+
+
+def _cadence_only(section: str, key: str) -> bool:
+    """Settings that do not change the student: logging and checkpoint cadence, the output folder."""
+    return section == "run" and key != "seed"
+
+
+def _config_difference(saved: dict, want: dict) -> str | None:
+    """The first setting (`section.key=saved, this reproduction asks wanted`) where a run's saved
+    config differs from the wanted one; None where the student's settings agree."""
+    for section, values in want.items():
+        for key, value in values.items():
+            if _cadence_only(section, key):
+                continue
+            have = (saved.get(section) or {}).get(key)
+            if have != value:
+                return f"{section}.{key}={have!r}, this reproduction asks {value!r}"
+    return None
 
 
 def _cell(row: Row, key: str, digits: int) -> str:

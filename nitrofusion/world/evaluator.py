@@ -11,9 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
+from nitrofusion.errors import UserError
 from nitrofusion.evaluation.frechet import GaussianStats, frechet_distance
 
 FEATURE_DIM = 128
@@ -70,11 +71,27 @@ class Evaluator:
 
     @classmethod
     def load(cls, path: str | Path) -> Evaluator:
-        tensors = load_file(str(path))
+        """Every way a file can fail to be an evaluator (missing, not safetensors, corrupt, another
+        network's weights, no reference statistics) is one UserError naming it."""
+        from nitrofusion.pipelines.loading import check_state_dict, read_safetensors
+
+        tensors = read_safetensors(path)
+        what = f"evaluator weights '{path}' (--evaluator)"
         model = FashionClassifier()
-        model.load_state_dict({k[6:]: v.float() for k, v in tensors.items() if k.startswith("model.")})
-        ref = GaussianStats.from_tensors({k[4:]: v for k, v in tensors.items() if k.startswith("ref.")})
-        return cls(model.eval(), ref)
+        state = {k[6:]: v.float() for k, v in tensors.items() if k.startswith("model.")}
+        check_state_dict(model, state, what)
+        model.load_state_dict(state)
+        ref = {k[4:]: v for k, v in tensors.items() if k.startswith("ref.")}
+        # A wrong reference shape would only fail inside the first Frechet distance, after sampling.
+        shapes = {"mu": (FEATURE_DIM,), "sigma": (FEATURE_DIM, FEATURE_DIM), "n": ()}
+        wrong = [k for k, shape in shapes.items() if k not in ref or tuple(ref[k].shape) != shape]
+        if wrong:
+            raise UserError(
+                f"{what} has no reference statistics of its {FEATURE_DIM}-d features (ref.{wrong[0]} "
+                f"{'missing' if wrong[0] not in ref else 'of shape ' + str(list(ref[wrong[0]].shape))}): "
+                "it must be an evaluator.safetensors written by train-teacher"
+            )
+        return cls(model.eval(), GaussianStats.from_tensors(ref))
 
     def save(self, path: str | Path) -> None:
         tensors = {f"model.{k}": v.contiguous() for k, v in self.model.state_dict().items()}
