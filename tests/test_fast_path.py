@@ -161,6 +161,21 @@ def test_a_changed_pipeline_drops_its_graphs(tiny_sdxl_dir, monkeypatch):
     assert sampler._pipeline_state() != sampler._made_for
 
 
+def test_vae_tiling_switched_on_after_first_use_is_followed(tiny_sdxl_dir):
+    """The fp32 VAE copy and the graphs were made once: tiling or slicing switched on later was
+    ignored (other pixels than the stock pipeline's, and the memory it was meant to save)."""
+    pipe = load_pipeline(tiny_sdxl_dir, sampler="shift-lcm", device="cpu")
+    sampler = FastSampler(pipe)
+    with torch.inference_mode():
+        sampler(["a cat"], 1, [torch.Generator().manual_seed(0)], 32, 32)
+    made_for = sampler._made_for
+    pipe.vae.enable_tiling()
+    assert sampler._pipeline_state() != made_for
+    pipe.vae.disable_tiling()
+    pipe.vae.enable_slicing()
+    assert sampler._pipeline_state() != made_for
+
+
 def test_a_compiled_sampler_fills_a_short_last_batch(tiny_sdxl_dir, monkeypatch):
     """Compiled, a new batch size costs minutes: 3 prompts in batches of 2 run as two batches of 2
     (one shape), and the images are those of the plain path, the filler's dropped."""

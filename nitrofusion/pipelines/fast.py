@@ -276,7 +276,13 @@ class FastSampler:
         pipe = self.pipe
         modules = (pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2)
         weights = tuple((id(m), next(m.parameters()).data_ptr()) for m in modules)
-        return id(pipe.scheduler), dict(pipe.scheduler.config), weights
+        # VAE tiling/slicing switched on after first use (the fp32 copy was made without), and
+        # LoRA adapters loaded or switched (the base weights stay where they were).
+        vae = (getattr(pipe.vae, "use_tiling", False), getattr(pipe.vae, "use_slicing", False))
+        adapters = tuple(sorted(getattr(pipe.unet, "peft_config", None) or {}))
+        if adapters:
+            adapters += tuple(pipe.unet.active_adapters())
+        return id(pipe.scheduler), dict(pipe.scheduler.config), weights, vae, adapters
 
     @property
     def vae(self) -> torch.nn.Module:
