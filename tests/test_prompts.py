@@ -112,3 +112,18 @@ def test_a_file_that_is_not_utf8_names_the_byte_after_a_byte_order_mark(tmp_path
     path.write_bytes(b"\xef\xbb\xbfa cat\n\xff")
     with pytest.raises(UserError, match=r"is not UTF-8 text \(byte 9\)"):
         load_prompts(path)
+
+
+def test_a_prompt_file_of_the_papers_size_is_read(tmp_path):
+    """1M prompts of a few hundred bytes (the paper's Pick-a-Pic and LAION captions) are past the
+    64 MiB that bounds other user files; they were refused."""
+    from nitrofusion.data.prompts import read_prompt_file
+
+    line = "a photo of a red leather bag on a long wooden table by the sea, golden hour, "
+    path = tmp_path / "prompts.txt"
+    with open(path, "w") as f:
+        for i in range(900_000):
+            f.write(f"{line}{i}\n")
+    assert path.stat().st_size > 64 * 2**20
+    prompts = read_prompt_file(path)
+    assert len(prompts) == 900_000 and prompts[-1].endswith("899999")

@@ -39,10 +39,15 @@ def load_prompts(source: str | Path) -> list[str]:
     return read_prompt_file(path)
 
 
+# The paper trained on 1M prompts (Pick-a-Pic and LAION captions, a few hundred bytes each as
+# JSONL): past the 64 MiB that bounds other user files, which refused them.
+MAX_PROMPT_FILE_BYTES = 2**30
+
+
 def read_prompt_file(path: str | Path) -> list[str]:
     """The prompts in a file, by its suffix (module docstring); blank prompts are dropped."""
     path = Path(path)
-    text = read_user_text(path, "prompt file")
+    text = read_user_text(path, "prompt file", MAX_PROMPT_FILE_BYTES)
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         prompts = [_prompt_of(_json_line(line, path, i), path, f"line {i}") for i, line in _lines(text)]
