@@ -63,7 +63,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     check_guidance_scale(args.guidance_scale)
     check_steps(args.sampler, args.steps)
     choice = choose_model(args.model, args.unet, args.shift)
-    multiple = size_multiple_of_folder(resolve_model(choice.model))
+    multiple = size_multiple_of_folder(resolve_model(choice.model, unet_weights=choice.unet is None))
     if multiple is not None:
         check_size(multiple, args.height, args.width)
     pipe = load_pipeline(

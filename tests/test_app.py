@@ -552,3 +552,30 @@ def test_client_memory_is_bounded():
     assert slots.is_current(tickets[-1]) and slots.is_current(tickets[0])  # forgotten clients are never stale
     anonymous = [slots.claim(None) for _ in range(5)]
     assert len(slots._latest) == 3 and all(slots.is_current(t) for t in anonymous)
+
+
+def test_a_failed_or_silent_disconnect_watch_abandons_nothing():
+    """Only a watch that saw the hang-up frees a place: one that raised (or a server that never
+    reports a disconnect) leaves the request waiting for its image."""
+    m = GatedModel()
+    app = create_app([m], queue_size=2)
+    worker = app.state.workers["gated"]
+
+    async def broken():
+        raise RuntimeError("the server's receive failed")
+
+    async def scenario(c, post):
+        from nitrofusion.app.server import Ticket
+
+        running = post("a", "A")
+        await _until(lambda: m.started == ["a"])
+        waiting = asyncio.ensure_future(worker.submit(Ticket("B", 10**6), lambda: "b", broken))
+        await _until(lambda: worker.state()["waiting"] == 1)
+        await asyncio.sleep(0.05)
+        assert worker.state()["waiting"] == 1 and worker.stats["abandoned"] == 0
+        m.gate.set()
+        assert (await running).status_code == 200
+        result, _, _ = await asyncio.wait_for(waiting, 5)
+        assert result == "b"
+
+    _run_with(app, scenario)

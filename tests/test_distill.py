@@ -15,7 +15,7 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 from helpers import config, config_overrides, moved, same_student, snapshot, straight_and_resumed
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from nitrofusion.cli import main
 from nitrofusion.errors import UserError
@@ -1090,7 +1090,8 @@ def test_an_online_stochastic_teacher_resumes_exactly(tmp_path):
 def test_waiting_for_another_ranks_pairs_stops_when_none_arrive(tiny_sdxl_dir, tmp_path, monkeypatch):
     """A rank that died making its share, or a disk another machine cannot see, never delivers its
     shards: the wait went on forever, outside any collective. It stops after
-    run.process_timeout_minutes without a new shard, and waits on while shards keep coming."""
+    run.process_timeout_minutes without a new shard, and waits on while shards keep coming. A short
+    shard (being extended by its rank) is not delivered yet."""
     import nitrofusion.training.distill as distill
 
     d = Distiller(config(tiny_sdxl_dir, tmp_path, "run.process_timeout_minutes=2"), progress=False)
@@ -1098,19 +1099,23 @@ def test_waiting_for_another_ranks_pairs_stops_when_none_arrive(tiny_sdxl_dir, t
     arrivals = {}
     monkeypatch.setattr(distill.time, "monotonic", lambda: clock[0])
 
+    def write(path, n):
+        save_file({"seeds": torch.arange(n), "latents": torch.zeros(n, 1)}, str(path))
+
     def sleep(seconds):
         clock[0] += 30 * seconds  # half a minute per poll
         for path, at in arrivals.items():
             if clock[0] >= at:
-                path.touch()
+                write(path, 2)
 
     monkeypatch.setattr(distill.time, "sleep", sleep)
-    shards = [tmp_path / f"pairs-{i:05d}.safetensors" for i in range(3)]
-    shards[0].touch()
-    arrivals = {shards[1]: 100.0, shards[2]: 200.0}  # a new shard every 100 s: never 2 min without one
+    shards = [(tmp_path / f"pairs-{i:05d}.safetensors", 2) for i in range(3)]
+    write(shards[0][0], 2)
+    write(shards[2][0], 1)  # short: made for fewer pairs, being extended
+    arrivals = {shards[1][0]: 100.0, shards[2][0]: 200.0}  # a new shard every 100 s: never 2 min without one
     d.wait_for_shards(shards, tmp_path)
     assert clock[0] >= 200
-    late = tmp_path / "pairs-00003.safetensors"
+    late = (tmp_path / "pairs-00003.safetensors", 2)
     with pytest.raises(TrainingStopped, match="no new shard .* for 2 min, 1 missing \\(pairs-00003"):
         d.wait_for_shards([*shards, late], tmp_path)
     assert 120 < clock[0] - 200 <= 150 + 30 * 5

@@ -269,6 +269,27 @@ def test_reference_statistics_from_images_and_from_file(tmp_path):
         fid.reference_stats(tmp_path / "missing", "toy", extract)
 
 
+def test_an_older_stats_file_naming_its_network_by_a_relative_path_is_still_read(tmp_path, monkeypatch):
+    """Older versions recorded a CLIP network as --clip-model gave it, perhaps relative; it is now
+    identified by its contents, and its path resolved. The same folder read again matched nothing."""
+    ref_dir = tmp_path / "real"
+    ref_dir.mkdir()
+    for i, im in enumerate(_images(4, seed=3, size=20)):
+        im.save(ref_dir / f"{i}.png")
+
+    def extract(images):
+        t = fid.to_tensor(images, 16)
+        return torch.cat([t.mean((2, 3)), t.std((2, 3))], 1)
+
+    monkeypatch.chdir(tmp_path)
+    cache = tmp_path / "old.safetensors"
+    fid.reference_stats(ref_dir, "toy", extract, cache, extractor="models/clip")  # as an older version wrote it
+    here = str((tmp_path / "models" / "clip").resolve())
+    fid.reference_stats(cache, "toy", extract, extractor="sha256:abc", extractor_file=here)
+    with pytest.raises(UserError, match="not of"):
+        fid.reference_stats(cache, "toy", extract, extractor="sha256:abc", extractor_file=str(tmp_path / "other"))
+
+
 def test_table_has_only_measured_columns():
     rows = [{"model": "m", "sampler": "shift-lcm", "steps": 1, "clip_score": 0.31234, "seconds_per_image": 0.01}]
     text = table(rows)

@@ -685,11 +685,29 @@ def test_a_base_cached_by_the_public_snippet_loads_with_a_student_unet(tiny_sdxl
 
     cache = snippet_cache(tiny_sdxl_dir, tmp_path / "base")
     assert weights_variant(cache) == "fp16"
-    ours = generate(load_pipeline(cache, unet=student_file, device="cpu"), ["a cat"], steps=2, progress=False)
+    pipe = load_pipeline(cache, unet=student_file, device="cpu")
+    assert not pipe.unet.training  # as from_pretrained leaves it
+    ours = generate(pipe, ["a cat"], steps=2, progress=False)
     full = generate(load_pipeline(tiny_sdxl_dir, unet=student_file, device="cpu"), ["a cat"], steps=2, progress=False)
     assert np.array_equal(np.asarray(ours[0].image), np.asarray(full[0].image))
     with pytest.raises(UserError, match="could not load the pipeline"):
         load_pipeline(cache, device="cpu")  # without a student the UNet's weights are needed
+
+
+def test_generate_with_a_student_reads_a_hub_base_cached_by_the_snippet_offline(
+    tiny_sdxl_dir, student_file, tmp_path, monkeypatch, capsys
+):
+    """The CLI's size check resolved the hub id before loading, as if the base UNet's weights were
+    needed: the snippet's cache was 'not in full' offline, and online fetched them."""
+    import huggingface_hub
+
+    cache = snippet_cache(tiny_sdxl_dir, tmp_path / "snapshot")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "cat.png"
+    args = ["generate", "a cat", "--model", "stabilityai/base", "--unet", str(student_file), "--out", str(out)]
+    code, _, err = run(args, capsys)
+    assert code == 0 and out.is_file(), err
 
 
 def test_a_hub_snapshot_in_part_is_not_taken_for_the_pipeline(tmp_path, monkeypatch):
@@ -738,6 +756,12 @@ def test_a_pipeline_saved_from_the_public_snippet_loads_and_samples_at_nitrosds_
     pipe.scheduler.set_timesteps(4)
     assert pipe.scheduler.noise_timesteps.tolist() == [999, 749, 499, 249]  # at 50: 999, 759, 499, 259
     assert pipe.scheduler.timesteps.tolist() == [249, 187, 124, 62]  # the UNet's, shift 250
+    native = load_pipeline(model, sampler="native", device="cpu")  # its own scheduler: the same one
+    assert native.nitro_sampler == "shift-lcm" and native.scheduler.config.original_inference_steps == 4
+    # Recorded in the pipeline's config as ours, so that saving it writes a loadable index.
+    assert native.config["scheduler"][1] == "TimestepShiftLCMScheduler"
+    native.save_pretrained(tmp_path / "again")
+    assert load_pipeline(tmp_path / "again", device="cpu").scheduler.config.shifted_timestep == 250
 
 
 def test_a_pipeline_built_as_the_public_snippet_builds_it_samples_without_guidance(tiny_sdxl_dir, student_file):

@@ -138,6 +138,8 @@ def test_every_prompt_is_used_whatever_the_prompt_count(tmp_path):
         stride = prompt_stride(n)
         assert n % stride and all(stride % d for d in range(2, int(stride**0.5) + 1))
     assert prompt_stride(2 * PROMPT_STRIDE) == 7927  # the next prime
+    with pytest.raises(UserError, match="no prompts"):  # every stride divides 0: it never returned
+        prompt_stride(0)
 
 
 @pytest.mark.parametrize("n", [1, 2, 80, 1000, 7918, 7920, 50_000, 7919 * 7927 + 1])

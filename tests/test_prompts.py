@@ -107,6 +107,13 @@ def test_a_prompt_is_one_line_whatever_else_it_holds(tmp_path, separator):
         assert load_prompts(tmp_path / "p.jsonl") == [caption, "a dog"]
 
 
+@pytest.mark.parametrize("ending", ["\n", "\r\n", "\r"])
+def test_every_line_ending_splits_prompts(tmp_path, ending):
+    """Windows' \r\n and old Mac files' lone \r end a prompt as \n does (\r alone made one prompt)."""
+    (tmp_path / "p.txt").write_bytes(ending.join(["a cat", "a dog", ""]).encode())
+    assert load_prompts(tmp_path / "p.txt") == ["a cat", "a dog"]
+
+
 def test_a_file_that_is_not_utf8_names_the_byte_after_a_byte_order_mark(tmp_path):
     path = tmp_path / "p.txt"
     path.write_bytes(b"\xef\xbb\xbfa cat\n\xff")

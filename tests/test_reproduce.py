@@ -193,3 +193,18 @@ def test_the_committed_scores_are_still_tabulated_by_report_only(tmp_path):
     shutil.copytree(docs / "samples", out / "samples")
     Reproduction(out, [0, 1, 2], 1000, report_only=True).run()
     assert json.loads((out / "results.json").read_text()) == json.loads((docs / "results.json").read_text())
+
+
+def test_runs_saved_before_a_config_key_existed_are_compared_as_what_they_trained_with():
+    """discriminator.text_init was added after the embedded runs were trained with He init (the
+    presets now pin it): a saved config without the key was read as None and every kept run was
+    refused. A missing key reads as the value before it existed."""
+    from nitrofusion.evaluation.reproduce import _config_difference
+    from nitrofusion.training.config import load_config
+
+    want = load_config("embedded", None, []).to_dict()
+    saved = {section: dict(values) for section, values in want.items()}
+    del saved["discriminator"]["text_init"]
+    assert _config_difference(saved, want) is None
+    neutral = load_config("embedded", None, ["discriminator.text_init=neutral"]).to_dict()
+    assert "discriminator.text_init='he'" in _config_difference(saved, neutral)

@@ -20,7 +20,7 @@ API (JSON in, JSON or PNG out; every error is JSON ``{"error": "<one line>"}``, 
   400 bad input (blank prompt, bad size, malformed JSON); 422 wrong types or steps outside 1-4;
   404 unknown model; 409 superseded (``{"error": ..., "superseded": true}``): a newer request of the same client
   arrived before this one was drawn, so it is not rendered; 503 the model's queue is full (``Retry-After: 1``);
-  413 body too large.
+  413 body too large; 499 (empty, never read) the client closed its connection while the request waited.
 
 ``GET /api/models``: ``{"default": name, "models": [{name, source, sampler, default_size, size_multiple,
 max_size, sizes, steps, token_limit}, ...]}``.
@@ -358,8 +358,10 @@ class ModelWorker:
                 await asyncio.wait({job.future, watch}, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 watch.cancel()
+            # Only a watch that saw the hang-up counts: one that failed says nothing about the client.
+            gone = watch.done() and not watch.cancelled() and watch.exception() is None
             # One already drawing is left to finish (a thread cannot be stopped mid-step); its image is dropped.
-            if not job.future.done() and self._waiting.get(ticket.key) is job:
+            if gone and not job.future.done() and self._waiting.get(ticket.key) is job:
                 del self._waiting[ticket.key]
                 self.stats["abandoned"] += 1
                 job.future.cancel()
@@ -624,9 +626,10 @@ def create_app(
             return model.render(prompt, req.steps, seed, width, height)
 
         async def hung_up() -> None:
-            # The body is read: the server's next message for this request is its disconnect.
-            while (await request.receive())["type"] != "http.disconnect":
-                pass
+            # The body is read: under uvicorn the next message for this request is its disconnect.
+            # A server that sends anything else instead is not watched (never a busy loop).
+            if (await request.receive())["type"] != "http.disconnect":
+                await asyncio.Event().wait()
 
         try:
             rendered, waited, stale = await worker.submit(ticket, work, hung_up)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -64,10 +65,10 @@ def read_prompt_file(path: str | Path) -> list[str]:
 
 
 def _lines(text: str) -> list[tuple[int, str]]:
-    r"""The non-blank lines, numbered. Split at \n only (a \r\n file's \r taken off):
+    r"""The non-blank lines, numbered. Split at \r\n, \n or \r (old Mac files) only:
     str.splitlines also splits at U+2028, U+2029, \x85, \x0b, \x0c and \x1c-\x1e, which scraped
     captions hold inside a prompt (and JSON Lines inside a string)."""
-    lines = (line.removesuffix("\r") for line in text.split("\n"))
+    lines = re.split(r"\r\n|\n|\r", text)
     return [(i, line) for i, line in enumerate(lines, start=1) if line.strip()]
 
 

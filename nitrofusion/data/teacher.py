@@ -247,6 +247,8 @@ def prompt_stride(n_prompts: int) -> int:
     """The step between consecutive pairs' prompt ids (mod the prompt count): prime and not dividing
     the count, so every prompt is used and evenly. 7919 unless it divides the count (which left
     count/7919 prompts used), so pairs made before it was checked keep their prompts."""
+    if n_prompts < 1:  # every stride divides 0
+        raise UserError("no prompts to make teacher pairs from")
     stride = PROMPT_STRIDE
     while n_prompts % stride == 0:
         stride += 1

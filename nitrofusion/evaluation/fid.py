@@ -190,8 +190,11 @@ def reference_stats(
                 f"--reference '{ref}' holds {meta.get('features')} statistics, but FID here uses {features} features"
             )
         theirs = meta.get("extractor", "")
-        # Files of older versions name the network by its path, not by its contents.
-        ours = extractor if theirs.startswith("sha256:") or not extractor_file else extractor_file
+        ours = extractor
+        if theirs and not theirs.startswith("sha256:") and extractor_file:
+            # Files of older versions name the network by its path (a CLIP one as it was given,
+            # perhaps relative), not by its contents.
+            theirs, ours = (str(Path(p).expanduser().resolve()) for p in (theirs, extractor_file))
         if extractor and theirs and theirs != ours:
             them, us = meta.get("extractor_file") or theirs, extractor_file or extractor
             raise UserError(

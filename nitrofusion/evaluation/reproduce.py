@@ -402,6 +402,10 @@ def _cadence_only(section: str, key: str) -> bool:
     return section == "run" and key != "seed"
 
 
+# Keys added to the config after runs were saved: what a run that records none trained with.
+BEFORE_THE_KEY = {("discriminator", "text_init"): "he"}
+
+
 def _config_difference(saved: dict, want: dict) -> str | None:
     """The first setting (`section.key=saved, this reproduction asks wanted`) where a run's saved
     config differs from the wanted one; None where the student's settings agree."""
@@ -409,7 +413,7 @@ def _config_difference(saved: dict, want: dict) -> str | None:
         for key, value in values.items():
             if _cadence_only(section, key):
                 continue
-            have = (saved.get(section) or {}).get(key)
+            have = (saved.get(section) or {}).get(key, BEFORE_THE_KEY.get((section, key)))
             if have != value:
                 return f"{section}.{key}={have!r}, this reproduction asks {value!r}"
     return None

@@ -451,14 +451,16 @@ def _read_pipeline(
     except (OSError, ValueError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UserError(f"could not load the pipeline in '{model_dir}': {first}") from None
-    if snippet:
-        pipe.scheduler = _shift_lcm_from_folder(model_dir / "scheduler")
+    if snippet:  # registered, so that the pipeline's config (and a save_pretrained) names it
+        pipe.register_modules(scheduler=_shift_lcm_from_folder(model_dir / "scheduler"))
     return pipe, drop_checker
 
 
 def _shift_lcm_from_folder(folder: Path) -> TimestepShiftLCMScheduler:
     try:
-        return TimestepShiftLCMScheduler.from_base_config(TimestepShiftLCMScheduler.load_config(str(folder)))
+        # At NitroSD's 4: the snippet sets it on the config object, which save_pretrained never writes.
+        config = TimestepShiftLCMScheduler.load_config(str(folder))
+        return TimestepShiftLCMScheduler.from_base_config(config, original_inference_steps=4)
     except (OSError, ValueError) as exc:
         raise UserError(f"could not read the scheduler config in '{folder}': {exc}") from None
 
@@ -478,8 +480,10 @@ def _student_unet(
     with init_empty_weights():  # no 2.6B random numbers drawn only to be replaced
         unet = UNet2DConditionModel.from_config(config)
     check_state_dict(unet, state, what)
-    unet.load_state_dict(state, assign=True)
-    return unet.to(dtype)
+    # In the pipeline's dtype before the load (ModelMixin.to would log its fp32-modules notice each
+    # time), and in eval mode, as from_pretrained leaves a model.
+    unet.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}, assign=True)
+    return unet.eval()
 
 
 def load_frozen_parts(
@@ -488,7 +492,7 @@ def load_frozen_parts(
     """A pipeline's components other than its UNet and scheduler, on the CPU: what a distilled
     pipeline takes over from its teacher unchanged. The UNet is never read (at SDXL size it is
     10 GB of host memory and tens of seconds, only to be discarded)."""
-    pipe, _ = _read_pipeline(resolve_model(model, option), dtype, safety_checker, unet=None)
+    pipe, _ = _read_pipeline(resolve_model(model, option, unet_weights=False), dtype, safety_checker, unet=None)
     return {k: v for k, v in pipe.components.items() if k not in ("unet", "scheduler")}
 
 

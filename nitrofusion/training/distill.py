@@ -42,7 +42,9 @@ from nitrofusion.data.teacher import (
     missing_shards,
     noise_for_seeds,
     planned_pairs,
+    planned_shards,
     sampler_recipe,
+    shard_length,
 )
 from nitrofusion.discriminator.backbone import UNetEncoderFeatures
 from nitrofusion.discriminator.heads import DiscriminatorHead, max_downsamples
@@ -380,7 +382,7 @@ class Distiller:
         self.acc.wait_for_everyone()  # every process decides on the folder before any writes to it
         if make:
             count, shard_size = plan or (self.cfg.data.num_pairs, SHARD_SIZE)
-            shards = make_pairs(
+            make_pairs(
                 self.sampler,
                 self.prompts,
                 count,
@@ -392,19 +394,20 @@ class Distiller:
                 world=self.acc.num_processes,
                 progress=self.progress,
             )
-            self.wait_for_shards(shards, directory)
+            self.wait_for_shards(planned_shards(directory, count, shard_size), directory)
         self.acc.wait_for_everyone()
         # Pairs from another teacher setting or image size would be wrong data, not an error, later.
         return PairShards.load(directory, sampler_recipe(self.sampler))
 
-    def wait_for_shards(self, shards: list[Path], directory: Path) -> None:
+    def wait_for_shards(self, shards: list[tuple[Path, int]], directory: Path) -> None:
         """Until every rank's shards are on disk. A rank that died making its share, or a disk that
         not every machine shares, never delivers: stop once no new shard has appeared for
         run.process_timeout_minutes (outside any collective, so the process group's own timeout
         never fires here)."""
         limit = 60 * self.cfg.run.process_timeout_minutes
         changed, waiting = time.monotonic(), len(shards)
-        while missing := [p for p in shards if not p.is_file()]:
+        # Absent, or short (made for fewer pairs, being extended by its rank).
+        while missing := [p for p, n in shards if shard_length(p) < n]:
             if len(missing) < waiting:
                 changed, waiting = time.monotonic(), len(missing)
             elif time.monotonic() - changed > limit:
