@@ -161,6 +161,30 @@ def test_a_changed_pipeline_drops_its_graphs(tiny_sdxl_dir, monkeypatch):
     assert sampler._pipeline_state() != sampler._made_for
 
 
+def test_lora_adapters_loaded_after_qkv_fusion_apply(tiny_sdxl_dir):
+    """--compile fuses q/k/v into one copied projection; LoRA adapters loaded afterwards sit on
+    to_q/k/v, which the fused attention never calls: the image ignored them. The sampler sees the
+    adapters arrive and unfuses, so the images are the stock pipeline's with the LoRA."""
+    from peft import LoraConfig
+
+    pipe = load_pipeline(tiny_sdxl_dir, sampler="shift-lcm", device="cpu")
+    pipe.unet.fuse_qkv_projections()  # as compile_pipeline does on CUDA
+    sampler = FastSampler(pipe)
+    seed = [torch.Generator().manual_seed(0)]
+    with torch.inference_mode():
+        before = sampler(["a cat"], 1, seed, 32, 32)
+    never_fused = load_pipeline(tiny_sdxl_dir, sampler="shift-lcm", device="cpu")
+    for p in (pipe, never_fused):  # the same adapter weights on both
+        torch.manual_seed(0)
+        config = LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v"], init_lora_weights=False)
+        p.unet.add_adapter(config)
+    with torch.inference_mode(), pytest.warns(UserWarning, match="unfused"):
+        after = sampler(["a cat"], 1, [torch.Generator().manual_seed(0)], 32, 32)
+    with torch.inference_mode():
+        expected = _pipeline_images(never_fused, ["a cat"], 1)
+    assert not torch.equal(before, after) and torch.equal(after, expected)
+
+
 def test_vae_tiling_switched_on_after_first_use_is_followed(tiny_sdxl_dir):
     """The fp32 VAE copy and the graphs were made once: tiling or slicing switched on later was
     ignored (other pixels than the stock pipeline's, and the memory it was meant to save)."""

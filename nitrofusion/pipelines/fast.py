@@ -40,6 +40,10 @@ CAPTURED_COMPILE = {"mode": None, "dynamic": False}
 TEXT_ENCODER_MODE: str | None = None
 
 
+def _adapters(unet: torch.nn.Module) -> bool:
+    return bool(getattr(unet, "peft_config", None))
+
+
 def compile_pipeline(pipe: DiffusionPipeline, mode: str = COMPILE_MODE) -> DiffusionPipeline:
     """Compile every network a few-step sample runs: the UNet and the VAE decoder, in channels-last
     memory with fused q/k/v projections (inductor picks its kernels for that layout). Where
@@ -52,7 +56,8 @@ def compile_pipeline(pipe: DiffusionPipeline, mode: str = COMPILE_MODE) -> Diffu
     for name in ("unet", "vae"):
         getattr(pipe, name).to(memory_format=torch.channels_last)
     if hasattr(pipe, "fuse_qkv_projections"):
-        pipe.fuse_qkv_projections()
+        # Fusing copies q/k/v into one projection: LoRA adapters on them would no longer apply.
+        pipe.fuse_qkv_projections(unet=not _adapters(pipe.unet), vae=True)
     if FastSampler.supports(pipe):
         # At batch 1 the host work around the networks (~500 small text-encoder kernels, guards,
         # launches) cost 10-18% over the bare compute even with every module graphed on its own.
@@ -260,6 +265,14 @@ class FastSampler:
         if isinstance(self.sample, GraphedFunction):
             self.sample.reset()
         pipe = self.pipe
+        unet = getattr(pipe.unet, "_orig_mod", pipe.unet)  # under torch.compile
+        if _adapters(unet) and getattr(unet, "original_attn_processors", None) is not None:
+            # LoRA loaded after --compile fused q/k/v: the fused copy ignores the adapters on to_q/k/v.
+            warnings.warn(
+                "LoRA adapters on a UNet with fused q/k/v projections: unfused, so that they apply", stacklevel=2
+            )
+            unet.unfuse_qkv_projections()
+            unet.original_attn_processors = None
         self._vae_fp32 = None
         if pipe.vae.dtype == torch.float16 and pipe.vae.config.force_upcast:
             # SDXL's VAE overflows in fp16. The stock pipeline casts it to fp32 and back on every
