@@ -113,13 +113,8 @@ def test_each_refinement_stage(tiny_sdxl_dir, tmp_path, stage):
     assert logs["steps"] == stage and logs["index"] == stage - 1
 
 
-def test_pool_bookkeeping(tiny_sdxl_dir, tmp_path):
-    cfg = config(tiny_sdxl_dir, tmp_path, "discriminator.candidates=4", "discriminator.refresh_fraction=0.05")
-    d = Distiller(cfg, progress=False)
-    n_levels = d.pool.num_levels
-    assert n_levels == 5  # tiny UNet: conv_in, 3 down residuals... + mid block
-    assert len(d.pool) == 3 * 4 * n_levels * 4
-    # one step: exactly one head per (kind, level) for the sampled t*, and only those get gradients
+def spy_on_trained_heads(d: Distiller) -> dict:
+    """Filled at the heads' optimizer step with the ids of the heads that have gradients."""
     captured = {}
     original_step = d.opt_d.step
 
@@ -130,6 +125,17 @@ def test_pool_bookkeeping(tiny_sdxl_dir, tmp_path):
         original_step()
 
     d.opt_d.step = spy
+    return captured
+
+
+def test_pool_bookkeeping(tiny_sdxl_dir, tmp_path):
+    cfg = config(tiny_sdxl_dir, tmp_path, "discriminator.candidates=4", "discriminator.refresh_fraction=0.05")
+    d = Distiller(cfg, progress=False)
+    n_levels = d.pool.num_levels
+    assert n_levels == 5  # tiny UNet: conv_in, 3 down residuals... + mid block
+    assert len(d.pool) == 3 * 4 * n_levels * 4
+    # one step: exactly one head per (kind, level) for the sampled t*, and only those get gradients
+    captured = spy_on_trained_heads(d)
     refreshed_before = snapshot(d.pool)
     d.train_step()
     assert len(captured["with_grad"]) == 3 * n_levels
@@ -164,16 +170,7 @@ def test_heads_are_drawn_per_micro_batch_and_all_drawn_heads_train(tiny_sdxl_dir
     assert draws[0] == (legacy_t, {t: d.pool.sample_heads(t, d.rng("heads", micro=t + 1)) for t in legacy_t})
     assert len({tuple(ids) for _, heads in draws for ids in heads.values()}) == 4  # four different head sets
     assert critic.draw(d, 2) is draws[2]  # one draw per micro-batch, whatever calls it again
-    captured = {}
-    original_step = d.opt_d.step
-
-    def spy():
-        captured["with_grad"] = {
-            i for i, h in enumerate(d.pool.heads) if any(p.grad is not None for p in h.parameters())
-        }
-        original_step()
-
-    d.opt_d.step = spy
+    captured = spy_on_trained_heads(d)
     d.train_step()
     d.step = 0  # the step's draws, as train_step made them
     critic.begin_step(d)

@@ -237,15 +237,23 @@ def test_aesthetic_weights_missing_or_wrong(tmp_path):
         load_aesthetic(wrong)
 
 
-def test_reference_statistics_from_images_and_from_file(tmp_path):
-    ref_dir = tmp_path / "real"
-    ref_dir.mkdir()
-    for i, im in enumerate(_images(12, seed=3, size=20)):
-        im.save(ref_dir / f"{i}.png")
+def reference_folder(path, n: int):
+    """n small images, as a folder of real ones."""
+    path.mkdir()
+    for i, im in enumerate(_images(n, seed=3, size=20)):
+        im.save(path / f"{i}.png")
+    return path
 
-    def extract(images):  # a stand-in extractor: mean colour and spread per channel
-        t = fid.to_tensor(images, 16)
-        return torch.cat([t.mean((2, 3)), t.std((2, 3))], 1)
+
+def toy_features(images):
+    """A stand-in feature extractor: mean colour and spread per channel."""
+    t = fid.to_tensor(images, 16)
+    return torch.cat([t.mean((2, 3)), t.std((2, 3))], 1)
+
+
+def test_reference_statistics_from_images_and_from_file(tmp_path):
+    ref_dir = reference_folder(tmp_path / "real", 12)
+    extract = toy_features
 
     cache = tmp_path / "ref.safetensors"
     stats = fid.reference_stats(ref_dir, "toy", extract, cache)
@@ -272,14 +280,8 @@ def test_reference_statistics_from_images_and_from_file(tmp_path):
 def test_an_older_stats_file_naming_its_network_by_a_relative_path_is_still_read(tmp_path, monkeypatch):
     """Older versions recorded a CLIP network as --clip-model gave it, perhaps relative; it is now
     identified by its contents, and its path resolved. The same folder read again matched nothing."""
-    ref_dir = tmp_path / "real"
-    ref_dir.mkdir()
-    for i, im in enumerate(_images(4, seed=3, size=20)):
-        im.save(ref_dir / f"{i}.png")
-
-    def extract(images):
-        t = fid.to_tensor(images, 16)
-        return torch.cat([t.mean((2, 3)), t.std((2, 3))], 1)
+    ref_dir = reference_folder(tmp_path / "real", 4)
+    extract = toy_features
 
     monkeypatch.chdir(tmp_path)
     cache = tmp_path / "old.safetensors"
@@ -480,14 +482,8 @@ def test_embedded_reference_statistics_are_not_reused_for_another_evaluator(tmp_
 def test_reference_statistics_are_computed_again_when_the_images_change(tmp_path):
     """Reference statistics were reused by the directory's path alone: images added to (or replaced
     in) the reference folder were never read."""
-    ref_dir = tmp_path / "real"
-    ref_dir.mkdir()
-    for i, im in enumerate(_images(6, seed=3, size=20)):
-        im.save(ref_dir / f"{i}.png")
-
-    def extract(images):
-        t = fid.to_tensor(images, 16)
-        return torch.cat([t.mean((2, 3)), t.std((2, 3))], 1)
+    ref_dir = reference_folder(tmp_path / "real", 6)
+    extract = toy_features
 
     cache = tmp_path / "ref.safetensors"
     fid.reference_stats(ref_dir, "toy", extract, cache, extractor="sha256:a")
