@@ -805,6 +805,17 @@ def test_every_rank_and_micro_batch_draws_its_own_random_stream():
     # A single process draws what it drew before ranks were spread apart: runs repeat across versions.
     assert keys(1, 3) == [(((0 * 1_000_003 + 5) * 101 + 1) * 1009 + micro) for micro in range(3)]
 
+    # The pool's first draw keys its t* groups by t* + 1 (up to 1000): on 3 ranks, t* 750's heads
+    # shared their seed with rank 1's judging noise at micro-batch 78 (a review).
+    def key(purpose, per_rank, micro, rank, world=3, accum=79):
+        cfg = SimpleNamespace(run=SimpleNamespace(seed=0), optim=SimpleNamespace(grad_accumulation=accum))
+        ctx = SimpleNamespace(cfg=cfg, step=5, acc=SimpleNamespace(process_index=rank, num_processes=world))
+        return Distiller.rng(ctx, purpose, per_rank, micro).initial_seed()
+
+    heads = {key("heads", False, t + 1, 0) for t in (10, 250, 500, 750)}
+    others = {key(p, True, m, r) for p in ("judge", "refresh", "simulate") for m in range(79) for r in range(3)}
+    assert not heads & others
+
 
 def test_pairs_of_a_stochastic_teacher_repeat_whatever_the_batch_and_global_seed(tiny_sdxl_dir, tmp_path):
     """An LCM teacher (DMD2's) adds noise between steps; it came from torch's global state."""

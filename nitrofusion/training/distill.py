@@ -422,7 +422,9 @@ class Distiller:
     def rng(self, purpose: str, per_rank: bool = False, micro: int = 0) -> torch.Generator:
         rank = self.acc.process_index if per_rank else 0
         # One stream per (rank, micro-batch) of the iteration; a single process's are its micro-batches.
-        streams = self.cfg.optim.grad_accumulation * self.acc.num_processes
+        # `micro` also goes up to 1000 (the pool's first draw keys its t* groups by t* + 1): the
+        # width holds those on every rank, or they ran into the next purpose's streams.
+        streams = max(self.cfg.optim.grad_accumulation, 1001) * self.acc.num_processes
         stream = micro * self.acc.num_processes + rank
         key = ((self.cfg.run.seed * 1_000_003 + self.step) * 101 + PURPOSES[purpose]) * max(1009, streams) + stream
         return torch.Generator().manual_seed(key % (2**63 - 1))
