@@ -58,7 +58,7 @@ class DiscriminatorConfig:
     t_stars: list[int] = field(default_factory=lambda: [10, 250, 500, 750])
     kinds: list[str] = field(default_factory=lambda: ["global_cond", "local_cond", "local_uncond"])
     candidates: int = 4  # heads per (kind, t*, feature level) in the pool
-    t_stars_per_step: int = 1  # noise levels judged per step (one backbone pass each)
+    t_stars_per_step: int = 1  # noise levels judged per micro-batch (one backbone pass each)
     refresh_fraction: float = 0.01  # share of the pool re-initialised every step
     pool: bool = True  # False: one static head per (kind, feature level), shared by every t*
     width: int = 32
