@@ -526,6 +526,10 @@ def test_ill_typed_config_key(tmp_path, capsys):
         ("optim.ema_decay=2", "'optim.ema_decay' must be in [0, 1)"),
         ("optim.lr=-1e-5", "'optim.lr' must be positive"),
         ("discriminator.lr=0", "'discriminator.lr' must be positive"),
+        (
+            "loss.regression_weight=1 refine.mix=last refine.steps_per_stage=[0,1]",
+            "loss.regression_weight would never apply",
+        ),
         ("data.resolution=100", "'data.resolution' must be a positive multiple of 8"),
         ("optim.mixed_precision=fp16", "use bf16"),
         ("optim.optimizer=sgd", "'optim.optimizer' must be one of ['adamw', 'adamw8bit']"),

@@ -346,6 +346,12 @@ def validate(cfg: DistillConfig) -> DistillConfig:
         raise UserError(f"config key 'refine.steps_per_stage' must not be negative, got {cfg.refine.steps_per_stage}")
     if sum(cfg.refine.steps_per_stage) + cfg.loss.pretrain_steps == 0:  # the export would be the teacher
         raise UserError("nothing to train: refine.steps_per_stage and loss.pretrain_steps add up to 0 iterations")
+    if cfg.loss.regression_weight > 0 and cfg.refine.mix == "last" and cfg.refine.steps_per_stage[0] == 0:
+        # The anchor applies at step index 0, which `last` trains in the one-step stage only.
+        raise UserError(
+            "loss.regression_weight would never apply: it anchors step index 0, which refine.mix=last trains "
+            "only in the one-step stage, and refine.steps_per_stage[0] is 0"
+        )
     if not str(cfg.run.output_dir).strip():
         raise UserError("config key 'run.output_dir' is empty: name a folder")
     if not 1 <= cfg.model.shift <= 1000:
