@@ -235,9 +235,13 @@ def missing_shards(directory: str | Path) -> list[Path] | None:
     """The shards a folder of pairs still lacks by its `pairs.json` (None without one): absent, or
     shorter than planned (made for a smaller count, to be extended)."""
     plan = planned_pairs(directory)
-    if plan is None:
-        return None
-    return [path for path, size in planned_shards(directory, *plan) if shard_length(path) < size]
+    return None if plan is None else unfinished(planned_shards(directory, *plan))
+
+
+def unfinished(shards: list[tuple[Path, int]]) -> list[Path]:
+    """The planned (path, pairs) shards not yet on disk in full: absent, or shorter than planned
+    (made for a smaller count, to be extended)."""
+    return [path for path, size in shards if shard_length(path) < size]
 
 
 PROMPT_STRIDE = 7919  # a prime: consecutive pairs' prompts lie far apart in the list
@@ -377,7 +381,7 @@ class PairShards:
             shards: list[tuple[Path, int | None]] = [(f, None) for f in found]
         else:
             shards = list(planned_shards(directory, *plan))
-            missing = missing_shards(directory) or []
+            missing = unfinished(shards)
             if missing:
                 short = sum(p.is_file() for p in missing)
                 raise UserError(

@@ -242,7 +242,7 @@ def build_scorers(req: EvalRequest, device: str) -> Scorers:
 def evaluate(req: EvalRequest) -> list[dict]:
     from nitrofusion.data.teacher import prompts_digest
     from nitrofusion.pipelines import load_pipeline
-    from nitrofusion.pipelines.generation import check_request, default_size
+    from nitrofusion.pipelines.generation import check_request, default_guidance, default_size
     from nitrofusion.pipelines.loading import resolve_device
 
     if req.n < 2:
@@ -283,7 +283,7 @@ def evaluate(req: EvalRequest) -> list[dict]:
         label += " (unfiltered)"
     results, grid_rows = [], []
     weights = next(pipe.unet.parameters())
-    guidance = req.guidance_scale if req.guidance_scale is not None else (0.0 if sampler == "shift-lcm" else 5.0)
+    guidance = req.guidance_scale if req.guidance_scale is not None else default_guidance(sampler)
     caches = []
     for steps in req.steps:
         settings = {

@@ -19,7 +19,6 @@ with), and one that differs from this reproduction's is refused rather than repo
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import statistics
@@ -33,6 +32,7 @@ from PIL import Image
 
 from nitrofusion.errors import UserError
 from nitrofusion.evaluation.embedded import EmbeddedScore, score_pipeline
+from nitrofusion.evaluation.fid import weights_identity
 from nitrofusion.evaluation.grid import make_grid
 from nitrofusion.training.config import load_config
 from nitrofusion.userfiles import check_writable_folder, replacing, write_text_replacing
@@ -130,7 +130,7 @@ class Reproduction:
         self.overrides = list(overrides or [])
         self.cfg = load_config(preset, None, self.overrides)
         self.evaluator = Evaluator.load(evaluator_path())
-        self.evaluator_sha256 = hashlib.sha256(evaluator_path().read_bytes()).hexdigest()
+        self.evaluator_sha256 = weights_identity(evaluator_path()).removeprefix("sha256:")
         self.teacher = str(teacher_path())
         if self.cfg.model.teacher != "embedded":
             raise UserError("reproduce measures the embedded world; its preset must distil the embedded teacher")

@@ -54,6 +54,12 @@ def sampler_of(pipe: DiffusionPipeline) -> str:
     return "shift-lcm" if isinstance(pipe.scheduler, LCMScheduler) and "shifted_timestep" in config else "native"
 
 
+def default_guidance(sampler: str) -> float:
+    """Without --guidance-scale: none for the shift-LCM sampler (NitroSD samples without CFG), 5 for
+    a multi-step teacher."""
+    return 0.0 if sampler == "shift-lcm" else 5.0
+
+
 def default_size(pipe: DiffusionPipeline) -> int:
     return int(pipe.unet.config.sample_size) * pipe.vae_scale_factor
 
@@ -159,7 +165,7 @@ def generate_batches(
     check_request(pipe, steps, height, width)
     sampler = sampler_of(pipe)
     if guidance_scale is None:
-        guidance_scale = 0.0 if sampler == "shift-lcm" else 5.0
+        guidance_scale = default_guidance(sampler)
     # The pipeline's own modules without its per-call work, where it applies (same images).
     fast = fast_sampler(pipe) if guidance_scale <= 1 else None
     device = fast.device if fast is not None else pipe.device  # pipe.device walks every submodule

@@ -83,15 +83,17 @@ def weights_variant(folder: str | Path) -> str | None:
     NitroSD snippet's way), else None: the plain files are read when they exist."""
     folder = Path(folder)
     try:  # a pipeline: only the folders its index names (SDXL base's root holds single-file checkpoints)
-        index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
-        parts = [
-            folder / k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[:1] != [None]
-        ]
+        parts = [folder / name for name in component_folders(json.loads((folder / "model_index.json").read_text()))]
     except (OSError, ValueError, AttributeError):
         parts = [folder]
     files = [p.name for part in parts for p in part.rglob("*.safetensors")]
     plain = [f for f in files if not any(fnmatch.fnmatch(f, pattern) for pattern in FP16_FILES)]
     return "fp16" if files and not plain else None
+
+
+def component_folders(index: dict) -> list[str]:
+    """The folders a pipeline's model_index.json names: its components that are not left out."""
+    return [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[:1] != [None]]
 
 
 def _cached_in_full(root: Path, unet_weights: bool) -> bool:
@@ -108,7 +110,7 @@ def download_pipeline(repo: str, snapshot_download: Callable[..., str], unet_wei
     `unet_weights=False`: the UNet's config only (a student replaces its weights)."""
     root = Path(snapshot_download(repo, allow_patterns=["model_index.json"]))
     index = check_model_index(root)  # refused before any weight is fetched
-    folders = [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[:1] != [None]]
+    folders = component_folders(index)
     files = [f"{folder}/{pattern}" for folder in folders for pattern in ("*.json", "*.txt")]
     weighted = [folder for folder in folders if unet_weights or folder != "unet"]
     plain = [f"{folder}/*.safetensors" for folder in weighted]
@@ -364,9 +366,7 @@ def load_pipeline(
     student = {}
     if unet is not None:
         student["unet"] = _student_unet(model_dir, read_safetensors(unet), torch_dtype, f"UNet weights '{unet}'")
-    pipe, drop_checker = _read_pipeline(model_dir, torch_dtype, safety_checker, **student)
-    if not hasattr(pipe, "unet") or not isinstance(pipe.unet, UNet2DConditionModel):
-        raise UserError(f"'{model_dir}' is not a UNet text-to-image pipeline (SDXL or SD1.5 architecture)")
+    pipe, drop_checker = _read_pipeline(model_dir, index, torch_dtype, safety_checker, **student)
     num_train = pipe.scheduler.config.get("num_train_timesteps", 1000)
     if shift is not None and not 1 <= shift <= num_train:
         raise UserError(f"--shift must be a timestep in 1..{num_train}, got {shift}")
@@ -425,11 +425,11 @@ def load_pipeline(
 
 
 def _read_pipeline(
-    model_dir: Path, dtype: torch.dtype, safety_checker: bool, **overrides: object
+    model_dir: Path, index: dict, dtype: torch.dtype, safety_checker: bool, **overrides: object
 ) -> tuple[DiffusionPipeline, bool]:
-    """The pipeline as stored (safetensors only, no remote code), and whether its safety checker
-    was left out. `overrides` are components not read from disk (`unet=None`: none at all)."""
-    index = check_model_index(model_dir)
+    """The pipeline as stored (safetensors only, no remote code; `index` checked by
+    `check_model_index`), and whether its safety checker was left out. `overrides` are components
+    not read from disk (`unet=None`: none at all)."""
     entry = index.get("safety_checker")
     drop_checker = not safety_checker and isinstance(entry, list) and entry[:1] != [None]
     if drop_checker:
@@ -492,7 +492,8 @@ def load_frozen_parts(
     """A pipeline's components other than its UNet and scheduler, on the CPU: what a distilled
     pipeline takes over from its teacher unchanged. The UNet is never read (at SDXL size it is
     10 GB of host memory and tens of seconds, only to be discarded)."""
-    pipe, _ = _read_pipeline(resolve_model(model, option, unet_weights=False), dtype, safety_checker, unet=None)
+    model_dir = resolve_model(model, option, unet_weights=False)
+    pipe, _ = _read_pipeline(model_dir, check_model_index(model_dir), dtype, safety_checker, unet=None)
     return {k: v for k, v in pipe.components.items() if k not in ("unet", "scheduler")}
 
 

@@ -44,7 +44,7 @@ from nitrofusion.data.teacher import (
     planned_pairs,
     planned_shards,
     sampler_recipe,
-    shard_length,
+    unfinished,
 )
 from nitrofusion.discriminator.backbone import UNetEncoderFeatures
 from nitrofusion.discriminator.heads import DiscriminatorHead, max_downsamples
@@ -406,8 +406,7 @@ class Distiller:
         never fires here)."""
         limit = 60 * self.cfg.run.process_timeout_minutes
         changed, waiting = time.monotonic(), len(shards)
-        # Absent, or short (made for fewer pairs, being extended by its rank).
-        while missing := [p for p, n in shards if shard_length(p) < n]:
+        while missing := unfinished(shards):  # absent, or short (being extended by its rank)
             if len(missing) < waiting:
                 changed, waiting = time.monotonic(), len(missing)
             elif time.monotonic() - changed > limit:
