@@ -783,3 +783,42 @@ def test_a_pipeline_built_as_the_public_snippet_builds_it_samples_without_guidan
     assert np.array_equal(np.asarray(result.image), np.asarray(expected.images[0]))
     with pytest.raises(UserError, match="1 to 4"):
         generate(pipe, ["a cat"], steps=8, progress=False)
+
+
+def test_a_flow_transformer_pipeline_is_refused_by_name_before_any_weight_is_read(tmp_path, monkeypatch):
+    """SD3/Flux are not supported yet: a local folder, a cached hub snapshot (which has no UNet and
+    must not be called "cached in part") and a reachable repo (20-30 GB) are refused from the index."""
+    import huggingface_hub
+
+    from nitrofusion.pipelines import loading
+
+    sd3 = tmp_path / "sd3"
+    sd3.mkdir()
+    index = {
+        "_class_name": "StableDiffusion3Pipeline",
+        "transformer": ["diffusers", "SD3Transformer2DModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    (sd3 / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(UserError, match="StableDiffusion3Pipeline with a transformer .*not supported yet"):
+        load_pipeline(sd3, device="cpu")
+    fetched = []
+
+    def snapshot_download(repo_id, allow_patterns=None, ignore_patterns=None, local_files_only=False):
+        if local_files_only:
+            raise huggingface_hub.errors.LocalEntryNotFoundError("not cached")
+        fetched.append(allow_patterns)
+        return str(sd3)
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    with pytest.raises(UserError, match="SD3Transformer2DModel"):
+        loading.resolve_model("stabilityai/stable-diffusion-3.5-large")
+    assert fetched == [["model_index.json"]]  # the index alone, never a weight
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: str(sd3))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError, match="not supported yet"):  # not "not (in full) in the cache"
+        loading.resolve_model("stabilityai/stable-diffusion-3.5-large")
+    (sd3 / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    with pytest.raises(UserError, match=r"\(StableDiffusionPipeline\) is not a UNet text-to-image pipeline"):
+        load_pipeline(sd3, device="cpu")

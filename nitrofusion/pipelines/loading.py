@@ -50,6 +50,9 @@ def resolve_model(model: str | Path, option: str = "--model", unet_weights: bool
 
         try:
             cached = Path(snapshot_download(str(model), local_files_only=True))
+            if (cached / "model_index.json").is_file():
+                # Before the UNet's weights are looked for: a cached SD3 has none, and is not "in part".
+                check_unet_pipeline(check_model_index(cached), str(model))
             if _cached_in_full(cached, unet_weights):
                 return cached
             # In part only: e.g. the public snippet's first line reads SDXL base's unet/config.json
@@ -110,6 +113,7 @@ def download_pipeline(repo: str, snapshot_download: Callable[..., str], unet_wei
     `unet_weights=False`: the UNet's config only (a student replaces its weights)."""
     root = Path(snapshot_download(repo, allow_patterns=["model_index.json"]))
     index = check_model_index(root)  # refused before any weight is fetched
+    check_unet_pipeline(index, repo)  # an SD3 or Flux repo is 20-30 GB that load_pipeline would refuse
     folders = component_folders(index)
     files = [f"{folder}/{pattern}" for folder in folders for pattern in ("*.json", "*.txt")]
     weighted = [folder for folder in folders if unet_weights or folder != "unet"]
@@ -333,6 +337,19 @@ def check_model_index(model_dir: Path) -> dict:
     return index
 
 
+def check_unet_pipeline(index: dict, where: str) -> None:
+    """Refuse a pipeline without a UNet2DConditionModel (SDXL or SD1.5 architecture), naming what it is."""
+    if index.get("unet", [None])[1:] == [UNet2DConditionModel.__name__]:
+        return
+    kind = index.get("_class_name")
+    if isinstance(index.get("transformer"), list) and index["transformer"][:1] != [None]:
+        raise UserError(
+            f"'{where}' is a {kind} with a transformer ({index['transformer'][-1]}): flow-matching "
+            "transformers (SD3, SD3.5, Flux) are not supported yet; use an SDXL or SD1.5-architecture pipeline"
+        )
+    raise UserError(f"'{where}' ({kind}) is not a UNet text-to-image pipeline (SDXL or SD1.5 architecture)")
+
+
 def load_pipeline(
     model: str | Path,
     unet: str | Path | None = None,
@@ -361,8 +378,7 @@ def load_pipeline(
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     index = check_model_index(model_dir)
-    if index.get("unet", [None])[1:] != [UNet2DConditionModel.__name__]:
-        raise UserError(f"'{model_dir}' is not a UNet text-to-image pipeline (SDXL or SD1.5 architecture)")
+    check_unet_pipeline(index, str(model_dir))
     student = {}
     if unet is not None:
         student["unet"] = _student_unet(model_dir, read_safetensors(unet), torch_dtype, f"UNet weights '{unet}'")
