@@ -206,6 +206,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         label=args.label or args.model or "embedded",
         metrics=args.metrics,
         fid_features=args.fid_features,
+        fid_resize=args.fid_resize,
         reference=args.reference,
         inception=args.inception,
         clip_model=args.clip_model,
@@ -407,6 +408,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="embedded, fid, clip, aesthetic, imagereward (default: embedded for embedded prompts, else the rest)",
     )
     e.add_argument("--fid-features", default="inception", help="inception, clip or embedded")
+    e.add_argument(
+        "--fid-resize",
+        choices=["pil-bicubic-8bit", "clean", "pytorch-fid"],
+        help="how Inception FID resizes images to 299x299: pil-bicubic-8bit (default: PIL bicubic on the 8-bit "
+        "image), clean (clean-fid's: PIL bicubic on float channels) or pytorch-fid (torch bilinear); "
+        "compare FIDs only within one (docs/evaluate.md)",
+    )
     e.add_argument("--reference", help="FID reference: a directory of real images or a stats .safetensors")
     e.add_argument("--inception", help="FID Inception-v3 weights (.safetensors; see docs/evaluate.md)")
     e.add_argument("--clip-model", help="transformers CLIP directory for CLIP score (the paper's: ViT-B/32)")

@@ -307,6 +307,9 @@ def test_table_has_only_measured_columns():
         (["--metrics", "fid"], "--inception"),
         (["--metrics", "imagereward"], "--image-reward"),
         (["--metrics", "fid", "--fid-features", "pixels"], "--fid-features"),
+        (["--metrics", "fid", "--fid-features", "clip", "--fid-resize", "clean"], "--fid-resize is for"),
+        (["--metrics", "fid", "--fid-features", "embedded", "--fid-resize", "pytorch-fid"], "--fid-resize is for"),
+        (["--metrics", "embedded", "--fid-resize", "clean"], "--fid-resize is for the fid metric"),
         (["--metrics", "embedded", "--prompts", "PROMPTS"], "--prompts embedded"),
         (["--metrics", "bleu"], "unknown metric"),
     ],
@@ -552,3 +555,203 @@ def test_a_wrong_or_corrupt_evaluator_is_one_line(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert needle in err and str(path) in err and len(err.splitlines()) == 1, err
         assert not (out / "images").exists()
+
+
+# --fid-resize: each mode against a computation written here, from the tools' definitions.
+
+
+def _noise(width: int, height: int, seed: int) -> Image.Image:
+    """A non-smooth 8-bit RGB image: every resampling filter leaves its own trace on it."""
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def _crop(im: Image.Image) -> np.ndarray:
+    """The centred square of an image as uint8 [side, side, 3], by array slicing."""
+    a = np.asarray(im.convert("RGB"))
+    h, w = a.shape[:2]
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    return a[top : top + side, left : left + side]
+
+
+def _nchw(arr: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2)
+
+
+# Larger and smaller than 299, square and not (cropped along either side).
+RESIZE_IMAGES = [(400, 340), (41, 57), (299, 299), (64, 64)]
+
+
+def test_fid_resize_pil_bicubic_8bit_is_the_default_and_unchanged():
+    images = [_noise(w, h, i) for i, (w, h) in enumerate(RESIZE_IMAGES)]
+    want = np.stack([np.asarray(Image.fromarray(_crop(im)).resize((299, 299), Image.BICUBIC)) for im in images])
+    want = _nchw(want.astype(np.float32)) / 127.5 - 1
+    for got in (fid.to_tensor(images, 299), fid.to_tensor(images, 299, "pil-bicubic-8bit")):
+        assert got.shape == (4, 3, 299, 299) and got.dtype == torch.float32
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    assert fid.DEFAULT_FID_RESIZE == "pil-bicubic-8bit"
+    # Its recorded preparation is the text of versions before the choice: their statistics stay valid.
+    assert fid.PREPROCESS["inception"] == "centre square, PIL bicubic to 299x299 on 8-bit RGB, [-1, 1]"
+    assert fid.preprocess_text("inception") == fid.PREPROCESS["inception"]
+
+
+def test_fid_resize_clean_is_pil_bicubic_on_float_channels_unrounded():
+    images = [_noise(w, h, 10 + i) for i, (w, h) in enumerate(RESIZE_IMAGES)]
+    want = []
+    for im in images:
+        square = _crop(im).astype(np.float32)
+        side = square.shape[0]
+        channels = []
+        for c in range(3):
+            plane = Image.frombytes("F", (side, side), np.ascontiguousarray(square[:, :, c]).tobytes())
+            channels.append(np.asarray(plane.resize((299, 299), resample=Image.BICUBIC)).clip(0, 255))
+        want.append(np.stack(channels, axis=-1))
+    want = _nchw(np.stack(want)) / 127.5 - 1
+    got = fid.to_tensor(images, 299, "clean")
+    assert got.shape == (4, 3, 299, 299) and got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    pixels = (got[:2] + 1) * 127.5  # the resized ones: not rounded back to 8 bits, and clipped
+    assert (pixels - pixels.round()).abs().max() > 0.1
+    assert pixels.min() >= -1e-4 and pixels.max() <= 255 + 1e-4
+
+
+def test_fid_resize_pytorch_fid_is_torch_bilinear_on_unit_floats():
+    images = [_noise(w, h, 20 + i) for i, (w, h) in enumerate(RESIZE_IMAGES)]
+    want = []
+    for im in images:
+        x = torch.from_numpy(_crop(im).copy()).permute(2, 0, 1)[None].float() / 255  # torchvision's to_tensor
+        want.append(torch.nn.functional.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False))
+    want = 2 * torch.cat(want) - 1  # pytorch-fid's normalize_input
+    got = fid.to_tensor(images, 299, "pytorch-fid")
+    assert got.shape == (4, 3, 299, 299) and got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    # What the FID Inception does itself to input of another size: the same bilinear resize.
+    from nitrofusion.evaluation.inception import FIDInceptionV3
+
+    seen = []
+    net = FIDInceptionV3().eval()
+    net.Conv2d_1a_3x3.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    with torch.no_grad():
+        net(_nchw(_crop(images[3])[None].astype(np.float32)) / 127.5 - 1)  # 64x64, resized inside
+    torch.testing.assert_close(seen[0], got[3:], rtol=0, atol=1e-5)
+
+
+def test_fid_resize_modes_give_different_tensors():
+    """On a non-smooth image each mode leaves its own trace: the option changes what the network reads."""
+    images = [_noise(173, 150, 30)]
+    got = {mode: fid.to_tensor(images, 299, mode) for mode in fid.FID_RESIZES}
+    assert set(got) == {"pil-bicubic-8bit", "clean", "pytorch-fid"}
+    modes = list(got)
+    for i, a in enumerate(modes):
+        for b in modes[i + 1 :]:
+            assert (got[a] - got[b]).abs().mean() > 1e-3, (a, b)
+    with pytest.raises(ValueError, match="resize must be one of"):
+        fid.to_tensor(images, 299, "lanczos")
+
+
+def test_a_reference_cache_of_one_fid_resize_is_not_reused_for_another(tmp_path):
+    ref_dir = reference_folder(tmp_path / "real", 4)
+    cache = tmp_path / "reference-inception.safetensors"
+    fid.reference_stats(ref_dir, "inception", toy_features, cache, extractor="sha256:a", resize="clean")
+    assert fid.stats_metadata(cache)["preprocess"] == fid.INCEPTION_PREPROCESS["clean"]
+    assert fid.cached_reference_stats(cache, ref_dir, "inception", "sha256:a", "clean") is not None
+    assert fid.cached_reference_stats(cache, ref_dir, "inception", "sha256:a", "pytorch-fid") is None
+    assert fid.cached_reference_stats(cache, ref_dir, "inception", "sha256:a") is None  # the default
+    assert len(set(fid.INCEPTION_PREPROCESS.values())) == len(fid.FID_RESIZES)
+    # As a --reference stats file: refused for another mode, naming the one it was made with.
+    fid.reference_stats(cache, "inception", toy_features, extractor="sha256:a", resize="clean")
+    for other in ("pytorch-fid", "pil-bicubic-8bit"):
+        with pytest.raises(UserError, match="pass --fid-resize clean to use it") as err:
+            fid.reference_stats(cache, "inception", toy_features, extractor="sha256:a", resize=other)
+        assert "\n" not in str(err.value)
+    # A file of a version that recorded no preparation was made with the default resize.
+    old = tmp_path / "old.safetensors"
+    meta = {k: v for k, v in fid.stats_metadata(cache).items() if k != "preprocess"}
+    stats = fid.GaussianStats.from_features(torch.rand(4, 6))
+    save_file({k: v.contiguous() for k, v in stats.to_tensors().items()}, str(old), metadata=meta)
+    fid.reference_stats(old, "inception", toy_features, extractor="sha256:a")
+    with pytest.raises(UserError, match="pass --fid-resize pil-bicubic-8bit"):
+        fid.reference_stats(old, "inception", toy_features, extractor="sha256:a", resize="clean")
+
+
+class _StandInInception(torch.nn.Module):
+    """In place of the FID Inception (whose own tests are in test_inception.py): it keeps what it reads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(()))
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(x.clone())
+        return torch.cat([x.mean((2, 3)), x.std((2, 3))], 1) * self.scale
+
+
+def test_fid_resize_flows_from_the_command_line_to_the_network_and_the_results(tmp_path, capsys, monkeypatch):
+    import nitrofusion.evaluation.inception as inception
+
+    ref_dir = tmp_path / "real"
+    ref_dir.mkdir()
+    for i, (w, h) in enumerate([(40, 30), (33, 33), (20, 26), (50, 50)]):
+        _noise(w, h, 40 + i).save(ref_dir / f"{i}.png")
+    refs = [Image.open(p) for p in sorted(ref_dir.glob("*.png"))]
+    weights = tmp_path / "inception.safetensors"
+    save_file({"scale": torch.ones(())}, str(weights))
+    nets: list[_StandInInception] = []
+    monkeypatch.setattr(inception, "load_fid_inception", lambda path: nets.append(_StandInInception()) or nets[-1])
+    out = tmp_path / "ev"
+    args = ["evaluate", "--steps", "1", "--n", "4", "--batch-size", "4", "--out", str(out), "--metrics", "fid"]
+    args += ["--inception", str(weights), "--reference", str(ref_dir)]
+    cache = out / "reference-inception.safetensors"
+    for mode in ("clean", "pytorch-fid", None):
+        assert main(args + (["--fid-resize", mode] if mode else [])) == 0, capsys.readouterr().err
+        mode = mode or "pil-bicubic-8bit"
+        # The reference images, read by the network as the mode prepares them: statistics made with
+        # the mode before were not reused.
+        torch.testing.assert_close(nets[-1].seen[0], fid.to_tensor(refs, 299, mode), rtol=0, atol=0)
+        assert fid.stats_metadata(cache)["preprocess"] == fid.INCEPTION_PREPROCESS[mode]
+        row = json.loads((out / "results.json").read_text())[0]
+        assert (row["fid_features"], row["fid_resize"]) == ("inception", mode)
+        assert f"FID: inception features, --fid-resize {mode}" in (out / "results.md").read_text()
+    # The same mode again: the cached statistics are reused (only the generated images are read).
+    assert main(args) == 0
+    assert len(nets[-1].seen) == 1 and nets[-1].seen[0].shape[0] == 4
+
+
+def test_fid_resize_bad_value_is_argparses_one_line(tmp_path, capsys):
+    from nitrofusion.cli import build_parser
+
+    with pytest.raises(SystemExit) as exc:
+        main(["evaluate", "--fid-resize", "lanczos", "--out", str(tmp_path / "o")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "argument --fid-resize: invalid choice: 'lanczos'" in err[-1]
+    parser = build_parser()
+    assert parser.parse_args(["evaluate"]).fid_resize is None  # None: the default, and refusable for clip
+    for mode in fid.FID_RESIZES:  # the command line offers every mode that fid.py knows
+        assert parser.parse_args(["evaluate", "--fid-resize", mode]).fid_resize == mode
+
+
+def _evaluation_dir(path, **row):
+    path.mkdir()
+    row = {"model": path.name, "sampler": "native", "steps": 1, "n": 4, **row}
+    (path / "results.json").write_text(json.dumps([row]))
+    images = path / "images" / "native-1-step"
+    images.mkdir(parents=True)
+    for i in range(4):
+        _noise(8, 8, i).save(images / f"{i:05d}.png")
+    return path
+
+
+def test_compare_refuses_fids_of_two_resizes(tmp_path, capsys):
+    fid_row = {"fid": 10.0, "fid_features": "inception", "fid_reference": "/data/ref"}
+    old = _evaluation_dir(tmp_path / "old", **fid_row)  # before --fid-resize: the default
+    default = _evaluation_dir(tmp_path / "default", **fid_row, fid_resize="pil-bicubic-8bit")
+    clean = _evaluation_dir(tmp_path / "clean", **fid_row, fid_resize="clean")
+    assert main(["compare", str(old), str(default), "--out", str(tmp_path / "a")]) == 0
+    assert "FID: inception features, --fid-resize pil-bicubic-8bit" in (tmp_path / "a" / "results.md").read_text()
+    capsys.readouterr()
+    for first in (old, default):
+        assert main(["compare", str(first), str(clean), "--out", str(tmp_path / "b")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "fid_resize='clean'" in err and "'pil-bicubic-8bit'" in err and len(err.splitlines()) == 1

@@ -55,6 +55,7 @@ class EvalRequest:
     label: str | None = None
     metrics: list[str] | None = None  # None: the embedded metrics for embedded prompts, else Table 1's
     fid_features: str = "inception"
+    fid_resize: str | None = None  # Inception FID's resize (fid.FID_RESIZES); None: fid.DEFAULT_FID_RESIZE
     reference: str | None = None
     inception: str | None = None
     clip_model: str | None = None  # CLIP score and CLIP-FID (the paper: ViT-B/32)
@@ -113,6 +114,7 @@ def build_scorers(req: EvalRequest, device: str) -> Scorers:
     for option, value, needs in (
         ("--reference", req.reference, "fid"),
         ("--inception", req.inception, "fid"),
+        ("--fid-resize", req.fid_resize, "fid"),
         ("--aesthetic", req.aesthetic, "aesthetic"),
         ("--image-reward", req.image_reward, "imagereward"),
     ):
@@ -120,6 +122,16 @@ def build_scorers(req: EvalRequest, device: str) -> Scorers:
             raise UserError(f"{option} is for the {needs} metric, which --metrics does not include")
     if req.inception is not None and req.fid_features != "inception":
         raise UserError(f"--inception is for --fid-features inception, not {req.fid_features}")
+    if req.fid_resize is not None:
+        from nitrofusion.evaluation.fid import FID_RESIZES
+
+        if req.fid_features != "inception":
+            raise UserError(
+                f"--fid-resize is for --fid-features inception, not {req.fid_features} "
+                "(whose images are prepared one fixed way)"
+            )
+        if req.fid_resize not in FID_RESIZES:
+            raise UserError(f"--fid-resize must be one of {', '.join(FID_RESIZES)}, got {req.fid_resize!r}")
     scorers = Scorers()
     evaluator = None
 
@@ -182,7 +194,8 @@ def build_scorers(req: EvalRequest, device: str) -> Scorers:
                     f"FID with Inception features needs --inception PATH: the FID Inception weights ({WEIGHTS_URL}) "
                     f"converted to safetensors with: {CONVERT_HINT}"
                 )
-            extract, weights = fid.inception_extractor(req.inception, device), Path(req.inception)
+            extract = fid.inception_extractor(req.inception, device, resize=fid_resize(req))
+            weights = Path(req.inception)
             fid_dim = INCEPTION_DIM
         elif req.fid_features == "clip":
             clip = need_clip()
@@ -198,9 +211,13 @@ def build_scorers(req: EvalRequest, device: str) -> Scorers:
             # (another evaluator, a re-downloaded CLIP) give other features and other statistics.
             extractor, extractor_file = fid.weights_identity(weights), str(weights.expanduser().resolve())
             cache = req.out / f"reference-{req.fid_features}.safetensors"
-            ref = fid.cached_reference_stats(cache, req.reference, req.fid_features, extractor) or fid.reference_stats(
-                req.reference, req.fid_features, extract, cache, extractor, extractor_file
-            )
+            # Inception's resize is in the provenance: statistics made with another are not reused.
+            resize = fid_resize(req) or fid.DEFAULT_FID_RESIZE
+            ref = fid.cached_reference_stats(cache, req.reference, req.fid_features, extractor, resize)
+            if ref is None:
+                ref = fid.reference_stats(
+                    req.reference, req.fid_features, extract, cache, extractor, extractor_file, resize
+                )
         elif req.fid_features == "embedded":
             ref = need_evaluator().reference  # the real Fashion-MNIST test set
         else:
@@ -237,6 +254,13 @@ def build_scorers(req: EvalRequest, device: str) -> Scorers:
             "image_reward": float(reward.score(images, prompts).mean())
         }
     return scorers
+
+
+def fid_resize(req: EvalRequest) -> str | None:
+    """The resize of an Inception FID (the default where none was asked for); None for other features."""
+    from nitrofusion.evaluation.fid import DEFAULT_FID_RESIZE
+
+    return (req.fid_resize or DEFAULT_FID_RESIZE) if req.fid_features == "inception" else None
 
 
 def evaluate(req: EvalRequest) -> list[dict]:
@@ -328,6 +352,8 @@ def evaluate(req: EvalRequest) -> list[dict]:
         # What the numbers were measured with: `compare` refuses to put other protocols side by side.
         if "fid" in scorers:
             row.update(fid_features=req.fid_features, fid_reference=req.reference)
+            if req.fid_features == "inception":  # other features have one preparation (fid.PREPROCESS)
+                row["fid_resize"] = fid_resize(req)
         if "clip" in scorers or ("fid" in scorers and req.fid_features == "clip"):
             row["clip_model"] = req.clip_model
         if "aesthetic" in scorers:
@@ -362,9 +388,23 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def fid_note(rows: list[dict]) -> str:
+    """A line for under the table saying how its FID was computed (features, and for Inception the
+    resize), or '' where no row has a FID: a FID compares only with FIDs computed the same way."""
+    ways = []
+    for r in rows:
+        if "fid" not in r or "fid_features" not in r:
+            continue
+        way = f"{r['fid_features']} features" + (f", --fid-resize {r['fid_resize']}" if r.get("fid_resize") else "")
+        if way not in ways:
+            ways.append(way)
+    return f"FID: {'; '.join(ways)} (docs/evaluate.md).\n" if ways else ""
+
+
 def write_report(out: Path, rows: list[dict], grid_rows: list[list[Image.Image]], labels: list[str]) -> None:
     write_text_replacing(out / "results.json", json.dumps(rows, indent=1))
-    write_text_replacing(out / "results.md", table(rows) + "\n")
+    note = fid_note(rows)
+    write_text_replacing(out / "results.md", table(rows) + "\n" + (f"\n{note}" if note else ""))
     scale = max(1, 96 // grid_rows[0][0].size[0])
     with replacing(out / "grid.png") as tmp:
         make_grid(grid_rows, labels, scale=scale).save(tmp, format="PNG")
@@ -372,7 +412,7 @@ def write_report(out: Path, rows: list[dict], grid_rows: list[list[Image.Image]]
 
 # A column's protocol: the settings its numbers depend on besides the model.
 PROTOCOL = {
-    "fid": ("fid_features", "fid_reference", "n"),
+    "fid": ("fid_features", "fid_resize", "fid_reference", "n"),
     "clip_score": ("clip_model",),
     "aesthetic": ("aesthetic_clip_model",),
     "class_accuracy": ("n",),
@@ -424,6 +464,11 @@ def combine(directories: list[Path], out: Path, grid_images: int = 10) -> str:
         if not path.is_file():
             raise UserError(f"'{d}' has no results.json (is it an 'evaluate --out' directory?)")
         for row in _results_rows(path):
+            if "fid" in row and row.get("fid_features") == "inception":
+                # Rows of versions before --fid-resize: their Inception FID used today's default.
+                from nitrofusion.evaluation.fid import DEFAULT_FID_RESIZE
+
+                row.setdefault("fid_resize", DEFAULT_FID_RESIZE)
             if row.get("clip_score", 0) > 1:  # a cosine is at most 1: this is the old x100 scale
                 raise UserError(
                     f"'{path}' has CLIP scores on the x100 scale of older versions: run its evaluate again "

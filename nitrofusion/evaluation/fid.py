@@ -2,8 +2,10 @@
 
 Features: `inception` (the FID network, weights from --inception), `clip` (CLIP image
 embeddings, "CLIP-FID"), `embedded` (the embedded world's evaluator: its domain FD).
-Generated and reference images go through the same resize (PIL bicubic to the extractor's
-input size), because FID moves with the resampling filter; compare only like with like.
+Generated and reference images go through the same resize, because FID moves with the
+resampling filter; compare only like with like. For Inception features the resize is a choice
+(`FID_RESIZES`, `evaluate --fid-resize`): PIL bicubic on the 8-bit image (the default), clean-fid's
+"clean" resize, or pytorch-fid's bilinear one.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -38,26 +41,74 @@ def center_square(im: Image.Image) -> Image.Image:
     return im if w == h else im.crop((left, top, left + side, top + side))
 
 
-def to_tensor(images: list[Image.Image], size: int | None = None) -> torch.Tensor:
-    """PIL images -> float [N, 3, H, W] in [-1, 1]; if `size` is given, centre-cropped to a square and
-    resized to size x size with PIL's bicubic filter on the 8-bit image (clean-fid resizes each
-    channel as floats with PIL bicubic, pytorch-fid bilinearly in torch: FID compares only with
-    FIDs computed the same way, docs/evaluate.md)."""
-    if size is not None:
-        images = [center_square(im.convert("RGB")).resize((size, size), Image.BICUBIC) for im in images]
-    arr = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) for im in images])
+# How an image is resized to Inception's 299x299 (`to_tensor`), by `--fid-resize` value.
+FID_RESIZES = ("pil-bicubic-8bit", "clean", "pytorch-fid")
+DEFAULT_FID_RESIZE = "pil-bicubic-8bit"
+
+
+def to_tensor(images: list[Image.Image], size: int | None = None, resize: str = DEFAULT_FID_RESIZE) -> torch.Tensor:
+    """PIL images -> float [N, 3, H, W] in [-1, 1]. Without `size`, at their own (shared) size. With
+    `size`, each is centre-cropped to a square and resized to size x size by `resize`:
+
+    * `pil-bicubic-8bit`: PIL's bicubic filter on the 8-bit image (the result is 8-bit again);
+    * `clean`: clean-fid's "clean" resize: PIL's bicubic filter on each channel as a float32
+      image (mode "F"), clipped to [0, 255] and not rounded to 8 bits;
+    * `pytorch-fid`: pytorch-fid's: the 8-bit image as floats in [0, 1], torch's bilinear
+      interpolation (align_corners=False, no antialiasing), then [-1, 1].
+
+    FID compares only with FIDs computed the same way (docs/evaluate.md)."""
+    if resize not in FID_RESIZES:
+        raise ValueError(f"resize must be one of {', '.join(FID_RESIZES)}, got {resize!r}")
+    if size is None:
+        arr = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) for im in images])
+        return _to_unit_range(arr)
+    squares = [center_square(im.convert("RGB")) for im in images]
+    if resize == "pytorch-fid":
+        return torch.cat([_bilinear_resize(im, size) for im in squares]).mul(2.0).sub(1.0)
+    if resize == "clean":
+        return _to_unit_range(np.stack([_float_bicubic_resize(im, size) for im in squares]))
+    arr = np.stack([np.asarray(im.resize((size, size), Image.BICUBIC), dtype=np.float32) for im in squares])
+    return _to_unit_range(arr)
+
+
+def _to_unit_range(arr: np.ndarray) -> torch.Tensor:
+    """[N, H, W, 3] floats in [0, 255] -> [N, 3, H, W] in [-1, 1]."""
     return torch.from_numpy(arr).permute(0, 3, 1, 2).div(127.5).sub(1.0)
 
 
-def inception_extractor(path: str | Path, device: str = "cpu", batch_size: int = 50) -> Extractor:
-    from nitrofusion.evaluation.inception import load_fid_inception
+def _float_bicubic_resize(im: Image.Image, size: int) -> np.ndarray:
+    """An RGB image -> [size, size, 3] float32 in [0, 255]: each channel resized by PIL's bicubic
+    filter as a 32-bit float image, so the result keeps its fractions (clean-fid's "clean" mode)."""
+    arr = np.asarray(im, dtype=np.float32)
+    channels = []
+    for c in range(arr.shape[2]):
+        plane = Image.fromarray(np.ascontiguousarray(arr[:, :, c]))  # float32 2-D: mode "F"
+        channels.append(np.asarray(plane.resize((size, size), Image.BICUBIC), dtype=np.float32))
+    return np.clip(np.stack(channels, axis=2), 0.0, 255.0)
 
+
+def _bilinear_resize(im: Image.Image, size: int) -> torch.Tensor:
+    """An RGB image -> [1, 3, size, size] in [0, 1], resized as pytorch-fid does: torch's bilinear
+    interpolation with align_corners=False and no antialiasing (also what `FIDInceptionV3` does to
+    input of another size). One image at a time: the crops of a batch may differ in size."""
+    x = torch.from_numpy(np.asarray(im, dtype=np.float32)).permute(2, 0, 1).unsqueeze(0).div(255.0)
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=False)
+
+
+def inception_extractor(
+    path: str | Path, device: str = "cpu", batch_size: int = 50, resize: str = DEFAULT_FID_RESIZE
+) -> Extractor:
+    """Inception's pool3 features of images resized to 299x299 by `resize` (one of `FID_RESIZES`)."""
+    from nitrofusion.evaluation.inception import INPUT_SIZE, load_fid_inception
+
+    if resize not in FID_RESIZES:
+        raise UserError(f"--fid-resize must be one of {', '.join(FID_RESIZES)}, got {resize!r}")
     net = load_fid_inception(path).to(device)
 
     @torch.no_grad()
     def extract(images: list[Image.Image]) -> torch.Tensor:
         out = [
-            net(to_tensor(images[i : i + batch_size], 299).to(device)).float().cpu()
+            net(to_tensor(images[i : i + batch_size], INPUT_SIZE, resize).to(device)).float().cpu()
             for i in range(0, len(images), batch_size)
         ]
         return torch.cat(out)
@@ -82,11 +133,30 @@ def list_images(directory: str | Path) -> list[Path]:
 
 # How each feature set prepares an image before the network (see to_tensor and the extractors);
 # recorded with reference statistics, since FID moves with the resize: change the text with the code.
+# Inception's by --fid-resize; the default's text is that of versions before the choice, so their
+# statistics stay valid for it.
+INCEPTION_PREPROCESS = {
+    "pil-bicubic-8bit": "centre square, PIL bicubic to 299x299 on 8-bit RGB, [-1, 1]",
+    "clean": "clean (clean-fid): centre square, PIL bicubic to 299x299 on each RGB channel as float32, "
+    "clipped to [0, 255], not rounded, [-1, 1]",
+    "pytorch-fid": "pytorch-fid: centre square, 8-bit RGB to [0, 1], torch bilinear to 299x299 "
+    "(align_corners=False, no antialias), [-1, 1]",
+}
 PREPROCESS = {
-    "inception": "centre square, PIL bicubic to 299x299 on 8-bit RGB, [-1, 1]",
+    "inception": INCEPTION_PREPROCESS[DEFAULT_FID_RESIZE],
     "clip": "the CLIP directory's image processor",
     "embedded": "RGB [-1, 1], grey mean, bilinear antialiased to 32x32",
 }
+
+
+def preprocess_text(features: str, resize: str = DEFAULT_FID_RESIZE) -> str:
+    """How `features` prepare an image, as recorded with reference statistics; `resize` (one of
+    `FID_RESIZES`) counts for Inception features only."""
+    if features == "inception":
+        return INCEPTION_PREPROCESS[resize]
+    return PREPROCESS.get(features, "")
+
+
 # What in a transformers directory decides its image features (weights, config, image processor);
 # a hub download's other formats (.bin, .h5, .msgpack: GBs each) are never read here.
 _DIGESTED_IN_A_DIRECTORY = {".safetensors", ".json"}
@@ -139,27 +209,31 @@ def stats_metadata(path: str | Path) -> dict[str, str]:
         raise UserError(f"'{path}' is not a readable safetensors file (corrupt or truncated?): {exc}") from None
 
 
-def _provenance(ref: Path, paths: list[Path], features: str, extractor: str) -> dict[str, str]:
+def _provenance(
+    ref: Path, paths: list[Path], features: str, extractor: str, resize: str = DEFAULT_FID_RESIZE
+) -> dict[str, str]:
     return {
         "features": features,
         "source": str(ref.resolve()),
         "images": str(len(paths)),
         "listing_sha256": listing_digest(ref, paths),
         "extractor": extractor,
-        "preprocess": PREPROCESS.get(features, ""),
+        "preprocess": preprocess_text(features, resize),
     }
 
 
-def cached_reference_stats(cache: Path, reference: str | Path, features: str, extractor: str) -> GaussianStats | None:
+def cached_reference_stats(
+    cache: Path, reference: str | Path, features: str, extractor: str, resize: str = DEFAULT_FID_RESIZE
+) -> GaussianStats | None:
     """Statistics that `reference_stats` saved to `cache` in an earlier run, if they were computed
     from the same reference images (directory, count, and each file's name, size and modification
-    time) with the same feature network and image preparation (all recorded in the file); None
-    otherwise, and they are computed again."""
+    time) with the same feature network and image preparation (Inception's: the same `resize`; all
+    recorded in the file); None otherwise, and they are computed again."""
     ref = Path(reference).expanduser()
     if not cache.is_file() or not ref.is_dir():
         return None
     meta = stats_metadata(cache)
-    want = _provenance(ref, list_images(ref), features, extractor)
+    want = _provenance(ref, list_images(ref), features, extractor, resize)
     if any(meta.get(k) != v for k, v in want.items()):
         return None
     return GaussianStats.from_tensors(load_file(str(cache)))
@@ -172,12 +246,14 @@ def reference_stats(
     cache: Path | None = None,
     extractor: str = "",
     extractor_file: str = "",
+    resize: str = DEFAULT_FID_RESIZE,
 ) -> GaussianStats:
     """Statistics of the reference set: a `.safetensors` stats file written by this function,
     or a directory of images (whose statistics are then saved to `cache` for next time).
     `extractor` identifies the feature network's weights (`weights_identity`), `extractor_file`
     names them for messages: a stats file made with other weights (another Inception or CLIP)
-    or another image preparation is refused, since its features are not these."""
+    or another image preparation (for Inception, another `resize`, which `extract` must use) is
+    refused, since its features are not these."""
     ref = Path(reference).expanduser()
     if ref.is_file():
         if ref.suffix != ".safetensors":
@@ -201,11 +277,18 @@ def reference_stats(
                 f"--reference '{ref}' holds statistics of the features of "
                 + (f"another version of '{us}' (its contents differ)" if them == us else f"'{them}', not of '{us}'")
             )
-        preprocess = PREPROCESS.get(features, "")
-        if meta.get("preprocess", preprocess) != preprocess:
+        preprocess = preprocess_text(features, resize)
+        # A file of a version that recorded no preparation was made before the resize was a choice.
+        recorded = meta.get("preprocess", PREPROCESS.get(features, ""))
+        if recorded != preprocess:
+            made_with = next((k for k, v in INCEPTION_PREPROCESS.items() if v == recorded), None)
+            hint = (
+                f"pass --fid-resize {made_with} to use it, or compute it again from the images"
+                if features == "inception" and made_with
+                else "compute it again from the images"
+            )
             raise UserError(
-                f"--reference '{ref}' prepared its images otherwise ({meta['preprocess']}) than this version "
-                f"({preprocess}): compute it again from the images"
+                f"--reference '{ref}' prepared its images otherwise ({recorded}) than this run ({preprocess}): {hint}"
             )
         return GaussianStats.from_tensors(load_file(str(ref)))
     if not ref.is_dir():
@@ -220,7 +303,7 @@ def reference_stats(
     if cache is not None:
         # The provenance in the file itself, written whole or not at all: an interrupted run never
         # leaves statistics that claim another source.
-        meta = {**_provenance(ref, paths, features, extractor), "extractor_file": extractor_file}
+        meta = {**_provenance(ref, paths, features, extractor, resize), "extractor_file": extractor_file}
         cache.parent.mkdir(parents=True, exist_ok=True)
         with replacing(cache) as tmp:
             save_file({k: v.contiguous() for k, v in stats.to_tensors().items()}, str(tmp), metadata=meta)
