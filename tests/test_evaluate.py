@@ -205,11 +205,17 @@ def test_clip_score_and_the_aesthetic_predictor_read_their_own_clip(tiny_clip_di
     from nitrofusion.evaluation.evaluate import EvalRequest, build_scorers
 
     loaded = []
-    widths = {"b32": 512, "l14": 768}  # CLIP ViT-B/32's and ViT-L/14's embedding widths
+    widths = {"b32": 512, "l14": 768, "l14-336": 768}  # CLIP ViT-B/32's and ViT-L/14's embedding widths
+    towers = {
+        "b32": {"image_size": 224, "patch_size": 32, "hidden_size": 768, "num_hidden_layers": 12},
+        "l14": {"image_size": 224, "patch_size": 14, "hidden_size": 1024, "num_hidden_layers": 24},
+        "l14-336": {"image_size": 336, "patch_size": 14, "hidden_size": 1024, "num_hidden_layers": 24},
+    }
 
     def stand_in(path, device, option):
         loaded.append((path, option))
-        return SimpleNamespace(model=SimpleNamespace(config=SimpleNamespace(projection_dim=widths[path])))
+        config = SimpleNamespace(projection_dim=widths[path], vision_config=SimpleNamespace(**towers[path]))
+        return SimpleNamespace(model=SimpleNamespace(config=config))
 
     monkeypatch.setattr(clip_module, "ClipModel", stand_in)
     aesthetic = tmp_path / "aesthetic.safetensors"
@@ -217,8 +223,17 @@ def test_clip_score_and_the_aesthetic_predictor_read_their_own_clip(tiny_clip_di
     prompts = tmp_path / "p.txt"
     prompts.write_text("a cat\n")
     common = dict(model="x", steps=[1], out=tmp_path, prompts=str(prompts), metrics=["clip", "aesthetic"])
-    build_scorers(EvalRequest(**common, clip_model="b32", aesthetic=str(aesthetic), aesthetic_clip_model="l14"), "cpu")
+    scorers = build_scorers(
+        EvalRequest(**common, clip_model="b32", aesthetic=str(aesthetic), aesthetic_clip_model="l14"), "cpu"
+    )
     assert loaded == [("b32", "--clip-model"), ("l14", "--aesthetic-clip-model")]
+    assert scorers.warnings == []
+    # Another CLIP of the predictor's width (ViT-L/14 at 336 px) scores, with a warning.
+    loaded.clear()
+    scorers = build_scorers(
+        EvalRequest(**common, clip_model="b32", aesthetic=str(aesthetic), aesthetic_clip_model="l14-336"), "cpu"
+    )
+    assert len(scorers.warnings) == 1 and "image_size 336 (ViT-L/14: 224)" in scorers.warnings[0]
     loaded.clear()
     build_scorers(EvalRequest(**common, clip_model="l14", aesthetic=str(aesthetic)), "cpu")
     assert loaded == [("l14", "--clip-model")]

@@ -67,6 +67,26 @@ def check_fits(mlp: AestheticMLP, clip: ClipModel) -> None:
         )
 
 
+# CLIP ViT-L/14's vision tower, which the released predictor was trained on (LAION's embeddings).
+VIT_L14 = {"image_size": 224, "patch_size": 14, "hidden_size": 1024, "num_hidden_layers": 24}
+
+
+def unlike_vit_l14(clip: ClipModel) -> str | None:
+    """A warning where the CLIP has the predictor's width but not ViT-L/14's vision tower (e.g. ViT-L/14
+    at 336 px, also 768-d): the scores run, but are not those the predictor's ratings were fitted to."""
+    vision = clip.model.config.vision_config
+    differ = [
+        f"{k} {getattr(vision, k, None)} (ViT-L/14: {v})" for k, v in VIT_L14.items() if getattr(vision, k, None) != v
+    ]
+    if not differ:
+        return None
+    return (
+        "the aesthetic predictor was fitted to CLIP ViT-L/14's embeddings, and --aesthetic-clip-model differs: "
+        + ", ".join(differ)
+        + "; its scores compare only with scores from the same CLIP"
+    )
+
+
 @torch.no_grad()
 def aesthetic_score(mlp: AestheticMLP, clip: ClipModel, images: list[Image.Image]) -> float:
     """Mean predicted rating (higher is better) over the images."""

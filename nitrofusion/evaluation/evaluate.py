@@ -98,6 +98,7 @@ class Scorers(dict[str, Scorer]):
     def __init__(self) -> None:
         super().__init__()
         self.feature_dims: dict[str, int] = {}
+        self.warnings: list[str] = []  # printed once every option is accepted
 
 
 def build_scorers(req: EvalRequest, device: str) -> Scorers:
@@ -235,12 +236,19 @@ def build_scorers(req: EvalRequest, device: str) -> Scorers:
         scorers["clip"] = lambda images, prompts, labels: {"clip_score": clip_score(model, images, prompts)}
 
     if "aesthetic" in metrics:
-        from nitrofusion.evaluation.aesthetic import AESTHETIC_HINT, aesthetic_score, check_fits, load_aesthetic
+        from nitrofusion.evaluation.aesthetic import (
+            AESTHETIC_HINT,
+            aesthetic_score,
+            check_fits,
+            load_aesthetic,
+            unlike_vit_l14,
+        )
 
         if not req.aesthetic:
             raise UserError(f"the aesthetic score needs --aesthetic PATH: {AESTHETIC_HINT}")
         mlp, model = load_aesthetic(req.aesthetic), need_clip(req.aesthetic_clip_model, "--aesthetic-clip-model")
         check_fits(mlp, model)
+        scorers.warnings += filter(None, [unlike_vit_l14(model)])
         scorers["aesthetic"] = lambda images, prompts, labels: {"aesthetic": aesthetic_score(mlp, model, images)}
 
     if "imagereward" in metrics:
@@ -284,7 +292,7 @@ def evaluate(req: EvalRequest) -> list[dict]:
     scorers = build_scorers(req, device)
     # Warnings, not refusals (the embedded world is evaluated on a few images on purpose, in tests and
     # quick looks), and only once every option is accepted: a refused run stays one line.
-    warnings = [prompts_warning] if prompts_warning else []
+    warnings = ([prompts_warning] if prompts_warning else []) + scorers.warnings
     warnings += [
         f"{name} over {req.n} images of {dim}-d features: their covariance has rank at most {req.n - 1}, "
         f"so the distance is biased (use --n {dim} or more for a number to compare)"
