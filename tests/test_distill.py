@@ -538,7 +538,12 @@ def test_ill_typed_config_key(tmp_path, capsys):
         ("loss.r1_weight=.nan", "'loss.r1_weight' must be a finite number, got nan"),  # nan < 0 is False
         ("discriminator.t_stars=[10,250,10]", "'discriminator.t_stars' lists a value twice"),
         ("discriminator.kinds=[local_cond,local_cond]", "'discriminator.kinds' lists a value twice"),
-        ("model.lora_rank=4 model.lora_alpha=0", "positive model.lora_alpha"),  # 0 became the rank
+        ("model.lora_rank=4 model.lora_alpha=0", "'model.lora_alpha' must be positive"),  # 0 became the rank
+        ("model.lora_alpha=16", "'model.lora_alpha' is for LoRA training"),  # was ignored: the whole UNet trained
+        ("model.lora_alpha=-3", "'model.lora_alpha' must be positive"),  # was accepted without a rank
+        ("model.lora_targets=[to_q]", "'model.lora_targets' is for LoRA training"),
+        ("loss.objective=dmd2 dmd.min_t=1", "min_t < 1"),  # sampled no timestep, a traceback after pre-training
+        ("run.seed=20000000000000000", "'run.seed' must be in 0..2^32-1"),  # overflowed int64 in make-pairs
         ("loss.objective=dmd2 loss.r1_weight=1", "'loss.r1_weight' regularises the head pool"),  # was ignored
     ],
 )
@@ -1071,10 +1076,31 @@ def test_bf16_training_keeps_the_teacher_in_bf16_and_the_student_in_fp32(
 )
 def test_a_head_deeper_than_its_input_is_refused_when_built(tiny_sdxl_dir, tmp_path, overrides):
     """It crashed at the first judgement ('Kernel size can't be greater than actual input size'),
-    which at SDXL comes after the preset's 500 regression iterations."""
+    which at SDXL comes after the preset's 500 regression iterations; and it is said before any
+    teacher pairs are made (hours at SDXL size), not after."""
     key = overrides[-1].split("=")[0]
+    pairs = tmp_path / "pairs"
     with pytest.raises(UserError, match=rf"config key '{key}'=\d halves a \d+-pixel map below one pixel: at most \d"):
-        Distiller(config(tiny_sdxl_dir, tmp_path, *overrides), progress=False)
+        cfg = config(tiny_sdxl_dir, tmp_path, f"data.pairs={pairs}", "data.num_pairs=4", *overrides)
+        Distiller(cfg, progress=False)
+    assert not pairs.exists()
+
+
+def test_a_student_init_or_lora_target_that_cannot_work_is_refused_before_any_pairs(tiny_sdxl_dir, tmp_path):
+    """From the file's header and the UNet's module names, before the teacher samples a single pair."""
+    wrong = tmp_path / "wrong.safetensors"  # not the tiny teacher's UNet layout
+    save_file({"conv_in.weight": torch.zeros(1, 1, 3, 3)}, str(wrong))
+    pairs = tmp_path / "pairs"
+    for overrides, message in [
+        ((f"model.student_init={tmp_path / 'none.safetensors'}",), "weights file .* not found"),
+        ((f"model.student_init={wrong}",), "student init .* does not fit the model .* shape mismatches"),
+        (("model.lora_rank=2", "model.lora_targets=[to_q, to_kk]"), "'to_kk' matches no module"),  # to_q alone trained
+        (("model.lora_rank=2", "model.lora_targets=[norm1]"), "'norm1' names GroupNorm.* LoRA cannot adapt"),
+    ]:
+        cfg = config(tiny_sdxl_dir, tmp_path / "run", f"data.pairs={pairs}", "data.num_pairs=4", *overrides)
+        with pytest.raises(UserError, match=message):
+            Distiller(cfg, progress=False)
+        assert not pairs.exists()
 
 
 def test_sharded_training_is_refused_in_one_line(tiny_sdxl_dir, tmp_path):

@@ -204,12 +204,31 @@ def test_lora_config_errors(tiny_sdxl_dir, tmp_path):
         load_config(None, None, ["model.lora_rank=4", "model.lora_alpha=-2"])
     with pytest.raises(UserError, match="lora_targets"):
         load_config(None, None, ["model.lora_rank=4", "model.lora_targets=[]"])
-    with pytest.raises(UserError, match="matched no module"):
+    with pytest.raises(UserError, match="matches no module"):
         Distiller(config(tiny_sdxl_dir, tmp_path, "model.lora_rank=2", "model.lora_targets=[nothing_here]"))
 
 
 def test_yaml_no_is_the_string_for_string_keys():
-    assert load_config(None, None, ["optim.mixed_precision=no"]).optim.mixed_precision == "no"
+    """Only true/false are booleans (YAML 1.2): YAML 1.1's on/no had turned `run.output_dir=on` into
+    the folder 'yes'; bool keys still take yes/no/on/off."""
+    cfg = load_config(
+        None,
+        None,
+        [
+            "optim.mixed_precision=no",
+            "run.output_dir=on",
+            "model.teacher=No",
+            "model.lora_rank=2",
+            "model.lora_targets=[to_q, on]",
+            "model.gradient_checkpointing=yes",
+            "optim.ema_offload=off",
+        ],
+    )
+    assert cfg.optim.mixed_precision == "no" and cfg.run.output_dir == "on" and cfg.model.teacher == "No"
+    assert cfg.model.lora_targets == ["to_q", "on"]
+    assert cfg.model.gradient_checkpointing is True and cfg.optim.ema_offload is False
+    with pytest.raises(UserError, match="got 'off'"):  # what the user typed, not 'no'
+        load_config(None, None, ["run.log_with=off"])
 
 
 def test_ema_with_decay_zero_is_the_model_itself():

@@ -197,9 +197,9 @@ class Reproduction:
     def _check_trained_as(run: Path, want: dict) -> None:
         """A finished run is reused only if it was trained with this reproduction's config (another
         preset or --set would otherwise be reported with the old students)."""
-        import yaml
+        from nitrofusion.training.config import load_yaml
 
-        saved = yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").is_file() else {}
+        saved = load_yaml((run / "config.yaml").read_text()) if (run / "config.yaml").is_file() else {}
         differ = _config_difference(saved, want)
         if differ:
             raise UserError(f"'{run}' was trained with {differ}: use another --out, or delete that run")

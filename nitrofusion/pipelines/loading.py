@@ -131,8 +131,7 @@ def _hub_cache() -> str:
     return str(HF_HUB_CACHE)
 
 
-def read_safetensors(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """Load a safetensors file, turning every kind of unreadable file into a UserError."""
+def _weights_file(path: str | Path) -> Path:
     path = Path(path)
     if not path.exists():
         raise UserError(f"weights file '{path}' not found")
@@ -140,11 +139,32 @@ def read_safetensors(path: str | Path, device: str | torch.device = "cpu") -> di
         raise UserError(f"weights file '{path}' is not a file (a .safetensors file is expected)")
     if path.suffix != ".safetensors":
         raise UserError(f"'{path}' is not a .safetensors file; only safetensors weights are loaded")
+    return path
+
+
+def _unreadable(path: Path, exc: Exception) -> UserError:
+    first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return UserError(f"'{path}' is not a readable safetensors file (corrupt or truncated?): {first}")
+
+
+def read_safetensors(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Load a safetensors file, turning every kind of unreadable file into a UserError."""
+    path = _weights_file(path)
     try:
         return load_file(str(path), device=str(device))
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UserError(f"'{path}' is not a readable safetensors file (corrupt or truncated?): {first}") from None
+        raise _unreadable(path, exc) from None
+
+
+def read_safetensors_layout(path: str | Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's keys and shapes as meta tensors, from its header alone (for
+    `check_state_dict` before a 10 GB file is read), with `read_safetensors`' errors."""
+    path = _weights_file(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise _unreadable(path, exc) from None
 
 
 SHIFT_METADATA = "nitrofusion.shift"  # the timestep shift a student was trained with, in its safetensors header

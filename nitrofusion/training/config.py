@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import math
+import re
 import types
 import typing
 from collections.abc import Iterator
@@ -197,6 +198,28 @@ CHOICES = {
 KINDS = {"global_cond", "local_cond", "local_uncond"}
 
 
+_YAML11_BOOLS = {"yes": True, "on": True, "y": True, "no": False, "off": False, "n": False}
+
+
+class _Yaml12Loader(yaml.SafeLoader):
+    """YAML with YAML 1.2's booleans: only true/false. YAML 1.1 (PyYAML's default) also reads a bare
+    yes/no/on/off as a bool, so `run.output_dir=on` became the folder 'yes', `model.teacher=No` 'no'."""
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+def load_yaml(text: str) -> Any:
+    """A config's YAML (safe: no object construction), with only true/false as booleans."""
+    return yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 - a SafeLoader subclass
+
+
 def _check_type(key: str, value: Any, tp: Any) -> Any:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
@@ -218,8 +241,9 @@ def _check_type(key: str, value: Any, tp: Any) -> Any:
             raise UserError(f"config key '{key}' must be a list, got {value!r}")
         return [_check_type(f"{key}[{i}]", v, inner) for i, v in enumerate(value)]
     if tp is str and isinstance(value, bool):
-        # YAML 1.1 reads a bare no/yes/off/on as a bool: `mixed_precision: no` means the string.
-        return "yes" if value else "no"
+        return "true" if value else "false"  # as written (load_yaml reads only true/false as bools)
+    if tp is bool and isinstance(value, str) and value.lower() in _YAML11_BOOLS:
+        return _YAML11_BOOLS[value.lower()]  # YAML 1.1's spellings, which configs may still use
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is float and isinstance(value, str):
@@ -382,10 +406,21 @@ def validate(cfg: DistillConfig) -> DistillConfig:
         raise UserError("optim.mixed_precision=fp16 is not supported for training: use bf16 (or no)")
     check_available(cfg.optim.optimizer)
     alpha = cfg.model.lora_alpha
-    if cfg.model.lora_rank > 0 and (not cfg.model.lora_targets or (alpha is not None and alpha <= 0)):
-        raise UserError("LoRA training needs model.lora_targets (module names) and a positive model.lora_alpha")
-    if not 0 <= cfg.dmd.min_t <= cfg.dmd.max_t <= 1:
-        raise UserError("config keys 'dmd.min_t' and 'dmd.max_t' must satisfy 0 <= min_t <= max_t <= 1")
+    if alpha is not None and alpha <= 0:
+        raise UserError(f"config key 'model.lora_alpha' must be positive (or null: the rank), got {alpha}")
+    if cfg.model.lora_rank > 0 and not cfg.model.lora_targets:
+        raise UserError("LoRA training needs model.lora_targets (module names)")
+    if cfg.model.lora_rank == 0:
+        # Without a rank the whole UNet trains: a LoRA setting given alone would be ignored without a word.
+        defaults = ModelConfig()
+        given = [k for k in ("lora_alpha", "lora_targets") if getattr(cfg.model, k) != getattr(defaults, k)]
+        if given:
+            raise UserError(f"config key 'model.{given[0]}' is for LoRA training: set model.lora_rank too")
+    if not 0 <= cfg.dmd.min_t <= cfg.dmd.max_t <= 1 or cfg.dmd.min_t >= 1:
+        raise UserError("config keys 'dmd.min_t' and 'dmd.max_t' must satisfy 0 <= min_t <= max_t <= 1, min_t < 1")
+    if not 0 <= cfg.run.seed < 2**32:
+        # Seeds are mixed into other seeds (make-pairs: seed * 1000003 + index) that must stay in int64.
+        raise UserError(f"config key 'run.seed' must be in 0..2^32-1, got {cfg.run.seed}")
     if cfg.dmd.fake_lr <= 0:
         raise UserError(f"config key 'dmd.fake_lr' must be positive, got {cfg.dmd.fake_lr}")
     if cfg.loss.r1_weight > 0 and not cfg.loss.head_pool:
@@ -411,7 +446,7 @@ def parse_override(text: str) -> dict:
         raise UserError(f"override '{text}' must look like section.key=value")
     key, raw = text.split("=", 1)
     try:
-        value = yaml.safe_load(raw)
+        value = load_yaml(raw)
     except yaml.YAMLError:
         raise UserError(f"override '{text}': value is not valid YAML") from None
     out: dict = {}
@@ -430,7 +465,7 @@ def preset_names() -> list[str]:
 def _read_yaml(path: str | Path, what: str, packaged: bool = False) -> dict:
     text = Path(path).read_text(encoding="utf-8") if packaged else read_user_text(path, what)
     try:
-        data = yaml.safe_load(text) or {}
+        data = load_yaml(text) or {}
     except yaml.YAMLError as exc:
         raise UserError(f"{what} '{path}' is not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(data, dict):

@@ -64,6 +64,7 @@ from nitrofusion.pipelines.loading import (
     load_frozen_parts,
     load_pipeline,
     read_safetensors,
+    read_safetensors_layout,
     save_state_dict,
     save_unet_weights,
     unet_file_metadata,
@@ -74,7 +75,7 @@ from nitrofusion.training.config import DistillConfig, save_config
 from nitrofusion.training.curves import MetricsLog, try_plot_curves
 from nitrofusion.training.ema import EMA
 from nitrofusion.training.faults import fires, kill_point
-from nitrofusion.training.lora import add_lora, merged_state_dict, plain_unet
+from nitrofusion.training.lora import add_lora, check_lora_targets, merged_state_dict, plain_unet
 from nitrofusion.training.offload import HostOffload, teacher_groups
 from nitrofusion.training.optimizers import make_optimizer
 from nitrofusion.training.schedule import Phase, Schedule
@@ -195,6 +196,7 @@ class Distiller:
                     cfg.data.teacher_guidance,
                 )
         self.size = cfg.data.resolution or default_size(self.teacher)
+        self._refuse_before_pairs()
         self.text = TextEncoder(self.teacher, self.size, self.size)
         self.prompts = load_prompts(cfg.data.prompts)
         self.sampler = TeacherSampler(
@@ -269,6 +271,29 @@ class Distiller:
         self.metrics = MetricsLog(self.out / "metrics.jsonl")
         self.curves_drawn_at: int | None = None  # the iteration curves.png was last drawn at
 
+    def _refuse_before_pairs(self) -> None:
+        """What the config asks of the teacher's UNet that it cannot give, said before any teacher
+        pairs are made (hours at SDXL size), from configs and file headers only."""
+        cfg, unet = self.cfg, self.teacher.unet
+        if cfg.model.student_init:
+            layout = read_safetensors_layout(cfg.model.student_init)
+            check_state_dict(unet, layout, f"student init '{cfg.model.student_init}'")
+        if cfg.model.lora_rank > 0:
+            check_lora_targets(unet, cfg.model.lora_targets)
+        f = self.teacher.vae_scale_factor
+        latent = self.size // f
+        deepest = latent  # the encoder's deepest map: every down block but the last halves it, rounding up
+        for _ in unet.config.block_out_channels[1:]:
+            deepest = (deepest + 1) // 2
+        loss = cfg.loss
+        if loss.head_pool:  # the pool's heads read every encoder map, down to the deepest
+            check_depth("discriminator.downsamples", cfg.discriminator.downsamples, deepest)
+        if loss.objective == "dmd2" and (cfg.dmd.gan_g_weight > 0 or cfg.dmd.gan_d_weight > 0):
+            check_depth("dmd.classifier_downsamples", cfg.dmd.classifier_downsamples, deepest)
+        if loss.adversarial_pretraining and cfg.pretrain.pixel_weight > 0:
+            crop = min(cfg.pretrain.pixel_crop or latent, latent) * f
+            check_depth("pretrain.pixel_downsamples", cfg.pretrain.pixel_downsamples, crop)
+
     def _build_objectives(self, fake_unet: UNet2DConditionModel | None) -> None:
         """The critics this config trains, the pre-training objective and the main one."""
         cfg, device = self.cfg, str(self.acc.device)
@@ -279,7 +304,6 @@ class Distiller:
         if loss.head_pool:
             self.backbone = UNetEncoderFeatures(self.teacher.unet)
             shapes = self.backbone.feature_shapes(self.size // self.teacher.vae_scale_factor, device)
-            check_depth("discriminator.downsamples", d.downsamples, min(min(h, w) for _, h, w in shapes))
             self.pool = HeadPool(
                 [c for c, _, _ in shapes],
                 d.kinds,
@@ -306,10 +330,6 @@ class Distiller:
             classifier = None
             if loss.objective == "dmd2" and (k.gan_g_weight > 0 or k.gan_d_weight > 0):
                 deepest = fake_unet.config.block_out_channels[-1]  # the mid block's output
-                side = self.size // self.teacher.vae_scale_factor
-                for _ in fake_unet.config.block_out_channels[1:]:  # every down block but the last halves it
-                    side = (side + 1) // 2
-                check_depth("dmd.classifier_downsamples", k.classifier_downsamples, side)
                 init = torch.Generator().manual_seed(cfg.run.seed * 1009 + 17)
                 classifier = DiscriminatorHead(
                     "global_uncond", deepest, k.classifier_width, self.text.pooled_dim, k.classifier_downsamples, init
@@ -334,9 +354,6 @@ class Distiller:
             real = RealScore(self.teacher.unet, self.maths.alphas_cumprod, k.real_guidance, self.text.negative)
         if loss.adversarial_pretraining and cfg.pretrain.pixel_weight > 0:
             p = cfg.pretrain
-            latent_side = self.size // self.teacher.vae_scale_factor
-            side = min(p.pixel_crop or latent_side, latent_side) * self.teacher.vae_scale_factor
-            check_depth("pretrain.pixel_downsamples", p.pixel_downsamples, side)
             init = torch.Generator().manual_seed(cfg.run.seed * 1009 + 29)
             head = DiscriminatorHead(
                 "local_cond", 3, p.pixel_width, self.text.pooled_dim, p.pixel_downsamples, init, d.text_init

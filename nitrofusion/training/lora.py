@@ -36,6 +36,25 @@ DEFAULT_TARGETS = [
 ]
 
 
+def check_lora_targets(unet: torch.nn.Module, targets: list[str]) -> None:
+    """Every target must name layers LoRA can adapt. PEFT matches a module whose name is the target
+    or ends with "." + target, and raises only where nothing matches at all: `[to_q, to_kk]` would
+    train `to_q` alone without a word, and a GroupNorm (`norm1`) fails as "not supported"."""
+    from torch import nn
+
+    adaptable = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
+    for target in targets:
+        found = [m for n, m in unet.named_modules() if n == target or n.endswith("." + target)]
+        if not found:
+            raise UserError(f"model.lora_targets: '{target}' matches no module of the UNet")
+        other = sorted({type(m).__name__ for m in found if not isinstance(m, adaptable)})
+        if other:
+            raise UserError(
+                f"model.lora_targets: '{target}' names {', '.join(other)} modules, which LoRA cannot adapt "
+                "(linear, convolution and embedding layers only)"
+            )
+
+
 def add_lora(
     unet: UNet2DConditionModel, rank: int, alpha: float | None, targets: list[str], seed: int
 ) -> list[torch.nn.Parameter]:
@@ -43,16 +62,14 @@ def add_lora(
     returns the adapter's parameters (the only trainable ones). Seeded, so runs repeat."""
     from peft import LoraConfig
 
+    check_lora_targets(unet, targets)
     unet.requires_grad_(False)
     config = LoraConfig(
         r=rank, lora_alpha=rank if alpha is None else alpha, target_modules=targets, init_lora_weights=True
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        try:
-            unet.add_adapter(config)
-        except ValueError:  # peft's NoMatchingPeftModuleError
-            raise UserError(f"model.lora_targets {targets} matched no module of the UNet") from None
+        unet.add_adapter(config)
     return [p for p in unet.parameters() if p.requires_grad]
 
 
