@@ -262,7 +262,7 @@ def cmd_export_lora(args: argparse.Namespace) -> int:
 
     if args.dtype not in ("fp16", "bf16", "fp32"):
         raise UserError(f"--dtype must be fp16, bf16 or fp32, got {args.dtype}")
-    report = export_lora(args.student, args.teacher, args.out, rank=args.rank, dtype=args.dtype)
+    report = export_lora(args.student, args.teacher, args.out, rank=args.rank, dtype=args.dtype, shift=args.shift)
     print(report.line())
     return 0
 
@@ -477,6 +477,13 @@ def build_parser() -> argparse.ArgumentParser:
     lo.add_argument("--rank", type=int, default=64)
     lo.add_argument("--dtype", default="fp16")
     lo.add_argument("--out", required=True, help="a .safetensors file or a directory")
+    lo.add_argument(
+        "--shift",
+        type=int,
+        default=None,
+        help="the timestep shift to record in the file (nitrofusion.shift): the LoRA'd teacher is the student only "
+        "with TimestepShiftLCMScheduler at it (default: the student's where it records one)",
+    )
     lo.set_defaults(func=cmd_export_lora)
 
     gr = sub.add_parser("grid", help="put directories of PNGs side by side in one grid PNG (a row each)")

@@ -163,6 +163,25 @@ def test_lora_round_trip_through_stock_diffusers(teacher, tmp_path, capsys):
     assert max((fused[k] - student[k]).abs().max().item() for k in student) < 1e-5
     with safe_open(str(tmp_path / "lora" / "pytorch_lora_weights.safetensors"), "pt") as f:
         assert "relative_error" in f.metadata()["nitrofusion"]
+        assert "nitrofusion.shift" not in f.metadata()  # a student file that records none
+
+
+def test_an_exported_lora_records_the_students_shift(teacher, tmp_path):
+    """The LoRA'd teacher is the student only at the student's shift: recorded as distill records it."""
+    from nitrofusion.pipelines.loading import save_unet_weights, unet_file_shift
+
+    student = tmp_path / "s.safetensors"
+    unet = tiny_sdxl_pipeline().unet
+    unet.load_state_dict(shifted(teacher, 3, rank=2))
+    save_unet_weights(unet, student, shift=500)
+    t = save(teacher, tmp_path / "t.safetensors")
+    for extra, want in (([], 500), (["--shift", "250"], 250)):
+        out = tmp_path / f"lora{want}.safetensors"
+        assert (
+            main(["export-lora", "--student", str(student), "--teacher", t, "--rank", "2", "--out", str(out), *extra])
+            == 0
+        )
+        assert unet_file_shift(out) == want
 
 
 def test_a_mixed_rank_fp16_lora_loads_into_stock_diffusers(teacher, tmp_path, capsys):

@@ -22,9 +22,10 @@ import torch
 from tqdm.auto import tqdm
 
 from nitrofusion.errors import UserError
-from nitrofusion.pipelines.loading import DTYPES, save_state_dict
+from nitrofusion.pipelines.loading import DTYPES, save_state_dict, unet_file_metadata
 from nitrofusion.userfiles import check_writable_folder
 from nitrofusion.weights.io import check_same_layout, unet_state_dict
+from nitrofusion.weights.transfer import recorded_shift
 
 
 @dataclass
@@ -120,9 +121,16 @@ def adapter_config(lora: dict[str, torch.Tensor]) -> dict:
     }
 
 
-def export_lora(student: str, teacher: str, out: str | Path, rank: int = 64, dtype: str = "fp16") -> LoraReport:
+def export_lora(
+    student: str, teacher: str, out: str | Path, rank: int = 64, dtype: str = "fp16", shift: int | None = None
+) -> LoraReport:
+    """`shift`: the timestep shift recorded in the file (default: the student's, where recorded). The
+    LoRA makes the teacher the student, which samples with TimestepShiftLCMScheduler at that shift:
+    loaded beside the teacher's own multi-step scheduler, it is not the student."""
     if rank < 1:  # said before two UNets are read and their deltas decomposed
         raise UserError(f"--rank must be at least 1, got {rank}")
+    if shift is not None and not 1 <= shift <= 1000:
+        raise UserError(f"--shift must be a timestep in 1..1000, got {shift}")
     out = Path(out)
     if out.suffix.lower() != ".safetensors":
         out = out / "pytorch_lora_weights.safetensors"  # the file name diffusers looks for in a folder
@@ -136,7 +144,7 @@ def export_lora(student: str, teacher: str, out: str | Path, rank: int = 64, dty
     cast = DTYPES[dtype]
     config = {f"unet.{k}": v for k, v in adapter_config(lora).items()}  # diffusers' per-component prefix
     metadata = {
-        "format": "pt",
+        **unet_file_metadata(recorded_shift(student) if shift is None else shift),
         ADAPTER_METADATA: json.dumps(config, sort_keys=True),
         "nitrofusion": json.dumps(vars(report)),
     }
