@@ -82,7 +82,7 @@ def has_lora(unet: torch.nn.Module) -> bool:
 @torch.no_grad()
 def merged_state_dict(unet: torch.nn.Module, base: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The UNet's plain state dict (the keys of a UNet without adapters), adapters folded in:
-    W + (alpha / r) B A for every adapted layer. A UNet without adapters is returned as it is.
+    W + (alpha / r) B A for every adapted layer, on the host. A UNet without adapters gives its own.
 
     `base`: the frozen weights at full precision, where the UNet's own were cast to bf16 for
     training; the merge is then W_fp32 + delta in fp32 (folded into bf16 weights, a change below
@@ -99,22 +99,28 @@ def merged_state_dict(unet: torch.nn.Module, base: dict[str, torch.Tensor] | Non
         if ".lora_" in key:
             continue
         plain = key.replace(".base_layer.", ".")
+        # Merged on the host: the merged weights are only written to disk, and at SDXL size they are
+        # 10 GB in fp32 that the training device would otherwise hold twice (state dict and UNet).
+        value = value.cpu()
         if base is not None and value.is_floating_point():
-            value = base[plain].to(value.device, torch.float32)
+            value = base[plain].to("cpu", torch.float32)
         if plain in deltas:
-            value = (value.float() + deltas[plain].float()).to(value.dtype)
+            value = (value.float() + deltas[plain].float().cpu()).to(value.dtype)
         state[plain] = value
     return state
 
 
 def plain_unet(unet: UNet2DConditionModel, base: dict[str, torch.Tensor] | None = None) -> UNet2DConditionModel:
-    """A UNet without adapters holding `unet`'s merged weights (the same object if it has none);
-    `base` as in `merged_state_dict`."""
+    """A UNet without adapters holding `unet`'s merged weights, on the host (the same object if it
+    has none); `base` as in `merged_state_dict`."""
     from diffusers import UNet2DConditionModel
 
     if not has_lora(unet):
         return unet
+    from accelerate import init_empty_weights
+
     state = merged_state_dict(unet, base)
-    plain = UNet2DConditionModel.from_config(unet.config).to(next(iter(state.values())).device)
-    plain.load_state_dict(state)
+    with init_empty_weights():  # no random init of weights that are replaced at once (minutes at SDXL size)
+        plain = UNet2DConditionModel.from_config(unet.config)
+    plain.load_state_dict(state, assign=True)
     return plain.eval().requires_grad_(False)
