@@ -5,7 +5,12 @@ does not depend on the values), 1024², no CFG (as NitroSD samples), the shift-L
 in every row. One process, one run, so the ratios compare like with like:
 
 - stock: diffusers' StableDiffusionXLPipeline as it comes (SDPA attention), PIL output.
-- stock + compile: the same with torch.compile on the UNet (diffusers' documented recipe).
+- stock + compile: diffusers' documented torch.compile recipe for SDXL (its guide "Accelerate
+  inference of text-to-image diffusion models"): the UNet and VAE in channels-last, fused q/k/v,
+  `torch.compile(unet, fullgraph=True)` and the VAE's `decode` compiled too; but in inductor's
+  default mode with static shapes (`dynamic=False`), not the guide's "max-autotune" (its kernel
+  search would not fit a device call), and without the guide's inductor tuning flags. Undone
+  after its rows: every setting shares one pipeline.
 - no SDPA: the stock pipeline with diffusers' classic attention (to see what SDPA buys).
 - nitrofusion: `nitrofusion.pipelines.generate` (its FastSampler: the pipeline's modules
   without the pipeline's per-call work; uint8 quantisation on the GPU as the last op of the
@@ -18,7 +23,13 @@ in every row. One process, one run, so the ratios compare like with like:
   has no launch overhead either). Pipeline overhead = end to end / bare - 1.
 
 End to end = text encoding (both CLIP encoders) + UNet steps + VAE decode + PIL images.
-Results are written after every row (JSON), so a run cut short keeps what it measured.
+Results are written after every row (JSON, replaced whole), so a run cut short keeps what it
+measured. On CUDA each end-to-end row starts with the allocator's cache emptied and its peaks
+reset, and records the peak allocated, the reserved memory after the row and at its peak, and the
+allocator's retries (`num_alloc_retries`: it freed its cache to satisfy a request, the sign of a
+card nearly full). A compiled setting whose row failed skips its later rows (recorded as
+skipped): each would compile again, minutes each, and likely fail the same way. Rows with CUDA
+graphs record whether every graph was captured (a failed capture only warns and runs uncaptured).
 
 `--profile DIR` writes a gzipped torch.profiler chrome trace of one call per setting and
 batch (the first step count); the JSON gets its top host ops as text.
@@ -38,11 +49,14 @@ host and device work, so the stages add up to a little more than the plain end-t
 from __future__ import annotations
 
 import argparse
+import gc
 import gzip
 import json
+import os
 import platform
 import re
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -57,6 +71,22 @@ SETTINGS = ("stock", "nitrofusion", "nitrofusion+compile", "stock+compile", "no-
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def free_cached(device: torch.device) -> None:
+    """Give the allocator's cached blocks back to the card, so that a later row's reserved memory
+    is its own (a no-op off CUDA)."""
+    gc.collect()
+    if device.type == "cuda" and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def write_json(path: Path, data: dict) -> None:
+    """`data` as JSON at `path`, atomically: a run killed mid-write leaves the last whole file."""
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as f:
+        json.dump(data, f, indent=1)
+    os.chmod(f.name, 0o644)  # a temporary file is made private
+    os.replace(f.name, path)
 
 
 def timed(fn: Callable[[], object], device: torch.device, warmup: int, repeat: int) -> dict:
@@ -173,6 +203,18 @@ def failure(exc: Exception) -> dict:
     return {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
 
 
+def graph_capture(graphed) -> dict:
+    """Whether each of a GraphedFunction's graphs was captured: one whose capture failed only warns
+    and runs uncaptured (nitrofusion/pipelines/fast.py), which its timing alone would not show."""
+    graphs = graphed.graphs.values()
+    captured = sum(g is not None for g in graphs)
+    return {
+        "graphs_captured": captured,
+        "graphs": len(graphs),
+        "all_graphs_captured": bool(graphs) and captured == len(graphs),
+    }
+
+
 def replay_check(pipe, size: int) -> dict:
     """Prompts A, B, A through `generate`: the two A images must be identical and B must differ.
 
@@ -226,6 +268,7 @@ def build(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
         pipe = build_sdxl_pipeline(SDXLSpec()).to(device, dtype)
     else:
         pipe = build_sdxl_base(device, dtype)
+    free_cached(device)  # built in fp32 then cast: the fp32 blocks would count in every row's reserved memory
     pipe.scheduler = TimestepShiftLCMScheduler.from_config(
         pipe.scheduler.config, shifted_timestep=250, original_inference_steps=4
     )
@@ -267,19 +310,35 @@ def bare_compute(
                 )[0].contiguous()
             return pipe.vae.decode(x / pipe.vae.config.scaling_factor, return_dict=False)[0]
 
-    if not captured:
-        return run
-    from nitrofusion.pipelines.fast import GraphedFunction
+    return GraphedBare(run, device) if captured else run
 
-    graphs: dict[int, GraphedFunction] = {}
 
-    def replay(steps: int) -> torch.Tensor:
-        if steps not in graphs:
-            graphs[steps] = GraphedFunction(lambda: (run(steps),))
+class GraphedBare:
+    """The bare compute replayed as one CUDA graph per step count, one step count's graph alive at a
+    time: each graph has its own memory pool, and graphs kept from earlier step counts would count
+    in every later row's reserved memory."""
+
+    def __init__(self, run: Callable[[int], torch.Tensor], device: torch.device) -> None:
+        self.run, self.device = run, device
+        self.steps: int | None = None
+        self.graphed = None  # the GraphedFunction of `steps`
+
+    def __call__(self, steps: int) -> torch.Tensor:
+        from nitrofusion.pipelines.fast import GraphedFunction
+
+        if steps != self.steps:
+            self.release()
+            self.graphed = GraphedFunction(lambda: (self.run(steps),), f"bare UNet + VAE, {steps} steps")
+            self.steps = steps
         with torch.inference_mode():
-            return graphs[steps]()[0]
+            return self.graphed()[0]
 
-    return replay
+    def release(self) -> None:
+        """Drop the graph and give its pool back to the card."""
+        if self.graphed is not None:
+            self.graphed.reset()
+        self.graphed = self.steps = None
+        free_cached(self.device)
 
 
 def stock_call(pipe, prompts: list[str], size: int, device: torch.device) -> Callable[[int], None]:
@@ -307,6 +366,41 @@ def nitro_call(pipe, prompts: list[str], size: int) -> Callable[[int], None]:
     return run
 
 
+STOCK_COMPILE = {"fullgraph": True, "dynamic": False}  # the guide's mode="max-autotune" left out: see the top
+
+
+def compile_stock(pipe) -> None:
+    """diffusers' torch.compile recipe for SDXL, in place (the guide's steps, its mode left out)."""
+    pipe.unet.to(memory_format=torch.channels_last)
+    pipe.vae.to(memory_format=torch.channels_last)
+    pipe.fuse_qkv_projections()
+    pipe.unet = torch.compile(pipe.unet, **STOCK_COMPILE)
+    pipe.vae.decode = torch.compile(pipe.vae.decode, **STOCK_COMPILE)
+
+
+def uncompile_stock(pipe, eager_unet: torch.nn.Module) -> None:
+    """Undo `compile_stock` whole, for the settings after it (they share the pipeline): the eager UNet
+    and decode back, the fused projections removed (diffusers' `unfuse_qkv_projections` only puts
+    the attention processors back; the fused copies of the weights would stay, ~1 GiB at SDXL), the
+    default memory format, and dynamo's compiled code dropped."""
+    from diffusers.models.attention_processor import Attention
+
+    pipe.unet = eager_unet
+    vars(pipe.vae).pop("decode", None)  # the class's own decode again
+    if getattr(pipe, "fusing_unet", False) or getattr(pipe, "fusing_vae", False):
+        pipe.unfuse_qkv_projections(unet=pipe.fusing_unet, vae=pipe.fusing_vae)
+    for model in (pipe.unet, pipe.vae):
+        for module in model.modules():
+            if isinstance(module, Attention):
+                for fused in ("to_qkv", "to_kv", "to_added_qkv"):
+                    if hasattr(module, fused):
+                        delattr(module, fused)
+                module.fused_projections = False
+        vars(model).pop("original_attn_processors", None)
+        model.to(memory_format=torch.contiguous_format)
+    torch._dynamo.reset()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda")
@@ -331,7 +425,7 @@ def main() -> None:
 
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
-    from nitrofusion.pipelines.fast import compile_pipeline
+    from nitrofusion.pipelines.fast import GraphedFunction, compile_pipeline
 
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     pipe = build(args, device, dtype)
@@ -353,11 +447,23 @@ def main() -> None:
         "rows": [],
     }
 
-    def record(setting: str, batch: int, steps: int, what: str, result: dict) -> None:
+    failed: set[str] = set()  # compiled settings with an error row: their later rows are skipped
+
+    def record(setting: str, batch: int | None, steps: int | None, what: str, result: dict) -> None:
         row = {"setting": setting, "batch": batch, "steps": steps, "what": what, **result}
         report["rows"].append(row)
-        out.write_text(json.dumps(report, indent=1))
+        write_json(out, report)
         print(json.dumps(row), flush=True)
+        if what == "error" and "compile" in setting:
+            failed.add(setting)
+
+    def skipped(setting: str, batch: int, steps: int) -> bool:
+        """After a compiled setting's error row: each later row would compile again (minutes) and
+        most likely fail the same way, so it is recorded as skipped instead."""
+        if setting not in failed:
+            return False
+        record(setting, batch, steps, "skipped", {"skipped": "an earlier row of this compiled setting failed"})
+        return True
 
     def measure(setting: str, e2e: Callable[[int], None], with_bare: bool, captured_bare: bool = False) -> None:
         for batch in args.batches:
@@ -365,14 +471,27 @@ def main() -> None:
             call = e2e(pipe, prompts, size)
             bare = bare_compute(pipe, batch, size, device, dtype, captured=captured_bare) if with_bare else None
             for steps in args.steps:
-                if device.type == "cuda":
+                if skipped(setting, batch, steps):
+                    continue
+                if isinstance(bare, GraphedBare):  # the last step count's graph: not this row's memory
+                    bare.release()
+                retries = 0
+                if device.type == "cuda":  # this row's memory only: the cache of earlier rows given back
+                    free_cached(device)
                     torch.cuda.reset_peak_memory_stats(device)
+                    retries = torch.cuda.memory_stats(device).get("num_alloc_retries", 0)
                 try:
                     result = timed(lambda c=call, k=steps: c(k), device, args.warmup, args.repeat)
                     if device.type == "cuda":
                         result["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
                         # CUDA-graph pools keep their memory reserved between replays.
                         result["reserved_gib"] = torch.cuda.memory_reserved(device) / 2**30
+                        result["peak_reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
+                        stats = torch.cuda.memory_stats(device)
+                        result["num_alloc_retries"] = stats.get("num_alloc_retries", 0) - retries
+                    fast = getattr(pipe, "nitro_fast", None)
+                    if fast is not None and isinstance(fast.sample, GraphedFunction):
+                        result.update(graph_capture(fast.sample))
                     record(setting, batch, steps, "end to end", result)
                     if args.breakdown:
                         record(setting, batch, steps, "stages", stage_breakdown(pipe, call, steps, device))
@@ -384,11 +503,17 @@ def main() -> None:
                         record(setting, batch, steps, "host ops", {"table": table})
                     if bare is not None:
                         bare_result = timed(lambda b=bare, k=steps: b(k), device, 2, args.repeat)
+                        if isinstance(bare, GraphedBare):
+                            bare_result.update(graph_capture(bare.graphed))
                         record(setting, batch, steps, "bare UNet + VAE", bare_result)
                 except Exception as exc:  # one failing row (e.g. a compiler error) must not lose the others
                     record(setting, batch, steps, "error", failure(exc))
+            if isinstance(bare, GraphedBare):
+                bare.release()
 
     def checked(setting: str) -> None:
+        if skipped(setting, 1, 1):
+            return
         try:
             record(setting, 1, 1, "replay check", replay_check(pipe, size))
         except Exception as exc:
@@ -407,20 +532,30 @@ def main() -> None:
         pipe.unet.set_attn_processor(AttnProcessor2_0())
         pipe.vae.set_attn_processor(AttnProcessor2_0())
     if "stock+compile" in settings:
+        setting = "stock + compile (diffusers' recipe, default mode, not max-autotune)"
         eager_unet = pipe.unet
-        pipe.unet = torch.compile(eager_unet)
-        measure("stock + torch.compile(unet)", stock, with_bare=True)
-        pipe.unet = eager_unet
-        torch._dynamo.reset()
+        try:
+            compile_stock(pipe)
+        except Exception as exc:  # its rows are then recorded as skipped
+            record(setting, None, None, "error", failure(exc))
+        try:
+            measure(setting, stock, with_bare=True)
+        finally:
+            uncompile_stock(pipe, eager_unet)
+            free_cached(device)
     if "nitrofusion" in settings:  # the same eager modules as "stock": its bare row applies
         measure("nitrofusion", nitro_call, with_bare=False)
     if "nitrofusion+compile" in settings and device.type == "cuda":
-        compile_pipeline(pipe)
+        setting = "nitrofusion + compile"
+        try:
+            compile_pipeline(pipe)
+        except Exception as exc:  # its rows are then recorded as skipped
+            record(setting, None, None, "error", failure(exc))
         fast = getattr(pipe, "nitro_fast", None)
         # Bare compute as the sampler runs it: one graph per call where the sampler captures the
         # whole sample (its modules then have no CUDA graphs of their own).
-        measure("nitrofusion + compile", nitro_call, with_bare=True, captured_bare=fast is not None and fast.captured)
-        checked("nitrofusion + compile")
+        measure(setting, nitro_call, with_bare=True, captured_bare=fast is not None and fast.captured)
+        checked(setting)
 
     print(f"wrote {out}")
 

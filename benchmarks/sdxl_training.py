@@ -3,15 +3,18 @@
 The `sdxl` preset (1024², batch 5, 480-head pool, bf16, gradient checkpointing) on SDXL base
 1.0's architecture with random weights (memory and speed do not depend on the values), with
 gradient accumulation 1 (one micro-batch per iteration; the preset's 20 multiply the time,
-not the memory). Teacher pairs are random latents of the right shape, so only the training
-iteration is timed; their 1,000 prompts are all different, so nearly every micro-batch meets
-prompts the conditioning cache has not, as training on a large prompt set does (with the teacher
-offloaded, the text encoders come to the GPU for them). After the timed iterations one
+not the memory; the `accumulate` row has them, and runs at most 1 + 2 iterations). Teacher
+pairs are random latents of the right shape, so only the training iteration is timed; their
+1,000 prompts are all different, so nearly every micro-batch meets prompts the conditioning
+cache has not, as training on a large prompt set does (with the teacher offloaded, the text
+encoders come to the GPU for them). After the timed iterations one
 validation (the preset's 10 prompts at 1 to 4 steps, decoded) is timed on its own, with its own
 peak: it runs with the training's whole state resident. The teacher is made in a process of its
 own and every setting runs in its own process, so each finds the whole GPU free (recorded as
 `gpu_free_gib_at_start`) and its peak memory is its own; a setting that does not fit is reported
-as out of memory, with where. Results are written after every setting.
+as out of memory, with where, and one that runs past `--timeout` is killed and reported as such.
+Each row also records the allocator's retries (`num_alloc_retries`: it freed its cache to satisfy a
+request, the sign of a card nearly full). Results are written (replaced whole) after every setting.
 
     python benchmarks/sdxl_training.py --out runs/sdxl_training.json          # a CUDA machine
     python benchmarks/sdxl_training.py --tiny --device cpu --steps 2          # the same code, tiny, CPU
@@ -20,7 +23,9 @@ as out of memory, with where. Results are written after every setting.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -59,6 +64,11 @@ SETTINGS = {  # id: (what, overrides of the sdxl preset)
     "fp32": ("fp32 (no mixed precision)", ["optim.mixed_precision=no"]),
 }
 
+
+# At most (warm-up, timed) iterations for a setting whose iteration is many micro-batches: with the
+# preset's 20, 2 + 6 iterations are 160 micro-batches (about 4 minutes on an H100, past --timeout).
+# One warm-up iteration leaves ~72% of the pool's heads with optimizer state, two more ~98%.
+MAX_ITERATIONS = {"accumulate": (1, 2)}
 
 PAIRS = 1000  # distinct prompts: the timed micro-batches draw 5 each, so nearly all are new to the cache
 
@@ -197,10 +207,12 @@ def worker(args: argparse.Namespace) -> None:
             # Host memory pinned for the offloaded parts, as the allocator holds it (packed in
             # power-of-two blocks: training/host_memory.py): what the offload costs on the host side.
             result["pinned_host_gib"] = torch.cuda.host_memory_stats().get("allocated_bytes.current", 0) / 2**30
+            result["num_alloc_retries"] = torch.cuda.memory_stats().get("num_alloc_retries", 0)
     except torch.OutOfMemoryError:
         result["error"] = f"out of memory in {where['now']}"
         if cuda:
             result["peak_gib"] = max(*peaks.values(), torch.cuda.max_memory_allocated()) / 2**30
+            result["num_alloc_retries"] = torch.cuda.memory_stats().get("num_alloc_retries", 0)
         print("RESULT " + json.dumps(result), flush=True)
         return
     if args.validate:  # the training's state all resident, its gradients freed: a peak of its own
@@ -217,6 +229,8 @@ def worker(args: argparse.Namespace) -> None:
             result["validation_error"] = "out of memory"
         if cuda:
             result["peak_validation_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            retries = torch.cuda.memory_stats().get("num_alloc_retries", 0) - result.get("num_alloc_retries", 0)
+            result["validation_num_alloc_retries"] = retries
     print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -237,6 +251,7 @@ def main() -> None:
     p.add_argument("--settings", nargs="+", choices=sorted(SETTINGS), help="settings to run (default: all)")
     p.add_argument("--tiny", action="store_true", help="the tiny test SDXL pipeline instead of SDXL base")
     p.add_argument("--no-validate", dest="validate", action="store_false", help="skip the timed validation")
+    p.add_argument("--timeout", type=float, default=240, help="seconds a setting's process may run (default 240)")
     p.add_argument("--out", default="runs/sdxl_training.json")
     # worker-only arguments
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -259,40 +274,71 @@ def main() -> None:
     # This process never touches the GPU: memory its allocator kept cached would be missing from
     # every setting's card (it was: 13 GiB, before 2026-11-27, when this process built the teacher).
     report = {
-        "machine": {"torch": torch.__version__, "diffusers": __import__("diffusers").__version__},
+        "machine": {
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+            "diffusers": __import__("diffusers").__version__,
+            # Read from the installed metadata, not imported: importing bitsandbytes may start CUDA here.
+            "transformers": version("transformers"),
+            "bitsandbytes": version("bitsandbytes"),
+        },
         "model": "tiny SDXL (tests)" if args.tiny else "SDXL base 1.0 architecture, random weights",
         "batch": args.batch,
+        "warmup": args.warmup,
+        "steps": args.steps,
         "pairs": PAIRS,
         "rows": [],
     }
     common = ["--device", args.device, "--batch", str(args.batch)] + (["--tiny"] if args.tiny else [])
     with tempfile.TemporaryDirectory() as tmp:
-        made = run_worker(["--make-teacher", "--root", tmp, *common])
+        made = run_worker(["--make-teacher", "--root", tmp, *common], args.timeout)
         if "error" in made:
             raise SystemExit(f"making the teacher failed: {made['error']}")
         report["machine"]["device"], report["size"] = made["device"], made["size"]
         for i, name in enumerate(names):
             what, overrides = SETTINGS[name]
+            cap = MAX_ITERATIONS.get(name, (args.warmup, args.steps))
+            warmup, steps = min(args.warmup, cap[0]), min(args.steps, cap[1])
             row = run_worker(
                 [
                     "--worker",
                     *common,
                     *("--teacher", made["teacher"], "--pairs", made["pairs"], "--size", str(made["size"])),
-                    *("--warmup", str(args.warmup), "--steps", str(args.steps)),
+                    *("--warmup", str(warmup), "--steps", str(steps)),
                     *("--run-dir", str(Path(tmp) / f"run{i}"), "--overrides", json.dumps(overrides)),
                     *([] if args.validate else ["--no-validate"]),
-                ]
+                ],
+                args.timeout,
             )
-            row = {"setting": name, "what": what, "overrides": overrides, **row}
+            row = {"setting": name, "what": what, "overrides": overrides, "warmup": warmup, "steps": steps, **row}
             report["rows"].append(row)
-            out.write_text(json.dumps(report, indent=1))
+            write_json(out, report)
             print(json.dumps(row), flush=True)
     print(f"wrote {out}")
 
 
-def run_worker(args: list[str]) -> dict:
-    """This script in a new process with `args`; what it printed after RESULT, or the error."""
-    proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True)
+def version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def write_json(path: Path, data: dict) -> None:
+    """`data` as JSON at `path`, atomically: a run killed mid-write leaves the last whole file."""
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as f:
+        json.dump(data, f, indent=1)
+    os.chmod(f.name, 0o644)  # a temporary file is made private
+    os.replace(f.name, path)
+
+
+def run_worker(args: list[str], timeout: float) -> dict:
+    """This script in a new process with `args`; what it printed after RESULT, or the error. A process
+    still running after `timeout` seconds is killed: one hung setting must not take the others' time."""
+    try:
+        proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:g} s (killed)"}
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if lines:
         return json.loads(lines[-1][len("RESULT ") :])
