@@ -53,7 +53,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         prepare_output,
         size_multiple_of_folder,
     )
-    from nitrofusion.pipelines.loading import resolve_model
+    from nitrofusion.pipelines.loading import resolve_model, unet_only_options
     from nitrofusion.world.spec import choose_model
 
     prepare_output(args.out, len(prompts))
@@ -63,7 +63,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     check_guidance_scale(args.guidance_scale)
     check_steps(args.sampler, args.steps)
     choice = choose_model(args.model, args.unet, args.shift)
-    multiple = size_multiple_of_folder(resolve_model(choice.model, unet_weights=choice.unet is None))
+    # An SD3 pipeline is resolved too (sampled with its own scheduler); with --unet, --shift,
+    # --compile or --sampler shift-lcm it is refused from its index before a weight is fetched.
+    unet_only = unet_only_options(choice.unet, choice.shift, args.sampler, args.compile)
+    folder = resolve_model(choice.model, unet_weights=choice.unet is None, allow_flow=True, unet_only=unet_only)
+    multiple = size_multiple_of_folder(folder)
     if multiple is not None:
         check_size(multiple, args.height, args.width)
     pipe = load_pipeline(
@@ -173,7 +177,9 @@ def cmd_make_pairs(args: argparse.Namespace) -> int:
     check_writable_folder(args.out, "--out")
     prompts = load_prompts(args.prompts)
     # Pairs are latents: nothing is decoded, so a safety checker (SD1.5's 1.2 GB) would never run.
-    pipe = load_pipeline(resolve_teacher(args.model), sampler="native", device=args.device, safety_checker=False)
+    # A flow-matching transformer (SD3) is refused from its index, before any weight is read or fetched.
+    teacher = resolve_teacher(args.model)
+    pipe = load_pipeline(teacher, sampler="native", device=args.device, safety_checker=False, allow_flow=False)
     size = default_size(pipe) if args.resolution is None else args.resolution
     if size % size_multiple(pipe):
         raise UserError(f"--resolution must be a multiple of {size_multiple(pipe)} for this teacher, got {size}")
@@ -313,8 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompts", help="prompt file: .txt (a prompt a line), .jsonl, .json (COCO too), .csv/.tsv")
     g.add_argument(
         "--model",
-        help="diffusers pipeline directory, hub id in the local cache, 'embedded' (the shipped student, default) "
-        "or 'embedded-teacher'",
+        help="diffusers pipeline directory or hub id in the local cache (SDXL, SD1.5, or an SD3-architecture flow "
+        "transformer, sampled with its own scheduler), 'embedded' (the shipped student, default) or 'embedded-teacher'",
     )
     g.add_argument("--unet", help="student UNet state dict (.safetensors) to load into the model's UNet")
     g.add_argument("--steps", type=int, default=1)
@@ -329,7 +335,11 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="shift-lcm: NitroFusion's 1-4 step sampler; native: the pipeline's own scheduler",
     )
-    g.add_argument("--guidance-scale", type=float, help="CFG scale (default 0 for shift-lcm, 5 for native)")
+    g.add_argument(
+        "--guidance-scale",
+        type=float,
+        help="CFG scale (default 0 for shift-lcm, 5 for native; an SD3 pipeline's own, 7: SD3.5-Large-Turbo needs 0)",
+    )
     g.add_argument("--device", help="cpu or cuda (default: cuda if available)")
     g.add_argument("--dtype", default="auto", help="auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16")
     g.add_argument(
@@ -370,7 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_distill)
 
     mp = sub.add_parser("make-pairs", help="precompute teacher samples (prompt, noise seed, latent) shards")
-    mp.add_argument("--model", default="embedded", help="teacher pipeline directory, hub id or 'embedded'")
+    mp.add_argument(
+        "--model", default="embedded", help="UNet teacher pipeline directory (SDXL, SD1.5), hub id or 'embedded'"
+    )
     mp.add_argument("--prompts", default="embedded", help="prompt file (.txt, .jsonl, .json, .csv, .tsv) or 'embedded'")
     mp.add_argument("--n", type=int, default=1024)
     mp.add_argument("--steps", type=int, default=25)
@@ -389,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     mp.set_defaults(func=cmd_make_pairs)
 
     e = sub.add_parser("evaluate", help="generate (cached) and score: FID, CLIP, aesthetic, ImageReward, embedded")
-    e.add_argument("--model", help="pipeline directory or hub id (default: the embedded model)")
+    e.add_argument("--model", help="pipeline directory or hub id, SD3 architecture too (default: the embedded model)")
     e.add_argument("--unet", help="student UNet state dict (.safetensors)")
     e.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4])
     e.add_argument("--prompts", default="embedded", help="'embedded' or a prompt file (.txt .jsonl .json .csv .tsv)")

@@ -729,7 +729,7 @@ def test_a_hub_snapshot_in_part_is_not_taken_for_the_pipeline(tmp_path, monkeypa
     monkeypatch.delenv("HF_HUB_OFFLINE")
     asked = []
     monkeypatch.setattr(
-        loading, "download_pipeline", lambda repo, sd, unet_weights: asked.append(unet_weights) or snapshot
+        loading, "download_pipeline", lambda repo, sd, unet_weights, *_: asked.append(unet_weights) or snapshot
     )
     assert loading.resolve_model("someone/base", unet_weights=False) == snapshot and asked == [False]
 
@@ -786,8 +786,10 @@ def test_a_pipeline_built_as_the_public_snippet_builds_it_samples_without_guidan
 
 
 def test_a_flow_transformer_pipeline_is_refused_by_name_before_any_weight_is_read(tmp_path, monkeypatch):
-    """SD3/Flux are not supported yet: a local folder, a cached hub snapshot (which has no UNet and
-    must not be called "cached in part") and a reachable repo (20-30 GB) are refused from the index."""
+    """An SD3 pipeline is sampled (generate, evaluate, app: allow_flow) but never distilled: as a
+    teacher it is refused from its index, in a local folder, a cached hub snapshot (which has no UNet
+    and must not be called "cached in part") and a reachable repo (20-30 GB). Flux is refused by
+    name everywhere. tests/test_flow_pipelines.py samples a tiny SD3."""
     import huggingface_hub
 
     from nitrofusion.pipelines import loading
@@ -800,8 +802,8 @@ def test_a_flow_transformer_pipeline_is_refused_by_name_before_any_weight_is_rea
         "vae": ["diffusers", "AutoencoderKL"],
     }
     (sd3 / "model_index.json").write_text(json.dumps(index))
-    with pytest.raises(UserError, match="StableDiffusion3Pipeline with a transformer .*not supported yet"):
-        load_pipeline(sd3, device="cpu")
+    with pytest.raises(UserError, match="StableDiffusion3Pipeline .*distillation of flow-matching .*not supported yet"):
+        load_pipeline(sd3, device="cpu", allow_flow=False)
     fetched = []
 
     def snapshot_download(repo_id, allow_patterns=None, ignore_patterns=None, local_files_only=False):
@@ -812,13 +814,25 @@ def test_a_flow_transformer_pipeline_is_refused_by_name_before_any_weight_is_rea
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
-    with pytest.raises(UserError, match="SD3Transformer2DModel"):
-        loading.resolve_model("stabilityai/stable-diffusion-3.5-large")
+    with pytest.raises(UserError, match="StableDiffusion3Pipeline .*not supported yet"):
+        loading.resolve_model("stabilityai/stable-diffusion-3.5-large")  # a teacher's (the default)
     assert fetched == [["model_index.json"]]  # the index alone, never a weight
+    loading.resolve_model("stabilityai/stable-diffusion-3.5-large", allow_flow=True)  # to sample: fetched
+    assert fetched[1] == ["model_index.json"] and "transformer/*.safetensors" in fetched[2]
     monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: str(sd3))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(UserError, match="not supported yet"):  # not "not (in full) in the cache"
         loading.resolve_model("stabilityai/stable-diffusion-3.5-large")
+    (sd3 / "transformer").mkdir()
+    (sd3 / "transformer" / "diffusion_pytorch_model.safetensors").write_bytes(b"")
+    assert loading.resolve_model("stabilityai/stable-diffusion-3.5-large", allow_flow=True) == sd3
+    flux = index | {"_class_name": "FluxPipeline", "transformer": ["diffusers", "FluxTransformer2DModel"]}
+    (sd3 / "model_index.json").write_text(json.dumps(flux))
+    for allow_flow in (False, True):
+        with pytest.raises(
+            UserError, match=r"FluxPipeline with a transformer \(FluxTransformer2DModel\).*not supported yet"
+        ):
+            load_pipeline(sd3, device="cpu", allow_flow=allow_flow)
     (sd3 / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
     with pytest.raises(UserError, match=r"\(StableDiffusionPipeline\) is not a UNet text-to-image pipeline"):
         load_pipeline(sd3, device="cpu")

@@ -274,7 +274,7 @@ def fid_resize(req: EvalRequest) -> str | None:
 def evaluate(req: EvalRequest) -> list[dict]:
     from nitrofusion.data.teacher import prompts_digest
     from nitrofusion.pipelines import load_pipeline
-    from nitrofusion.pipelines.generation import check_request, default_guidance, default_size
+    from nitrofusion.pipelines.generation import check_request, default_guidance, default_size, denoiser
     from nitrofusion.pipelines.loading import resolve_device
 
     if req.n < 2:
@@ -314,8 +314,8 @@ def evaluate(req: EvalRequest) -> list[dict]:
     if unfiltered:  # otherwise the same model's rows look alike in the tables
         label += " (unfiltered)"
     results, grid_rows = [], []
-    weights = next(pipe.unet.parameters())
-    guidance = req.guidance_scale if req.guidance_scale is not None else default_guidance(sampler)
+    weights = next(denoiser(pipe).parameters())  # the UNet, or an SD3 pipeline's transformer
+    guidance = req.guidance_scale if req.guidance_scale is not None else default_guidance(sampler, pipe)
     caches = []
     for steps in req.steps:
         settings = {

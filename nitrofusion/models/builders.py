@@ -1,9 +1,11 @@
-"""Assemble diffusers pipelines of the SDXL and SD1.5 architectures from small configs.
+"""Assemble diffusers pipelines of the SDXL, SD1.5 and SD3 architectures from small configs.
 
 Both the test pipelines and the embedded world are built here, so that what the tests
 exercise is exactly the structure the shipped model has: the real CLIP tokenizer (shipped
 in the package), CLIP text encoders, an `AutoencoderKL` and a `UNet2DConditionModel`
-(with SDXL's "text_time" added conditions for the SDXL variant).
+(with SDXL's "text_time" added conditions for the SDXL variant). The SD3 one (a flow-matching
+`SD3Transformer2DModel`, sampled only, never distilled) exists for the tests of generate,
+evaluate and the app.
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ import torch
 from diffusers import (
     AutoencoderKL,
     EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
@@ -225,6 +230,90 @@ def _safety_checker(spec: SD15Spec) -> StableDiffusionSafetyChecker:
     text = {"hidden_size": width, "intermediate_size": 2 * width, "num_hidden_layers": 1, "num_attention_heads": 1}
     config = CLIPConfig(text_config=text, vision_config=vision, projection_dim=width)
     return StableDiffusionSafetyChecker(config).eval()
+
+
+@dataclass
+class SD3Spec:
+    """Sizes of an SD3-architecture pipeline (SD3.5's by default: q/k RMS norms, a dual-attention
+    layer). Defaults give a tiny one for tests: a 4-block VAE (factor 8, as SD3's) so that sizes
+    must be multiples of 16 (factor x patch), 64x64 images by default. Without a T5 encoder, as
+    diffusers allows: the pipeline fills T5's part of the prompt embedding with zeros."""
+
+    sample_size: int = 8  # latent side
+    patch_size: int = 2
+    num_layers: int = 2
+    attention_head_dim: int = 8
+    num_attention_heads: int = 2
+    pos_embed_max_size: int = 16  # latent sides up to 32 (256 px)
+    dual_attention_layers: tuple[int, ...] = (0,)
+    qk_norm: str | None = "rms_norm"
+    text_hidden: int = 32  # each of the two CLIP encoders; their pooled outputs are concatenated
+    text_layers: int = 2
+    text_heads: int = 2
+    joint_attention_dim: int = 64  # T5's width in SD3 (4096); the CLIP embeddings are padded to it
+    vae_block_out_channels: tuple[int, ...] = (16, 16, 16, 16)
+    latent_channels: int = 16
+    vae_scaling_factor: float = 1.5305  # SD3's VAE
+    vae_shift_factor: float = 0.0609
+    scheduler_shift: float = 3.0  # SD3's FlowMatchEulerDiscreteScheduler
+
+    def transformer_config(self) -> dict:
+        return dict(
+            sample_size=self.sample_size,
+            patch_size=self.patch_size,
+            in_channels=self.latent_channels,
+            out_channels=self.latent_channels,
+            num_layers=self.num_layers,
+            attention_head_dim=self.attention_head_dim,
+            num_attention_heads=self.num_attention_heads,
+            joint_attention_dim=self.joint_attention_dim,
+            caption_projection_dim=self.attention_head_dim * self.num_attention_heads,
+            pooled_projection_dim=2 * self.text_hidden,
+            pos_embed_max_size=self.pos_embed_max_size,
+            dual_attention_layers=self.dual_attention_layers,
+            qk_norm=self.qk_norm,
+        )
+
+    def vae_config(self) -> dict:
+        n = len(self.vae_block_out_channels)
+        return dict(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * n,
+            up_block_types=("UpDecoderBlock2D",) * n,
+            block_out_channels=self.vae_block_out_channels,
+            layers_per_block=1,
+            latent_channels=self.latent_channels,
+            norm_num_groups=min(32, self.vae_block_out_channels[0]),
+            sample_size=self.sample_size * 2 ** (n - 1),
+            scaling_factor=self.vae_scaling_factor,
+            shift_factor=self.vae_shift_factor,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+            force_upcast=False,
+        )
+
+
+def build_sd3_pipeline(spec: SD3Spec | None = None, seed: int = 0) -> StableDiffusion3Pipeline:
+    """A randomly initialised (seeded) SD3-architecture pipeline, without the T5 encoder."""
+    spec = spec or SD3Spec()
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(**spec.transformer_config())
+    vae = AutoencoderKL(**spec.vae_config())
+    config = _text_config(spec.text_hidden, spec.text_layers, spec.text_heads, spec.text_hidden)
+    text_encoder = CLIPTextModelWithProjection(config)
+    text_encoder_2 = CLIPTextModelWithProjection(config)
+    return StableDiffusion3Pipeline(
+        transformer=transformer.eval(),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=spec.scheduler_shift),
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        tokenizer=clip_tokenizer(),
+        text_encoder_2=text_encoder_2.eval(),
+        tokenizer_2=clip_tokenizer(),
+        text_encoder_3=None,
+        tokenizer_3=None,
+    )
 
 
 def sdxl_base_configs() -> dict[str, dict]:

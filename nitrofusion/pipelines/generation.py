@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import os
 import re
@@ -32,15 +33,28 @@ class GenerationResult:
     metadata: dict[str, str]
 
 
+def denoiser(pipe: DiffusionPipeline) -> torch.nn.Module:
+    """The network that denoises: the UNet, or a flow pipeline's transformer (SD3)."""
+    unet = getattr(pipe, "unet", None)
+    return unet if unet is not None else pipe.transformer
+
+
 def size_multiple(pipe: DiffusionPipeline) -> int:
     """Height and width must be multiples of this: the VAE's factor, and >= 8, as diffusers' own
-    pipelines ask. The UNet need not divide its latents evenly: it up-samples to its skip
+    pipelines ask; times the patch size for a transformer (16 for SD3), whose latents are cut into
+    patches. The UNet need not divide its latents evenly: it up-samples to its skip
     connections' sizes (an SDXL latent side of 65, 520 px, samples)."""
-    return multiple_of(pipe.vae_scale_factor)
+    return multiple_of(pipe.vae_scale_factor, _patch_size(denoiser(pipe).config))
 
 
-def multiple_of(vae_factor: int) -> int:
-    return max(8, vae_factor)
+def _patch_size(config: object) -> int:
+    """A transformer's patch size from its config (a dict or a config object); 1 for a UNet."""
+    value = config.get("patch_size") if isinstance(config, dict) else getattr(config, "patch_size", None)
+    return int(value) if isinstance(value, int) and value > 0 else 1
+
+
+def multiple_of(vae_factor: int, patch_size: int = 1) -> int:
+    return max(8, vae_factor * patch_size)
 
 
 def sampler_of(pipe: DiffusionPipeline) -> str:
@@ -54,14 +68,21 @@ def sampler_of(pipe: DiffusionPipeline) -> str:
     return "shift-lcm" if isinstance(pipe.scheduler, LCMScheduler) and "shifted_timestep" in config else "native"
 
 
-def default_guidance(sampler: str) -> float:
+def default_guidance(sampler: str, pipe: DiffusionPipeline | None = None) -> float:
     """Without --guidance-scale: none for the shift-LCM sampler (NitroSD samples without CFG), 5 for
-    a multi-step teacher."""
-    return 0.0 if sampler == "shift-lcm" else 5.0
+    a multi-step UNet teacher; for a flow transformer (SD3), its pipeline class's own default (7 for
+    SD3; a distilled one such as SD3.5-Large-Turbo needs --guidance-scale 0)."""
+    if sampler == "shift-lcm":
+        return 0.0
+    if pipe is not None and getattr(pipe, "unet", None) is None and getattr(pipe, "transformer", None) is not None:
+        default = inspect.signature(type(pipe).__call__).parameters.get("guidance_scale")
+        if default is not None and isinstance(default.default, (int, float)):
+            return float(default.default)
+    return 5.0
 
 
 def default_size(pipe: DiffusionPipeline) -> int:
-    return int(pipe.unet.config.sample_size) * pipe.vae_scale_factor
+    return int(denoiser(pipe).config.sample_size) * pipe.vae_scale_factor
 
 
 def check_distinct_timesteps(pipe: DiffusionPipeline, steps: int) -> None:
@@ -114,13 +135,16 @@ def check_seeds(seed: int, n: int) -> None:
 
 
 def size_multiple_of_folder(folder: str | Path) -> int | None:
-    """`size_multiple` from a pipeline folder's UNet and VAE configs, before anything is loaded
-    (an SDXL pipeline takes tens of seconds); None where they cannot be read, and the check after
-    loading stands alone."""
+    """`size_multiple` from a pipeline folder's VAE config (and a transformer's, for its patch
+    size), before anything is loaded (an SDXL pipeline takes tens of seconds); None where they
+    cannot be read, and the check after loading stands alone."""
     try:
         vae = json.loads((Path(folder) / "vae" / "config.json").read_text())
-        return multiple_of(2 ** (len(vae["block_out_channels"]) - 1))  # diffusers' factor
-    except (OSError, ValueError, KeyError, TypeError):
+        factor = 2 ** (len(vae["block_out_channels"]) - 1)  # diffusers' factor
+        transformer = Path(folder) / "transformer" / "config.json"
+        patch = _patch_size(json.loads(transformer.read_text())) if transformer.is_file() else 1
+        return multiple_of(factor, patch)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
 
 
@@ -165,7 +189,7 @@ def generate_batches(
     check_request(pipe, steps, height, width)
     sampler = sampler_of(pipe)
     if guidance_scale is None:
-        guidance_scale = default_guidance(sampler)
+        guidance_scale = default_guidance(sampler, pipe)
     # The pipeline's own modules without its per-call work, where it applies (same images).
     fast = fast_sampler(pipe) if guidance_scale <= 1 else None
     device = fast.device if fast is not None else pipe.device  # pipe.device walks every submodule

@@ -3,6 +3,11 @@
 Only safetensors are ever read and remote code is never trusted. A NitroSD-style student
 is a plain UNet state dict in safetensors, loaded into the model's own UNet config, as the
 public checkpoints are (`UNet2DConditionModel.from_config(...)` + `load_state_dict`).
+
+UNet pipelines (SDXL, SD1.5 architecture) are loaded for everything. Flow-matching transformers
+of the SD3 architecture (`StableDiffusion3Pipeline`: SD3-Medium, SD3.5-Large, SD3.5-Large-Turbo)
+are loaded for sampling with their own scheduler (generate, evaluate, app), never as a teacher;
+other transformer pipelines (Flux...) are refused by name (`check_architecture`).
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ import fnmatch
 import json
 import os
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
@@ -34,10 +39,18 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
 
 
-def resolve_model(model: str | Path, option: str = "--model", unet_weights: bool = True) -> Path:
+def resolve_model(
+    model: str | Path,
+    option: str = "--model",
+    unet_weights: bool = True,
+    allow_flow: bool = False,
+    unet_only: Sequence[str] = (),
+) -> Path:
     """A local diffusers pipeline directory for `model` (a path or a hub id in the local cache);
     `option`: what the user gave it as, for the messages. `unet_weights=False`: a student UNet
-    replaces the pipeline's, so a cached copy without UNet weights will do and none is fetched."""
+    replaces the pipeline's, so a cached copy without UNet weights will do and none is fetched.
+    `allow_flow`, `unet_only`: `check_architecture`'s, applied to a hub model's index before any
+    of its weights is looked for or fetched (a local directory is checked by the caller)."""
     path = Path(model).expanduser()
     if path.exists():
         if not (path / "model_index.json").is_file():
@@ -52,7 +65,7 @@ def resolve_model(model: str | Path, option: str = "--model", unet_weights: bool
             cached = Path(snapshot_download(str(model), local_files_only=True))
             if (cached / "model_index.json").is_file():
                 # Before the UNet's weights are looked for: a cached SD3 has none, and is not "in part".
-                check_unet_pipeline(check_model_index(cached), str(model))
+                check_architecture(check_model_index(cached), str(model), allow_flow, unet_only)
             if _cached_in_full(cached, unet_weights):
                 return cached
             # In part only: e.g. the public snippet's first line reads SDXL base's unet/config.json
@@ -61,7 +74,7 @@ def resolve_model(model: str | Path, option: str = "--model", unet_weights: bool
             pass
         if not _offline():
             try:
-                return download_pipeline(str(model), snapshot_download, unet_weights)
+                return download_pipeline(str(model), snapshot_download, unet_weights, allow_flow, unet_only)
             except UserError:
                 raise
             except Exception as exc:  # network errors come in many types
@@ -100,22 +113,38 @@ def component_folders(index: dict) -> list[str]:
 
 
 def _cached_in_full(root: Path, unet_weights: bool) -> bool:
-    """A cached snapshot that can be loaded: its model index, and its UNet's weights where needed."""
+    """A cached snapshot that can be loaded: its model index, and its denoiser's weights (the UNet's
+    where needed, an SD3 transformer's)."""
     if not (root / "model_index.json").is_file():
         return False
-    return not unet_weights or any((root / "unet").glob("*.safetensors"))
+    try:
+        denoiser = "transformer" if is_flow_pipeline(json.loads((root / "model_index.json").read_text())) else "unet"
+    except (OSError, ValueError):
+        denoiser = "unet"
+    if denoiser == "unet" and not unet_weights:
+        return True
+    return any((root / denoiser).glob("*.safetensors"))
 
 
-def download_pipeline(repo: str, snapshot_download: Callable[..., str], unet_weights: bool = True) -> Path:
+def download_pipeline(
+    repo: str,
+    snapshot_download: Callable[..., str],
+    unet_weights: bool = True,
+    allow_flow: bool = False,
+    unet_only: Sequence[str] = (),
+) -> Path:
     """A pipeline repo's model index, then only the folders it names, configs and safetensors in one
     precision: SDXL base's repo also holds two 6.9 GB single-file checkpoints at its root, a VAE
     variant and fp16 copies of every component (about 35 GB, where 7 GB make the pipeline).
-    `unet_weights=False`: the UNet's config only (a student replaces its weights)."""
+    `unet_weights=False`: the UNet's config only (a student replaces its weights). `allow_flow`,
+    `unet_only`: `check_architecture`'s, applied to the index before anything else is fetched."""
     root = Path(snapshot_download(repo, allow_patterns=["model_index.json"]))
     index = check_model_index(root)  # refused before any weight is fetched
-    check_unet_pipeline(index, repo)  # an SD3 or Flux repo is 20-30 GB that load_pipeline would refuse
+    # A refused SD3 or Flux repo is 20-30 GB that load_pipeline would not use.
+    check_architecture(index, repo, allow_flow, unet_only)
     folders = component_folders(index)
-    files = [f"{folder}/{pattern}" for folder in folders for pattern in ("*.json", "*.txt")]
+    # *.model: a sentencepiece tokenizer's vocabulary (SD3's T5 tokenizer, spiece.model).
+    files = [f"{folder}/{pattern}" for folder in folders for pattern in ("*.json", "*.txt", "*.model")]
     weighted = [folder for folder in folders if unet_weights or folder != "unet"]
     plain = [f"{folder}/*.safetensors" for folder in weighted]
     root = Path(snapshot_download(repo, allow_patterns=files + plain, ignore_patterns=list(FP16_FILES)))
@@ -357,15 +386,52 @@ def check_model_index(model_dir: Path) -> dict:
     return index
 
 
-def check_unet_pipeline(index: dict, where: str) -> None:
-    """Refuse a pipeline without a UNet2DConditionModel (SDXL or SD1.5 architecture), naming what it is."""
-    if index.get("unet", [None])[1:] == [UNet2DConditionModel.__name__]:
-        return
+# Flow-matching transformer pipelines that are sampled (generate, evaluate, app), by their index entries.
+FLOW_PIPELINES = {"StableDiffusion3Pipeline": "SD3Transformer2DModel"}
+
+
+def is_flow_pipeline(index: Mapping) -> bool:
+    """Whether a model index names a supported flow-matching transformer pipeline (SD3 architecture)."""
     kind = index.get("_class_name")
+    return kind in FLOW_PIPELINES and index.get("transformer", [None])[1:] == [FLOW_PIPELINES[kind]]
+
+
+def unet_only_options(
+    unet: object = None, shift: int | None = None, sampler: str = "auto", compile: bool = False
+) -> tuple[str, ...]:
+    """The options given that only a UNet pipeline takes (a flow pipeline is refused with them)."""
+    given = {"--unet": unet is not None, "--shift": shift is not None, "--sampler shift-lcm": sampler == "shift-lcm"}
+    given["--compile"] = compile
+    return tuple(name for name, on in given.items() if on)
+
+
+def check_architecture(index: dict, where: str, allow_flow: bool = False, unet_only: Sequence[str] = ()) -> bool:
+    """Refuse what cannot be loaded for the caller, naming what it is; True for a flow pipeline.
+
+    A UNet pipeline (SDXL or SD1.5 architecture) always passes. An SD3-architecture flow-matching
+    transformer passes where `allow_flow` (sampling with its own scheduler), unless options only a
+    UNet pipeline takes (`unet_only`, e.g. "--unet") were given; never as a teacher to distil.
+    Any other transformer pipeline (Flux...) is refused by name."""
+    if index.get("unet", [None])[1:] == [UNet2DConditionModel.__name__]:
+        return False
+    kind = index.get("_class_name")
+    if is_flow_pipeline(index):
+        if not allow_flow:
+            raise UserError(
+                f"'{where}' is a {kind} (a flow-matching transformer): distillation of flow-matching "
+                "transformers is not supported yet; the teacher must be a UNet pipeline (SDXL or SD1.5 architecture)"
+            )
+        if unet_only:
+            raise UserError(
+                f"{unet_only[0]} is for UNet pipelines: '{where}' is a {kind} (a flow-matching transformer), "
+                "sampled with its own scheduler"
+            )
+        return True
     if isinstance(index.get("transformer"), list) and index["transformer"][:1] != [None]:
         raise UserError(
-            f"'{where}' is a {kind} with a transformer ({index['transformer'][-1]}): flow-matching "
-            "transformers (SD3, SD3.5, Flux) are not supported yet; use an SDXL or SD1.5-architecture pipeline"
+            f"'{where}' is a {kind} with a transformer ({index['transformer'][-1]}): it is not supported yet; "
+            "use an SDXL or SD1.5-architecture pipeline, or for sampling an SD3-architecture one "
+            "(StableDiffusion3Pipeline)"
         )
     raise UserError(f"'{where}' ({kind}) is not a UNet text-to-image pipeline (SDXL or SD1.5 architecture)")
 
@@ -380,6 +446,7 @@ def load_pipeline(
     compile: bool = False,
     safety_checker: bool = True,
     option: str = "--model",
+    allow_flow: bool = True,
 ) -> DiffusionPipeline:
     """Load a text-to-image pipeline ready for few-step sampling.
 
@@ -393,12 +460,22 @@ def load_pipeline(
     checker (SD1.5's), as evaluations on COCO do: it is not loaded, and no image is blacked out.
     `pipe.nitro_unfiltered` records that one was left out. `option`: how the user named the
     model (a flag or config key), for the error messages.
+
+    An SD3-architecture flow-matching transformer (`check_architecture`) is sampled with its own
+    scheduler ("native"); a student UNet, a shift, the shift-LCM sampler and `compile` are refused
+    for it before any weight is read. `allow_flow=False` (a teacher to distil) refuses it.
     """
-    model_dir = resolve_model(model, option, unet_weights=unet is None)
+    unet_only = unet_only_options(unet, shift, sampler, compile)
+    model_dir = resolve_model(model, option, unet_weights=unet is None, allow_flow=allow_flow, unet_only=unet_only)
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     index = check_model_index(model_dir)
-    check_unet_pipeline(index, str(model_dir))
+    if check_architecture(index, str(model_dir), allow_flow, unet_only):
+        if sampler not in ("auto", "native"):
+            raise UserError(
+                f"unknown sampler '{sampler}': use auto or native for '{model_dir}' ({index['_class_name']})"
+            )
+        return _loaded(_read_pipeline(model_dir, index, torch_dtype, safety_checker)[0], "native", model, False, device)
     student = {}
     if unet is not None:
         student["unet"] = _student_unet(model_dir, read_safetensors(unet), torch_dtype, f"UNet weights '{unet}'")
@@ -447,16 +524,24 @@ def load_pipeline(
         raise UserError(f"unknown sampler '{sampler}': use auto, shift-lcm or native")
     elif isinstance(pipe.scheduler, TimestepShiftLCMScheduler):
         sampler = "shift-lcm"  # a distilled pipeline's own scheduler: 1-4 steps, no CFG by default
-    pipe.nitro_sampler = sampler
-    pipe.nitro_model = str(model)
-    pipe.nitro_unfiltered = drop_checker
-    pipe.set_progress_bar_config(disable=True)
-    pipe = pipe.to(device)
-    align_weights(pipe)
+    pipe = _loaded(pipe, sampler, model, drop_checker, device)
     if compile:
         from nitrofusion.pipelines.fast import compile_pipeline
 
         compile_pipeline(pipe)
+    return pipe
+
+
+def _loaded(
+    pipe: DiffusionPipeline, sampler: str, model: str | Path, unfiltered: bool, device: str
+) -> DiffusionPipeline:
+    """`pipe` with what `load_pipeline` records on it, on `device`, its CPU weights aligned."""
+    pipe.nitro_sampler = sampler
+    pipe.nitro_model = str(model)
+    pipe.nitro_unfiltered = unfiltered
+    pipe.set_progress_bar_config(disable=True)
+    pipe = pipe.to(device)
+    align_weights(pipe)
     return pipe
 
 
@@ -474,6 +559,11 @@ def _read_pipeline(
     snippet = index.get("scheduler") == ["__main__", TimestepShiftLCMScheduler.__name__]
     if snippet:
         overrides = {**overrides, "scheduler": None}
+    if is_flow_pipeline(index):
+        # An SD3 saved without its T5 encoder (diffusers' way to save memory) records it as
+        # [null, null], which from_pretrained then asks for: it is given as left out.
+        left_out = [k for k, v in index.items() if not k.startswith("_") and v == [None, None]]
+        overrides = {**{k: None for k in left_out}, **overrides}
     try:
         with quiet_loading():
             pipe = DiffusionPipeline.from_pretrained(

@@ -1,20 +1,29 @@
-"""Tiny SDXL- and SD1.5-architecture pipelines with seeded random weights, for tests.
+"""Tiny SDXL-, SD1.5- and SD3-architecture pipelines with seeded random weights, for tests.
 
 They have the real structure (two CLIP text encoders with the real tokenizer, pooled
 embeddings and added time ids for SDXL; AutoencoderKL; UNet2DConditionModel) at a size that
-builds in well under a second and samples 16x16 images.
+builds in well under a second and samples 16x16 images. The SD3 one (two CLIP encoders, no T5,
+an SD3Transformer2DModel, a 16-channel VAE, FlowMatchEulerDiscreteScheduler) samples 64x64.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-from nitrofusion.models.builders import SD15Spec, SDXLSpec, build_sd15_pipeline, build_sdxl_pipeline
+from nitrofusion.models.builders import (
+    SD3Spec,
+    SD15Spec,
+    SDXLSpec,
+    build_sd3_pipeline,
+    build_sd15_pipeline,
+    build_sdxl_pipeline,
+)
 
 TINY_SDXL = SDXLSpec()
 TINY_SD15 = SD15Spec()
+TINY_SD3 = SD3Spec()
 
 
 def tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
@@ -33,4 +42,18 @@ def save_tiny_sdxl(path: str | Path, seed: int = 0) -> Path:
 
 def save_tiny_sd15(path: str | Path, seed: int = 0, safety_checker: bool = False) -> Path:
     tiny_sd15_pipeline(seed, safety_checker).save_pretrained(str(path))
+    return Path(path)
+
+
+def tiny_sd3_pipeline(seed: int = 0) -> StableDiffusion3Pipeline:
+    return build_sd3_pipeline(TINY_SD3, seed=seed)
+
+
+def save_tiny_sd3(path: str | Path, seed: int = 0) -> Path:
+    """Build and save a tiny SD3 pipeline (flow-matching transformer) in diffusers format. Its left-out
+    T5 encoder is recorded as [null, null] (diffusers' warning that None "cannot be saved" is silenced)."""
+    from nitrofusion.pipelines.loading import quiet_loading
+
+    with quiet_loading():
+        tiny_sd3_pipeline(seed).save_pretrained(str(path))
     return Path(path)

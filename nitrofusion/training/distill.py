@@ -168,6 +168,7 @@ class Distiller:
             dtype=torch.float32,
             safety_checker=cfg.model.safety_checker,
             option="model.teacher",
+            allow_flow=False,  # a flow-matching transformer (SD3) is refused from its index, before any weight
         )
         if not isinstance(self.teacher.unet, UNet2DConditionModel):
             raise UserError("the teacher's UNet must be a diffusers UNet2DConditionModel")
