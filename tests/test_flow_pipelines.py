@@ -250,3 +250,30 @@ def test_the_app_serves_an_sd3_model(tiny_sd3_dir):
         assert r.status_code == 400 and "multiple of 16" in r.json()["error"], r.text
     with pytest.raises(UserError, match="--compile is for UNet pipelines"):
         load_models([ModelSpec(str(tiny_sd3_dir))], device="cpu", warmup=False, compile=True)
+
+
+def test_the_app_samples_each_model_at_its_own_guidance_scale(tiny_sd3_dir):
+    """SD3.5-Large-Turbo needs CFG 0; without a per-model --guidance-scale the app drew it at SD3's 7."""
+    pytest.importorskip("httpx", reason="the app tests need httpx")
+    import argparse
+
+    from fastapi.testclient import TestClient
+
+    from nitrofusion.app.cli import _add_arguments
+    from nitrofusion.app.server import ModelSpec, create_app, load_models
+
+    parser = argparse.ArgumentParser()
+    _add_arguments(parser)
+    args = parser.parse_args(
+        ["--model", f"sd3={tiny_sd3_dir}", "--model", f"turbo={tiny_sd3_dir}", "--guidance-scale", "0"]
+    )
+    assert [s.guidance_scale for s in args.models] == [None, 0.0]
+    models = load_models(args.models, device="cpu", warmup=False)
+    with TestClient(create_app(models), base_url="http://127.0.0.1") as c:
+        described = {m["name"]: m["guidance_scale"] for m in c.get("/api/models").json()["models"]}
+        assert described == {"sd3": 7.0, "turbo": 0.0}
+        for name, want in (("sd3", "7"), ("turbo", "0")):
+            r = c.post("/api/generate", json={"prompt": "a cat", "steps": 1, "seed": 1, "model": name})
+            assert r.status_code == 200 and Image.open(io.BytesIO(r.content)).text["guidance_scale"] == want
+    with pytest.raises(UserError, match="guidance"):  # before anything is loaded
+        load_models([ModelSpec("/does/not/exist", guidance_scale=-1.0)], device="cpu", warmup=False)

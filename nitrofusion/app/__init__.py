@@ -19,6 +19,7 @@ class ModelSpec:
     model: str | None = None  # a pipeline directory, hub id in the local cache, or an embedded name
     unet: str | None = None
     shift: int | None = None
+    guidance_scale: float | None = None  # None: the sampler's default (generation.default_guidance)
     name: str | None = None
 
 

@@ -28,7 +28,7 @@ class _ModelAction(argparse.Action):
 
 
 class _AppliesToModel(argparse.Action):
-    """--unet / --shift apply to the --model given before them (or to the default model)."""
+    """--unet / --shift / --guidance-scale apply to the --model given before them (or to the default model)."""
 
     def __call__(self, parser, namespace, value, option_string=None):  # type: ignore[no-untyped-def]
         if not namespace.models:
@@ -61,6 +61,14 @@ def _add_arguments(a: argparse.ArgumentParser) -> None:
         "--unet", dest="unet", action=_AppliesToModel, help="student UNet (.safetensors) for the preceding --model"
     )
     a.add_argument("--shift", dest="shift", type=int, action=_AppliesToModel, help="timestep shift for it")
+    a.add_argument(
+        "--guidance-scale",
+        dest="guidance_scale",
+        type=float,
+        action=_AppliesToModel,
+        help="CFG scale for it (default: 0 for shift-lcm, 5 for a native UNet model, an SD3 pipeline's own 7; "
+        "SD3.5-Large-Turbo needs 0)",
+    )
     a.add_argument("--host", default=DEFAULT_HOST, help=f"address to bind (default {DEFAULT_HOST}: this machine only)")
     a.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"default {DEFAULT_PORT}; 0 picks a free port")
     a.add_argument("--device", help="cpu or cuda (default: cuda if available)")

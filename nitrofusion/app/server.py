@@ -109,13 +109,16 @@ class LoadedModel:
     size_multiple: int
     token_limit: int
     tokenizers: Sequence[Any] = ()
+    guidance_scale: float = 0.0  # the model's CFG scale: its --guidance-scale or the sampler's default
     # Compiled on a GPU (--compile): only the size compiled at start-up is served; any other would
     # compile again (minutes) inside a request.
     compiled_size: int | None = None
 
     @classmethod
-    def from_pipeline(cls, name: str, source: str, pipe: Any, compiled: bool = False) -> LoadedModel:
-        from nitrofusion.pipelines.generation import default_size, sampler_of, size_multiple
+    def from_pipeline(
+        cls, name: str, source: str, pipe: Any, compiled: bool = False, guidance_scale: float | None = None
+    ) -> LoadedModel:
+        from nitrofusion.pipelines.generation import default_guidance, default_size, sampler_of, size_multiple
 
         tokenizers = [t for t in (getattr(pipe, "tokenizer", None), getattr(pipe, "tokenizer_2", None)) if t]
         # Tokenizers without a real limit report a huge model_max_length; CLIP's is 77.
@@ -125,6 +128,7 @@ class LoadedModel:
             source=source,
             pipe=pipe,
             sampler=sampler_of(pipe),
+            guidance_scale=default_guidance(sampler_of(pipe), pipe) if guidance_scale is None else guidance_scale,
             default_size=default_size(pipe),
             size_multiple=size_multiple(pipe),
             token_limit=min(limits) if limits else 0,
@@ -156,6 +160,7 @@ class LoadedModel:
             "name": self.name,
             "source": self.source,
             "sampler": self.sampler,
+            "guidance_scale": self.guidance_scale,
             "default_size": self.default_size,
             "size_multiple": self.size_multiple,
             "max_size": max_size,
@@ -173,7 +178,15 @@ class LoadedModel:
         tokens = self.count_tokens(prompt)
         t0 = time.perf_counter()
         (result,) = generate(
-            self.pipe, [prompt], steps=steps, seed=seed, height=height, width=width, batch_size=1, progress=False
+            self.pipe,
+            [prompt],
+            steps=steps,
+            seed=seed,
+            height=height,
+            width=width,
+            batch_size=1,
+            guidance_scale=self.guidance_scale,
+            progress=False,
         )
         elapsed = time.perf_counter() - t0
         info = PngInfo()
@@ -210,6 +223,7 @@ def load_models(
     """Load every model once (safetensors only, no remote code: `load_pipeline`'s guarantees) and
     optionally sample one image each, so the first user request does not pay for lazy initialisation."""
     from nitrofusion.pipelines import generate, load_pipeline
+    from nitrofusion.pipelines.generation import check_guidance_scale
     from nitrofusion.world.spec import choose_model
 
     specs = list(specs) or [ModelSpec()]
@@ -220,6 +234,7 @@ def load_models(
             raise UserError(f"model name '{name}' may only use letters, digits, '.', '-' and '_'; use NAME=PATH")
         if name in names[:i]:
             raise UserError(f"two models are named '{name}'; name them with --model NAME=PATH")
+        check_guidance_scale(specs[i].guidance_scale)
     models: list[LoadedModel] = []
     for spec, name in zip(specs, names):
         choice = choose_model(spec.model, spec.unet, spec.shift)
@@ -233,11 +248,12 @@ def load_models(
             safety_checker=safety_checker,
         )
         compiled = compile and str(pipe.device).startswith("cuda")  # compile_pipeline leaves CPU alone
-        loaded = LoadedModel.from_pipeline(name, spec.model or "embedded", pipe, compiled=compiled)
+        loaded = LoadedModel.from_pipeline(name, spec.model or "embedded", pipe, compiled, spec.guidance_scale)
         if warmup:
             # A compiled sampler captures one CUDA graph per step count: capture them all now.
             for steps in range(1, MAX_STEPS + 1) if compiled else (1,):
-                generate(pipe, ["warm-up"], steps=steps, seed=0, batch_size=1, progress=False)
+                guidance = loaded.guidance_scale
+                generate(pipe, ["warm-up"], steps=steps, seed=0, batch_size=1, guidance_scale=guidance, progress=False)
         models.append(loaded)
     return models
 
