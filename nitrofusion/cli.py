@@ -209,6 +209,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         guidance_scale=args.guidance_scale,
         batch_size=args.batch_size,
         device=args.device,
+        dtype=args.dtype,
         label=args.label or args.model or "embedded",
         metrics=args.metrics,
         fid_features=args.fid_features,
@@ -412,6 +413,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
     e.add_argument("--batch-size", type=int, default=100)
     e.add_argument("--device")
+    e.add_argument(
+        "--dtype", default="auto", help="the model's: auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16 (SD3.5's)"
+    )
     _add_safety_checker_option(e)
     e.add_argument("--label", help="model name in the table")
     e.add_argument(

@@ -396,17 +396,15 @@ def test_evaluate_command_on_the_embedded_world(tmp_path, capsys):
 def test_an_image_cache_is_not_resumed_in_another_precision(tmp_path, capsys, monkeypatch):
     """On a GPU, evaluate samples in fp16 and draws noise from CUDA generators: a cache begun on a
     CPU and resumed there mixed two samplings of the same seeds. The precision here stands for both."""
-    import nitrofusion.pipelines as pipelines
-
     out = tmp_path / "ev"
     args = ["evaluate", "--steps", "1", "--n", "4", "--batch-size", "4", "--out", str(out)]
     assert main(args) == 0
     (out / "images" / "shift-lcm-1-step" / "00003.png").unlink()  # a stopped run
-    load = pipelines.load_pipeline
-    monkeypatch.setattr(pipelines, "load_pipeline", lambda *a, **k: load(*a, **k).to(torch.bfloat16))
     capsys.readouterr()
-    assert main(args) == 2
+    assert main([*args, "--dtype", "bf16"]) == 2
     assert "other settings (dtype)" in capsys.readouterr().err
+    assert main([*args, "--dtype", "fp8"]) == 2  # said before a metric's model or the pipeline loads
+    assert "unknown dtype 'fp8'" in capsys.readouterr().err
 
 
 def test_compare_puts_several_evaluations_in_one_table(tmp_path, capsys):

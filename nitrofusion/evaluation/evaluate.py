@@ -52,6 +52,7 @@ class EvalRequest:
     guidance_scale: float | None = None
     batch_size: int = 64
     device: str | None = None
+    dtype: str = "auto"  # the model's: auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16
     label: str | None = None
     metrics: list[str] | None = None  # None: the embedded metrics for embedded prompts, else Table 1's
     fid_features: str = "inception"
@@ -275,7 +276,7 @@ def evaluate(req: EvalRequest) -> list[dict]:
     from nitrofusion.data.teacher import prompts_digest
     from nitrofusion.pipelines import load_pipeline
     from nitrofusion.pipelines.generation import check_request, default_guidance, default_size, denoiser
-    from nitrofusion.pipelines.loading import resolve_device
+    from nitrofusion.pipelines.loading import resolve_device, resolve_dtype
 
     if req.n < 2:
         raise UserError(f"--n must be at least 2 (a covariance needs two samples), got {req.n}")
@@ -287,6 +288,7 @@ def evaluate(req: EvalRequest) -> list[dict]:
     check_guidance_scale(req.guidance_scale)
     check_writable_folder(req.out, "--out")
     device = resolve_device(req.device)
+    resolve_dtype(req.dtype, device)  # a bad --dtype is said before any metric's model loads
     prompts, labels, prompts_warning = load_prompt_set(req.prompts, req.n, req.seed)
     prompts_sha256 = prompts_digest(prompts)
     scorers = build_scorers(req, device)
@@ -300,7 +302,13 @@ def evaluate(req: EvalRequest) -> list[dict]:
         if req.n < dim
     ]
     pipe = load_pipeline(
-        req.model, unet=req.unet, shift=req.shift, sampler=req.sampler, device=device, safety_checker=req.safety_checker
+        req.model,
+        unet=req.unet,
+        shift=req.shift,
+        sampler=req.sampler,
+        device=device,
+        dtype=req.dtype,
+        safety_checker=req.safety_checker,
     )
     if req.shift is not None and pipe.nitro_sampler != "shift-lcm":
         raise UserError(f"--shift is for the shift-lcm sampler; the {pipe.nitro_sampler} sampler has none")
