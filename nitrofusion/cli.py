@@ -135,16 +135,17 @@ def cmd_distill(args: argparse.Namespace) -> int:
     from nitrofusion.training.config import load_config
 
     overrides = list(args.set or [])
+    settings = None
     if args.output_dir is not None:
         check_writable_folder(args.output_dir, "--output-dir")
-        overrides.append(f"run.output_dir={args.output_dir}")
+        settings = {"run": {"output_dir": args.output_dir}}  # the folder as named, never read as YAML
     if args.max_steps is not None:
         if args.max_steps < 1:
             raise UserError(f"--max-steps must be at least 1, got {args.max_steps}")
         overrides.append(f"refine.steps_per_stage=[{args.max_steps}]")
     if args.no_safety_checker:
         overrides.append("model.safety_checker=false")
-    cfg = load_config(args.preset, args.config, overrides)
+    cfg = load_config(args.preset, args.config, overrides, settings)
     # Imported once the config is known to be good: diffusers and transformers take seconds to
     # import, and a mistyped key should not wait for them.
     from nitrofusion.training.distill import Distiller, TrainingStopped

@@ -231,6 +231,17 @@ def test_yaml_no_is_the_string_for_string_keys():
         load_config(None, None, ["run.log_with=off"])
 
 
+def test_a_config_file_section_given_twice_is_refused_with_its_line(tmp_path):
+    """YAML keeps the last of two `optim:` sections: the first one's settings were lost without a word."""
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  lr: 1.0e-5\noptim:\n  ema_decay: 0.9\n")
+    with pytest.raises(UserError, match=r"key 'optim' is given twice \(line 3, column 1\)"):
+        load_config(None, path)
+    path.write_text("optim:\n  lr: 1\n bad: [\n")
+    with pytest.raises(UserError, match=r"not valid YAML: .*\(line 3, column 2\)"):
+        load_config(None, path)
+
+
 def test_ema_with_decay_zero_is_the_model_itself():
     model = torch.nn.Linear(3, 3)
     ema = EMA(model, 0.0)

@@ -305,6 +305,33 @@ def test_a_fresh_run_in_an_old_folder_sets_the_old_checkpoints_aside(tiny_sdxl_d
     assert "earlier run in this folder, set aside" in (tmp_path / "log.txt").read_text()
 
 
+def test_a_fresh_run_in_a_finished_runs_folder_sets_its_student_aside(tiny_sdxl_dir, tmp_path):
+    """Only the checkpoints were set aside: the new run replaced the earlier student, pipeline and config."""
+    from nitrofusion.training.distill import Distiller
+
+    Distiller(config(tiny_sdxl_dir, tmp_path, "refine.steps_per_stage=[1]", "run.seed=1"), progress=False).train()
+    earlier = (tmp_path / "student_unet.safetensors").read_bytes()
+    Distiller(config(tiny_sdxl_dir, tmp_path, "refine.steps_per_stage=[1]", "run.seed=2"), progress=False).train()
+    kept = tmp_path / "abandoned-run"
+    assert (kept / "student_unet.safetensors").read_bytes() == earlier
+    assert (kept / "pipeline" / "model_index.json").is_file() and "seed: 1" in (kept / "config.yaml").read_text()
+    assert (tmp_path / "student_unet.safetensors").read_bytes() != earlier  # the new run's, seed 2
+    assert "seed: 2" in (tmp_path / "config.yaml").read_text()
+    assert (
+        "the earlier run in this folder (its student, pipeline, grids), set aside" in (tmp_path / "log.txt").read_text()
+    )
+
+
+def test_an_output_dir_is_the_folder_named_not_yaml(tmp_path, monkeypatch):
+    """`--output-dir "runs/exp #2"` trained into runs/exp (a YAML comment), over the run there."""
+    from nitrofusion.training.config import load_config
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("runs/exp #2", "2024", "~x", "a: b"):
+        assert load_config("embedded", settings={"run": {"output_dir": name}}).run.output_dir == name
+        assert load_config("embedded", overrides=[f"run.output_dir={name}"]).run.output_dir == name
+
+
 def test_resuming_an_earlier_checkpoint_sets_the_later_ones_aside(tiny_sdxl_dir, tmp_path):
     """Pruning kept the highest steps: a run resumed from step 1 deleted its own new checkpoints,
     and --resume latest went back to the abandoned step 3."""

@@ -210,6 +210,20 @@ _Yaml12Loader.yaml_implicit_resolvers = {
     first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
+
+
+def _mapping_without_repeats(loader: _Yaml12Loader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    """A YAML mapping; a key given twice is refused (YAML keeps the last, losing the first section)."""
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(None, None, f"key '{key}' is given twice", key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_Yaml12Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_repeats)
 _Yaml12Loader.add_implicit_resolver(
     "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
 )
@@ -267,6 +281,8 @@ def _merge(obj: Any, updates: dict, prefix: str = "") -> None:
         if key not in names:
             raise UserError(f"unknown config key '{full}' (known: {', '.join(sorted(names))})")
         current = getattr(obj, key)
+        if isinstance(value, _Override):
+            value = value.value if dataclasses.is_dataclass(current) else _as_given(full, value, hints[key])
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
                 raise UserError(f"config key '{full}' must be a mapping")
@@ -440,13 +456,33 @@ def validate(cfg: DistillConfig) -> DistillConfig:
     return cfg
 
 
+@dataclass(frozen=True)
+class _Override:
+    """A --set value: YAML, except for a key that takes text, which gets the text as typed (YAML
+    would read `runs/exp #2` as `runs/exp`, a comment cut off, and `2024` as a number)."""
+
+    text: str
+    value: Any
+
+
+def _takes_text(tp: Any) -> bool:
+    return tp is str or (typing.get_origin(tp) in (typing.Union, types.UnionType) and str in typing.get_args(tp))
+
+
+def _as_given(key: str, value: _Override, tp: Any) -> Any:
+    quoted = isinstance(value.value, str) and value.text[:1] in ("'", '"')  # a YAML-quoted string: its content
+    if not _takes_text(tp) or quoted or value.value is None:  # null / ~ / empty stay None where allowed
+        return value.value
+    return value.text
+
+
 def parse_override(text: str) -> dict:
-    """'a.b=3' -> {'a': {'b': 3}} with the value parsed as YAML."""
+    """'a.b=3' -> {'a': {'b': 3}} with the value parsed as YAML (kept as typed for text keys)."""
     if "=" not in text:
         raise UserError(f"override '{text}' must look like section.key=value")
     key, raw = text.split("=", 1)
     try:
-        value = load_yaml(raw)
+        value = _Override(raw.strip(), load_yaml(raw))
     except yaml.YAMLError:
         raise UserError(f"override '{text}': value is not valid YAML") from None
     out: dict = {}
@@ -467,16 +503,27 @@ def _read_yaml(path: str | Path, what: str, packaged: bool = False) -> dict:
     try:
         data = load_yaml(text) or {}
     except yaml.YAMLError as exc:
-        raise UserError(f"{what} '{path}' is not valid YAML: {str(exc).splitlines()[0]}") from None
+        raise UserError(f"{what} '{path}' is not valid YAML: {_yaml_problem(exc)}") from None
     if not isinstance(data, dict):
         raise UserError(f"{what} '{path}' must be a mapping of sections")
     return data
 
 
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """The problem and where it is (line, column), on one line."""
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    mark = getattr(exc, "problem_mark", None)
+    return f"{problem} (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else problem
+
+
 def load_config(
-    preset: str | None = None, path: str | Path | None = None, overrides: list[str] | None = None
+    preset: str | None = None,
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    settings: dict | None = None,
 ) -> DistillConfig:
-    """Defaults <- preset <- config file <- overrides, validated."""
+    """Defaults <- preset <- config file <- overrides (`--set` texts) <- settings (values as they
+    are, e.g. a folder named on the command line), validated."""
     cfg = DistillConfig()
     if preset:
         if preset not in preset_names():
@@ -486,6 +533,8 @@ def load_config(
         _merge(cfg, _read_yaml(path, "config file"))
     for text in overrides or []:
         _merge(cfg, parse_override(text))
+    if settings:
+        _merge(cfg, settings)
     return validate(cfg)
 
 

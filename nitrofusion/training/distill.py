@@ -607,6 +607,10 @@ class Distiller:
                 )
         if self.acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
+            if self.step == 0:  # a fresh run in an earlier run's folder: its student is the user's
+                moved = self.set_aside_earlier_run()
+                if moved is not None:
+                    self.log_line(f"{moved}: the earlier run in this folder (its student, pipeline, grids), set aside")
             save_config(cfg, self.out / "config.yaml")
             self.metrics.keep_until(self.step)  # a fresh run in an old directory: not the old run's curves
             if self.step == 0:  # nor its checkpoints: they would outrank this run's, which pruning would delete
@@ -650,6 +654,25 @@ class Distiller:
         return self.export()
 
     # ---- persistence ----------------------------------------------------------------------
+    EARLIER_RUN = ("student_unet.safetensors", "pipeline", "stages", "validation", "curves.png", "metrics.jsonl")
+
+    def set_aside_earlier_run(self) -> Path | None:
+        """Move what an earlier run exported into this folder (and its config, log and grids) to
+        abandoned-run[-N]/, as its checkpoints are set aside: a fresh run would replace them."""
+        found = [self.out / name for name in self.EARLIER_RUN if (self.out / name).exists()]
+        if not found:
+            return None
+        target, n = self.out / "abandoned-run", 1
+        while target.exists():
+            n += 1
+            target = self.out / f"abandoned-run-{n}"
+        target.mkdir()
+        if (self.out / "config.yaml").is_file():  # the config those were made with
+            found.append(self.out / "config.yaml")
+        for path in found:
+            os.replace(path, target / path.name)
+        return target
+
     def save_checkpoint(self) -> None:
         self.acc.wait_for_everyone()
         if not self.acc.is_main_process:
