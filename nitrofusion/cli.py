@@ -162,10 +162,10 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 def cmd_make_pairs(args: argparse.Namespace) -> int:
     from nitrofusion.data.prompts import load_prompts
-    from nitrofusion.data.teacher import TeacherSampler, make_pairs
+    from nitrofusion.data.teacher import TeacherSampler, check_own_files, make_pairs
     from nitrofusion.data.teacher_timesteps import check_teacher_timesteps
     from nitrofusion.pipelines import load_pipeline
-    from nitrofusion.pipelines.generation import default_size, size_multiple
+    from nitrofusion.pipelines.generation import MAX_SIDE, default_size, size_multiple
     from nitrofusion.training.distill import resolve_teacher
 
     if args.n < 1 or args.batch_size < 1 or args.steps < 1:
@@ -173,9 +173,12 @@ def cmd_make_pairs(args: argparse.Namespace) -> int:
     check_guidance_scale(args.guidance_scale)
     if args.resolution is not None and (args.resolution < 8 or args.resolution % 8):
         raise UserError(f"--resolution must be a positive multiple of 8, got {args.resolution}")
+    if args.resolution is not None and args.resolution > MAX_SIDE:
+        raise UserError(f"--resolution must be at most {MAX_SIDE} px, got {args.resolution}")
     if args.timesteps is not None:  # before the teacher is loaded
         check_teacher_timesteps(args.timesteps, args.steps, "--timesteps", "--steps")
     check_writable_folder(args.out, "--out")
+    check_own_files(Path(args.out))  # before the teacher loads: a user's prompts.json there would be replaced
     prompts = load_prompts(args.prompts)
     # Pairs are latents: nothing is decoded, so a safety checker (SD1.5's 1.2 GB) would never run.
     # A flow-matching transformer (SD3) is refused from its index, before any weight is read or fetched.

@@ -20,8 +20,12 @@ class UserError(Exception):
         super().__init__(str(message).translate(_CONTROL))
 
 
+MAX_GUIDANCE = 100.0
+
+
 def check_guidance_scale(value: float | None, option: str = "--guidance-scale") -> None:
-    """None (the sampler's default) or a finite number >= 0: inf gave NaN images (and NaN teacher
-    pairs), nan and negative values silently turned guidance off."""
-    if value is not None and not (math.isfinite(value) and value >= 0):
-        raise UserError(f"{option} must be a finite number >= 0, got {value}")
+    """None (the sampler's default) or a number in [0, 100]: inf gave NaN images (and NaN teacher
+    pairs), nan and negative values silently turned guidance off, and 1e30 black images (CFG in
+    use is 1-20)."""
+    if value is not None and not (math.isfinite(value) and 0 <= value <= MAX_GUIDANCE):
+        raise UserError(f"{option} must be a finite number in 0..{MAX_GUIDANCE:g}, got {value}")

@@ -75,6 +75,30 @@ CASES = {
         + ["--out", "{new}"],
         "is not a readable safetensors file",
     ),
+    # A CLI audit: written into the current folder, into a folder named foo.jpg, an option ignored,
+    # an allocator traceback or hours of sampling, a black image, an int64 overflow.
+    "gen-empty-out": (["generate", "a", "--out", ""], "--out is empty"),
+    "gen-jpg-out": (["generate", "a", "--out", "{new}/cat.jpg"], "images are written as PNG"),
+    "gen-native-shift": (
+        ["generate", "a", "--model", "embedded-teacher", "--sampler", "native", "--shift", "250", "--out", "{new}"],
+        "--shift is for the shift-lcm sampler",
+    ),
+    "gen-huge": (["generate", "a", "--height", "40000", "--out", "{new}"], "must be at most 8192 px"),
+    "gen-guidance-huge": (["generate", "a", "--guidance-scale", "1e30", "--out", "{new}"], "in 0..100"),
+    "pairs-huge": (["make-pairs", "--resolution", "100000", "--out", "{new}"], "must be at most 8192 px"),
+    "distill-huge": (
+        ["distill", "--set", "data.resolution=100000", "--output-dir", "{new}"],
+        "'data.resolution' must be at most 8192 px",
+    ),
+    "teacher-seed": (
+        ["train-teacher", "--seed", "99999999999999999999", "--run-dir", "{new}/r", "--out", "{new}/o"],
+        "--seed must be in 0..2^32-1",
+    ),
+    "lora-bin": (
+        ["export-lora", "--student", "{weights}", "--teacher", "{weights}", "--out", "{new}/lo.bin"],
+        "names a .bin file",
+    ),
+    "grid-over-an-input": (["grid", "{pngs}", "--out", "{pngs}/0.png"], "is one of the images"),
 }
 
 
@@ -144,3 +168,37 @@ def test_train_teacher_refuses_a_run_dir_of_other_settings_and_a_file_as_out(tmp
         [*base, "--out", str(tmp_path / "out")], capsys, "holds a run with other settings (seed, train_images"
     )
     one_line_error([*base, "--out", str(tmp_path / "file")], capsys, "is a file, not a folder")
+
+
+def test_an_output_that_is_an_input_is_refused_and_the_input_kept(tmp_path, capsys):
+    """transfer and export-lora replaced their --student (or --target) with their result, exit 0."""
+    import torch
+    from safetensors.torch import save_file
+
+    files = {}
+    for name in ("base", "student", "target"):
+        files[name] = tmp_path / f"{name}.safetensors"
+        save_file({"conv_in.weight": torch.full((2, 2), float(len(name)))}, str(files[name]))
+    before = {name: path.read_bytes() for name, path in files.items()}
+    common = ["--base", str(files["base"]), "--student", str(files["student"]), "--target", str(files["target"])]
+    for victim in ("student", "target"):
+        one_line_error(["transfer", *common, "--out", str(files[victim])], capsys, f"is the --{victim} file")
+    lora = ["export-lora", "--student", str(files["student"]), "--teacher", str(files["base"])]
+    one_line_error([*lora, "--out", str(files["student"])], capsys, "is the --student file")
+    # A --scale that takes weights past fp32's range wrote a UNet of inf and NaN weights.
+    one_line_error(
+        [*["transfer", *common], "--scale", "1e300", "--out", str(tmp_path / "x.safetensors")], capsys, "--scale"
+    )
+    assert {name: path.read_bytes() for name, path in files.items()} == before
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_make_pairs_never_replaces_a_users_prompts_file_in_its_folder(tmp_path, capsys):
+    """`make-pairs --prompts data/prompts.json --out data` replaced the user's COCO captions file."""
+    data = tmp_path / "data"
+    data.mkdir()
+    coco = json.dumps({"annotations": [{"image_id": 1, "caption": "a cat"}, {"image_id": 2, "caption": "a dog"}]})
+    (data / "prompts.json").write_text(coco)
+    args = ["make-pairs", "--prompts", str(data / "prompts.json"), "--n", "2", "--steps", "1", "--out", str(data)]
+    one_line_error(args, capsys, "is not a file teacher pairs write")
+    assert (data / "prompts.json").read_text() == coco and sorted(p.name for p in data.iterdir()) == ["prompts.json"]

@@ -134,3 +134,122 @@ def test_a_prompt_file_of_the_papers_size_is_read(tmp_path):
     assert path.stat().st_size > 64 * 2**20
     prompts = read_prompt_file(path)
     assert len(prompts) == 900_000 and prompts[-1].endswith("899999")
+
+
+def _refused(path, message):
+    with pytest.raises(UserError, match=message) as err:
+        load_prompts(path)
+    assert "\n" not in str(err.value) and str(path) in str(err.value)
+    return str(err.value)
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        # json's decoder recurses once a level: a RecursionError traceback
+        ("p.json", "[" * 200_000, "is nested too deeply to be a prompt file"),
+        ("p.json", "[" * 200_000 + "]" * 200_000, "is nested too deeply to be a prompt file"),
+        ("p.jsonl", '"a"\n' + "[" * 200_000 + "\n", "line 2: nested too deeply to be a prompt"),
+        # an integer past sys.get_int_max_str_digits(): a ValueError that is not a JSONDecodeError
+        ("p.json", "[" + "1" * 5000 + "]", r"cannot be read as JSON \(Exceeds the limit"),
+        ("p.jsonl", '"a"\n' + "1" * 5000 + "\n", r"line 2: cannot be read \(Exceeds the limit"),
+        # JSON's "\ud800" escape is no character: each later step that encodes the prompt failed
+        ("p.json", '["a", "x\\ud800y"]', r"item 1: the prompt holds \\ud800 alone, which is not text"),
+        ("p.jsonl", '{"prompt": "\\udfff"}\n', r"line 1: the prompt holds \\udfff alone"),
+    ],
+)
+def test_json_a_parser_cannot_read_is_one_line(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_text(content)
+    _refused(path, message)
+
+
+def _coco(*records):
+    return json.dumps({"images": [], "annotations": list(records)})
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        # unhashable ids were a TypeError, ids mixing integers and strings one in sorted()
+        (_coco({"image_id": [1], "caption": "x"}), "annotation 0: image_id must be an integer, got a list"),
+        (_coco({"image_id": {}, "caption": "x"}), "annotation 0: image_id must be an integer, got an object"),
+        (
+            _coco({"image_id": 1, "caption": "x"}, {"image_id": "a", "caption": "y"}),
+            'annotation 1: image_id must be an integer like annotation 0\'s, got "a"',
+        ),
+        (
+            _coco({"image_id": "a", "caption": "x"}, {"image_id": 1, "caption": "y"}),
+            "annotation 1: image_id must be a string like annotation 0's, got 1",
+        ),
+        # true is 1 to a dict, 1.0 too: two images' captions became one
+        (_coco({"image_id": 1, "caption": "x"}, {"image_id": True, "caption": "y"}), "annotation 1: .* got true"),
+        (_coco({"image_id": 1, "caption": "x"}, {"image_id": 1.0, "caption": "y"}), "annotation 1: .* got 1.0"),
+        # a bad caption is named by its place in the file, not among the captions kept ("item 0")
+        (
+            _coco({"image_id": 2, "caption": "x"}, {"image_id": 1, "caption": None}),
+            "annotation 1: expected a string or an object with a 'prompt'",
+        ),
+        ('{"annotations": 3}', 'COCO\'s "annotations" must be a list of captions, got 3'),
+        ('{"annotations": null}', 'COCO\'s "annotations" must be a list of captions, got null'),
+        ('{"annotations": {"caption": "x"}}', 'COCO\'s "annotations" must be a list of captions, got an object'),
+    ],
+)
+def test_a_bad_coco_captions_file_is_one_line_naming_the_annotation(tmp_path, content, message):
+    path = tmp_path / "captions_val2014.json"
+    path.write_text(content)
+    _refused(path, message)
+
+
+def test_coco_image_ids_that_are_all_strings_are_read_as_before(tmp_path):
+    path = tmp_path / "captions.json"
+    path.write_text(_coco({"image_id": "b", "caption": "x"}, {"image_id": "a", "caption": "y"}, {"caption": "z"}))
+    assert load_prompts(path) == ["x", "y", "z"]  # a record without an id: not COCO's layout, all kept
+    path.write_text(_coco({"image_id": "b", "caption": "x"}, {"image_id": "a", "caption": "y"}))
+    assert load_prompts(path) == ["y", "x"]
+
+
+@pytest.mark.parametrize("name, delimiter", [("p.csv", ","), ("p.tsv", "\t")])
+def test_a_table_with_a_prompt_past_the_csv_field_limit_is_read(tmp_path, name, delimiter):
+    """csv refuses a field over 131072 characters (a csv.Error traceback); a text or JSON Lines file
+    holds such a prompt, and a 1 GiB prompt file can. The process's limit is left as it was."""
+    import csv
+
+    long = "a long caption " * 14_000  # 210 kB
+    path = tmp_path / name
+    path.write_text(f"id{delimiter}caption\n1{delimiter}{long}\n2{delimiter}a dog\n")
+    before = csv.field_size_limit()
+    assert load_prompts(path) == [long.strip(), "a dog"]
+    assert csv.field_size_limit() == before
+
+
+def test_a_table_with_old_mac_line_endings_is_read(tmp_path):
+    r"""A lone \r ends a line in a text file; in a CSV row it was csv's 'new-line character seen in
+    unquoted field' traceback. A quoted field keeps its line breaks, as before."""
+    path = tmp_path / "p.csv"
+    path.write_bytes(b'id,caption\r1,a cat\r2,"a dog\r\non a mat"\r3,a\r4,b\n')
+    assert load_prompts(path) == ["a cat", "a dog\r\non a mat", "a", "b"]
+
+
+def test_any_other_csv_error_is_one_line(tmp_path, monkeypatch):
+    import csv
+
+    from nitrofusion.data import prompts
+
+    monkeypatch.setattr(prompts, "_CSV_FIELD_LIMIT", 10)
+    before = csv.field_size_limit(10)
+    try:
+        path = tmp_path / "p.tsv"
+        path.write_text("caption\nshort\nfar longer than ten\n")
+        _refused(path, r"line 3: not TSV \(field larger than field limit \(10\)\)")
+        assert csv.field_size_limit() == 10
+    finally:
+        csv.field_size_limit(before)
+
+
+def test_generate_refuses_a_too_deeply_nested_prompt_file_in_one_line(tmp_path, capsys):
+    path = tmp_path / "p.json"
+    path.write_text("[" * 200_000)
+    assert main(["generate", "--prompts", str(path), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "nested too deeply" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1

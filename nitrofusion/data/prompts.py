@@ -18,6 +18,7 @@ import csv
 import io
 import json
 import re
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -77,30 +78,71 @@ def _json_line(line: str, path: Path, number: int) -> Any:
         return json.loads(line)
     except json.JSONDecodeError as exc:
         raise UserError(f"prompt file '{path}', line {number}: not JSON ({exc.msg})") from None
+    except RecursionError:  # 200000 '[': json's decoder recurses once a level
+        raise UserError(f"prompt file '{path}', line {number}: nested too deeply to be a prompt") from None
+    except ValueError as exc:  # an integer of more than sys.get_int_max_str_digits() digits
+        raise UserError(f"prompt file '{path}', line {number}: cannot be read ({_reason(exc)})") from None
+
+
+def _reason(exc: ValueError) -> str:
+    """A ValueError's message up to its advice ('...: value has 5000 digits; use sys.set_...')."""
+    return str(exc).split(":")[0].strip() or type(exc).__name__
 
 
 def _prompt_of(record: Any, path: Path, where: str) -> str:
+    prompt = None
     if isinstance(record, str):
-        return record
-    if isinstance(record, dict):
-        for field in PROMPT_FIELDS:
-            if isinstance(record.get(field), str):
-                return record[field]
-    raise UserError(
-        f"prompt file '{path}', {where}: expected a string or an object with a "
-        f"{' / '.join(repr(f) for f in PROMPT_FIELDS)} string field"
-    )
+        prompt = record
+    elif isinstance(record, dict):
+        prompt = next((record[f] for f in PROMPT_FIELDS if isinstance(record.get(f), str)), None)
+    if prompt is None:
+        raise UserError(
+            f"prompt file '{path}', {where}: expected a string or an object with a "
+            f"{' / '.join(repr(f) for f in PROMPT_FIELDS)} string field"
+        )
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as exc:  # JSON's "\ud800" escape: a lone surrogate, no character
+        bad = f"\\u{ord(prompt[exc.start]):04x}"
+        raise UserError(f"prompt file '{path}', {where}: the prompt holds {bad} alone, which is not text") from None
+    return prompt
 
 
-def _one_caption_per_image(annotations: list) -> list:
+def _describe(value: Any) -> str:
+    """A JSON value in a few words, for a message (without dumping it: it may be large or deep)."""
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value if len(value) <= 40 else value[:40] + "...", ensure_ascii=False)
+    return "an object" if isinstance(value, dict) else "a list"
+
+
+def _one_caption_per_image(annotations: list, path: Path) -> list[tuple[int, Any]]:
     """COCO gives about five captions per image: evaluations (COCO-5K, COCO-30K) take one per image,
-    so that n prompts are n different images. Here: each image's first caption, images by id."""
+    so that n prompts are n different images. Here: each image's first caption, images by id; with
+    each record, its place in `annotations`.
+
+    COCO's image ids are integers; ids that are all strings are ordered as strings. Any other id (a
+    list, an object, a number with a fraction, true), or integers mixed with strings, is refused:
+    it was a TypeError (unhashable, or not orderable)."""
     first: dict = {}
-    for record in annotations:
+    kind: type | None = None
+    for i, record in enumerate(annotations):
         key = record.get("image_id") if isinstance(record, dict) else None
         if key is None:  # not COCO's layout after all: every record as it is
-            return annotations
-        first.setdefault(key, record)
+            return list(enumerate(annotations))
+        if isinstance(key, bool) or not isinstance(key, (int, str)):
+            raise UserError(f"prompt file '{path}', annotation {i}: image_id must be an integer, got {_describe(key)}")
+        if kind is None:
+            kind = type(key)
+        elif type(key) is not kind:
+            raise UserError(
+                f"prompt file '{path}', annotation {i}: image_id must be "
+                f"{'an integer' if kind is int else 'a string'} like annotation 0's, got {_describe(key)}"
+            )
+        first.setdefault(key, (i, record))
     return [first[k] for k in sorted(first)]
 
 
@@ -109,20 +151,50 @@ def _json_prompts(text: str, path: Path) -> list[str]:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise UserError(f"prompt file '{path}' is not JSON ({exc.msg}, line {exc.lineno})") from None
-    if isinstance(data, dict) and isinstance(data.get("annotations"), list):  # COCO captions
-        data = _one_caption_per_image(data["annotations"])
+    except RecursionError:  # 200000 '[': json's decoder recurses once a level
+        raise UserError(f"prompt file '{path}' is nested too deeply to be a prompt file") from None
+    except ValueError as exc:  # an integer of more than sys.get_int_max_str_digits() digits
+        raise UserError(f"prompt file '{path}' cannot be read as JSON ({_reason(exc)})") from None
+    if isinstance(data, dict) and "annotations" in data:  # COCO captions
+        annotations = data["annotations"]
+        if not isinstance(annotations, list):
+            raise UserError(
+                f"prompt file '{path}': COCO's \"annotations\" must be a list of captions, got {_describe(annotations)}"
+            )
+        pairs = _one_caption_per_image(annotations, path)
+        return [_prompt_of(record, path, f"annotation {i}") for i, record in pairs]
     if not isinstance(data, list):
         raise UserError(f"prompt file '{path}': expected a JSON list of prompts or COCO's {{\"annotations\": [...]}}")
     return [_prompt_of(record, path, f"item {i}") for i, record in enumerate(data)]
 
 
+# csv refuses a field over csv.field_size_limit() (131072 characters by default): a long caption in
+# a 1 GiB prompt file is read, the limit raised for the read and put back after it. The limit is the
+# process's: the lock keeps two reads from putting back each other's raised limit.
+_CSV_FIELD_LIMIT = MAX_PROMPT_FILE_BYTES + 1
+_csv_limit_lock = threading.Lock()
+_TABLE = {",": "CSV", "\t": "TSV"}
+
+
 def _table_prompts(text: str, path: Path, delimiter: str) -> list[str]:
-    rows = csv.DictReader(io.StringIO(text), delimiter=delimiter)
-    columns = rows.fieldnames or []
-    field = next((f for f in PROMPT_FIELDS if f in columns), None)
-    if field is None:
-        raise UserError(
-            f"prompt file '{path}' has no {' / '.join(repr(f) for f in PROMPT_FIELDS)} column "
-            f"(its header: {', '.join(repr(c) for c in columns[:6]) or 'none'})"
-        )
-    return [row[field] or "" for row in rows]
+    # newline="": csv splits rows itself (a lone \r ends one, as in a text file; a quoted field
+    # keeps its line breaks), where a line holding a lone \r was a csv.Error.
+    rows = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+    with _csv_limit_lock:
+        limit = csv.field_size_limit()
+        csv.field_size_limit(max(limit, _CSV_FIELD_LIMIT))
+        try:
+            columns = rows.fieldnames or []
+            field = next((f for f in PROMPT_FIELDS if f in columns), None)
+            if field is None:
+                raise UserError(
+                    f"prompt file '{path}' has no {' / '.join(repr(f) for f in PROMPT_FIELDS)} column "
+                    f"(its header: {', '.join(repr(c) for c in columns[:6]) or 'none'})"
+                )
+            return [row[field] or "" for row in rows]
+        except csv.Error as exc:
+            raise UserError(
+                f"prompt file '{path}', line {rows.reader.line_num}: not {_TABLE[delimiter]} ({exc})"
+            ) from None
+        finally:
+            csv.field_size_limit(limit)

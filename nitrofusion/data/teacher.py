@@ -261,6 +261,28 @@ def prompt_stride(n_prompts: int) -> int:
     return stride
 
 
+def check_own_files(out_dir: Path) -> None:
+    """Refuse a folder whose prompts.json or pairs.json this tool did not write (a user's COCO
+    captions file named prompts.json): they are replaced when pairs are made."""
+    shapes = {
+        "prompts.json": lambda v: isinstance(v, list) and all(isinstance(p, str) for p in v),
+        PAIRS_INFO: lambda v: isinstance(v, dict) and set(v) == {"count", "shard_size"},
+    }
+    for name, ours in shapes.items():
+        path = out_dir / name
+        if not path.exists():
+            continue
+        try:
+            value = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            value = None
+        if not ours(value):
+            raise UserError(
+                f"'{path}' is not a file teacher pairs write, and making pairs there would replace it: "
+                "give the pairs a folder of their own"
+            )
+
+
 def make_pairs(
     sampler: TeacherSampler,
     prompts: list[str],
@@ -277,6 +299,7 @@ def make_pairs(
     With `world` processes, process `rank` makes the shards i with i % world == rank: a shard's
     pairs depend on its index only, not on which process makes it."""
     out_dir = Path(out_dir)
+    check_own_files(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     recipe = pairs_recipe(sampler, prompts, seed)
     existing = sorted(out_dir.glob(SHARD_GLOB))

@@ -36,8 +36,11 @@ def make_grid(
 def grid_from_dirs(dirs: Sequence[str | Path], out: str | Path, scale: int = 3, limit: int = 16) -> Path:
     """One row per directory of PNGs (sorted by name), labelled with the directory name."""
     rows, labels = [], []
+    target = Path(out).expanduser().resolve()
     for d in dirs:
         files = sorted(Path(d).glob("*.png"))[:limit]
+        if any(f.resolve() == target for f in files):  # the grid would replace one of its own images
+            raise ValueError(f"--out '{out}' is one of the images in {d}: name a new file")
         if not files:
             raise ValueError(f"no PNG files in {d}")
         try:

@@ -122,11 +122,18 @@ def check_steps(sampler: str, steps: int) -> None:
         raise UserError(f"--steps must be at least 1, got {steps}")
 
 
+# The largest side sampled: 8x SDXL's 1024 px. Far past it a sample only exhausts memory (a
+# traceback from the allocator) or runs for hours.
+MAX_SIDE = 8192
+
+
 def check_size(multiple: int, height: int | None, width: int | None) -> None:
     """`None`: the model's default size, which fits it."""
     for name, v in (("height", height), ("width", width)):
         if v is not None and (v <= 0 or v % multiple):
             raise UserError(f"--{name} must be a positive multiple of {multiple} for this model, got {v}")
+        if v is not None and v > MAX_SIDE:
+            raise UserError(f"--{name} must be at most {MAX_SIDE} px, got {v}")
 
 
 def check_seeds(seed: int, n: int) -> None:
@@ -252,10 +259,17 @@ def _slug(text: str, n: int = 40) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:n] or "image"
 
 
+OTHER_IMAGE_SUFFIXES = {".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
 def prepare_output(out: str | Path, count: int) -> tuple[Path, bool]:
     """Check that `out` can be written before any work is done. Returns (path, is_single_file)."""
+    if not str(out).strip():  # Path("") is the current folder
+        raise UserError("--out is empty: name a .png file or a folder")
     out = Path(out)
     single = out.suffix.lower() == ".png"
+    if out.suffix.lower() in OTHER_IMAGE_SUFFIXES and not out.is_dir():  # it became a folder named foo.jpg
+        raise UserError(f"--out {out} names a {out.suffix} file: images are written as PNG (a .png file or a folder)")
     if single and count != 1:
         raise UserError(f"--out {out} names one PNG file but {count} images will be written; give a directory")
     if single and out.is_dir():

@@ -465,6 +465,8 @@ def load_pipeline(
     scheduler ("native"); a student UNet, a shift, the shift-LCM sampler and `compile` are refused
     for it before any weight is read. `allow_flow=False` (a teacher to distil) refuses it.
     """
+    if shift is not None and sampler == "native":  # it would be ignored: the native sampler has no shift
+        raise UserError("--shift is for the shift-lcm sampler; the native sampler has none")
     unet_only = unet_only_options(unet, shift, sampler, compile)
     model_dir = resolve_model(model, option, unet_weights=unet is None, allow_flow=allow_flow, unet_only=unet_only)
     device = resolve_device(device)

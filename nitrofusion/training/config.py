@@ -409,6 +409,8 @@ def validate(cfg: DistillConfig) -> DistillConfig:
         raise UserError(f"config key 'optim.ema_decay' must be in [0, 1) (0: no EMA), got {cfg.optim.ema_decay}")
     if cfg.data.resolution is not None and (cfg.data.resolution < 8 or cfg.data.resolution % 8):
         raise UserError(f"config key 'data.resolution' must be a positive multiple of 8, got {cfg.data.resolution}")
+    if cfg.data.resolution is not None and cfg.data.resolution > 8192:  # generation.MAX_SIDE
+        raise UserError(f"config key 'data.resolution' must be at most 8192 px, got {cfg.data.resolution}")
     if cfg.optim.ema_offload and cfg.optim.ema_decay == 0:
         raise UserError("config key 'optim.ema_offload' needs an EMA to offload: set optim.ema_decay > 0")
     if cfg.optim.ema_offload and cfg.model.lora_rank > 0:

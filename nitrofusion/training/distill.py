@@ -38,6 +38,7 @@ from nitrofusion.data.teacher import (
     SHARD_SIZE,
     PairShards,
     TeacherSampler,
+    check_own_files,
     make_pairs,
     missing_shards,
     noise_for_seeds,
@@ -276,6 +277,8 @@ class Distiller:
         """What the config asks of the teacher's UNet that it cannot give, said before any teacher
         pairs are made (hours at SDXL size), from configs and file headers only."""
         cfg, unet = self.cfg, self.teacher.unet
+        if cfg.data.pairs:
+            check_own_files(Path(cfg.data.pairs))
         if cfg.model.student_init:
             layout = read_safetensors_layout(cfg.model.student_init)
             check_state_dict(unet, layout, f"student init '{cfg.model.student_init}'")

@@ -95,6 +95,15 @@ NEWER_DTYPES = {"uint16": "U16", "uint32": "U32", "uint64": "U64", "float8_e4m3f
 SAFETENSORS_DTYPES.update({getattr(torch, n): code for n, code in NEWER_DTYPES.items() if hasattr(torch, n)})
 
 
+def check_not_an_input(out: str | Path, inputs: dict[str, str | Path]) -> None:
+    """Refuse an output path that is one of the inputs (by option name): it would be replaced."""
+    target = Path(out).expanduser().resolve()
+    for option, source in inputs.items():
+        path = Path(source).expanduser()
+        if path.exists() and path.resolve() == target:
+            raise UserError(f"--out '{out}' is the {option} file: write the result to a new file")
+
+
 def write_safetensors_streaming(
     path: str | Path,
     layout: list[tuple[str, torch.dtype, tuple[int, ...]]],

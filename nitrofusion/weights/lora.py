@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from nitrofusion.errors import UserError
 from nitrofusion.pipelines.loading import DTYPES, save_state_dict, unet_file_metadata
 from nitrofusion.userfiles import check_writable_folder
-from nitrofusion.weights.io import check_same_layout, unet_state_dict
+from nitrofusion.weights.io import check_not_an_input, check_same_layout, unet_state_dict
 from nitrofusion.weights.transfer import recorded_shift
 
 
@@ -132,8 +132,13 @@ def export_lora(
     if shift is not None and not 1 <= shift <= 1000:
         raise UserError(f"--shift must be a timestep in 1..1000, got {shift}")
     out = Path(out)
+    if out.suffix.lower() in (".bin", ".pt", ".pth", ".ckpt", ".pkl") and not out.is_dir():  # it became a folder
+        raise UserError(
+            f"--out '{out}' names a {out.suffix} file: a LoRA is written as safetensors (a file or a folder)"
+        )
     if out.suffix.lower() != ".safetensors":
         out = out / "pytorch_lora_weights.safetensors"  # the file name diffusers looks for in a folder
+    check_not_an_input(out, {"--student": student, "--teacher": teacher})
     if out.is_dir():
         raise UserError(f"--out '{out}' is a folder: name a .safetensors file or a folder to write into")
     check_writable_folder(out.parent, "--out")  # before the SVDs (minutes at SDXL size)

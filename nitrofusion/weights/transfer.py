@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from nitrofusion.errors import UserError
 from nitrofusion.pipelines.loading import DTYPES, resolve_model, unet_file_metadata, unet_file_shift
-from nitrofusion.weights.io import check_same_layout, unet_state_dict, write_safetensors_streaming
+from nitrofusion.weights.io import check_not_an_input, check_same_layout, unet_state_dict, write_safetensors_streaming
 
 
 def moved(
@@ -31,7 +31,10 @@ def moved(
         return target.clone()
     delta = student.float() - base.float()
     # Out of place: .float() of an fp32 tensor is that tensor, the caller's (or a mapped file's).
-    return torch.add(target.float(), delta, alpha=scale).to(dtype or target.dtype)
+    result = (target.float() + delta * scale).to(dtype or target.dtype)
+    if not bool(torch.isfinite(result).all()):  # a huge --scale: inf or NaN weights, a black student
+        raise UserError(f"--scale {scale:g} takes weights past the range of {dtype or target.dtype}: use a smaller one")
+    return result
 
 
 def transfer_delta(
@@ -90,10 +93,11 @@ def transfer(
         raise UserError(f"--out '{out}' must end in .safetensors: generate --unet reads only safetensors files")
     if dtype != "auto" and dtype not in DTYPES:
         raise UserError(f"--dtype must be auto, fp32, fp16 or bf16; got {dtype}")
-    if not math.isfinite(scale):
-        raise UserError(f"--scale must be a finite number, got {scale}")
+    if not (math.isfinite(scale) and abs(scale) <= 1000):  # a multiplier of the delta; in use about 0-2
+        raise UserError(f"--scale must be a finite number in -1000..1000, got {scale}")
     if shift is not None and not 1 <= shift <= 1000:
         raise UserError(f"--shift must be a timestep in 1..1000, got {shift}")
+    check_not_an_input(out, {"--base": base, "--student": student, "--target": target})
     b, s, t = (
         unet_state_dict(src, what) for src, what in ((base, "--base"), (student, "--student"), (target, "--target"))
     )

@@ -30,6 +30,8 @@ class WorldConfig:
     device: str = "cpu"
 
     def check(self) -> None:
+        if not 0 <= self.seed < 2**32:  # torch's generators take at most 64 bits; derived seeds add to it
+            raise UserError(f"--seed must be in 0..2^32-1, got {self.seed}")
         for name in ("vae_steps", "unet_steps", "classifier_epochs", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
