@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from pathlib import Path
 
 # transformers warns at import time about optional image backends (torchvision) that
@@ -328,11 +329,11 @@ def build_parser() -> argparse.ArgumentParser:
         "transformer, sampled with its own scheduler), 'embedded' (the shipped student, default) or 'embedded-teacher'",
     )
     g.add_argument("--unet", help="student UNet state dict (.safetensors) to load into the model's UNet")
-    g.add_argument("--steps", type=int, default=1)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--height", type=int)
-    g.add_argument("--width", type=int)
-    g.add_argument("--batch-size", type=int, default=4)
+    g.add_argument("--steps", type=int, default=1, help="sampling steps (default 1; 1-4 with shift-lcm)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i (default 0)")
+    g.add_argument("--height", type=int, help="pixels (default: the model's size); a multiple of 8, at most 8192")
+    g.add_argument("--width", type=int, help="pixels (default: the model's size); a multiple of 8, at most 8192")
+    g.add_argument("--batch-size", type=int, default=4, help="images sampled at once (default 4)")
     g.add_argument("--shift", type=int, help="timestep shift (250 NitroSD-Realism, 500 NitroSD-Vibrant)")
     g.add_argument(
         "--sampler",
@@ -359,11 +360,11 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train-teacher", help="reproduce the embedded world (VAE, teacher, evaluator)")
     t.add_argument("--run-dir", default="runs/world", help="checkpoints and logs (resumed if present)")
     t.add_argument("--out", default="runs/world_out", help="where the pipeline and evaluator are written")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--device", default="cpu")
-    t.add_argument("--vae-steps", type=int, default=800)
-    t.add_argument("--unet-steps", type=int, default=6000)
-    t.add_argument("--classifier-epochs", type=int, default=3)
+    t.add_argument("--seed", type=int, default=0, help="default 0")
+    t.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    t.add_argument("--vae-steps", type=int, default=800, help="VAE training steps (default 800)")
+    t.add_argument("--unet-steps", type=int, default=6000, help="UNet training steps (default 6000)")
+    t.add_argument("--classifier-epochs", type=int, default=3, help="evaluator epochs (default 3)")
     t.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints, in each stage")
     t.add_argument("--train-images", type=int, default=0, help="train on the first N images only (0: all 60,000)")
     t.add_argument("--test-images", type=int, default=0, help="measure on the first N test images (0: all 10,000)")
@@ -389,34 +390,34 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", default="embedded", help="UNet teacher pipeline directory (SDXL, SD1.5), hub id or 'embedded'"
     )
     mp.add_argument("--prompts", default="embedded", help="prompt file (.txt, .jsonl, .json, .csv, .tsv) or 'embedded'")
-    mp.add_argument("--n", type=int, default=1024)
-    mp.add_argument("--steps", type=int, default=25)
+    mp.add_argument("--n", type=int, default=1024, help="pairs to make (default 1024)")
+    mp.add_argument("--steps", type=int, default=25, help="the teacher's sampling steps (default 25)")
     mp.add_argument(
         "--timesteps",
         type=int,
         nargs="+",
         help="the teacher's own schedule, as many as --steps (DMD2's 4-step SDXL: 999 749 499 249)",
     )
-    mp.add_argument("--guidance-scale", type=float, default=5.0)
-    mp.add_argument("--batch-size", type=int, default=64)
-    mp.add_argument("--resolution", type=int)
-    mp.add_argument("--seed", type=int, default=0)
-    mp.add_argument("--device")
-    mp.add_argument("--out", required=True)
+    mp.add_argument("--guidance-scale", type=float, default=5.0, help="the teacher's CFG scale (default 5)")
+    mp.add_argument("--batch-size", type=int, default=64, help="pairs sampled at once (default 64)")
+    mp.add_argument("--resolution", type=int, help="pixels (default: the teacher's size); a multiple of 8")
+    mp.add_argument("--seed", type=int, default=0, help="default 0; distill's run.seed, to share its pairs")
+    mp.add_argument("--device", help="cpu or cuda (default: cuda if available)")
+    mp.add_argument("--out", required=True, help="the pairs folder (resumed if it holds pairs made the same way)")
     mp.set_defaults(func=cmd_make_pairs)
 
     e = sub.add_parser("evaluate", help="generate (cached) and score: FID, CLIP, aesthetic, ImageReward, embedded")
     e.add_argument("--model", help="pipeline directory or hub id, SD3 architecture too (default: the embedded model)")
     e.add_argument("--unet", help="student UNet state dict (.safetensors)")
-    e.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4])
+    e.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4], help="step counts, a row each (default 1 2 4)")
     e.add_argument("--prompts", default="embedded", help="'embedded' or a prompt file (.txt .jsonl .json .csv .tsv)")
     e.add_argument("--n", type=int, default=1000, help="images per setting (prompts cycled)")
-    e.add_argument("--sampler", choices=["auto", "shift-lcm", "native"], default="auto")
-    e.add_argument("--shift", type=int)
-    e.add_argument("--guidance-scale", type=float)
+    e.add_argument("--sampler", choices=["auto", "shift-lcm", "native"], default="auto", help="as for generate")
+    e.add_argument("--shift", type=int, help="timestep shift for shift-lcm (default: the model's, else 250)")
+    e.add_argument("--guidance-scale", type=float, help="CFG scale (default: as for generate)")
     e.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
-    e.add_argument("--batch-size", type=int, default=100)
-    e.add_argument("--device")
+    e.add_argument("--batch-size", type=int, default=100, help="images sampled at once (default 100)")
+    e.add_argument("--device", help="cpu or cuda (default: cuda if available)")
     e.add_argument(
         "--dtype", default="auto", help="the model's: auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16 (SD3.5's)"
     )
@@ -448,17 +449,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("compare", help="one table and side-by-side grid from several 'evaluate' outputs")
     c.add_argument("dirs", nargs="+", help="evaluate --out directories")
-    c.add_argument("--out", required=True)
+    c.add_argument("--out", required=True, help="folder for the combined results.md/json and grid.png")
     c.set_defaults(func=cmd_compare)
 
     r = sub.add_parser(
         "reproduce", help="the embedded reproduction: teacher, student 1-4 steps, ablations, several seeds"
     )
-    r.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    r.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (default 0 1 2)")
     r.add_argument("--n", type=int, default=1000, help="images per row and seed")
-    r.add_argument("--preset", default="embedded")
+    r.add_argument("--preset", default="embedded", help="the distill preset (default embedded)")
     r.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override for every run")
-    r.add_argument("--batch-size", type=int, default=250)
+    r.add_argument("--batch-size", type=int, default=250, help="images scored at once (default 250)")
     r.add_argument("--out", default="runs/reproduce", help="runs, cached scores, results.md/json, grid.png")
     r.add_argument("--report-only", action="store_true", help="tabulate what is cached; train and sample nothing")
     r.add_argument(
@@ -494,8 +495,8 @@ def build_parser() -> argparse.ArgumentParser:
     lo = sub.add_parser("export-lora", help="the student - teacher delta as a LoRA for diffusers' load_lora_weights")
     lo.add_argument("--student", required=True, help="student UNet (.safetensors, unet/ or pipeline)")
     lo.add_argument("--teacher", required=True, help="the teacher it was distilled from")
-    lo.add_argument("--rank", type=int, default=64)
-    lo.add_argument("--dtype", default="fp16")
+    lo.add_argument("--rank", type=int, default=64, help="LoRA rank (default 64; capped per module by its size)")
+    lo.add_argument("--dtype", default="fp16", help="fp16 (default), bf16 or fp32")
     lo.add_argument("--out", required=True, help="a .safetensors file or a directory")
     lo.add_argument(
         "--shift",
@@ -507,8 +508,8 @@ def build_parser() -> argparse.ArgumentParser:
     lo.set_defaults(func=cmd_export_lora)
 
     gr = sub.add_parser("grid", help="put directories of PNGs side by side in one grid PNG (a row each)")
-    gr.add_argument("dirs", nargs="+")
-    gr.add_argument("--out", required=True)
+    gr.add_argument("dirs", nargs="+", help="folders of PNGs, a row each")
+    gr.add_argument("--out", required=True, help="the grid image file (.png, .jpg, ...)")
     gr.add_argument("--scale", type=int, default=3, help="nearest-neighbour upscaling of each image")
     gr.add_argument("--limit", type=int, default=16, help="images per row")
     gr.set_defaults(func=cmd_grid)
@@ -522,8 +523,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+
+    def one_line(message, category, filename, lineno, file=None, line=None) -> None:  # type: ignore[no-untyped-def]
+        # Python's format is two lines, the second the source line that warned.
+        text = " ".join(str(message).split())
+        print(f"nitrofusion {args.command}: warning: {text}", file=sys.stderr, flush=True)
+
     try:
-        return args.func(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = one_line
+            return args.func(args)
     except UserError as exc:
         print(f"nitrofusion {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -82,7 +82,12 @@ def _add_arguments(a: argparse.ArgumentParser) -> None:
     a.add_argument("--max-size", type=int, default=1024, help="largest width or height a request may ask for")
     a.add_argument("--queue-size", type=int, default=32, help="requests that may wait per model (one per client)")
     a.add_argument("--no-warmup", action="store_true", help="skip sampling one image per model at start-up")
-    a.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
+    a.add_argument(
+        "--log-level",
+        default="warning",
+        choices=["critical", "error", "warning", "info", "debug"],
+        help="the server's log (default warning; info logs each request)",
+    )
 
 
 def is_loopback(host: str) -> bool:
