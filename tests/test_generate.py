@@ -79,6 +79,7 @@ def test_student_unet_and_determinism(tiny_sdxl_dir, student_file, tmp_path, cap
     warned = [line for line in err.splitlines() if "records no timestep shift" in line]
     assert code == 0 and len(warned) == 1 and warned[0].startswith("nitrofusion generate: warning: '")
     assert "UserWarning" not in err and "load_pipeline(" not in err
+    assert Image.open(tmp_path / "a.png").text["unet"] == str(student_file)  # not only the base it was loaded into
     assert run(args + ["--out", str(tmp_path / "b.png")], capsys)[0] == 0
     a, b = (np.asarray(Image.open(tmp_path / f)) for f in ("a.png", "b.png"))
     assert np.array_equal(a, b)

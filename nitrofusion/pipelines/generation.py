@@ -236,6 +236,8 @@ def generate_batches(
                 "guidance_scale": f"{guidance_scale:g}",
                 "software": f"nitrofusion {nitrofusion.__version__}",
             }
+            if getattr(pipe, "nitro_unet", ""):  # the model's UNet was replaced: the student is this file
+                meta["unet"] = pipe.nitro_unet
             if sampler == "shift-lcm":
                 meta["shift"] = str(pipe.scheduler.config.shifted_timestep)
             results.append(GenerationResult(image, prompt, s, steps, meta))

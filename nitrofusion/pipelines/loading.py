@@ -527,6 +527,7 @@ def load_pipeline(
     elif isinstance(pipe.scheduler, TimestepShiftLCMScheduler):
         sampler = "shift-lcm"  # a distilled pipeline's own scheduler: 1-4 steps, no CFG by default
     pipe = _loaded(pipe, sampler, model, drop_checker, device)
+    pipe.nitro_unet = "" if unet is None else str(unet)  # the student in the model's place, for provenance
     if compile:
         from nitrofusion.pipelines.fast import compile_pipeline
 
