@@ -88,6 +88,9 @@ def test_generate_returns_png_with_provenance(client):
     image = Image.open(io.BytesIO(r.content))
     assert image.size == (32, 32)
     assert image.text["prompt"] == "a photo of a sneaker" and image.text["seed"] == "3" and image.text["steps"] == "2"
+    # The model by the name clients know, never a server path (the embedded student is a file in a base).
+    assert image.text["model"] == "embedded" and "unet" not in image.text
+    assert not any("/" in value for value in image.text.values() if value != image.text["prompt"])
     # Same request, same bytes; other steps or another size, another image.
     assert _post(client, steps=2, seed=3).content == r.content
     assert _post(client, steps=1, seed=3).content != r.content

@@ -190,7 +190,9 @@ class LoadedModel:
         )
         elapsed = time.perf_counter() - t0
         info = PngInfo()
-        for key, value in {**result.metadata, "model": self.name}.items():
+        # The name clients know the model by: never the server's paths (the pipeline's or a student file's).
+        metadata = {k: v for k, v in result.metadata.items() if k != "unet"}
+        for key, value in {**metadata, "model": self.name}.items():
             info.add_text(key, value)
         buf = io.BytesIO()
         result.image.save(buf, format="PNG", pnginfo=info)
