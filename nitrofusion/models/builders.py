@@ -121,20 +121,39 @@ class SDXLSpec:
         )
 
     def vae_config(self) -> dict:
-        n = len(self.vae_block_out_channels)
-        return dict(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * n,
-            up_block_types=("UpDecoderBlock2D",) * n,
-            block_out_channels=self.vae_block_out_channels,
-            layers_per_block=self.vae_layers_per_block,
-            latent_channels=self.latent_channels,
-            norm_num_groups=min(32, self.vae_block_out_channels[0]),
-            sample_size=self.sample_size * 2 ** (n - 1),
-            scaling_factor=self.vae_scaling_factor,
-            force_upcast=False,
+        return _vae_config(
+            self.vae_block_out_channels,
+            self.vae_layers_per_block,
+            self.latent_channels,
+            self.sample_size,
+            self.vae_scaling_factor,
         )
+
+
+def _vae_config(
+    block_out_channels: tuple[int, ...],
+    layers_per_block: int,
+    latent_channels: int,
+    latent_size: int,
+    scaling_factor: float,
+    **extra: object,
+) -> dict:
+    """An AutoencoderKL config whose latents are `latent_size` square (each block but the last halves)."""
+    n = len(block_out_channels)
+    return dict(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=block_out_channels,
+        layers_per_block=layers_per_block,
+        latent_channels=latent_channels,
+        norm_num_groups=min(32, block_out_channels[0]),
+        sample_size=latent_size * 2 ** (n - 1),
+        scaling_factor=scaling_factor,
+        force_upcast=False,
+        **extra,
+    )
 
 
 def build_sdxl_pipeline(spec: SDXLSpec | None = None, seed: int = 0) -> StableDiffusionXLPipeline:
@@ -275,22 +294,16 @@ class SD3Spec:
         )
 
     def vae_config(self) -> dict:
-        n = len(self.vae_block_out_channels)
-        return dict(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * n,
-            up_block_types=("UpDecoderBlock2D",) * n,
-            block_out_channels=self.vae_block_out_channels,
-            layers_per_block=1,
-            latent_channels=self.latent_channels,
-            norm_num_groups=min(32, self.vae_block_out_channels[0]),
-            sample_size=self.sample_size * 2 ** (n - 1),
-            scaling_factor=self.vae_scaling_factor,
+        # SD3's VAE: a latent shift as well as a scale, and no quant convolutions.
+        return _vae_config(
+            self.vae_block_out_channels,
+            1,
+            self.latent_channels,
+            self.sample_size,
+            self.vae_scaling_factor,
             shift_factor=self.vae_shift_factor,
             use_quant_conv=False,
             use_post_quant_conv=False,
-            force_upcast=False,
         )
 
 
