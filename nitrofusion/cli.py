@@ -238,7 +238,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from nitrofusion.evaluation.evaluate import combine
 
-    print(combine([Path(d) for d in args.dirs], Path(args.out)))
+    print(combine([Path(d) for d in args.dirs], args.out))  # as given: "" is refused, not the current folder
     print(f"results: {Path(args.out) / 'results.md'}, {Path(args.out) / 'grid.png'}")
     return 0
 

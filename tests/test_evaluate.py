@@ -327,6 +327,19 @@ def test_table_has_only_measured_columns():
         (["--metrics", "embedded", "--fid-resize", "clean"], "--fid-resize is for the fid metric"),
         (["--metrics", "embedded", "--prompts", "PROMPTS"], "--prompts embedded"),
         (["--metrics", "bleu"], "unknown metric"),
+        # Options of metrics not measured (here the default, embedded): accepted, they changed nothing.
+        (["--clip-model", "nosuch"], "--clip-model is for"),
+        (["--fid-features", "clip"], "--fid-features is for the fid metric"),
+        (["--aesthetic-clip-model", "nosuch"], "--aesthetic-clip-model is for the aesthetic metric"),
+        (["--image-reward-tokenizer", "nosuch"], "--image-reward-tokenizer is for the imagereward metric"),
+        (["--metrics", "clip", "--prompts", "PROMPTS", "--evaluator", "nosuch"], "--evaluator is for"),
+        (["--metrics", "fid", "--evaluator", "nosuch"], "--evaluator is for"),  # Inception features
+        (["--metrics", "fid", "--fid-features", "clip", "--aesthetic-clip-model", "x"], "--aesthetic-clip-model"),
+        # The aesthetic score with its own CLIP reads no --clip-model.
+        (
+            ["--metrics", "aesthetic", "--aesthetic", "a", "--aesthetic-clip-model", "b", "--clip-model", "c"],
+            "--clip-model is for",
+        ),
     ],
 )
 def test_missing_weights_fail_before_any_image(tmp_path, capsys, extra, needle):
@@ -338,6 +351,61 @@ def test_missing_weights_fail_before_any_image(tmp_path, capsys, extra, needle):
     err = capsys.readouterr().err.strip()
     assert code == 2 and needle in err and len(err.splitlines()) == 1
     assert not (out / "images").exists()
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--fid-features", "inception"],  # the default, named
+        ["--metrics", "aesthetic", "--aesthetic", "nosuch.safetensors", "--clip-model", "nosuch"],  # its CLIP
+        ["--metrics", "fid", "--fid-features", "clip", "--clip-model", "nosuch"],
+        ["--metrics", "fid", "--fid-features", "embedded", "--evaluator", "nosuch"],
+        ["--evaluator", "nosuch"],  # the embedded metrics are the default for the embedded prompts
+    ],
+)
+def test_an_option_of_a_measured_metric_is_not_refused_as_ignored(tmp_path, capsys, monkeypatch, extra):
+    import nitrofusion.pipelines
+
+    monkeypatch.setattr(nitrofusion.pipelines, "load_pipeline", _stop_at_the_pipeline)
+    out = tmp_path / "out"
+    if extra == ["--fid-features", "inception"]:  # accepted: it gets as far as the pipeline
+        with pytest.raises(PipelineReached):
+            main(["evaluate", "--steps", "1", "--n", "4", "--out", str(out), *extra])
+        return
+    code = main(["evaluate", "--steps", "1", "--n", "4", "--out", str(out), *extra])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "is for" not in err and len(err.splitlines()) == 1  # the missing file, said
+    assert "nosuch" in err
+
+
+class PipelineReached(Exception):
+    pass
+
+
+def _stop_at_the_pipeline(*args, **kwargs):
+    raise PipelineReached
+
+
+def test_an_out_of_range_seed_is_refused_before_anything_is_made(tmp_path, capsys, monkeypatch):
+    """Image i is seed + i: a --seed whose last image overflows failed at the first image, after the
+    model loaded, and left a manifest with that seed that refused the corrected rerun."""
+    import nitrofusion.pipelines
+
+    monkeypatch.setattr(nitrofusion.pipelines, "load_pipeline", _stop_at_the_pipeline)
+    out = tmp_path / "evS"
+    for seed in (2**64 - 1, 2**64 - 3, -(2**63) - 1):  # the first or the last image's seed out of range
+        code = main(["evaluate", "--steps", "1", "--n", "4", "--seed", str(seed), "--out", str(out)])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and "--seed must be in" in err and len(err.splitlines()) == 1
+        assert not out.exists()
+
+
+def test_an_empty_out_is_refused_not_the_working_directory(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code = main(["evaluate", "--steps", "1", "--n", "2", "--out", ""])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "--out is empty" in err and len(err.splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_fid_on_other_prompts_needs_a_reference(tiny_clip_dir, tmp_path):
@@ -768,3 +836,80 @@ def test_compare_refuses_fids_of_two_resizes(tmp_path, capsys):
         assert main(["compare", str(first), str(clean), "--out", str(tmp_path / "b")]) == 2
         err = capsys.readouterr().err.strip()
         assert "fid_resize='clean'" in err and "'pil-bicubic-8bit'" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "field, value, needle",
+    [
+        ("n", "abc", "'n' is 'abc'"),
+        ("n", 0, "'n' is 0"),
+        ("n", True, "'n' is True"),
+        ("steps", 1.5, "'steps' is 1.5"),
+        ("sampler", None, "'sampler' is None"),
+        ("clip_score", "0.3", "'clip_score' is '0.3'"),
+        ("fid", [1.0], "'fid' is [1.0]"),
+    ],
+)
+def test_compare_refuses_a_row_with_a_field_of_the_wrong_type(tmp_path, capsys, field, value, needle):
+    """A hand-edited or foreign results.json: a traceback (TypeError, IndexError), the n=0 one after
+    results.json and results.md were written without grid.png."""
+    good = _evaluation_dir(tmp_path / "good", clip_score=0.3)
+    bad = _evaluation_dir(tmp_path / "bad", **{"clip_score": 0.3, field: value})
+    for dirs in ([bad], [good, bad]):
+        code = main(["compare", *map(str, dirs), "--out", str(tmp_path / "out")])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and len(err.splitlines()) == 1, err
+        assert str(bad / "results.json") in err and needle in err
+        assert not (tmp_path / "out").exists()
+
+
+def test_compare_refuses_an_out_that_is_one_of_its_inputs(tmp_path, capsys):
+    a, b = _evaluation_dir(tmp_path / "a"), _evaluation_dir(tmp_path / "b")
+    before = {p: p.read_bytes() for p in a.rglob("*") if p.is_file()}
+    (tmp_path / "link").symlink_to(a)
+    for out in (a, tmp_path / "b" / ".." / "a", tmp_path / "link", f"{a}/"):
+        assert main(["compare", str(a), str(b), "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "is one of the directories compared" in err and len(err.splitlines()) == 1
+    assert {p: p.read_bytes() for p in a.rglob("*") if p.is_file()} == before
+    assert not (a / "grid.png").exists()
+    assert main(["compare", str(a), str(b), "--out", str(tmp_path / "both")]) == 0
+
+
+def _mixed_reference(path):
+    """32x32 RGB, 64x48 RGB and 32x32 greyscale images, as a folder of real ones may hold."""
+    path.mkdir()
+    for i in range(6):
+        im = _noise(*((32, 32), (64, 48), (32, 32))[i % 3], seed=i)
+        (im.convert("L") if i % 3 == 2 else im).save(path / f"{i}.png")
+    return path
+
+
+def test_embedded_features_of_reference_images_of_mixed_sizes(tmp_path):
+    """A reference folder of mixed sizes: `ValueError: all input arrays must have the same shape`.
+    Each image is prepared as the evaluator prepares its input (resized to 32x32), and gets the
+    features it has among images of its own size; images already 32x32 are unchanged."""
+    from nitrofusion.world.evaluator import Evaluator
+    from nitrofusion.world.spec import evaluator_path
+
+    ev = Evaluator.load(evaluator_path())
+    extract = fid.embedded_extractor(ev)
+    ref = _mixed_reference(tmp_path / "ref")
+    images = [Image.open(p).convert("RGB") for p in fid.list_images(ref)]
+    feats = extract(images)
+    assert feats.shape == (6, 128)
+    for size in ((32, 32), (64, 48)):
+        idx = [i for i, im in enumerate(images) if im.size == size]
+        alone = extract([images[i] for i in idx])
+        torch.testing.assert_close(feats[idx], alone, rtol=1e-5, atol=1e-5)
+    # The generated images' path: one size, one batch, the features of before, bit for bit.
+    square = [im for im in images if im.size == (32, 32)]
+    assert torch.equal(extract(square), ev.features_and_logits(fid.to_tensor(square))[0])
+    # 64x48 images get the features of the same images resized to 32x32 as the evaluator does.
+    wide = [im for im in images if im.size == (64, 48)]
+    x = torch.nn.functional.interpolate(
+        fid.to_tensor(wide).mean(1, keepdim=True), size=(32, 32), mode="bilinear", antialias=True
+    )
+    torch.testing.assert_close(extract(wide), ev.model.embed(x), rtol=1e-5, atol=1e-5)
+    stats = fid.reference_stats(ref, "embedded", extract)
+    assert stats.mu.shape == (128,)

@@ -127,6 +127,25 @@ def test_reproduce_bad_options_are_one_line(tmp_path, capsys):
         assert needle in err and len(err.splitlines()) == 1
 
 
+def test_reproduce_refuses_a_set_of_what_each_run_sets_itself(tmp_path, capsys, monkeypatch):
+    """`--set run.seed=...` or `run.output_dir=...` was accepted, then overridden in every run."""
+
+    def reached(self):
+        raise AssertionError("the --set was accepted")
+
+    monkeypatch.setattr(Reproduction, "run", reached)
+    for override, needle in (
+        ("run.seed=5", "use --seeds"),
+        (f"run.output_dir={tmp_path / 'x'}", "use --out"),
+        (" run.seed = 5", "use --seeds"),
+        ("run={seed: 5}", "use --seeds"),  # the section as one mapping
+    ):
+        assert main(["reproduce", "--out", str(tmp_path / "r"), "--set", override]) == 2
+        err = capsys.readouterr().err.strip()
+        assert needle in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "r").exists()
+
+
 def test_an_ablation_that_changes_nothing_in_the_preset_is_skipped(tmp_path):
     no_anchor = next(v for v in ABLATIONS if v.slug == "no-regression-anchor")
     regression_only = next(v for v in ABLATIONS if v.slug == "regression-only")  # its change is the schedule

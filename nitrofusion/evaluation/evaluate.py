@@ -112,16 +112,34 @@ def build_scorers(req: EvalRequest, device: str) -> Scorers:
         raise UserError(f"unknown metric '{unknown[0]}' (choose from {', '.join(METRICS)})")
     if req.fid_features not in FID_FEATURES:
         raise UserError(f"--fid-features must be one of {', '.join(FID_FEATURES)}")
-    # An option for a metric not measured would be accepted and change nothing.
-    for option, value, needs in (
-        ("--reference", req.reference, "fid"),
-        ("--inception", req.inception, "fid"),
-        ("--fid-resize", req.fid_resize, "fid"),
-        ("--aesthetic", req.aesthetic, "aesthetic"),
-        ("--image-reward", req.image_reward, "imagereward"),
+    # An option for a metric not measured would be accepted and change nothing. Options left out are
+    # None (--fid-features: its default, inception), so a default is never refused.
+    fid, features = "fid" in metrics, req.fid_features
+    aesthetic = "aesthetic" in metrics
+    for option, value, used, what in (
+        ("--reference", req.reference, fid, "the fid metric"),
+        ("--inception", req.inception, fid, "the fid metric"),
+        ("--fid-resize", req.fid_resize, fid, "the fid metric"),
+        ("--fid-features", None if features == "inception" else features, fid, "the fid metric"),
+        ("--aesthetic", req.aesthetic, aesthetic, "the aesthetic metric"),
+        ("--aesthetic-clip-model", req.aesthetic_clip_model, aesthetic, "the aesthetic metric"),
+        ("--image-reward", req.image_reward, "imagereward" in metrics, "the imagereward metric"),
+        ("--image-reward-tokenizer", req.image_reward_tokenizer, "imagereward" in metrics, "the imagereward metric"),
+        (
+            "--clip-model",
+            req.clip_model,
+            "clip" in metrics or (fid and features == "clip") or (aesthetic and req.aesthetic_clip_model is None),
+            "the clip metric, CLIP-FID (--fid-features clip) and an aesthetic score without --aesthetic-clip-model",
+        ),
+        (
+            "--evaluator",
+            req.evaluator,
+            "embedded" in metrics or (fid and features == "embedded"),
+            "the embedded metrics and FID with --fid-features embedded",
+        ),
     ):
-        if value is not None and needs not in metrics:
-            raise UserError(f"{option} is for the {needs} metric, which --metrics does not include")
+        if value is not None and not used:
+            raise UserError(f"{option} is for {what}, which this run does not measure (--metrics {' '.join(metrics)})")
     if req.inception is not None and req.fid_features != "inception":
         raise UserError(f"--inception is for --fid-features inception, not {req.fid_features}")
     if req.fid_resize is not None:
@@ -275,18 +293,21 @@ def fid_resize(req: EvalRequest) -> str | None:
 def evaluate(req: EvalRequest) -> list[dict]:
     from nitrofusion.data.teacher import prompts_digest
     from nitrofusion.pipelines import load_pipeline
-    from nitrofusion.pipelines.generation import check_request, default_guidance, default_size, denoiser
+    from nitrofusion.pipelines.generation import check_request, check_seeds, default_guidance, default_size, denoiser
     from nitrofusion.pipelines.loading import resolve_device, resolve_dtype
 
     if req.n < 2:
         raise UserError(f"--n must be at least 2 (a covariance needs two samples), got {req.n}")
+    # Image i's seed is seed + i: every one must fit, or the cache's manifest would record a seed
+    # that fails at the first image (and refuse the corrected rerun as other settings).
+    check_seeds(req.seed, req.n)
     # Every option before anything is loaded or made: a refused run leaves nothing behind.
     if req.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {req.batch_size}")
     if not req.steps or min(req.steps) < 1 or len(set(req.steps)) != len(req.steps):
         raise UserError(f"--steps must be distinct step counts of at least 1, got {req.steps}")
     check_guidance_scale(req.guidance_scale)
-    check_writable_folder(req.out, "--out")
+    req.out = check_writable_folder(req.out, "--out")  # "" is refused, not taken as the working directory
     device = resolve_device(req.device)
     resolve_dtype(req.dtype, device)  # a bad --dtype is said before any metric's model loads
     prompts, labels, prompts_warning = load_prompt_set(req.prompts, req.n, req.seed)
@@ -466,14 +487,40 @@ def _results_rows(path: Path) -> list[dict]:
         missing = [k for k in ROW_KEYS if k not in row]
         if missing:
             raise UserError(f"'{path}' has a row without {', '.join(missing)}: run its evaluate again")
+        wrong = _wrong_field(row)
+        if wrong:
+            raise UserError(f"'{path}' has a row whose {wrong}: run its evaluate again")
     return rows
 
 
-def combine(directories: list[Path], out: Path, grid_images: int = 10) -> str:
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _wrong_field(row: dict) -> str | None:
+    """What of a row `compare` reads has the wrong type (a hand-edited or foreign results.json),
+    as the rest of a message; None where every field it reads is usable."""
+    for key in ("model", "sampler"):
+        if not isinstance(row[key], str):
+            return f"'{key}' is {row[key]!r}, not text"
+    for key in ("steps", "n"):
+        if not _is_int(row[key]) or row[key] < 1:
+            return f"'{key}' is {row[key]!r}, not a whole number of at least 1"
+    for key, _, _ in COLUMNS:  # formatted as numbers in the table; None and NaN are left blank
+        v = row.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            return f"'{key}' is {v!r}, not a number"
+    return None
+
+
+def combine(directories: list[Path], out: str | Path, grid_images: int = 10) -> str:
     """One table and one side-by-side grid from several `evaluate` output directories."""
-    if len({Path(d).resolve() for d in directories}) != len(directories):
+    inputs = [Path(d).resolve() for d in directories]
+    if len(set(inputs)) != len(directories):
         raise UserError("a directory is named twice: each would give the same rows")
-    check_writable_folder(out, "--out")
+    out = check_writable_folder(out, "--out")
+    if out.resolve() in inputs:  # its own results.json, results.md and grid.png would be replaced
+        raise UserError(f"--out '{out}' is one of the directories compared: name another folder")
     rows, grid_rows, labels = [], [], []
     for d in directories:
         path = Path(d) / "results.json"

@@ -121,8 +121,23 @@ def clip_extractor(clip: ClipModel) -> Extractor:
 
 
 def embedded_extractor(evaluator: Evaluator) -> Extractor:
+    """The evaluator's features, each image prepared as the evaluator prepares its input
+    (`PREPROCESS['embedded']`: grey mean, bilinear antialiased to 32x32, not cropped). Images of
+    one size (generated ones) go as one batch; a reference folder may mix sizes and modes, and each
+    size is then prepared on its own, which gives every image the features it has in a batch of its
+    own size."""
+
     def extract(images: list[Image.Image]) -> torch.Tensor:
-        return evaluator.features_and_logits(to_tensor(images))[0]
+        if len({im.size for im in images}) <= 1:
+            return evaluator.features_and_logits(to_tensor(images))[0]
+        from nitrofusion.world.evaluator import to_classifier_input
+
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for i, im in enumerate(images):
+            by_size.setdefault(im.size, []).append(i)
+        order = [i for idx in by_size.values() for i in idx]
+        prepared = torch.cat([to_classifier_input(to_tensor([images[i] for i in idx])) for idx in by_size.values()])
+        return evaluator.features_and_logits(prepared[torch.tensor(order).argsort()])[0]
 
     return extract
 

@@ -15,6 +15,8 @@ Everything is cached under the output directory (distill runs resume, each score
 file), so an interrupted reproduction continues where it stopped. Each score records what it
 depends on besides its key (the evaluator's sha256; for a student, the config it was trained
 with), and one that differs from this reproduction's is refused rather than reported as its own.
+`--set` applies to every run, except `run.seed` and `run.output_dir`, which each run sets itself
+(from --seeds and --out): they are refused.
 """
 
 from __future__ import annotations
@@ -117,6 +119,7 @@ class Reproduction:
             raise UserError(f"--seeds lists a seed twice: {seeds}")
         if batch_size < 1:
             raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+        _check_own_keys(overrides or [])
         self.out = check_writable_folder(out, "--out")
         self.seeds = seeds
         self.n = n
@@ -395,6 +398,22 @@ class Reproduction:
         ]
         rows += [(f"{v.slug}-1", f"{v.name} 1") for v in FAMILY]
         return rows + [(f"{v.slug}-1", f"{v.name} 1") for v in ABLATIONS]
+
+
+# Config keys each run sets itself (`Reproduction._run_overrides`), and the option that chooses them.
+OWN_KEYS = {"seed": "--seeds (each run trains with one of them)", "output_dir": "--out (each run trains under it)"}
+
+
+def _check_own_keys(overrides: list[str]) -> None:
+    """A --set of a key every run sets would be accepted and then overridden: refused."""
+    from nitrofusion.training.config import parse_override
+
+    for text in overrides:
+        run = parse_override(text).get("run")
+        run = getattr(run, "value", run)  # `run={seed: 3}`: the section as one YAML mapping
+        for key, option in OWN_KEYS.items():
+            if isinstance(run, dict) and key in run:
+                raise UserError(f"--set run.{key} is set by reproduce for each run: use {option}")
 
 
 def _cadence_only(section: str, key: str) -> bool:
