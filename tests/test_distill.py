@@ -784,6 +784,10 @@ def test_ranks_that_resume_from_different_checkpoints_are_stopped(tiny_sdxl_dir,
             said = str(exc)
         with open("{tmp_path}/rank%d.txt" % acc.process_index, "w") as f:
             f.write(f"{{d.step}} {{said}}")
+        # Leave together: a process that exits with gloo's threads still running can abort at exit.
+        import torch.distributed as dist
+        acc.wait_for_everyone()
+        dist.destroy_process_group()
     """)
     )
     run_on_two_ranks(script, 29536)
