@@ -132,6 +132,16 @@ def cmd_train_teacher(args: argparse.Namespace) -> int:
     return 0
 
 
+def _leave_process_group() -> None:
+    """A rank that stops (an error every rank raised, or the end) leaves its process group before
+    exiting: one exiting with gloo's threads still running aborted ("terminate called without an
+    active exception") after its one-line error."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def cmd_distill(args: argparse.Namespace) -> int:
     from nitrofusion.training.config import load_config
 
@@ -152,12 +162,15 @@ def cmd_distill(args: argparse.Namespace) -> int:
     from nitrofusion.training.distill import Distiller, TrainingStopped
 
     try:
-        out = Distiller(cfg).train(resume=args.resume)
+        distiller = Distiller(cfg)
+        out = distiller.train(resume=args.resume)
     except TrainingStopped as exc:
         print(f"nitrofusion distill: stopped: {exc}", file=sys.stderr)
         return 1
-    print(f"student UNet: {out / 'student_unet.safetensors'}")
-    print(f"pipeline:     {out / 'pipeline'}")
+    finally:
+        _leave_process_group()
+    print(f"student:  {out / distiller.weights_name}")
+    print(f"pipeline: {out / 'pipeline'}")
     return 0
 
 
@@ -184,7 +197,7 @@ def cmd_make_pairs(args: argparse.Namespace) -> int:
     # Pairs are latents: nothing is decoded, so a safety checker (SD1.5's 1.2 GB) would never run.
     # A flow-matching transformer (SD3) is refused from its index, before any weight is read or fetched.
     teacher = resolve_teacher(args.model)
-    pipe = load_pipeline(teacher, sampler="native", device=args.device, safety_checker=False, allow_flow=False)
+    pipe = load_pipeline(teacher, sampler="native", device=args.device, safety_checker=False)
     size = default_size(pipe) if args.resolution is None else args.resolution
     if size % size_multiple(pipe):
         raise UserError(f"--resolution must be a multiple of {size_multiple(pipe)} for this teacher, got {size}")
@@ -372,7 +385,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train_teacher)
 
     d = sub.add_parser("distill", help="distil a multi-step teacher into a 1-4 step student (NitroFusion)")
-    d.add_argument("--preset", help="embedded (a few CPU minutes) or sdxl (the paper's settings)")
+    d.add_argument(
+        "--preset",
+        help="embedded (a few CPU minutes), sdxl (the paper's settings) or sd3 (an SD3-architecture teacher); "
+        "also demo, dmd2-embedded, dmdx-embedded",
+    )
     d.add_argument("--config", help="YAML config file (see docs/distill.md for the schema)")
     d.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. optim.lr=1e-5")
     d.add_argument("--resume", help="'latest' or a checkpoint directory")
@@ -387,7 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     mp = sub.add_parser("make-pairs", help="precompute teacher samples (prompt, noise seed, latent) shards")
     mp.add_argument(
-        "--model", default="embedded", help="UNet teacher pipeline directory (SDXL, SD1.5), hub id or 'embedded'"
+        "--model", default="embedded", help="teacher pipeline directory (SDXL, SD1.5, SD3), hub id or 'embedded'"
     )
     mp.add_argument("--prompts", default="embedded", help="prompt file (.txt, .jsonl, .json, .csv, .tsv) or 'embedded'")
     mp.add_argument("--n", type=int, default=1024, help="pairs to make (default 1024)")
@@ -493,7 +510,11 @@ def build_parser() -> argparse.ArgumentParser:
     tr.set_defaults(func=cmd_transfer)
 
     lo = sub.add_parser("export-lora", help="the student - teacher delta as a LoRA for diffusers' load_lora_weights")
-    lo.add_argument("--student", required=True, help="student UNet (.safetensors, unet/ or pipeline)")
+    lo.add_argument(
+        "--student",
+        required=True,
+        help="student UNet (.safetensors, unet/ or pipeline), or an SD3 student (student_transformer.safetensors)",
+    )
     lo.add_argument("--teacher", required=True, help="the teacher it was distilled from")
     lo.add_argument("--rank", type=int, default=64, help="LoRA rank (default 64; capped per module by its size)")
     lo.add_argument("--dtype", default="fp16", help="fp16 (default), bf16 or fp32")
@@ -503,7 +524,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="the timestep shift to record in the file (nitrofusion.shift): the LoRA'd teacher is the student only "
-        "with TimestepShiftLCMScheduler at it (default: the student's where it records one)",
+        "with TimestepShiftLCMScheduler at it (default: the student's where it records one; UNet students only)",
     )
     lo.set_defaults(func=cmd_export_lora)
 

@@ -53,11 +53,11 @@ def straight_and_resumed(tiny_sdxl_dir, tmp_path, *overrides: str, interrupt_at:
     return straight, resumed
 
 
-def same_student(dir_a, dir_b) -> bool:
+def same_student(dir_a, dir_b, name: str = "student_unet.safetensors") -> bool:
     from safetensors.torch import load_file
 
-    a = load_file(str(dir_a / "student_unet.safetensors"))
-    b = load_file(str(dir_b / "student_unet.safetensors"))
+    a = load_file(str(dir_a / name))
+    b = load_file(str(dir_b / name))
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 

@@ -144,7 +144,7 @@ def test_export_lora_checks_its_out_and_inputs_before_the_svd(tmp_path, capsys):
     save_file({"a.weight": torch.zeros(2, 2)}, str(tmp_path / "b.safetensors"))
     args = ["export-lora", "--student", str(tmp_path / "a.safetensors"), "--teacher", str(tmp_path / "b.safetensors")]
     one_line_error([*args, "--out", str(tmp_path / "x.safetensors")], capsys, "is a folder")
-    one_line_error([*args, "--out", str(tmp_path / "lora")], capsys, "is not a UNet's state dict")
+    one_line_error([*args, "--out", str(tmp_path / "lora")], capsys, "is neither a UNet's state dict")
     assert not (tmp_path / "lora").exists()
 
 

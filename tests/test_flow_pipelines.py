@@ -1,6 +1,6 @@
 """SD3-architecture flow-matching transformers (StableDiffusion3Pipeline) in generate, evaluate and
-the app, sampled with their own scheduler, on a tiny SD3; refused as a teacher (distill,
-make-pairs) and with the options only a UNet takes; Flux refused by name everywhere."""
+the app, sampled with their own scheduler, on a tiny SD3; refused with the options only a UNet
+takes; Flux refused by name everywhere. Distilling one: test_flow_distill.py."""
 
 from __future__ import annotations
 
@@ -161,18 +161,6 @@ def test_evaluate_writes_a_row_for_an_sd3_model(tiny_sd3_dir, tmp_path, capsys):
     assert code == 2 and "error: --shift is for UNet pipelines" in err.splitlines()[-1], err
 
 
-def test_distill_and_make_pairs_refuse_an_sd3_teacher_before_reading_a_weight(
-    tiny_sd3_dir, tmp_path, capsys, no_weights_read
-):
-    args = ["distill", "--set", f"model.teacher={tiny_sd3_dir}", "--output-dir", str(tmp_path / "run")]
-    err = one_line_error(*run(args, capsys)[::2])
-    assert "distillation of flow-matching transformers is not supported yet" in err and str(tiny_sd3_dir) in err
-    args = ["make-pairs", "--model", str(tiny_sd3_dir), "--n", "2", "--out", str(tmp_path / "pairs")]
-    err = one_line_error(*run(args, capsys)[::2])
-    assert "distillation of flow-matching transformers is not supported yet" in err
-    assert not (tmp_path / "pairs").exists() or not any((tmp_path / "pairs").iterdir())
-
-
 def test_flux_is_refused_by_name_everywhere(tiny_sd3_dir, tmp_path, capsys, no_weights_read):
     flux = flux_dir(tiny_sd3_dir, tmp_path)
     commands = [
@@ -211,7 +199,7 @@ def test_a_hub_sd3_is_fetched_to_sample_and_refused_from_its_index_otherwise(tin
     assert loading.resolve_model(repo, allow_flow=True) == tiny_sd3_dir
     assert fetched[0] == ["model_index.json"] and "transformer/*.safetensors" in fetched[1]
     for kwargs, message in (
-        ({}, "distillation of flow-matching transformers is not supported yet"),
+        ({}, "where a UNet pipeline .* is needed"),
         ({"allow_flow": True, "unet_only": ("--unet",)}, "--unet is for UNet pipelines"),
     ):
         fetched.clear()
@@ -227,7 +215,7 @@ def test_a_hub_sd3_is_fetched_to_sample_and_refused_from_its_index_otherwise(tin
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: str(tiny_sd3_dir))
     assert loading.resolve_model(repo, allow_flow=True) == tiny_sd3_dir
-    with pytest.raises(UserError, match="not supported yet"):
+    with pytest.raises(UserError, match="where a UNet pipeline"):
         loading.resolve_model(repo)
 
 

@@ -808,7 +808,7 @@ def test_a_flow_transformer_pipeline_is_refused_by_name_before_any_weight_is_rea
         "vae": ["diffusers", "AutoencoderKL"],
     }
     (sd3 / "model_index.json").write_text(json.dumps(index))
-    with pytest.raises(UserError, match="StableDiffusion3Pipeline .*distillation of flow-matching .*not supported yet"):
+    with pytest.raises(UserError, match="StableDiffusion3Pipeline .*where a UNet pipeline"):
         load_pipeline(sd3, device="cpu", allow_flow=False)
     fetched = []
 
@@ -820,14 +820,14 @@ def test_a_flow_transformer_pipeline_is_refused_by_name_before_any_weight_is_rea
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
-    with pytest.raises(UserError, match="StableDiffusion3Pipeline .*not supported yet"):
-        loading.resolve_model("stabilityai/stable-diffusion-3.5-large")  # a teacher's (the default)
+    with pytest.raises(UserError, match="StableDiffusion3Pipeline .*where a UNet pipeline"):
+        loading.resolve_model("stabilityai/stable-diffusion-3.5-large")  # a UNet's (the default)
     assert fetched == [["model_index.json"]]  # the index alone, never a weight
     loading.resolve_model("stabilityai/stable-diffusion-3.5-large", allow_flow=True)  # to sample: fetched
     assert fetched[1] == ["model_index.json"] and "transformer/*.safetensors" in fetched[2]
     monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: str(sd3))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(UserError, match="not supported yet"):  # not "not (in full) in the cache"
+    with pytest.raises(UserError, match="where a UNet pipeline"):  # not "not (in full) in the cache"
         loading.resolve_model("stabilityai/stable-diffusion-3.5-large")
     (sd3 / "transformer").mkdir()
     (sd3 / "transformer" / "diffusion_pytorch_model.safetensors").write_bytes(b"")

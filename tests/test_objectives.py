@@ -331,24 +331,28 @@ def test_r1_is_taken_with_respect_to_the_noised_input_the_heads_judge():
 
     weight = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
 
-    class Backbone:  # features = the noised input itself
-        unet = SimpleNamespace(dtype=torch.float32)
+    from functools import partial
 
-        def __call__(self, x, t):
+    from nitrofusion.training.student import add_noise
+
+    class Backbone:  # features = the noised input itself
+        model = SimpleNamespace(dtype=torch.float32)
+
+        def __call__(self, x, t, cond):
             return [x]
 
     pool = SimpleNamespace(
         logits=lambda ids, feats, text: [(feats[0] * weight).sum((1, 2, 3)).unsqueeze(1)],  # D(x_t) = <w, x_t>
         frozen=lambda ids: nullcontext(),
     )
-    cond = SimpleNamespace(pooled=None, unet_inputs=lambda dtype: ())
+    cond = SimpleNamespace(pooled=None)
     betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
     abar = torch.cumprod(1 - betas, 0)
     x0 = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     for t_star in (10, 750):
         losses = []
         for r1 in (0.0, 1.0):
-            judge = NitroFusionObjective(Backbone(), pool, abar, r1_weight=r1)
+            judge = NitroFusionObjective(Backbone(), pool, partial(add_noise, alphas_cumprod=abar), r1_weight=r1)
             g = torch.Generator().manual_seed(2)
             losses.append(judge(x0, x0, cond, [t_star], {t_star: [0]}, g, train_generator=False).d_loss)
         torch.testing.assert_close(losses[1] - losses[0], weight.square().sum())  # ||dD/dx_t||^2, whatever t*

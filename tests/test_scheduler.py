@@ -207,12 +207,13 @@ def test_the_students_training_maths_is_the_samplers_step(prediction_type, shift
     step: for every prediction type the two give the same x0 and the same next input."""
     from types import SimpleNamespace
 
+    from nitrofusion.data.conditioning import Conditioning
     from nitrofusion.training.student import ShiftedStudent, add_noise
 
     s = TimestepShiftLCMScheduler(shifted_timestep=shift, prediction_type=prediction_type)
     maths = ShiftedStudent(TimestepShiftLCMScheduler.from_config(s.config))
     unet = lambda x, t, *_, **__: SimpleNamespace(sample=fake_unet(x, int(t[0])))  # noqa: E731
-    cond = SimpleNamespace(prompt_embeds=None, added_cond_kwargs=None)
+    cond = Conditioning(torch.zeros(2, 1, 4), torch.zeros(2, 4))  # the fake UNet reads none of it
     torch.manual_seed(0)
     x = torch.randn(2, 4, 8, 8)
     s.set_timesteps(4)

@@ -1,7 +1,9 @@
-"""Text conditioning for SDXL- and SD1.5-architecture UNets, through the pipeline's own encoder.
+"""Text conditioning for SDXL- and SD1.5-architecture UNets and SD3-architecture flow
+transformers, through the pipeline's own encoder.
 
-`Conditioning` bundles what a UNet call needs (token embeddings, SDXL's added conditions)
-and the pooled text vector that conditional discriminator heads read.
+`Conditioning` bundles what a denoiser call needs (token embeddings, SDXL's added conditions)
+and the pooled text vector that conditional discriminator heads read (SD3's transformer reads
+it too, as its `pooled_projections`).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from diffusers import DiffusionPipeline
 @dataclass
 class Conditioning:
     prompt_embeds: torch.Tensor  # [B, L, D]
-    pooled: torch.Tensor  # [B, P]
+    pooled: torch.Tensor  # [B, P]: SDXL's and SD3's pooled CLIP output(s), SD1.5's end-of-text state
     time_ids: torch.Tensor | None = None  # [B, 6] for SDXL
 
     @property
@@ -48,13 +50,26 @@ class Conditioning:
 
 
 def is_sdxl(pipe: DiffusionPipeline) -> bool:
-    return getattr(pipe, "text_encoder_2", None) is not None and pipe.unet.config.addition_embed_type == "text_time"
+    unet = getattr(pipe, "unet", None)
+    return (
+        getattr(pipe, "text_encoder_2", None) is not None
+        and unet is not None
+        and unet.config.addition_embed_type == "text_time"
+    )
+
+
+def is_sd3(pipe: DiffusionPipeline) -> bool:
+    return getattr(pipe, "unet", None) is None and getattr(pipe, "transformer", None) is not None
+
+
+CACHE_BYTES = 4 * 2**30  # at most this much host memory of kept prompts
 
 
 class TextEncoder:
     """Encodes prompts and keeps the most recently used ones (a small prompt set repeats every
     few steps). Bounded: at SDXL size one prompt is 77 x 2048 numbers (0.6 MB in fp32), so the
-    paper's million prompts, all kept, would be hundreds of GB of host memory."""
+    paper's million prompts, all kept, would be hundreds of GB of host memory; at SD3's (333 x
+    4096, with T5) 5.5 MB, so the capacity is also bounded by CACHE_BYTES."""
 
     def __init__(
         self,
@@ -67,6 +82,7 @@ class TextEncoder:
         self.pipe = pipe
         self.onload = onload  # brings offloaded text encoders to the device for an encoding
         self.sdxl = is_sdxl(pipe)
+        self.sd3 = is_sd3(pipe)
         self.size = (height, width)
         self.capacity = capacity
         self._cache: OrderedDict[str, Conditioning] = OrderedDict()
@@ -82,6 +98,9 @@ class TextEncoder:
             with self.onload():
                 for p in missing:
                     (self._cache[p],) = self._encode([p])
+            first = self._cache[missing[0]]
+            size = sum(t.numel() * t.element_size() for t in (first.prompt_embeds, first.pooled))
+            self.capacity = min(self.capacity, max(1, CACHE_BYTES // size))
         out = Conditioning.cat([self._cache[p] for p in prompts])
         for p in prompts:
             self._cache.move_to_end(p)
@@ -91,7 +110,12 @@ class TextEncoder:
 
     def _encode(self, prompts: list[str]) -> list[Conditioning]:
         device = self.pipe.text_encoder.device
-        if self.sdxl:
+        if self.sd3:  # T5 (if the pipeline has it) and both CLIPs; SD3 has no micro-conditioning
+            embeds, _, pooled, _ = self.pipe.encode_prompt(
+                prompt=prompts, prompt_2=None, prompt_3=None, device=device, do_classifier_free_guidance=False
+            )
+            time_ids = None
+        elif self.sdxl:
             embeds, _, pooled, _ = self.pipe.encode_prompt(prompts, device=device, do_classifier_free_guidance=False)
             h, w = self.size
             # SDXL micro-conditioning as the pipeline builds it: original size, crop (0, 0), target size.
@@ -128,7 +152,12 @@ class TextEncoder:
 
     def _encode_negative(self) -> Conditioning:
         device = self.pipe.text_encoder.device
-        if self.sdxl:
+        if self.sd3:  # SD3's CFG encodes the empty prompt
+            _, embeds, _, pooled = self.pipe.encode_prompt(
+                prompt=[""], prompt_2=None, prompt_3=None, device=device, do_classifier_free_guidance=True
+            )
+            time_ids = None
+        elif self.sdxl:
             _, embeds, _, pooled = self.pipe.encode_prompt([""], device=device, do_classifier_free_guidance=True)
             h, w = self.size
             time_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=embeds.dtype, device=device)
@@ -139,7 +168,10 @@ class TextEncoder:
 
     @property
     def pooled_dim(self) -> int:
-        """Width of `Conditioning.pooled`: SDXL's projected text embedding, else the token width."""
+        """Width of `Conditioning.pooled`: SD3's two pooled CLIP outputs, SDXL's projected text
+        embedding, else the token width."""
+        if self.sd3:
+            return self.pipe.transformer.config.pooled_projection_dim
         if self.sdxl:
             return self.pipe.text_encoder_2.config.projection_dim
         return self.pipe.text_encoder.config.hidden_size

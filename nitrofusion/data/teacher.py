@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from nitrofusion.data.teacher_timesteps import check_teacher_timesteps
 from nitrofusion.errors import UserError
+from nitrofusion.pipelines.generation import denoiser
 from nitrofusion.pipelines.loading import save_state_dict
 from nitrofusion.training.checkpoint import fingerprint
 from nitrofusion.userfiles import write_text_replacing
@@ -65,14 +66,24 @@ class TeacherSampler:
             check_teacher_timesteps(timesteps, steps)
             if "timesteps" not in inspect.signature(pipe.scheduler.set_timesteps).parameters:
                 raise UserError(f"the teacher's {scheduler} takes no custom timesteps")
+            if "timesteps" not in inspect.signature(type(pipe).__call__).parameters:  # SD3's takes sigmas
+                raise UserError(
+                    f"the teacher's {type(pipe).__name__} takes no custom timesteps (data.teacher_timesteps)"
+                )
         if steps < 8 and scheduler not in FEW_STEP_SCHEDULERS:
             # The teacher's samples are the "real" data: a multi-step model sampled in a few steps
             # gives blurred, noisy images, and the student learns exactly those.
+            few_step = (
+                "a distilled flow teacher (SD3.5-Large-Turbo) samples in the steps its model card gives"
+                if getattr(pipe, "unet", None) is None
+                else "a few-step teacher (e.g. DMD2) needs its LCMScheduler in its pipeline"
+            )
             log.warning(
                 "the teacher samples with %d steps of its %s: a multi-step teacher needs about 25 "
-                "(data.teacher_steps); a few-step teacher (e.g. DMD2) needs its LCMScheduler in its pipeline",
+                "(data.teacher_steps); %s",
                 steps,
                 scheduler,
+                few_step,
             )
         self.pipe = pipe
         self.steps = steps
@@ -84,15 +95,15 @@ class TeacherSampler:
 
     @property
     def unet_fingerprint(self) -> str:
-        """The teacher UNet's identity (computed once: the teacher is frozen)."""
+        """The teacher UNet's (or transformer's) identity (computed once: the teacher is frozen)."""
         if self._unet_fingerprint is None:
-            self._unet_fingerprint = fingerprint(_AsFp16(self.pipe.unet.state_dict()))
+            self._unet_fingerprint = fingerprint(_AsFp16(denoiser(self.pipe).state_dict()))
         return self._unet_fingerprint
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
         f = self.pipe.vae_scale_factor
-        return (self.pipe.unet.config.in_channels, self.height // f, self.width // f)
+        return (denoiser(self.pipe).config.in_channels, self.height // f, self.width // f)
 
     @torch.no_grad()
     def __call__(
@@ -107,7 +118,7 @@ class TeacherSampler:
             guidance_scale=self.guidance_scale,
             height=self.height,
             width=self.width,
-            latents=noise.to(self.pipe.device, self.pipe.unet.dtype),
+            latents=noise.to(self.pipe.device, denoiser(self.pipe).dtype),
             generator=generator,
             output_type="latent",
         )
@@ -345,7 +356,7 @@ def make_pairs(
             shard = {k: torch.cat([v[: held[s]], shard[k]]) for k, v in load_file(str(shards[s])).items()}
         # Provenance beyond the recipe (not checked on reading: `make-pairs` samples in fp16 on a GPU by
         # default, `distill` in fp32, and either's pairs may complete the other's folder).
-        made_with = {"teacher_dtype": str(sampler.pipe.unet.dtype).removeprefix("torch."), "device": device_type}
+        made_with = {"teacher_dtype": str(denoiser(sampler.pipe).dtype).removeprefix("torch."), "device": device_type}
         save_state_dict(shard, shards[s], metadata={**recipe, **made_with})  # whole or absent: named once written
     bar.close()
     return shards

@@ -7,21 +7,29 @@ the mid-block output (the embedded world has the same count).
 
 The teacher's encoder is frozen (NitroFusion, ADM); DMD2's classifier reads the bottleneck
 of the trainable fake score instead, so `frozen=False` leaves the UNet's parameters alone.
+
+A flow transformer (SD3) has no encoder: `TransformerBlockFeatures` reads the image tokens
+after each of its first half of joint blocks, as maps, and cuts the pass short after them
+(as LADD reads its teacher's transformer blocks). Both take (x_t, timestep, Conditioning).
 """
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
-from diffusers import UNet2DConditionModel
+from diffusers import SD3Transformer2DModel, UNet2DConditionModel
 from torch import nn
 
+from nitrofusion.data.conditioning import Conditioning
 
-class _StopAfterMidBlock(Exception):
-    """Raised by the mid-block hook to skip the UNet's decoder."""
+
+class _StopReading(Exception):
+    """Raised by the last hook read to skip the rest of the network's pass."""
 
 
 class UNetEncoderFeatures(nn.Module):
-    """features(x_t, t, text) -> list of feature maps [B, C_i, H_i, W_i], shallow to deep."""
+    """features(x_t, t, cond) -> list of feature maps [B, C_i, H_i, W_i], shallow to deep."""
 
     def __init__(self, unet: UNet2DConditionModel, frozen: bool = True) -> None:
         super().__init__()
@@ -49,7 +57,11 @@ class UNetEncoderFeatures(nn.Module):
     def _stop(self, module: nn.Module, args, output: torch.Tensor) -> None:
         if self._active:
             self._maps.append(output)
-            raise _StopAfterMidBlock
+            raise _StopReading
+
+    @property
+    def model(self) -> UNet2DConditionModel:
+        return self.unet
 
     def train(self, mode: bool = True) -> UNetEncoderFeatures:
         # Frozen: stays in eval mode whatever the trainer does.
@@ -58,33 +70,97 @@ class UNetEncoderFeatures(nn.Module):
     def feature_shapes(self, sample_size: int, device: torch.device | str = "cpu") -> list[tuple[int, int, int]]:
         """(channels, height, width) of each map for a square latent of side sample_size."""
         cfg = self.unet.config
-        x = torch.zeros(1, cfg.in_channels, sample_size, sample_size, device=device, dtype=self.unet.dtype)
-        text = torch.zeros(1, 1, cfg.cross_attention_dim, device=device, dtype=self.unet.dtype)
-        added = None
+        pooled, time_ids = None, None
         if cfg.addition_embed_type == "text_time":
-            pooled_dim = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
-            added = {
-                "text_embeds": torch.zeros(1, pooled_dim, device=device, dtype=self.unet.dtype),
-                "time_ids": torch.zeros(1, 6, device=device, dtype=self.unet.dtype),
-            }
-        with torch.no_grad():
-            maps = self(x, torch.zeros(1, device=device), text, added)
-        return [tuple(m.shape[1:]) for m in maps]
+            pooled = torch.zeros(1, cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim)
+            time_ids = torch.zeros(1, 6)
+        cond = Conditioning(torch.zeros(1, 1, cfg.cross_attention_dim), pooled, time_ids)
+        return _shapes(self, cfg.in_channels, sample_size, cond, self.unet, device)
 
-    def forward(
-        self,
-        sample: torch.Tensor,
-        timestep: torch.Tensor,
-        encoder_hidden_states: torch.Tensor,
-        added_cond_kwargs: dict[str, torch.Tensor] | None = None,
-    ) -> list[torch.Tensor]:
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, cond: Conditioning) -> list[torch.Tensor]:
+        embeds, added = cond.unet_inputs(sample.dtype)
         self._maps, self._active = [], True
         try:
-            self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added_cond_kwargs)
+            self.unet(sample, timestep, embeds, added_cond_kwargs=added)
             raise RuntimeError("the UNet forward finished without reaching its mid block")
-        except _StopAfterMidBlock:
+        except _StopReading:
             pass
         finally:
             self._active = False
         maps, self._maps = self._maps, []
         return maps
+
+
+def feature_blocks(transformer: SD3Transformer2DModel) -> int:
+    """How many of the transformer's joint blocks the discriminator reads: the first half (rounded
+    up), the part that, like a UNet's encoder, sees the noisy image before it is decoded
+    (SD3-Medium: 12 of 24 blocks, SD3.5-Large: 19 of 38)."""
+    return (len(transformer.transformer_blocks) + 1) // 2
+
+
+class TransformerBlockFeatures(nn.Module):
+    """features(x_t, t, cond) -> the image tokens after each read block, as maps [B, D, H/p, W/p].
+
+    The transformer is frozen; its later blocks and output layers are never run here."""
+
+    def __init__(self, transformer: SD3Transformer2DModel) -> None:
+        super().__init__()
+        if not isinstance(transformer, SD3Transformer2DModel):
+            raise TypeError(f"expected an SD3Transformer2DModel, got {type(transformer).__name__}")
+        self.transformer = transformer.requires_grad_(False).eval()
+        self.blocks = feature_blocks(transformer)
+        self._maps: list[torch.Tensor] = []
+        self._grid: tuple[int, int] = (0, 0)
+        self._active = False  # the same transformer samples as the teacher: the hooks act only in forward()
+        for i, block in enumerate(transformer.transformer_blocks[: self.blocks]):
+            block.register_forward_hook(partial(self._keep_tokens, last=i == self.blocks - 1))
+
+    @property
+    def model(self) -> SD3Transformer2DModel:
+        return self.transformer
+
+    def _keep_tokens(self, module: nn.Module, args, output, last: bool) -> None:
+        if not self._active:
+            return
+        tokens = output[1]  # a joint block returns (text tokens, image tokens)
+        h, w = self._grid
+        self._maps.append(tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], h, w))
+        if last:
+            raise _StopReading
+
+    def train(self, mode: bool = True) -> TransformerBlockFeatures:
+        return super().train(False)  # frozen: stays in eval mode whatever the trainer does
+
+    def feature_shapes(self, sample_size: int, device: torch.device | str = "cpu") -> list[tuple[int, int, int]]:
+        cfg = self.transformer.config
+        cond = Conditioning(torch.zeros(1, 1, cfg.joint_attention_dim), torch.zeros(1, cfg.pooled_projection_dim))
+        return _shapes(self, cfg.in_channels, sample_size, cond, self.transformer, device)
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, cond: Conditioning) -> list[torch.Tensor]:
+        embeds, _ = cond.unet_inputs(sample.dtype)
+        p = self.transformer.config.patch_size
+        self._grid = (sample.shape[-2] // p, sample.shape[-1] // p)
+        self._maps, self._active = [], True
+        try:
+            self.transformer(
+                hidden_states=sample,
+                timestep=timestep.float(),  # SD3 is told 1000 sigma, a float
+                encoder_hidden_states=embeds,
+                pooled_projections=cond.pooled.to(sample.dtype),
+            )
+            raise RuntimeError("the transformer forward finished without reaching its last read block")
+        except _StopReading:
+            pass
+        finally:
+            self._active = False
+        maps, self._maps = self._maps, []
+        return maps
+
+
+def _shapes(
+    backbone: nn.Module, channels: int, side: int, cond: Conditioning, model: nn.Module, device: torch.device | str
+) -> list[tuple[int, int, int]]:
+    x = torch.zeros(1, channels, side, side, device=device, dtype=model.dtype)
+    with torch.no_grad():
+        maps = backbone(x, torch.zeros(1, device=device), cond.to(device, model.dtype))
+    return [tuple(m.shape[1:]) for m in maps]

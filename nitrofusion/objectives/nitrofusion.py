@@ -14,7 +14,7 @@ adversarial pre-training, and is added to DMD2 with loss.pool_weight.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
@@ -22,11 +22,10 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from nitrofusion.data.conditioning import Conditioning
-from nitrofusion.discriminator.backbone import UNetEncoderFeatures
+from nitrofusion.discriminator.backbone import TransformerBlockFeatures, UNetEncoderFeatures
 from nitrofusion.discriminator.pool import HeadPool
 from nitrofusion.objectives.adversarial import discriminator_loss, generator_loss, r1_penalty
 from nitrofusion.objectives.base import Critic, Losses, StepContext
-from nitrofusion.training.student import add_noise
 
 
 @dataclass
@@ -40,25 +39,27 @@ class Judgement:
 class NitroFusionObjective:
     def __init__(
         self,
-        backbone: UNetEncoderFeatures,
+        backbone: UNetEncoderFeatures | TransformerBlockFeatures,
         pool: HeadPool,
-        alphas_cumprod: torch.Tensor,
+        add_noise: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor],
         loss_kind: str = "non_saturating",
         r1_weight: float = 0.0,
     ) -> None:
+        """`add_noise(x0, noise, t*)`: the teacher's forward process at its timestep t* (the UNet's
+        abar schedule, or a flow's interpolation at sigma = t*/1000)."""
         self.backbone = backbone
         self.pool = pool
-        self.alphas_cumprod = alphas_cumprod.double()
+        self.add_noise = add_noise
         self.loss_kind = loss_kind
         self.r1_weight = r1_weight
 
     def _features(self, x0: torch.Tensor, t_star: int, noise: torch.Tensor, cond: Conditioning) -> list[torch.Tensor]:
-        return self._features_of(add_noise(x0, noise, t_star, self.alphas_cumprod), t_star, cond)
+        return self._features_of(self.add_noise(x0, noise, t_star), t_star, cond)
 
     def _features_of(self, x_t: torch.Tensor, t_star: int, cond: Conditioning) -> list[torch.Tensor]:
-        x = x_t.to(self.backbone.unet.dtype)
+        x = x_t.to(self.backbone.model.dtype)
         t = torch.full((x.shape[0],), t_star, device=x.device, dtype=torch.long)
-        return self.backbone(x, t, *cond.unet_inputs(x.dtype))
+        return self.backbone(x, t, cond)
 
     def __call__(
         self,
@@ -87,11 +88,11 @@ class NitroFusionObjective:
                     fake_feats = self._features(fake.detach(), t_star, n_fake, cond)
             # R1 penalises the gradient with respect to what the heads judge, the noised x_t (with
             # respect to x0 it would be scaled by abar(t*): 18x weaker at t* 750 than at 10).
-            real_in = add_noise(real.detach(), n_real, t_star, self.alphas_cumprod).requires_grad_(self.r1_weight > 0)
+            real_in = self.add_noise(real.detach(), n_real, t_star).requires_grad_(self.r1_weight > 0)
             # R1 differentiates the gradient again; fused attention kernels have no double backward,
             # and a checkpointed block would be recomputed outside this kernel choice, so neither is used.
             kernel = sdpa_kernel(SDPBackend.MATH) if self.r1_weight > 0 else nullcontext()
-            plain = _without_checkpointing(self.backbone.unet) if self.r1_weight > 0 else nullcontext()
+            plain = _without_checkpointing(self.backbone.model) if self.r1_weight > 0 else nullcontext()
             with torch.set_grad_enabled(self.r1_weight > 0), kernel, plain:
                 real_feats = self._features_of(real_in, t_star, cond)
             real_logits = [lg.float() for lg in self.pool.logits(ids, real_feats, text)]

@@ -139,7 +139,7 @@ class FakeScore(Critic):
     def logit(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """The classifier's logit on the fake UNet's deepest encoder map (the mid block's output)."""
         dtype = self.unet.dtype
-        feats = self.encoder(x_t.to(dtype), t, *cond.unet_inputs(dtype))
+        feats = self.encoder(x_t.to(dtype), t, cond)
         return self.classifier(feats[-1]).float()
 
     def classifier_losses(

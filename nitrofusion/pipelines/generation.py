@@ -71,9 +71,12 @@ def sampler_of(pipe: DiffusionPipeline) -> str:
 def default_guidance(sampler: str, pipe: DiffusionPipeline | None = None) -> float:
     """Without --guidance-scale: none for the shift-LCM sampler (NitroSD samples without CFG), 5 for
     a multi-step UNet teacher; for a flow transformer (SD3), its pipeline class's own default (7 for
-    SD3; a distilled one such as SD3.5-Large-Turbo needs --guidance-scale 0)."""
+    SD3; a distilled one such as SD3.5-Large-Turbo needs --guidance-scale 0), except for a flow
+    student of `distill`, whose folder records 0."""
     if sampler == "shift-lcm":
         return 0.0
+    if getattr(pipe, "nitro_guidance", None) is not None:  # a distilled flow student's, as its run recorded
+        return pipe.nitro_guidance
     if pipe is not None and getattr(pipe, "unet", None) is None and getattr(pipe, "transformer", None) is not None:
         default = inspect.signature(type(pipe).__call__).parameters.get("guidance_scale")
         if default is not None and isinstance(default.default, (int, float)):

@@ -410,7 +410,7 @@ def check_architecture(index: dict, where: str, allow_flow: bool = False, unet_o
 
     A UNet pipeline (SDXL or SD1.5 architecture) always passes. An SD3-architecture flow-matching
     transformer passes where `allow_flow` (sampling with its own scheduler), unless options only a
-    UNet pipeline takes (`unet_only`, e.g. "--unet") were given; never as a teacher to distil.
+    UNet pipeline takes (`unet_only`, e.g. "--unet") were given (a teacher to distil is one).
     Any other transformer pipeline (Flux...) is refused by name."""
     if index.get("unet", [None])[1:] == [UNet2DConditionModel.__name__]:
         return False
@@ -418,8 +418,8 @@ def check_architecture(index: dict, where: str, allow_flow: bool = False, unet_o
     if is_flow_pipeline(index):
         if not allow_flow:
             raise UserError(
-                f"'{where}' is a {kind} (a flow-matching transformer): distillation of flow-matching "
-                "transformers is not supported yet; the teacher must be a UNet pipeline (SDXL or SD1.5 architecture)"
+                f"'{where}' is a {kind} (a flow-matching transformer), where a UNet pipeline "
+                "(SDXL or SD1.5 architecture) is needed"
             )
         if unet_only:
             raise UserError(
@@ -434,6 +434,16 @@ def check_architecture(index: dict, where: str, allow_flow: bool = False, unet_o
             "(StableDiffusion3Pipeline)"
         )
     raise UserError(f"'{where}' ({kind}) is not a UNet text-to-image pipeline (SDXL or SD1.5 architecture)")
+
+
+def recorded_guidance(model_dir: Path) -> float | None:
+    """The guidance scale a distill run's exported flow student samples with (none: it learnt the
+    teacher's guided samples), from the run's nitrofusion.json; None where none is recorded."""
+    try:
+        value = json.loads((model_dir / "nitrofusion.json").read_text()).get("guidance_scale")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def load_pipeline(
@@ -463,7 +473,8 @@ def load_pipeline(
 
     An SD3-architecture flow-matching transformer (`check_architecture`) is sampled with its own
     scheduler ("native"); a student UNet, a shift, the shift-LCM sampler and `compile` are refused
-    for it before any weight is read. `allow_flow=False` (a teacher to distil) refuses it.
+    for it before any weight is read (a flow student's pipeline, without CFG: `nitro_guidance`).
+    `allow_flow=False` (where only a UNet will do) refuses it.
     """
     if shift is not None and sampler == "native":  # it would be ignored: the native sampler has no shift
         raise UserError("--shift is for the shift-lcm sampler; the native sampler has none")
@@ -477,7 +488,9 @@ def load_pipeline(
             raise UserError(
                 f"unknown sampler '{sampler}': use auto or native for '{model_dir}' ({index['_class_name']})"
             )
-        return _loaded(_read_pipeline(model_dir, index, torch_dtype, safety_checker)[0], "native", model, False, device)
+        pipe = _read_pipeline(model_dir, index, torch_dtype, safety_checker)[0]
+        pipe.nitro_guidance = recorded_guidance(model_dir)
+        return _loaded(pipe, "native", model, False, device)
     student = {}
     if unet is not None:
         student["unet"] = _student_unet(model_dir, read_safetensors(unet), torch_dtype, f"UNet weights '{unet}'")

@@ -30,14 +30,15 @@ from nitrofusion.userfiles import read_user_text, write_text_replacing
 
 @dataclass
 class ModelConfig:
-    teacher: str = "embedded"  # pipeline dir, hub id in the cache, or "embedded"
-    student_init: str | None = None  # UNet safetensors to start from; None = the teacher's weights
-    shift: int = 250  # timestep shift, the same in training and sampling
+    teacher: str = "embedded"  # pipeline dir, hub id in the cache, or "embedded"; SDXL, SD1.5 or SD3 architecture
+    student_init: str | None = None  # UNet (SD3: transformer) safetensors to start from; None = the teacher's weights
+    shift: int = 250  # LCM timestep shift, the same in training and sampling (UNet students; SD3: its own scheduler)
     gradient_checkpointing: bool = False
     teacher_offload: bool = False  # teacher parts used without gradients live in host memory (training/offload.py)
     safety_checker: bool = True  # the teacher's (SD1.5) safety checker: judges validation grids, ships in the export
     lora_rank: int = 0  # > 0: train LoRA adapters of this rank instead of the whole UNet (training/lora.py)
     lora_alpha: float | None = None  # adapter scale alpha / rank; None = rank (scale 1)
+    # Left at this (the UNet's layers), an SD3 teacher's run uses its transformer's (lora.FLOW_TARGETS).
     lora_targets: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
 
 

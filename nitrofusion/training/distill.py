@@ -27,10 +27,10 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs
-from diffusers import DiffusionPipeline, UNet2DConditionModel
+from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, UNet2DConditionModel
 from tqdm.auto import tqdm
 
-from nitrofusion.data.conditioning import Conditioning, TextEncoder
+from nitrofusion.data.conditioning import Conditioning, TextEncoder, is_sd3
 from nitrofusion.data.prompts import load_prompts
 from nitrofusion.data.teacher import (
     FEW_STEP_SCHEDULERS,
@@ -47,7 +47,7 @@ from nitrofusion.data.teacher import (
     sampler_recipe,
     unfinished,
 )
-from nitrofusion.discriminator.backbone import UNetEncoderFeatures
+from nitrofusion.discriminator.backbone import TransformerBlockFeatures, UNetEncoderFeatures
 from nitrofusion.discriminator.heads import DiscriminatorHead, max_downsamples
 from nitrofusion.discriminator.pool import HeadPool
 from nitrofusion.errors import UserError
@@ -58,7 +58,7 @@ from nitrofusion.objectives.dmd2 import DMD2
 from nitrofusion.objectives.nitrofusion import NitroFusion, NitroFusionObjective, PoolDiscriminator
 from nitrofusion.objectives.pretrain import AdversarialPretraining, PixelDiscriminator, Regression
 from nitrofusion.objectives.scores import FakeScore, RealScore
-from nitrofusion.pipelines.generation import default_size, generate, size_multiple
+from nitrofusion.pipelines.generation import default_size, denoiser, generate, size_multiple
 from nitrofusion.pipelines.loading import (
     check_state_dict,
     layout_problems,
@@ -76,7 +76,15 @@ from nitrofusion.training.config import DistillConfig, save_config
 from nitrofusion.training.curves import MetricsLog, try_plot_curves
 from nitrofusion.training.ema import EMA
 from nitrofusion.training.faults import fires, kill_point
-from nitrofusion.training.lora import add_lora, check_lora_targets, merged_state_dict, plain_unet
+from nitrofusion.training.flow_student import FlowStudent
+from nitrofusion.training.lora import (
+    DEFAULT_TARGETS,
+    FLOW_TARGETS,
+    add_lora,
+    check_lora_targets,
+    merged_state_dict,
+    plain_unet,
+)
 from nitrofusion.training.offload import HostOffload, teacher_groups
 from nitrofusion.training.optimizers import make_optimizer
 from nitrofusion.training.schedule import Phase, Schedule
@@ -169,12 +177,17 @@ class Distiller:
             dtype=torch.float32,
             safety_checker=cfg.model.safety_checker,
             option="model.teacher",
-            allow_flow=False,  # a flow-matching transformer (SD3) is refused from its index, before any weight
         )
-        if not isinstance(self.teacher.unet, UNet2DConditionModel):
+        self.flow = is_sd3(self.teacher)  # an SD3-architecture flow transformer, not a UNet
+        self.teacher_model = denoiser(self.teacher)
+        if self.flow:
+            self._refuse_for_flow()
+            if cfg.model.lora_targets == DEFAULT_TARGETS:  # the UNet's names: a transformer's own instead,
+                cfg.model.lora_targets = list(FLOW_TARGETS)  # recorded so in the run's config.yaml
+        elif not isinstance(self.teacher.unet, UNet2DConditionModel):
             raise UserError("the teacher's UNet must be a diffusers UNet2DConditionModel")
         # Said before any teacher pairs are made (hours at SDXL size).
-        if getattr(self.teacher.unet.config, "time_cond_proj_dim", None) is not None:
+        if getattr(self.teacher_model.config, "time_cond_proj_dim", None) is not None:
             # An LCM-distilled UNet (e.g. LCM Dreamshaper) takes a guidance embedding, which its
             # pipeline computes from guidance_scale: the student would train without it and sample with it.
             raise UserError("the teacher's UNet takes a guidance embedding (time_cond_proj_dim): not supported")
@@ -217,8 +230,8 @@ class Distiller:
         # A LoRA student of the teacher's own weights never changes them: it shares them with the
         # teacher instead of copying them (SDXL: 4.8 GiB in bf16) and trains adapters on top.
         self.student_shares_teacher = cfg.model.lora_rank > 0 and not cfg.model.student_init
-        shared = {id(p): p for p in self.teacher.unet.parameters()} if self.student_shares_teacher else {}
-        student = copy.deepcopy(self.teacher.unet, shared).train()
+        shared = {id(p): p for p in self.teacher_model.parameters()} if self.student_shares_teacher else {}
+        student = copy.deepcopy(self.teacher_model, shared).train()
         if not self.student_shares_teacher:
             student.requires_grad_(True)
         if cfg.model.student_init:
@@ -231,7 +244,7 @@ class Distiller:
         fake_unet = copy.deepcopy(self.teacher.unet) if cfg.loss.objective in ("dmd2", "adm") else None
         if cfg.model.gradient_checkpointing:
             student.enable_gradient_checkpointing()
-            self.teacher.unet.enable_gradient_checkpointing()
+            self.teacher_model.enable_gradient_checkpointing()
             if fake_unet is not None:
                 fake_unet.enable_gradient_checkpointing()
         self.lora_in_half_precision = False
@@ -245,23 +258,32 @@ class Distiller:
                 for p in student.parameters():
                     if not p.requires_grad:
                         p.data = p.data.to(half)
-        # The teacher's noise schedule and prediction type; never its sampling-time clipping, which
-        # the student is not trained with (the exported pipeline samples as the student learnt).
-        self.scheduler = TimestepShiftLCMScheduler.from_base_config(
-            self.teacher.scheduler.config,
-            shifted_timestep=cfg.model.shift,
-            original_inference_steps=4,
-            clip_sample=False,
-            thresholding=False,
-        )
-        self.maths = ShiftedStudent(self.scheduler)
+        self.maths: ShiftedStudent | FlowStudent
+        if self.flow:  # the teacher's own scheduler samples the student (its shift, its spacing)
+            self.scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.teacher.scheduler.config)
+            try:
+                self.maths = FlowStudent(self.scheduler)
+            except ValueError as exc:
+                raise UserError(f"the teacher's scheduler: {exc}") from None
+        else:
+            # The teacher's noise schedule and prediction type; never its sampling-time clipping, which
+            # the student is not trained with (the exported pipeline samples as the student learnt).
+            self.scheduler = TimestepShiftLCMScheduler.from_base_config(
+                self.teacher.scheduler.config,
+                shifted_timestep=cfg.model.shift,
+                original_inference_steps=4,
+                clip_sample=False,
+                thresholding=False,
+            )
+            self.maths = ShiftedStudent(self.scheduler)
         # Only the main process reads the EMA (checkpoints, grids, exports): the other ranks keep none.
         self.ema = EMA(student, cfg.optim.ema_decay, host=cfg.optim.ema_offload, keep=self.acc.is_main_process)
         self._build_objectives(fake_unet)
         # The teacher's decoder stays where the whole teacher UNet runs every iteration: DMD2's and
         # ADM's real score, or a LoRA student sharing its weights.
         whole_unet = "fake" in self.critics or self.student_shares_teacher
-        groups = teacher_groups(self.teacher, whole_unet, "pixel" in self.critics)
+        read = self.backbone.blocks if self.flow and self.pool is not None else None
+        groups = teacher_groups(self.teacher, whole_unet, "pixel" in self.critics, read)
         self.offload = HostOffload(groups if cfg.model.teacher_offload else {}, self.acc.device)
         self.text.onload = partial(self.offload.onloaded, "text")
         trainable = [p for p in student.parameters() if p.requires_grad]  # all, or the LoRA adapters
@@ -273,10 +295,28 @@ class Distiller:
         self.metrics = MetricsLog(self.out / "metrics.jsonl")
         self.curves_drawn_at: int | None = None  # the iteration curves.png was last drawn at
 
+    def _refuse_for_flow(self) -> None:
+        """What a flow transformer teacher (SD3) cannot be distilled with yet, said before any weight
+        of the student is made or any teacher pair sampled."""
+        cfg = self.cfg
+        if cfg.loss.objective != "nitrofusion":
+            # Their real and fake scores are written for a UNet's epsilon/abar maths.
+            raise UserError(
+                f"loss.objective {cfg.loss.objective} is for UNet teachers; an SD3 flow transformer "
+                "distils with loss.objective=nitrofusion"
+            )
+        if cfg.loss.adversarial_pretraining and cfg.pretrain.pixel_weight > 0:
+            raise UserError("pretrain.pixel_weight: the pixel discriminator is for UNet teachers; set it to 0")
+        if cfg.model.shift != DistillConfig().model.shift:
+            raise UserError(
+                "model.shift is the UNet student's LCM timestep shift; a flow student samples with the "
+                f"teacher's own scheduler (shift {self.teacher.scheduler.config.get('shift')}): leave model.shift out"
+            )
+
     def _refuse_before_pairs(self) -> None:
         """What the config asks of the teacher's UNet that it cannot give, said before any teacher
         pairs are made (hours at SDXL size), from configs and file headers only."""
-        cfg, unet = self.cfg, self.teacher.unet
+        cfg, unet = self.cfg, self.teacher_model
         if cfg.data.pairs:
             check_own_files(Path(cfg.data.pairs))
         if cfg.model.student_init:
@@ -286,9 +326,12 @@ class Distiller:
             check_lora_targets(unet, cfg.model.lora_targets)
         f = self.teacher.vae_scale_factor
         latent = self.size // f
-        deepest = latent  # the encoder's deepest map: every down block but the last halves it, rounding up
-        for _ in unet.config.block_out_channels[1:]:
-            deepest = (deepest + 1) // 2
+        if self.flow:  # every map read from the transformer is its token grid
+            deepest = latent // unet.config.patch_size
+        else:
+            deepest = latent  # the encoder's deepest map: every down block but the last halves it, rounding up
+            for _ in unet.config.block_out_channels[1:]:
+                deepest = (deepest + 1) // 2
         loss = cfg.loss
         if loss.head_pool:  # the pool's heads read every encoder map, down to the deepest
             check_depth("discriminator.downsamples", cfg.discriminator.downsamples, deepest)
@@ -306,7 +349,7 @@ class Distiller:
         self.pool: HeadPool | None = None
         self.opt_d: torch.optim.Optimizer | None = None
         if loss.head_pool:
-            self.backbone = UNetEncoderFeatures(self.teacher.unet)
+            self.backbone = (TransformerBlockFeatures if self.flow else UNetEncoderFeatures)(self.teacher_model)
             shapes = self.backbone.feature_shapes(self.size // self.teacher.vae_scale_factor, device)
             self.pool = HeadPool(
                 [c for c, _, _ in shapes],
@@ -320,9 +363,7 @@ class Distiller:
                 seed=cfg.run.seed,
                 text_init=d.text_init,
             ).to(device)
-            judgement = NitroFusionObjective(
-                self.backbone, self.pool, self.scheduler.alphas_cumprod, loss.kind, loss.r1_weight
-            )
+            judgement = NitroFusionObjective(self.backbone, self.pool, self.maths.add_noise, loss.kind, loss.r1_weight)
             self.opt_d = make_optimizer(
                 self.pool.parameters(), "adamw", d.lr, tuple(d.betas), d.weight_decay, cfg.optim.fused
             )
@@ -657,7 +698,15 @@ class Distiller:
         return self.export()
 
     # ---- persistence ----------------------------------------------------------------------
-    EARLIER_RUN = ("student_unet.safetensors", "pipeline", "stages", "validation", "curves.png", "metrics.jsonl")
+    EARLIER_RUN = (
+        "student_unet.safetensors",
+        "student_transformer.safetensors",
+        "pipeline",
+        "stages",
+        "validation",
+        "curves.png",
+        "metrics.jsonl",
+    )
 
     def set_aside_earlier_run(self) -> Path | None:
         """Move what an earlier run exported into this folder (and its config, log and grids) to
@@ -865,11 +914,16 @@ class Distiller:
             )
         return {k: v for k, v in saved.items() if k not in frozen}
 
+    @property
+    def weights_name(self) -> str:
+        """The student's own weights file in a run's folder (the UNet's, or the flow transformer's)."""
+        return "student_transformer.safetensors" if self.flow else "student_unet.safetensors"
+
     def student_pipeline(
-        self, use_ema: bool = True, unet: UNet2DConditionModel | None = None, components: dict | None = None
+        self, use_ema: bool = True, unet: torch.nn.Module | None = None, components: dict | None = None
     ) -> DiffusionPipeline:
-        """The student as a pipeline (the EMA or the raw student, or `unet` if given), with the
-        teacher's other modules (or `components`' in their place)."""
+        """The student as a pipeline (the EMA or the raw student, or `unet` if given: a UNet, or a
+        flow transformer), with the teacher's other modules (or `components`' in their place)."""
         if use_ema and unet is None and not self.ema.kept:
             raise RuntimeError("the EMA is kept on the main process only")
         unet = unet or (self.ema.shadow if use_ema else self.acc.unwrap_model(self.student))
@@ -878,9 +932,11 @@ class Distiller:
         params = inspect.signature(type(self.teacher).__init__).parameters
         config = self.teacher.config.items()
         flags = {k: v for k, v in config if k in params and k not in self.teacher.components}
-        modules = {**self.teacher.components, **(components or {}), "unet": unet, "scheduler": self.scheduler}
+        student = {"transformer" if self.flow else "unet": unet, "scheduler": self.scheduler}
+        modules = {**self.teacher.components, **(components or {}), **student}
         pipe = type(self.teacher)(**modules, **flags)
-        pipe.nitro_sampler, pipe.nitro_model = "shift-lcm", str(self.out)
+        # A flow student samples with the teacher's own (Euler) scheduler: "native", without CFG.
+        pipe.nitro_sampler, pipe.nitro_model = "native" if self.flow else "shift-lcm", str(self.out)
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
@@ -904,7 +960,15 @@ class Distiller:
                 # add its activations to the training's resident state (images do not depend on it).
                 batch = min(n, self.cfg.data.batch_size)
                 images = generate(
-                    pipe, prompts, steps=steps, seed=0, height=size, width=size, batch_size=batch, progress=False
+                    pipe,
+                    prompts,
+                    steps=steps,
+                    seed=0,
+                    height=size,
+                    width=size,
+                    batch_size=batch,
+                    guidance_scale=0.0,  # the student learnt the teacher's guided samples without CFG
+                    progress=False,
                 )
                 rows.append([r.image for r in images])
                 labels.append(f"student, {steps} step" + ("s" if steps > 1 else ""))
@@ -941,11 +1005,15 @@ class Distiller:
         return self.out / "validation" / f"step-{self.step:08d}.png"
 
     def export(self) -> Path:
-        """student_unet.safetensors (EMA weights) and a complete pipeline directory."""
+        """student_unet.safetensors (student_transformer.safetensors for a flow student; EMA weights)
+        and a complete pipeline directory."""
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
             student = plain_unet(self.ema.shadow, self.lora_base())  # adapters folded in: stock diffusers loads it
-            save_unet_weights(student, self.out / "student_unet.safetensors", shift=self.cfg.model.shift)
+            if self.flow:  # no shift to record: the pipeline's scheduler is the teacher's
+                save_state_dict(student.state_dict(), self.out / self.weights_name)
+            else:
+                save_unet_weights(student, self.out / self.weights_name, shift=self.cfg.model.shift)
             # Written beside, then swapped in: a crash leaves the old pipeline or the new one, whole.
             final, tmp, old = (self.out / name for name in ("pipeline", ".pipeline.tmp", ".pipeline.old"))
             if not final.exists():  # an earlier export died between its two renames: put a whole one back
@@ -957,7 +1025,9 @@ class Distiller:
             for leftover in (tmp, old):
                 shutil.rmtree(leftover, ignore_errors=True)
             self.student_pipeline(unet=student, components=self.teacher_modules_as_stored()).save_pretrained(str(tmp))
-            about = {"teacher": self.cfg.model.teacher, "shift": self.cfg.model.shift, "steps": self.step}
+            about: dict = {"teacher": self.cfg.model.teacher, "steps": self.step}
+            # How it samples, which loading reads back: a flow student's pipeline would default to CFG 7.
+            about |= {"guidance_scale": 0.0} if self.flow else {"shift": self.cfg.model.shift}
             (tmp / "nitrofusion.json").write_text(json.dumps(about, indent=1))
             if final.exists():
                 final.rename(old)
@@ -982,16 +1052,17 @@ class Distiller:
         """The EMA student as it leaves a refinement stage: the bottom-up refinement's claim
         (training for k+1 steps keeps the k-step quality) is checked against these files."""
         if self.acc.is_main_process:
-            path = self.out / "stages" / f"{num_steps}-step" / "student_unet.safetensors"
+            path = self.out / "stages" / f"{num_steps}-step" / self.weights_name
             state = merged_state_dict(self.ema.shadow, self.lora_base())
-            save_state_dict(state, path, metadata=unet_file_metadata(self.cfg.model.shift))
+            save_state_dict(state, path, metadata=None if self.flow else unet_file_metadata(self.cfg.model.shift))
 
     def lora_base(self) -> dict[str, torch.Tensor] | None:
         """The LoRA student's frozen weights at full precision, re-read from disk, where training cast
         them to bf16 (None otherwise: the student's own weights are exact)."""
         if not self.lora_in_half_precision:
             return None
-        return unet_state_dict(self.cfg.model.student_init or resolve_teacher(self.cfg.model.teacher), "the base")
+        source = self.cfg.model.student_init or resolve_teacher(self.cfg.model.teacher)
+        return unet_state_dict(source, "the base", "transformer" if self.flow else "unet")
 
     def log_line(self, msg: str) -> None:
         if not self.acc.is_main_process:

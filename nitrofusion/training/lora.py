@@ -35,6 +35,22 @@ DEFAULT_TARGETS = [
     "time_emb_proj",
 ]
 
+# An SD3 transformer's: the joint attention's image and text projections and both feed-forwards.
+FLOW_TARGETS = [
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "add_q_proj",
+    "add_k_proj",
+    "add_v_proj",
+    "to_add_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "ff_context.net.0.proj",
+    "ff_context.net.2",
+]
+
 
 def check_lora_targets(unet: torch.nn.Module, targets: list[str]) -> None:
     """Every target must name layers LoRA can adapt. PEFT matches a module whose name is the target
@@ -46,7 +62,7 @@ def check_lora_targets(unet: torch.nn.Module, targets: list[str]) -> None:
     for target in targets:
         found = [m for n, m in unet.named_modules() if n == target or n.endswith("." + target)]
         if not found:
-            raise UserError(f"model.lora_targets: '{target}' matches no module of the UNet")
+            raise UserError(f"model.lora_targets: '{target}' matches no module of the {type(unet).__name__}")
         other = sorted({type(m).__name__ for m in found if not isinstance(m, adaptable)})
         if other:
             raise UserError(
@@ -111,16 +127,14 @@ def merged_state_dict(unet: torch.nn.Module, base: dict[str, torch.Tensor] | Non
 
 
 def plain_unet(unet: UNet2DConditionModel, base: dict[str, torch.Tensor] | None = None) -> UNet2DConditionModel:
-    """A UNet without adapters holding `unet`'s merged weights, on the host (the same object if it
-    has none); `base` as in `merged_state_dict`."""
-    from diffusers import UNet2DConditionModel
-
+    """A UNet (or flow transformer) without adapters holding `unet`'s merged weights, on the host
+    (the same object if it has none); `base` as in `merged_state_dict`."""
     if not has_lora(unet):
         return unet
     from accelerate import init_empty_weights
 
     state = merged_state_dict(unet, base)
     with init_empty_weights():  # no random init of weights that are replaced at once (minutes at SDXL size)
-        plain = UNet2DConditionModel.from_config(unet.config)
+        plain = type(unet).from_config(unet.config)
     plain.load_state_dict(state, assign=True)
     return plain.eval().requires_grad_(False)

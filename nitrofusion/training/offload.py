@@ -1,11 +1,12 @@
 """CPU offload of the frozen teacher: what a run calls rarely, or never, lives in host memory.
 
 With the teacher's pairs made beforehand, NitroFusion's iteration runs only the teacher UNet's
-encoder on the device (the discriminator backbone stops after the mid block). The UNet's
-decoder (SDXL: 1.32 B of its 2.57 B parameters) is never called; the text encoders (0.82 B)
-only for prompts the conditioning cache has not met; the VAE only to draw validation grids.
-`HostOffload` keeps such modules' weights in (pinned) host memory and copies them to the
-device for the length of a use (`onloaded`), then drops the device copies.
+encoder on the device (the discriminator backbone stops after the mid block; for an SD3
+transformer, after the first half of its blocks). The UNet's decoder (SDXL: 1.32 B of its
+2.57 B parameters) is never called; the text encoders (0.82 B) only for prompts the
+conditioning cache has not met; the VAE only to draw validation grids. `HostOffload` keeps
+such modules' weights in (pinned) host memory and copies them to the device for the length
+of a use (`onloaded`), then drops the device copies.
 
 Only uses without autograd can be offloaded: a module that is differentiated through keeps
 its weights referenced by the graph until the backward pass, so leaving the `with` block
@@ -119,18 +120,28 @@ class HostOffload:
                     go_home(self._home[name])
 
 
-def teacher_groups(pipe, whole_unet_every_step: bool, vae_differentiated: bool) -> dict[str, list[nn.Module]]:
+def teacher_groups(
+    pipe, whole_unet_every_step: bool, vae_differentiated: bool, transformer_blocks_read: int | None = None
+) -> dict[str, list[nn.Module]]:
     """The teacher's offloadable parts for a run: its text encoders and safety checker (if any)
     always; its VAE unless a pixel discriminator decodes through it with gradients; its UNet's
     decoder unless the whole teacher UNet runs every iteration (DMD2's and ADM's real score; a
-    LoRA student sharing its weights)."""
-    groups = {"text": [m for m in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if m is not None]}
+    LoRA student sharing its weights). For a flow transformer (SD3), the "decoder" is what the
+    discriminator never reads: the blocks after its first `transformer_blocks_read` (None: it
+    reads none, so all of them) and the output layers."""
+    encoders = (pipe.text_encoder, getattr(pipe, "text_encoder_2", None), getattr(pipe, "text_encoder_3", None))
+    groups = {"text": [m for m in encoders if m is not None]}
     if not vae_differentiated:
         # AutoencoderKL's decode() is not its forward(): the guard sits on the parts it calls.
         groups["vae"] = [m for m in pipe.vae.children() if any(True for _ in m.parameters())] or [pipe.vae]
     if not whole_unet_every_step:
-        unet = pipe.unet
-        groups["decoder"] = [m for m in (*unet.up_blocks, unet.conv_norm_out, unet.conv_out) if m is not None]
+        if getattr(pipe, "unet", None) is not None:
+            unet = pipe.unet
+            groups["decoder"] = [m for m in (*unet.up_blocks, unet.conv_norm_out, unet.conv_out) if m is not None]
+        else:
+            model = pipe.transformer
+            later = list(model.transformer_blocks)[transformer_blocks_read or 0 :]
+            groups["decoder"] = [*later, model.norm_out, model.proj_out]
     if getattr(pipe, "safety_checker", None) is not None:  # SD1.5's (1.2 GB): it judges validation grids only
         groups["safety"] = [pipe.safety_checker]
     return groups

@@ -13,6 +13,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from nitrofusion.data.conditioning import Conditioning
+from nitrofusion.models.denoise import denoise
 from nitrofusion.scheduling import TimestepShiftLCMScheduler, shift_timesteps
 
 
@@ -37,7 +38,7 @@ class ShiftedStudent:
     def x0(self, unet: UNet2DConditionModel, x_t: torch.Tensor, level: int, cond: Conditioning) -> torch.Tensor:
         s = int(shift_timesteps(torch.tensor([level]), self.shift, self.T))
         t = torch.full((x_t.shape[0],), s, device=x_t.device, dtype=torch.long)
-        out = unet(x_t, t, cond.prompt_embeds, added_cond_kwargs=cond.added_cond_kwargs).sample.to(x_t.dtype)
+        out = denoise(unet, x_t, t, cond).to(x_t.dtype)
         a = float(self.alphas_cumprod[s])
         if self.prediction_type == "epsilon":
             x0 = (x_t - (1 - a) ** 0.5 * out) / a**0.5
@@ -69,6 +70,9 @@ class ShiftedStudent:
             noise = torch.randn(x.shape, generator=generator, device="cpu").to(x.device, x.dtype)
             x = add_noise(x0, noise, levels[i + 1], self.alphas_cumprod)
         return x, levels[upto]
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, level: int) -> torch.Tensor:
+        return add_noise(x0, noise, level, self.alphas_cumprod)
 
 
 def add_noise(x0: torch.Tensor, noise: torch.Tensor, level: int, alphas_cumprod: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Read a UNet state dict from a safetensors file, a `unet/` folder or a pipeline directory.
+"""Read a UNet (or SD3 transformer) state dict from a safetensors file, a model folder or a pipeline directory.
 
 The tensors stay memory-mapped from their files (safetensors' own loading): a weight-arithmetic
 command over three SDXL UNets then holds in RAM only what it writes, where building each
@@ -16,31 +16,51 @@ from pathlib import Path
 import torch
 
 from nitrofusion.errors import UserError
-from nitrofusion.pipelines.loading import layout_problems, read_safetensors, resolve_model, weights_variant
+from nitrofusion.pipelines.loading import (
+    check_model_index,
+    is_flow_pipeline,
+    layout_problems,
+    read_safetensors,
+    resolve_model,
+    weights_variant,
+)
 from nitrofusion.userfiles import replacing
 
 WEIGHTS_NAME = "diffusion_pytorch_model"  # diffusers' file stem for a model's weights
 
 
-def unet_state_dict(source: str | Path, what: str) -> dict[str, torch.Tensor]:
+DENOISERS = {"unet": "UNet2DConditionModel", "transformer": "SD3Transformer2DModel"}
+
+
+DENOISERS = {"unet": "UNet2DConditionModel", "transformer": "SD3Transformer2DModel"}
+
+
+def unet_state_dict(source: str | Path, what: str, component: str | None = "unet") -> dict[str, torch.Tensor]:
     """`source`: a .safetensors state dict, a diffusers UNet folder, or a pipeline directory
     (or hub id in the local cache) whose `unet/` is read (sharded and fp16 variants included).
-    Tensors keep the dtype they are stored in."""
+    Tensors keep the dtype they are stored in. `component="transformer"`: an SD3 transformer's;
+    None: whichever of the two the source holds (a pipeline's by its model index)."""
     path = Path(source).expanduser()
     if path.is_file() or path.suffix == ".safetensors":
         return read_safetensors(path)
     if (path / "config.json").is_file():
         folder = path
     else:
-        folder = resolve_model(source, option=what) / "unet"
+        root = resolve_model(source, option=what, allow_flow=component != "unet")
+        if component is None:
+            component = "transformer" if is_flow_pipeline(check_model_index(root)) else "unet"
+        folder = root / component
     if not (folder / "config.json").is_file():
-        raise UserError(f"{what} '{source}' is neither a .safetensors file nor a pipeline with a unet/ folder")
+        raise UserError(
+            f"{what} '{source}' is neither a .safetensors file nor a pipeline with a {component or 'unet'}/ folder"
+        )
     try:
         kind = json.loads((folder / "config.json").read_text()).get("_class_name")
     except (OSError, ValueError, AttributeError):
         raise UserError(f"{what} '{source}': {folder / 'config.json'} is not a readable model config") from None
-    if kind != "UNet2DConditionModel":
-        raise UserError(f"{what} '{source}' holds a {kind}, not a UNet2DConditionModel")
+    wanted = list(DENOISERS.values()) if component is None else [DENOISERS[component]]
+    if kind not in wanted:
+        raise UserError(f"{what} '{source}' holds a {kind}, not a {' or '.join(wanted)}")
     state: dict[str, torch.Tensor] = {}
     for file in weight_files(folder, f"{what} '{source}'"):
         part = read_safetensors(file)

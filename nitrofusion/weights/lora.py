@@ -3,7 +3,8 @@
 Each Linear or Conv2d weight delta ΔW (reshaped to out × in·kh·kw) is replaced by its best
 rank-r approximation (truncated SVD, Eckart–Young): ΔW ≈ B·A with B = U_r·√S_r and
 A = √S_r·V_rᵀ. A conv's A is a conv with the original kernel and B a 1×1 conv, PEFT's layout.
-Keys follow the PEFT/diffusers naming (`unet.<module>.lora_A.weight`), with lora_alpha = r
+Keys follow the PEFT/diffusers naming (`unet.<module>.lora_A.weight`; `transformer.` for an SD3
+student), with lora_alpha = r
 so the LoRA scale is 1, and the file's header carries the adapter's config as diffusers writes
 it (`lora_adapter_metadata`): a module whose rank is below --rank (its matrix is smaller) keeps
 scale 1 in any loader that reads it, not only in those that infer per-module alphas. Deltas of
@@ -61,8 +62,14 @@ def low_rank(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor
 
 
 def extract_lora(
-    student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor], rank: int, min_norm: float = 0.0
+    student: dict[str, torch.Tensor],
+    teacher: dict[str, torch.Tensor],
+    rank: int,
+    min_norm: float = 0.0,
+    prefix: str = "unet",
 ) -> tuple[dict[str, torch.Tensor], LoraReport]:
+    """`prefix`: the pipeline component the LoRA is for, as diffusers names its keys ("unet", or an
+    SD3 pipeline's "transformer")."""
     if rank < 1:
         raise UserError(f"--rank must be at least 1, got {rank}")
     check_same_layout(student, teacher, ("the student", "the teacher"))
@@ -80,8 +87,8 @@ def extract_lora(
         if key.endswith(".weight") and delta.ndim in (2, 4):
             a, b, res = low_rank(delta, rank)
             module = key[: -len(".weight")]
-            lora[f"unet.{module}.lora_A.weight"] = a
-            lora[f"unet.{module}.lora_B.weight"] = b
+            lora[f"{prefix}.{module}.lora_A.weight"] = a
+            lora[f"{prefix}.{module}.lora_B.weight"] = b
             residual += res
             modules += 1
         else:
@@ -99,14 +106,15 @@ def extract_lora(
     return lora, report
 
 
+SD3_KEY = "pos_embed.proj.weight"  # an SD3 transformer's patch embedding; a UNet has conv_in instead
 ADAPTER_METADATA = "lora_adapter_metadata"  # diffusers' safetensors header key for a LoRA's config
 
 
-def adapter_config(lora: dict[str, torch.Tensor]) -> dict:
+def adapter_config(lora: dict[str, torch.Tensor], prefix: str = "unet") -> dict:
     """The PEFT LoraConfig of an exported LoRA: the commonest rank as r, the others by module in
     rank_pattern, and alpha equal to rank everywhere (scale 1)."""
     ranks = {
-        k[len("unet.") : -len(".lora_A.weight")]: v.shape[0] for k, v in lora.items() if k.endswith("lora_A.weight")
+        k[len(prefix) + 1 : -len(".lora_A.weight")]: v.shape[0] for k, v in lora.items() if k.endswith("lora_A.weight")
     }
     r = Counter(ranks.values()).most_common(1)[0][0]
     others = {module: rank for module, rank in sorted(ranks.items()) if rank != r}
@@ -126,7 +134,9 @@ def export_lora(
 ) -> LoraReport:
     """`shift`: the timestep shift recorded in the file (default: the student's, where recorded). The
     LoRA makes the teacher the student, which samples with TimestepShiftLCMScheduler at that shift:
-    loaded beside the teacher's own multi-step scheduler, it is not the student."""
+    loaded beside the teacher's own multi-step scheduler, it is not the student. An SD3 student
+    (a flow transformer) gives a LoRA of the pipeline's `transformer`, with no shift: it samples
+    with the teacher's own scheduler, in 1-4 steps without CFG."""
     if rank < 1:  # said before two UNets are read and their deltas decomposed
         raise UserError(f"--rank must be at least 1, got {rank}")
     if shift is not None and not 1 <= shift <= 1000:
@@ -142,14 +152,20 @@ def export_lora(
     if out.is_dir():
         raise UserError(f"--out '{out}' is a folder: name a .safetensors file or a folder to write into")
     check_writable_folder(out.parent, "--out")  # before the SVDs (minutes at SDXL size)
-    student_state = unet_state_dict(student, "--student")
-    if "conv_in.weight" not in student_state:
-        raise UserError(f"--student '{student}' is not a UNet's state dict (no conv_in.weight)")
-    lora, report = extract_lora(student_state, unet_state_dict(teacher, "--teacher"), rank)
+    student_state = unet_state_dict(student, "--student", component=None)
+    flow = SD3_KEY in student_state  # an SD3 transformer (distill's student_transformer.safetensors)
+    if not flow and "conv_in.weight" not in student_state:
+        raise UserError(
+            f"--student '{student}' is neither a UNet's state dict (no conv_in.weight) nor an SD3 transformer's"
+        )
+    if flow and shift is not None:
+        raise UserError("--shift is for UNet students: an SD3 student samples with its pipeline's own scheduler")
+    prefix = "transformer" if flow else "unet"
+    lora, report = extract_lora(student_state, unet_state_dict(teacher, "--teacher", prefix), rank, prefix=prefix)
     cast = DTYPES[dtype]
-    config = {f"unet.{k}": v for k, v in adapter_config(lora).items()}  # diffusers' per-component prefix
+    config = {f"{prefix}.{k}": v for k, v in adapter_config(lora, prefix).items()}  # diffusers' per-component prefix
     metadata = {
-        **unet_file_metadata(recorded_shift(student) if shift is None else shift),
+        **unet_file_metadata(None if flow else recorded_shift(student) if shift is None else shift),
         ADAPTER_METADATA: json.dumps(config, sort_keys=True),
         "nitrofusion": json.dumps(vars(report)),
     }
