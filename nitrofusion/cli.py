@@ -195,7 +195,7 @@ def cmd_make_pairs(args: argparse.Namespace) -> int:
     check_own_files(Path(args.out))  # before the teacher loads: a user's prompts.json there would be replaced
     prompts = load_prompts(args.prompts)
     # Pairs are latents: nothing is decoded, so a safety checker (SD1.5's 1.2 GB) would never run.
-    # A flow-matching transformer (SD3) is refused from its index, before any weight is read or fetched.
+    # An SD3 flow transformer is a teacher too; Flux is refused from its index, before any weight is read.
     teacher = resolve_teacher(args.model)
     pipe = load_pipeline(teacher, sampler="native", device=args.device, safety_checker=False)
     size = default_size(pipe) if args.resolution is None else args.resolution

@@ -1,10 +1,12 @@
 """Distilling an SD3-architecture flow transformer (a tiny one, random weights): the student's
 Euler maths against the stock pipeline, the transformer-block backbone, a whole run whose
-exported pipeline stock diffusers samples, pairs, resume, LoRA, offload, and what is refused."""
+exported pipeline stock diffusers samples, pairs, resume, LoRA, offload, DMD2 and ADM/DMDX,
+the LoRA export, and what is refused."""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,7 @@ from nitrofusion.cli import main
 from nitrofusion.data.conditioning import TextEncoder
 from nitrofusion.discriminator.backbone import TransformerBlockFeatures, feature_blocks
 from nitrofusion.errors import UserError
+from nitrofusion.objectives.scores import FlowProcess
 from nitrofusion.pipelines import generate, load_pipeline
 from nitrofusion.pipelines.generation import default_guidance
 from nitrofusion.testing import TINY_SD3, save_tiny_sd3, tiny_sd3_pipeline
@@ -73,9 +76,11 @@ def test_add_noise_is_the_flow_interpolation_at_sigma_t_over_1000():
 
 
 def test_the_backbone_reads_the_first_half_of_the_blocks_and_runs_no_later_one():
-    pipe = tiny_sd3_pipeline()
+    from nitrofusion.models.builders import SD3Spec, build_sd3_pipeline
+
+    pipe = build_sd3_pipeline(SD3Spec(num_layers=4))
     model = pipe.transformer
-    assert feature_blocks(model) == 1 == (TINY_SD3.num_layers + 1) // 2
+    assert feature_blocks(model) == 2 and feature_blocks(tiny_sd3_pipeline().transformer) == 1  # 4 // 2, 2 // 2
     backbone = TransformerBlockFeatures(model)
     cond = TextEncoder(pipe, 64, 64)(["a cat", "a dog"])
     x, t = torch.randn(2, 16, 8, 8), torch.tensor([500, 500])
@@ -83,17 +88,18 @@ def test_the_backbone_reads_the_first_half_of_the_blocks_and_runs_no_later_one()
     for i, block in enumerate(model.transformer_blocks):
         block.register_forward_hook(lambda m, a, out, i=i: seen.__setitem__(i, out[1]), prepend=True)
     maps = backbone(x, t, cond)
-    assert list(seen) == [0]  # the second block never ran
+    assert list(seen) == [0, 1]  # blocks 2 and 3 never ran
     width = TINY_SD3.attention_head_dim * TINY_SD3.num_attention_heads
-    assert [tuple(m.shape) for m in maps] == [(2, width, 4, 4)]  # tokens on the 8/2 x 8/2 patch grid
-    # Token (row, col) of the block's output is the map's pixel (row, col).
-    torch.testing.assert_close(maps[0][:, :, 1, 2], seen[0][:, 1 * 4 + 2])
-    assert backbone.feature_shapes(8) == [(width, 4, 4)]
+    assert [tuple(m.shape) for m in maps] == [(2, width, 4, 4)] * 2  # tokens on the 8/2 x 8/2 patch grid
+    for i in (0, 1):  # shallow to deep; token (row, col) of a block's output is its map's pixel (row, col)
+        torch.testing.assert_close(maps[i].flatten(2).transpose(1, 2), seen[i])
+        torch.testing.assert_close(maps[i][:, :, 1, 2], seen[i][:, 1 * 4 + 2])
+    assert backbone.feature_shapes(8) == [(width, 4, 4)] * 2
     assert not any(p.requires_grad for p in model.parameters())
     backbone.train()
     assert not model.training
     model(hidden_states=x, timestep=t.float(), encoder_hidden_states=cond.prompt_embeds, pooled_projections=cond.pooled)
-    assert len(seen) == 2  # outside the backbone's call the hooks leave the teacher alone
+    assert len(seen) == 4  # outside the backbone's call the hooks leave the teacher alone
 
 
 def test_a_run_exports_a_student_that_stock_diffusers_samples(sd3_dir, tmp_path):
@@ -200,41 +206,133 @@ def test_the_unet_only_offload_groups_of_a_flow_teacher(sd3_dir, tmp_path):
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("loss.objective=dmd2", "loss.objective dmd2 is for UNet teachers"),
-        ("loss.objective=adm", "loss.objective adm is for UNet teachers"),
         ("model.shift=500", "model.shift is the UNet student's LCM timestep shift"),
         ("data.teacher_timesteps=[999]", "takes no custom timesteps"),
     ],
 )
 def test_what_a_flow_teacher_cannot_take_is_refused_before_any_pair(sd3_dir, tmp_path, override, message):
+    pairs = "data.pairs=" + str(tmp_path / "pairs")
     with pytest.raises(UserError, match=message):
-        Distiller(
-            flow_config(sd3_dir, tmp_path / "run", "data.pairs=" + str(tmp_path / "pairs"), override), progress=False
-        )
+        Distiller(flow_config(sd3_dir, tmp_path / "run", pairs, override), progress=False)
     assert not (tmp_path / "pairs").exists()
 
 
-def test_the_pixel_discriminator_is_refused_for_a_flow_teacher(sd3_dir, tmp_path):
-    cfg = flow_config(
-        sd3_dir, tmp_path / "run", "loss.pretrain_kind=adversarial", "loss.pretrain_steps=1", "pretrain.pixel_weight=1"
-    )
-    with pytest.raises(UserError, match="pretrain.pixel_weight"):
-        Distiller(cfg, progress=False)
+@pytest.mark.parametrize(
+    "objective",
+    [
+        ["loss.objective=dmd2", "dmd.gan_g_weight=0.1", "dmd.gan_d_weight=0.1", "loss.d_steps_per_g=1"],
+        ["loss.objective=adm", "loss.d_steps_per_g=1", "loss.pretrain_kind=adversarial", "loss.pretrain_steps=1"],
+    ],
+    ids=["dmd2", "adm-dmdx"],
+)
+def test_dmd2_and_adm_distil_an_sd3_teacher(sd3_dir, tmp_path, objective):
+    """The family's objectives on a flow teacher: its scores read as x0 through the velocity, the
+    DMD2 classifier on the fake transformer's tokens, DMDX's latent and pixel pre-training."""
+    d = Distiller(flow_config(sd3_dir, tmp_path / "run", *objective), progress=False)
+    fake = d.critics["fake"]
+    assert isinstance(fake.process, FlowProcess) and fake.unet is not d.teacher_model
+    if "loss.objective=dmd2" in objective:
+        assert isinstance(fake.encoder, TransformerBlockFeatures) and not fake.encoder.frozen
+    else:
+        assert "pixel" in d.critics
+    before = snapshot(d.student)
+    for _ in range(3):
+        logs = d.train_step()
+        d.step += 1
+        assert all(math.isfinite(v) for v in logs.values()), logs
+    assert any(not torch.equal(before[k], v) for k, v in d.student.state_dict().items())
+    assert "fake_loss" in logs and ("dm_loss" in logs) == ("loss.objective=dmd2" in objective)
 
 
-def test_the_sd3_preset_distils_an_sd3_teacher(sd3_dir, tmp_path):
+def test_the_flow_real_score_is_guided_velocity_read_as_x0(sd3_dir, tmp_path):
+    d = Distiller(flow_config(sd3_dir, tmp_path / "run", "loss.objective=dmd2", "dmd.real_guidance=3"), progress=False)
+    cond, noise, _ = d.batch(0)
+    t = torch.tensor([100, 700])
+    with torch.no_grad():
+        guided = d.objective.real.x0(noise, t, cond)
+        model = d.teacher_model  # the oracle from the transformer itself, written out here
+
+        def v(c, x, t):
+            return model(
+                hidden_states=x, timestep=t, encoder_hidden_states=c.prompt_embeds, pooled_projections=c.pooled
+            ).sample
+
+        negative = d.text.negative(2)
+        velocity = v(negative, noise, t) + 3 * (v(cond, noise, t) - v(negative, noise, t))
+        sigma = (t.float() / 1000)[:, None, None, None]
+        torch.testing.assert_close(guided, noise - sigma * velocity, rtol=1e-4, atol=1e-5)
+        # The fake score learns flow matching's target: v = eps - x0 at x_t = (1 - sigma) x0 + sigma eps.
+        fake = d.critics["fake"]
+        x0 = torch.randn_like(noise)
+        loss = fake.denoising_loss(x0, cond, torch.Generator().manual_seed(4))
+        g = torch.Generator().manual_seed(4)
+        t2 = fake.timesteps(2, g, noise.device)
+        eps = torch.randn(x0.shape, generator=g)
+        s2 = (t2.float() / 1000)[:, None, None, None]
+        out = fake.unet(
+            hidden_states=(1 - s2) * x0 + s2 * eps,
+            timestep=t2,
+            encoder_hidden_states=cond.prompt_embeds,
+            pooled_projections=cond.pooled,
+        ).sample
+        torch.testing.assert_close(loss, torch.nn.functional.mse_loss(out, eps - x0))
+
+
+def test_the_pixel_critic_decodes_as_the_sd3_pipeline_does(sd3_dir, tmp_path):
+    """SD3's VAE shifts its latents as well as scaling them: decode(x / scale + shift)."""
+    cfg = flow_config(sd3_dir, tmp_path / "run", "loss.pretrain_kind=adversarial", "loss.pretrain_steps=1")
+    d = Distiller(cfg, progress=False)
+    vae = d.teacher.vae
+    latents = torch.randn(1, 16, 8, 8)
+    with torch.no_grad():
+        want = vae.decode(latents / vae.config.scaling_factor + vae.config.shift_factor).sample
+        torch.testing.assert_close(d.critics["pixel"].decode(latents), want)
+
+
+def hub_cache(folder: Path, monkeypatch, repo: str = "org/tiny-sd3") -> str:
+    """`folder` as what the local Hugging Face cache holds for `repo`, offline."""
+    import huggingface_hub
+
+    def snapshot_download(repo_id, **kwargs):
+        assert repo_id == repo and kwargs.get("local_files_only")
+        return str(folder)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return repo
+
+
+def test_the_sd3_preset_distils_a_cached_hub_teacher_in_bf16(sd3_dir, tmp_path, monkeypatch, bf16_accelerator):
+    """The preset as a user runs it: a hub id in the cache, bf16, gradient checkpointing, the teacher
+    offloaded; a distillation step (the pool judging) and the export, whose frozen parts are re-read
+    from the cache at full precision (an SD3 index was refused there once, after all the training)."""
     from nitrofusion.training.config import load_config
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a cat\na red cube\n")
-    small = ["data.resolution=64", "data.batch_size=2", "optim.grad_accumulation=1", "optim.mixed_precision=no"]
+    small = ["data.resolution=64", "data.batch_size=2", "optim.grad_accumulation=1", "loss.pretrain_steps=0"]
     small += ["discriminator.width=4", "discriminator.candidates=2", "data.teacher_steps=2"]
-    where = [f"model.teacher={sd3_dir}", f"data.prompts={prompts}", f"run.output_dir={tmp_path / 'run'}"]
+    repo = hub_cache(sd3_dir, monkeypatch)
+    where = [f"model.teacher={repo}", f"data.prompts={prompts}", f"run.output_dir={tmp_path / 'run'}"]
     d = Distiller(load_config("sd3", None, where + small), progress=False)
     assert d.flow and d.cfg.model.teacher_offload and d.cfg.data.teacher_guidance == 7.0
+    assert d.cfg.optim.mixed_precision == "bf16" and d.cfg.model.gradient_checkpointing
     assert len(d.pool) == 3 * 4 * feature_blocks(d.teacher_model) * 2  # kinds x t* x read blocks x candidates
     logs = d.train_step()
-    assert all(torch.isfinite(torch.tensor(v)) for k, v in logs.items() if k in ("g_loss", "d_loss"))
+    d.step = 1
+    assert "fake_logit" in logs and all(math.isfinite(v) for v in logs.values()), logs
+    out = d.export()
+    stock = stock_pipeline(out / "pipeline")
+    assert stock.text_encoder.dtype == torch.float32  # the teacher's own, not their bf16 rounding
+    assert torch.equal(
+        stock.text_encoder.state_dict()["text_model.final_layer_norm.weight"],
+        stock_pipeline(sd3_dir).text_encoder.state_dict()["text_model.final_layer_norm.weight"],
+    )
+
+
+def test_a_resolution_the_transformer_cannot_patch_is_refused_before_any_pair(sd3_dir, tmp_path):
+    with pytest.raises(UserError, match="data.resolution must be a multiple of 16 for this teacher, got 72"):
+        Distiller(config(sd3_dir, tmp_path / "run", "data.resolution=72"), progress=False)
 
 
 def test_an_sd3_students_lora_loads_into_the_stock_pipeline(sd3_dir, tmp_path, capsys):

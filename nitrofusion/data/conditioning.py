@@ -62,7 +62,7 @@ def is_sd3(pipe: DiffusionPipeline) -> bool:
     return getattr(pipe, "unet", None) is None and getattr(pipe, "transformer", None) is not None
 
 
-CACHE_BYTES = 4 * 2**30  # at most this much host memory of kept prompts
+CACHE_BYTES = 4 * 2**30  # at most this much host memory of kept prompts, per process
 
 
 class TextEncoder:

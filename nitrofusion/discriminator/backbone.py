@@ -101,13 +101,15 @@ def feature_blocks(transformer: SD3Transformer2DModel) -> int:
 class TransformerBlockFeatures(nn.Module):
     """features(x_t, t, cond) -> the image tokens after each read block, as maps [B, D, H/p, W/p].
 
-    The transformer is frozen; its later blocks and output layers are never run here."""
+    Its later blocks and output layers are never run here. Frozen (the teacher) or not (DMD2's
+    classifier on the trainable fake score, which leaves its parameters alone)."""
 
-    def __init__(self, transformer: SD3Transformer2DModel) -> None:
+    def __init__(self, transformer: SD3Transformer2DModel, frozen: bool = True) -> None:
         super().__init__()
         if not isinstance(transformer, SD3Transformer2DModel):
             raise TypeError(f"expected an SD3Transformer2DModel, got {type(transformer).__name__}")
-        self.transformer = transformer.requires_grad_(False).eval()
+        self.frozen = frozen
+        self.transformer = transformer.requires_grad_(False).eval() if frozen else transformer
         self.blocks = feature_blocks(transformer)
         self._maps: list[torch.Tensor] = []
         self._grid: tuple[int, int] = (0, 0)
@@ -129,7 +131,7 @@ class TransformerBlockFeatures(nn.Module):
             raise _StopReading
 
     def train(self, mode: bool = True) -> TransformerBlockFeatures:
-        return super().train(False)  # frozen: stays in eval mode whatever the trainer does
+        return super().train(mode and not self.frozen)  # frozen: in eval mode whatever the trainer does
 
     def feature_shapes(self, sample_size: int, device: torch.device | str = "cpu") -> list[tuple[int, int, int]]:
         cfg = self.transformer.config

@@ -3,6 +3,7 @@
 For a student sample x0 (its one step, or step j of k after backward simulation):
 
     t ~ U[min_t, max_t] T,   eps ~ N(0, I),   x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps
+                                               (a flow teacher's: (1 - t/T) x0 + (t/T) eps)
     real_x0 = teacher's x0 prediction at x_t, with CFG w = dmd.real_guidance     (no grad)
     fake_x0 = fake score's x0 prediction at x_t                                   (no grad)
     w       = 1 / mean_{C,H,W} |x0 - real_x0|                                     (one per sample)
@@ -35,7 +36,7 @@ import torch.nn.functional as F
 from nitrofusion.data.conditioning import Conditioning
 from nitrofusion.objectives.base import Losses, StepContext
 from nitrofusion.objectives.nitrofusion import PoolDiscriminator
-from nitrofusion.objectives.scores import FakeScore, RealScore, noisy
+from nitrofusion.objectives.scores import FakeScore, RealScore
 
 
 def distribution_matching_loss(x0: torch.Tensor, real_x0: torch.Tensor, fake_x0: torch.Tensor) -> torch.Tensor:
@@ -86,7 +87,7 @@ class DMD2:
         logs["fake_loss"] = d_loss.item()
 
         if self.fake.classifier is not None:
-            x_t_real = noisy(real, eps_real, t, self.fake.alphas_cumprod)
+            x_t_real = self.fake.process.noisy(real, eps_real, t)
             gan_g, cls, cls_logs = self.fake.classifier_losses(x_t, x_t_real, t, cond, train_student)
             g_loss = g_loss + self.gan_g_weight * gan_g
             d_loss = d_loss + self.gan_d_weight * cls

@@ -73,8 +73,8 @@ class PixelDiscriminator(Critic):
             mean = torch.tensor(mean, device=latents.device).view(shape)
             std = torch.tensor(std, device=latents.device).view(shape)
             latents = latents * std / cfg.scaling_factor + mean
-        else:
-            latents = latents / cfg.scaling_factor
+        else:  # SD3's VAE also shifts its latents
+            latents = latents / cfg.scaling_factor + (cfg.get("shift_factor") or 0.0)
         return self.vae.decode(latents.to(self.vae.dtype)).sample.float()
 
     def window(

@@ -1,14 +1,20 @@
 """The two scores of score distillation (DMD2, ADM), as x0 predictions.
 
-An epsilon-prediction UNet at noise level t reads as an x0 prediction:
+An epsilon-prediction UNet at noise level t reads as an x0 prediction (`EpsilonProcess`):
 
     x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps,     x0_hat(x_t) = (x_t - sqrt(1 - abar_t) eps_hat) / sqrt(abar_t)
 
+and a flow transformer (SD3) predicting the velocity v = eps - x0 at sigma = t / T (`FlowProcess`):
+
+    x_t = (1 - sigma) x0 + sigma eps,                   x0_hat(x_t) = x_t - sigma v_hat
+
 * real score: the frozen teacher with classifier-free guidance,
   eps_hat = eps(x_t, empty) + w (eps(x_t, c) - eps(x_t, empty)), w = dmd.real_guidance.
+  (the same on v for a flow transformer).
 * fake score: a trainable copy of the teacher (no CFG) that tracks the student's current
   distribution, trained with the plain denoising loss  || eps_fake(x_t, c) - eps ||^2  on
-  detached student samples x0, with t ~ U[min_t, max_t] T and eps ~ N(0, I).
+  detached student samples x0, with t ~ U[min_t, max_t] T and eps ~ N(0, I) (flow matching's
+  || v_fake(x_t, c) - (eps - x0) ||^2 for a flow transformer).
 
 Both are queried at unshifted timesteps: they are diffusion models, not the shifted student.
 """
@@ -16,14 +22,16 @@ Both are queried at unshifted timesteps: they are diffusion models, not the shif
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
-from diffusers import UNet2DConditionModel
 
 from nitrofusion.data.conditioning import Conditioning
-from nitrofusion.discriminator.backbone import UNetEncoderFeatures
+from nitrofusion.discriminator.backbone import TransformerBlockFeatures, UNetEncoderFeatures
 from nitrofusion.discriminator.heads import DiscriminatorHead
+from nitrofusion.models.denoise import denoise, is_transformer
 from nitrofusion.objectives.adversarial import discriminator_loss, generator_loss
 from nitrofusion.objectives.base import Critic, StepContext, input_gradient, with_gradient
 
@@ -40,24 +48,77 @@ def noisy(x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, alphas_cumprod: 
     return a.sqrt() * x0 + (1 - a).sqrt() * eps
 
 
-def unet_x0(
-    unet: UNet2DConditionModel,
+class Process(Protocol):
+    """A teacher's forward process, and how its network's output reads as x0."""
+
+    T: int
+
+    def noisy(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor: ...
+
+    def x0(self, out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor: ...
+
+    def target(self, x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass
+class EpsilonProcess:
+    """DDPM's, through an epsilon-prediction UNet."""
+
+    alphas_cumprod: torch.Tensor
+
+    @property
+    def T(self) -> int:
+        return len(self.alphas_cumprod)
+
+    def noisy(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return noisy(x0, eps, t, self.alphas_cumprod)
+
+    def x0(self, out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        a = _abar(self.alphas_cumprod, t, x_t)
+        return (x_t.float() - (1 - a).sqrt() * out) / a.sqrt()
+
+    def target(self, x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        return eps.float()
+
+
+@dataclass
+class FlowProcess:
+    """Rectified flow, through a velocity-prediction transformer (SD3), at sigma = t / T."""
+
+    T: int = 1000
+
+    def _sigma(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return (t.to(like.device).float() / self.T).view(-1, *([1] * (like.dim() - 1)))
+
+    def noisy(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        sigma = self._sigma(t, x0)
+        return (1 - sigma) * x0 + sigma * eps
+
+    def x0(self, out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return x_t.float() - self._sigma(t, x_t) * out
+
+    def target(self, x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        return (eps - x0).float()
+
+
+def predicted_x0(
+    model: torch.nn.Module,
     x_t: torch.Tensor,
     t: torch.Tensor,
     cond: Conditioning,
-    alphas_cumprod: torch.Tensor,
+    process: Process,
     guidance: float | None = None,
     negative: Conditioning | None = None,
 ) -> torch.Tensor:
-    """The UNet's x0 prediction at x_t (fp32), with classifier-free guidance when `negative` is given."""
+    """The network's x0 prediction at x_t (fp32), with classifier-free guidance (on its raw output,
+    as its pipeline guides) when `negative` is given."""
     if negative is None or guidance == 1.0:
-        eps = _eps(unet, x_t, t, cond)
+        out = _output(model, x_t, t, cond)
     else:
-        both = _eps(unet, torch.cat([x_t, x_t]), torch.cat([t, t]), Conditioning.cat([negative, cond]))
-        eps_uncond, eps_cond = both.chunk(2)
-        eps = eps_uncond + guidance * (eps_cond - eps_uncond)
-    a = _abar(alphas_cumprod, t, x_t)
-    return (x_t.float() - (1 - a).sqrt() * eps) / a.sqrt()
+        both = _output(model, torch.cat([x_t, x_t]), torch.cat([t, t]), Conditioning.cat([negative, cond]))
+        uncond, conditional = both.chunk(2)
+        out = uncond + guidance * (conditional - uncond)
+    return process.x0(out, x_t, t)
 
 
 class RealScore:
@@ -65,35 +126,35 @@ class RealScore:
 
     def __init__(
         self,
-        unet: UNet2DConditionModel,
-        alphas_cumprod: torch.Tensor,
+        unet: torch.nn.Module,
+        process: Process,
         guidance: float,
         negative: Callable[[int], Conditioning],
     ) -> None:
-        self.unet = unet
-        self.alphas_cumprod = alphas_cumprod
+        self.unet = unet  # a UNet, or a flow transformer
+        self.process = process
         self.guidance = guidance
         self.negative = negative  # n -> Conditioning of the empty prompt
 
     @torch.no_grad()
     def x0(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         negative = self.negative(x_t.shape[0]).to(x_t.device)
-        return unet_x0(self.unet, x_t, t, cond, self.alphas_cumprod, self.guidance, negative)
+        return predicted_x0(self.unet, x_t, t, cond, self.process, self.guidance, negative)
 
 
 class FakeScore(Critic):
     """DMD's fake score: a trainable teacher copy (and, for DMD2, a GAN classifier on its bottleneck).
 
     The classifier is DMD2's: a global head on the deepest encoder feature map of the fake
-    UNet, trained together with it (the denoising loss plus gan_d_weight times the
-    classifier's loss, one optimizer for both), real = teacher samples, fake = student samples,
-    both noised to the same t.
+    UNet (a flow transformer's: its last block read, half-way), trained together with it (the
+    denoising loss plus gan_d_weight times the classifier's loss, one optimizer for both),
+    real = teacher samples, fake = student samples, both noised to the same t.
     """
 
     def __init__(
         self,
-        unet: UNet2DConditionModel,
-        alphas_cumprod: torch.Tensor,
+        unet: torch.nn.Module,
+        process: Process,
         min_t: float,
         max_t: float,
         make_optimizer: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer],
@@ -102,16 +163,17 @@ class FakeScore(Critic):
         loss_kind: str = "non_saturating",
     ) -> None:
         self.unet = unet.requires_grad_(True).train()
-        self.alphas_cumprod = alphas_cumprod
+        self.process = process
         self.min_t, self.max_t = min_t, max_t
-        self.T = len(alphas_cumprod)
+        self.T = process.T
         self.grad_clip = grad_clip
         self.classifier = classifier
         self.loss_kind = loss_kind
         self.modules: dict[str, torch.nn.Module] = {"fake_score": unet}
         params = list(unet.parameters())
         if classifier is not None:
-            self.encoder = UNetEncoderFeatures(unet, frozen=False)
+            features = TransformerBlockFeatures if is_transformer(unet) else UNetEncoderFeatures
+            self.encoder = features(unet, frozen=False)
             self.modules["classifier"] = classifier
             params += list(classifier.parameters())
         self.params = params
@@ -122,22 +184,25 @@ class FakeScore(Critic):
         return sample_timesteps(n, self.min_t, self.max_t, self.T, generator).to(device)
 
     def x0(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        return unet_x0(self.unet, x_t, t, cond, self.alphas_cumprod)
+        return predicted_x0(self.unet, x_t, t, cond, self.process)
 
     def diffuse(self, x0: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(t, eps, x_t): x0 noised to a random level where the scores are queried (t, then eps,
         drawn from `generator` in that order); x_t keeps x0's graph."""
         t = self.timesteps(x0.shape[0], generator, x0.device)
         eps = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
-        return t, eps, noisy(x0, eps, t, self.alphas_cumprod)
+        return t, eps, self.process.noisy(x0, eps, t)
 
     def denoising_loss(self, x0: torch.Tensor, cond: Conditioning, generator: torch.Generator) -> torch.Tensor:
-        """|| eps_fake(x_t, t, c) - eps ||^2 on a detached student sample: the fake score learns the student."""
-        t, eps, x_t = self.diffuse(x0.detach(), generator)
-        return F.mse_loss(_eps(self.unet, x_t, t, cond), eps.float())
+        """|| eps_fake(x_t, t, c) - eps ||^2 (a flow's: || v_fake - (eps - x0) ||^2) on a detached
+        student sample: the fake score learns the student."""
+        x0 = x0.detach()
+        t, eps, x_t = self.diffuse(x0, generator)
+        return F.mse_loss(_output(self.unet, x_t, t, cond), self.process.target(x0, eps))
 
     def logit(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        """The classifier's logit on the fake UNet's deepest encoder map (the mid block's output)."""
+        """The classifier's logit on the fake UNet's deepest encoder map (the mid block's output; a flow
+        transformer's last block read)."""
         dtype = self.unet.dtype
         feats = self.encoder(x_t.to(dtype), t, cond)
         return self.classifier(feats[-1]).float()
@@ -175,8 +240,6 @@ def _abar(alphas_cumprod: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> 
     return alphas_cumprod.to(like.device)[t].float().view(-1, *([1] * (like.dim() - 1)))
 
 
-def _eps(unet: UNet2DConditionModel, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-    dtype = unet.dtype
-    embeds, added = cond.unet_inputs(dtype)
-    out = unet(x_t.to(dtype), t, embeds, added_cond_kwargs=added)
-    return out.sample.float()
+def _output(model: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+    """The raw prediction (epsilon, or a flow's velocity) in fp32, the network run in its own dtype."""
+    return denoise(model, x_t.to(model.dtype), t, cond).float()

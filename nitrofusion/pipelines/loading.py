@@ -631,12 +631,14 @@ def _student_unet(
 def load_frozen_parts(
     model: str | Path, dtype: torch.dtype = torch.float32, safety_checker: bool = True, option: str = "--model"
 ) -> dict[str, object]:
-    """A pipeline's components other than its UNet and scheduler, on the CPU: what a distilled
-    pipeline takes over from its teacher unchanged. The UNet is never read (at SDXL size it is
-    10 GB of host memory and tens of seconds, only to be discarded)."""
-    model_dir = resolve_model(model, option, unet_weights=False)
-    pipe, _ = _read_pipeline(model_dir, check_model_index(model_dir), dtype, safety_checker, unet=None)
-    return {k: v for k, v in pipe.components.items() if k not in ("unet", "scheduler")}
+    """A pipeline's components other than its UNet (an SD3 pipeline's transformer) and scheduler, on
+    the CPU: what a distilled pipeline takes over from its teacher unchanged. The UNet is never
+    read (at SDXL size it is 10 GB of host memory and tens of seconds, only to be discarded)."""
+    model_dir = resolve_model(model, option, unet_weights=False, allow_flow=True)
+    index = check_model_index(model_dir)
+    network = "transformer" if check_architecture(index, str(model_dir), allow_flow=True) else "unet"
+    pipe, _ = _read_pipeline(model_dir, index, dtype, safety_checker, **{network: None})
+    return {k: v for k, v in pipe.components.items() if k not in (network, "scheduler")}
 
 
 CPU_ALIGN = 64  # bytes: torch's CPU allocator's alignment (a cache line, an AVX-512 vector)

@@ -57,7 +57,7 @@ from nitrofusion.objectives.base import Critic, Objective
 from nitrofusion.objectives.dmd2 import DMD2
 from nitrofusion.objectives.nitrofusion import NitroFusion, NitroFusionObjective, PoolDiscriminator
 from nitrofusion.objectives.pretrain import AdversarialPretraining, PixelDiscriminator, Regression
-from nitrofusion.objectives.scores import FakeScore, RealScore
+from nitrofusion.objectives.scores import EpsilonProcess, FakeScore, FlowProcess, RealScore
 from nitrofusion.pipelines.generation import default_size, denoiser, generate, size_multiple
 from nitrofusion.pipelines.loading import (
     check_state_dict,
@@ -241,7 +241,7 @@ class Distiller:
         if cfg.model.lora_rank > 0:
             add_lora(student, cfg.model.lora_rank, cfg.model.lora_alpha, cfg.model.lora_targets, cfg.run.seed)
         # DMD2/ADM's fake score starts as the teacher (a copy taken before any hooks or half precision).
-        fake_unet = copy.deepcopy(self.teacher.unet) if cfg.loss.objective in ("dmd2", "adm") else None
+        fake_unet = copy.deepcopy(self.teacher_model) if cfg.loss.objective in ("dmd2", "adm") else None
         if cfg.model.gradient_checkpointing:
             student.enable_gradient_checkpointing()
             self.teacher_model.enable_gradient_checkpointing()
@@ -260,6 +260,11 @@ class Distiller:
                         p.data = p.data.to(half)
         self.maths: ShiftedStudent | FlowStudent
         if self.flow:  # the teacher's own scheduler samples the student (its shift, its spacing)
+            if not isinstance(self.teacher.scheduler, FlowMatchEulerDiscreteScheduler):
+                raise UserError(
+                    f"the SD3 teacher's scheduler is a {type(self.teacher.scheduler).__name__}: a flow student "
+                    "trains for, and samples with, the teacher's FlowMatchEulerDiscreteScheduler"
+                )
             self.scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.teacher.scheduler.config)
             try:
                 self.maths = FlowStudent(self.scheduler)
@@ -296,17 +301,9 @@ class Distiller:
         self.curves_drawn_at: int | None = None  # the iteration curves.png was last drawn at
 
     def _refuse_for_flow(self) -> None:
-        """What a flow transformer teacher (SD3) cannot be distilled with yet, said before any weight
-        of the student is made or any teacher pair sampled."""
+        """What a flow transformer teacher (SD3) cannot be distilled with, said before any weight of
+        the student is made or any teacher pair sampled."""
         cfg = self.cfg
-        if cfg.loss.objective != "nitrofusion":
-            # Their real and fake scores are written for a UNet's epsilon/abar maths.
-            raise UserError(
-                f"loss.objective {cfg.loss.objective} is for UNet teachers; an SD3 flow transformer "
-                "distils with loss.objective=nitrofusion"
-            )
-        if cfg.loss.adversarial_pretraining and cfg.pretrain.pixel_weight > 0:
-            raise UserError("pretrain.pixel_weight: the pixel discriminator is for UNet teachers; set it to 0")
         if cfg.model.shift != DistillConfig().model.shift:
             raise UserError(
                 "model.shift is the UNet student's LCM timestep shift; a flow student samples with the "
@@ -324,6 +321,9 @@ class Distiller:
             check_state_dict(unet, layout, f"student init '{cfg.model.student_init}'")
         if cfg.model.lora_rank > 0:
             check_lora_targets(unet, cfg.model.lora_targets)
+        multiple = size_multiple(self.teacher)  # SD3: the VAE's factor times the patch size (16)
+        if self.size % multiple:
+            raise UserError(f"data.resolution must be a multiple of {multiple} for this teacher, got {self.size}")
         f = self.teacher.vae_scale_factor
         latent = self.size // f
         if self.flow:  # every map read from the transformer is its token grid
@@ -341,7 +341,7 @@ class Distiller:
             crop = min(cfg.pretrain.pixel_crop or latent, latent) * f
             check_depth("pretrain.pixel_downsamples", cfg.pretrain.pixel_downsamples, crop)
 
-    def _build_objectives(self, fake_unet: UNet2DConditionModel | None) -> None:
+    def _build_objectives(self, fake_unet: torch.nn.Module | None) -> None:
         """The critics this config trains, the pre-training objective and the main one."""
         cfg, device = self.cfg, str(self.acc.device)
         d, loss = cfg.discriminator, cfg.loss
@@ -374,14 +374,18 @@ class Distiller:
             k = cfg.dmd
             classifier = None
             if loss.objective == "dmd2" and (k.gan_g_weight > 0 or k.gan_d_weight > 0):
-                deepest = fake_unet.config.block_out_channels[-1]  # the mid block's output
+                c = fake_unet.config  # the mid block's output, or the width of a transformer's tokens
+                deepest = c.num_attention_heads * c.attention_head_dim if self.flow else c.block_out_channels[-1]
                 init = torch.Generator().manual_seed(cfg.run.seed * 1009 + 17)
                 classifier = DiscriminatorHead(
                     "global_uncond", deepest, k.classifier_width, self.text.pooled_dim, k.classifier_downsamples, init
                 ).to(device)
+            # The scores are diffusion models at any noise level: the teacher's own process, unshifted.
+            process = FlowProcess(self.scheduler.config.num_train_timesteps) if self.flow else None
+            process = process or EpsilonProcess(self.maths.alphas_cumprod)
             self.critics["fake"] = FakeScore(
                 fake_unet.to(device),
-                self.maths.alphas_cumprod,
+                process,
                 k.min_t,
                 k.max_t,
                 partial(
@@ -396,7 +400,7 @@ class Distiller:
                 classifier,
                 loss.kind,
             )
-            real = RealScore(self.teacher.unet, self.maths.alphas_cumprod, k.real_guidance, self.text.negative)
+            real = RealScore(self.teacher_model, process, k.real_guidance, self.text.negative)
         if loss.adversarial_pretraining and cfg.pretrain.pixel_weight > 0:
             p = cfg.pretrain
             init = torch.Generator().manual_seed(cfg.run.seed * 1009 + 29)

@@ -1,4 +1,4 @@
-"""The flow student's one-step maths, identical to FlowMatchEulerDiscreteScheduler's `step`.
+"""The flow student's one-step maths: FlowMatchEulerDiscreteScheduler's `step`, in fp32.
 
 Rectified flow (SD3): x_sigma = (1 - sigma) x0 + sigma eps, and the transformer, told the
 timestep 1000 sigma, predicts the velocity v = eps - x0; so x0 = x_sigma - sigma v. A k-step
@@ -9,6 +9,8 @@ backward simulation runs that same Euler step, deterministically, as the sampler
 
 Stock diffusers pipelines sample the exported student (StableDiffusion3Pipeline with this
 scheduler): there is no scheduler of ours to ship, and no boundary condition as in LCM.
+Training keeps x in fp32 between steps; a pipeline sampling in bf16 rounds it to bf16 after
+each step (and takes sigma-step times v in bf16): a rounding apart, not another sampler.
 """
 
 from __future__ import annotations

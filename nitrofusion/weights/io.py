@@ -32,9 +32,6 @@ WEIGHTS_NAME = "diffusion_pytorch_model"  # diffusers' file stem for a model's w
 DENOISERS = {"unet": "UNet2DConditionModel", "transformer": "SD3Transformer2DModel"}
 
 
-DENOISERS = {"unet": "UNet2DConditionModel", "transformer": "SD3Transformer2DModel"}
-
-
 def unet_state_dict(source: str | Path, what: str, component: str | None = "unet") -> dict[str, torch.Tensor]:
     """`source`: a .safetensors state dict, a diffusers UNet folder, or a pipeline directory
     (or hub id in the local cache) whose `unet/` is read (sharded and fp16 variants included).
