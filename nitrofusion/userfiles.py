@@ -62,14 +62,27 @@ def check_writable_folder(path: str | Path, what: str) -> Path:
     return path
 
 
+def plain_permissions(path: str | Path) -> None:
+    """Give `path` (and all under it, a folder) the permissions a plainly created file or folder has
+    under the umask (0644 / 0755 under 022). safetensors writes its files 0600 and mkdtemp makes
+    0700 folders: students, pair shards and checkpoints were unreadable to the user's group."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    path = Path(path)
+    for p in [path, *(path.rglob("*") if path.is_dir() else ())]:
+        if not p.is_symlink():
+            os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
+
+
 @contextmanager
 def replacing(path: str | Path) -> Iterator[Path]:
-    """A temporary path beside `path` to write to; on success it is renamed onto `path`, on an
-    error it is removed."""
+    """A temporary path beside `path` to write to; on success it is renamed onto `path` (with the
+    permissions the umask gives a new file), on an error it is removed."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         yield tmp
+        plain_permissions(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -395,3 +395,25 @@ def test_resuming_with_the_ema_turned_off_or_on_keeps_the_student(tiny_sdxl_dir,
     assert all(torch.equal(student[k[len("student.") :]], v) for k, v in saved.items() if k.startswith("student."))
     shadow = resumed.ema.shadow.state_dict()
     assert all(torch.equal(shadow[k], student[k]) for k in student)
+
+
+def test_what_a_run_leaves_is_readable_as_the_umask_says(tiny_sdxl_dir, tmp_path):
+    """safetensors writes its files 0600 and mkdtemp makes 0700 folders: the student, its stages, the
+    exported pipeline's weights and the checkpoints were readable by their owner alone (umask 022)."""
+    import os
+    import stat
+
+    from helpers import config
+
+    from nitrofusion.training.distill import Distiller
+
+    old = os.umask(0o022)
+    try:
+        Distiller(config(tiny_sdxl_dir, tmp_path / "run", "run.checkpoint_every=1"), progress=False).train()
+    finally:
+        os.umask(old)
+    found = [p for p in (tmp_path / "run").rglob("*") if not p.is_symlink()]
+    assert any(p.suffix == ".safetensors" for p in found) and any(p.parent.name == "checkpoints" for p in found)
+    for p in found:
+        want = 0o755 if p.is_dir() else 0o644
+        assert stat.S_IMODE(p.stat().st_mode) == want, (p, oct(p.stat().st_mode))

@@ -25,6 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from nitrofusion.training.faults import kill_point
+from nitrofusion.userfiles import plain_permissions
 
 STATE_FILE = "state.safetensors"
 META_FILE = "meta.json"
@@ -161,6 +162,7 @@ def save(root: str | Path, step: int, tensors: dict[str, torch.Tensor], meta: di
         for f in (STATE_FILE, META_FILE):
             with open(tmp / f, "rb") as fh:
                 os.fsync(fh.fileno())
+        plain_permissions(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)

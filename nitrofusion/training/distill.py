@@ -89,7 +89,7 @@ from nitrofusion.training.offload import HostOffload, teacher_groups
 from nitrofusion.training.optimizers import make_optimizer
 from nitrofusion.training.schedule import Phase, Schedule
 from nitrofusion.training.student import ShiftedStudent
-from nitrofusion.userfiles import replacing
+from nitrofusion.userfiles import plain_permissions, replacing
 from nitrofusion.weights.io import unet_state_dict
 
 log = logging.getLogger(__name__)
@@ -1033,6 +1033,7 @@ class Distiller:
             # How it samples, which loading reads back: a flow student's pipeline would default to CFG 7.
             about |= {"guidance_scale": 0.0} if self.flow else {"shift": self.cfg.model.shift}
             (tmp / "nitrofusion.json").write_text(json.dumps(about, indent=1))
+            plain_permissions(tmp)  # diffusers' safetensors files are written 0600
             if final.exists():
                 final.rename(old)
             tmp.rename(final)

@@ -33,7 +33,7 @@ from nitrofusion.models.builders import build_sdxl_pipeline
 from nitrofusion.training import checkpoint
 from nitrofusion.training.curves import MetricsLog, try_plot_curves
 from nitrofusion.training.ema import EMA
-from nitrofusion.userfiles import check_writable_folder, replacing, write_text_replacing
+from nitrofusion.userfiles import check_writable_folder, plain_permissions, replacing, write_text_replacing
 from nitrofusion.world import data
 from nitrofusion.world.config import WorldConfig
 from nitrofusion.world.evaluator import Evaluator, FashionClassifier, to_classifier_input
@@ -333,6 +333,7 @@ def build_world(cfg: WorldConfig, run_dir: str | Path, out_dir: str | Path, stag
         out_dir.mkdir(parents=True, exist_ok=True)
         pipe.to(torch.float16).save_pretrained(out_dir / "teacher")
         slim_tokenizers(out_dir / "teacher")
+        plain_permissions(out_dir / "teacher")  # diffusers' safetensors files are written 0600
         if cfg.samples_per_class:
             samples = draw_samples(out_dir / "teacher", run_dir / "samples.png", cfg.samples_per_class, cfg.device)
             report["samples"] = str(samples)
