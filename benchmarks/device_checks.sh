@@ -10,6 +10,7 @@
 #   bash benchmarks/device_checks.sh inference 1 # CUDA-only tests, then SDXL sampling at batch 1 (~4 min; default: 1 4, ~7 min)
 #   INFERENCE_SETTINGS="stock+compile nitrofusion+compile" bash benchmarks/device_checks.sh inference 1
 #   SKIP_TESTS=1 bash benchmarks/device_checks.sh training preset lora   # a second call: rows only, no pytest
+#   ARCH=sd3 SKIP_TESTS=1 bash benchmarks/device_checks.sh training preset no-ema lora   # the sd3 preset, SD3-Medium
 #
 # Results go to $OUT (the device tool brings that folder back), else runs/device. diffusers and
 # bitsandbytes are not installed on that machine: carry their wheels in .whl/ (python
@@ -87,8 +88,9 @@ print(f"bitsandbytes {bnb.__version__}: one AdamW8bit step on CUDA: ok; state {s
 EOF
         tail -n 1 "$out/bnb-smoke.txt"
     fi
-    python3 benchmarks/sdxl_training.py --warmup 2 --steps 6 --settings "${settings[@]}" \
-        --out "$out/sdxl_training.json"
+    arch=${ARCH:-sdxl} # ARCH=sd3: the sd3 preset on SD3-Medium's architecture
+    python3 benchmarks/sdxl_training.py --arch "$arch" --warmup 2 --steps 6 --settings "${settings[@]}" \
+        --out "$out/${arch}_training.json"
     ;;
 *)
     echo "unknown part '$part': inference or training" >&2

@@ -18,6 +18,11 @@ request, the sign of a card nearly full). Results are written (replaced whole) a
 
     python benchmarks/sdxl_training.py --out runs/sdxl_training.json          # a CUDA machine
     python benchmarks/sdxl_training.py --tiny --device cpu --steps 2          # the same code, tiny, CPU
+
+`--arch sd3`: the `sd3` preset on SD3-Medium's architecture (2.03 B-parameter transformer, random
+weights) instead, without T5 (4.8 B parameters that only encode prompts, in host memory under
+the preset's teacher offload; the pipeline fills T5's part of the prompt with zeros), so the
+text-encoding cost of prompts the cache has not met is not T5's.
 """
 
 from __future__ import annotations
@@ -39,8 +44,9 @@ DMD2 = "loss.objective=dmd2"
 EIGHT_BIT = "optim.optimizer=adamw8bit"  # 2 bytes of moments a parameter instead of 8 (15 GB less at SDXL)
 OFFLOAD = "model.teacher_offload=true"  # training/offload.py
 EMA_OFFLOAD = "optim.ema_offload=true"  # the EMA in host memory, averaged on the GPU tensor by tensor (training/ema.py)
-SETTINGS = {  # id: (what, overrides of the sdxl preset)
-    "preset": ("the preset: bf16, gradient checkpointing, 480-head pool, fused AdamW, an EMA of the student", []),
+SETTINGS = {  # id: (what, overrides of the preset: sdxl, or sd3 with --arch sd3)
+    # The head pool: 480 heads at SDXL, 576 at SD3-Medium (each row records its count).
+    "preset": ("the preset: bf16, gradient checkpointing, the head pool, fused AdamW, an EMA of the student", []),
     "no-ema": ("without the EMA", [NO_EMA]),
     "static": ("static head set (30 heads)", ["discriminator.pool=false"]),
     # torch's default AdamW kernels on CUDA (foreach): sqrt(v) as large as the parameters at every step.
@@ -73,33 +79,38 @@ MAX_ITERATIONS = {"accumulate": (1, 2)}
 PAIRS = 1000  # distinct prompts: the timed micro-batches draw 5 each, so nearly all are new to the cache
 
 
-def make_teacher_and_pairs(root: Path, tiny: bool, device: str) -> tuple[Path, Path, int]:
+def make_teacher_and_pairs(root: Path, tiny: bool, device: str, arch: str = "sdxl") -> tuple[Path, Path, int]:
     from safetensors.torch import save_file
 
     from nitrofusion.data.teacher import TeacherSampler, pairs_recipe
-    from nitrofusion.models.builders import SDXLSpec, build_sdxl_base, build_sdxl_pipeline
+    from nitrofusion.models import builders
+    from nitrofusion.pipelines.generation import denoiser
+    from nitrofusion.pipelines.loading import quiet_loading
     from nitrofusion.training.config import load_config
 
     if tiny:
-        pipe = build_sdxl_pipeline(SDXLSpec())
+        pipe = builders.build_sd3_pipeline() if arch == "sd3" else builders.build_sdxl_pipeline(builders.SDXLSpec())
     else:  # made on the GPU (seconds), saved in bf16 (the trainer loads it in fp32 and casts as configured)
-        pipe = build_sdxl_base(device, torch.bfloat16)
+        build = builders.build_sd3_medium if arch == "sd3" else builders.build_sdxl_base
+        pipe = build(device, torch.bfloat16)
     teacher = root / "teacher"
-    pipe.save_pretrained(str(teacher))
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    latent = pipe.unet.config.sample_size
+    with quiet_loading():  # an SD3 without T5 warns that None "cannot be saved"
+        pipe.save_pretrained(str(teacher))
+    network = denoiser(pipe).config
+    size = network.sample_size * pipe.vae_scale_factor
+    latent = network.sample_size
     n = PAIRS
     pairs = root / "pairs"
     pairs.mkdir()
     prompts = [f"a photograph of a red fox in the snow, {i}" for i in range(n)]
     (pairs / "prompts.json").write_text(json.dumps(prompts))
-    # Recorded as the trainer checks it: made by the sdxl preset's teacher settings at this size.
-    data = load_config("sdxl").data
+    # Recorded as the trainer checks it: made by the preset's teacher settings at this size.
+    data = load_config(arch).data
     recipe = pairs_recipe(TeacherSampler(pipe, data.teacher_steps, data.teacher_guidance, size, size), prompts, 0)
     g = torch.Generator().manual_seed(0)
     save_file(
         {
-            "latents": torch.randn(n, 4, latent, latent, generator=g),
+            "latents": torch.randn(n, network.in_channels, latent, latent, generator=g),
             "seeds": torch.arange(n),
             "prompt_ids": torch.arange(n),
         },
@@ -126,7 +137,7 @@ def worker(args: argparse.Namespace) -> None:
         "run.validate_every=0",
         *json.loads(args.overrides),
     ]
-    cfg = load_config("sdxl", None, overrides)
+    cfg = load_config(args.arch, None, overrides)
     cuda = torch.cuda.is_available() and args.device == "cuda"
     result: dict = {}
     peaks = {"outside_student_step": 0, "student_step": 0}  # bytes
@@ -237,7 +248,7 @@ def worker(args: argparse.Namespace) -> None:
 def teacher_worker(args: argparse.Namespace) -> None:
     """Makes the teacher and the pairs in a process of its own: the memory it used on the GPU
     (SDXL built in fp32, then cast) goes back to the card when it exits, before any setting runs."""
-    teacher, pairs, size = make_teacher_and_pairs(Path(args.root), args.tiny, args.device)
+    teacher, pairs, size = make_teacher_and_pairs(Path(args.root), args.tiny, args.device, args.arch)
     device = torch.cuda.get_device_name() if args.device == "cuda" else args.device
     print("RESULT " + json.dumps({"teacher": str(teacher), "pairs": str(pairs), "size": size, "device": device}))
 
@@ -249,7 +260,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--settings", nargs="+", choices=sorted(SETTINGS), help="settings to run (default: all)")
-    p.add_argument("--tiny", action="store_true", help="the tiny test SDXL pipeline instead of SDXL base")
+    p.add_argument("--arch", choices=["sdxl", "sd3"], default="sdxl", help="SDXL base (default) or SD3-Medium")
+    p.add_argument("--tiny", action="store_true", help="the tiny test pipeline instead of the full-size one")
     p.add_argument("--no-validate", dest="validate", action="store_false", help="skip the timed validation")
     p.add_argument("--timeout", type=float, default=240, help="seconds a setting's process may run (default 240)")
     p.add_argument("--out", default="runs/sdxl_training.json")
@@ -282,14 +294,21 @@ def main() -> None:
             "transformers": version("transformers"),
             "bitsandbytes": version("bitsandbytes"),
         },
-        "model": "tiny SDXL (tests)" if args.tiny else "SDXL base 1.0 architecture, random weights",
+        "model": {
+            ("sdxl", True): "tiny SDXL (tests)",
+            ("sdxl", False): "SDXL base 1.0 architecture, random weights",
+            ("sd3", True): "tiny SD3 (tests)",
+            ("sd3", False): "SD3-Medium architecture without T5, random weights",
+        }[args.arch, args.tiny],
+        "preset": args.arch,
         "batch": args.batch,
         "warmup": args.warmup,
         "steps": args.steps,
         "pairs": PAIRS,
         "rows": [],
     }
-    common = ["--device", args.device, "--batch", str(args.batch)] + (["--tiny"] if args.tiny else [])
+    common = ["--device", args.device, "--batch", str(args.batch), "--arch", args.arch]
+    common += ["--tiny"] if args.tiny else []
     with tempfile.TemporaryDirectory() as tmp:
         made = run_worker(["--make-teacher", "--root", tmp, *common], args.timeout)
         if "error" in made:

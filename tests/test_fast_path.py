@@ -412,3 +412,17 @@ def test_every_training_benchmark_setting_is_a_valid_config():
     for name, (_, overrides) in bench.SETTINGS.items():
         cfg = load_config("sdxl", None, [*one, *overrides])
         assert (cfg != preset) == bool(overrides), name
+
+
+def test_the_training_benchmark_runs_the_sd3_preset_on_the_tiny_sd3(tmp_path):
+    """--arch sd3: the sd3 preset (its teacher offloaded) on a flow transformer, a LoRA row beside it."""
+    out = tmp_path / "training.json"
+    cmd = [sys.executable, "benchmarks/sdxl_training.py", "--arch", "sd3", "--tiny", "--device", "cpu"]
+    cmd += ["--batch", "1", "--warmup", "0", "--steps", "2", "--settings", "preset", "lora", "--out", str(out)]
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
+    report = json.loads(out.read_text())
+    rows = {r["setting"]: r for r in report["rows"]}
+    assert report["preset"] == "sd3" and report["model"] == "tiny SD3 (tests)" and set(rows) == {"preset", "lora"}
+    assert all("error" not in r and r["s_per_iteration"] > 0 and r["validation_s"] > 0 for r in rows.values())
+    assert rows["preset"]["teacher_in_host_memory_gib"] > 0  # the preset's teacher offload
+    assert rows["preset"]["heads"] == 3 * 4 * 1 * 4  # kinds x t* x the tiny SD3's one read block x candidates

@@ -4,8 +4,8 @@ Both the test pipelines and the embedded world are built here, so that what the 
 exercise is exactly the structure the shipped model has: the real CLIP tokenizer (shipped
 in the package), CLIP text encoders, an `AutoencoderKL` and a `UNet2DConditionModel`
 (with SDXL's "text_time" added conditions for the SDXL variant). The SD3 one (a flow-matching
-`SD3Transformer2DModel`, sampled only, never distilled) exists for the tests of generate,
-evaluate and the app.
+`SD3Transformer2DModel`) is for the tests of generate, evaluate, the app and distill;
+`build_sd3_medium` is SD3-Medium's architecture at full size, for benchmarks.
 """
 
 from __future__ import annotations
@@ -369,4 +369,61 @@ def build_sdxl_base(
         unet=unet,
         scheduler=sdxl_scheduler(),
         force_zeros_for_empty_prompt=True,
+    )
+
+
+# SD3-Medium's transformer (stabilityai/stable-diffusion-3-medium-diffusers, transformer/config.json).
+SD3_MEDIUM_TRANSFORMER = dict(
+    sample_size=128,
+    patch_size=2,
+    in_channels=16,
+    out_channels=16,
+    num_layers=24,
+    attention_head_dim=64,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    caption_projection_dim=1536,
+    pooled_projection_dim=2048,
+    pos_embed_max_size=192,
+)
+
+
+def sd3_medium_configs() -> dict[str, dict]:
+    """SD3-Medium's component configs but T5: its two CLIP text encoders are SDXL base's (CLIP ViT-L
+    and OpenCLIP bigG, both with their projections here), its VAE SDXL's with 16 latent channels,
+    a latent shift and no quant convolutions."""
+    base = sdxl_base_configs()
+    vae = base["vae"] | dict(
+        latent_channels=16, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False
+    )
+    vae.pop("force_upcast", None)
+    text = {k: base[k] for k in ("text_encoder", "text_encoder_2")}
+    return {"transformer": dict(SD3_MEDIUM_TRANSFORMER), "vae": vae, **text}
+
+
+def build_sd3_medium(
+    device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> StableDiffusion3Pipeline:
+    """SD3-Medium's architecture (2.03 B-parameter transformer) with random weights, without T5 (its
+    4.8 B parameters only encode prompts; the pipeline fills T5's part with zeros), made on `device`."""
+    c = sd3_medium_configs()
+    with torch.device(device):
+        transformer = SD3Transformer2DModel(**c["transformer"])
+        vae = AutoencoderKL(**c["vae"])
+        text_encoder = CLIPTextModelWithProjection(CLIPTextConfig(**c["text_encoder"]))
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**c["text_encoder_2"]))
+    modules = [transformer, vae, text_encoder, text_encoder_2]
+    if torch.device(device).type != "meta":
+        modules = [m.to(dtype) for m in modules]
+    transformer, vae, text_encoder, text_encoder_2 = (m.eval().requires_grad_(False) for m in modules)
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=clip_tokenizer(),
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=clip_tokenizer(),
+        text_encoder_3=None,
+        tokenizer_3=None,
     )
