@@ -15,6 +15,7 @@ after each of its first half of joint blocks, as maps, and cuts the pass short a
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 
 import torch
@@ -28,7 +29,30 @@ class _StopReading(Exception):
     """Raised by the last hook read to skip the rest of the network's pass."""
 
 
-class UNetEncoderFeatures(nn.Module):
+class _HookedReader(nn.Module):
+    """Maps kept by forward hooks while `_read` runs the network, whose last read layer's hook stops
+    the pass. The same network also runs as the teacher (or the fake score): the hooks act only
+    inside `_read`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._maps: list[torch.Tensor] = []
+        self._active = False
+
+    def _read(self, run: Callable[[], object], what: str) -> list[torch.Tensor]:
+        self._maps, self._active = [], True
+        try:
+            run()
+            raise RuntimeError(f"the {what} forward finished without reaching its last read layer")
+        except _StopReading:
+            pass
+        finally:
+            self._active = False
+        maps, self._maps = self._maps, []
+        return maps
+
+
+class UNetEncoderFeatures(_HookedReader):
     """features(x_t, t, cond) -> list of feature maps [B, C_i, H_i, W_i], shallow to deep."""
 
     def __init__(self, unet: UNet2DConditionModel, frozen: bool = True) -> None:
@@ -37,9 +61,6 @@ class UNetEncoderFeatures(nn.Module):
             raise TypeError(f"the discriminator backbone must be a UNet2DConditionModel, got {type(unet).__name__}")
         self.frozen = frozen
         self.unet = unet.requires_grad_(False).eval() if frozen else unet
-        self._maps: list[torch.Tensor] = []
-        # The same UNet also samples as the teacher: the hooks act only inside forward().
-        self._active = False
         unet.conv_in.register_forward_hook(self._keep_output)
         for block in unet.down_blocks:
             block.register_forward_hook(self._keep_residuals)
@@ -79,16 +100,7 @@ class UNetEncoderFeatures(nn.Module):
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, cond: Conditioning) -> list[torch.Tensor]:
         embeds, added = cond.unet_inputs(sample.dtype)
-        self._maps, self._active = [], True
-        try:
-            self.unet(sample, timestep, embeds, added_cond_kwargs=added)
-            raise RuntimeError("the UNet forward finished without reaching its mid block")
-        except _StopReading:
-            pass
-        finally:
-            self._active = False
-        maps, self._maps = self._maps, []
-        return maps
+        return self._read(lambda: self.unet(sample, timestep, embeds, added_cond_kwargs=added), "UNet")
 
 
 def feature_blocks(transformer: SD3Transformer2DModel) -> int:
@@ -98,7 +110,7 @@ def feature_blocks(transformer: SD3Transformer2DModel) -> int:
     return (len(transformer.transformer_blocks) + 1) // 2
 
 
-class TransformerBlockFeatures(nn.Module):
+class TransformerBlockFeatures(_HookedReader):
     """features(x_t, t, cond) -> the image tokens after each read block, as maps [B, D, H/p, W/p].
 
     Its later blocks and output layers are never run here. Frozen (the teacher) or not (DMD2's
@@ -111,9 +123,7 @@ class TransformerBlockFeatures(nn.Module):
         self.frozen = frozen
         self.transformer = transformer.requires_grad_(False).eval() if frozen else transformer
         self.blocks = feature_blocks(transformer)
-        self._maps: list[torch.Tensor] = []
         self._grid: tuple[int, int] = (0, 0)
-        self._active = False  # the same transformer samples as the teacher: the hooks act only in forward()
         for i, block in enumerate(transformer.transformer_blocks[: self.blocks]):
             block.register_forward_hook(partial(self._keep_tokens, last=i == self.blocks - 1))
 
@@ -142,21 +152,15 @@ class TransformerBlockFeatures(nn.Module):
         embeds, _ = cond.unet_inputs(sample.dtype)
         p = self.transformer.config.patch_size
         self._grid = (sample.shape[-2] // p, sample.shape[-1] // p)
-        self._maps, self._active = [], True
-        try:
-            self.transformer(
+        return self._read(
+            lambda: self.transformer(
                 hidden_states=sample,
                 timestep=timestep.float(),  # SD3 is told 1000 sigma, a float
                 encoder_hidden_states=embeds,
                 pooled_projections=cond.pooled.to(sample.dtype),
-            )
-            raise RuntimeError("the transformer forward finished without reaching its last read block")
-        except _StopReading:
-            pass
-        finally:
-            self._active = False
-        maps, self._maps = self._maps, []
-        return maps
+            ),
+            "transformer",
+        )
 
 
 def _shapes(
