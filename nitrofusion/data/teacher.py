@@ -22,6 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
+from nitrofusion.data.conditioning import is_sd3
 from nitrofusion.data.teacher_timesteps import check_teacher_timesteps
 from nitrofusion.errors import UserError
 from nitrofusion.pipelines.generation import denoiser
@@ -75,7 +76,7 @@ class TeacherSampler:
             # gives blurred, noisy images, and the student learns exactly those.
             few_step = (
                 "a distilled flow teacher (SD3.5-Large-Turbo) samples in the steps its model card gives"
-                if getattr(pipe, "unet", None) is None
+                if is_sd3(pipe)
                 else "a few-step teacher (e.g. DMD2) needs its LCMScheduler in its pipeline"
             )
             log.warning(

@@ -316,13 +316,25 @@ def build_sd3_pipeline(spec: SD3Spec | None = None, seed: int = 0) -> StableDiff
     config = _text_config(spec.text_hidden, spec.text_layers, spec.text_heads, spec.text_hidden)
     text_encoder = CLIPTextModelWithProjection(config)
     text_encoder_2 = CLIPTextModelWithProjection(config)
+    modules = [m.eval() for m in (transformer, vae, text_encoder, text_encoder_2)]
+    return _sd3_pipeline(*modules, spec.scheduler_shift)
+
+
+def _sd3_pipeline(
+    transformer: SD3Transformer2DModel,
+    vae: AutoencoderKL,
+    text_encoder: CLIPTextModelWithProjection,
+    text_encoder_2: CLIPTextModelWithProjection,
+    shift: float,
+) -> StableDiffusion3Pipeline:
+    """An SD3 pipeline of these modules, with the real CLIP tokenizer and without T5."""
     return StableDiffusion3Pipeline(
-        transformer=transformer.eval(),
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=spec.scheduler_shift),
-        vae=vae.eval(),
-        text_encoder=text_encoder.eval(),
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=shift),
+        vae=vae,
+        text_encoder=text_encoder,
         tokenizer=clip_tokenizer(),
-        text_encoder_2=text_encoder_2.eval(),
+        text_encoder_2=text_encoder_2,
         tokenizer_2=clip_tokenizer(),
         text_encoder_3=None,
         tokenizer_3=None,
@@ -356,10 +368,7 @@ def build_sdxl_base(
         vae = AutoencoderKL(**c["vae"])
         text_encoder = CLIPTextModel(CLIPTextConfig(**c["text_encoder"]))
         text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**c["text_encoder_2"]))
-    modules = [unet, vae, text_encoder, text_encoder_2]
-    if torch.device(device).type != "meta":
-        modules = [m.to(dtype) for m in modules]
-    unet, vae, text_encoder, text_encoder_2 = (m.eval().requires_grad_(False) for m in modules)
+    unet, vae, text_encoder, text_encoder_2 = _frozen([unet, vae, text_encoder, text_encoder_2], device, dtype)
     return StableDiffusionXLPipeline(
         vae=vae,
         text_encoder=text_encoder,
@@ -394,7 +403,11 @@ def sd3_medium_configs() -> dict[str, dict]:
     a latent shift and no quant convolutions."""
     base = sdxl_base_configs()
     vae = base["vae"] | dict(
-        latent_channels=16, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False
+        latent_channels=16,
+        scaling_factor=SD3Spec.vae_scaling_factor,
+        shift_factor=SD3Spec.vae_shift_factor,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
     )
     vae.pop("force_upcast", None)
     text = {k: base[k] for k in ("text_encoder", "text_encoder_2")}
@@ -412,18 +425,13 @@ def build_sd3_medium(
         vae = AutoencoderKL(**c["vae"])
         text_encoder = CLIPTextModelWithProjection(CLIPTextConfig(**c["text_encoder"]))
         text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**c["text_encoder_2"]))
-    modules = [transformer, vae, text_encoder, text_encoder_2]
+    modules = _frozen([transformer, vae, text_encoder, text_encoder_2], device, dtype)
+    return _sd3_pipeline(*modules, SD3Spec.scheduler_shift)
+
+
+def _frozen(modules: list[torch.nn.Module], device: str | torch.device, dtype: torch.dtype) -> list[torch.nn.Module]:
+    """Built modules in `dtype` (left alone on the meta device, where nothing is allocated), in eval
+    mode without gradients."""
     if torch.device(device).type != "meta":
         modules = [m.to(dtype) for m in modules]
-    transformer, vae, text_encoder, text_encoder_2 = (m.eval().requires_grad_(False) for m in modules)
-    return StableDiffusion3Pipeline(
-        transformer=transformer,
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=clip_tokenizer(),
-        text_encoder_2=text_encoder_2,
-        tokenizer_2=clip_tokenizer(),
-        text_encoder_3=None,
-        tokenizer_3=None,
-    )
+    return [m.eval().requires_grad_(False) for m in modules]

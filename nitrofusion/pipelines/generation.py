@@ -18,6 +18,7 @@ from PIL.PngImagePlugin import PngInfo
 from tqdm.auto import tqdm
 
 import nitrofusion
+from nitrofusion.data.conditioning import is_sd3
 from nitrofusion.errors import UserError, check_guidance_scale
 from nitrofusion.pipelines.fast import fast_sampler, quantize, to_host
 from nitrofusion.pipelines.loading import SHIFT_LCM_MAX_STEPS
@@ -77,7 +78,7 @@ def default_guidance(sampler: str, pipe: DiffusionPipeline | None = None) -> flo
         return 0.0
     if getattr(pipe, "nitro_guidance", None) is not None:  # a distilled flow student's, as its run recorded
         return pipe.nitro_guidance
-    if pipe is not None and getattr(pipe, "unet", None) is None and getattr(pipe, "transformer", None) is not None:
+    if pipe is not None and is_sd3(pipe):
         default = inspect.signature(type(pipe).__call__).parameters.get("guidance_scale")
         if default is not None and isinstance(default.default, (int, float)):
             return float(default.default)

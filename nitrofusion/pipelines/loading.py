@@ -6,8 +6,9 @@ public checkpoints are (`UNet2DConditionModel.from_config(...)` + `load_state_di
 
 UNet pipelines (SDXL, SD1.5 architecture) are loaded for everything. Flow-matching transformers
 of the SD3 architecture (`StableDiffusion3Pipeline`: SD3-Medium, SD3.5-Large, SD3.5-Large-Turbo)
-are loaded for sampling with their own scheduler (generate, evaluate, app), never as a teacher;
-other transformer pipelines (Flux...) are refused by name (`check_architecture`).
+are sampled with their own scheduler (generate, evaluate, app) and distilled (distill,
+make-pairs); never where a UNet is needed (`--unet`, `transfer`); other transformer pipelines
+(Flux...) are refused by name (`check_architecture`).
 """
 
 from __future__ import annotations
@@ -64,10 +65,11 @@ def resolve_model(
         try:
             cached = Path(snapshot_download(str(model), local_files_only=True))
             if (cached / "model_index.json").is_file():
+                index = check_model_index(cached)
                 # Before the UNet's weights are looked for: a cached SD3 has none, and is not "in part".
-                check_architecture(check_model_index(cached), str(model), allow_flow, unet_only)
-            if _cached_in_full(cached, unet_weights):
-                return cached
+                check_architecture(index, str(model), allow_flow, unet_only)
+                if _cached_in_full(cached, index, unet_weights):
+                    return cached
             # In part only: e.g. the public snippet's first line reads SDXL base's unet/config.json
             # alone, and its from_pretrained(..., unet=...) never fetches the base UNet's weights.
         except (LocalEntryNotFoundError, HFValidationError, OSError):
@@ -112,15 +114,10 @@ def component_folders(index: dict) -> list[str]:
     return [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[:1] != [None]]
 
 
-def _cached_in_full(root: Path, unet_weights: bool) -> bool:
-    """A cached snapshot that can be loaded: its model index, and its denoiser's weights (the UNet's
-    where needed, an SD3 transformer's)."""
-    if not (root / "model_index.json").is_file():
-        return False
-    try:
-        denoiser = "transformer" if is_flow_pipeline(json.loads((root / "model_index.json").read_text())) else "unet"
-    except (OSError, ValueError):
-        denoiser = "unet"
+def _cached_in_full(root: Path, index: Mapping, unet_weights: bool) -> bool:
+    """Whether a cached snapshot with this model index can be loaded: its denoiser's weights are
+    there (the UNet's where needed, an SD3 transformer's)."""
+    denoiser = "transformer" if is_flow_pipeline(index) else "unet"
     if denoiser == "unet" and not unet_weights:
         return True
     return any((root / denoiser).glob("*.safetensors"))

@@ -57,7 +57,7 @@ from nitrofusion.objectives.base import Critic, Objective
 from nitrofusion.objectives.dmd2 import DMD2
 from nitrofusion.objectives.nitrofusion import NitroFusion, NitroFusionObjective, PoolDiscriminator
 from nitrofusion.objectives.pretrain import AdversarialPretraining, PixelDiscriminator, Regression
-from nitrofusion.objectives.scores import EpsilonProcess, FakeScore, FlowProcess, RealScore
+from nitrofusion.objectives.scores import FakeScore, RealScore
 from nitrofusion.pipelines.generation import default_size, denoiser, generate, size_multiple
 from nitrofusion.pipelines.loading import (
     check_state_dict,
@@ -67,7 +67,6 @@ from nitrofusion.pipelines.loading import (
     read_safetensors,
     read_safetensors_layout,
     save_state_dict,
-    save_unet_weights,
     unet_file_metadata,
 )
 from nitrofusion.scheduling import TimestepShiftLCMScheduler
@@ -380,9 +379,7 @@ class Distiller:
                 classifier = DiscriminatorHead(
                     "global_uncond", deepest, k.classifier_width, self.text.pooled_dim, k.classifier_downsamples, init
                 ).to(device)
-            # The scores are diffusion models at any noise level: the teacher's own process, unshifted.
-            process = FlowProcess(self.scheduler.config.num_train_timesteps) if self.flow else None
-            process = process or EpsilonProcess(self.maths.alphas_cumprod)
+            process = self.maths.process  # diffusion models at any noise level: the teacher's own, unshifted
             self.critics["fake"] = FakeScore(
                 fake_unet.to(device),
                 process,
@@ -923,6 +920,12 @@ class Distiller:
         """The student's own weights file in a run's folder (the UNet's, or the flow transformer's)."""
         return "student_transformer.safetensors" if self.flow else "student_unet.safetensors"
 
+    @property
+    def weights_metadata(self) -> dict[str, str] | None:
+        """Its header: a UNet student's the shift it samples at, as the public NitroSD files are read;
+        a flow student's nothing (its pipeline's scheduler is the teacher's)."""
+        return None if self.flow else unet_file_metadata(self.cfg.model.shift)
+
     def student_pipeline(
         self, use_ema: bool = True, unet: torch.nn.Module | None = None, components: dict | None = None
     ) -> DiffusionPipeline:
@@ -1014,10 +1017,7 @@ class Distiller:
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
             student = plain_unet(self.ema.shadow, self.lora_base())  # adapters folded in: stock diffusers loads it
-            if self.flow:  # no shift to record: the pipeline's scheduler is the teacher's
-                save_state_dict(student.state_dict(), self.out / self.weights_name)
-            else:
-                save_unet_weights(student, self.out / self.weights_name, shift=self.cfg.model.shift)
+            save_state_dict(student.state_dict(), self.out / self.weights_name, metadata=self.weights_metadata)
             # Written beside, then swapped in: a crash leaves the old pipeline or the new one, whole.
             final, tmp, old = (self.out / name for name in ("pipeline", ".pipeline.tmp", ".pipeline.old"))
             if not final.exists():  # an earlier export died between its two renames: put a whole one back
@@ -1059,7 +1059,7 @@ class Distiller:
         if self.acc.is_main_process:
             path = self.out / "stages" / f"{num_steps}-step" / self.weights_name
             state = merged_state_dict(self.ema.shadow, self.lora_base())
-            save_state_dict(state, path, metadata=None if self.flow else unet_file_metadata(self.cfg.model.shift))
+            save_state_dict(state, path, metadata=self.weights_metadata)
 
     def lora_base(self) -> dict[str, torch.Tensor] | None:
         """The LoRA student's frozen weights at full precision, re-read from disk, where training cast

@@ -20,6 +20,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 
 from nitrofusion.data.conditioning import Conditioning
 from nitrofusion.models.denoise import denoise
+from nitrofusion.objectives.scores import FlowProcess
 
 
 class FlowStudent:
@@ -35,6 +36,7 @@ class FlowStudent:
             raise ValueError("the flow student's scheduler must use a fixed shift and deterministic Euler steps")
         self.scheduler = scheduler
         self.T = cfg.num_train_timesteps
+        self.process = FlowProcess(self.T)  # the teacher's forward process, at sigma = t / T
 
     def sigmas(self, num_steps: int) -> list[float]:
         """The num_steps noise levels the pipeline samples at, then the final 0."""
@@ -76,5 +78,4 @@ class FlowStudent:
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: int) -> torch.Tensor:
         """x0 at the transformer's timestep t (sigma = t / T), where the discriminator judges it."""
-        sigma = t / self.T
-        return (1 - sigma) * x0 + sigma * noise
+        return self.process.noisy(x0, noise, torch.full((x0.shape[0],), t))

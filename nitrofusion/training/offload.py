@@ -23,6 +23,7 @@ from functools import partial
 import torch
 from torch import nn
 
+from nitrofusion.data.conditioning import is_sd3
 from nitrofusion.training.host_memory import host_copies
 
 GROUPS = ("text", "vae", "decoder", "safety")  # the teacher's parts that can live in host memory
@@ -135,13 +136,13 @@ def teacher_groups(
         # AutoencoderKL's decode() is not its forward(): the guard sits on the parts it calls.
         groups["vae"] = [m for m in pipe.vae.children() if any(True for _ in m.parameters())] or [pipe.vae]
     if not whole_unet_every_step:
-        if getattr(pipe, "unet", None) is not None:
-            unet = pipe.unet
-            groups["decoder"] = [m for m in (*unet.up_blocks, unet.conv_norm_out, unet.conv_out) if m is not None]
-        else:
+        if is_sd3(pipe):
             model = pipe.transformer
             later = list(model.transformer_blocks)[transformer_blocks_read or 0 :]
             groups["decoder"] = [*later, model.norm_out, model.proj_out]
+        else:
+            unet = pipe.unet
+            groups["decoder"] = [m for m in (*unet.up_blocks, unet.conv_norm_out, unet.conv_out) if m is not None]
     if getattr(pipe, "safety_checker", None) is not None:  # SD1.5's (1.2 GB): it judges validation grids only
         groups["safety"] = [pipe.safety_checker]
     return groups

@@ -14,6 +14,7 @@ from diffusers import UNet2DConditionModel
 
 from nitrofusion.data.conditioning import Conditioning
 from nitrofusion.models.denoise import denoise
+from nitrofusion.objectives.scores import EpsilonProcess
 from nitrofusion.scheduling import TimestepShiftLCMScheduler, shift_timesteps
 
 
@@ -21,6 +22,7 @@ class ShiftedStudent:
     def __init__(self, scheduler: TimestepShiftLCMScheduler) -> None:
         self.scheduler = scheduler
         self.alphas_cumprod = scheduler.alphas_cumprod.double()
+        self.process = EpsilonProcess(self.alphas_cumprod)  # the teacher's, as DMD2's scores read it
         self.T = scheduler.config.num_train_timesteps
         self.shift = scheduler.config.shifted_timestep
         self.prediction_type = scheduler.config.prediction_type

@@ -164,8 +164,10 @@ def export_lora(
     lora, report = extract_lora(student_state, unet_state_dict(teacher, "--teacher", prefix), rank, prefix=prefix)
     cast = DTYPES[dtype]
     config = {f"{prefix}.{k}": v for k, v in adapter_config(lora, prefix).items()}  # diffusers' per-component prefix
+    if shift is None and not flow:  # a flow student has none to record
+        shift = recorded_shift(student)
     metadata = {
-        **unet_file_metadata(None if flow else recorded_shift(student) if shift is None else shift),
+        **unet_file_metadata(shift),
         ADAPTER_METADATA: json.dumps(config, sort_keys=True),
         "nitrofusion": json.dumps(vars(report)),
     }
