@@ -358,3 +358,32 @@ def test_an_sd3_students_lora_loads_into_the_stock_pipeline(sd3_dir, tmp_path, c
     assert any(not torch.equal(want[k], teacher[k]) for k in want)
     assert main([*args, "--out", str(tmp_path / "x.safetensors"), "--shift", "250"]) == 2
     assert "--shift is for UNet students" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "scheduler, message",
+    [
+        ("FlowMatchLCMScheduler", "the SD3 teacher's scheduler is a FlowMatchLCMScheduler"),
+        ("dynamic", "must use a fixed shift and deterministic Euler steps"),
+    ],
+)
+def test_a_teacher_scheduler_the_flow_student_cannot_follow_is_refused(sd3_dir, tmp_path, scheduler, message):
+    """Another scheduler class, or resolution-dependent shifting (Flux's): one line, before any pair."""
+    import shutil
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(sd3_dir, teacher)
+    path = teacher / "scheduler" / "scheduler_config.json"
+    config = json.loads(path.read_text())
+    if scheduler == "dynamic":
+        config["use_dynamic_shifting"] = True
+    else:
+        config["_class_name"] = scheduler
+        index = json.loads((teacher / "model_index.json").read_text())
+        index["scheduler"] = ["diffusers", scheduler]
+        (teacher / "model_index.json").write_text(json.dumps(index))
+    path.write_text(json.dumps(config))
+    pairs = "data.pairs=" + str(tmp_path / "pairs")
+    with pytest.raises(UserError, match=message):
+        Distiller(flow_config(teacher, tmp_path / "run", pairs), progress=False)
+    assert not (tmp_path / "pairs").exists()

@@ -209,6 +209,31 @@ class Distiller:
                     scheduler,
                     cfg.data.teacher_guidance,
                 )
+        # The student's sampler and maths, before any teacher pairs are made: a teacher scheduler it
+        # cannot follow is refused here, not after hours of pairs.
+        self.maths: ShiftedStudent | FlowStudent
+        if self.flow:  # the teacher's own scheduler samples the student (its shift, its spacing)
+            if not isinstance(self.teacher.scheduler, FlowMatchEulerDiscreteScheduler):
+                raise UserError(
+                    f"the SD3 teacher's scheduler is a {type(self.teacher.scheduler).__name__}: a flow student "
+                    "trains for, and samples with, the teacher's FlowMatchEulerDiscreteScheduler"
+                )
+            self.scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.teacher.scheduler.config)
+            try:
+                self.maths = FlowStudent(self.scheduler)
+            except ValueError as exc:
+                raise UserError(f"the teacher's scheduler: {exc}") from None
+        else:
+            # The teacher's noise schedule and prediction type; never its sampling-time clipping, which
+            # the student is not trained with (the exported pipeline samples as the student learnt).
+            self.scheduler = TimestepShiftLCMScheduler.from_base_config(
+                self.teacher.scheduler.config,
+                shifted_timestep=cfg.model.shift,
+                original_inference_steps=4,
+                clip_sample=False,
+                thresholding=False,
+            )
+            self.maths = ShiftedStudent(self.scheduler)
         self.size = cfg.data.resolution or default_size(self.teacher)
         self._refuse_before_pairs()
         self.text = TextEncoder(self.teacher, self.size, self.size)
@@ -257,29 +282,6 @@ class Distiller:
                 for p in student.parameters():
                     if not p.requires_grad:
                         p.data = p.data.to(half)
-        self.maths: ShiftedStudent | FlowStudent
-        if self.flow:  # the teacher's own scheduler samples the student (its shift, its spacing)
-            if not isinstance(self.teacher.scheduler, FlowMatchEulerDiscreteScheduler):
-                raise UserError(
-                    f"the SD3 teacher's scheduler is a {type(self.teacher.scheduler).__name__}: a flow student "
-                    "trains for, and samples with, the teacher's FlowMatchEulerDiscreteScheduler"
-                )
-            self.scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.teacher.scheduler.config)
-            try:
-                self.maths = FlowStudent(self.scheduler)
-            except ValueError as exc:
-                raise UserError(f"the teacher's scheduler: {exc}") from None
-        else:
-            # The teacher's noise schedule and prediction type; never its sampling-time clipping, which
-            # the student is not trained with (the exported pipeline samples as the student learnt).
-            self.scheduler = TimestepShiftLCMScheduler.from_base_config(
-                self.teacher.scheduler.config,
-                shifted_timestep=cfg.model.shift,
-                original_inference_steps=4,
-                clip_sample=False,
-                thresholding=False,
-            )
-            self.maths = ShiftedStudent(self.scheduler)
         # Only the main process reads the EMA (checkpoints, grids, exports): the other ranks keep none.
         self.ema = EMA(student, cfg.optim.ema_decay, host=cfg.optim.ema_offload, keep=self.acc.is_main_process)
         self._build_objectives(fake_unet)
