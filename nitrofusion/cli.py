@@ -17,6 +17,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from nitrofusion.errors import UserError, check_guidance_scale
 from nitrofusion.userfiles import check_writable_folder
+from nitrofusion.world.config import DEFAULT_STAGES, WORLD_STAGES
 
 EXIT_USAGE = 2
 
@@ -106,7 +107,9 @@ def cmd_train_teacher(args: argparse.Namespace) -> int:
         seed=args.seed,
         device=args.device,
         vae_steps=args.vae_steps,
+        vae=str(Path(args.vae).resolve()) if args.vae else "",  # recorded so: resumed from anywhere
         unet_steps=args.unet_steps,
+        flow_steps=args.flow_steps,
         classifier_epochs=args.classifier_epochs,
         checkpoint_every=args.checkpoint_every,
         train_images=args.train_images,
@@ -114,20 +117,30 @@ def cmd_train_teacher(args: argparse.Namespace) -> int:
         samples_per_class=args.samples_per_class,
     )
     cfg.check()  # before the imports below (seconds): a bad option fails at once
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    unknown = sorted(set(stages) - set(WORLD_STAGES))
+    if unknown or not stages:
+        raise UserError(f"--stages takes some of {', '.join(WORLD_STAGES)} (comma-separated), got '{args.stages}'")
 
     from nitrofusion.pipelines.loading import resolve_device
     from nitrofusion.world.train import build_world
 
     resolve_device(args.device)
-    report = build_world(cfg, args.run_dir, args.out, ["unet", "classifier"])
+    report = build_world(cfg, args.run_dir, args.out, stages)
     out = Path(args.out)
     vae = report["vae"]
-    print(f"VAE: test PSNR {vae['test_psnr_db']:.2f} dB, latent scaling factor {1 / vae['latent_std']:.3f}")
-    print(f"evaluator: test accuracy {report['evaluator_test_accuracy']:.4f}")
-    print(f"teacher pipeline: {out / 'teacher'}; evaluator: {out / 'evaluator.safetensors'}")
-    if "samples" in report:
-        print(f"the teacher's samples: {report['samples']}")
-    print(f"curves: {Path(args.run_dir)}/{{vae,unet,classifier}}/curves.png")
+    print(f"VAE: test PSNR {vae['test_psnr_db']:.2f} dB, latent scaling factor {vae['scaling_factor']:.3f}")
+    if "unet" in stages:
+        print(f"teacher pipeline: {out / 'teacher'}")
+    if "flow" in stages:
+        print(f"flow teacher pipeline (SD3 architecture): {out / 'flow-teacher'}")
+    if "classifier" in stages:
+        print(f"evaluator: test accuracy {report['evaluator_test_accuracy']:.4f}; {out / 'evaluator.safetensors'}")
+    for key, what in (("samples", "the teacher's samples"), ("flow_samples", "the flow teacher's samples")):
+        if key in report:
+            print(f"{what}: {report[key]}")
+    trained = ([] if cfg.vae else ["vae"]) + stages
+    print(f"curves: {Path(args.run_dir)}/{{{','.join(trained)}}}/curves.png")
     print(f"{report['total_seconds'] / 60:.1f} min; report: {Path(args.run_dir) / 'report.json'}")
     return 0
 
@@ -339,7 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--model",
         help="diffusers pipeline directory or hub id in the local cache (SDXL, SD1.5, or an SD3-architecture flow "
-        "transformer, sampled with its own scheduler), 'embedded' (the shipped student, default) or 'embedded-teacher'",
+        "transformer, sampled with its own scheduler), 'embedded' (the shipped student, default), "
+        "'embedded-teacher' or 'embedded-flow-teacher'",
     )
     g.add_argument("--unet", help="student UNet state dict (.safetensors) to load into the model's UNet")
     g.add_argument("--steps", type=int, default=1, help="sampling steps (default 1; 1-4 with shift-lcm)")
@@ -370,13 +384,25 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", default="outputs", help="output directory, or a .png file for one prompt")
     g.set_defaults(func=cmd_generate)
 
-    t = sub.add_parser("train-teacher", help="reproduce the embedded world (VAE, teacher, evaluator)")
+    t = sub.add_parser("train-teacher", help="reproduce the embedded world (VAE, teachers, evaluator)")
     t.add_argument("--run-dir", default="runs/world", help="checkpoints and logs (resumed if present)")
     t.add_argument("--out", default="runs/world_out", help="where the pipeline and evaluator are written")
     t.add_argument("--seed", type=int, default=0, help="default 0")
     t.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     t.add_argument("--vae-steps", type=int, default=800, help="VAE training steps (default 800)")
     t.add_argument("--unet-steps", type=int, default=6000, help="UNet training steps (default 6000)")
+    t.add_argument(
+        "--vae",
+        help="a trained VAE (a diffusers vae/ folder or a pipeline holding one) instead of training one; "
+        "e.g. nitrofusion/world/assets/teacher to build on the shipped world's latents",
+    )
+    t.add_argument("--flow-steps", type=int, default=5000, help="flow teacher (SD3 architecture) steps (default 5000)")
+    t.add_argument(
+        "--stages",
+        default=",".join(DEFAULT_STAGES),
+        help="what to build after the VAE, comma-separated: unet (the teacher), flow (the SD3-architecture "
+        "teacher), classifier (the evaluator); default unet,classifier",
+    )
     t.add_argument("--classifier-epochs", type=int, default=3, help="evaluator epochs (default 3)")
     t.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints, in each stage")
     t.add_argument("--train-images", type=int, default=0, help="train on the first N images only (0: all 60,000)")
@@ -388,7 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument(
         "--preset",
         help="embedded (a few CPU minutes), sdxl (the paper's settings) or sd3 (an SD3-architecture teacher); "
-        "also demo, dmd2-embedded, dmdx-embedded",
+        "also demo, flow-embedded (the embedded SD3-architecture teacher), dmd2-embedded, dmdx-embedded",
     )
     d.add_argument("--config", help="YAML config file (see docs/distill.md for the schema)")
     d.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. optim.lr=1e-5")

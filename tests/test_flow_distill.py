@@ -387,3 +387,26 @@ def test_a_teacher_scheduler_the_flow_student_cannot_follow_is_refused(sd3_dir, 
     with pytest.raises(UserError, match=message):
         Distiller(flow_config(teacher, tmp_path / "run", pairs), progress=False)
     assert not (tmp_path / "pairs").exists()
+
+
+def test_the_flow_embedded_preset_is_the_demos_budget_and_distils_the_shipped_flow_teacher(tmp_path):
+    """The flow world's preset differs from `demo` only where the teacher does (docs/results.md
+    compares the two students), and runs from the shipped SD3-architecture teacher to an export
+    that stock diffusers samples in one step."""
+    from nitrofusion.training.config import load_config
+
+    flow, demo = load_config("flow-embedded"), load_config("demo")
+    for part in ("loss", "optim", "refine", "discriminator"):
+        assert getattr(flow, part) == getattr(demo, part), part
+    assert flow.data.num_pairs == demo.data.num_pairs and flow.data.teacher_guidance == demo.data.teacher_guidance
+    assert (flow.model.teacher, flow.data.teacher_steps) == ("embedded-flow-teacher", 28)  # SD3's pipeline default
+    small = ["data.num_pairs=4", "data.batch_size=2", "data.teacher_steps=2", "loss.pretrain_steps=1"]
+    small += ["refine.steps_per_stage=[1]", "discriminator.width=4", "run.validate_every=0"]
+    where = [f"run.output_dir={tmp_path / 'run'}", f"data.pairs={tmp_path / 'pairs'}"]
+    d = Distiller(load_config("flow-embedded", None, where + small), progress=False)
+    assert d.flow and len(d.pool) == 3 * 4 * 2 * 4  # kinds x t* x the 2 of 4 blocks read x candidates
+    out = d.train()
+    stock = stock_pipeline(out / "pipeline")
+    stock.set_progress_bar_config(disable=True)
+    image = stock("a photo of a bag", num_inference_steps=1, guidance_scale=0.0, output_type="np").images
+    assert image.shape == (1, 32, 32, 3)

@@ -6,13 +6,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionXLPipeline
+from diffusers import StableDiffusion3Pipeline, StableDiffusionXLPipeline
 
 from nitrofusion.evaluation.fid import to_tensor
 from nitrofusion.pipelines import generate, load_pipeline
+from nitrofusion.pipelines.generation import default_guidance
 from nitrofusion.world import data
 from nitrofusion.world.evaluator import Evaluator
-from nitrofusion.world.spec import choose_model, evaluator_path, student_path, teacher_path
+from nitrofusion.world.spec import choose_model, evaluator_path, flow_teacher_path, student_path, teacher_path
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +81,32 @@ def test_shipped_student_is_the_default_and_draws_in_one_step(evaluator):
     assert accuracy["student"] >= 0.5 and accuracy["teacher"] <= 0.3, accuracy
 
 
+def test_the_flow_world_is_a_stock_sd3_pipeline_on_the_worlds_latents():
+    pipe = StableDiffusion3Pipeline.from_pretrained(
+        flow_teacher_path(), text_encoder_3=None, tokenizer_3=None, torch_dtype=torch.float32
+    )
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe("a photo of a sneaker", num_inference_steps=2, guidance_scale=5.0, output_type="np").images
+    assert out.shape == (1, 32, 32, 3)
+    unet_world = StableDiffusionXLPipeline.from_pretrained(teacher_path(), torch_dtype=torch.float32).vae
+    a, b = unet_world.state_dict(), pipe.vae.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "the two worlds share one VAE"
+    assert pipe.vae.config.scaling_factor == unet_world.config.scaling_factor
+
+
+def test_flow_teacher_draws_the_prompted_class(evaluator):
+    """docs/world.md's flow teacher at a small sample: 28 Euler steps with CFG 5 beat chance by far."""
+    pipe = load_pipeline(choose_model("embedded-flow-teacher", None, None).model, sampler="native")
+    assert default_guidance("native", pipe) == 5.0  # the world's CFG, recorded in the folder (SD3's own is 7)
+    pairs = data.evaluation_prompts(20, seed=1)  # two a class
+    results = generate(pipe, [p for p, _ in pairs], steps=28, seed=1, batch_size=20, progress=False)
+    score = evaluator.score(to_tensor([r.image for r in results]), torch.tensor([c for _, c in pairs]))
+    assert score["class_accuracy"] >= 0.6
+
+
 def test_embedded_model_names():
     assert choose_model("embedded-teacher", None, None).unet is None
+    assert choose_model("embedded-flow-teacher", None, None).model == flow_teacher_path()
     explicit = choose_model(None, "other.safetensors", None)
     assert str(explicit.unet) == "other.safetensors" and explicit.shift is None
     assert choose_model("/some/dir", None, 500).model == Path("/some/dir")

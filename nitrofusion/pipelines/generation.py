@@ -73,7 +73,7 @@ def default_guidance(sampler: str, pipe: DiffusionPipeline | None = None) -> flo
     """Without --guidance-scale: none for the shift-LCM sampler (NitroSD samples without CFG), 5 for
     a multi-step UNet teacher; for a flow transformer (SD3), its pipeline class's own default (7 for
     SD3; a distilled one such as SD3.5-Large-Turbo needs --guidance-scale 0), except for a flow
-    student of `distill`, whose folder records 0."""
+    student of `distill`, whose folder records 0, or the embedded flow teacher, whose folder records 5."""
     if sampler == "shift-lcm":
         return 0.0
     if getattr(pipe, "nitro_guidance", None) is not None:  # a distilled flow student's, as its run recorded

@@ -434,8 +434,9 @@ def check_architecture(index: dict, where: str, allow_flow: bool = False, unet_o
 
 
 def recorded_guidance(model_dir: Path) -> float | None:
-    """The guidance scale a distill run's exported flow student samples with (none: it learnt the
-    teacher's guided samples), from the run's nitrofusion.json; None where none is recorded."""
+    """The guidance scale a folder's nitrofusion.json records: a distill run's exported flow student's
+    (0: it learnt the teacher's guided samples), the embedded flow teacher's (5, the world's CFG);
+    None where none is recorded."""
     try:
         value = json.loads((model_dir / "nitrofusion.json").read_text()).get("guidance_scale")
     except (OSError, ValueError, AttributeError):

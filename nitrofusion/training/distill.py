@@ -143,13 +143,19 @@ def make_accelerator(cfg: DistillConfig) -> Accelerator:
 
 
 def resolve_teacher(name: str) -> str:
-    if name == "embedded":
-        from nitrofusion.world.spec import teacher_path
+    """`embedded` is the embedded world's UNet teacher, `embedded-flow-teacher` its SD3-architecture one."""
+    if name in ("embedded", "embedded-teacher", "embedded-flow-teacher"):
+        from nitrofusion.world.spec import embedded_model
 
-        path = teacher_path()
-        if not (path / "model_index.json").is_file():
-            raise UserError("the embedded teacher is not installed (build it with 'nitrofusion train-teacher')")
-        return str(path)
+        found = embedded_model("embedded-teacher" if name == "embedded" else name)
+        if found is None:
+            how = (
+                "--stages flow --vae nitrofusion/world/assets/teacher, docs/world.md"
+                if "flow" in name
+                else "docs/world.md"
+            )
+            raise UserError(f"the {name} teacher is not installed (build it with 'nitrofusion train-teacher', {how})")
+        return str(found.model)
     return name
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from nitrofusion.models.builders import SDXLSpec
+from nitrofusion.models.builders import SD3Spec, SDXLSpec
 
 # SDXL's shape at a small size: three resolution levels (16, 8, 4 on 16x16x4 latents),
 # plain first level then cross-attention levels, two resnets per level, "text_time"
@@ -33,6 +33,28 @@ WORLD_SPEC = SDXLSpec(
 IMAGE_SIZE = 32
 TEXT_ENCODER_SEED = 0
 
+# The flow world: SD3's architecture (an MMDiT with SD3.5's q/k RMS norms, two CLIP text
+# encoders with projections, no T5) on the same VAE latents. 8x8 image tokens against 333 text
+# tokens (77 CLIP, 256 of T5's zeros, which the stock pipeline always sends) is what makes the
+# context stream most of the compute, so the transformer stays narrow. Shift 1: SD3's 3.0 is
+# for 1024² images; the shift that a resolution wants falls with its side.
+FLOW_SPEC = SD3Spec(
+    sample_size=16,
+    patch_size=2,
+    num_layers=4,
+    attention_head_dim=32,
+    num_attention_heads=2,
+    pos_embed_max_size=16,
+    dual_attention_layers=(),
+    qk_norm="rms_norm",
+    text_hidden=32,
+    text_layers=2,
+    text_heads=2,
+    joint_attention_dim=64,
+    latent_channels=4,
+    scheduler_shift=1.0,
+)
+
 
 def assets_dir() -> Path:
     return Path(str(resources.files("nitrofusion.world") / "assets"))
@@ -40,6 +62,11 @@ def assets_dir() -> Path:
 
 def teacher_path() -> Path:
     return assets_dir() / "teacher"
+
+
+def flow_teacher_path() -> Path:
+    """The flow world's teacher: a stock SD3-architecture pipeline folder (`StableDiffusion3Pipeline`)."""
+    return assets_dir() / "flow-teacher"
 
 
 def student_path() -> Path:
@@ -63,7 +90,11 @@ class ModelChoice:
 
 def embedded_model(name: str = "embedded") -> ModelChoice | None:
     """`embedded`: the shipped student (the teacher if no student is shipped);
-    `embedded-teacher`: the multi-step teacher. None if not installed."""
+    `embedded-teacher`: the multi-step teacher; `embedded-flow-teacher`: the flow world's
+    teacher (SD3 architecture). None if not installed."""
+    if name == "embedded-flow-teacher":
+        flow = flow_teacher_path()
+        return ModelChoice(flow) if (flow / "model_index.json").is_file() else None
     teacher = teacher_path()
     if not (teacher / "model_index.json").is_file():
         return None
@@ -75,7 +106,7 @@ def embedded_model(name: str = "embedded") -> ModelChoice | None:
     return ModelChoice(teacher)
 
 
-EMBEDDED_NAMES = ("embedded", "embedded-teacher")
+EMBEDDED_NAMES = ("embedded", "embedded-teacher", "embedded-flow-teacher")
 
 
 def choose_model(model: str | None, unet: str | None, shift: int | None) -> ModelChoice:

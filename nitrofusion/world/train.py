@@ -4,8 +4,11 @@ Stages, each seeded, checkpointed and resumable (`run_dir/<stage>/step-*`):
   vae         AutoencoderKL (x2 downsampling) on the training images, MSE + L1 + tiny KL.
   unet        the teacher, a DDPM (epsilon) UNet on the VAE's latents, prompts from class
               names and templates, 10% of prompts dropped (zeroed) so CFG works, EMA.
+  flow        the flow world's teacher: an SD3-architecture transformer, rectified flow on the
+              same latents (`train_flow`).
   classifier  the evaluator CNN and the test set's reference feature statistics.
-  assemble    a diffusers StableDiffusionXLPipeline (fp16 weights) and the evaluator file.
+  assemble    diffusers pipelines (StableDiffusionXLPipeline, StableDiffusion3Pipeline; fp16
+              weights) and the evaluator file.
 
 The two CLIP text encoders are not trained: they stay at a seeded random init. With 80
 short prompts the UNet's cross-attention learns to read the class from any fixed,
@@ -15,21 +18,23 @@ once, which is most of what makes CPU training of the teacher fit in one session
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import platform
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers import AutoencoderKL, SD3Transformer2DModel, UNet2DConditionModel
 from tqdm.auto import tqdm
 
 from nitrofusion.errors import UserError
 from nitrofusion.evaluation.frechet import GaussianStats
 from nitrofusion.evaluation.grid import make_grid
-from nitrofusion.models.builders import build_sdxl_pipeline
+from nitrofusion.models.builders import build_sd3_pipeline, build_sdxl_pipeline
 from nitrofusion.training import checkpoint
 from nitrofusion.training.curves import MetricsLog, try_plot_curves
 from nitrofusion.training.ema import EMA
@@ -37,7 +42,7 @@ from nitrofusion.userfiles import check_writable_folder, plain_permissions, repl
 from nitrofusion.world import data
 from nitrofusion.world.config import WorldConfig
 from nitrofusion.world.evaluator import Evaluator, FashionClassifier, to_classifier_input
-from nitrofusion.world.spec import IMAGE_SIZE, TEXT_ENCODER_SEED, WORLD_SPEC, assets_dir
+from nitrofusion.world.spec import FLOW_SPEC, IMAGE_SIZE, TEXT_ENCODER_SEED, WORLD_SPEC, assets_dir
 
 
 def _log(run_dir: Path, msg: str) -> None:
@@ -134,6 +139,29 @@ def train_vae(cfg: WorldConfig, run_dir: Path) -> AutoencoderKL:
     return vae.eval()
 
 
+def load_vae(cfg: WorldConfig) -> AutoencoderKL:
+    """`--vae`: a trained `AutoencoderKL` folder (a pipeline's `vae/`, or the pipeline itself), in
+    fp32: safetensors only, and its latent scaling factor kept as it was recorded."""
+    path, folder = cfg.vae, cfg.vae_folder()
+    try:
+        recorded = json.loads((folder / "config.json").read_text())
+        vae, info = AutoencoderKL.from_pretrained(
+            folder, torch_dtype=torch.float32, use_safetensors=True, output_loading_info=True
+        )
+    except (OSError, ValueError, RuntimeError) as e:
+        raise UserError(f"--vae '{path}' could not be loaded: {str(e).splitlines()[0]}") from None
+    if info["missing_keys"] or info["mismatched_keys"]:
+        raise UserError(f"--vae '{path}': its weights do not fit its config (missing or mismatched tensors)")
+    shape = (vae.config.latent_channels, len(vae.config.block_out_channels))
+    if shape != (WORLD_SPEC.latent_channels, len(WORLD_SPEC.vae_block_out_channels)) or not recorded.get(
+        "scaling_factor"
+    ):
+        raise UserError(
+            f"--vae '{path}' is not a VAE of this world's shape (4 latent channels, x2 down-sampling, a scaling factor)"
+        )
+    return vae.to(cfg.device).eval()
+
+
 @torch.no_grad()
 def vae_report(vae: AutoencoderKL, cfg: WorldConfig) -> dict[str, float]:
     """Reconstruction PSNR on (up to 2,000 of) the test images and the latent scaling factor (1 / latent std)."""
@@ -221,6 +249,70 @@ def train_unet(cfg: WorldConfig, run_dir: Path, vae: AutoencoderKL, scaling: flo
     return unet.eval()
 
 
+def train_flow(cfg: WorldConfig, run_dir: Path, vae: AutoencoderKL, scaling: float) -> SD3Transformer2DModel:
+    """The flow world's teacher: SD3's rectified flow on the same latents. x_t = (1 - σ) x0 + σ ε
+    with σ drawn logit-normal (SD3's choice: most of the steps where the velocity is hardest),
+    the transformer predicts v = ε - x0. Dropped prompts become the empty prompt's encoding,
+    which is what SD3's pipeline sends as the negative for CFG. Flips are made in pixel space
+    before encoding (both sets of latents are encoded once): flipping latents would teach the
+    VAE's decoder images it never saw (docs/world.md, the FD floor)."""
+    stage = run_dir / "flow"
+    pipe = build_sd3_pipeline(FLOW_SPEC, seed=TEXT_ENCODER_SEED)
+    prompts = [p for p, _ in data.all_prompts()] + [""]
+    with torch.no_grad():
+        embeds, _, pooled, _ = pipe.encode_prompt(prompts, None, None, device="cpu", do_classifier_free_guidance=False)
+    per_class, empty = len(data.TEMPLATES), len(prompts) - 1
+
+    images, labels = split(cfg, "train")
+    lat_mean, lat_std = encode_dataset(vae, images, cfg.device)
+    flip_mean, flip_std = encode_dataset(vae, images.flip(-1), cfg.device)
+
+    torch.manual_seed(cfg.seed + 5)
+    model = SD3Transformer2DModel(**FLOW_SPEC.transformer_config()).to(cfg.device)
+    ema = EMA(model, cfg.ema_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.flow_lr, weight_decay=0.01)
+    gen = torch.Generator().manual_seed(cfg.seed + 6)
+    start = _resume(stage, {"flow": model, "ema": ema}, opt, gen)
+    log = StageLog(stage, start, (("flow teacher: velocity MSE", ("loss",)), ("learning rate", ("lr",))))
+    bar = tqdm(range(start, cfg.flow_steps), initial=start, total=cfg.flow_steps, desc="flow teacher")
+    model.train()
+    for step in bar:
+        idx = torch.randint(0, len(images), (cfg.flow_batch,), generator=gen)
+        flip = (torch.rand(cfg.flow_batch, generator=gen) < 0.5)[:, None, None, None]
+        mean = torch.where(flip, flip_mean[idx], lat_mean[idx])
+        std = torch.where(flip, flip_std[idx], lat_std[idx])
+        x0 = (mean + std * torch.randn(mean.shape, generator=gen)) * scaling
+        rows = labels[idx] * per_class + torch.randint(0, per_class, (cfg.flow_batch,), generator=gen)
+        rows = torch.where(torch.rand(cfg.flow_batch, generator=gen) < cfg.cond_dropout, empty, rows)
+        sigma = torch.sigmoid(torch.randn(cfg.flow_batch, generator=gen))
+        noise = torch.randn(x0.shape, generator=gen)
+        x0, noise, sigma = (v.to(cfg.device) for v in (x0, noise, sigma))
+        s = sigma[:, None, None, None]
+        pred = model(
+            hidden_states=(1 - s) * x0 + s * noise,
+            timestep=sigma * 1000,
+            encoder_hidden_states=embeds[rows].to(cfg.device),
+            pooled_projections=pooled[rows].to(cfg.device),
+        ).sample
+        loss = (pred - (noise - x0)).square().mean()
+        for g in opt.param_groups:
+            g["lr"] = cfg.flow_lr * min(1.0, (step + 1) / cfg.flow_warmup)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        ema.update(model)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        log.record(step + 1, loss=loss.item(), lr=opt.param_groups[0]["lr"])
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.flow_steps:
+            log.flush()
+            _save(stage, step + 1, {"flow": model, "ema": ema}, opt, gen)
+            _log(run_dir, f"flow step {step + 1} loss {loss.item():.4f}")
+    log.draw("embedded world: flow teacher (SD3 architecture)")
+    ema.copy_to(model)
+    return model.eval()
+
+
 def train_classifier(cfg: WorldConfig, run_dir: Path) -> tuple[Evaluator, float]:
     stage = run_dir / "classifier"
     torch.manual_seed(cfg.seed + 3)
@@ -274,15 +366,36 @@ def slim_tokenizers(pipeline_dir: Path) -> None:
             shutil.copy(src / f, pipeline_dir / name / f)
 
 
-def draw_samples(teacher_dir: Path, path: Path, per_class: int = 8, device: str = "cpu") -> Path:
-    """The teacher as it was written (fp16 weights, loaded back): a row per class, 25 Euler steps
-    with CFG 5, image i (row by row) from seed i. One batch: a tenth of the time of ten."""
+def write_pipeline(pipe: Any, dest: Path, about: dict | None = None) -> None:
+    """A world's pipeline in fp16 with slim tokenizers (and `about` as its nitrofusion.json), written
+    beside and swapped in: a build stopped while writing leaves the old folder or the new one, whole."""
+    import shutil
+
+    tmp, old = dest.with_name(f".{dest.name}.tmp"), dest.with_name(f".{dest.name}.old")
+    for leftover in (tmp, old):
+        shutil.rmtree(leftover, ignore_errors=True)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    pipe.to(torch.float16).save_pretrained(tmp)
+    slim_tokenizers(tmp)
+    if about is not None:
+        (tmp / "nitrofusion.json").write_text(json.dumps(about))
+    plain_permissions(tmp)  # diffusers' safetensors files are written 0600
+    if dest.exists():
+        dest.rename(old)
+    tmp.rename(dest)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def draw_samples(teacher_dir: Path, path: Path, per_class: int = 8, device: str = "cpu", steps: int = 25) -> Path:
+    """The teacher as it was written (fp16 weights, loaded back): a row per class, `steps` Euler
+    steps with CFG 5, image i (row by row) from seed i. One batch: a tenth of the time of ten."""
     from nitrofusion.pipelines import generate, load_pipeline
 
     pipe = load_pipeline(teacher_dir, sampler="native", device=device, dtype=torch.float32)
     classes = range(len(data.CLASS_NAMES))
     prompts = [data.prompt_for(label) for label in classes for _ in range(per_class)]
-    images = [r.image for r in generate(pipe, prompts, steps=25, batch_size=len(prompts), progress=False)]
+    drawn = generate(pipe, prompts, steps=steps, batch_size=len(prompts), guidance_scale=5.0, progress=False)
+    images = [r.image for r in drawn]
     rows = [images[c * per_class : (c + 1) * per_class] for c in classes]
     labels = list(data.CLASS_NAMES)
     with replacing(path) as tmp:
@@ -302,10 +415,11 @@ def build_world(cfg: WorldConfig, run_dir: str | Path, out_dir: str | Path, stag
         except ValueError:
             before = None
         free = {"device", "checkpoint_every", "samples_per_class"}  # how it runs and reports, not what it trains
+        defaults = asdict(WorldConfig())  # a key an older run did not record had its default then
         changed = sorted(
             k
             for k, v in asdict(cfg).items()
-            if k not in free and (not isinstance(before, dict) or before.get(k, v) != v)
+            if k not in free and (not isinstance(before, dict) or before.get(k, defaults[k]) != v)
         )
         if changed:
             raise UserError(
@@ -314,12 +428,24 @@ def build_world(cfg: WorldConfig, run_dir: str | Path, out_dir: str | Path, stag
             )
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text_replacing(recorded, json.dumps(asdict(cfg), indent=1))
-    report: dict = {"config": asdict(cfg), "machine": platform.platform(), "torch_threads": torch.get_num_threads()}
+    report: dict = {}
+    try:  # a build of other stages in the same run folder: its numbers are kept, its stages' replaced
+        report = json.loads((run_dir / "report.json").read_text())
+    except (OSError, ValueError):
+        pass
+    report = report if isinstance(report, dict) else {}
+    report |= {"config": asdict(cfg), "machine": platform.platform(), "torch_threads": torch.get_num_threads()}
     t0 = time.time()
-    vae = train_vae(cfg, run_dir)
-    report["vae"] = vae_report(vae, cfg)
-    scaling = 1.0 / report["vae"]["latent_std"]
-    vae.register_to_config(scaling_factor=scaling)
+    if cfg.vae:  # an already trained one (the shipped world's), so that two worlds share their latents
+        vae = load_vae(cfg)
+        report["vae"] = vae_report(vae, cfg)
+        scaling = vae.config.scaling_factor
+    else:
+        vae = train_vae(cfg, run_dir)
+        report["vae"] = vae_report(vae, cfg)
+        scaling = 1.0 / report["vae"]["latent_std"]
+        vae.register_to_config(scaling_factor=scaling)
+    report["vae"]["scaling_factor"] = scaling
     _log(run_dir, f"vae {report['vae']}")
     report["vae_seconds"] = time.time() - t0
     if "unet" in stages:
@@ -327,16 +453,28 @@ def build_world(cfg: WorldConfig, run_dir: str | Path, out_dir: str | Path, stag
         unet = train_unet(cfg, run_dir, vae, scaling)
         report["unet_seconds"] = time.time() - t1
         pipe = build_sdxl_pipeline(WORLD_SPEC, seed=TEXT_ENCODER_SEED)
-        pipe.vae = vae.cpu()
-        pipe.unet = unet.cpu()
-        pipe.register_modules(vae=pipe.vae, unet=pipe.unet)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        pipe.to(torch.float16).save_pretrained(out_dir / "teacher")
-        slim_tokenizers(out_dir / "teacher")
-        plain_permissions(out_dir / "teacher")  # diffusers' safetensors files are written 0600
+        pipe.register_modules(vae=copy.deepcopy(vae).cpu(), unet=unet.cpu())  # a copy: the flow stage encodes in fp32
+        write_pipeline(pipe, out_dir / "teacher")
         if cfg.samples_per_class:
             samples = draw_samples(out_dir / "teacher", run_dir / "samples.png", cfg.samples_per_class, cfg.device)
             report["samples"] = str(samples)
+    if "flow" in stages:
+        t3 = time.time()
+        flow = train_flow(cfg, run_dir, vae, scaling)
+        report["flow_seconds"] = time.time() - t3
+        # Its text encoders and scheduler; FLOW_SPEC's own VAE is replaced by the world's (the pipeline
+        # object keeps SD3's VAE factor 8 until it is written and loaded back).
+        pipe = build_sd3_pipeline(FLOW_SPEC, seed=TEXT_ENCODER_SEED)
+        flow_vae = copy.deepcopy(vae).cpu()
+        flow_vae.register_to_config(shift_factor=0.0)  # SD3's decode adds a latent shift: none here
+        pipe.register_modules(vae=flow_vae, transformer=flow.cpu())
+        # The guidance both worlds' teachers sample with; SD3's pipeline would default to 7.
+        write_pipeline(pipe, out_dir / "flow-teacher", about={"guidance_scale": 5.0})
+        if cfg.samples_per_class:
+            samples = draw_samples(
+                out_dir / "flow-teacher", run_dir / "flow-samples.png", cfg.samples_per_class, cfg.device, steps=28
+            )
+            report["flow_samples"] = str(samples)
     if "classifier" in stages:
         t2 = time.time()
         evaluator, acc = train_classifier(cfg, run_dir)
@@ -345,5 +483,5 @@ def build_world(cfg: WorldConfig, run_dir: str | Path, out_dir: str | Path, stag
         out_dir.mkdir(parents=True, exist_ok=True)
         evaluator.save(out_dir / "evaluator.safetensors")
     report["total_seconds"] = time.time() - t0
-    (run_dir / "report.json").write_text(json.dumps(report, indent=1))
+    write_text_replacing(run_dir / "report.json", json.dumps(report, indent=1))
     return report
