@@ -410,3 +410,12 @@ def test_the_flow_embedded_preset_is_the_demos_budget_and_distils_the_shipped_fl
     stock.set_progress_bar_config(disable=True)
     image = stock("a photo of a bag", num_inference_steps=1, guidance_scale=0.0, output_type="np").images
     assert image.shape == (1, 32, 32, 3)
+
+
+def test_a_missing_embedded_flow_teacher_says_how_to_build_it(tmp_path, monkeypatch):
+    import nitrofusion.world.spec as spec
+    from nitrofusion.training.distill import resolve_teacher
+
+    monkeypatch.setattr(spec, "flow_teacher_path", lambda: tmp_path / "not-built")
+    with pytest.raises(UserError, match="embedded-flow-teacher teacher is not installed .*--stages flow --vae"):
+        resolve_teacher("embedded-flow-teacher")

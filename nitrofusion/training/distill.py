@@ -144,9 +144,9 @@ def make_accelerator(cfg: DistillConfig) -> Accelerator:
 
 def resolve_teacher(name: str) -> str:
     """`embedded` is the embedded world's UNet teacher, `embedded-flow-teacher` its SD3-architecture one."""
-    if name in ("embedded", "embedded-teacher", "embedded-flow-teacher"):
-        from nitrofusion.world.spec import embedded_model
+    from nitrofusion.world.spec import EMBEDDED_NAMES, embedded_model
 
+    if name in EMBEDDED_NAMES:  # as a teacher, "embedded" is the multi-step one, not the shipped student
         found = embedded_model("embedded-teacher" if name == "embedded" else name)
         if found is None:
             how = (

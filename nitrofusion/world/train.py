@@ -187,6 +187,38 @@ def encode_dataset(vae: AutoencoderKL, images: torch.Tensor, device: str) -> tup
     return torch.cat(means), torch.cat(stds)
 
 
+def _teacher_update(
+    stage_dir: Path,
+    done: int,
+    total: int,
+    checkpoint_every: int,
+    model: torch.nn.Module,
+    ema: EMA,
+    opt: torch.optim.Optimizer,
+    gen: torch.Generator,
+    loss: torch.Tensor,
+    lr: float,
+    log: StageLog,
+    bar: Any,
+) -> None:
+    """A teacher's (UNet or flow) update after its `done`-th loss: AdamW at `lr`, gradients clipped
+    to norm 1, the EMA, the step's log line and, every `checkpoint_every` steps and at the last, a
+    checkpoint (weights and EMA under the stage's name)."""
+    for g in opt.param_groups:
+        g["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    ema.update(model)
+    bar.set_postfix(loss=f"{loss.item():.4f}")
+    log.record(done, loss=loss.item(), lr=lr)
+    if done % checkpoint_every == 0 or done == total:
+        log.flush()
+        _save(stage_dir, done, {stage_dir.name: model, "ema": ema}, opt, gen)
+        _log(stage_dir.parent, f"{stage_dir.name} step {done} loss {loss.item():.4f}")
+
+
 def train_unet(cfg: WorldConfig, run_dir: Path, vae: AutoencoderKL, scaling: float) -> UNet2DConditionModel:
     stage = run_dir / "unet"
     pipe = build_sdxl_pipeline(WORLD_SPEC, seed=TEXT_ENCODER_SEED)
@@ -231,19 +263,8 @@ def train_unet(cfg: WorldConfig, run_dir: Path, vae: AutoencoderKL, scaling: flo
             zt, t, cond, added_cond_kwargs={"text_embeds": pool, "time_ids": time_ids.expand(len(t), -1).to(cfg.device)}
         ).sample
         loss = (pred - noise).square().mean()
-        for g in opt.param_groups:
-            g["lr"] = cfg.unet_lr * min(1.0, (step + 1) / cfg.unet_warmup)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        ema.update(unet)
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-        log.record(step + 1, loss=loss.item(), lr=opt.param_groups[0]["lr"])
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.unet_steps:
-            log.flush()
-            _save(stage, step + 1, {"unet": unet, "ema": ema}, opt, gen)
-            _log(run_dir, f"unet step {step + 1} loss {loss.item():.4f}")
+        lr = cfg.unet_lr * min(1.0, (step + 1) / cfg.unet_warmup)
+        _teacher_update(stage, step + 1, cfg.unet_steps, cfg.checkpoint_every, unet, ema, opt, gen, loss, lr, log, bar)
     log.draw("embedded world: teacher UNet")
     ema.copy_to(unet)
     return unet.eval()
@@ -295,19 +316,8 @@ def train_flow(cfg: WorldConfig, run_dir: Path, vae: AutoencoderKL, scaling: flo
             pooled_projections=pooled[rows].to(cfg.device),
         ).sample
         loss = (pred - (noise - x0)).square().mean()
-        for g in opt.param_groups:
-            g["lr"] = cfg.flow_lr * min(1.0, (step + 1) / cfg.flow_warmup)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        ema.update(model)
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-        log.record(step + 1, loss=loss.item(), lr=opt.param_groups[0]["lr"])
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.flow_steps:
-            log.flush()
-            _save(stage, step + 1, {"flow": model, "ema": ema}, opt, gen)
-            _log(run_dir, f"flow step {step + 1} loss {loss.item():.4f}")
+        lr = cfg.flow_lr * min(1.0, (step + 1) / cfg.flow_warmup)
+        _teacher_update(stage, step + 1, cfg.flow_steps, cfg.checkpoint_every, model, ema, opt, gen, loss, lr, log, bar)
     log.draw("embedded world: flow teacher (SD3 architecture)")
     ema.copy_to(model)
     return model.eval()
