@@ -381,21 +381,21 @@ def test_inference_benchmark_runs_on_the_tiny_pipeline(tmp_path):
 
 
 def test_training_benchmark_runs_on_the_tiny_pipeline(tmp_path):
+    """One row (each is a process of its own, ~20 s here) that takes two features at once: 8-bit
+    moments and the teacher offloaded. The other rows' overrides are checked below."""
     out = tmp_path / "training.json"
     cmd = [sys.executable, "benchmarks/sdxl_training.py", "--tiny", "--device", "cpu", "--batch", "1"]
-    cmd += ["--warmup", "0", "--steps", "2", "--settings", "8bit", "offload", "--out", str(out)]
+    cmd += ["--warmup", "0", "--steps", "2", "--settings", "8bit-offload", "--out", str(out)]
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)  # 2 steps: a pool refresh runs too
-    rows = {r["setting"]: r for r in json.loads(out.read_text())["rows"]}
-    assert set(rows) == {"8bit", "offload"}
-    assert all("error" not in r and r["s_per_iteration"] > 0 for r in rows.values())
-    assert all(r["validation_s"] > 0 and "validation_error" not in r for r in rows.values())
-    # The 8-bit row's student moments against the offload row's fp32 AdamW: a third or less (the
-    # tiny UNet's many small tensors keep fp32 moments; at SDXL size it is about a quarter).
-    assert 0 < rows["8bit"]["student_optimizer_gib"] < 0.35 * rows["offload"]["student_optimizer_gib"]
-    assert all(r["ema_update_s"] > 0 for r in rows.values())  # the preset's EMA
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["setting"] == "8bit-offload" and "error" not in row and row["s_per_iteration"] > 0
+    assert row["validation_s"] > 0 and "validation_error" not in row
+    # The student's 8-bit moments against fp32 AdamW's two 4-byte moments a parameter: a third or
+    # less (the tiny UNet's many small tensors keep fp32 moments; at SDXL size it is about a quarter).
+    assert 0 < row["student_optimizer_gib"] < 0.35 * 8 * row["trainable_params"] / 2**30
+    assert row["ema_update_s"] > 0  # the preset's EMA
     # Offloaded: the text encoders, the VAE and the UNet's decoder, more than half the teacher.
-    assert rows["8bit"]["teacher_in_host_memory_gib"] == 0
-    assert rows["offload"]["teacher_in_host_memory_gib"] > 0.5 * rows["offload"]["teacher_gib"]
+    assert row["teacher_in_host_memory_gib"] > 0.5 * row["teacher_gib"]
 
 
 def test_every_training_benchmark_setting_is_a_valid_config():
