@@ -519,6 +519,27 @@ def test_grid_writes_the_format_its_file_name_says(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "g.jpg", "g.png"]  # no temporary left beside
 
 
+def test_a_long_grid_label_wraps_and_keeps_its_step_count():
+    """Labels were cut at 32 characters: "flow student, 2 stages, trailing, anchored, 4 step(s)" lost
+    the step count that tells its rows apart. They wrap at word breaks, inside the label column."""
+    from PIL import ImageDraw
+
+    from nitrofusion.evaluation.grid import LABEL_WIDTH, make_grid, wrap_label
+
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    label = "flow student, 2 stages, trailing, anchored, 4 step(s)"
+    lines = wrap_label(draw, label, LABEL_WIDTH - 8, 8)
+    assert len(lines) == 2 and " ".join(lines) == label and lines[-1].endswith("4 step(s)")
+    assert all(draw.textlength(line) <= LABEL_WIDTH - 8 for line in lines)
+    assert wrap_label(draw, "teacher (Euler, CFG 5), 25", LABEL_WIDTH - 8, 8) == ["teacher (Euler, CFG 5), 25"]
+    many = wrap_label(draw, "word " * 100, LABEL_WIDTH - 8, 3)
+    assert len(many) == 3 and many[-1].endswith("...")
+    grid = make_grid([[Image.new("RGB", (32, 32), "gray")]], [label], scale=3)
+    text = np.asarray(grid)[:, :LABEL_WIDTH].min(axis=2) < 128  # dark label pixels
+    rows = np.flatnonzero(text.any(axis=1))
+    assert rows.max() - rows.min() > 14  # two lines of text, not one
+
+
 def test_embedded_reference_statistics_are_not_reused_for_another_evaluator(tmp_path):
     """The embedded features recorded no feature network: statistics of a reference folder computed
     with one --evaluator were reused for another's features. The network is named by its contents:

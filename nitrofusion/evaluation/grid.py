@@ -9,7 +9,27 @@ from PIL import Image, ImageDraw
 
 from nitrofusion.userfiles import replacing
 
-LABEL_WIDTH = 190  # room for labels such as "teacher (Euler, CFG 5), 25"
+LABEL_WIDTH = 190  # room for labels such as "teacher (Euler, CFG 5), 25" on one line
+LINE_HEIGHT = 12  # PIL's default bitmap font: 11 px a line
+
+
+def wrap_label(draw: ImageDraw.ImageDraw, text: str, width: int, max_lines: int) -> list[str]:
+    """`text` in lines of at most `width` pixels, at word breaks (a word wider than a line is cut):
+    a long label keeps its end, where evaluate puts the step count. Past `max_lines`, the last
+    line shown ends in "..."."""
+    lines: list[str] = []
+    for word in text.split():
+        while draw.textlength(word) > width and len(word) > 1:
+            word = word[:-1]
+        joined = f"{lines[-1]} {word}" if lines else word
+        if lines and draw.textlength(joined) <= width:
+            lines[-1] = joined
+        else:
+            lines.append(word)
+    if len(lines) > max_lines:
+        lines = lines[:max_lines]
+        lines[-1] = lines[-1].rstrip(".,") + "..."
+    return lines or [""]
 
 
 def make_grid(
@@ -27,7 +47,10 @@ def make_grid(
     for r, row in enumerate(rows):
         y = pad + r * (h + pad)
         if labels:
-            draw.text((4, y + h // 2 - 5), labels[r][:32], fill="black")
+            lines = wrap_label(draw, labels[r], LABEL_WIDTH - 8, max(1, h // LINE_HEIGHT))
+            top = y + (h - LINE_HEIGHT * len(lines)) // 2
+            for i, line in enumerate(lines):
+                draw.text((4, top + i * LINE_HEIGHT), line, fill="black")
         for c, img in enumerate(row):
             grid.paste(img.convert("RGB").resize((w, h), Image.NEAREST), (left + pad + c * (w + pad), y))
     return grid
