@@ -523,6 +523,7 @@ def test_ill_typed_config_key(tmp_path, capsys):
         ("run.log_every=0", "'run.log_every' must be at least 1"),
         ("run.process_timeout_minutes=0", "'run.process_timeout_minutes' must be at least 1"),
         ("model.shift=5000", "'model.shift' must be a timestep in 1..1000"),
+        ("model.flow_levels=even", "'model.flow_levels' must be one of ['stock', 'trailing'], got 'even'"),
         ("optim.ema_decay=2", "'optim.ema_decay' must be in [0, 1)"),
         ("optim.lr=-1e-5", "'optim.lr' must be positive"),
         ("discriminator.lr=0", "'discriminator.lr' must be positive"),
@@ -627,6 +628,12 @@ def test_a_run_resumes_with_the_safety_checker_switched(tmp_path):
     assert resumed.teacher.safety_checker is None
     resumed.resume("latest")
     assert resumed.step == 1
+
+
+def test_flow_levels_are_refused_for_a_unet_teacher(tiny_sdxl_dir, tmp_path):
+    """A UNet student's levels are its shift-LCM scheduler's: the key would be ignored."""
+    with pytest.raises(UserError, match="model.flow_levels is a flow student's"):
+        Distiller(config(tiny_sdxl_dir, tmp_path / "run", "model.flow_levels=stock"), progress=False)
 
 
 def test_teacher_that_is_not_a_unet_pipeline(tmp_path, capsys):

@@ -9,6 +9,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
@@ -22,6 +23,7 @@ from nitrofusion.errors import UserError
 from nitrofusion.objectives.scores import FlowProcess
 from nitrofusion.pipelines import generate, load_pipeline
 from nitrofusion.pipelines.generation import default_guidance
+from nitrofusion.pipelines.loading import flow_file_sigmas
 from nitrofusion.testing import TINY_SD3, save_tiny_sd3, tiny_sd3_pipeline
 from nitrofusion.training.distill import Distiller
 from nitrofusion.training.flow_student import FlowStudent
@@ -41,12 +43,14 @@ def flow_config(sd3_dir: Path, out: Path, *overrides: str):
     return config(sd3_dir, out, "data.resolution=64", *overrides)
 
 
+@pytest.mark.parametrize("levels", ["trailing", "stock"])
 @pytest.mark.parametrize("steps", [1, 2, 4])
-def test_the_student_maths_is_the_stock_pipelines_euler_sampler(steps):
+def test_the_student_maths_is_the_stock_pipelines_euler_sampler(steps, levels):
     """Backward simulation to the last step, then x0 there, lands where StableDiffusion3Pipeline
-    with the teacher's FlowMatchEulerDiscreteScheduler does (no CFG), at 1, 2 and 4 steps."""
+    with the teacher's FlowMatchEulerDiscreteScheduler does (no CFG), at 1, 2 and 4 steps: called
+    with the student's `sigmas` (trailing levels), or without (the scheduler's own spacing)."""
     pipe = tiny_sd3_pipeline()
-    maths = FlowStudent(FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config))
+    maths = FlowStudent(FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config), levels)
     prompts = ["a red cube", "a cat"]
     cond = TextEncoder(pipe, 64, 64)(prompts)
     noise = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0))
@@ -56,6 +60,7 @@ def test_the_student_maths_is_the_stock_pipelines_euler_sampler(steps):
         stock = pipe(
             prompt=prompts,
             num_inference_steps=steps,
+            sigmas=maths.pipeline_sigmas(steps),
             guidance_scale=0.0,
             height=64,
             width=64,
@@ -65,6 +70,28 @@ def test_the_student_maths_is_the_stock_pipelines_euler_sampler(steps):
     torch.testing.assert_close(ours, stock, rtol=1e-4, atol=1e-5)
     assert maths.levels(1) == [1.0]  # one step starts from pure noise
     assert maths.levels(steps) == pipe.scheduler.sigmas[:steps].tolist()
+
+
+def test_trailing_levels_are_evenly_spaced_where_the_stock_spacing_ends_on_the_data():
+    """At two steps the scheduler's own levels are 1 and ~0: the second step starts on the data
+    and does nothing. Trailing ones are 1 - j/k, through the scheduler's shift s: s u / (1 + (s - 1) u)."""
+    for shift in (1.0, 3.0):
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
+        stock, trailing = FlowStudent(scheduler, "stock"), FlowStudent(scheduler)
+        assert stock.levels(2)[1] < 0.01
+        for k in (1, 2, 3, 4):
+            expected = [shift * u / (1 + (shift - 1) * u) for u in (1 - j / k for j in range(k))]
+            assert trailing.levels(k) == pytest.approx(expected, abs=1e-6)
+            assert trailing.sigmas(k)[-1] == 0.0
+    assert FlowStudent(scheduler).recorded_sigmas() == {
+        1: [1.0],
+        2: [1.0, 0.5],
+        3: [1.0, 2 / 3, 1 / 3],
+        4: [1.0, 0.75, 0.5, 0.25],
+    }
+    assert FlowStudent(scheduler, "stock").recorded_sigmas() == {}
+    with pytest.raises(ValueError, match="levels must be one of trailing, stock"):
+        FlowStudent(scheduler, "karras")
 
 
 def test_add_noise_is_the_flow_interpolation_at_sigma_t_over_1000():
@@ -115,7 +142,8 @@ def test_a_run_exports_a_student_that_stock_diffusers_samples(sd3_dir, tmp_path)
     assert all(torch.equal(teacher[k], v) for k, v in d.teacher_model.state_dict().items())  # the teacher did not
     assert (out / "stages" / "2-step" / "student_transformer.safetensors").is_file()
     assert (out / "validation" / f"step-{d.step:08d}.png").is_file() and not (out / "student_unet.safetensors").exists()
-    assert json.loads((out / "pipeline" / "nitrofusion.json").read_text())["guidance_scale"] == 0.0
+    about = json.loads((out / "pipeline" / "nitrofusion.json").read_text())
+    assert about["guidance_scale"] == 0.0 and about["sigmas"]["2"] == [1.0, 0.5]  # trailing levels, recorded
 
     stock = stock_pipeline(out / "pipeline")  # stock diffusers, nothing of ours
     assert type(stock.scheduler) is FlowMatchEulerDiscreteScheduler
@@ -123,17 +151,41 @@ def test_a_run_exports_a_student_that_stock_diffusers_samples(sd3_dir, tmp_path)
     assert all(torch.equal(student[k], v) for k, v in stock.transformer.state_dict().items())
     pipe = load_pipeline(out / "pipeline", device="cpu")
     assert pipe.nitro_sampler == "native" and default_guidance("native", pipe) == 0.0  # not SD3's CFG 7
+    assert pipe.nitro_sigmas[2] == [1.0, 0.5]
     ours = generate(pipe, ["a cat"], steps=2, seed=1, progress=False)[0]
-    assert ours.metadata["guidance_scale"] == "0"
+    assert ours.metadata["guidance_scale"] == "0" and ours.metadata["sigmas"] == "[1.0, 0.5]"
     noise = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        a = stock(
-            prompt="a cat", num_inference_steps=2, guidance_scale=0.0, latents=noise.clone(), output_type="latent"
-        ).images
+
+        def sample(**levels):
+            return stock(
+                prompt="a cat",
+                num_inference_steps=2,
+                guidance_scale=0.0,
+                latents=noise.clone(),
+                output_type="latent",
+                **levels,
+            ).images
+
+        a = sample(sigmas=about["sigmas"]["2"])
         cond = TextEncoder(stock, 64, 64)(["a cat"])
         x, level = d.maths.simulate(stock.transformer, noise, 2, 1, cond)
         b = d.maths.x0(stock.transformer, x, level, cond)
+        without = sample()  # the scheduler's own levels: not what the student trained at
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)  # the exported scheduler samples as training simulated
+    assert not torch.allclose(a, without, rtol=1e-4, atol=1e-5)
+    # Our sampler passes the recorded levels: its image is the stock call's with them.
+    image = generate(pipe, ["a cat"], steps=2, seed=3, progress=False)[0].image
+    with torch.no_grad():
+        a_image = stock(
+            prompt="a cat",
+            num_inference_steps=2,
+            sigmas=[1.0, 0.5],
+            guidance_scale=0.0,
+            generator=torch.Generator().manual_seed(3),
+            output_type="np",
+        ).images[0]
+    assert np.abs(np.asarray(image, dtype=np.float64) - np.round(a_image * 255)).max() <= 1
 
 
 def test_pairs_from_an_sd3_teacher_train_a_student(sd3_dir, tmp_path, capsys):
@@ -176,6 +228,16 @@ def test_a_flow_run_resumes_as_if_uninterrupted(sd3_dir, tmp_path):
     straight, resumed = straight_and_resumed(sd3_dir, tmp_path, *common)
     assert resumed.step == straight.step == 5
     assert same_student(tmp_path / "a", tmp_path / "b", "student_transformer.safetensors")
+    # Other levels would train the checkpoint's student at other noise levels: refused, as a new shift is.
+    stock = Distiller(config(sd3_dir, tmp_path / "b", *common, "model.flow_levels=stock"), progress=False)
+    with pytest.raises(UserError, match="made with model.flow_levels='trailing', this run has 'stock'"):
+        stock.resume("latest")
+    # A checkpoint from before the key trained at the stock levels: the message says how to go on.
+    older = resumed.cfg.to_dict()
+    del older["model"]["flow_levels"]
+    with pytest.raises(UserError, match="flow_levels='stock', this run has 'trailing': resume with --set model"):
+        resumed._check_resumable(older)
+    stock._check_resumable(older)
 
 
 def test_a_lora_flow_student_with_its_teacher_offloaded(sd3_dir, tmp_path):
@@ -201,6 +263,17 @@ def test_the_unet_only_offload_groups_of_a_flow_teacher(sd3_dir, tmp_path):
         id(t) for m in (*later, model.norm_out, model.proj_out) for t in (*m.parameters(), *m.buffers())
     }
     d.train_step()
+
+
+def test_a_flow_students_anchor_applies_at_every_step(sd3_dir, tmp_path):
+    """Its Euler steps draw no noise: the k-step sample depends on the pair's noise alone, so the
+    teacher's x0 is the target of step 1 too (a UNet student's fresh noise makes it step 0's only)."""
+    stages = ["refine.steps_per_stage=[1,1]", "refine.mix=last", "loss.regression_weight=3"]
+    d = Distiller(flow_config(sd3_dir, tmp_path / "run", *stages), progress=False)
+    assert d.train_step()["index"] == 0
+    d.step = 1  # the two-step stage, trained only at its second step
+    second = d.train_step()
+    assert second["index"] == 1 and second["regression"] > 0
 
 
 @pytest.mark.parametrize(
@@ -346,6 +419,9 @@ def test_an_sd3_students_lora_loads_into_the_stock_pipeline(sd3_dir, tmp_path, c
     assert "relative error" in capsys.readouterr().out
     keys = load_file(str(lora / "pytorch_lora_weights.safetensors")).keys()
     assert keys and all(k.startswith("transformer.") for k in keys)
+    # The levels the LoRA'd teacher samples at as the student: the student file's, in both headers.
+    levels = {1: [1.0], 2: [1.0, 0.5], 3: [1.0, 2 / 3, 1 / 3], 4: [1.0, 0.75, 0.5, 0.25]}
+    assert flow_file_sigmas(student) == flow_file_sigmas(lora / "pytorch_lora_weights.safetensors") == levels
     pipe = stock_pipeline(sd3_dir)
     pipe.load_lora_weights(str(lora))
     pipe.fuse_lora()

@@ -101,6 +101,53 @@ def test_cli_generate_writes_a_png_that_says_native(tiny_sd3_dir, tmp_path, caps
     assert code == 0 and Image.open(tmp_path / "wide.png").size == (96, 64), err
 
 
+@pytest.mark.parametrize(
+    "about",
+    [
+        *(
+            json.dumps({"guidance_scale": 0, "sigmas": sigmas})
+            for sigmas in (
+                {"2": [1.0]},
+                {"2": [1.0, 1.0]},
+                {"2": [0.5, 1.0]},
+                {"1": [0.5]},  # pure noise told it is at sigma 0.5
+                {"1": [0.0]},
+                {"two": [1.0, 0.5]},
+                {"²": [1.0, 0.5]},  # a digit to str.isdigit, not to int()
+                {"01": [1.0]},
+                [1.0, 0.5],
+                {"1": [True]},
+            )
+        ),
+        '{"guidance_scale": 0, "sigmas": ',  # cut short: read as nothing, it sampled at CFG 7 and stock levels
+        "[0]",
+    ],
+)
+def test_a_malformed_nitrofusion_json_is_refused_in_one_line_before_any_weight(
+    tiny_sd3_dir, tmp_path, capsys, no_weights_read, about
+):
+    """A flow student samples at the guidance and levels its folder records: others would degrade it
+    quietly, so a nitrofusion.json that cannot be right stops the load, before the weights are read."""
+    model = tmp_path / "student"
+    shutil.copytree(tiny_sd3_dir, model)
+    (model / "nitrofusion.json").write_text(about)
+    code, _, err = run(["generate", "a cat", "--model", str(model), "--out", str(tmp_path / "x.png")], capsys)
+    assert "nitrofusion.json'" in one_line_error(code, err)
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_a_step_count_whose_levels_are_not_recorded_is_sampled_with_a_warning(tiny_sd3_dir, tmp_path):
+    model = tmp_path / "student"
+    shutil.copytree(tiny_sd3_dir, model)
+    (model / "nitrofusion.json").write_text(json.dumps({"guidance_scale": 0, "sigmas": {"1": [1], "2": [1, 0.5]}}))
+    pipe = load_pipeline(model, device="cpu")
+    assert pipe.nitro_sigmas == {1: [1.0], 2: [1.0, 0.5]}
+    assert generate(pipe, ["a cat"], steps=2, progress=False)[0].metadata["sigmas"] == "[1.0, 0.5]"
+    with pytest.warns(UserWarning, match="for 1, 2 steps: 3 steps sample at its scheduler's own spacing"):
+        image = generate(pipe, ["a cat"], steps=3, progress=False)[0]
+    assert "sigmas" not in image.metadata
+
+
 def test_a_size_not_a_multiple_of_vae_factor_times_patch_is_refused_in_one_line(tiny_sd3_dir, sd3, tmp_path, capsys):
     """SD3 latents are cut into 2x2 patches: sides are multiples of 8 x 2 = 16. 24 is a multiple of 8
     (enough for a UNet) but not of 16: refused before loading (the CLI) and after (generate)."""

@@ -224,6 +224,7 @@ def test_runs_saved_before_a_config_key_existed_are_compared_as_what_they_traine
     want = load_config("embedded", None, []).to_dict()
     saved = {section: dict(values) for section, values in want.items()}
     del saved["discriminator"]["text_init"]
+    del saved["model"]["flow_levels"]  # added later still (it shapes flow students, which reproduce does not train)
     assert _config_difference(saved, want) is None
     neutral = load_config("embedded", None, ["discriminator.text_init=neutral"]).to_dict()
     assert "discriminator.text_init='he'" in _config_difference(saved, neutral)

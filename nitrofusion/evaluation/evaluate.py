@@ -293,7 +293,14 @@ def fid_resize(req: EvalRequest) -> str | None:
 def evaluate(req: EvalRequest) -> list[dict]:
     from nitrofusion.data.teacher import prompts_digest
     from nitrofusion.pipelines import load_pipeline
-    from nitrofusion.pipelines.generation import check_request, check_seeds, default_guidance, default_size, denoiser
+    from nitrofusion.pipelines.generation import (
+        check_request,
+        check_seeds,
+        default_guidance,
+        default_size,
+        denoiser,
+        sampling_sigmas,
+    )
     from nitrofusion.pipelines.loading import resolve_device, resolve_dtype
 
     if req.n < 2:
@@ -367,6 +374,9 @@ def evaluate(req: EvalRequest) -> list[dict]:
         }
         if unfiltered:  # other images than the filtered ones: the cache refuses to mix them
             settings["safety_checker"] = False
+        levels = sampling_sigmas(pipe, steps)
+        if levels is not None:  # a flow student's recorded levels (only where set: older caches stay valid)
+            settings["sigmas"] = levels
         cache = ImageCache(req.out / "images" / f"{sampler}-{steps}-step", settings)
         cache.check()  # every setting's cache before the first is sampled
         caches.append((steps, settings, cache))

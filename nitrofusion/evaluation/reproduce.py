@@ -422,7 +422,8 @@ def _cadence_only(section: str, key: str) -> bool:
 
 
 # Keys added to the config after runs were saved: what a run that records none trained with.
-BEFORE_THE_KEY = {("discriminator", "text_init"): "he"}
+# model.flow_levels shapes flow students only, and reproduce trains UNet ones: its default stands.
+BEFORE_THE_KEY = {("discriminator", "text_init"): "he", ("model", "flow_levels"): "trailing"}
 
 
 def _config_difference(saved: dict, want: dict) -> str | None:

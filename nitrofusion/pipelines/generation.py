@@ -7,6 +7,7 @@ import inspect
 import json
 import os
 import re
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,9 +109,22 @@ def check_distinct_timesteps(pipe: DiffusionPipeline, steps: int) -> None:
     pipe.nitro_checked_schedules = checked | {key}
 
 
+def sampling_sigmas(pipe: DiffusionPipeline, steps: int) -> list[float] | None:
+    """The `sigmas` a flow student's pipeline is called with at this step count, as its export records
+    them (`load_pipeline`'s `nitro_sigmas`); None: its scheduler's own spacing."""
+    return (getattr(pipe, "nitro_sigmas", None) or {}).get(steps)
+
+
 def check_request(pipe: DiffusionPipeline, steps: int, height: int, width: int) -> None:
     sampler = sampler_of(pipe)
     check_steps(sampler, steps)
+    recorded = getattr(pipe, "nitro_sigmas", None)
+    if recorded and steps not in recorded:
+        warnings.warn(
+            f"'{getattr(pipe, 'nitro_model', 'the model')}' records the noise levels it was trained at for "
+            f"{', '.join(map(str, sorted(recorded)))} steps: {steps} steps sample at its scheduler's own spacing",
+            stacklevel=2,
+        )
     if sampler == "shift-lcm":
         check_distinct_timesteps(pipe, steps)
     check_size(size_multiple(pipe), height, width)
@@ -201,6 +215,8 @@ def generate_batches(
     sampler = sampler_of(pipe)
     if guidance_scale is None:
         guidance_scale = default_guidance(sampler, pipe)
+    sigmas = sampling_sigmas(pipe, steps)
+    levels = {} if sigmas is None else {"sigmas": sigmas}
     # The pipeline's own modules without its per-call work, where it applies (same images).
     fast = fast_sampler(pipe) if guidance_scale <= 1 else None
     device = fast.device if fast is not None else pipe.device  # pipe.device walks every submodule
@@ -227,6 +243,7 @@ def generate_batches(
                     width=width,
                     generator=generators,
                     output_type="pt",
+                    **levels,
                 )
                 images = to_pil(output.images)
         results = []
@@ -244,6 +261,8 @@ def generate_batches(
                 meta["unet"] = pipe.nitro_unet
             if sampler == "shift-lcm":
                 meta["shift"] = str(pipe.scheduler.config.shifted_timestep)
+            if sigmas is not None:
+                meta["sigmas"] = json.dumps(sigmas)
             results.append(GenerationResult(image, prompt, s, steps, meta))
         bar.update(len(chunk))
         yield results

@@ -16,6 +16,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
+import re
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -199,6 +200,26 @@ SHIFT_METADATA = "nitrofusion.shift"  # the timestep shift a student was trained
 def unet_file_metadata(shift: int | None) -> dict[str, str]:
     """The safetensors header of a student UNet file: the shift it samples at, where known."""
     return {"format": "pt"} | ({SHIFT_METADATA: str(shift)} if shift is not None else {})
+
+
+SIGMAS_METADATA = "nitrofusion.sigmas"  # a flow student's levels per step count (nitrofusion.json's "sigmas")
+
+
+def flow_file_metadata(sigmas: Mapping[int, list[float]]) -> dict[str, str]:
+    """The safetensors header of a flow student's transformer file (and its LoRA): the `sigmas` its
+    pipeline is called with per step count, where it records any (not at the stock levels)."""
+    return {"format": "pt"} | ({SIGMAS_METADATA: json.dumps(dict(sigmas))} if sigmas else {})
+
+
+def flow_file_sigmas(path: str | Path) -> dict[int, list[float]]:
+    """`flow_file_metadata`'s sigmas, read back ({} where none are recorded)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            value = (f.metadata() or {}).get(SIGMAS_METADATA)
+        recorded = json.loads(value) if value is not None else {}
+        return {int(k): [float(x) for x in v] for k, v in recorded.items()}
+    except (SafetensorError, OSError, ValueError, TypeError, AttributeError):
+        return {}  # read_safetensors says what is wrong with the file; a mangled header records nothing
 
 
 def unet_file_shift(path: str | Path) -> int | None:
@@ -433,15 +454,49 @@ def check_architecture(index: dict, where: str, allow_flow: bool = False, unet_o
     raise UserError(f"'{where}' ({kind}) is not a UNet text-to-image pipeline (SDXL or SD1.5 architecture)")
 
 
+def _recorded(model_dir: Path) -> dict:
+    """A folder's nitrofusion.json (how a distill run's export, or a world pipeline, samples); {} without
+    one. One that is there but unreadable is refused: without it a flow student would sample at CFG 7
+    and at levels it was not trained at, quietly worse."""
+    path = model_dir / "nitrofusion.json"
+    if not path.is_file():
+        return {}
+    try:
+        about = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"'{path}' cannot be read as JSON: {exc}") from None
+    if not isinstance(about, dict):
+        raise UserError(f"'{path}' must hold a JSON object")
+    return about
+
+
 def recorded_guidance(model_dir: Path) -> float | None:
     """The guidance scale a folder's nitrofusion.json records: a distill run's exported flow student's
     (0: it learnt the teacher's guided samples), the embedded flow teacher's (5, the world's CFG);
     None where none is recorded."""
-    try:
-        value = json.loads((model_dir / "nitrofusion.json").read_text()).get("guidance_scale")
-    except (OSError, ValueError, AttributeError):
-        return None
+    value = _recorded(model_dir).get("guidance_scale")
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def recorded_sigmas(model_dir: Path) -> dict[int, list[float]]:
+    """The `sigmas` a flow student's folder records per step count: its pipeline is called with
+    them to sample at the levels it was trained at ({} where none are recorded: its scheduler's
+    own spacing). Malformed ones are refused: sampled at other levels, the student degrades quietly."""
+    recorded = _recorded(model_dir).get("sigmas", {})
+    where = model_dir / "nitrofusion.json"
+    if not isinstance(recorded, dict):
+        raise UserError(f"'{where}': 'sigmas' must map step counts to lists of noise levels")
+    sigmas: dict[int, list[float]] = {}
+    for steps, levels in recorded.items():
+        ok = re.fullmatch(r"[1-9][0-9]{0,2}", steps) is not None and isinstance(levels, list)
+        ok = ok and len(levels) == int(steps) and levels[0] == 1
+        ok = ok and all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1 for v in levels)
+        if not ok or any(a <= b for a, b in zip(levels, levels[1:])):
+            raise UserError(
+                f"'{where}': sigmas for {steps!r} steps must be that many decreasing levels in (0, 1], from 1"
+            )
+        sigmas[int(steps)] = [float(v) for v in levels]
+    return sigmas
 
 
 def load_pipeline(
@@ -471,7 +526,8 @@ def load_pipeline(
 
     An SD3-architecture flow-matching transformer (`check_architecture`) is sampled with its own
     scheduler ("native"); a student UNet, a shift, the shift-LCM sampler and `compile` are refused
-    for it before any weight is read (a flow student's pipeline, without CFG: `nitro_guidance`).
+    for it before any weight is read (a flow student's pipeline, without CFG: `nitro_guidance`, and
+    at the levels it was trained at: `nitro_sigmas`, passed to the pipeline as `sigmas`).
     `allow_flow=False` (where only a UNet will do) refuses it.
     """
     if shift is not None and sampler == "native":  # it would be ignored: the native sampler has no shift
@@ -486,8 +542,9 @@ def load_pipeline(
             raise UserError(
                 f"unknown sampler '{sampler}': use auto or native for '{model_dir}' ({index['_class_name']})"
             )
+        guidance, sigmas = recorded_guidance(model_dir), recorded_sigmas(model_dir)  # refused before any weight
         pipe = _read_pipeline(model_dir, index, torch_dtype, safety_checker)[0]
-        pipe.nitro_guidance = recorded_guidance(model_dir)
+        pipe.nitro_guidance, pipe.nitro_sigmas = guidance, sigmas
         return _loaded(pipe, "native", model, False, device)
     student = {}
     if unet is not None:

@@ -27,12 +27,19 @@ from nitrofusion.training.lora import DEFAULT_TARGETS as DEFAULT_LORA_TARGETS
 from nitrofusion.training.optimizers import OPTIMIZERS, check_available
 from nitrofusion.userfiles import read_user_text, write_text_replacing
 
+# A flow student's (SD3) noise levels (training/flow_student.py); the first is the default.
+FLOW_LEVELS = ("trailing", "stock")
+MAX_SAMPLING_STEPS = 4  # refinement's last stage: students sample in 1 to 4 steps
+
 
 @dataclass
 class ModelConfig:
     teacher: str = "embedded"  # pipeline dir, hub id in the cache, or "embedded"; SDXL, SD1.5 or SD3 architecture
     student_init: str | None = None  # UNet (SD3: transformer) safetensors to start from; None = the teacher's weights
     shift: int = 250  # LCM timestep shift, the same in training and sampling (UNet students; SD3: its own scheduler)
+    # A flow student's (SD3) noise levels: trailing = 1, (k-1)/k, ..., 1/k before the scheduler's shift,
+    # recorded in the export for its pipeline's `sigmas`; stock = the scheduler's own (training/flow_student.py).
+    flow_levels: str = "trailing"
     gradient_checkpointing: bool = False
     teacher_offload: bool = False  # teacher parts used without gradients live in host memory (training/offload.py)
     safety_checker: bool = True  # the teacher's (SD1.5) safety checker: judges validation grids, ships in the export
@@ -121,7 +128,9 @@ class PretrainConfig:
     pixel_width: int = 32
     pixel_downsamples: int = 3
     pixel_crop: int = 0  # decode only a random latent crop of this side for the pixel critic; 0 = all
-    regression_weight: float = 0.0  # + this x MSE to the teacher's x0 in the student's loss (ADD-style anchor)
+    # + this x MSE to the teacher's x0 in the student's loss (ADD-style anchor), at step index 0 (a
+    # flow student's: every step, whose sample depends on the pair's noise alone)
+    regression_weight: float = 0.0
 
 
 @dataclass
@@ -194,6 +203,7 @@ CHOICES = {
     "optim.mixed_precision": {"no", "fp16", "bf16"},  # fp16: refused below, with the reason
     "refine.mix": {"uniform", "last"},
     "discriminator.text_init": {"neutral", "he"},
+    "model.flow_levels": set(FLOW_LEVELS),
     "run.log_with": set(TRACKERS),
 }
 KINDS = {"global_cond", "local_cond", "local_uncond"}
@@ -328,7 +338,7 @@ def validate(cfg: DistillConfig) -> DistillConfig:
             raise UserError(f"config key '{key}' lists a value twice: {values}")
     if not 0 <= cfg.discriminator.refresh_fraction <= 1:
         raise UserError("config key 'discriminator.refresh_fraction' must be in [0, 1]")
-    if len(cfg.refine.steps_per_stage) > 4 or not cfg.refine.steps_per_stage:
+    if len(cfg.refine.steps_per_stage) > MAX_SAMPLING_STEPS or not cfg.refine.steps_per_stage:
         raise UserError("config key 'refine.steps_per_stage' lists iterations for 1 to 4 sampling steps")
     positive = {
         "data.batch_size": cfg.data.batch_size,

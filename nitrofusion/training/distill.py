@@ -61,6 +61,7 @@ from nitrofusion.objectives.scores import FakeScore, RealScore
 from nitrofusion.pipelines.generation import default_size, denoiser, generate, size_multiple
 from nitrofusion.pipelines.loading import (
     check_state_dict,
+    flow_file_metadata,
     layout_problems,
     load_frozen_parts,
     load_pipeline,
@@ -191,6 +192,8 @@ class Distiller:
                 cfg.model.lora_targets = list(FLOW_TARGETS)  # recorded so in the run's config.yaml
         elif not isinstance(self.teacher.unet, UNet2DConditionModel):
             raise UserError("the teacher's UNet must be a diffusers UNet2DConditionModel")
+        else:
+            self._refuse_for_unet()
         # Said before any teacher pairs are made (hours at SDXL size).
         if getattr(self.teacher_model.config, "time_cond_proj_dim", None) is not None:
             # An LCM-distilled UNet (e.g. LCM Dreamshaper) takes a guidance embedding, which its
@@ -218,7 +221,7 @@ class Distiller:
         # The student's sampler and maths, before any teacher pairs are made: a teacher scheduler it
         # cannot follow is refused here, not after hours of pairs.
         self.maths: ShiftedStudent | FlowStudent
-        if self.flow:  # the teacher's own scheduler samples the student (its shift, its spacing)
+        if self.flow:  # the teacher's own scheduler samples the student (its shift; levels: model.flow_levels)
             if not isinstance(self.teacher.scheduler, FlowMatchEulerDiscreteScheduler):
                 raise UserError(
                     f"the SD3 teacher's scheduler is a {type(self.teacher.scheduler).__name__}: a flow student "
@@ -226,7 +229,7 @@ class Distiller:
                 )
             self.scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.teacher.scheduler.config)
             try:
-                self.maths = FlowStudent(self.scheduler)
+                self.maths = FlowStudent(self.scheduler, cfg.model.flow_levels)
             except ValueError as exc:
                 raise UserError(f"the teacher's scheduler: {exc}") from None
         else:
@@ -306,6 +309,14 @@ class Distiller:
         self.bad_steps = 0
         self.metrics = MetricsLog(self.out / "metrics.jsonl")
         self.curves_drawn_at: int | None = None  # the iteration curves.png was last drawn at
+
+    def _refuse_for_unet(self) -> None:
+        """What only a flow student takes, refused for a UNet teacher: it would be ignored."""
+        if self.cfg.model.flow_levels != DistillConfig().model.flow_levels:
+            raise UserError(
+                "model.flow_levels is a flow student's (SD3) noise levels; a UNet student's are set by "
+                "model.shift and its shift-LCM scheduler: leave model.flow_levels out"
+            )
 
     def _refuse_for_flow(self) -> None:
         """What a flow transformer teacher (SD3) cannot be distilled with, said before any weight of
@@ -559,8 +570,10 @@ class Distiller:
                 fake, k, j = self.student_x0(phase, noise, cond, micro, update_g)
                 losses = objective(self, fake, real, cond, micro, update_g)
                 g_loss, d_loss = losses.g_loss, losses.d_loss
-                if phase.name == "distill" and j == 0 and cfg.loss.regression_weight > 0:
-                    # The anchor needs the teacher's x0 from the student's own input noise: only step 0 has it.
+                anchored = j == 0 or self.maths.deterministic
+                if phase.name == "distill" and anchored and cfg.loss.regression_weight > 0:
+                    # The anchor needs the teacher's x0 from the student's input noise: step 0 has it,
+                    # and every step of a sampler that draws no noise after the first (a flow student's).
                     anchor = F.mse_loss(fake, real)
                     g_loss = g_loss + cfg.loss.regression_weight * anchor
                     losses.logs["regression"] = float(anchor.detach())
@@ -778,6 +791,7 @@ class Distiller:
         "model.lora_alpha",
         "model.lora_targets",
         "model.shift",
+        "model.flow_levels",
         "data.resolution",
         "discriminator.t_stars",
         "discriminator.kinds",
@@ -803,15 +817,23 @@ class Distiller:
                 return config[section].get("lora_rank")  # None means "the rank": compared as the scale it gives
             return value
 
+        inferred = self.flow and "model" in saved and "flow_levels" not in saved["model"]
+        if inferred:  # a checkpoint from before the key trained at the scheduler's own levels, the only ones
+            saved = {**saved, "model": {**saved["model"], "flow_levels": "stock"}}
         for key in self.STATE_KEYS:
             section, name = key.split(".")
             if section not in saved or name not in saved[section]:
                 continue
             was, is_now = setting(saved, section, name), setting(now, section, name)
             if was != is_now:
+                own = (
+                    "--set model.flow_levels=stock (its config.yaml predates the key)"
+                    if inferred and key == "model.flow_levels"
+                    else f"the run's own config ({self.out / 'config.yaml'})"
+                )
                 raise UserError(
                     f"the checkpoint was made with {key}={was!r}, this run has {is_now!r}: resume with "
-                    f"the run's own config ({self.out / 'config.yaml'}) or start in a new run.output_dir"
+                    f"{own} or start in a new run.output_dir"
                 )
 
     def resume(self, which: str) -> None:
@@ -929,10 +951,12 @@ class Distiller:
         return "student_transformer.safetensors" if self.flow else "student_unet.safetensors"
 
     @property
-    def weights_metadata(self) -> dict[str, str] | None:
+    def weights_metadata(self) -> dict[str, str]:
         """Its header: a UNet student's the shift it samples at, as the public NitroSD files are read;
-        a flow student's nothing (its pipeline's scheduler is the teacher's)."""
-        return None if self.flow else unet_file_metadata(self.cfg.model.shift)
+        a flow student's the `sigmas` its pipeline is called with (its export's nitrofusion.json's)."""
+        return (
+            flow_file_metadata(self.maths.recorded_sigmas()) if self.flow else unet_file_metadata(self.cfg.model.shift)
+        )
 
     def student_pipeline(
         self, use_ema: bool = True, unet: torch.nn.Module | None = None, components: dict | None = None
@@ -952,6 +976,8 @@ class Distiller:
         pipe = type(self.teacher)(**modules, **flags)
         # A flow student samples with the teacher's own (Euler) scheduler: "native", without CFG.
         pipe.nitro_sampler, pipe.nitro_model = "native" if self.flow else "shift-lcm", str(self.out)
+        if self.flow:  # sampled at the levels it trains at, as its export records them
+            pipe.nitro_sigmas = self.maths.recorded_sigmas()
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
@@ -1039,7 +1065,11 @@ class Distiller:
             self.student_pipeline(unet=student, components=self.teacher_modules_as_stored()).save_pretrained(str(tmp))
             about: dict = {"teacher": self.cfg.model.teacher, "steps": self.step}
             # How it samples, which loading reads back: a flow student's pipeline would default to CFG 7.
-            about |= {"guidance_scale": 0.0} if self.flow else {"shift": self.cfg.model.shift}
+            about |= (
+                {"guidance_scale": 0.0, "sigmas": self.maths.recorded_sigmas()}
+                if self.flow
+                else {"shift": self.cfg.model.shift}
+            )
             (tmp / "nitrofusion.json").write_text(json.dumps(about, indent=1))
             plain_permissions(tmp)  # diffusers' safetensors files are written 0600
             if final.exists():

@@ -26,6 +26,9 @@ class ShiftedStudent:
         self.T = scheduler.config.num_train_timesteps
         self.shift = scheduler.config.shifted_timestep
         self.prediction_type = scheduler.config.prediction_type
+        # Each step after the first re-noises with fresh noise: the teacher's x0 from the starting
+        # noise is the target of step 0 only.
+        self.deterministic = False
         if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
             raise ValueError(f"unknown prediction_type {self.prediction_type!r}")
         if scheduler.config.clip_sample or scheduler.config.thresholding:

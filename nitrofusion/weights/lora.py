@@ -23,7 +23,13 @@ import torch
 from tqdm.auto import tqdm
 
 from nitrofusion.errors import UserError
-from nitrofusion.pipelines.loading import DTYPES, save_state_dict, unet_file_metadata
+from nitrofusion.pipelines.loading import (
+    DTYPES,
+    flow_file_metadata,
+    flow_file_sigmas,
+    save_state_dict,
+    unet_file_metadata,
+)
 from nitrofusion.userfiles import check_writable_folder
 from nitrofusion.weights.io import check_not_an_input, check_same_layout, unet_state_dict
 from nitrofusion.weights.transfer import recorded_shift
@@ -136,7 +142,8 @@ def export_lora(
     LoRA makes the teacher the student, which samples with TimestepShiftLCMScheduler at that shift:
     loaded beside the teacher's own multi-step scheduler, it is not the student. An SD3 student
     (a flow transformer) gives a LoRA of the pipeline's `transformer`, with no shift: it samples
-    with the teacher's own scheduler, in 1-4 steps without CFG."""
+    with the teacher's own scheduler, in 1-4 steps without CFG, called with the `sigmas` the
+    student file records (copied into the LoRA's header as `nitrofusion.sigmas`)."""
     if rank < 1:  # said before two UNets are read and their deltas decomposed
         raise UserError(f"--rank must be at least 1, got {rank}")
     if shift is not None and not 1 <= shift <= 1000:
@@ -166,8 +173,9 @@ def export_lora(
     config = {f"{prefix}.{k}": v for k, v in adapter_config(lora, prefix).items()}  # diffusers' per-component prefix
     if shift is None and not flow:  # a flow student has none to record
         shift = recorded_shift(student)
+    # How the LoRA'd teacher samples as the student: at the student's shift, or a flow student's sigmas.
     metadata = {
-        **unet_file_metadata(shift),
+        **(flow_file_metadata(flow_file_sigmas(student)) if flow else unet_file_metadata(shift)),
         ADAPTER_METADATA: json.dumps(config, sort_keys=True),
         "nitrofusion": json.dumps(vars(report)),
     }
