@@ -48,7 +48,8 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"n": args.n, "guidance_scale": 5.0, "rows": rows}, indent=1))
+    about = {"n": args.n, "guidance_scale": pipe.nitro_guidance, "rows": rows}  # its folder's recorded CFG
+    Path(args.out).write_text(json.dumps(about, indent=1))
     print(f"wrote {args.out}")
 
 

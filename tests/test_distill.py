@@ -527,10 +527,6 @@ def test_ill_typed_config_key(tmp_path, capsys):
         ("optim.ema_decay=2", "'optim.ema_decay' must be in [0, 1)"),
         ("optim.lr=-1e-5", "'optim.lr' must be positive"),
         ("discriminator.lr=0", "'discriminator.lr' must be positive"),
-        (
-            "loss.regression_weight=1 refine.mix=last refine.steps_per_stage=[0,1]",
-            "loss.regression_weight would never apply",
-        ),
         ("data.resolution=100", "'data.resolution' must be a positive multiple of 8"),
         ("optim.mixed_precision=fp16", "use bf16"),
         ("optim.optimizer=sgd", "'optim.optimizer' must be one of ['adamw', 'adamw8bit']"),
@@ -630,10 +626,23 @@ def test_a_run_resumes_with_the_safety_checker_switched(tmp_path):
     assert resumed.step == 1
 
 
-def test_flow_levels_are_refused_for_a_unet_teacher(tiny_sdxl_dir, tmp_path):
-    """A UNet student's levels are its shift-LCM scheduler's: the key would be ignored."""
-    with pytest.raises(UserError, match="model.flow_levels is a flow student's"):
-        Distiller(config(tiny_sdxl_dir, tmp_path / "run", "model.flow_levels=stock"), progress=False)
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        # A UNet student's levels are its shift-LCM scheduler's: the key would be ignored.
+        (["model.flow_levels=stock"], "model.flow_levels is a flow student's"),
+        # Its anchor is at step 0 (later steps start from fresh noise), which `last` trains in stage 1 only.
+        (
+            ["loss.regression_weight=1", "refine.mix=last", "refine.steps_per_stage=[0,1]"],
+            "loss.regression_weight would never apply: a UNet student's anchors step index 0",
+        ),
+    ],
+)
+def test_what_a_unet_student_would_ignore_is_refused_before_any_pair(tiny_sdxl_dir, tmp_path, overrides, message):
+    pairs = "data.pairs=" + str(tmp_path / "pairs")
+    with pytest.raises(UserError, match=message):
+        Distiller(config(tiny_sdxl_dir, tmp_path / "run", pairs, *overrides), progress=False)
+    assert not (tmp_path / "pairs").exists()
 
 
 def test_teacher_that_is_not_a_unet_pipeline(tmp_path, capsys):

@@ -267,13 +267,14 @@ def test_the_unet_only_offload_groups_of_a_flow_teacher(sd3_dir, tmp_path):
 
 def test_a_flow_students_anchor_applies_at_every_step(sd3_dir, tmp_path):
     """Its Euler steps draw no noise: the k-step sample depends on the pair's noise alone, so the
-    teacher's x0 is the target of step 1 too (a UNet student's fresh noise makes it step 0's only)."""
-    stages = ["refine.steps_per_stage=[1,1]", "refine.mix=last", "loss.regression_weight=3"]
-    d = Distiller(flow_config(sd3_dir, tmp_path / "run", *stages), progress=False)
-    assert d.train_step()["index"] == 0
-    d.step = 1  # the two-step stage, trained only at its second step
-    second = d.train_step()
-    assert second["index"] == 1 and second["regression"] > 0
+    teacher's x0 is the target of step 1 too (a UNet student's fresh noise makes it step 0's only;
+    there, this config is refused as an anchor that would never apply)."""
+    stages = ["refine.steps_per_stage=[0,1]", "refine.mix=last"]  # the two-step stage at its second step
+    plain = Distiller(flow_config(sd3_dir, tmp_path / "a", *stages), progress=False)
+    anchored = Distiller(flow_config(sd3_dir, tmp_path / "b", *stages, "loss.regression_weight=3"), progress=False)
+    p, a = plain.train_step(), anchored.train_step()
+    assert a["index"] == p["index"] == 1 and a["regression"] > 0 and "regression" not in p
+    assert a["g_loss"] == pytest.approx(p["g_loss"] + 3 * a["regression"], rel=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -422,6 +423,11 @@ def test_an_sd3_students_lora_loads_into_the_stock_pipeline(sd3_dir, tmp_path, c
     # The levels the LoRA'd teacher samples at as the student: the student file's, in both headers.
     levels = {1: [1.0], 2: [1.0, 0.5], 3: [1.0, 2 / 3, 1 / 3], 4: [1.0, 0.75, 0.5, 0.25]}
     assert flow_file_sigmas(student) == flow_file_sigmas(lora / "pytorch_lora_weights.safetensors") == levels
+    # From the exported pipeline folder (its transformer/ written by diffusers): its nitrofusion.json's.
+    from_pipeline = tmp_path / "from-pipeline.safetensors"
+    assert main(["export-lora", "--student", str(out / "pipeline"), *args[3:], "--out", str(from_pipeline)]) == 0
+    assert flow_file_sigmas(from_pipeline) == levels
+    capsys.readouterr()
     pipe = stock_pipeline(sd3_dir)
     pipe.load_lora_weights(str(lora))
     pipe.fuse_lora()

@@ -207,6 +207,21 @@ def test_evaluate_writes_a_row_for_an_sd3_model(tiny_sd3_dir, tmp_path, capsys):
     code, _, err = run([*args, "--shift", "250"], capsys)
     assert code == 2 and "error: --shift is for UNet pipelines" in err.splitlines()[-1], err
 
+    # A flow student's levels are part of its images' settings: a re-export at other levels is not
+    # served from the cache of the old one.
+    student = tmp_path / "student"
+    shutil.copytree(tiny_sd3_dir, student)
+    (student / "nitrofusion.json").write_text(json.dumps({"guidance_scale": 0, "sigmas": {"2": [1, 0.5]}}))
+    args = [a if a != str(tiny_sd3_dir) else str(student) for a in args]
+    args[args.index(str(out))] = str(tmp_path / "ev-student")
+    code, _, err = run(args, capsys)
+    assert code == 0, err
+    rows = json.loads((tmp_path / "ev-student" / "results.json").read_text())
+    assert "sigmas" not in rows[0] and rows[1]["sigmas"] == [1.0, 0.5] and rows[1]["guidance_scale"] == 0
+    (student / "nitrofusion.json").write_text(json.dumps({"guidance_scale": 0, "sigmas": {"2": [1, 0.75]}}))
+    code, _, err = run(args, capsys)
+    assert code == 2 and "was made with other settings (sigmas)" in err, err
+
 
 def test_flux_is_refused_by_name_everywhere(tiny_sd3_dir, tmp_path, capsys, no_weights_read):
     flux = flux_dir(tiny_sd3_dir, tmp_path)

@@ -10,13 +10,13 @@ from PIL import Image, ImageDraw
 from nitrofusion.userfiles import replacing
 
 LABEL_WIDTH = 190  # room for labels such as "teacher (Euler, CFG 5), 25" on one line
-LINE_HEIGHT = 12  # PIL's default bitmap font: 11 px a line
+LINE_HEIGHT = 12  # PIL's default font's 11 px, and a pixel between lines
 
 
 def wrap_label(draw: ImageDraw.ImageDraw, text: str, width: int, max_lines: int) -> list[str]:
     """`text` in lines of at most `width` pixels, at word breaks (a word wider than a line is cut):
-    a long label keeps its end, where evaluate puts the step count. Past `max_lines`, the last
-    line shown ends in "..."."""
+    a long label keeps its end, where evaluate puts the step count, unless it needs more than
+    `max_lines` (a row's height), where the last line shown ends in "..."."""
     lines: list[str] = []
     for word in text.split():
         while draw.textlength(word) > width and len(word) > 1:

@@ -90,7 +90,9 @@ class LossConfig:
     pretrain_steps: int = 0  # pre-training on teacher pairs before the main objective
     pretrain_kind: str = "mse"  # mse: regression to the teacher's x0; adversarial: DMDX's hybrid GAN
     pool_weight: float = 0.0  # dmd2 only: NitroFusion's head-pool GAN loss added to the student's loss
-    regression_weight: float = 0.0  # + this x MSE to the teacher's x0 in the student's main loss (ADD-style)
+    # + this x MSE to the teacher's x0 in the student's main loss (ADD-style), at step index 0 of a UNet
+    # student; at every step of a flow student, whose sample depends on the pair's noise alone
+    regression_weight: float = 0.0
 
     @property
     def adversarial_pretraining(self) -> bool:
@@ -128,9 +130,7 @@ class PretrainConfig:
     pixel_width: int = 32
     pixel_downsamples: int = 3
     pixel_crop: int = 0  # decode only a random latent crop of this side for the pixel critic; 0 = all
-    # + this x MSE to the teacher's x0 in the student's loss (ADD-style anchor), at step index 0 (a
-    # flow student's: every step, whose sample depends on the pair's noise alone)
-    regression_weight: float = 0.0
+    regression_weight: float = 0.0  # + this x MSE to the teacher's x0 in the student's loss (ADD-style anchor)
 
 
 @dataclass
@@ -339,7 +339,9 @@ def validate(cfg: DistillConfig) -> DistillConfig:
     if not 0 <= cfg.discriminator.refresh_fraction <= 1:
         raise UserError("config key 'discriminator.refresh_fraction' must be in [0, 1]")
     if len(cfg.refine.steps_per_stage) > MAX_SAMPLING_STEPS or not cfg.refine.steps_per_stage:
-        raise UserError("config key 'refine.steps_per_stage' lists iterations for 1 to 4 sampling steps")
+        raise UserError(
+            f"config key 'refine.steps_per_stage' lists iterations for 1 to {MAX_SAMPLING_STEPS} sampling steps"
+        )
     positive = {
         "data.batch_size": cfg.data.batch_size,
         "data.num_pairs": cfg.data.num_pairs,
@@ -397,12 +399,6 @@ def validate(cfg: DistillConfig) -> DistillConfig:
         raise UserError(f"config key 'refine.steps_per_stage' must not be negative, got {cfg.refine.steps_per_stage}")
     if sum(cfg.refine.steps_per_stage) + cfg.loss.pretrain_steps == 0:  # the export would be the teacher
         raise UserError("nothing to train: refine.steps_per_stage and loss.pretrain_steps add up to 0 iterations")
-    if cfg.loss.regression_weight > 0 and cfg.refine.mix == "last" and cfg.refine.steps_per_stage[0] == 0:
-        # The anchor applies at step index 0, which `last` trains in the one-step stage only.
-        raise UserError(
-            "loss.regression_weight would never apply: it anchors step index 0, which refine.mix=last trains "
-            "only in the one-step stage, and refine.steps_per_stage[0] is 0"
-        )
     if not str(cfg.run.output_dir).strip():
         raise UserError("config key 'run.output_dir' is empty: name a folder")
     if not 1 <= cfg.model.shift <= 1000:

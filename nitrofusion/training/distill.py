@@ -311,11 +311,19 @@ class Distiller:
         self.curves_drawn_at: int | None = None  # the iteration curves.png was last drawn at
 
     def _refuse_for_unet(self) -> None:
-        """What only a flow student takes, refused for a UNet teacher: it would be ignored."""
-        if self.cfg.model.flow_levels != DistillConfig().model.flow_levels:
+        """What a UNet student would ignore: a flow student's settings, an anchor it never gets."""
+        cfg = self.cfg
+        if cfg.model.flow_levels != DistillConfig().model.flow_levels:
             raise UserError(
                 "model.flow_levels is a flow student's (SD3) noise levels; a UNet student's are set by "
                 "model.shift and its shift-LCM scheduler: leave model.flow_levels out"
+            )
+        if cfg.loss.regression_weight > 0 and cfg.refine.mix == "last" and cfg.refine.steps_per_stage[0] == 0:
+            # A UNet student's anchor is at step index 0 (later steps start from fresh noise), which
+            # `last` trains in the one-step stage only. A flow student's is at every step.
+            raise UserError(
+                "loss.regression_weight would never apply: a UNet student's anchors step index 0, which "
+                "refine.mix=last trains only in the one-step stage, and refine.steps_per_stage[0] is 0"
             )
 
     def _refuse_for_flow(self) -> None:

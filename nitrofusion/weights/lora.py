@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,16 +24,10 @@ import torch
 from tqdm.auto import tqdm
 
 from nitrofusion.errors import UserError
-from nitrofusion.pipelines.loading import (
-    DTYPES,
-    flow_file_metadata,
-    flow_file_sigmas,
-    save_state_dict,
-    unet_file_metadata,
-)
+from nitrofusion.pipelines.loading import DTYPES, flow_file_metadata, save_state_dict, unet_file_metadata
 from nitrofusion.userfiles import check_writable_folder
 from nitrofusion.weights.io import check_not_an_input, check_same_layout, unet_state_dict
-from nitrofusion.weights.transfer import recorded_shift
+from nitrofusion.weights.transfer import recorded_flow_sigmas, recorded_shift
 
 
 @dataclass
@@ -173,9 +168,16 @@ def export_lora(
     config = {f"{prefix}.{k}": v for k, v in adapter_config(lora, prefix).items()}  # diffusers' per-component prefix
     if shift is None and not flow:  # a flow student has none to record
         shift = recorded_shift(student)
+    sigmas = recorded_flow_sigmas(student) if flow else {}
+    if flow and not sigmas:
+        warnings.warn(
+            f"--student '{student}' records no noise levels (a run at model.flow_levels=stock, or a file "
+            "written elsewhere): the LoRA records none, and the LoRA'd teacher samples at its scheduler's own",
+            stacklevel=2,
+        )
     # How the LoRA'd teacher samples as the student: at the student's shift, or a flow student's sigmas.
     metadata = {
-        **(flow_file_metadata(flow_file_sigmas(student)) if flow else unet_file_metadata(shift)),
+        **(flow_file_metadata(sigmas) if flow else unet_file_metadata(shift)),
         ADAPTER_METADATA: json.dumps(config, sort_keys=True),
         "nitrofusion": json.dumps(vars(report)),
     }

@@ -19,7 +19,14 @@ import torch
 from tqdm.auto import tqdm
 
 from nitrofusion.errors import UserError
-from nitrofusion.pipelines.loading import DTYPES, resolve_model, unet_file_metadata, unet_file_shift
+from nitrofusion.pipelines.loading import (
+    DTYPES,
+    flow_file_sigmas,
+    recorded_sigmas,
+    resolve_model,
+    unet_file_metadata,
+    unet_file_shift,
+)
 from nitrofusion.weights.io import check_not_an_input, check_same_layout, unet_state_dict, write_safetensors_streaming
 
 
@@ -76,6 +83,17 @@ def recorded_shift(student: str | Path) -> int | None:
     value = config.get("shifted_timestep") if isinstance(config, dict) else None
     recorded = isinstance(config, dict) and config.get("_class_name") == "TimestepShiftLCMScheduler"
     return value if recorded and isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def recorded_flow_sigmas(student: str | Path) -> dict[int, list[float]]:
+    """A flow student's levels per step count, where its source records them: a student file's
+    header, or the nitrofusion.json of the pipeline it is (or whose `transformer/` folder it is)."""
+    path = Path(student).expanduser()
+    if path.is_file():
+        return flow_file_sigmas(path)
+    if (path / "config.json").is_file():  # a transformer/ folder: its pipeline's record
+        path = path.parent
+    return recorded_sigmas(path) if (path / "model_index.json").is_file() else {}
 
 
 def transfer(
