@@ -380,13 +380,48 @@ def test_inference_benchmark_runs_on_the_tiny_pipeline(tmp_path):
         assert r["stages_ms"]["other"] >= 0
 
 
-def test_training_benchmark_runs_on_the_tiny_pipeline(tmp_path):
-    """One row (each is a process of its own, ~20 s here) that takes two features at once: 8-bit
-    moments and the teacher offloaded. The other rows' overrides are checked below."""
+def training_benchmark():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sdxl_training", ROOT / "benchmarks" / "sdxl_training.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def run_training_benchmark(monkeypatch, args: list[str]) -> None:
+    """benchmarks/sdxl_training.py with `args`, its worker processes run in this one: the same
+    command lines through the script's main, without importing torch and diffusers again for each
+    (~8 s a process). `run_worker`'s own process is tested below."""
+    import contextlib
+    import io
+
+    bench = training_benchmark()
+
+    def run_worker(worker_args: list[str], timeout: float) -> dict:
+        printed = io.StringIO()
+        with monkeypatch.context() as m, contextlib.redirect_stdout(printed):
+            m.setattr(sys, "argv", [bench.__file__, *worker_args])
+            bench.main()
+        (line,) = [line for line in printed.getvalue().splitlines() if line.startswith("RESULT ")]
+        return json.loads(line[len("RESULT ") :])
+
+    monkeypatch.setattr(bench, "run_worker", run_worker)
+    monkeypatch.setattr(sys, "argv", [bench.__file__, *args])
+    bench.main()
+
+
+def test_a_training_benchmark_worker_runs_as_a_process_and_says_how_it_failed():
+    bench = training_benchmark()
+    assert bench.run_worker(["--worker", "--arch", "flux"], timeout=120)["error"].startswith("exit 2: ")
+
+
+def test_training_benchmark_runs_on_the_tiny_pipeline(tmp_path, monkeypatch):
+    """One row that takes two features at once: 8-bit moments and the teacher offloaded. The other
+    rows' overrides are checked below."""
     out = tmp_path / "training.json"
-    cmd = [sys.executable, "benchmarks/sdxl_training.py", "--tiny", "--device", "cpu", "--batch", "1"]
-    cmd += ["--warmup", "0", "--steps", "2", "--settings", "8bit-offload", "--out", str(out)]
-    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)  # 2 steps: a pool refresh runs too
+    args = ["--tiny", "--device", "cpu", "--batch", "1", "--warmup", "0", "--steps", "2"]
+    run_training_benchmark(monkeypatch, [*args, "--settings", "8bit-offload", "--out", str(out)])  # 2 steps: a refresh
     (row,) = json.loads(out.read_text())["rows"]
     assert row["setting"] == "8bit-offload" and "error" not in row and row["s_per_iteration"] > 0
     assert row["validation_s"] > 0 and "validation_error" not in row
@@ -400,13 +435,9 @@ def test_training_benchmark_runs_on_the_tiny_pipeline(tmp_path):
 
 def test_every_training_benchmark_setting_is_a_valid_config():
     """The GPU rows the test above does not run: their overrides still name real keys and values."""
-    import importlib.util
-
     from nitrofusion.training.config import load_config
 
-    spec = importlib.util.spec_from_file_location("sdxl_training", ROOT / "benchmarks" / "sdxl_training.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = training_benchmark()
     one = ["optim.grad_accumulation=1"]  # the benchmark's base: one micro-batch per iteration
     preset = load_config("sdxl", None, one)
     for name, (_, overrides) in bench.SETTINGS.items():
@@ -414,13 +445,12 @@ def test_every_training_benchmark_setting_is_a_valid_config():
         assert (cfg != preset) == bool(overrides), name
 
 
-def test_the_training_benchmark_runs_the_sd3_preset_on_the_tiny_sd3(tmp_path):
-    """--arch sd3: the sd3 preset (its teacher offloaded) on a flow transformer (one row: each row is a
-    process of its own; the other settings' overrides are the sdxl rows', checked below)."""
+def test_the_training_benchmark_runs_the_sd3_preset_on_the_tiny_sd3(tmp_path, monkeypatch):
+    """--arch sd3: the sd3 preset (its teacher offloaded) on a flow transformer (one row; the other
+    settings' overrides are the sdxl rows', checked below)."""
     out = tmp_path / "training.json"
-    cmd = [sys.executable, "benchmarks/sdxl_training.py", "--arch", "sd3", "--tiny", "--device", "cpu"]
-    cmd += ["--batch", "1", "--warmup", "0", "--steps", "2", "--settings", "preset", "--out", str(out)]
-    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
+    args = ["--arch", "sd3", "--tiny", "--device", "cpu", "--batch", "1", "--warmup", "0", "--steps", "2"]
+    run_training_benchmark(monkeypatch, [*args, "--settings", "preset", "--out", str(out)])
     report = json.loads(out.read_text())
     rows = {r["setting"]: r for r in report["rows"]}
     assert report["preset"] == "sd3" and report["model"] == "tiny SD3 (tests)" and set(rows) == {"preset"}
