@@ -416,7 +416,7 @@ def test_a_training_benchmark_worker_runs_as_a_process_and_says_how_it_failed():
     assert bench.run_worker(["--worker", "--arch", "flux"], timeout=120)["error"].startswith("exit 2: ")
 
 
-def test_training_benchmark_runs_on_the_tiny_pipeline(tmp_path, monkeypatch):
+def test_training_benchmark_runs_on_the_tiny_pipeline(tmp_path, monkeypatch, bf16_accelerator):
     """One row that takes two features at once: 8-bit moments and the teacher offloaded. The other
     rows' overrides are checked below."""
     out = tmp_path / "training.json"
@@ -445,7 +445,7 @@ def test_every_training_benchmark_setting_is_a_valid_config():
         assert (cfg != preset) == bool(overrides), name
 
 
-def test_the_training_benchmark_runs_the_sd3_preset_on_the_tiny_sd3(tmp_path, monkeypatch):
+def test_the_training_benchmark_runs_the_sd3_preset_on_the_tiny_sd3(tmp_path, monkeypatch, bf16_accelerator):
     """--arch sd3: the sd3 preset (its teacher offloaded) on a flow transformer (one row; the other
     settings' overrides are the sdxl rows', checked below)."""
     out = tmp_path / "training.json"
