@@ -82,7 +82,8 @@ PAIRS = 1000  # distinct prompts: the timed micro-batches draw 5 each, so nearly
 def make_teacher_and_pairs(root: Path, tiny: bool, device: str, arch: str = "sdxl") -> tuple[Path, Path, int]:
     from safetensors.torch import save_file
 
-    from nitrofusion.data.teacher import TeacherSampler, pairs_recipe
+    from nitrofusion.data.prompts import load_prompts
+    from nitrofusion.data.teacher import PAIR_NOISE_OFFSET, TeacherSampler, pairs_recipe
     from nitrofusion.models import builders
     from nitrofusion.pipelines.generation import denoiser
     from nitrofusion.pipelines.loading import quiet_loading
@@ -102,7 +103,8 @@ def make_teacher_and_pairs(root: Path, tiny: bool, device: str, arch: str = "sdx
     n = PAIRS
     pairs = root / "pairs"
     pairs.mkdir()
-    prompts = [f"a photograph of a red fox in the snow, {i}" for i in range(n)]
+    # The run's own prompt list (the worker's data.prompts): a run refuses pairs made from another.
+    prompts = load_prompts("embedded")
     (pairs / "prompts.json").write_text(json.dumps(prompts))
     # Recorded as the trainer checks it: made by the preset's teacher settings at this size.
     data = load_config(arch).data
@@ -111,8 +113,8 @@ def make_teacher_and_pairs(root: Path, tiny: bool, device: str, arch: str = "sdx
     save_file(
         {
             "latents": torch.randn(n, network.in_channels, latent, latent, generator=g),
-            "seeds": torch.arange(n),
-            "prompt_ids": torch.arange(n),
+            "seeds": PAIR_NOISE_OFFSET + torch.arange(n),
+            "prompt_ids": torch.arange(n) % len(prompts),
         },
         str(pairs / "pairs-00000.safetensors"),
         metadata=recipe,

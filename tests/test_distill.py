@@ -892,6 +892,12 @@ def test_make_pairs_resumes_and_feeds_training(tiny_sdxl_dir, tmp_path):
     x0 = sampler([prompts[int(again.prompt_ids[i])]], noise_for_seeds([int(again.seeds[i])], sampler.latent_shape))
     torch.testing.assert_close(x0[0], again.latents[i])
     made_so = ["data.teacher_steps=2", "data.teacher_guidance=3.0", "data.resolution=16"]  # as the pairs were
+    # A run trains on the pairs' prompts: one asking for another list (here the default, embedded)
+    # would have trained on these without a word.
+    with pytest.raises(UserError, match=r"made from another prompt list \(3 prompts\) than data.prompts='embedded'"):
+        Distiller(config(tiny_sdxl_dir, tmp_path / "run", f"data.pairs={tmp_path / 'pairs'}", *made_so), progress=False)
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts))
+    made_so.append(f"data.prompts={tmp_path / 'prompts.txt'}")
     d = Distiller(config(tiny_sdxl_dir, tmp_path / "run", f"data.pairs={tmp_path / 'pairs'}", *made_so), progress=False)
     assert "skipped" not in d.train_step()
 

@@ -12,6 +12,8 @@ from safetensors.torch import load_file, save_file
 
 from nitrofusion.cli import main
 from nitrofusion.data.teacher import (
+    NOISE_OFFSET_KEY,
+    PAIR_NOISE_OFFSET,
     PROMPT_STRIDE,
     TEACHER_KEYS,
     PairShards,
@@ -215,3 +217,29 @@ def test_pair_latents_are_read_from_their_shards_row_by_row(tmp_path):
     assert torch.equal(latents[-1], rows[6]) and torch.equal(latents[2:5], rows[2:5])
     with pytest.raises(IndexError):
         latents[7]
+
+
+def test_pairs_start_from_noises_no_sample_or_evaluation_draws(tmp_path):
+    """Pair i's noise was `generate --seed i`'s and evaluate's image i's: a student was scored from
+    the very noises it trained on. Now they lie 2^40 up, recorded; a folder begun without the
+    offset is completed as it was begun."""
+    teacher = sampler()
+    make_pairs(teacher, PROMPTS, 5, tmp_path / "new", batch_size=2, shard_size=2, progress=False, seed=3)
+    pairs = PairShards.load(tmp_path / "new", sampler_recipe(teacher))
+    assert pairs.seeds.tolist() == [PAIR_NOISE_OFFSET + 3 * 1_000_003 + i for i in range(5)]
+    assert min(pairs.seeds.tolist()) > 100_000 * 10**6 + 10**6  # reproduce scores seed s from 100000 * s: s < 10^6
+    with safe_open(str(tmp_path / "new" / "pairs-00000.safetensors"), "pt") as f:
+        assert f.metadata()[NOISE_OFFSET_KEY] == str(PAIR_NOISE_OFFSET)
+
+    old = tmp_path / "old"  # as an earlier version wrote it: seeds from 0, no offset recorded
+    make_pairs(teacher, PROMPTS, 5, old, batch_size=2, shard_size=2, progress=False)
+    for path in sorted(old.glob("pairs-*.safetensors")):
+        with safe_open(str(path), "pt") as f:
+            meta = {k: v for k, v in f.metadata().items() if k != NOISE_OFFSET_KEY}
+        tensors = load_file(str(path))
+        save_file({**tensors, "seeds": tensors["seeds"] - PAIR_NOISE_OFFSET}, str(path), metadata=meta)
+    (old / "pairs-00002.safetensors").unlink()  # stopped before its last shard
+    make_pairs(teacher, PROMPTS, 5, old, batch_size=2, shard_size=2, progress=False)
+    assert PairShards.load(old, sampler_recipe(teacher)).seeds.tolist() == list(range(5))
+    with safe_open(str(old / "pairs-00002.safetensors"), "pt") as f:
+        assert NOISE_OFFSET_KEY not in f.metadata()

@@ -170,10 +170,37 @@ def sampler_recipe(sampler: TeacherSampler) -> dict[str, str]:
     return recipe
 
 
-def pairs_recipe(sampler: TeacherSampler, prompts: list[str], seed: int) -> dict[str, str]:
+# Pair i of a run seeded s starts from the noise of seed OFFSET + s * 1000003 + i. Without the
+# offset, pair i's noise was that of `generate --seed i` and of evaluate's image i: a student was
+# scored from the very noises it was trained on (2^40: above any seed one samples or evaluates
+# with, and with run.seed < 2^32 still within int64).
+PAIR_NOISE_OFFSET = 2**40
+NOISE_OFFSET_KEY = "noise_seed_offset"  # recorded by pairs made with the offset; absent: made without
+
+
+def pairs_recipe(
+    sampler: TeacherSampler, prompts: list[str], seed: int, noise_offset: int = PAIR_NOISE_OFFSET
+) -> dict[str, str]:
     """What a pair depends on, recorded in every shard: shards made another way must not be mixed
     in (a changed prompt list would silently re-point every stored prompt id)."""
-    return {**sampler_recipe(sampler), "prompts_sha256": prompts_digest(prompts), "seed": str(seed)}
+    recipe = {**sampler_recipe(sampler), "prompts_sha256": prompts_digest(prompts), "seed": str(seed)}
+    if noise_offset:
+        recipe[NOISE_OFFSET_KEY] = str(noise_offset)
+    return recipe
+
+
+def folder_noise_offset(shards: list[Path]) -> int:
+    """The noise offset a folder's pairs were made with: a new folder's is PAIR_NOISE_OFFSET; one
+    made before it was recorded is completed as it was begun, without (its shards store each pair's
+    seed, so training reads either kind alike)."""
+    if not shards:
+        return PAIR_NOISE_OFFSET
+    with safe_open(str(shards[0]), framework="pt") as f:
+        recorded = (f.metadata() or {}).get(NOISE_OFFSET_KEY, "0")
+    try:
+        return int(recorded)
+    except ValueError:
+        raise UserError(f"teacher pairs '{shards[0]}' record an unreadable {NOISE_OFFSET_KEY} {recorded!r}") from None
 
 
 # Recipe keys whose absence is a setting, not shards older than the key: key -> (the key that a
@@ -232,7 +259,7 @@ def planned_pairs(directory: str | Path) -> tuple[int, int] | None:
     try:
         info = json.loads((Path(directory) / PAIRS_INFO).read_text())
         return int(info["count"]), int(info["shard_size"])
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, RecursionError, KeyError, TypeError):
         return None
 
 
@@ -286,7 +313,7 @@ def check_own_files(out_dir: Path) -> None:
             continue
         try:
             value = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             value = None
         if not ours(value):
             raise UserError(
@@ -313,8 +340,9 @@ def make_pairs(
     out_dir = Path(out_dir)
     check_own_files(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    recipe = pairs_recipe(sampler, prompts, seed)
     existing = sorted(out_dir.glob(SHARD_GLOB))
+    noise_offset = folder_noise_offset(existing)
+    recipe = pairs_recipe(sampler, prompts, seed, noise_offset)
     for path in existing:  # a resumed run adds to shards made the same way only
         check_recipe(path, recipe)
     plan = planned_pairs(out_dir)
@@ -344,7 +372,7 @@ def make_pairs(
             continue
         idx = torch.arange(s * shard_size + held[s], s * shard_size + size(s))
         prompt_ids = (idx * stride + seed) % len(prompts)  # spread prompts evenly over the pairs
-        seeds = seed * 1_000_003 + idx
+        seeds = noise_offset + seed * 1_000_003 + idx
         latents = []
         for b in range(0, len(idx), batch_size):
             sl = slice(b, b + batch_size)
@@ -435,7 +463,12 @@ class PairShards:
                     PAIRS_INFO,
                     unplanned[0].name,
                 )
-        prompts = json.loads((directory / "prompts.json").read_text())
+        try:
+            prompts = json.loads((directory / "prompts.json").read_text(encoding="utf-8"))
+        except (ValueError, RecursionError):
+            prompts = None
+        if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+            raise UserError(f"'{directory / 'prompts.json'}' is not a prompt list: make the pairs again")
         for f, _ in shards:
             check_recipe(f, {**(recipe or {}), "prompts_sha256": prompts_digest(prompts)})
         seeds, prompt_ids, counts = [], [], []

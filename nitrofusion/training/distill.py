@@ -487,7 +487,17 @@ class Distiller:
             self.wait_for_shards(planned_shards(directory, count, shard_size), directory)
         self.acc.wait_for_everyone()
         # Pairs from another teacher setting or image size would be wrong data, not an error, later.
-        return PairShards.load(directory, sampler_recipe(self.sampler))
+        pairs = PairShards.load(directory, sampler_recipe(self.sampler))
+        # The run trains on the pairs' prompts: a data.prompts they were not made from would be
+        # read for the validation grid only, and the run's prompts silently not the ones asked for.
+        # Not the seed: finished pairs are data, which runs of other seeds may share.
+        if pairs.prompts != self.prompts:
+            raise UserError(
+                f"the teacher pairs in '{directory}' were made from another prompt list ({len(pairs.prompts)} "
+                f"prompts) than data.prompts={self.cfg.data.prompts!r} ({len(self.prompts)}): set data.prompts "
+                "to the list they were made from, or give a new pairs directory"
+            )
+        return pairs
 
     def wait_for_shards(self, shards: list[tuple[Path, int]], directory: Path) -> None:
         """Until every rank's shards are on disk. A rank that died making its share, or a disk that
