@@ -64,7 +64,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     check_seeds(args.seed, len(prompts))
     check_guidance_scale(args.guidance_scale)
     check_steps(args.sampler, args.steps)
-    choice = choose_model(args.model, args.unet, args.shift)
+    choice = choose_model(args.model, args.unet, args.shift, args.sampler)
     # An SD3 pipeline is resolved too (sampled with its own scheduler); with --unet, --shift,
     # --compile or --sampler shift-lcm it is refused from its index before a weight is fetched.
     unet_only = unet_only_options(choice.unet, choice.shift, args.sampler, args.compile)
@@ -155,6 +155,15 @@ def _leave_process_group() -> None:
         dist.destroy_process_group()
 
 
+def _check_checkpoint(path: str) -> None:
+    from nitrofusion.training import checkpoint
+
+    try:
+        checkpoint.read_meta(path)
+    except (OSError, ValueError, RecursionError) as exc:
+        raise UserError(f"cannot resume from '{path}': {exc}") from None
+
+
 def cmd_distill(args: argparse.Namespace) -> int:
     from nitrofusion.training.config import load_config
 
@@ -170,6 +179,11 @@ def cmd_distill(args: argparse.Namespace) -> int:
     if args.no_safety_checker:
         overrides.append("model.safety_checker=false")
     cfg = load_config(args.preset, args.config, overrides, settings)
+    # Before the teacher loads and its pairs are made (minutes to hours): an output folder that
+    # cannot be written, or a checkpoint that is not one, is refused now.
+    check_writable_folder(cfg.run.output_dir, "run.output_dir")
+    if args.resume is not None and args.resume != "latest":
+        _check_checkpoint(args.resume)
     # Imported once the config is known to be good: diffusers and transformers take seconds to
     # import, and a mistyped key should not wait for them.
     from nitrofusion.training.distill import Distiller, TrainingStopped
@@ -226,7 +240,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from nitrofusion.world.spec import choose_model
 
     out, _ = prepare_output(args.out, 2)
-    choice = choose_model(args.model, args.unet, args.shift)
+    choice = choose_model(args.model, args.unet, args.shift, args.sampler)
     request = EvalRequest(
         model=str(choice.model),
         steps=args.steps,
@@ -420,7 +434,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. optim.lr=1e-5")
     d.add_argument("--resume", help="'latest' or a checkpoint directory")
     d.add_argument("--output-dir", help="shortcut for --set run.output_dir=...")
-    d.add_argument("--max-steps", type=int, help="shortcut: train only N one-step iterations")
+    d.add_argument(
+        "--max-steps",
+        type=int,
+        help="shortcut for --set refine.steps_per_stage=[N]: N one-step iterations after the "
+        "preset's regression pre-training (loss.pretrain_steps), and no refinement to more steps",
+    )
     _add_safety_checker_option(
         d,
         "shortcut for --set model.safety_checker=false: the teacher's (SD1.5's) safety checker is not loaded, "

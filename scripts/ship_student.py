@@ -35,7 +35,7 @@ def main() -> None:
     unet = UNet2DConditionModel.from_pretrained(str(teacher_path() / "unet"), torch_dtype=torch.float16)
     load_unet_weights(unet, run / "student_unet.safetensors")
     scheduler_config = json.loads((teacher_path() / "scheduler" / "scheduler_config.json").read_text())
-    scheduler = TimestepShiftLCMScheduler.from_config(
+    scheduler = TimestepShiftLCMScheduler.from_base_config(
         scheduler_config, shifted_timestep=cfg.model.shift, original_inference_steps=4
     )
     out = student_path()

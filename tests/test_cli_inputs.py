@@ -99,6 +99,23 @@ CASES = {
         "names a .bin file",
     ),
     "grid-over-an-input": (["grid", "{pngs}", "--out", "{pngs}/0.png"], "is one of the images"),
+    # A review: refused only once the teacher had loaded and its pairs were made (hours at SDXL
+    # size); a shift the user never gave named as the fault.
+    "distill-resume-missing": (
+        ["distill", "--resume", "{new}/step-00000100", "--output-dir", "{new}"],
+        "cannot resume from",
+    ),
+    "distill-resume-not-a-checkpoint": (["distill", "--resume", "{pngs}", "--output-dir", "{new}"], "meta.json"),
+    "distill-out-under-a-file": (["distill", "--set", "run.output_dir={file}/run"], "'{file}' is a file"),
+    "gen-nested-model-index": (["generate", "a", "--model", "{nested}", "--out", "{new}"], "is not readable JSON"),
+    "gen-native-embedded-student": (
+        ["generate", "a", "--sampler", "native", "--out", "{new}"],
+        "the embedded student samples with the shift-lcm sampler only",
+    ),
+    "eval-native-embedded-student": (
+        ["evaluate", "--n", "4", "--sampler", "native", "--out", "{new}"],
+        "--model embedded-teacher --sampler native",
+    ),
 }
 
 
@@ -116,7 +133,11 @@ def test_bad_input_is_one_line_and_leaves_nothing(case, tmp_path, pngs, capsys):
     (tmp_path / "corrupt.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
     paths = {"new": tmp_path / "new" / "out", "file": tmp_path / "file", "pngs": pngs, "bad_pngs": bad}
     paths |= {"weights": tmp_path / "weights.safetensors", "corrupt": tmp_path / "corrupt.safetensors"}
-    one_line_error([a.format(**paths) for a in args], capsys, fragment)
+    nested = tmp_path / "nested"  # a model_index.json nested past the JSON parser's recursion limit
+    nested.mkdir()
+    (nested / "model_index.json").write_text("[" * 100_000)
+    paths["nested"] = nested
+    one_line_error([a.format(**paths) for a in args], capsys, fragment.format(**paths))
     assert not (tmp_path / "new").exists()
 
 
@@ -128,6 +149,7 @@ def test_compare_says_what_is_wrong_with_a_results_file(tmp_path, capsys):
         ("[]", "holds no evaluate rows"),
         ('{"model": "x"}', "holds no evaluate rows"),
         ('[{"model": "x"}]', "has a row without sampler, steps, n"),
+        ("[" * 100_000, "is not valid JSON"),  # past the parser's recursion limit: was a traceback
     ):
         (run / "results.json").write_text(content)
         one_line_error(["compare", str(run), "--out", str(tmp_path / "new")], capsys, fragment)

@@ -103,6 +103,11 @@ def test_cache_interrupted_in_its_first_batch_is_not_mixed_with_other_settings(t
         ImageCache(tmp_path, {"model": "b"}).fill(tiny_pipe, PROMPTS[:3], 1, 0, batch_size=3, guidance_scale=1.0)
     assert str(tmp_path) in str(err.value) and "\n" not in str(err.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["00000.png"]  # refused, nothing deleted or added
+    # A manifest that is JSON but not one (a list; nested past the parser's recursion limit): one line.
+    for text in ("[]", '{"settings": 3}', "[" * 100_000):
+        (tmp_path / "manifest.json").write_text(text)
+        with pytest.raises(UserError, match="manifest .* is unreadable; delete the directory"):
+            ImageCache(tmp_path, {"model": "b"}).fill(tiny_pipe, PROMPTS[:3], 1, 0, batch_size=3, guidance_scale=1.0)
 
 
 @pytest.fixture(scope="module")

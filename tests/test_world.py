@@ -129,3 +129,20 @@ def test_stock_diffusers_loads_the_student_nitrosd_style():
     g = [torch.Generator().manual_seed(0)]
     b = ours("a photo of a bag", num_inference_steps=1, guidance_scale=0, generator=g, output_type="np").images
     np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_the_shipped_students_scheduler_config_holds_only_its_own_keys(caplog):
+    """It was made from the teacher's Euler config, whose keys (use_karras_sigmas, ...) stock
+    diffusers warned about on every load."""
+    from diffusers.utils import logging as diffusers_logging
+
+    from nitrofusion.scheduling import TimestepShiftLCMScheduler
+
+    diffusers_logging.enable_propagation()
+    try:
+        with caplog.at_level("WARNING"):
+            scheduler = TimestepShiftLCMScheduler.from_pretrained(student_path() / "scheduler")
+    finally:
+        diffusers_logging.disable_propagation()
+    assert not [r for r in caplog.records if "not expected" in r.getMessage()]
+    assert scheduler.config.shifted_timestep == 250

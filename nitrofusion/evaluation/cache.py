@@ -53,8 +53,10 @@ class ImageCache:
             return {"settings": self.settings, "seconds": 0.0, "generated": 0}
         try:
             found = json.loads(self.manifest.read_text())
-        except (OSError, json.JSONDecodeError):
-            raise UserError(f"image cache manifest '{self.manifest}' is unreadable; delete the directory") from None
+        except (OSError, ValueError, RecursionError):
+            found = None
+        if not isinstance(found, dict) or not isinstance(found.get("settings", {}), dict):
+            raise UserError(f"image cache manifest '{self.manifest}' is unreadable; delete the directory")
         if found.get("settings") != self.settings:
             diff = sorted(
                 k

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+from tqdm.auto import tqdm
 
 from nitrofusion.errors import UserError, check_guidance_scale
 from nitrofusion.evaluation.cache import ImageCache
@@ -394,8 +395,11 @@ def evaluate(req: EvalRequest) -> list[dict]:
             "distinct_prompts": len(set(prompts)),  # below n where a prompt file was cycled
             "seconds_per_image": per_image,
         }
-        for scorer in scorers.values():
-            row.update({k: v for k, v in scorer(images, prompts, labels).items() if k != "n"})
+        # Inception, CLIP and ImageReward over thousands of images take minutes: say which runs.
+        with tqdm(scorers.items(), desc=f"scoring {steps} step(s)", unit="metric", leave=False) as bar:
+            for name, scorer in bar:
+                bar.set_postfix_str(name)
+                row.update({k: v for k, v in scorer(images, prompts, labels).items() if k != "n"})
         # What the numbers were measured with: `compare` refuses to put other protocols side by side.
         if "fid" in scorers:
             row.update(fid_features=req.fid_features, fid_reference=req.reference)
@@ -489,7 +493,7 @@ def _results_rows(path: Path) -> list[dict]:
     """An evaluate run's rows, or one line saying what is wrong with the file."""
     try:
         rows = json.loads(read_user_text(path, "results file"))
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested thousands deep
         raise UserError(f"'{path}' is not valid JSON ({exc}): run its evaluate again") from None
     if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) for r in rows):
         raise UserError(f"'{path}' holds no evaluate rows (a non-empty list of results): run its evaluate again")

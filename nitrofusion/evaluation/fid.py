@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 
 from nitrofusion.errors import UserError
 from nitrofusion.evaluation.frechet import GaussianStats
@@ -312,8 +313,10 @@ def reference_stats(
     if len(paths) < 2:
         raise UserError(f"--reference '{ref}' holds {len(paths)} images; FID needs many (thousands for a stable value)")
     feats = []
-    for i in range(0, len(paths), 500):
-        feats.append(extract([Image.open(p).convert("RGB") for p in paths[i : i + 500]]))
+    with tqdm(total=len(paths), desc=f"reference features ({features})", unit="image") as bar:
+        for i in range(0, len(paths), 500):
+            feats.append(extract([Image.open(p).convert("RGB") for p in paths[i : i + 500]]))
+            bar.update(len(feats[-1]))
     stats = GaussianStats.from_features(torch.cat(feats))
     if cache is not None:
         # The provenance in the file itself, written whole or not at all: an interrupted run never

@@ -348,7 +348,7 @@ def _scheduler_class_name(model_dir: Path) -> str:
     try:
         index = json.loads((model_dir / "model_index.json").read_text())
         return str(index.get("scheduler", [None, ""])[1])
-    except (OSError, json.JSONDecodeError, IndexError, TypeError):
+    except (OSError, ValueError, RecursionError, IndexError, TypeError, AttributeError):
         return ""
 
 
@@ -376,7 +376,7 @@ def check_model_index(model_dir: Path) -> dict:
     model, which is remote code however local the directory looks. Returns the index."""
     try:
         index = json.loads((model_dir / "model_index.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:  # RecursionError: JSON nested thousands deep
         raise UserError(f"'{model_dir / 'model_index.json'}' is not readable JSON: {exc}") from None
     if not isinstance(index, dict):
         raise UserError(f"'{model_dir / 'model_index.json'}' is not a diffusers model index")
@@ -463,7 +463,7 @@ def _recorded(model_dir: Path) -> dict:
         return {}
     try:
         about = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         raise UserError(f"'{path}' cannot be read as JSON: {exc}") from None
     if not isinstance(about, dict):
         raise UserError(f"'{path}' must hold a JSON object")

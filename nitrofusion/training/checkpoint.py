@@ -211,11 +211,23 @@ def list_checkpoints(root: str | Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
 
 
-def load(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def read_meta(path: str | Path) -> dict[str, Any]:
+    """A checkpoint's record, without its tensors: what a run checks before it loads a teacher
+    (a mistyped --resume should not wait for the teacher pairs to be made)."""
     path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"no checkpoint directory '{path}'")
     meta = json.loads((path / META_FILE).read_text())
     if not isinstance(meta, dict) or not isinstance(meta.get("step"), int):
         raise CorruptCheckpoint(f"{META_FILE} is not a checkpoint record (no step)")
+    if not (path / STATE_FILE).is_file():
+        raise FileNotFoundError(f"no {STATE_FILE} in '{path}'")
+    return meta
+
+
+def load(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    path = Path(path)
+    meta = read_meta(path)
     state = path / STATE_FILE
     if "state_crc32" in meta:  # checkpoints written before the checksum was recorded load unchecked
         size = state.stat().st_size

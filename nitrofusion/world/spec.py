@@ -109,7 +109,7 @@ def embedded_model(name: str = "embedded") -> ModelChoice | None:
 EMBEDDED_NAMES = ("embedded", "embedded-teacher", "embedded-flow-teacher")
 
 
-def choose_model(model: str | None, unet: str | None, shift: int | None) -> ModelChoice:
+def choose_model(model: str | None, unet: str | None, shift: int | None, sampler: str = "auto") -> ModelChoice:
     """What `--model/--unet/--shift` mean: no model or an embedded name picks the shipped
     world (an explicit --unet or --shift still wins); anything else is taken as given."""
     from nitrofusion.errors import UserError
@@ -118,6 +118,13 @@ def choose_model(model: str | None, unet: str | None, shift: int | None) -> Mode
         found = embedded_model(model or "embedded")
         if found is None:
             raise UserError("no --model given and no embedded model is installed; pass --model PATH_OR_HUB_ID")
+        if found.unet is not None and not unet and sampler == "native":
+            # Its UNet was distilled for the shift-LCM sampler, whose shift it records: the
+            # refusal of a shift the user never gave would name the wrong cause.
+            raise UserError(
+                "the embedded student samples with the shift-lcm sampler only; the teacher's own "
+                "sampler is --model embedded-teacher --sampler native"
+            )
         return ModelChoice(
             found.model,
             Path(unet) if unet else found.unet,
