@@ -20,6 +20,7 @@ from nitrofusion.data.teacher import (
     TeacherSampler,
     make_pairs,
     missing_shards,
+    noise_for_seeds,
     prompt_stride,
     sampler_recipe,
 )
@@ -221,13 +222,21 @@ def test_pair_latents_are_read_from_their_shards_row_by_row(tmp_path):
 
 def test_pairs_start_from_noises_no_sample_or_evaluation_draws(tmp_path):
     """Pair i's noise was `generate --seed i`'s and evaluate's image i's: a student was scored from
-    the very noises it trained on. Now they lie 2^40 up, recorded; a folder begun without the
+    the very noises it trained on. Now their seeds' low 32 bits lie at 2^31 and up, recorded; a folder begun without the
     offset is completed as it was begun."""
     teacher = sampler()
     make_pairs(teacher, PROMPTS, 5, tmp_path / "new", batch_size=2, shard_size=2, progress=False, seed=3)
     pairs = PairShards.load(tmp_path / "new", sampler_recipe(teacher))
-    assert pairs.seeds.tolist() == [PAIR_NOISE_OFFSET + 3 * 1_000_003 + i for i in range(5)]
-    assert min(pairs.seeds.tolist()) > 100_000 * 10**6 + 10**6  # reproduce scores seed s from 100000 * s: s < 10^6
+    assert pairs.seeds.tolist() == [2**31 + 3 * 1_000_003 + i for i in range(5)]
+    # What matters is the noise: torch seeds from the low 32 bits, so an offset of 2^40 changed nothing.
+    evaluated = noise_for_seeds(list(range(5)), teacher.latent_shape)  # evaluate's images 0-4, generate --seed 0-4
+    trained = noise_for_seeds(pairs.seeds.tolist(), teacher.latent_shape)
+    assert not any(torch.equal(t, e) for t in trained for e in evaluated)
+    assert all(2**31 <= s % 2**32 for s in pairs.seeds.tolist())  # no seed below 2^31 draws a pair's noise
+    high = PairShards.load(tmp_path / "new", sampler_recipe(teacher))
+    make_pairs(teacher, PROMPTS, 3, tmp_path / "big-seed", batch_size=3, shard_size=3, progress=False, seed=2**32 - 1)
+    big = PairShards.load(tmp_path / "big-seed", sampler_recipe(teacher)).seeds.tolist()
+    assert all(2**31 <= s < 2**32 for s in big + high.seeds.tolist())
     with safe_open(str(tmp_path / "new" / "pairs-00000.safetensors"), "pt") as f:
         assert f.metadata()[NOISE_OFFSET_KEY] == str(PAIR_NOISE_OFFSET)
 

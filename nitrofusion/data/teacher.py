@@ -170,12 +170,20 @@ def sampler_recipe(sampler: TeacherSampler) -> dict[str, str]:
     return recipe
 
 
-# Pair i of a run seeded s starts from the noise of seed OFFSET + s * 1000003 + i. Without the
-# offset, pair i's noise was that of `generate --seed i` and of evaluate's image i: a student was
-# scored from the very noises it was trained on (2^40: above any seed one samples or evaluates
-# with, and with run.seed < 2^32 still within int64).
-PAIR_NOISE_OFFSET = 2**40
+# Pair i of a run seeded s starts from the noise of seed OFFSET + (s * 1000003 + i) mod OFFSET.
+# Without the offset, pair i's noise was that of `generate --seed i` and of evaluate's image i: a
+# student was scored from the very noises it was trained on. torch's CPU generator seeds from the
+# low 32 bits only (seed 2^40 + i draws seed i's noise), so the pairs take the upper half of the
+# 32-bit range, which no seed below 2^31 reaches (evaluate's seed + i, reproduce's 100000 * s + i).
+PAIR_NOISE_OFFSET = 2**31
 NOISE_OFFSET_KEY = "noise_seed_offset"  # recorded by pairs made with the offset; absent: made without
+
+
+def pair_seeds(seed: int, idx: torch.Tensor, noise_offset: int) -> torch.Tensor:
+    """The seeds of pairs `idx` of a folder made with run seed `seed` (stored in its shards)."""
+    if not noise_offset:  # as folders made before the offset
+        return seed * 1_000_003 + idx
+    return noise_offset + (seed * 1_000_003 + idx) % noise_offset
 
 
 def pairs_recipe(
@@ -372,7 +380,7 @@ def make_pairs(
             continue
         idx = torch.arange(s * shard_size + held[s], s * shard_size + size(s))
         prompt_ids = (idx * stride + seed) % len(prompts)  # spread prompts evenly over the pairs
-        seeds = noise_offset + seed * 1_000_003 + idx
+        seeds = pair_seeds(seed, idx, noise_offset)
         latents = []
         for b in range(0, len(idx), batch_size):
             sl = slice(b, b + batch_size)

@@ -444,7 +444,7 @@ def validate(cfg: DistillConfig) -> DistillConfig:
     if not 0 <= cfg.dmd.min_t <= cfg.dmd.max_t <= 1 or cfg.dmd.min_t >= 1:
         raise UserError("config keys 'dmd.min_t' and 'dmd.max_t' must satisfy 0 <= min_t <= max_t <= 1, min_t < 1")
     if not 0 <= cfg.run.seed < 2**32:
-        # Seeds are mixed into other seeds (make-pairs: 2^40 + seed * 1000003 + index) that must stay in int64.
+        # Seeds are mixed into other seeds (make-pairs: seed * 1000003 + index) that must stay in int64.
         raise UserError(f"config key 'run.seed' must be in 0..2^32-1, got {cfg.run.seed}")
     if cfg.dmd.fake_lr <= 0:
         raise UserError(f"config key 'dmd.fake_lr' must be positive, got {cfg.dmd.fake_lr}")
