@@ -527,8 +527,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--tables",
         nargs="+",
-        default=["teacher", "student", "family", "ablation"],
-        help="row groups to train and score (teacher, student, family, ablation); the rest only from the cache",
+        default=["teacher", "student", "family", "ablation", "flow"],
+        help="row groups to train and score (teacher, student, family, ablation, flow); the rest only from the cache",
     )
     r.set_defaults(func=cmd_reproduce)
 

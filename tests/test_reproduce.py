@@ -6,7 +6,7 @@ import shutil
 import yaml
 
 from nitrofusion.cli import main
-from nitrofusion.evaluation.reproduce import ABLATIONS, FAMILY, Reproduction
+from nitrofusion.evaluation.reproduce import ABLATIONS, FAMILY, FLOW, FLOW_REGRESSION, Reproduction
 
 TINY = [
     "loss.pretrain_steps=2",
@@ -51,7 +51,9 @@ def test_reproduce_runs_every_row_and_resumes(tmp_path, capsys, monkeypatch):
     assert all(v.name in names for v in ABLATIONS)
     for v in FAMILY:  # the family at equal compute: 1, 2 and 4 steps each
         assert names.count(f"{v.name} student") == 3
-    assert len(commands) == 9 and all(c[:2] == ["distill", "--preset"] for c in commands)
+    assert names.count(f"{FLOW.name} student") == 3 and names.count(f"{FLOW_REGRESSION.name} student") == 1
+    assert [r["steps"] for r in rows if r["model"] == "flow teacher (Euler, CFG 5)"] == [28, 1, 2, 4]
+    assert len(commands) == 11 and all(c[:2] == ["distill", "--preset"] for c in commands)
     ablation_iters = {r["iterations"] for r in rows if r["group"] == "ablation"}
     assert ablation_iters == {4}, "ablations are compared at equal iterations (regression + one-step stage)"
 
@@ -72,8 +74,14 @@ def test_reproduce_runs_every_row_and_resumes(tmp_path, capsys, monkeypatch):
         assert cfg["loss"]["objective"] == objective
         assert cfg["refine"]["steps_per_stage"] == [2, 1, 0, 1] and cfg["data"]["batch_size"] == 2
     assert run_config("DMDX")["loss"]["pretrain_kind"] == "adversarial"
+    flow = run_config(FLOW.slug)  # the flow preset's 4-step stages, under the reproduction's --set
+    assert flow["model"]["teacher"] == "embedded-flow-teacher" and flow["refine"]["steps_per_stage"] == [2, 1, 0, 1]
+    flow_regression = run_config(FLOW_REGRESSION.slug)
+    assert flow_regression["loss"]["pretrain_steps"] == 4 and flow_regression["refine"]["steps_per_stage"] == [0]
+    assert {r["iterations"] for r in rows if r["model"] == f"{FLOW_REGRESSION.name} student"} == {4}
     report = (out / "results.md").read_text()
     assert "±" in report and "Ablations at equal iterations" in report and "The family at equal compute" in report
+    assert "The flow world" in report
     assert (out / "grid.png").is_file()
 
     # Everything is cached: a second call trains and samples nothing, even without the runs
@@ -92,7 +100,7 @@ def test_reproduce_runs_every_row_and_resumes(tmp_path, capsys, monkeypatch):
     assert main([*args, "--tables", "student"]) == 0
     assert not any(p.exists() for p in stale), "a group not named was recomputed"
     rows = json.loads((out / "results.json").read_text())
-    assert {r["group"] for r in rows} == {"teacher", "student", "family", "ablation"}
+    assert {r["group"] for r in rows} == {"teacher", "student", "family", "ablation", "flow"}
 
     # Scores of another sample count are not reported as this one's.
     capsys.readouterr()
@@ -168,7 +176,7 @@ def _scored_without_sampling(monkeypatch) -> None:
         return score, [Image.new("RGB", (32, 32))] * n
 
     monkeypatch.setattr(reproduce, "score_pipeline", score_pipeline)
-    monkeypatch.setattr(Reproduction, "_pipeline", lambda self, unet=None, sampler="auto": lambda: None)
+    monkeypatch.setattr(Reproduction, "_pipeline", lambda self, unet=None, sampler="auto", flow=False: lambda: None)
 
 
 def test_a_cached_score_is_reused_only_for_its_config_and_evaluator(tmp_path, monkeypatch):

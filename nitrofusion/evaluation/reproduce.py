@@ -9,7 +9,10 @@ Rows (each over several seeds, reported as mean ± sd):
   (no adversarial stage at all), each against the full method's one-step stage;
 - the family at equal compute: DMD2 and DMDX (adversarial pre-training, then ADM) from their
   own presets, which share the embedded preset's data, batch, iterations and stages and differ
-  only in the objective.
+  only in the objective;
+- the flow world (SD3 architecture): its teacher with its own Euler sampler at 28 and 1/2/4
+  steps, the NitroFusion student of the `flow-embedded` preset refined to 4 steps at trailing
+  levels (1/2/4 steps), and regression alone at the student's one-step iterations.
 
 Everything is cached under the output directory (distill runs resume, each score is a JSON
 file), so an interrupted reproduction continues where it stopped. Each score records what it
@@ -39,9 +42,10 @@ from nitrofusion.evaluation.grid import make_grid
 from nitrofusion.training.config import load_config
 from nitrofusion.userfiles import check_writable_folder, replacing, write_text_replacing
 from nitrofusion.world.evaluator import Evaluator
-from nitrofusion.world.spec import evaluator_path, teacher_path
+from nitrofusion.world.spec import evaluator_path, flow_teacher_path, teacher_path
 
 SAMPLES_KEPT = 10  # images per row and seed kept as PNGs for the grid
+STUDENT_FILES = ("student_unet.safetensors", "student_transformer.safetensors")  # a finished run's, either kind
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,7 @@ class Variant:
     overrides: tuple[str, ...] = ()
     one_step_stage_only: bool = True
     preset: str | None = None  # another preset in place of the reproduction's (the family rows)
+    defaults: tuple[str, ...] = ()  # settings on the preset that the reproduction's --set may change
 
     @property
     def slug(self) -> str:
@@ -72,7 +77,19 @@ FAMILY = (
     Variant("DMD2", one_step_stage_only=False, preset="dmd2-embedded"),
     Variant("DMDX", one_step_stage_only=False, preset="dmdx-embedded"),
 )
-TABLES = ("teacher", "student", "family", "ablation")  # the row groups, as `Row.group` names them
+# The flow world's runs: its preset refined to 4 steps, 300 iterations a stage and no 3-step stage
+# (distill.md's four-stage flow student), scored at 1, 2 and 4 steps; and regression alone for as
+# many iterations as the student's regression and one-step stages.
+FLOW_PRESET = "flow-embedded"
+FLOW = Variant(
+    "flow NitroFusion",
+    one_step_stage_only=False,
+    preset=FLOW_PRESET,
+    defaults=("refine.steps_per_stage=[300,300,0,300]",),
+)
+FLOW_REGRESSION = Variant("flow regression only", preset=FLOW_PRESET)
+FLOW_TEACHER_STEPS = (28, 1, 2, 4)  # its Euler sampler at the scheduler's own levels, CFG 5, as the pipeline samples
+TABLES = ("teacher", "student", "family", "ablation", "flow")  # the row groups, as `Row.group` names them
 TEACHER_ROWS = (
     ("native", 25),
     ("native", 1),
@@ -88,7 +105,7 @@ TEACHER_ROWS = (
 class Row:
     """One table row: a model at a number of steps, scored once per seed."""
 
-    group: str  # "teacher", "student", "ablation" or "family"
+    group: str  # one of TABLES
     model: str
     sampler: str
     steps: int
@@ -140,10 +157,18 @@ class Reproduction:
 
     # ---- schedule of the runs -------------------------------------------------------------
     def _schedule(self, variant: Variant) -> list[str]:
-        pre, first = self.cfg.loss.pretrain_steps, self.cfg.refine.steps_per_stage[0]
-        if variant.name == "regression only":
+        cfg = (
+            self.cfg if variant.preset is None else self.variant_config(FLOW if variant is FLOW_REGRESSION else variant)
+        )
+        pre, first = cfg.loss.pretrain_steps, cfg.refine.steps_per_stage[0]
+        if variant.name.endswith("regression only"):
             return [f"loss.pretrain_steps={pre + first}", "refine.steps_per_stage=[0]"]
         return [f"refine.steps_per_stage=[{first}]"] if variant.one_step_stage_only else []
+
+    def variant_config(self, variant: Variant):
+        """A variant's preset with its defaults, this reproduction's --set and its own overrides."""
+        overrides = [*variant.defaults, *self.overrides, *variant.overrides]
+        return load_config(variant.preset or self.preset, None, overrides)
 
     def changes_nothing(self, variant: Variant) -> bool:
         """Whether a variant's overrides leave the reproduction's config as it is."""
@@ -159,6 +184,7 @@ class Reproduction:
 
     def _run_overrides(self, variant: Variant, seed: int) -> list[str]:
         return [
+            *variant.defaults,
             *self.overrides,
             *variant.overrides,
             *self._schedule(variant),
@@ -184,7 +210,7 @@ class Reproduction:
         run = self.run_dir(variant, seed)
         overrides = self._run_overrides(variant, seed)
         preset = variant.preset or self.preset
-        if (run / "student_unet.safetensors").is_file():
+        if any((run / name).is_file() for name in STUDENT_FILES):
             self._check_trained_as(run, self.run_config(variant, seed))
             return run
         cmd = [sys.executable, "-m", "nitrofusion.cli", "distill", "--preset", preset, "--resume", "latest"]
@@ -216,14 +242,18 @@ class Reproduction:
         seed: int,
         label: str,
         group: str,
-        trained_with: dict | None = None,
+        trained_with: Callable[[], dict] | None = None,
     ) -> EmbeddedScore | None:
         """A row's score for one seed: from the cache, or computed if its group is being (re)made.
-        `trained_with` is a student's config (`trained_with()`), None for the teacher."""
+        `trained_with` gives a student's config (`trained_with()`), None for a teacher: asked for
+        only where there is a score to check or to make (a --set that another preset refuses
+        then stops only the tables that train with it)."""
         path = self.out / "scores" / f"{key}.json"
+        if not path.is_file() and (self.report_only or group not in self.tables):
+            return None
         scored_with = {"evaluator_sha256": self.evaluator_sha256}
         if trained_with is not None:
-            scored_with["trained_with"] = trained_with
+            scored_with["trained_with"] = trained_with()
         if path.is_file():
             saved = json.loads(path.read_text())
             recorded = saved.pop("scored_with", None)
@@ -235,8 +265,6 @@ class Reproduction:
                 )
             self._check_scored_with(path, recorded, scored_with)
             return cached
-        if self.report_only or group not in self.tables:
-            return None
         pipe = load()
         # Each seed gets its own images and prompt order: seeds 100000*s + i.
         score, images = score_pipeline(
@@ -278,14 +306,19 @@ class Reproduction:
                     f"'{path}' was scored for a run trained with {differ}: use another --out, or delete its scores/"
                 )
 
-    def _pipeline(self, unet: Callable[[], Path] | None = None, sampler: str = "auto"):
-        """A loader; `unet` is called only when a score is not cached, so finished rows never retrain."""
+    def _pipeline(self, unet: Callable[[], Path] | None = None, sampler: str = "auto", flow: bool = False):
+        """A loader; `unet` is called only when a score is not cached, so finished rows never retrain.
+        `flow`: the flow world's teacher, or with `unet`, a flow run's exported pipeline folder
+        (its nitrofusion.json gives the levels and guidance it samples at)."""
         from nitrofusion.pipelines import load_pipeline
 
         def load():
             weights = unet() if unet else None
-            shift = self.cfg.model.shift if weights else None
-            pipe = load_pipeline(self.teacher, unet=weights, shift=shift, sampler=sampler)
+            if flow:
+                pipe = load_pipeline(str(weights or flow_teacher_path()), sampler=sampler)
+            else:
+                shift = self.cfg.model.shift if weights else None
+                pipe = load_pipeline(self.teacher, unet=weights, shift=shift, sampler=sampler)
             pipe.set_progress_bar_config(disable=True)
             return pipe
 
@@ -322,7 +355,7 @@ class Reproduction:
                         s,
                         label,
                         group,
-                        self.trained_with(variant, s),
+                        self._trained_with(variant, s),
                     )
                     for s in self.seeds
                 ]
@@ -336,7 +369,7 @@ class Reproduction:
                 s,
                 "NitroFusion, one-step stage",
                 "ablation",
-                self.trained_with(FULL, s),
+                self._trained_with(FULL, s),
             )
             for s in self.seeds
         ]
@@ -355,12 +388,51 @@ class Reproduction:
                         s,
                         variant.name,
                         "ablation",
-                        self.trained_with(variant, s),
+                        self._trained_with(variant, s),
                     )
                 )
             self._add(rows, Row("ablation", variant.name, "shift-LCM", 1, iters, scores))
+        self._flow_rows(rows)
         self.write(rows)
         return rows
+
+    def _trained_with(self, variant: Variant, seed: int) -> Callable[[], dict]:
+        return lambda: self.trained_with(variant, seed)
+
+    def _flow_rows(self, rows: list[Row]) -> None:
+        """The flow world: its teacher, its NitroFusion student at 1, 2 and 4 steps, regression alone."""
+        for steps in FLOW_TEACHER_STEPS:
+            label = "flow teacher (Euler, CFG 5)"
+            scores = [
+                self.score(f"flow-teacher-native-{steps}-seed{s}", self._pipeline(flow=True), steps, s, label, "flow")
+                for s in self.seeds
+            ]
+            self._add(rows, Row("flow", label, "native", steps, None, scores))
+
+        def exported(variant: Variant, seed: int) -> Callable[[], Path]:
+            return lambda: self.distill(variant, seed) / "pipeline"
+
+        def iterations(variant: Variant) -> int:
+            cfg = self.variant_config(FLOW)  # regression alone: the student's regression and one-step stages
+            return cfg.total_steps if variant is FLOW else cfg.loss.pretrain_steps + cfg.refine.steps_per_stage[0]
+
+        for variant, steps_list in ((FLOW, (1, 2, 4)), (FLOW_REGRESSION, (1,))):
+            for steps in steps_list:
+                label = f"{variant.name} student"
+                scores = [
+                    self.score(
+                        f"{variant.slug}-{steps}-seed{s}",
+                        self._pipeline(exported(variant, s), flow=True),
+                        steps,
+                        s,
+                        label,
+                        "flow",
+                        self._trained_with(variant, s),
+                    )
+                    for s in self.seeds
+                ]
+                iters = iterations(variant) if any(x is not None for x in scores) else None
+                self._add(rows, Row("flow", label, "native", steps, iters, scores))
 
     @staticmethod
     def _add(rows: list[Row], row: Row) -> None:
@@ -397,7 +469,16 @@ class Reproduction:
             ("nitrofusion-final-4", "NitroFusion 4"),
         ]
         rows += [(f"{v.slug}-1", f"{v.name} 1") for v in FAMILY]
-        return rows + [(f"{v.slug}-1", f"{v.name} 1") for v in ABLATIONS]
+        rows += [(f"{v.slug}-1", f"{v.name} 1") for v in ABLATIONS]
+        rows += [
+            ("flow-teacher-native-28", "flow teacher, Euler 28"),
+            ("flow-teacher-native-1", "flow teacher, Euler 1"),
+        ]
+        return (
+            rows
+            + [(f"{FLOW.slug}-{k}", f"{FLOW.name} {k}") for k in (1, 2, 4)]
+            + [(f"{FLOW_REGRESSION.slug}-1", f"{FLOW_REGRESSION.name} 1")]
+        )
 
 
 # Config keys each run sets itself (`Reproduction._run_overrides`), and the option that chooses them.
@@ -422,8 +503,16 @@ def _cadence_only(section: str, key: str) -> bool:
 
 
 # Keys added to the config after runs were saved: what a run that records none trained with.
-# model.flow_levels shapes flow students only, and reproduce trains UNet ones: its default stands.
+# model.flow_levels shapes flow students only, and reproduce trained none before the key: its default stands.
 BEFORE_THE_KEY = {("discriminator", "text_init"): "he", ("model", "flow_levels"): "trailing"}
+
+
+def _flow_default_targets(section: str, key: str, saved: object, want: object) -> bool:
+    """A flow run records its transformer's LoRA targets where its config left the UNet's default
+    (`Distiller`): the same setting."""
+    from nitrofusion.training.lora import DEFAULT_TARGETS, FLOW_TARGETS
+
+    return (section, key) == ("model", "lora_targets") and saved == list(FLOW_TARGETS) and want == list(DEFAULT_TARGETS)
 
 
 def _config_difference(saved: dict, want: dict) -> str | None:
@@ -434,7 +523,7 @@ def _config_difference(saved: dict, want: dict) -> str | None:
             if _cadence_only(section, key):
                 continue
             have = (saved.get(section) or {}).get(key, BEFORE_THE_KEY.get((section, key)))
-            if have != value:
+            if have != value and not _flow_default_targets(section, key, have, value):
                 return f"{section}.{key}={have!r}, this reproduction asks {value!r}"
     return None
 
@@ -463,6 +552,7 @@ def report(rows: list[Row], n: int, seeds: list[int]) -> str:
     main = [line(r) for r in rows if r.group in ("teacher", "student")]
     ablation = [line(r) for r in rows if r.group == "ablation"]
     family = [line(r) for r in rows if r.group in ("student", "family")]
+    flow = [line(r) for r in rows if r.group == "flow"]
     seeds_text = ", ".join(str(s) for s in seeds)
     return "\n".join(
         [
@@ -484,5 +574,16 @@ def report(rows: list[Row], n: int, seeds: list[int]) -> str:
             *head,
             *family,
             "",
+            *(
+                [
+                    "### The flow world (SD3 architecture): teacher, NitroFusion student, regression alone",
+                    "",
+                    *head,
+                    *flow,
+                    "",
+                ]
+                if flow
+                else []
+            ),
         ]
     )
