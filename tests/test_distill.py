@@ -1221,3 +1221,24 @@ def test_seconds_per_step_counts_the_iterations_of_its_window_and_only_training(
     total = d.cfg.total_steps
     assert total % 2 == 1 and logged[-1][0] == total  # the last window holds one iteration
     assert all(value == pytest.approx(3.0) for _, value in logged), logged
+
+
+def test_settings_of_a_section_the_run_never_reads_are_warned_about():
+    """dmd.* under NitroFusion's objective and pretrain.* without adversarial pre-training were
+    accepted and did nothing; the presets set none such."""
+    import warnings
+
+    from nitrofusion.training.config import load_config
+
+    with pytest.warns(UserWarning, match=r"config keys dmd.min_t are not read .* loss.objective dmd2 and adm"):
+        load_config("embedded", None, ["dmd.min_t=0.1"])
+    with pytest.warns(
+        UserWarning,
+        match=r"keys pretrain.pixel_width, pretrain.regression_weight are not read .*pretrain_kind=adversarial",
+    ):
+        load_config("dmdx-embedded", None, ["loss.pretrain_steps=0"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for preset in ("embedded", "demo", "dmd2-embedded", "dmdx-embedded", "flow-embedded", "sdxl", "sd3"):
+            load_config(preset, None, [])
+        load_config("dmd2-embedded", None, ["dmd.min_t=0.1"])  # read there

@@ -13,6 +13,7 @@ import math
 import re
 import types
 import typing
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib import resources
@@ -462,7 +463,39 @@ def validate(cfg: DistillConfig) -> DistillConfig:
         betas = getattr(getattr(cfg, section), name)
         if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
             raise UserError(f"config key '{key}' must be two numbers in [0, 1), got {betas}")
+    for section, keys in unread_settings(cfg).items():
+        # Warned, not refused: reproduce's --set goes to every run, and a family run reads what a
+        # NitroFusion run does not.
+        warnings.warn(
+            f"config keys {', '.join(keys)} are not read by this run ({UNREAD_BECAUSE[section]}): ignored", stacklevel=2
+        )
     return cfg
+
+
+UNREAD_BECAUSE = {
+    "dmd": "they are for loss.objective dmd2 and adm",
+    "pretrain": "they are for loss.pretrain_kind=adversarial with loss.pretrain_steps > 0",
+}
+
+
+def unread_settings(cfg: DistillConfig) -> dict[str, list[str]]:
+    """Keys set away from their defaults in a section this run never reads: the scores' (dmd.*)
+    under NitroFusion's objective, adversarial pre-training's (pretrain.*) without it."""
+    sections = []
+    if cfg.loss.objective == "nitrofusion":
+        sections.append(("dmd", cfg.dmd, DMDConfig()))
+    if not cfg.loss.adversarial_pretraining:
+        sections.append(("pretrain", cfg.pretrain, PretrainConfig()))
+    unread = {}
+    for name, values, defaults in sections:
+        keys = [
+            f"{name}.{f.name}"
+            for f in dataclasses.fields(values)
+            if getattr(values, f.name) != getattr(defaults, f.name)
+        ]
+        if keys:
+            unread[name] = keys
+    return unread
 
 
 @dataclass(frozen=True)
