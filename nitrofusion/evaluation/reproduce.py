@@ -12,7 +12,8 @@ Rows (each over several seeds, reported as mean ± sd):
   only in the objective;
 - the flow world (SD3 architecture): its teacher with its own Euler sampler at 28 and 1/2/4
   steps, the NitroFusion student of the `flow-embedded` preset refined to 4 steps at trailing
-  levels (1/2/4 steps), and regression alone at the student's one-step iterations.
+  levels (1/2/4 steps, and at one step as it left its one-step stage), and regression alone at
+  that stage's iterations.
 
 Everything is cached under the output directory (distill runs resume, each score is a JSON
 file), so an interrupted reproduction continues where it stopped. Each score records what it
@@ -88,6 +89,7 @@ FLOW = Variant(
     defaults=("refine.steps_per_stage=[300,300,0,300]",),
 )
 FLOW_REGRESSION = Variant("flow regression only", preset=FLOW_PRESET)
+FLOW_STAGE_ONE = ("stages", "1-step", "student_transformer.safetensors")  # in a flow run's folder
 FLOW_TEACHER_STEPS = (28, 1, 2, 4)  # its Euler sampler at the scheduler's own levels, CFG 5, as the pipeline samples
 TABLES = ("teacher", "student", "family", "ablation", "flow")  # the row groups, as `Row.group` names them
 TEACHER_ROWS = (
@@ -309,12 +311,17 @@ class Reproduction:
     def _pipeline(self, unet: Callable[[], Path] | None = None, sampler: str = "auto", flow: bool = False):
         """A loader; `unet` is called only when a score is not cached, so finished rows never retrain.
         `flow`: the flow world's teacher, or with `unet`, a flow run's exported pipeline folder
-        (its nitrofusion.json gives the levels and guidance it samples at)."""
+        (its nitrofusion.json gives the levels and guidance it samples at), or a stage's transformer
+        weights of that run, loaded into its exported pipeline."""
         from nitrofusion.pipelines import load_pipeline
+        from nitrofusion.pipelines.loading import load_unet_weights
 
         def load():
             weights = unet() if unet else None
-            if flow:
+            if flow and weights is not None and weights.is_file():  # a stage's transformer, in its run's export
+                pipe = load_pipeline(str(weights.parents[2] / "pipeline"), sampler=sampler)
+                load_unet_weights(pipe.transformer, weights)
+            elif flow:
                 pipe = load_pipeline(str(weights or flow_teacher_path()), sampler=sampler)
             else:
                 shift = self.cfg.model.shift if weights else None
@@ -433,6 +440,22 @@ class Reproduction:
                 ]
                 iters = iterations(variant) if any(x is not None for x in scores) else None
                 self._add(rows, Row("flow", label, "native", steps, iters, scores))
+            if variant is FLOW:  # as it left its one-step stage: regression alone's equal iterations
+                label = f"{FLOW.name}, one-step stage"
+                scores = [
+                    self.score(
+                        f"{FLOW.slug}-stage1-1-seed{s}",
+                        self._pipeline(lambda s=s: self.distill(FLOW, s).joinpath(*FLOW_STAGE_ONE), flow=True),
+                        1,
+                        s,
+                        label,
+                        "flow",
+                        self._trained_with(FLOW, s),
+                    )
+                    for s in self.seeds
+                ]
+                iters = iterations(FLOW_REGRESSION) if any(x is not None for x in scores) else None
+                self._add(rows, Row("flow", label, "native", 1, iters, scores))
 
     @staticmethod
     def _add(rows: list[Row], row: Row) -> None:
@@ -476,6 +499,7 @@ class Reproduction:
         ]
         return (
             rows
+            + [(f"{FLOW.slug}-stage1-1", f"{FLOW.name}, one-step stage 1")]
             + [(f"{FLOW.slug}-{k}", f"{FLOW.name} {k}") for k in (1, 2, 4)]
             + [(f"{FLOW_REGRESSION.slug}-1", f"{FLOW_REGRESSION.name} 1")]
         )
