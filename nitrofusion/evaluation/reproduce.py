@@ -40,7 +40,7 @@ from nitrofusion.errors import UserError
 from nitrofusion.evaluation.embedded import EmbeddedScore, score_pipeline
 from nitrofusion.evaluation.fid import weights_identity
 from nitrofusion.evaluation.grid import make_grid
-from nitrofusion.training.config import load_config
+from nitrofusion.training.config import DistillConfig, load_config
 from nitrofusion.userfiles import check_writable_folder, replacing, write_text_replacing
 from nitrofusion.world.evaluator import Evaluator
 from nitrofusion.world.spec import evaluator_path, flow_teacher_path, teacher_path
@@ -167,7 +167,7 @@ class Reproduction:
             return [f"loss.pretrain_steps={pre + first}", "refine.steps_per_stage=[0]"]
         return [f"refine.steps_per_stage=[{first}]"] if variant.one_step_stage_only else []
 
-    def variant_config(self, variant: Variant):
+    def variant_config(self, variant: Variant) -> DistillConfig:
         """A variant's preset with its defaults, this reproduction's --set and its own overrides."""
         overrides = [*variant.defaults, *self.overrides, *variant.overrides]
         return load_config(variant.preset or self.preset, None, overrides)
