@@ -88,7 +88,7 @@ FLOW = Variant(
     preset=FLOW_PRESET,
     defaults=("refine.steps_per_stage=[300,300,0,300]",),
 )
-FLOW_REGRESSION = Variant("flow regression only", preset=FLOW_PRESET)
+FLOW_REGRESSION = Variant("flow regression only", preset=FLOW_PRESET, defaults=FLOW.defaults)  # its stage 1's length
 FLOW_STAGE_ONE = ("stages", "1-step", "student_transformer.safetensors")  # in a flow run's folder
 FLOW_TEACHER_STEPS = (28, 1, 2, 4)  # its Euler sampler at the scheduler's own levels, CFG 5, as the pipeline samples
 TABLES = ("teacher", "student", "family", "ablation", "flow")  # the row groups, as `Row.group` names them
@@ -159,9 +159,7 @@ class Reproduction:
 
     # ---- schedule of the runs -------------------------------------------------------------
     def _schedule(self, variant: Variant) -> list[str]:
-        cfg = (
-            self.cfg if variant.preset is None else self.variant_config(FLOW if variant is FLOW_REGRESSION else variant)
-        )
+        cfg = self.cfg if variant.preset is None else self.variant_config(variant)
         pre, first = cfg.loss.pretrain_steps, cfg.refine.steps_per_stage[0]
         if variant.name.endswith("regression only"):
             return [f"loss.pretrain_steps={pre + first}", "refine.steps_per_stage=[0]"]
