@@ -54,7 +54,8 @@ demo: setup
 app: setup
 	$(BIN)/nitrofusion app
 
-test: setup
+# Lint first (a second): CI runs `make test`, so the code stays ruff-clean and formatted.
+test: lint
 	$(BIN)/python -m pytest -q
 
 # Fault injection at volume (docs/reliability.md): random kill -9s, the fault points at random steps,
@@ -65,7 +66,8 @@ soak: setup
 	$(BIN)/python scripts/soak.py --out outputs/soak --trials $(SOAK_TRIALS) --fuzz-examples $(SOAK_EXAMPLES)
 
 lint: setup
-	$(BIN)/ruff check nitrofusion tests scripts benchmarks
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 clean:
 	rm -rf $(VENV) outputs

@@ -29,6 +29,7 @@ from nitrofusion.app.server import (  # noqa: E402
     ServerThread,
     create_app,
     load_models,
+    prompt_reading,
 )
 
 LOCAL = "http://127.0.0.1"  # the app answers to this machine's names only (TestClient's default is "testserver")
@@ -107,6 +108,24 @@ def test_long_prompt_is_truncated_and_reported(client):
     assert r.status_code == 200
     assert r.headers["x-prompt-truncated"] == "true" and r.headers["x-token-limit"] == "77"
     assert int(r.headers["x-prompt-tokens"]) > 77
+
+
+def test_sd3_with_t5_reads_past_clips_77_tokens():
+    from diffusers import StableDiffusion3Pipeline
+
+    from nitrofusion.testing import tiny_sd3_pipeline
+
+    pipe = tiny_sd3_pipeline()  # no T5: the CLIP encoders' 77 is all the model reads
+    tokenizers, limit = prompt_reading(pipe)
+    assert limit == 77 and tokenizers == [pipe.tokenizer, pipe.tokenizer_2]
+
+    class WithT5:  # SD3's call and components, with a T5 encoder loaded
+        __call__ = StableDiffusion3Pipeline.__call__
+        tokenizer, tokenizer_2, tokenizer_3 = pipe.tokenizer, pipe.tokenizer_2, object()
+        text_encoder_3 = object()
+
+    tokenizers, limit = prompt_reading(WithT5())
+    assert limit == 256 and tokenizers == [WithT5.tokenizer_3]  # counted by T5, up to the call's default
 
 
 def test_tokenizers_are_used_on_the_worker_thread_only(embedded, monkeypatch):

@@ -224,3 +224,27 @@ def test_make_pairs_never_replaces_a_users_prompts_file_in_its_folder(tmp_path, 
     args = ["make-pairs", "--prompts", str(data / "prompts.json"), "--n", "2", "--steps", "1", "--out", str(data)]
     one_line_error(args, capsys, "is not a file teacher pairs write")
     assert (data / "prompts.json").read_text() == coco and sorted(p.name for p in data.iterdir()) == ["prompts.json"]
+
+
+def test_image_to_image_pipelines_are_refused_by_name(tiny_sdxl_dir, tmp_path, capsys):
+    """The refiner, img2img, inpainting and upscaler pipelines hold a UNet2DConditionModel too; called
+    with a prompt alone they failed deep in their own __call__, with a traceback."""
+    import shutil
+
+    from nitrofusion.app.server import ModelSpec, load_models
+    from nitrofusion.errors import UserError
+
+    refiner = tmp_path / "refiner"
+    shutil.copytree(tiny_sdxl_dir, refiner)
+    index = json.loads((refiner / "model_index.json").read_text())
+    (refiner / "model_index.json").write_text(json.dumps(index | {"_class_name": "StableDiffusionXLImg2ImgPipeline"}))
+    said = "is a StableDiffusionXLImg2ImgPipeline, which does not make images from text alone"
+    for args in (
+        ["generate", "a cat", "--model", str(refiner), "--out", str(tmp_path / "x.png")],
+        ["evaluate", "--model", str(refiner), "--n", "2", "--steps", "1", "--out", str(tmp_path / "ev")],
+        ["make-pairs", "--model", str(refiner), "--out", str(tmp_path / "pairs")],
+        ["distill", "--set", f"model.teacher={refiner}", "--output-dir", str(tmp_path / "run")],
+    ):
+        one_line_error(args, capsys, said)
+    with pytest.raises(UserError, match=said):
+        load_models([ModelSpec(str(refiner))], device="cpu", warmup=False)

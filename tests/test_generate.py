@@ -582,7 +582,11 @@ def test_a_size_whose_latents_the_unet_cannot_halve_evenly_samples_as_stock_diff
     stock.scheduler = pipe.scheduler
     seed = torch.Generator().manual_seed(0)
     theirs = stock("a cat", height=72, width=40, num_inference_steps=1, guidance_scale=0, generator=seed).images[0]
-    assert np.array_equal(np.asarray(ours), np.asarray(theirs))
+    # The same images, up to rounding: on an AVX2-only CPU (torch's cpu capability "AVX2") one value
+    # in 8,640 differs by 1/255, where earlier machines gave equal bits; a size handled otherwise
+    # would differ everywhere.
+    diff = np.abs(np.asarray(ours).astype(int) - np.asarray(theirs).astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, (diff.max(), (diff > 0).mean())
     code, _, err = run([*args, "--height", "76"], capsys)
     assert code == 2 and "multiple of 8" in err
 

@@ -40,6 +40,7 @@ newest when it starts (otherwise 409); one superseded while drawn is delivered, 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import io
 import itertools
 import logging
@@ -89,6 +90,23 @@ LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 # --- models -------------------------------------------------------------------------------------
 
 
+def prompt_reading(pipe: Any) -> tuple[list[Any], int]:
+    """The tokenizers a prompt is counted with, and how many of its tokens the model reads (0: no limit known).
+
+    CLIP's encoders read 77 tokens. SD3 with its T5 encoder reads further: T5 takes the pipeline's
+    `max_sequence_length` tokens (256 unless the call says otherwise, and ours does not), so a prompt past
+    77 CLIP tokens still reaches the transformer; it is counted, and called truncated, by T5's tokenizer."""
+    t5 = getattr(pipe, "tokenizer_3", None)
+    if t5 is not None and getattr(pipe, "text_encoder_3", None) is not None:
+        call = inspect.signature(type(pipe).__call__).parameters.get("max_sequence_length")
+        if call is not None and isinstance(call.default, int):
+            return [t5], call.default
+    tokenizers = [t for t in (getattr(pipe, "tokenizer", None), getattr(pipe, "tokenizer_2", None)) if t]
+    # Tokenizers without a real limit report a huge model_max_length; CLIP's is 77.
+    limits = [int(t.model_max_length) for t in tokenizers if int(t.model_max_length) < 100_000]
+    return tokenizers, min(limits) if limits else 0
+
+
 @dataclass
 class Rendered:
     png: bytes
@@ -120,9 +138,7 @@ class LoadedModel:
     ) -> LoadedModel:
         from nitrofusion.pipelines.generation import default_guidance, default_size, sampler_of, size_multiple
 
-        tokenizers = [t for t in (getattr(pipe, "tokenizer", None), getattr(pipe, "tokenizer_2", None)) if t]
-        # Tokenizers without a real limit report a huge model_max_length; CLIP's is 77.
-        limits = [int(t.model_max_length) for t in tokenizers if int(t.model_max_length) < 100_000]
+        tokenizers, token_limit = prompt_reading(pipe)
         return cls(
             name=name,
             source=source,
@@ -131,7 +147,7 @@ class LoadedModel:
             guidance_scale=default_guidance(sampler_of(pipe), pipe) if guidance_scale is None else guidance_scale,
             default_size=default_size(pipe),
             size_multiple=size_multiple(pipe),
-            token_limit=min(limits) if limits else 0,
+            token_limit=token_limit,
             tokenizers=tokenizers,
             compiled_size=default_size(pipe) if compiled else None,
         )

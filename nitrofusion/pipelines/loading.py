@@ -404,6 +404,9 @@ def check_model_index(model_dir: Path) -> dict:
     return index
 
 
+# UNet text-to-image pipelines: what is distilled and sampled (SD1.5 and SDXL architecture).
+UNET_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+
 # Flow-matching transformer pipelines that are sampled (generate, evaluate, app), by their index entries.
 FLOW_PIPELINES = {"StableDiffusion3Pipeline": "SD3Transformer2DModel"}
 
@@ -426,13 +429,20 @@ def unet_only_options(
 def check_architecture(index: dict, where: str, allow_flow: bool = False, unet_only: Sequence[str] = ()) -> bool:
     """Refuse what cannot be loaded for the caller, naming what it is; True for a flow pipeline.
 
-    A UNet pipeline (SDXL or SD1.5 architecture) always passes. An SD3-architecture flow-matching
+    A UNet text-to-image pipeline (SDXL or SD1.5 architecture) passes. An SD3-architecture flow-matching
     transformer passes where `allow_flow` (sampling with its own scheduler), unless options only a
     UNet pipeline takes (`unet_only`, e.g. "--unet") were given (a teacher to distil is one).
     Any other transformer pipeline (Flux...) is refused by name."""
-    if index.get("unet", [None])[1:] == [UNet2DConditionModel.__name__]:
-        return False
     kind = index.get("_class_name")
+    if index.get("unet", [None])[1:] == [UNet2DConditionModel.__name__]:
+        if kind not in UNET_PIPELINES:
+            # The refiner, inpainting, image-to-image and upscaler pipelines hold the same UNet class but
+            # take an image: called with a prompt alone they fail deep inside their own __call__.
+            raise UserError(
+                f"'{where}' is a {kind}, which does not make images from text alone: use a "
+                f"{' or '.join(UNET_PIPELINES)} (SD1.5 or SDXL architecture)"
+            )
+        return False
     if is_flow_pipeline(index):
         if not allow_flow:
             raise UserError(
