@@ -20,6 +20,7 @@ from nitrofusion.userfiles import check_writable_folder
 from nitrofusion.world.config import DEFAULT_STAGES, WORLD_STAGES
 
 EXIT_USAGE = 2
+EXIT_OUT_OF_MEMORY = 3  # not the user's input: the machine's memory
 
 
 def _read_prompts(args: argparse.Namespace) -> list[str]:
@@ -41,7 +42,7 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
 def cmd_generate(args: argparse.Namespace) -> int:
     # What needs no model is checked before importing diffusers (seconds), so a typo fails at once.
     prompts = _read_prompts(args)
-    if args.steps < 1:
+    if args.steps is not None and args.steps < 1:
         raise UserError(f"--steps must be at least 1, got {args.steps}")
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
@@ -51,6 +52,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         check_seeds,
         check_size,
         check_steps,
+        default_steps,
         generate_batches,
         prepare_output,
         size_multiple_of_folder,
@@ -63,7 +65,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     # before it (an SDXL pipeline loads in tens of seconds).
     check_seeds(args.seed, len(prompts))
     check_guidance_scale(args.guidance_scale)
-    check_steps(args.sampler, args.steps)
+    if args.steps is not None:
+        check_steps(args.sampler, args.steps)
     choice = choose_model(args.model, args.unet, args.shift, args.sampler)
     # An SD3 pipeline is resolved too (sampled with its own scheduler); with --unet, --shift,
     # --compile or --sampler shift-lcm it is refused from its index before a weight is fetched.
@@ -85,7 +88,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     batches = generate_batches(
         pipe,
         prompts,
-        steps=args.steps,
+        steps=default_steps(pipe) if args.steps is None else args.steps,
         seed=args.seed,
         height=args.height,
         width=args.width,
@@ -207,6 +210,7 @@ def cmd_make_pairs(args: argparse.Namespace) -> int:
     from nitrofusion.data.teacher_timesteps import check_teacher_timesteps
     from nitrofusion.pipelines import load_pipeline
     from nitrofusion.pipelines.generation import MAX_SIDE, default_size, size_multiple
+    from nitrofusion.pipelines.loading import resolve_device, resolve_dtype
     from nitrofusion.training.distill import resolve_teacher
 
     if args.n < 1 or args.batch_size < 1 or args.steps < 1:
@@ -218,13 +222,14 @@ def cmd_make_pairs(args: argparse.Namespace) -> int:
         raise UserError(f"--resolution must be at most {MAX_SIDE} px, got {args.resolution}")
     if args.timesteps is not None:  # before the teacher is loaded
         check_teacher_timesteps(args.timesteps, args.steps, "--timesteps", "--steps")
+    resolve_dtype(args.dtype, resolve_device(args.device))  # a bad --dtype or --device before the teacher loads
     check_writable_folder(args.out, "--out")
     check_own_files(Path(args.out))  # before the teacher loads: a user's prompts.json there would be replaced
     prompts = load_prompts(args.prompts)
     # Pairs are latents: nothing is decoded, so a safety checker (SD1.5's 1.2 GB) would never run.
     # An SD3 flow transformer is a teacher too; Flux is refused from its index, before any weight is read.
     teacher = resolve_teacher(args.model)
-    pipe = load_pipeline(teacher, sampler="native", device=args.device, safety_checker=False)
+    pipe = load_pipeline(teacher, sampler="native", device=args.device, dtype=args.dtype, safety_checker=False)
     size = default_size(pipe) if args.resolution is None else args.resolution
     if size % size_multiple(pipe):
         raise UserError(f"--resolution must be a multiple of {size_multiple(pipe)} for this teacher, got {size}")
@@ -365,15 +370,25 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompts", help="prompt file: .txt (a prompt a line), .jsonl, .json (COCO too), .csv/.tsv")
     g.add_argument(
         "--model",
-        help="diffusers pipeline directory or hub id in the local cache (SDXL, SD1.5, or an SD3-architecture flow "
+        help="diffusers pipeline directory or hub id (from the local cache, else downloaded unless HF_HUB_OFFLINE "
+        "is set) (SDXL, SD1.5, or an SD3-architecture flow "
         "transformer, sampled with its own scheduler), 'embedded' (the shipped student, default), "
         "'embedded-teacher' or 'embedded-flow-teacher'",
     )
     g.add_argument("--unet", help="student UNet state dict (.safetensors) to load into the model's UNet")
-    g.add_argument("--steps", type=int, default=1, help="sampling steps (default 1; 1-4 with shift-lcm)")
+    g.add_argument(
+        "--steps",
+        type=int,
+        help="sampling steps (1-4 with shift-lcm; default 1 for a distilled model, else the pipeline's own: "
+        "50 for SD1.5/SDXL, 28 for SD3)",
+    )
     g.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i (default 0)")
-    g.add_argument("--height", type=int, help="pixels (default: the model's size); a multiple of 8, at most 8192")
-    g.add_argument("--width", type=int, help="pixels (default: the model's size); a multiple of 8, at most 8192")
+    g.add_argument(
+        "--height", type=int, help="pixels (default: the model's size); a multiple of 8 (16 for SD3), at most 8192"
+    )
+    g.add_argument(
+        "--width", type=int, help="pixels (default: the model's size); a multiple of 8 (16 for SD3), at most 8192"
+    )
     g.add_argument("--batch-size", type=int, default=4, help="images sampled at once (default 4)")
     g.add_argument("--shift", type=int, help="timestep shift (250 NitroSD-Realism, 500 NitroSD-Vibrant)")
     g.add_argument(
@@ -465,20 +480,33 @@ def build_parser() -> argparse.ArgumentParser:
     mp.add_argument("--resolution", type=int, help="pixels (default: the teacher's size); a multiple of 8")
     mp.add_argument("--seed", type=int, default=0, help="default 0; distill's run.seed, to share its pairs")
     mp.add_argument("--device", help="cpu or cuda (default: cuda if available)")
+    mp.add_argument(
+        "--dtype", default="auto", help="the teacher's: auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16 (SD3.5's)"
+    )
     mp.add_argument("--out", required=True, help="the pairs folder (resumed if it holds pairs made the same way)")
     mp.set_defaults(func=cmd_make_pairs)
 
     e = sub.add_parser("evaluate", help="generate (cached) and score: FID, CLIP, aesthetic, ImageReward, embedded")
     e.add_argument("--model", help="pipeline directory or hub id, SD3 architecture too (default: the embedded model)")
     e.add_argument("--unet", help="student UNet state dict (.safetensors)")
-    e.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4], help="step counts, a row each (default 1 2 4)")
+    e.add_argument(
+        "--steps",
+        type=int,
+        nargs="+",
+        help="step counts, a row each (default 1 2 4 for a distilled model, else the pipeline's own: 50 or 28)",
+    )
     e.add_argument("--prompts", default="embedded", help="'embedded' or a prompt file (.txt .jsonl .json .csv .tsv)")
     e.add_argument("--n", type=int, default=1000, help="images per setting (prompts cycled)")
     e.add_argument("--sampler", choices=["auto", "shift-lcm", "native"], default="auto", help="as for generate")
     e.add_argument("--shift", type=int, help="timestep shift for shift-lcm (default: the model's, else 250)")
     e.add_argument("--guidance-scale", type=float, help="CFG scale (default: as for generate)")
     e.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
-    e.add_argument("--batch-size", type=int, default=100, help="images sampled at once (default 100)")
+    e.add_argument(
+        "--batch-size",
+        type=int,
+        help="images sampled at once (default: 4 Mpx of images, at most 100: 4 at 1024², 16 at 512², 100 for the "
+        "embedded world)",
+    )
     e.add_argument("--device", help="cpu or cuda (default: cuda if available)")
     e.add_argument(
         "--dtype", default="auto", help="the model's: auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16 (SD3.5's)"
@@ -609,6 +637,17 @@ def main(argv: list[str] | None = None) -> int:
         where = f": '{exc.filename}'" if exc.filename else ""
         print(f"nitrofusion {args.command}: error: {exc.strerror or exc}{where}", file=sys.stderr)
         return EXIT_USAGE
+    except RuntimeError as exc:
+        torch = sys.modules.get("torch")  # a command that failed before importing it had no GPU to fill
+        if torch is None or not isinstance(exc, torch.OutOfMemoryError):
+            raise
+        first = str(exc).splitlines()[0] if str(exc) else "no detail"
+        print(
+            f"nitrofusion {args.command}: error: out of memory ({first}); sample or train smaller batches "
+            "(--batch-size; distill: data.batch_size, data.pairs_batch_size) or at a half-precision --dtype",
+            file=sys.stderr,
+        )
+        return EXIT_OUT_OF_MEMORY
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ CASES = {
         "--guidance-scale must be a finite",
     ),
     "pairs-resolution": (["make-pairs", "--resolution", "33", "--out", "{new}"], "--resolution must be a positive"),
+    "pairs-dtype": (["make-pairs", "--dtype", "fp8", "--out", "{new}"], "unknown dtype 'fp8'"),
     "pairs-zero-size": (["make-pairs", "--resolution", "0", "--out", "{new}"], "--resolution must be a positive"),
     "pairs-out-file": (["make-pairs", "--out", "{file}"], "is a file, not a folder"),
     # distill: zero iterations exported the teacher as a "student"; an empty folder name was ignored.
@@ -248,3 +249,33 @@ def test_image_to_image_pipelines_are_refused_by_name(tiny_sdxl_dir, tmp_path, c
         one_line_error(args, capsys, said)
     with pytest.raises(UserError, match=said):
         load_models([ModelSpec(str(refiner))], device="cpu", warmup=False)
+
+
+def test_an_original_layout_single_file_checkpoint_is_named_and_the_conversion_said(tiny_sdxl_dir, tmp_path, capsys):
+    """Most SD1.5/SDXL fine-tunes ship as one file with model.diffusion_model.* keys: as a transfer
+    target it was "not the same architecture", as --unet hundreds of missing keys, as --model "no
+    model_index.json"."""
+    import torch
+    from safetensors.torch import save_file
+
+    from nitrofusion.weights.io import unet_state_dict
+
+    single = tmp_path / "finetune.safetensors"
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4, 3, 3)}, str(single))
+    unet = unet_state_dict(tiny_sdxl_dir, "--base")
+    base = tmp_path / "base.safetensors"
+    save_file({k: v.contiguous() for k, v in unet.items()}, str(base))
+    said = "is a single-file checkpoint in the original layout (model.diffusion_model.* keys)"
+    out = str(tmp_path / "moved.safetensors")
+    one_line_error(
+        ["transfer", "--base", str(base), "--student", str(base), "--target", str(single), "--out", out], capsys, said
+    )
+    one_line_error(
+        ["generate", "a cat", "--model", str(tiny_sdxl_dir), "--unet", str(single), "--out", out + ".png"], capsys, said
+    )
+    one_line_error(
+        ["generate", "a cat", "--model", str(single), "--out", out + ".png"],
+        capsys,
+        "is a single weights file, where a diffusers pipeline directory is needed",
+    )
+    assert not (tmp_path / "moved.safetensors").exists()

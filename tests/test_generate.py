@@ -846,3 +846,48 @@ def test_a_flow_transformer_pipeline_is_refused_by_name_before_any_weight_is_rea
     (sd3 / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
     with pytest.raises(UserError, match=r"\(StableDiffusionPipeline\) is not a UNet text-to-image pipeline"):
         load_pipeline(sd3, device="cpu")
+
+
+def test_without_steps_a_teacher_samples_at_its_pipelines_default_and_a_student_at_one(tmp_path, capsys):
+    """--steps defaulted to 1 for every model: a multi-step teacher then drew noise, without a word."""
+    from PIL import Image as PILImage
+
+    teacher, student = tmp_path / "teacher.png", tmp_path / "student.png"
+    code, _, err = run(
+        ["generate", "a photo of a sneaker", "--model", "embedded-teacher", "--out", str(teacher)], capsys
+    )
+    assert code == 0, err
+    assert PILImage.open(teacher).text["steps"] == "50"  # StableDiffusionXLPipeline.__call__'s own default
+    code, _, err = run(["generate", "a photo of a sneaker", "--out", str(student)], capsys)
+    assert code == 0, err
+    assert PILImage.open(student).text["steps"] == "1"
+
+
+def test_default_steps_and_batch_size_follow_the_model(tmp_path):
+    from nitrofusion.evaluation.evaluate import default_batch_size
+    from nitrofusion.pipelines.generation import default_steps, is_distilled
+    from nitrofusion.testing import save_tiny_sd3
+    from nitrofusion.world.spec import choose_model
+
+    shipped = choose_model("embedded", None, None)
+    student = load_pipeline(shipped.model, unet=shipped.unet, shift=shipped.shift, device="cpu")
+    teacher = load_pipeline(choose_model("embedded-teacher", None, None).model, device="cpu")
+    sd3 = load_pipeline(save_tiny_sd3(tmp_path / "sd3"), device="cpu", allow_flow=True)
+    assert [default_steps(p) for p in (student, teacher, sd3)] == [1, 50, 28]
+    sd3.nitro_guidance = 0.0  # as a flow student's folder records it
+    assert is_distilled(sd3) and default_steps(sd3) == 1
+    assert default_batch_size(student) == 100  # 32 px: the cap
+    teacher.unet.register_to_config(sample_size=1024 // teacher.vae_scale_factor)  # 1024 px, as SDXL
+    assert default_batch_size(teacher) == 4
+
+
+def test_running_out_of_memory_is_one_line(monkeypatch, capsys):
+    import nitrofusion.cli as cli
+
+    def out_of_memory(args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB\nmore detail")
+
+    monkeypatch.setattr(cli, "cmd_generate", out_of_memory)
+    code = main(["generate", "a cat"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 3 and len(err) == 1 and "out of memory (CUDA out of memory. Tried to allocate 20.00 GiB)" in err[0]

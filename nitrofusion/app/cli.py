@@ -54,8 +54,8 @@ def _add_arguments(a: argparse.ArgumentParser) -> None:
         action=_ModelAction,
         metavar="[NAME=]MODEL",
         help="a model to serve (repeatable; the first is the default): 'embedded' (the shipped student, default), "
-        "'embedded-teacher', 'embedded-flow-teacher', a diffusers pipeline directory or a hub id in the local "
-        "cache; NAME is what the page shows",
+        "'embedded-teacher', 'embedded-flow-teacher', a diffusers pipeline directory or a hub id (from the local "
+        "cache, else downloaded unless HF_HUB_OFFLINE is set); NAME is what the page shows",
     )
     a.add_argument(
         "--unet", dest="unet", action=_AppliesToModel, help="student UNet (.safetensors) for the preceding --model"

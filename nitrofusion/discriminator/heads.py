@@ -21,6 +21,7 @@ held-out accuracy at t* = 10 and 88% at t* = 250 (docs/results.md, "The blind di
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -74,7 +75,7 @@ class DiscriminatorHead(nn.Module):
         any device, and a CPU generator never meets CUDA weights.
         """
 
-        def draw(weight: torch.Tensor, init, **kwargs) -> None:
+        def draw(weight: torch.Tensor, init: Callable[..., object], **kwargs: float) -> None:
             value = torch.empty(weight.shape, dtype=torch.float32)
             init(value, generator=generator, **kwargs)
             weight.copy_(value)

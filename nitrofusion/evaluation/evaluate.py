@@ -14,6 +14,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
@@ -25,8 +26,15 @@ from nitrofusion.evaluation.frechet import GaussianStats, frechet_distance
 from nitrofusion.evaluation.grid import make_grid
 from nitrofusion.userfiles import check_writable_folder, read_user_text, replacing, write_text_replacing
 
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
+
 METRICS = ("embedded", "fid", "clip", "aesthetic", "imagereward")
 FID_FEATURES = ("inception", "clip", "embedded")
+DISTILLED_STEPS = (1, 2, 4)  # the rows a distilled model is scored at by default
+# Images sampled at once by default, by their pixels: the VAE decodes a whole batch at once, in fp32,
+# several GiB of activations per image at 1024² (SDXL: 4 at once, SD1.5 at 512²: 16; the embedded world 100).
+BATCH_PIXELS, MAX_BATCH = 4 * 1024 * 1024, 100
 # (result key, column title, digits) in the order of the paper's Table 1, then the embedded world's.
 COLUMNS = (
     ("clip_score", "CLIP score ↑", 3),
@@ -42,7 +50,7 @@ COLUMNS = (
 @dataclass
 class EvalRequest:
     model: str
-    steps: list[int]
+    steps: list[int] | None  # None: 1, 2 and 4 for a distilled model, else its pipeline's own default
     out: Path
     prompts: str = "embedded"
     n: int = 1000
@@ -51,7 +59,7 @@ class EvalRequest:
     shift: int | None = None
     sampler: str = "auto"
     guidance_scale: float | None = None
-    batch_size: int = 64
+    batch_size: int | None = None  # None: default_batch_size(pipe)
     device: str | None = None
     dtype: str = "auto"  # the model's: auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16
     label: str | None = None
@@ -291,6 +299,12 @@ def fid_resize(req: EvalRequest) -> str | None:
     return (req.fid_resize or DEFAULT_FID_RESIZE) if req.fid_features == "inception" else None
 
 
+def default_batch_size(pipe: DiffusionPipeline) -> int:
+    from nitrofusion.pipelines.generation import default_size
+
+    return max(1, min(MAX_BATCH, BATCH_PIXELS // default_size(pipe) ** 2))
+
+
 def evaluate(req: EvalRequest) -> list[dict]:
     from nitrofusion.data.teacher import prompts_digest
     from nitrofusion.pipelines import load_pipeline
@@ -299,7 +313,9 @@ def evaluate(req: EvalRequest) -> list[dict]:
         check_seeds,
         default_guidance,
         default_size,
+        default_steps,
         denoiser,
+        is_distilled,
         sampling_sigmas,
     )
     from nitrofusion.pipelines.loading import resolve_device, resolve_dtype
@@ -310,9 +326,9 @@ def evaluate(req: EvalRequest) -> list[dict]:
     # that fails at the first image (and refuse the corrected rerun as other settings).
     check_seeds(req.seed, req.n)
     # Every option before anything is loaded or made: a refused run leaves nothing behind.
-    if req.batch_size < 1:
+    if req.batch_size is not None and req.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {req.batch_size}")
-    if not req.steps or min(req.steps) < 1 or len(set(req.steps)) != len(req.steps):
+    if req.steps is not None and (not req.steps or min(req.steps) < 1 or len(set(req.steps)) != len(req.steps)):
         raise UserError(f"--steps must be distinct step counts of at least 1, got {req.steps}")
     check_guidance_scale(req.guidance_scale)
     req.out = check_writable_folder(req.out, "--out")  # "" is refused, not taken as the working directory
@@ -339,8 +355,9 @@ def evaluate(req: EvalRequest) -> list[dict]:
         dtype=req.dtype,
         safety_checker=req.safety_checker,
     )
-    if req.shift is not None and pipe.nitro_sampler != "shift-lcm":
-        raise UserError(f"--shift is for the shift-lcm sampler; the {pipe.nitro_sampler} sampler has none")
+    if req.steps is None:
+        req.steps = list(DISTILLED_STEPS) if is_distilled(pipe) else [default_steps(pipe)]
+    batch_size = default_batch_size(pipe) if req.batch_size is None else req.batch_size
     for steps in req.steps:  # all of them before the first is sampled
         check_request(pipe, steps, default_size(pipe), default_size(pipe))
     req.out.mkdir(parents=True, exist_ok=True)
@@ -385,7 +402,7 @@ def evaluate(req: EvalRequest) -> list[dict]:
         print(f"warning: {warning}", file=sys.stderr, flush=True)
     for steps, settings, cache in caches:
         images, per_image = cache.fill(
-            pipe, prompts, steps, req.seed, req.batch_size, guidance, desc=f"{label}, {steps} step(s)"
+            pipe, prompts, steps, req.seed, batch_size, guidance, desc=f"{label}, {steps} step(s)"
         )
         row = {
             **settings,

@@ -25,6 +25,7 @@ from collections.abc import Callable
 import torch
 from diffusers import DiffusionPipeline, LCMScheduler, StableDiffusionXLPipeline
 from diffusers.utils.torch_utils import randn_tensor
+from transformers import BatchEncoding, PreTrainedTokenizerBase
 
 from nitrofusion.scheduling import TimestepShiftLCMScheduler
 
@@ -122,7 +123,7 @@ def to_host(pixels: torch.Tensor) -> torch.Tensor:
     return host
 
 
-def warn_truncated(tokenizer, encoded) -> None:
+def warn_truncated(tokenizer: PreTrainedTokenizerBase, encoded: BatchEncoding) -> None:
     """Log the words a prompt lost to the tokenizer's length limit, as the pipeline does, from what
     the (fast) tokenizer kept aside while truncating: no second tokenisation."""
     for encoding in encoded.encodings or ():

@@ -25,6 +25,8 @@ from nitrofusion.pipelines.fast import fast_sampler, quantize, to_host
 from nitrofusion.pipelines.loading import SHIFT_LCM_MAX_STEPS
 from nitrofusion.userfiles import check_writable_folder, replacing
 
+DEFAULT_NATIVE_STEPS = 25  # a multi-step pipeline whose call names no default of its own: the embedded teacher's
+
 
 @dataclass
 class GenerationResult:
@@ -84,6 +86,23 @@ def default_guidance(sampler: str, pipe: DiffusionPipeline | None = None) -> flo
         if default is not None and isinstance(default.default, (int, float)):
             return float(default.default)
     return 5.0
+
+
+def is_distilled(pipe: DiffusionPipeline) -> bool:
+    """Whether `pipe` samples in a few steps: the shift-LCM sampler, or a flow student of `distill`
+    (its folder records the levels it trained at, or CFG 0, as its run writes them)."""
+    if sampler_of(pipe) == "shift-lcm":
+        return True
+    return bool(getattr(pipe, "nitro_sigmas", None)) or getattr(pipe, "nitro_guidance", None) == 0
+
+
+def default_steps(pipe: DiffusionPipeline) -> int:
+    """Without --steps: 1 for a distilled model; for a multi-step one its pipeline class's own default
+    (50 for SD1.5 and SDXL, 28 for SD3), since at one step a teacher draws noise."""
+    if is_distilled(pipe):
+        return 1
+    default = inspect.signature(type(pipe).__call__).parameters.get("num_inference_steps")
+    return int(default.default) if default is not None and isinstance(default.default, int) else DEFAULT_NATIVE_STEPS
 
 
 def default_size(pipe: DiffusionPipeline) -> int:

@@ -18,7 +18,7 @@ import json
 import os
 import re
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
@@ -54,6 +54,11 @@ def resolve_model(
     `allow_flow`, `unet_only`: `check_architecture`'s, applied to a hub model's index before any
     of its weights is looked for or fetched (a local directory is checked by the caller)."""
     path = Path(model).expanduser()
+    if path.is_file() and path.suffix in (".safetensors", ".ckpt"):
+        raise UserError(
+            f"model '{model}' is a single weights file, where a diffusers pipeline directory is needed; "
+            f"for a single-file checkpoint, {CONVERT_SINGLE_FILE}"
+        )
     if path.exists():
         if not (path / "model_index.json").is_file():
             raise UserError(f"model '{model}' is not a diffusers pipeline directory (no model_index.json in it)")
@@ -133,7 +138,9 @@ def download_pipeline(
 ) -> Path:
     """A pipeline repo's model index, then only the folders it names, configs and safetensors in one
     precision: SDXL base's repo also holds two 6.9 GB single-file checkpoints at its root, a VAE
-    variant and fp16 copies of every component (about 35 GB, where 7 GB make the pipeline).
+    variant and fp16 copies of every component (about 35 GB in all). The full-precision files are
+    fetched (SDXL base: about 14 GB, twice its fp16 copies): a student trains from them, a weight
+    delta is added to them, and they load in any precision. A repo of fp16 files only gives those.
     `unet_weights=False`: the UNet's config only (a student replaces its weights). `allow_flow`,
     `unet_only`: `check_architecture`'s, applied to the index before anything else is fetched."""
     root = Path(snapshot_download(repo, allow_patterns=["model_index.json"]))
@@ -233,6 +240,25 @@ def unet_file_shift(path: str | Path) -> int | None:
     return int(value) if value is not None and value.isdigit() else None
 
 
+# Single-file checkpoints in the original (ldm/sgm) layout: most fine-tunes of SD1.5 and SDXL ship so.
+ORIGINAL_UNET_PREFIX = "model.diffusion_model."
+CONVERT_SINGLE_FILE = (
+    "convert it to a diffusers folder once with diffusers' own converter, e.g. "
+    "StableDiffusionXLPipeline.from_single_file(FILE).save_pretrained(DIR) (offline: config= a local pipeline "
+    "folder of the same architecture; StableDiffusionPipeline for SD1.5), and pass DIR"
+)
+
+
+def check_diffusers_layout(keys: Iterable[str], what: str) -> None:
+    """Refuse a state dict in the original single-file layout, saying how to convert it: read as a
+    diffusers UNet it is hundreds of "missing keys", or "not the same architecture" when it is."""
+    if any(k.startswith(ORIGINAL_UNET_PREFIX) for k in keys):
+        raise UserError(
+            f"{what} is a single-file checkpoint in the original layout ({ORIGINAL_UNET_PREFIX}* keys), "
+            f"not diffusers': {CONVERT_SINGLE_FILE}"
+        )
+
+
 def layout_problems(
     given: Mapping[str, torch.Tensor],
     expected: Mapping[str, torch.Tensor],
@@ -271,6 +297,7 @@ def check_state_dict(module: torch.nn.Module, state: dict[str, torch.Tensor], wh
 def load_unet_weights(unet: UNet2DConditionModel, path: str | Path) -> UNet2DConditionModel:
     """Load a student UNet state dict (safetensors) into `unet`, checking every key and shape."""
     state = read_safetensors(path)
+    check_diffusers_layout(state, f"UNet weights '{path}'")
     check_state_dict(unet, state, f"UNet weights '{path}'")
     unet.load_state_dict(state)
     return unet
@@ -344,12 +371,9 @@ def quiet_loading() -> Iterator[None]:
         tlog.set_verbosity(t_level)
 
 
-def _scheduler_class_name(model_dir: Path) -> str:
-    try:
-        index = json.loads((model_dir / "model_index.json").read_text())
-        return str(index.get("scheduler", [None, ""])[1])
-    except (OSError, ValueError, RecursionError, IndexError, TypeError, AttributeError):
-        return ""
+def _scheduler_class_name(index: Mapping) -> str:
+    entry = index.get("scheduler")
+    return str(entry[1]) if isinstance(entry, list) and len(entry) == 2 else ""
 
 
 TRUSTED_LIBRARIES = ("diffusers", "transformers")  # and nitrofusion's own modules (our scheduler)
@@ -567,7 +591,7 @@ def load_pipeline(
         shift = unet_file_shift(unet)  # as trained (a distill run records it)
         if shift is not None and not 1 <= shift <= num_train:
             raise UserError(f"'{unet}' records shift {shift}, outside 1..{num_train}: give --shift")
-    has_shift = _scheduler_class_name(model_dir) == TimestepShiftLCMScheduler.__name__
+    has_shift = _scheduler_class_name(index) == TimestepShiftLCMScheduler.__name__
     if shift is None and unet is not None and sampler != "native":
         # The public NitroSD files record none, and the two differ: a wrong shift samples at wrong timesteps.
         own = pipe.scheduler.config.get("shifted_timestep") if has_shift else None
@@ -686,6 +710,7 @@ def _student_unet(
         raise UserError(f"could not read the UNet config in '{model_dir / 'unet'}': {exc}") from None
     with init_empty_weights():  # no 2.6B random numbers drawn only to be replaced
         unet = UNet2DConditionModel.from_config(config)
+    check_diffusers_layout(state, what)
     check_state_dict(unet, state, what)
     # In the pipeline's dtype before the load (ModelMixin.to would log its fp32-modules notice each
     # time), and in eval mode, as from_pretrained leaves a model.

@@ -17,6 +17,7 @@ import os
 import shutil
 import tempfile
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -238,7 +239,9 @@ def load(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     return load_file(str(state)), meta
 
 
-def load_latest(root: str | Path, log=print) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+def load_latest(
+    root: str | Path, log: Callable[[str], object] = print
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
     """The newest readable checkpoint under root; unreadable ones are reported and skipped."""
     for path in reversed(list_checkpoints(root)):
         try:

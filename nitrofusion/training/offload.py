@@ -19,12 +19,16 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from functools import partial
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from nitrofusion.data.conditioning import is_sd3
 from nitrofusion.training.host_memory import host_copies
+
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
 
 GROUPS = ("text", "vae", "decoder", "safety")  # the teacher's parts that can live in host memory
 
@@ -122,7 +126,10 @@ class HostOffload:
 
 
 def teacher_groups(
-    pipe, whole_unet_every_step: bool, vae_differentiated: bool, transformer_blocks_read: int | None = None
+    pipe: DiffusionPipeline,
+    whole_unet_every_step: bool,
+    vae_differentiated: bool,
+    transformer_blocks_read: int | None = None,
 ) -> dict[str, list[nn.Module]]:
     """The teacher's offloadable parts for a run: its text encoders and safety checker (if any)
     always; its VAE unless a pixel discriminator decodes through it with gradients; its UNet's

@@ -17,6 +17,7 @@ import torch
 
 from nitrofusion.errors import UserError
 from nitrofusion.pipelines.loading import (
+    check_diffusers_layout,
     check_model_index,
     is_flow_pipeline,
     layout_problems,
@@ -39,7 +40,9 @@ def unet_state_dict(source: str | Path, what: str, component: str | None = "unet
     None: whichever of the two the source holds (a pipeline's by its model index)."""
     path = Path(source).expanduser()
     if path.is_file() or path.suffix == ".safetensors":
-        return read_safetensors(path)
+        state = read_safetensors(path)
+        check_diffusers_layout(state, f"{what} '{source}'")
+        return state
     if (path / "config.json").is_file():
         folder = path
     else:
