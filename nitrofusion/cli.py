@@ -21,6 +21,10 @@ from nitrofusion.world.config import DEFAULT_STAGES, WORLD_STAGES
 
 EXIT_USAGE = 2
 EXIT_OUT_OF_MEMORY = 3  # not the user's input: the machine's memory
+LORA_HELP = (
+    "a LoRA (.safetensors, diffusers' format) fused into the model: export-lora's samples as its student "
+    "(its recorded shift or noise levels); default model with it: the embedded teacher"
+)
 
 
 def _read_prompts(args: argparse.Namespace) -> list[str]:
@@ -67,7 +71,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     check_guidance_scale(args.guidance_scale)
     if args.steps is not None:
         check_steps(args.sampler, args.steps)
-    choice = choose_model(args.model, args.unet, args.shift, args.sampler)
+    choice = choose_model(args.model, args.unet, args.shift, args.sampler, args.lora)
     # An SD3 pipeline is resolved too (sampled with its own scheduler); with --unet, --shift,
     # --compile or --sampler shift-lcm it is refused from its index before a weight is fetched.
     unet_only = unet_only_options(choice.unet, choice.shift, args.sampler, args.compile)
@@ -84,6 +88,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         compile=args.compile,
         safety_checker=not args.no_safety_checker,
+        lora=args.lora,
     )
     batches = generate_batches(
         pipe,
@@ -245,7 +250,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from nitrofusion.world.spec import choose_model
 
     out, _ = prepare_output(args.out, 2)
-    choice = choose_model(args.model, args.unet, args.shift, args.sampler)
+    choice = choose_model(args.model, args.unet, args.shift, args.sampler, args.lora)
     request = EvalRequest(
         model=str(choice.model),
         steps=args.steps,
@@ -254,13 +259,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         n=args.n,
         seed=args.seed,
         unet=str(choice.unet) if choice.unet else None,
+        lora=args.lora,
         shift=choice.shift,
         sampler=args.sampler,
         guidance_scale=args.guidance_scale,
         batch_size=args.batch_size,
         device=args.device,
         dtype=args.dtype,
-        label=args.label or args.model or "embedded",
+        label=args.label
+        or (f"{choice.model.name} + {Path(args.lora).stem}" if args.lora else args.model or "embedded"),
         metrics=args.metrics,
         fid_features=args.fid_features,
         fid_resize=args.fid_resize,
@@ -376,6 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
         "'embedded-teacher' or 'embedded-flow-teacher'",
     )
     g.add_argument("--unet", help="student UNet state dict (.safetensors) to load into the model's UNet")
+    g.add_argument("--lora", help=LORA_HELP)
     g.add_argument(
         "--steps",
         type=int,
@@ -489,6 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="generate (cached) and score: FID, CLIP, aesthetic, ImageReward, embedded")
     e.add_argument("--model", help="pipeline directory or hub id, SD3 architecture too (default: the embedded model)")
     e.add_argument("--unet", help="student UNet state dict (.safetensors)")
+    e.add_argument("--lora", help=LORA_HELP)
     e.add_argument(
         "--steps",
         type=int,

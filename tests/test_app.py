@@ -262,6 +262,11 @@ def test_cli_parses_models_and_flags_loopback():
         ("realism", "/sdxl", "r.safetensors", 250),
     ]
     assert args.host == "127.0.0.1" and args.func.__name__ == "run"
+    (spec,) = parser.parse_args(["app", "--lora", "/loras/realism-lora.safetensors"]).models
+    assert (spec.model, spec.lora) == (None, "/loras/realism-lora.safetensors")  # on the embedded teacher
+    from nitrofusion.app.server import model_name
+
+    assert model_name(spec) == "realism-lora"  # named by the file that makes the model what it is
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.5") and not is_loopback("example.org")
 

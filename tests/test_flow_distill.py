@@ -24,7 +24,7 @@ from nitrofusion.objectives.scores import FlowProcess
 from nitrofusion.pipelines import generate, load_pipeline
 from nitrofusion.pipelines.generation import default_guidance
 from nitrofusion.pipelines.loading import flow_file_sigmas
-from nitrofusion.testing import TINY_SD3, save_tiny_sd3, tiny_sd3_pipeline
+from nitrofusion.testing import TINY_SD3, save_tiny_sd3, save_tiny_sdxl, tiny_sd3_pipeline
 from nitrofusion.training.distill import Distiller
 from nitrofusion.training.flow_student import FlowStudent
 
@@ -438,6 +438,14 @@ def test_an_sd3_students_lora_loads_into_the_stock_pipeline(sd3_dir, tmp_path, c
         if k.endswith(".weight") and v.ndim in (2, 4):
             assert (got[k] - v).abs().max() < 1e-5, k
     assert any(not torch.equal(want[k], teacher[k]) for k in want)
+    # Our loading of it (generate/evaluate/app --lora): fused, and sampled as the student is, at its
+    # recorded levels without CFG, as the exported pipeline folder is.
+    ours, exported = load_pipeline(sd3_dir, lora=lora, device="cpu"), load_pipeline(out / "pipeline", device="cpu")
+    assert (ours.nitro_guidance, ours.nitro_sigmas) == (exported.nitro_guidance, exported.nitro_sigmas) == (0, levels)
+    got = ours.transformer.state_dict()
+    assert all((got[k] - v).abs().max() < 1e-5 for k, v in want.items() if k.endswith(".weight") and v.ndim in (2, 4))
+    with pytest.raises(UserError, match="is for a transformer, and .* has a unet"):
+        load_pipeline(save_tiny_sdxl(tmp_path / "sdxl"), lora=lora, device="cpu")
     assert main([*args, "--out", str(tmp_path / "x.safetensors"), "--shift", "250"]) == 2
     assert "--shift is for UNet students" in capsys.readouterr().err
 

@@ -381,3 +381,58 @@ def test_export_lora_says_a_bad_rank_before_reading_the_unets(tmp_path, capsys):
     missing = str(tmp_path / "nowhere.safetensors")  # read first, this would be the error
     assert main(["export-lora", "--student", missing, "--teacher", missing, "--rank", "0", "--out", str(tmp_path)]) == 2
     assert "--rank" in capsys.readouterr().err
+
+
+def test_generate_with_the_shipped_students_lora_samples_as_the_student(tmp_path, capsys):
+    """export-lora, then `generate --lora`: the LoRA fused into the embedded teacher, sampled with the
+    shift-LCM scheduler at the shift the LoRA records. The LoRA holds every weight delta; the student's
+    bias and norm changes it cannot hold (the export's report says how much) are the only difference."""
+    import numpy as np
+    from PIL import Image
+
+    from nitrofusion.pipelines import load_pipeline
+    from nitrofusion.world.spec import student_path, teacher_path
+
+    lora = tmp_path / "student-lora.safetensors"
+    export = ["export-lora", "--student", str(student_path() / "unet"), "--teacher", str(teacher_path())]
+    assert main([*export, "--rank", "1024", "--dtype", "fp32", "--out", str(lora)]) == 0, capsys.readouterr().err
+    pipe = load_pipeline(teacher_path(), lora=lora, device="cpu")
+    student = load_file(str(student_path() / "unet" / "diffusion_pytorch_model.safetensors"))
+    fused = pipe.unet.state_dict()
+    assert pipe.nitro_sampler == "shift-lcm" and pipe.scheduler.config.shifted_timestep == 250
+    assert not any("lora" in k for k in fused)  # fused: no adapter layers left
+    for k, v in student.items():
+        if k.endswith(".weight") and v.ndim in (2, 4):
+            assert (fused[k] - v.float()).abs().max() < 1e-4, k
+    images = {}
+    for name, extra in (("student", []), ("lora", ["--lora", str(lora)]), ("teacher", ["--model", "embedded-teacher"])):
+        out = tmp_path / f"{name}.png"
+        args = ["generate", "a photo of a sneaker", "--out", str(out), *extra]
+        assert main(args + (["--sampler", "shift-lcm"] if name == "teacher" else [])) == 0, capsys.readouterr().err
+        images[name] = np.asarray(Image.open(out)).astype(int)
+    assert Image.open(tmp_path / "lora.png").text["lora"] == str(lora)
+    apart = {k: np.abs(images[k] - images["student"]).mean() for k in ("lora", "teacher")}
+    assert apart["lora"] < apart["teacher"] / 4, apart
+    ev = tmp_path / "ev"
+    assert main(["evaluate", "--lora", str(lora), "--n", "2", "--out", str(ev)]) == 0, capsys.readouterr().err
+    rows = json.loads((ev / "results.json").read_text())
+    assert [r["steps"] for r in rows] == [1, 2, 4]  # a distilled model's rows, by default
+    assert rows[0]["lora"] == str(lora) and rows[0]["model"] == "teacher + student-lora" and rows[0]["lora_file"]
+
+
+def test_a_lora_that_is_not_one_is_refused_in_one_line(tmp_path, capsys):
+    bin_file = tmp_path / "lora.bin"
+    bin_file.write_bytes(b"not a pickle we would ever open")
+    kohya = tmp_path / "kohya.safetensors"
+    save_file({"lora_unet_down_blocks_0.lora_down.weight": torch.zeros(2, 2)}, str(kohya))
+    for lora, said in (
+        (bin_file, "must be a .safetensors file"),
+        (kohya, "is not a LoRA in diffusers' format for one denoiser"),
+        (tmp_path, "is a folder without pytorch_lora_weights.safetensors"),
+    ):
+        assert main(["generate", "a cat", "--lora", str(lora), "--out", str(tmp_path / "x.png")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and said in err[0], err
+    assert main(["generate", "a cat", "--model", "embedded", "--lora", str(kohya)]) == 2
+    assert "a LoRA goes on its teacher" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()

@@ -18,6 +18,7 @@ class ModelSpec:
 
     model: str | None = None  # a pipeline directory, hub id in the local cache, or an embedded name
     unet: str | None = None
+    lora: str | None = None  # a LoRA fused into the model (with no model: the embedded teacher)
     shift: int | None = None
     guidance_scale: float | None = None  # None: the sampler's default (generation.default_guidance)
     name: str | None = None

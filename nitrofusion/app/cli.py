@@ -28,7 +28,7 @@ class _ModelAction(argparse.Action):
 
 
 class _AppliesToModel(argparse.Action):
-    """--unet / --shift / --guidance-scale apply to the --model given before them (or to the default model)."""
+    """--unet / --lora / --shift / --guidance-scale apply to the --model given before them (or to the default model)."""
 
     def __call__(self, parser, namespace, value, option_string=None):  # type: ignore[no-untyped-def]
         if not namespace.models:
@@ -59,6 +59,13 @@ def _add_arguments(a: argparse.ArgumentParser) -> None:
     )
     a.add_argument(
         "--unet", dest="unet", action=_AppliesToModel, help="student UNet (.safetensors) for the preceding --model"
+    )
+    a.add_argument(
+        "--lora",
+        dest="lora",
+        action=_AppliesToModel,
+        help="a LoRA (.safetensors) fused into the preceding --model (default: the embedded teacher); export-lora's "
+        "samples as its student",
     )
     a.add_argument("--shift", dest="shift", type=int, action=_AppliesToModel, help="timestep shift for it")
     a.add_argument(

@@ -207,7 +207,7 @@ class LoadedModel:
         elapsed = time.perf_counter() - t0
         info = PngInfo()
         # The name clients know the model by: never the server's paths (the pipeline's or a student file's).
-        metadata = {k: v for k, v in result.metadata.items() if k != "unet"}
+        metadata = {k: v for k, v in result.metadata.items() if k not in ("unet", "lora")}
         for key, value in {**metadata, "model": self.name}.items():
             info.add_text(key, value)
         buf = io.BytesIO()
@@ -221,12 +221,13 @@ def model_name(spec: ModelSpec) -> str:
 
     if spec.name:
         return spec.name
+    student = spec.unet or spec.lora  # the file that makes the model what it is
     if spec.model is None:
-        return "embedded" if spec.unet is None else Path(spec.unet).stem
-    if spec.model in EMBEDDED_NAMES and spec.unet is None:
+        return "embedded" if student is None else Path(student.rstrip("/")).stem
+    if spec.model in EMBEDDED_NAMES and student is None:
         return spec.model
-    if spec.unet:
-        return Path(spec.unet).stem
+    if student:
+        return Path(student.rstrip("/")).stem
     return Path(spec.model.rstrip("/")).name or spec.model
 
 
@@ -255,9 +256,10 @@ def load_models(
         check_guidance_scale(specs[i].guidance_scale)
     models: list[LoadedModel] = []
     for spec, name in zip(specs, names):
-        choice = choose_model(spec.model, spec.unet, spec.shift)
+        choice = choose_model(spec.model, spec.unet, spec.shift, lora=spec.lora)
         pipe = load_pipeline(
             choice.model,
+            lora=spec.lora,
             unet=choice.unet,
             shift=choice.shift,
             device=device,
@@ -266,7 +268,8 @@ def load_models(
             safety_checker=safety_checker,
         )
         compiled = compile and str(pipe.device).startswith("cuda")  # compile_pipeline leaves CPU alone
-        loaded = LoadedModel.from_pipeline(name, spec.model or "embedded", pipe, compiled, spec.guidance_scale)
+        source = spec.model or ("embedded-teacher" if spec.lora else "embedded")
+        loaded = LoadedModel.from_pipeline(name, source, pipe, compiled, spec.guidance_scale)
         if warmup:
             # A compiled sampler captures one CUDA graph per step count: capture them all now.
             for steps in range(1, MAX_STEPS + 1) if compiled else (1,):

@@ -56,6 +56,7 @@ class EvalRequest:
     n: int = 1000
     seed: int = 0
     unet: str | None = None
+    lora: str | None = None  # a LoRA fused into the model (load_pipeline's `lora`)
     shift: int | None = None
     sampler: str = "auto"
     guidance_scale: float | None = None
@@ -354,6 +355,7 @@ def evaluate(req: EvalRequest) -> list[dict]:
         device=device,
         dtype=req.dtype,
         safety_checker=req.safety_checker,
+        lora=req.lora,
     )
     if req.steps is None:
         req.steps = list(DISTILLED_STEPS) if is_distilled(pipe) else [default_steps(pipe)]
@@ -392,6 +394,8 @@ def evaluate(req: EvalRequest) -> list[dict]:
         }
         if unfiltered:  # other images than the filtered ones: the cache refuses to mix them
             settings["safety_checker"] = False
+        if req.lora is not None:  # only where set: older caches stay valid
+            settings["lora"], settings["lora_file"] = req.lora, _file_identity(pipe.nitro_lora)
         levels = sampling_sigmas(pipe, steps)
         if levels is not None:  # a flow student's recorded levels (only where set: older caches stay valid)
             settings["sigmas"] = levels

@@ -278,6 +278,8 @@ def generate_batches(
             }
             if getattr(pipe, "nitro_unet", ""):  # the model's UNet was replaced: the student is this file
                 meta["unet"] = pipe.nitro_unet
+            if getattr(pipe, "nitro_lora", ""):  # a LoRA fused into the model's denoiser
+                meta["lora"] = pipe.nitro_lora
             if sampler == "shift-lcm":
                 meta["shift"] = str(pipe.scheduler.config.shifted_timestep)
             if sigmas is not None:

@@ -544,6 +544,7 @@ def load_pipeline(
     safety_checker: bool = True,
     option: str = "--model",
     allow_flow: bool = True,
+    lora: str | Path | None = None,
 ) -> DiffusionPipeline:
     """Load a text-to-image pipeline ready for few-step sampling.
 
@@ -563,7 +564,16 @@ def load_pipeline(
     for it before any weight is read (a flow student's pipeline, without CFG: `nitro_guidance`, and
     at the levels it was trained at: `nitro_sigmas`, passed to the pipeline as `sigmas`).
     `allow_flow=False` (where only a UNet will do) refuses it.
+
+    `lora`: a LoRA fused into the denoiser (`nitrofusion.pipelines.adapters`). One of `export-lora`
+    makes the pipeline its student: sampled as the student's file would be with `unet` (its recorded
+    shift), or for a flow student at its recorded levels, without CFG. `pipe.nitro_lora` records it.
     """
+    from nitrofusion.pipelines.adapters import apply_lora, read_lora_file
+
+    adapter = read_lora_file(lora) if lora is not None else None  # before any model is looked for
+    if adapter is not None and unet is not None:
+        raise UserError("--lora and --unet both replace the model's weights: give one")
     if shift is not None and sampler == "native":  # it would be ignored: the native sampler has no shift
         raise UserError("--shift is for the shift-lcm sampler; the native sampler has none")
     unet_only = unet_only_options(unet, shift, sampler, compile)
@@ -578,30 +588,39 @@ def load_pipeline(
             )
         guidance, sigmas = recorded_guidance(model_dir), recorded_sigmas(model_dir)  # refused before any weight
         pipe = _read_pipeline(model_dir, index, torch_dtype, safety_checker)[0]
+        if adapter is not None:
+            apply_lora(pipe, adapter, str(model_dir))
+            if adapter.distilled:  # the student's: it learnt the teacher's guided samples, at its levels
+                guidance, sigmas = 0.0, adapter.sigmas
         pipe.nitro_guidance, pipe.nitro_sigmas = guidance, sigmas
+        pipe.nitro_lora = "" if adapter is None else str(adapter.path)
         return _loaded(pipe, "native", model, False, device)
     student = {}
     if unet is not None:
         student["unet"] = _student_unet(model_dir, read_safetensors(unet), torch_dtype, f"UNet weights '{unet}'")
     pipe, drop_checker = _read_pipeline(model_dir, index, torch_dtype, safety_checker, **student)
+    if adapter is not None:
+        apply_lora(pipe, adapter, str(model_dir))
+    # The file a student's sampling settings are read from: its UNet's, or its LoRA's (export-lora's).
+    recorded = unet if unet is not None else (adapter.path if adapter is not None and adapter.distilled else None)
     num_train = pipe.scheduler.config.get("num_train_timesteps", 1000)
     if shift is not None and not 1 <= shift <= num_train:
         raise UserError(f"--shift must be a timestep in 1..{num_train}, got {shift}")
-    if shift is None and unet is not None:
-        shift = unet_file_shift(unet)  # as trained (a distill run records it)
+    if shift is None and recorded is not None:
+        shift = unet_file_shift(recorded)  # as trained (a distill run records it)
         if shift is not None and not 1 <= shift <= num_train:
-            raise UserError(f"'{unet}' records shift {shift}, outside 1..{num_train}: give --shift")
+            raise UserError(f"'{recorded}' records shift {shift}, outside 1..{num_train}: give --shift")
     has_shift = _scheduler_class_name(index) == TimestepShiftLCMScheduler.__name__
-    if shift is None and unet is not None and sampler != "native":
+    if shift is None and recorded is not None and sampler != "native":
         # The public NitroSD files record none, and the two differ: a wrong shift samples at wrong timesteps.
         own = pipe.scheduler.config.get("shifted_timestep") if has_shift else None
         used = f"{own} (the pipeline's scheduler's)" if own is not None else f"{DEFAULT_SHIFT} (NitroSD-Realism's)"
         warnings.warn(
-            f"'{unet}' records no timestep shift: sampling at {used}; NitroSD-Vibrant needs --shift 500",
+            f"'{recorded}' records no timestep shift: sampling at {used}; NitroSD-Vibrant needs --shift 500",
             stacklevel=2,
         )
     if sampler == "auto":
-        sampler = "shift-lcm" if (has_shift or unet is not None or shift is not None) else "native"
+        sampler = "shift-lcm" if (has_shift or recorded is not None or shift is not None) else "native"
     if sampler == "shift-lcm":
         if has_shift and isinstance(pipe.scheduler, TimestepShiftLCMScheduler):
             # original_inference_steps is 4 in NitroSD's recipe, but the snippet sets it on the config
@@ -630,6 +649,7 @@ def load_pipeline(
         sampler = "shift-lcm"  # a distilled pipeline's own scheduler: 1-4 steps, no CFG by default
     pipe = _loaded(pipe, sampler, model, drop_checker, device)
     pipe.nitro_unet = "" if unet is None else str(unet)  # the student in the model's place, for provenance
+    pipe.nitro_lora = "" if adapter is None else str(adapter.path)
     if compile:
         from nitrofusion.pipelines.fast import compile_pipeline
 

@@ -109,10 +109,21 @@ def embedded_model(name: str = "embedded") -> ModelChoice | None:
 EMBEDDED_NAMES = ("embedded", "embedded-teacher", "embedded-flow-teacher")
 
 
-def choose_model(model: str | None, unet: str | None, shift: int | None, sampler: str = "auto") -> ModelChoice:
+def choose_model(
+    model: str | None, unet: str | None, shift: int | None, sampler: str = "auto", lora: str | None = None
+) -> ModelChoice:
     """What `--model/--unet/--shift` mean: no model or an embedded name picks the shipped
-    world (an explicit --unet or --shift still wins); anything else is taken as given."""
+    world (an explicit --unet or --shift still wins); anything else is taken as given. With a
+    `--lora`, no model is the embedded teacher, which a LoRA of the shipped student goes on."""
     from nitrofusion.errors import UserError
+
+    if lora is not None:
+        if model == "embedded":
+            raise UserError(
+                "--model embedded is the shipped student; a LoRA goes on its teacher: --model embedded-teacher "
+                "(the default with --lora)"
+            )
+        model = model or "embedded-teacher"
 
     if model is None or model in EMBEDDED_NAMES:
         found = embedded_model(model or "embedded")

@@ -1,0 +1,83 @@
+"""A LoRA on a pipeline's denoiser, read as safetensors only: `export-lora`'s, or anyone's in diffusers' format.
+
+`export-lora` writes a student as its teacher plus a LoRA, and records in the file's header how the
+LoRA'd teacher samples as the student: a UNet student's timestep shift (`nitrofusion.shift`), a
+flow student's noise levels (`nitrofusion.sigmas`), and its extraction report (`nitrofusion`). Those
+are read back here, so `generate --model TEACHER --lora FILE` samples as the student did. Any other
+LoRA (a style, a character) is applied as it is and changes nothing about how the pipeline samples.
+
+The LoRA is fused into the weights and its adapter layers removed: sampling then costs what the
+plain pipeline costs, and `--compile` sees plain modules.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from diffusers import DiffusionPipeline
+from safetensors import SafetensorError, safe_open
+
+from nitrofusion.errors import UserError
+from nitrofusion.pipelines.loading import SHIFT_METADATA, flow_file_sigmas, quiet_loading, unet_file_shift
+
+LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"  # diffusers' name, as `export-lora` writes a folder
+EXPORT_REPORT = "nitrofusion"  # the header key `export-lora` writes its report under
+
+
+@dataclass
+class LoraFile:
+    path: Path
+    denoiser: str  # "unet" or "transformer": whose modules its keys name
+    distilled: bool  # written by export-lora: the LoRA'd teacher is a few-step student
+    shift: int | None = None
+    sigmas: dict[int, list[float]] = field(default_factory=dict)
+
+
+def read_lora_file(source: str | Path, option: str = "--lora") -> LoraFile:
+    """The LoRA's file (a .safetensors file, or a folder holding diffusers' pytorch_lora_weights.safetensors)
+    and what its header records; everything else is refused in one line (a .bin would be unpickled)."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        path = path / LORA_WEIGHTS_NAME
+        if not path.is_file():
+            raise UserError(f"{option} '{source}' is a folder without {LORA_WEIGHTS_NAME}")
+    elif not path.is_file():
+        raise UserError(f"{option} '{source}' not found")
+    if path.suffix != ".safetensors":
+        raise UserError(f"{option} '{source}' must be a .safetensors file: other formats are never unpickled")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys, metadata = list(f.keys()), f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise UserError(f"{option} '{source}' is not a readable safetensors file: {exc}") from None
+    prefixes = {key.split(".", 1)[0] for key in keys}
+    if not keys or not prefixes <= {"unet", "transformer"} or len(prefixes) != 1:
+        # Text-encoder LoRAs and kohya's layout (lora_unet_*) are not what export-lora writes: refused, not half-read.
+        found = ", ".join(sorted(prefixes)[:3]) or "no tensors"
+        raise UserError(
+            f"{option} '{source}' is not a LoRA in diffusers' format for one denoiser "
+            f"(keys 'unet.*' or 'transformer.*'; found {found})"
+        )
+    (denoiser,) = prefixes
+    distilled = EXPORT_REPORT in metadata or SHIFT_METADATA in metadata
+    return LoraFile(
+        path, denoiser, distilled, shift=unet_file_shift(path), sigmas=flow_file_sigmas(path) if distilled else {}
+    )
+
+
+def apply_lora(pipe: DiffusionPipeline, lora: LoraFile, where: str) -> None:
+    """Fuse `lora` into `pipe`'s denoiser: its weights become the LoRA'd ones, with no adapter left."""
+    own = "transformer" if getattr(pipe, "transformer", None) is not None else "unet"
+    if lora.denoiser != own:
+        raise UserError(f"--lora '{lora.path}' is for a {lora.denoiser}, and '{where}' has a {own}")
+    try:
+        with quiet_loading():  # diffusers warns of every text encoder the LoRA leaves alone
+            pipe.load_lora_weights(
+                str(lora.path.parent), weight_name=lora.path.name, use_safetensors=True, local_files_only=True
+            )
+            pipe.fuse_lora()
+            pipe.unload_lora_weights()  # fused: the weights keep the LoRA, the adapter layers go
+    except (ValueError, KeyError, RuntimeError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"--lora '{lora.path}' does not fit '{where}': {first}") from None
