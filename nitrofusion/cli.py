@@ -52,11 +52,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
 
     from nitrofusion.pipelines import load_pipeline, save_images
+    from nitrofusion.pipelines.adapters import check_lora_option
     from nitrofusion.pipelines.generation import (
         check_seeds,
         check_size,
         check_steps,
-        default_steps,
         generate_batches,
         prepare_output,
         size_multiple_of_folder,
@@ -72,6 +72,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.steps is not None:
         check_steps(args.sampler, args.steps)
     choice = choose_model(args.model, args.unet, args.shift, args.sampler, args.lora)
+    check_lora_option(args.lora, choice.unet)  # before a model is looked for (or fetched)
     # An SD3 pipeline is resolved too (sampled with its own scheduler); with --unet, --shift,
     # --compile or --sampler shift-lcm it is refused from its index before a weight is fetched.
     unet_only = unet_only_options(choice.unet, choice.shift, args.sampler, args.compile)
@@ -93,7 +94,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     batches = generate_batches(
         pipe,
         prompts,
-        steps=default_steps(pipe) if args.steps is None else args.steps,
+        steps=args.steps,
         seed=args.seed,
         height=args.height,
         width=args.width,
@@ -266,8 +267,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         device=args.device,
         dtype=args.dtype,
-        label=args.label
-        or (f"{choice.model.name} + {Path(args.lora).stem}" if args.lora else args.model or "embedded"),
+        label=args.label or _label(args, choice.model),
         metrics=args.metrics,
         fid_features=args.fid_features,
         fid_resize=args.fid_resize,
@@ -285,6 +285,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(table(rows))
     print(f"results: {out / 'results.md'}, {out / 'results.json'}, {out / 'grid.png'}")
     return 0
+
+
+def _label(args: argparse.Namespace, model: Path) -> str:
+    """An evaluation's default row name: the model as given, or the model and the LoRA fused into it."""
+    if args.lora is None:
+        return args.model or "embedded"
+    from nitrofusion.pipelines.adapters import read_lora_file
+
+    return f"{model.name} + {read_lora_file(args.lora).name}"
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -623,6 +632,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _out_of_memory(exc: RuntimeError) -> bool:
+    """A GPU's out-of-memory error, or the CPU allocator's (a plain RuntimeError)."""
+    torch = sys.modules.get("torch")  # a command that failed before importing it had no memory to fill
+    if torch is None:
+        return False
+    gpu = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)  # torch.OutOfMemoryError: 2.5 on
+    return isinstance(exc, gpu) or "DefaultCPUAllocator: can't allocate memory" in str(exc)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -647,8 +665,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"nitrofusion {args.command}: error: {exc.strerror or exc}{where}", file=sys.stderr)
         return EXIT_USAGE
     except RuntimeError as exc:
-        torch = sys.modules.get("torch")  # a command that failed before importing it had no GPU to fill
-        if torch is None or not isinstance(exc, torch.OutOfMemoryError):
+        if not _out_of_memory(exc):
             raise
         first = str(exc).splitlines()[0] if str(exc) else "no detail"
         print(

@@ -249,7 +249,7 @@ def test_real_server_survives_garbage(embedded):
             assert r.status_code == 200 and r.content.startswith(b"\x89PNG")
 
 
-def test_cli_parses_models_and_flags_loopback():
+def test_cli_parses_models_and_flags_loopback(tmp_path):
     import argparse
 
     parser = argparse.ArgumentParser()
@@ -262,11 +262,17 @@ def test_cli_parses_models_and_flags_loopback():
         ("realism", "/sdxl", "r.safetensors", 250),
     ]
     assert args.host == "127.0.0.1" and args.func.__name__ == "run"
-    (spec,) = parser.parse_args(["app", "--lora", "/loras/realism-lora.safetensors"]).models
-    assert (spec.model, spec.lora) == (None, "/loras/realism-lora.safetensors")  # on the embedded teacher
+    import torch
+    from safetensors.torch import save_file
+
     from nitrofusion.app.server import model_name
 
-    assert model_name(spec) == "realism-lora"  # named by the file that makes the model what it is
+    folder = tmp_path / "realism-1.0"  # as export-lora writes a folder
+    folder.mkdir()
+    save_file({"unet.conv_in.lora_A.weight": torch.zeros(1, 4, 3, 3)}, str(folder / "pytorch_lora_weights.safetensors"))
+    (spec,) = parser.parse_args(["app", "--lora", str(folder)]).models
+    assert (spec.model, spec.lora) == (None, str(folder))  # on the embedded teacher
+    assert model_name(spec) == "realism-1.0"  # named by what makes the model what it is, dots and all
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.5") and not is_loopback("example.org")
 

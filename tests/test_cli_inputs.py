@@ -239,7 +239,7 @@ def test_image_to_image_pipelines_are_refused_by_name(tiny_sdxl_dir, tmp_path, c
     shutil.copytree(tiny_sdxl_dir, refiner)
     index = json.loads((refiner / "model_index.json").read_text())
     (refiner / "model_index.json").write_text(json.dumps(index | {"_class_name": "StableDiffusionXLImg2ImgPipeline"}))
-    said = "is a StableDiffusionXLImg2ImgPipeline, which does not make images from text alone"
+    said = "is a StableDiffusionXLImg2ImgPipeline, not a text-to-image pipeline distilled or sampled here"
     for args in (
         ["generate", "a cat", "--model", str(refiner), "--out", str(tmp_path / "x.png")],
         ["evaluate", "--model", str(refiner), "--n", "2", "--steps", "1", "--out", str(tmp_path / "ev")],

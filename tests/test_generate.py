@@ -891,3 +891,18 @@ def test_running_out_of_memory_is_one_line(monkeypatch, capsys):
     code = main(["generate", "a cat"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 3 and len(err) == 1 and "out of memory (CUDA out of memory. Tried to allocate 20.00 GiB)" in err[0]
+
+    def cpu_out_of_memory(args):  # the CPU allocator's is a plain RuntimeError
+        torch.empty(2**60, dtype=torch.uint8)
+
+    monkeypatch.setattr(cli, "cmd_generate", cpu_out_of_memory)
+    code = main(["generate", "a cat"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 3 and len(err) == 1 and "DefaultCPUAllocator: can't allocate memory" in err[0]
+
+    def other_error(args):
+        raise RuntimeError("a bug, not memory")
+
+    monkeypatch.setattr(cli, "cmd_generate", other_error)
+    with pytest.raises(RuntimeError, match="a bug"):  # a traceback: not dressed up as memory
+        main(["generate", "a cat"])

@@ -436,3 +436,31 @@ def test_a_lora_that_is_not_one_is_refused_in_one_line(tmp_path, capsys):
     assert main(["generate", "a cat", "--model", "embedded", "--lora", str(kohya)]) == 2
     assert "a LoRA goes on its teacher" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_a_loras_recorded_shift_is_used_and_a_plain_lora_changes_no_sampler(tmp_path, capsys):
+    from nitrofusion.pipelines import load_pipeline
+    from nitrofusion.pipelines.adapters import read_lora_file
+    from nitrofusion.pipelines.generation import default_steps
+    from nitrofusion.world.spec import student_path, teacher_path
+
+    folder = tmp_path / "vibrant-1.0"
+    export = ["export-lora", "--student", str(student_path() / "unet"), "--teacher", str(teacher_path())]
+    assert main([*export, "--rank", "4", "--shift", "500", "--out", str(folder)]) == 0, capsys.readouterr().err
+    assert read_lora_file(folder).name == "vibrant-1.0"  # a folder's name, whole
+    assert load_pipeline(teacher_path(), lora=folder, device="cpu").scheduler.config.shifted_timestep == 500
+    assert load_pipeline(teacher_path(), lora=folder, shift=300, device="cpu").scheduler.config.shifted_timestep == 300
+    file = folder / "pytorch_lora_weights.safetensors"
+    with safe_open(str(file), "pt") as f:
+        tensors, header = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    plain = tmp_path / "style.safetensors"  # any LoRA in diffusers' format: no nitrofusion header
+    save_file(tensors, str(plain), metadata={"lora_adapter_metadata": header["lora_adapter_metadata"]})
+    pipe = load_pipeline(teacher_path(), lora=plain, device="cpu")
+    assert pipe.nitro_sampler == "native" and default_steps(pipe) == 50 and pipe.nitro_lora == str(plain)
+    with pytest.raises(UserError, match="--lora and --unet both replace"):
+        load_pipeline(teacher_path(), lora=plain, unet=student_path() / "unet", device="cpu")
+    other = tmp_path / "other-architecture.safetensors"
+    renamed = {k.replace("unet.down_blocks.0", "unet.down_blocks.7"): v for k, v in tensors.items()}
+    save_file(renamed, str(other), metadata={"lora_adapter_metadata": header["lora_adapter_metadata"]})
+    with pytest.raises(UserError, match=r"changes \d+ of its \d+ modules that .* does not have, first: down_blocks.7"):
+        load_pipeline(teacher_path(), lora=other, device="cpu")

@@ -221,13 +221,16 @@ def model_name(spec: ModelSpec) -> str:
 
     if spec.name:
         return spec.name
-    student = spec.unet or spec.lora  # the file that makes the model what it is
+    if spec.lora is not None:  # the file that makes the model what it is
+        from nitrofusion.pipelines.adapters import read_lora_file
+
+        return read_lora_file(spec.lora).name
     if spec.model is None:
-        return "embedded" if student is None else Path(student.rstrip("/")).stem
-    if spec.model in EMBEDDED_NAMES and student is None:
+        return "embedded" if spec.unet is None else Path(spec.unet).stem
+    if spec.model in EMBEDDED_NAMES and spec.unet is None:
         return spec.model
-    if student:
-        return Path(student.rstrip("/")).stem
+    if spec.unet:
+        return Path(spec.unet).stem
     return Path(spec.model.rstrip("/")).name or spec.model
 
 
@@ -242,6 +245,7 @@ def load_models(
     """Load every model once (safetensors only, no remote code: `load_pipeline`'s guarantees) and
     optionally sample one image each, so the first user request does not pay for lazy initialisation."""
     from nitrofusion.pipelines import generate, load_pipeline
+    from nitrofusion.pipelines.adapters import check_lora_option
     from nitrofusion.pipelines.generation import check_guidance_scale
     from nitrofusion.world.spec import choose_model
 
@@ -254,6 +258,7 @@ def load_models(
         if name in names[:i]:
             raise UserError(f"two models are named '{name}'; name them with --model NAME=PATH")
         check_guidance_scale(specs[i].guidance_scale)
+        check_lora_option(specs[i].lora, specs[i].unet)
     models: list[LoadedModel] = []
     for spec, name in zip(specs, names):
         choice = choose_model(spec.model, spec.unet, spec.shift, lora=spec.lora)

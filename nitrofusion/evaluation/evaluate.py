@@ -309,6 +309,7 @@ def default_batch_size(pipe: DiffusionPipeline) -> int:
 def evaluate(req: EvalRequest) -> list[dict]:
     from nitrofusion.data.teacher import prompts_digest
     from nitrofusion.pipelines import load_pipeline
+    from nitrofusion.pipelines.adapters import check_lora_option
     from nitrofusion.pipelines.generation import (
         check_request,
         check_seeds,
@@ -335,6 +336,7 @@ def evaluate(req: EvalRequest) -> list[dict]:
     req.out = check_writable_folder(req.out, "--out")  # "" is refused, not taken as the working directory
     device = resolve_device(req.device)
     resolve_dtype(req.dtype, device)  # a bad --dtype is said before any metric's model loads
+    check_lora_option(req.lora, req.unet)  # before the metrics' models load
     prompts, labels, prompts_warning = load_prompt_set(req.prompts, req.n, req.seed)
     prompts_sha256 = prompts_digest(prompts)
     scorers = build_scorers(req, device)
@@ -395,7 +397,7 @@ def evaluate(req: EvalRequest) -> list[dict]:
         if unfiltered:  # other images than the filtered ones: the cache refuses to mix them
             settings["safety_checker"] = False
         if req.lora is not None:  # only where set: older caches stay valid
-            settings["lora"], settings["lora_file"] = req.lora, _file_identity(pipe.nitro_lora)
+            settings["lora"], settings["lora_file"] = pipe.nitro_lora, _file_identity(pipe.nitro_lora)
         levels = sampling_sigmas(pipe, steps)
         if levels is not None:  # a flow student's recorded levels (only where set: older caches stay valid)
             settings["sigmas"] = levels

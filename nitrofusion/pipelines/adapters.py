@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from diffusers import DiffusionPipeline
 from safetensors import SafetensorError, safe_open
 
@@ -23,6 +24,7 @@ from nitrofusion.pipelines.loading import SHIFT_METADATA, flow_file_sigmas, quie
 
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"  # diffusers' name, as `export-lora` writes a folder
 EXPORT_REPORT = "nitrofusion"  # the header key `export-lora` writes its report under
+LORA_ENDS = (".lora_A.weight", ".lora_B.weight")  # PEFT's names, as diffusers saves them
 
 
 @dataclass
@@ -32,12 +34,18 @@ class LoraFile:
     distilled: bool  # written by export-lora: the LoRA'd teacher is a few-step student
     shift: int | None = None
     sigmas: dict[int, list[float]] = field(default_factory=dict)
+    modules: list[str] = field(default_factory=list)  # the denoiser's modules its lora_A/lora_B pairs change
+
+    @property
+    def name(self) -> str:
+        """What the LoRA is called: its file's stem, or its folder's name for diffusers' file name."""
+        return self.path.parent.name if self.path.name == LORA_WEIGHTS_NAME else self.path.stem
 
 
 def read_lora_file(source: str | Path, option: str = "--lora") -> LoraFile:
     """The LoRA's file (a .safetensors file, or a folder holding diffusers' pytorch_lora_weights.safetensors)
     and what its header records; everything else is refused in one line (a .bin would be unpickled)."""
-    path = Path(source).expanduser()
+    path = Path(source).expanduser().resolve()  # recorded: the same file however it was typed
     if path.is_dir():
         path = path / LORA_WEIGHTS_NAME
         if not path.is_file():
@@ -61,9 +69,17 @@ def read_lora_file(source: str | Path, option: str = "--lora") -> LoraFile:
         )
     (denoiser,) = prefixes
     distilled = EXPORT_REPORT in metadata or SHIFT_METADATA in metadata
-    return LoraFile(
-        path, denoiser, distilled, shift=unet_file_shift(path), sigmas=flow_file_sigmas(path) if distilled else {}
-    )
+    modules = sorted({k[len(denoiser) + 1 : -len(end)] for k in keys for end in LORA_ENDS if k.endswith(end)})
+    sigmas = flow_file_sigmas(path) if distilled else {}
+    return LoraFile(path, denoiser, distilled, shift=unet_file_shift(path), sigmas=sigmas, modules=modules)
+
+
+def check_lora_option(lora: str | Path | None, unet: str | Path | None) -> LoraFile | None:
+    """`--lora` read and checked, with `--unet`, before any model is looked for or fetched."""
+    adapter = read_lora_file(lora) if lora is not None else None
+    if adapter is not None and unet is not None:
+        raise UserError("--lora and --unet both replace the model's weights: give one")
+    return adapter
 
 
 def apply_lora(pipe: DiffusionPipeline, lora: LoraFile, where: str) -> None:
@@ -71,6 +87,15 @@ def apply_lora(pipe: DiffusionPipeline, lora: LoraFile, where: str) -> None:
     own = "transformer" if getattr(pipe, "transformer", None) is not None else "unet"
     if lora.denoiser != own:
         raise UserError(f"--lora '{lora.path}' is for a {lora.denoiser}, and '{where}' has a {own}")
+    # diffusers only logs a LoRA's modules the model lacks, and fuses the rest: a LoRA of another
+    # architecture (SDXL's on a pruned SDXL) would be half applied without a word.
+    network = getattr(pipe, own)
+    absent = [m for m in lora.modules if not _has_module(network, m)]
+    if absent:
+        raise UserError(
+            f"--lora '{lora.path}' changes {len(absent)} of its {len(lora.modules)} modules that '{where}''s {own} "
+            f"does not have, first: {absent[0]} (a LoRA of another architecture)"
+        )
     try:
         with quiet_loading():  # diffusers warns of every text encoder the LoRA leaves alone
             pipe.load_lora_weights(
@@ -81,3 +106,11 @@ def apply_lora(pipe: DiffusionPipeline, lora: LoraFile, where: str) -> None:
     except (ValueError, KeyError, RuntimeError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UserError(f"--lora '{lora.path}' does not fit '{where}': {first}") from None
+
+
+def _has_module(network: torch.nn.Module, name: str) -> bool:
+    try:
+        network.get_submodule(name)
+    except AttributeError:
+        return False
+    return True

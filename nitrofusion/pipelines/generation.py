@@ -25,7 +25,7 @@ from nitrofusion.pipelines.fast import fast_sampler, quantize, to_host
 from nitrofusion.pipelines.loading import SHIFT_LCM_MAX_STEPS
 from nitrofusion.userfiles import check_writable_folder, replacing
 
-DEFAULT_NATIVE_STEPS = 25  # a multi-step pipeline whose call names no default of its own: the embedded teacher's
+DEFAULT_NATIVE_STEPS = 50  # a multi-step pipeline whose call names no default (SD1.5's, SDXL's and SD3's do)
 
 
 @dataclass
@@ -198,7 +198,7 @@ SEEDS = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
 def generate(
     pipe: DiffusionPipeline,
     prompts: Sequence[str],
-    steps: int = 1,
+    steps: int | None = None,
     seed: int = 0,
     height: int | None = None,
     width: int | None = None,
@@ -207,7 +207,8 @@ def generate(
     progress: bool = True,
 ) -> list[GenerationResult]:
     """Sample one image per prompt; image i starts from the noise of seed + i, whatever the batch
-    size (on a CPU, the pixels of two batch sizes can still differ by rounding, about 1/255)."""
+    size (on a CPU, the pixels of two batch sizes can still differ by rounding, about 1/255).
+    `steps`: None is `default_steps(pipe)` (1 for a distilled model, the pipeline's own otherwise)."""
     batches = generate_batches(pipe, prompts, steps, seed, height, width, batch_size, guidance_scale, progress)
     return [result for batch in batches for result in batch]
 
@@ -215,7 +216,7 @@ def generate(
 def generate_batches(
     pipe: DiffusionPipeline,
     prompts: Sequence[str],
-    steps: int = 1,
+    steps: int | None = None,
     seed: int = 0,
     height: int | None = None,
     width: int | None = None,
@@ -228,6 +229,7 @@ def generate_batches(
         raise UserError("no prompts given")
     check_seeds(seed, len(prompts))
     check_guidance_scale(guidance_scale)
+    steps = default_steps(pipe) if steps is None else steps
     height = default_size(pipe) if height is None else height
     width = default_size(pipe) if width is None else width
     check_request(pipe, steps, height, width)

@@ -463,8 +463,8 @@ def check_architecture(index: dict, where: str, allow_flow: bool = False, unet_o
             # The refiner, inpainting, image-to-image and upscaler pipelines hold the same UNet class but
             # take an image: called with a prompt alone they fail deep inside their own __call__.
             raise UserError(
-                f"'{where}' is a {kind}, which does not make images from text alone: use a "
-                f"{' or '.join(UNET_PIPELINES)} (SD1.5 or SDXL architecture)"
+                f"'{where}' is a {kind}, not a text-to-image pipeline distilled or sampled here: use a "
+                f"{' or '.join(UNET_PIPELINES)} (SD1.5 or SDXL architecture), or a StableDiffusion3Pipeline"
             )
         return False
     if is_flow_pipeline(index):
@@ -551,7 +551,7 @@ def load_pipeline(
     sampler: "shift-lcm" installs `TimestepShiftLCMScheduler` (1-4 steps, no CFG by default);
     "native" keeps the pipeline's own scheduler (a multi-step teacher; a distilled pipeline's
     own is the shift-LCM one, and is recorded as such); "auto" picks
-    shift-lcm when the pipeline already has it, or a student UNet or a shift is given.
+    shift-lcm when the pipeline already has it, or a student UNet, an `export-lora` LoRA or a shift is given.
     The chosen sampler is recorded as `pipe.nitro_sampler`. `compile` (CUDA) compiles the
     networks (`nitrofusion.pipelines.fast`); never for training, since its fused projections
     add keys to the UNet's state dict. `safety_checker=False` leaves out a pipeline's safety
@@ -569,11 +569,9 @@ def load_pipeline(
     makes the pipeline its student: sampled as the student's file would be with `unet` (its recorded
     shift), or for a flow student at its recorded levels, without CFG. `pipe.nitro_lora` records it.
     """
-    from nitrofusion.pipelines.adapters import apply_lora, read_lora_file
+    from nitrofusion.pipelines.adapters import apply_lora, check_lora_option
 
-    adapter = read_lora_file(lora) if lora is not None else None  # before any model is looked for
-    if adapter is not None and unet is not None:
-        raise UserError("--lora and --unet both replace the model's weights: give one")
+    adapter = check_lora_option(lora, unet)  # before any model is looked for
     if shift is not None and sampler == "native":  # it would be ignored: the native sampler has no shift
         raise UserError("--shift is for the shift-lcm sampler; the native sampler has none")
     unet_only = unet_only_options(unet, shift, sampler, compile)
@@ -606,8 +604,8 @@ def load_pipeline(
     num_train = pipe.scheduler.config.get("num_train_timesteps", 1000)
     if shift is not None and not 1 <= shift <= num_train:
         raise UserError(f"--shift must be a timestep in 1..{num_train}, got {shift}")
-    if shift is None and recorded is not None:
-        shift = unet_file_shift(recorded)  # as trained (a distill run records it)
+    if shift is None and recorded is not None:  # as trained (a distill run and export-lora record it)
+        shift = unet_file_shift(unet) if unet is not None else adapter.shift
         if shift is not None and not 1 <= shift <= num_train:
             raise UserError(f"'{recorded}' records shift {shift}, outside 1..{num_train}: give --shift")
     has_shift = _scheduler_class_name(index) == TimestepShiftLCMScheduler.__name__
