@@ -40,7 +40,6 @@ newest when it starts (otherwise 409); one superseded while drawn is delivered, 
 from __future__ import annotations
 
 import asyncio
-import inspect
 import io
 import itertools
 import logging
@@ -96,11 +95,13 @@ def prompt_reading(pipe: Any) -> tuple[list[Any], int]:
     CLIP's encoders read 77 tokens. SD3 with its T5 encoder reads further: T5 takes the pipeline's
     `max_sequence_length` tokens (256 unless the call says otherwise, and ours does not), so a prompt past
     77 CLIP tokens still reaches the transformer; it is counted, and called truncated, by T5's tokenizer."""
+    from nitrofusion.pipelines.generation import call_default
+
     t5 = getattr(pipe, "tokenizer_3", None)
     if t5 is not None and getattr(pipe, "text_encoder_3", None) is not None:
-        call = inspect.signature(type(pipe).__call__).parameters.get("max_sequence_length")
-        if call is not None and isinstance(call.default, int):
-            return [t5], call.default
+        length = call_default(pipe, "max_sequence_length")
+        if isinstance(length, int):
+            return [t5], length
     tokenizers = [t for t in (getattr(pipe, "tokenizer", None), getattr(pipe, "tokenizer_2", None)) if t]
     # Tokenizers without a real limit report a huge model_max_length; CLIP's is 77.
     limits = [int(t.model_max_length) for t in tokenizers if int(t.model_max_length) < 100_000]

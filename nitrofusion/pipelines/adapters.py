@@ -20,7 +20,13 @@ from diffusers import DiffusionPipeline
 from safetensors import SafetensorError, safe_open
 
 from nitrofusion.errors import UserError
-from nitrofusion.pipelines.loading import SHIFT_METADATA, flow_file_sigmas, quiet_loading, unet_file_shift
+from nitrofusion.pipelines.loading import (
+    SHIFT_METADATA,
+    flow_file_sigmas,
+    quiet_loading,
+    unet_file_shift,
+    unreadable_file,
+)
 
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"  # diffusers' name, as `export-lora` writes a folder
 EXPORT_REPORT = "nitrofusion"  # the header key `export-lora` writes its report under
@@ -57,8 +63,8 @@ def read_lora_file(source: str | Path, option: str = "--lora") -> LoraFile:
     try:
         with safe_open(str(path), framework="pt") as f:
             keys, metadata = list(f.keys()), f.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise UserError(f"{option} '{source}' is not a readable safetensors file: {exc}") from None
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise unreadable_file(path, exc) from None  # read_safetensors' one line
     prefixes = {key.split(".", 1)[0] for key in keys}
     if not keys or not prefixes <= {"unet", "transformer"} or len(prefixes) != 1:
         # Text-encoder LoRAs and kohya's layout (lora_unet_*) are not what export-lora writes: refused, not half-read.

@@ -82,10 +82,16 @@ def default_guidance(sampler: str, pipe: DiffusionPipeline | None = None) -> flo
     if getattr(pipe, "nitro_guidance", None) is not None:  # a distilled flow student's, as its run recorded
         return pipe.nitro_guidance
     if pipe is not None and is_sd3(pipe):
-        default = inspect.signature(type(pipe).__call__).parameters.get("guidance_scale")
-        if default is not None and isinstance(default.default, (int, float)):
-            return float(default.default)
+        default = call_default(pipe, "guidance_scale")
+        if isinstance(default, (int, float)):
+            return float(default)
     return 5.0
+
+
+def call_default(pipe: DiffusionPipeline, parameter: str) -> object:
+    """The default a pipeline class's `__call__` gives `parameter` (None where it gives none)."""
+    found = inspect.signature(type(pipe).__call__).parameters.get(parameter)
+    return None if found is None or found.default is inspect.Parameter.empty else found.default
 
 
 def is_distilled(pipe: DiffusionPipeline) -> bool:
@@ -101,8 +107,8 @@ def default_steps(pipe: DiffusionPipeline) -> int:
     (50 for SD1.5 and SDXL, 28 for SD3), since at one step a teacher draws noise."""
     if is_distilled(pipe):
         return 1
-    default = inspect.signature(type(pipe).__call__).parameters.get("num_inference_steps")
-    return int(default.default) if default is not None and isinstance(default.default, int) else DEFAULT_NATIVE_STEPS
+    default = call_default(pipe, "num_inference_steps")
+    return int(default) if isinstance(default, int) else DEFAULT_NATIVE_STEPS
 
 
 def default_size(pipe: DiffusionPipeline) -> int:

@@ -176,7 +176,7 @@ def _weights_file(path: str | Path) -> Path:
     return path
 
 
-def _unreadable(path: Path, exc: Exception) -> UserError:
+def unreadable_file(path: Path, exc: Exception) -> UserError:
     first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     return UserError(f"'{path}' is not a readable safetensors file (corrupt or truncated?): {first}")
 
@@ -187,7 +187,7 @@ def read_safetensors(path: str | Path, device: str | torch.device = "cpu") -> di
     try:
         return load_file(str(path), device=str(device))
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise _unreadable(path, exc) from None
+        raise unreadable_file(path, exc) from None
 
 
 def read_safetensors_layout(path: str | Path) -> dict[str, torch.Tensor]:
@@ -198,7 +198,7 @@ def read_safetensors_layout(path: str | Path) -> dict[str, torch.Tensor]:
         with safe_open(str(path), framework="pt") as f:
             return {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise _unreadable(path, exc) from None
+        raise unreadable_file(path, exc) from None
 
 
 SHIFT_METADATA = "nitrofusion.shift"  # the timestep shift a student was trained with, in its safetensors header
@@ -288,7 +288,9 @@ def layout_problems(
 
 
 def check_state_dict(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
-    """Raise a UserError naming the first missing, unexpected or mis-shaped keys."""
+    """Raise a UserError naming the first missing, unexpected or mis-shaped keys (or, for a state dict
+    in the original single-file layout, how to convert it)."""
+    check_diffusers_layout(state, what)
     problems = layout_problems(state, module.state_dict())
     if problems:
         raise UserError(f"{what} does not fit the model it is loaded into: " + "; ".join(problems))
@@ -297,7 +299,6 @@ def check_state_dict(module: torch.nn.Module, state: dict[str, torch.Tensor], wh
 def load_unet_weights(unet: UNet2DConditionModel, path: str | Path) -> UNet2DConditionModel:
     """Load a student UNet state dict (safetensors) into `unet`, checking every key and shape."""
     state = read_safetensors(path)
-    check_diffusers_layout(state, f"UNet weights '{path}'")
     check_state_dict(unet, state, f"UNet weights '{path}'")
     unet.load_state_dict(state)
     return unet
@@ -728,7 +729,6 @@ def _student_unet(
         raise UserError(f"could not read the UNet config in '{model_dir / 'unet'}': {exc}") from None
     with init_empty_weights():  # no 2.6B random numbers drawn only to be replaced
         unet = UNet2DConditionModel.from_config(config)
-    check_diffusers_layout(state, what)
     check_state_dict(unet, state, what)
     # In the pipeline's dtype before the load (ModelMixin.to would log its fp32-modules notice each
     # time), and in eval mode, as from_pretrained leaves a model.
