@@ -39,7 +39,14 @@ def in_this_process(monkeypatch) -> list[list[str]]:
 
 
 def test_reproduce_runs_every_row_and_resumes(tmp_path, capsys, monkeypatch):
+    import nitrofusion.pipelines
+
     commands = in_this_process(monkeypatch)
+    loads = []
+    load_pipeline = nitrofusion.pipelines.load_pipeline
+    monkeypatch.setattr(
+        nitrofusion.pipelines, "load_pipeline", lambda *a, **k: loads.append(a) or load_pipeline(*a, **k)
+    )
     out = tmp_path / "repro"
     args = ["reproduce", "--seeds", "0", "--n", "4", "--batch-size", "4", "--out", str(out)]
     for o in TINY:
@@ -47,6 +54,7 @@ def test_reproduce_runs_every_row_and_resumes(tmp_path, capsys, monkeypatch):
     assert main(args) == 0
     rows = json.loads((out / "results.json").read_text())
     names = [r["model"] for r in rows]
+    assert len(loads) == len(set(names)), "a model scored at several step counts is loaded once"
     assert names.count("NitroFusion student") == 3  # 1, 2 and 4 steps
     assert all(v.name in names for v in ABLATIONS)
     for v in FAMILY:  # the family at equal compute: 1, 2 and 4 steps each

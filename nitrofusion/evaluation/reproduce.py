@@ -30,6 +30,7 @@ import os
 import statistics
 import subprocess
 import sys
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -46,6 +47,9 @@ from nitrofusion.world.evaluator import Evaluator
 from nitrofusion.world.spec import evaluator_path, flow_teacher_path, teacher_path
 
 SAMPLES_KEPT = 10  # images per row and seed kept as PNGs for the grid
+# Pipelines kept loaded: a model is scored at 1, 2 and 4 steps, each step count over every seed,
+# so a few seeds' models are reused rather than read again (an embedded pipeline is ~30 MB).
+PIPELINES_KEPT = 8
 STUDENT_FILES = ("student_unet.safetensors", "student_transformer.safetensors")  # a finished run's, either kind
 
 
@@ -154,6 +158,7 @@ class Reproduction:
         self.evaluator = Evaluator.load(evaluator_path())
         self.evaluator_sha256 = weights_identity(evaluator_path()).removeprefix("sha256:")
         self.teacher = str(teacher_path())
+        self._loaded: OrderedDict[tuple, object] = OrderedDict()  # the last PIPELINES_KEPT, by what they load
         if self.cfg.model.teacher != "embedded":
             raise UserError("reproduce measures the embedded world; its preset must distil the embedded teacher")
 
@@ -316,6 +321,10 @@ class Reproduction:
 
         def load():
             weights = unet() if unet else None
+            key = (weights, sampler, flow)
+            if key in self._loaded:
+                self._loaded.move_to_end(key)
+                return self._loaded[key]
             if flow and weights is not None and weights.is_file():  # a stage's transformer, in its run's export
                 pipe = load_pipeline(str(weights.parents[2] / "pipeline"), sampler=sampler)
                 load_unet_weights(pipe.transformer, weights)
@@ -325,6 +334,9 @@ class Reproduction:
                 shift = self.cfg.model.shift if weights else None
                 pipe = load_pipeline(self.teacher, unet=weights, shift=shift, sampler=sampler)
             pipe.set_progress_bar_config(disable=True)
+            self._loaded[key] = pipe
+            if len(self._loaded) > PIPELINES_KEPT:
+                self._loaded.popitem(last=False)
             return pipe
 
         return load

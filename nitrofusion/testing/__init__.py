@@ -20,6 +20,7 @@ from nitrofusion.models.builders import (
     build_sd15_pipeline,
     build_sdxl_pipeline,
 )
+from nitrofusion.pipelines.saving import save_pipeline
 
 TINY_SDXL = SDXLSpec()
 TINY_SD15 = SD15Spec()
@@ -36,12 +37,12 @@ def tiny_sd15_pipeline(seed: int = 0, safety_checker: bool = False) -> StableDif
 
 def save_tiny_sdxl(path: str | Path, seed: int = 0) -> Path:
     """Build and save a tiny SDXL pipeline in diffusers format; returns the directory."""
-    tiny_sdxl_pipeline(seed).save_pretrained(str(path))
+    save_pipeline(tiny_sdxl_pipeline(seed), path)
     return Path(path)
 
 
 def save_tiny_sd15(path: str | Path, seed: int = 0, safety_checker: bool = False) -> Path:
-    tiny_sd15_pipeline(seed, safety_checker).save_pretrained(str(path))
+    save_pipeline(tiny_sd15_pipeline(seed, safety_checker), path)
     return Path(path)
 
 
@@ -55,5 +56,5 @@ def save_tiny_sd3(path: str | Path, seed: int = 0) -> Path:
     from nitrofusion.pipelines.loading import quiet_loading
 
     with quiet_loading():
-        tiny_sd3_pipeline(seed).save_pretrained(str(path))
+        save_pipeline(tiny_sd3_pipeline(seed), path)
     return Path(path)

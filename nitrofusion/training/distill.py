@@ -70,6 +70,7 @@ from nitrofusion.pipelines.loading import (
     save_state_dict,
     unet_file_metadata,
 )
+from nitrofusion.pipelines.saving import save_pipeline
 from nitrofusion.scheduling import TimestepShiftLCMScheduler
 from nitrofusion.training import checkpoint
 from nitrofusion.training.config import DistillConfig, save_config
@@ -1080,7 +1081,7 @@ class Distiller:
                         break
             for leftover in (tmp, old):
                 shutil.rmtree(leftover, ignore_errors=True)
-            self.student_pipeline(unet=student, components=self.teacher_modules_as_stored()).save_pretrained(str(tmp))
+            save_pipeline(self.student_pipeline(unet=student, components=self.teacher_modules_as_stored()), tmp)
             about: dict = {"teacher": self.cfg.model.teacher, "steps": self.step}
             # How it samples, which loading reads back: a flow student's pipeline would default to CFG 7.
             about |= (

@@ -35,6 +35,7 @@ from nitrofusion.errors import UserError
 from nitrofusion.evaluation.frechet import GaussianStats
 from nitrofusion.evaluation.grid import make_grid
 from nitrofusion.models.builders import build_sd3_pipeline, build_sdxl_pipeline
+from nitrofusion.pipelines.saving import save_pipeline
 from nitrofusion.training import checkpoint
 from nitrofusion.training.curves import MetricsLog, try_plot_curves
 from nitrofusion.training.ema import EMA
@@ -42,7 +43,7 @@ from nitrofusion.userfiles import check_writable_folder, plain_permissions, repl
 from nitrofusion.world import data
 from nitrofusion.world.config import WorldConfig
 from nitrofusion.world.evaluator import Evaluator, FashionClassifier, to_classifier_input
-from nitrofusion.world.spec import FLOW_SPEC, IMAGE_SIZE, TEXT_ENCODER_SEED, WORLD_SPEC, assets_dir
+from nitrofusion.world.spec import FLOW_SPEC, IMAGE_SIZE, TEXT_ENCODER_SEED, WORLD_SPEC
 
 
 def _log(run_dir: Path, msg: str) -> None:
@@ -365,19 +366,8 @@ def train_classifier(cfg: WorldConfig, run_dir: Path) -> tuple[Evaluator, float]
     return Evaluator(model.cpu(), GaussianStats.from_features(feats)), acc
 
 
-def slim_tokenizers(pipeline_dir: Path) -> None:
-    """Ship the tokenizers as vocab.json + merges.txt (1.5 MB) instead of tokenizer.json (3.5 MB)."""
-    import shutil
-
-    src = assets_dir() / "tokenizer"
-    for name in ("tokenizer", "tokenizer_2"):
-        (pipeline_dir / name / "tokenizer.json").unlink(missing_ok=True)
-        for f in ("vocab.json", "merges.txt"):
-            shutil.copy(src / f, pipeline_dir / name / f)
-
-
 def write_pipeline(pipe: Any, dest: Path, about: dict | None = None) -> None:
-    """A world's pipeline in fp16 with slim tokenizers (and `about` as its nitrofusion.json), written
+    """A world's pipeline in fp16 (and `about` as its nitrofusion.json), written
     beside and swapped in: a build stopped while writing leaves the old folder or the new one, whole."""
     import shutil
 
@@ -385,8 +375,7 @@ def write_pipeline(pipe: Any, dest: Path, about: dict | None = None) -> None:
     for leftover in (tmp, old):
         shutil.rmtree(leftover, ignore_errors=True)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    pipe.to(torch.float16).save_pretrained(tmp)
-    slim_tokenizers(tmp)
+    save_pipeline(pipe.to(torch.float16), tmp)
     if about is not None:
         (tmp / "nitrofusion.json").write_text(json.dumps(about))
     plain_permissions(tmp)  # diffusers' safetensors files are written 0600

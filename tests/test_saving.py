@@ -1,0 +1,47 @@
+"""Pipeline folders written here hold their CLIP tokenizers as vocab.json + merges.txt."""
+
+import pytest
+from diffusers import StableDiffusionXLPipeline
+from transformers import CLIPTokenizer
+
+from nitrofusion.pipelines.saving import save_pipeline
+from nitrofusion.testing import tiny_sdxl_pipeline
+
+PROMPTS = ["a photo of a sneaker", "A  Bag, ÄÖ é 😀 <|endoftext|> it's", "x " * 200, ""]
+
+
+def ids(tokenizer, prompt):
+    return tokenizer(prompt, padding="max_length", truncation=True, max_length=77).input_ids
+
+
+def test_tokenizers_are_written_as_vocab_and_merges_and_read_back_the_same(tmp_path):
+    pipe = tiny_sdxl_pipeline()
+    save_pipeline(pipe, tmp_path / "p")
+    for name in ("tokenizer", "tokenizer_2"):
+        assert sorted(p.name for p in (tmp_path / "p" / name).iterdir()) == [
+            "merges.txt",
+            "tokenizer_config.json",
+            "vocab.json",
+        ]
+    loaded = StableDiffusionXLPipeline.from_pretrained(tmp_path / "p")
+    for name in ("tokenizer", "tokenizer_2"):
+        before, after = pipe.components[name], loaded.components[name]
+        assert after.get_vocab() == before.get_vocab() and after.model_max_length == before.model_max_length
+        assert all(ids(after, p) == ids(before, p) for p in PROMPTS)
+
+
+def test_a_tokenizer_with_added_tokens_keeps_its_tokenizer_json(tmp_path):
+    pipe = tiny_sdxl_pipeline()
+    pipe.tokenizer.add_tokens(["<my-concept>"])  # what a textual inversion adds
+    save_pipeline(pipe, tmp_path / "p")
+    assert (tmp_path / "p" / "tokenizer" / "tokenizer.json").is_file()
+    assert not (tmp_path / "p" / "tokenizer" / "vocab.json").exists()
+    assert not (tmp_path / "p" / "tokenizer_2" / "tokenizer.json").exists()
+    again = CLIPTokenizer.from_pretrained(tmp_path / "p" / "tokenizer")
+    assert ids(again, "a <my-concept> bag") == ids(pipe.tokenizer, "a <my-concept> bag")
+    assert len(again) == len(pipe.tokenizer) == 49409
+
+
+@pytest.mark.parametrize("name", ["tokenizer", "tokenizer_2"])
+def test_the_tiny_test_pipelines_are_written_so(tiny_sdxl_dir, name):
+    assert (tiny_sdxl_dir / name / "merges.txt").is_file() and not (tiny_sdxl_dir / name / "tokenizer.json").exists()
