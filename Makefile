@@ -58,7 +58,7 @@ app: setup
 # The suite runs in TEST_WORKERS processes of one torch thread each, a test file per process at a
 # time (its module fixtures built once): the tiny models' ops are too small for torch's threads, so
 # two processes on two cores take 55% of the time one process with two threads does (893 s
-# against 1627 s, 2026-11-28). TEST_WORKERS=0 runs it in one process.
+# against 1627 s for the same suite, 2026-11-28). TEST_WORKERS=0 runs it in one process.
 TEST_WORKERS ?= 2
 test: lint
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
