@@ -28,11 +28,15 @@ def save_pipeline(pipe: DiffusionPipeline, folder: str | Path) -> Path:
 
 def write_vocab_and_merges(tokenizer: CLIPTokenizer, folder: Path) -> None:
     """Replace `folder`'s tokenizer.json by the BPE model's vocab.json + merges.txt, unless the
-    tokenizer holds tokens its BPE vocabulary lacks (added by a textual inversion, say): those live
-    only in tokenizer.json, which is then kept as it is."""
+    tokenizer those rebuild differs from this one (tokens added by a textual inversion, another
+    normaliser): tokenizer.json is then kept as it is."""
     written = [Path(p) for p in tokenizer.backend_tokenizer.model.save(str(folder))]
     vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
-    if vocab != tokenizer.get_vocab():
+    lines = (folder / "merges.txt").read_text(encoding="utf-8").splitlines()
+    merges = [tuple(line.split()) for line in lines if line and not line.startswith("#version")]
+    specials = {k: str(getattr(tokenizer, k)) for k in ("unk_token", "bos_token", "eos_token", "pad_token")}
+    rebuilt = CLIPTokenizer(vocab=vocab, merges=merges, **specials)
+    if json.loads(rebuilt.backend_tokenizer.to_str()) != json.loads(tokenizer.backend_tokenizer.to_str()):
         for path in written:
             path.unlink()
         return
