@@ -58,10 +58,12 @@ app: setup
 # The suite runs in TEST_WORKERS processes of one torch thread each, a test file per process at a
 # time (its module fixtures built once): the tiny models' ops are too small for torch's threads, so
 # two processes on two cores take 55% of the time one process with two threads does (893 s
-# against 1627 s for the same suite, 2026-11-28). TEST_WORKERS=0 runs it in one process.
+# against 1627 s for the same suite, 2026-11-28). TEST_WORKERS=0 runs it in one process, with
+# TEST_THREADS torch threads (one unless given).
 TEST_WORKERS ?= 2
+TEST_THREADS ?= 1
 test: lint
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	OMP_NUM_THREADS=$(TEST_THREADS) $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # Fault injection at volume (docs/reliability.md): random kill -9s, the fault points at random steps,
 # NaN storms, damaged checkpoints and SOAK_EXAMPLES fuzz examples per fuzz test. About 15 minutes.

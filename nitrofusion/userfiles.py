@@ -3,12 +3,14 @@
 Reading: a path to a device (/dev/zero, /dev/stdin), a FIFO or a multi-gigabyte file would hang
 or eat the machine's memory; bytes that are not UTF-8 would raise deep inside a parser. Each is
 a one-line UserError here instead. Writing: a report, config or image is written beside its
-name and renamed onto it, so a crash leaves the old file or the new one, never half of one.
+name and renamed onto it, so a crash leaves the old file or the new one, never half of one; a
+pipeline folder is filled beside its name and swapped in the same way.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -87,6 +89,31 @@ def replacing(path: str | Path) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+@contextmanager
+def replacing_folder(path: str | Path) -> Iterator[Path]:
+    """A temporary folder beside `path` to fill; on success it is swapped in for `path` (the old one
+    renamed aside, the new one renamed in, the old one removed), on an error it is removed. A crash
+    leaves the old folder or the new one, whole: one between the two renames is repaired by the
+    next call, which puts the old folder back first."""
+    path = Path(path)
+    tmp, old = path.with_name(f".{path.name}.tmp"), path.with_name(f".{path.name}.old")
+    if not path.exists() and old.is_dir():
+        old.rename(path)
+    for leftover in (tmp, old):
+        shutil.rmtree(leftover, ignore_errors=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        yield tmp
+        plain_permissions(tmp)  # mkdtemp-like 0700 folders, safetensors' 0600 files
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if path.exists():
+        path.rename(old)
+    tmp.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def write_text_replacing(path: str | Path, text: str) -> None:

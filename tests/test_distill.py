@@ -7,7 +7,6 @@ import os
 import shutil
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -652,162 +651,167 @@ def test_teacher_that_is_not_a_unet_pipeline(tmp_path, capsys):
     expect_cli_error(["distill", "--set", f"model.teacher={tmp_path}"], capsys)
 
 
-def run_on_two_ranks(script: Path, port: int) -> None:
-    """`script` in two gloo processes on the CPU, as `torchrun` starts them."""
+TWO_RANKS = """
+import hashlib, traceback, sys, torch, torch.distributed as dist
+import nitrofusion.data.teacher as teacher
+import nitrofusion.training.distill as distill
+from nitrofusion.errors import UserError
+from nitrofusion.training.config import load_config
+
+out = sys.argv[1]
+overrides = {overrides!r}
+
+
+def write(name, text):
+    with open(f"{{out}}/{{name}}{{acc.process_index}}.txt", "w") as f:
+        f.write(text)
+
+
+# The run's own accelerator, as `nitrofusion distill` makes it: how long a rank waits for the others.
+cfg = load_config(None, None, ["run.process_timeout_minutes=7", "optim.mixed_precision=no", "run.log_with=none",
+    f"run.output_dir={{out}}/timeout"])
+acc = distill.make_accelerator(cfg)
+backend = dist.distributed_c10d._get_default_group()._get_backend(torch.device("cpu"))
+write("timeout", f"{{acc.num_processes}} {{backend.options._timeout.total_seconds()}}")
+
+
+def identical():
+    cfg = load_config(None, None, [*overrides, f"run.output_dir={{out}}/identical", "refine.steps_per_stage=[3]",
+        "run.checkpoint_every=1000"])
+    d = distill.Distiller(cfg, accelerator=acc, progress=False)
+    seen = []
+    original = d.pool.sample_heads
+    d.pool.sample_heads = lambda t, g: seen.append(original(t, g)) or seen[-1]
+    prompts = []
+    original_batch = d.batch
+    d.batch = lambda micro: prompts.append(d.rng("data", per_rank=True).initial_seed()) or original_batch(micro)
+    for _ in range(2):
+        d.train_step(); d.step += 1
+    h = hashlib.sha256()
+    for module in (acc.unwrap_model(d.student), d.pool):
+        for k, v in sorted(module.state_dict().items()):
+            h.update(v.detach().cpu().numpy().tobytes())
+    write("rank", f"{{acc.num_processes}} {{h.hexdigest()}} {{seen}} {{prompts}}")
+    own = [s is not p for s, p in zip(d.ema.shadow.parameters(), acc.unwrap_model(d.student).parameters())]
+    write("ema", str(sum(own)))
+    # A critic's loss that is NaN on rank 1 only: every rank skips the step, or the NaN is averaged in.
+    objective = d.objective
+    def poisoned(*args, **kwargs):
+        losses = objective(*args, **kwargs)
+        if acc.process_index == 1:
+            losses.d_loss = losses.d_loss * float("nan")
+        return losses
+    d.objective = poisoned
+    before = [v.clone() for m in (acc.unwrap_model(d.student), d.pool) for v in m.state_dict().values()]
+    d.train_step()
+    after = [v for m in (acc.unwrap_model(d.student), d.pool) for v in m.state_dict().values()]
+    write("skip", f"{{d.bad_steps}} {{all(torch.equal(a, b) for a, b in zip(before, after))}}")
+
+
+def pairs():
+    written, save = [], teacher.save_state_dict
+    teacher.save_state_dict = lambda state, path, **kw: written.append(path.name) or save(state, path, **kw)
+    cfg = load_config(None, None, [*overrides, f"data.pairs={{out}}/pairs", "data.num_pairs=600",
+        f"run.output_dir={{out}}/pairs-run"])
+    d = distill.Distiller(cfg, accelerator=acc, progress=False)
+    teacher.save_state_dict = save
+    write("pairs", f"{{len(d.pairs)}} {{' '.join(written)}}")
+
+
+def resume():
+    cfg = load_config(None, None, [*overrides, f"run.output_dir={{out}}/resume", "run.checkpoint_every=1",
+        "refine.steps_per_stage=[3]"])
+    d = distill.Distiller(cfg, accelerator=acc, progress=False)
+    if acc.process_index == 1:  # this rank's disk has no checkpoint
+        distill.checkpoint.load_latest = lambda *a, **k: None
+    try:
+        d.train(resume="latest")
+        said = "trained"
+    except UserError as exc:
+        said = str(exc)
+    write("resume", f"{{d.step}} {{said}}")
+
+
+for scenario in (identical, pairs, resume):
+    try:
+        scenario()
+    except Exception:  # said in its own file, for its own test; the other ranks may then wait in vain
+        write(f"{{scenario.__name__}}-failed", traceback.format_exc())
+        raise
+# Leave together: a process that exits with gloo's threads still running can abort at exit.
+acc.wait_for_everyone()
+dist.destroy_process_group()
+"""
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tiny_sdxl_dir, tmp_path_factory) -> Path:
+    """The two-rank scenarios below in one `torchrun --nproc_per_node 2` (two gloo processes on the
+    CPU, as on a machine without a GPU): each launch costs ~20 s of two processes importing torch,
+    diffusers and transformers, four times that as four launches. Each scenario leaves its files."""
+    out = tmp_path_factory.mktemp("two-ranks")
+    # A checkpoint at step 1 for the resume scenario, which rank 1 will not find.
+    overrides = ("run.checkpoint_every=1", "refine.steps_per_stage=[3]")  # as the scenario resumes it
+    first = Distiller(config(tiny_sdxl_dir, out / "resume", *overrides), progress=False)
+    first.train_step()
+    first.step += 1
+    first.save_checkpoint()
+    script = out / "two_ranks.py"
+    script.write_text(TWO_RANKS.format(overrides=config_overrides(tiny_sdxl_dir, out / "unused")))
     torchrun = Path(sys.executable).with_name("torchrun")
     proc = subprocess.run(
-        [str(torchrun), "--nproc_per_node", "2", "--master_port", str(port), str(script)],
+        [str(torchrun), "--nproc_per_node", "2", "--master_port", "29533", str(script), str(out)],
         capture_output=True,
         text=True,
         timeout=600,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    out.joinpath("stderr.txt").write_text(proc.stderr)
+    return out
 
 
-def test_two_rank_run_stays_identical(tiny_sdxl_dir, tmp_path):
-    script = tmp_path / "two_ranks.py"
-    script.write_text(
-        textwrap.dedent(f"""
-        import hashlib, sys, torch
-        from accelerate import Accelerator
-        from nitrofusion.training.config import load_config
-        from nitrofusion.training.distill import Distiller
-        acc = Accelerator(cpu=True)
-        cfg = load_config(None, None, ["model.teacher={tiny_sdxl_dir}", "data.teacher_steps=1", "data.batch_size=2",
-            "discriminator.width=4", "discriminator.candidates=2", "refine.steps_per_stage=[3]",
-            "run.output_dir={tmp_path}/run", "run.validate_every=0", "run.checkpoint_every=1000"])
-        d = Distiller(cfg, accelerator=acc, progress=False)
-        seen = []
-        original = d.pool.sample_heads
-        d.pool.sample_heads = lambda t, g: seen.append(original(t, g)) or seen[-1]
-        prompts = []
-        original_batch = d.batch
-        d.batch = lambda micro: prompts.append(d.rng("data", per_rank=True).initial_seed()) or original_batch(micro)
-        for _ in range(2):
-            d.train_step(); d.step += 1
-        h = hashlib.sha256()
-        for module in (acc.unwrap_model(d.student), d.pool):
-            for k, v in sorted(module.state_dict().items()):
-                h.update(v.detach().cpu().numpy().tobytes())
-        with open("{tmp_path}/rank%d.txt" % acc.process_index, "w") as f:
-            f.write(f"{{acc.num_processes}} {{h.hexdigest()}} {{seen}} {{prompts}}")
-        own = [s is not p for s, p in zip(d.ema.shadow.parameters(), acc.unwrap_model(d.student).parameters())]
-        with open("{tmp_path}/ema%d.txt" % acc.process_index, "w") as f:
-            f.write(str(sum(own)))
-        # A critic's loss that is NaN on rank 1 only: every rank skips the step, or the NaN is averaged in.
-        objective = d.objective
-        def poisoned(*args, **kwargs):
-            losses = objective(*args, **kwargs)
-            if acc.process_index == 1:
-                losses.d_loss = losses.d_loss * float("nan")
-            return losses
-        d.objective = poisoned
-        before = [v.clone() for m in (acc.unwrap_model(d.student), d.pool) for v in m.state_dict().values()]
-        d.train_step()
-        after = [v for m in (acc.unwrap_model(d.student), d.pool) for v in m.state_dict().values()]
-        with open("{tmp_path}/skip%d.txt" % acc.process_index, "w") as f:
-            f.write(f"{{d.bad_steps}} {{all(torch.equal(a, b) for a, b in zip(before, after))}}")
-    """)
-    )
-    run_on_two_ranks(script, 29533)
-    r0 = (tmp_path / "rank0.txt").read_text().split(" ", 2)
-    r1 = (tmp_path / "rank1.txt").read_text().split(" ", 2)
+def two_rank_files(folder: Path, name: str) -> list[str]:
+    failed = [folder / f"{name}-failed{rank}.txt" for rank in (0, 1)]
+    assert not any(p.exists() for p in failed), next(p.read_text() for p in failed if p.exists())
+    paths = [folder / f"{name}{rank}.txt" for rank in (0, 1)]
+    assert all(p.exists() for p in paths), (folder / "stderr.txt").read_text()[-3000:]
+    return [p.read_text() for p in paths]
+
+
+def test_two_rank_run_stays_identical(two_ranks):
+    r0, r1 = (text.split(" ", 2) for text in two_rank_files(two_ranks, "rank"))
     assert r0[0] == r1[0] == "2"
     assert r0[1] == r1[1], "ranks diverged"
     # The EMA: a copy on the main process only (the only one that reads it).
-    assert int((tmp_path / "ema0.txt").read_text()) > 0 and int((tmp_path / "ema1.txt").read_text()) == 0
+    ema0, ema1 = two_rank_files(two_ranks, "ema")
+    assert int(ema0) > 0 and int(ema1) == 0
     heads0, data0 = r0[2].rsplit("] [", 1)
     heads1, data1 = r1[2].rsplit("] [", 1)
     assert heads0 == heads1, "ranks sampled different heads"
     assert data0 != data1, "ranks saw the same data"
-    skips = [(tmp_path / f"skip{rank}.txt").read_text() for rank in (0, 1)]
+    skips = two_rank_files(two_ranks, "skip")
     assert skips == ["1 True", "1 True"], f"a NaN on rank 1 only: {skips} (skipped steps, weights unchanged)"
 
 
-def test_every_rank_makes_its_share_of_the_missing_pairs(tiny_sdxl_dir, tmp_path):
+def test_every_rank_makes_its_share_of_the_missing_pairs(two_ranks):
     """Rank 0 made them all while the others waited in a barrier: hours at SDXL size, past NCCL's
     10-minute timeout. Each rank now makes its shards, and waits for the others' on disk."""
-    script = tmp_path / "pairs_two_ranks.py"
-    script.write_text(
-        textwrap.dedent(f"""
-        from accelerate import Accelerator
-        import nitrofusion.data.teacher as teacher
-        from nitrofusion.training.config import load_config
-        from nitrofusion.training.distill import Distiller
-        acc = Accelerator(cpu=True)
-        written, save = [], teacher.save_state_dict
-        teacher.save_state_dict = lambda state, path, **kw: written.append(path.name) or save(state, path, **kw)
-        cfg = load_config(None, None, ["model.teacher={tiny_sdxl_dir}", "data.teacher_steps=1",
-            "data.pairs={tmp_path}/pairs", "data.num_pairs=600", "run.output_dir={tmp_path}/run"])
-        d = Distiller(cfg, accelerator=acc, progress=False)
-        with open("{tmp_path}/rank%d.txt" % acc.process_index, "w") as f:
-            f.write(f"{{len(d.pairs)}} {{' '.join(written)}}")
-    """)
-    )
-    run_on_two_ranks(script, 29534)
-    ranks = [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)]
+    ranks = two_rank_files(two_ranks, "pairs")
     assert ranks == ["600 pairs-00000.safetensors pairs-00002.safetensors", "600 pairs-00001.safetensors"]
 
 
-def test_ranks_wait_for_each_other_as_long_as_the_config_says(tmp_path):
+def test_ranks_wait_for_each_other_as_long_as_the_config_says(two_ranks):
     """NCCL's default of 10 minutes aborted a run whose main process wrote a checkpoint (43 GB at
     SDXL size) while the others waited in the next all-reduce: the wait is run.process_timeout_minutes.
     Launched with torchrun on a CPU machine, as docs/distill.md says, the processes are two ranks
     (they were two separate runs, each rank 0 of 1, writing into one folder)."""
-    script = tmp_path / "timeout_two_ranks.py"
-    script.write_text(
-        textwrap.dedent(f"""
-        import torch, torch.distributed as dist
-        from nitrofusion.training.config import load_config
-        from nitrofusion.training.distill import make_accelerator
-        cfg = load_config(None, None, ["run.process_timeout_minutes=7", "optim.mixed_precision=no",
-            "run.log_with=none", "run.output_dir={tmp_path}/run"])
-        acc = make_accelerator(cfg)
-        backend = dist.distributed_c10d._get_default_group()._get_backend(torch.device("cpu"))
-        with open("{tmp_path}/rank%d.txt" % acc.process_index, "w") as f:
-            f.write(f"{{acc.num_processes}} {{backend.options._timeout.total_seconds()}}")
-    """)
-    )
-    run_on_two_ranks(script, 29535)
-    assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == ["2 420.0", "2 420.0"]
+    assert two_rank_files(two_ranks, "timeout") == ["2 420.0", "2 420.0"]
 
 
-def test_ranks_that_resume_from_different_checkpoints_are_stopped(tiny_sdxl_dir, tmp_path):
+def test_ranks_that_resume_from_different_checkpoints_are_stopped(two_ranks):
     """Each rank reads the checkpoint itself: on disks that are not shared, one rank resumed at step
     N and another started afresh, and they trained apart until the run hung."""
-    overrides = ["run.checkpoint_every=1", "refine.steps_per_stage=[3]"]
-    first = Distiller(config(tiny_sdxl_dir, tmp_path / "run", *overrides), progress=False)
-    first.train_step()
-    first.step += 1
-    first.save_checkpoint()
-    script = tmp_path / "resume_two_ranks.py"
-    script.write_text(
-        textwrap.dedent(f"""
-        from accelerate import Accelerator
-        import nitrofusion.training.distill as distill
-        from nitrofusion.errors import UserError
-        from nitrofusion.training.config import load_config
-        acc = Accelerator(cpu=True)
-        cfg = load_config(None, None, {config_overrides(tiny_sdxl_dir, tmp_path / "run", *overrides)!r})
-        d = distill.Distiller(cfg, accelerator=acc, progress=False)
-        if acc.process_index == 1:  # this rank's disk has no checkpoint
-            distill.checkpoint.load_latest = lambda *a, **k: None
-        try:
-            d.train(resume="latest")
-            said = "trained"
-        except UserError as exc:
-            said = str(exc)
-        with open("{tmp_path}/rank%d.txt" % acc.process_index, "w") as f:
-            f.write(f"{{d.step}} {{said}}")
-        # Leave together: a process that exits with gloo's threads still running can abort at exit.
-        import torch.distributed as dist
-        acc.wait_for_everyone()
-        dist.destroy_process_group()
-    """)
-    )
-    run_on_two_ranks(script, 29536)
-    ranks = [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)]
+    ranks = two_rank_files(two_ranks, "resume")
     assert [r.split(" ", 1)[0] for r in ranks] == ["1", "0"]
     assert all("resumed from different checkpoints" in r for r in ranks), ranks
 

@@ -288,6 +288,43 @@ def test_a_report_written_in_place_is_whole_or_untouched(tmp_path):
     assert path.read_text() == "new"
 
 
+def test_a_folder_written_in_place_is_whole_or_untouched(tmp_path):
+    import os
+    import stat
+
+    from nitrofusion.userfiles import replacing_folder
+
+    dest = tmp_path / "pipeline"
+    with replacing_folder(dest) as tmp:
+        (tmp / "unet").mkdir(parents=True)
+        (tmp / "unet" / "w").write_text("old")
+        os.chmod(tmp / "unet" / "w", 0o600)  # as safetensors writes them
+    assert (dest / "unet" / "w").read_text() == "old"
+    assert stat.S_IMODE((dest / "unet" / "w").stat().st_mode) == 0o666 & ~_umask()
+    with pytest.raises(OSError), replacing_folder(dest) as tmp:
+        (tmp / "unet").mkdir(parents=True)
+        raise OSError("disk full")
+    assert (dest / "unet" / "w").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["pipeline"]
+    dest.rename(tmp_path / ".pipeline.old")  # a crash between the two renames: the next write puts it back first
+    with pytest.raises(OSError), replacing_folder(dest):
+        raise OSError("disk full")
+    assert (dest / "unet" / "w").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["pipeline"]
+    with replacing_folder(dest) as tmp:
+        tmp.mkdir()
+        (tmp / "new").write_text("new")
+    assert sorted(p.name for p in dest.iterdir()) == ["new"] and sorted(p.name for p in tmp_path.iterdir()) == [
+        "pipeline"
+    ]
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def test_a_fresh_run_in_an_old_folder_sets_the_old_checkpoints_aside(tiny_sdxl_dir, tmp_path):
     """The old run's checkpoints outranked the new run's: pruning deleted each new one as it was
     written, and --resume latest after a crash returned to the old run."""

@@ -15,7 +15,6 @@ import inspect
 import json
 import logging
 import os
-import shutil
 import time
 from collections.abc import Iterable
 from contextlib import nullcontext
@@ -90,7 +89,7 @@ from nitrofusion.training.offload import HostOffload, teacher_groups
 from nitrofusion.training.optimizers import make_optimizer
 from nitrofusion.training.schedule import Phase, Schedule
 from nitrofusion.training.student import ShiftedStudent
-from nitrofusion.userfiles import plain_permissions, replacing
+from nitrofusion.userfiles import replacing, replacing_folder
 from nitrofusion.weights.io import unet_state_dict
 
 log = logging.getLogger(__name__)
@@ -1071,17 +1070,6 @@ class Distiller:
         if self.acc.is_main_process:
             student = plain_unet(self.ema.shadow, self.lora_base())  # adapters folded in: stock diffusers loads it
             save_state_dict(student.state_dict(), self.out / self.weights_name, metadata=self.weights_metadata)
-            # Written beside, then swapped in: a crash leaves the old pipeline or the new one, whole.
-            final, tmp, old = (self.out / name for name in ("pipeline", ".pipeline.tmp", ".pipeline.old"))
-            if not final.exists():  # an earlier export died between its two renames: put a whole one back
-                # nitrofusion.json is written last, so a .pipeline.tmp that has it is complete.
-                for whole in (tmp, old):
-                    if (whole / "nitrofusion.json").is_file():
-                        whole.rename(final)
-                        break
-            for leftover in (tmp, old):
-                shutil.rmtree(leftover, ignore_errors=True)
-            save_pipeline(self.student_pipeline(unet=student, components=self.teacher_modules_as_stored()), tmp)
             about: dict = {"teacher": self.cfg.model.teacher, "steps": self.step}
             # How it samples, which loading reads back: a flow student's pipeline would default to CFG 7.
             about |= (
@@ -1089,12 +1077,9 @@ class Distiller:
                 if self.flow
                 else {"shift": self.cfg.model.shift}
             )
-            (tmp / "nitrofusion.json").write_text(json.dumps(about, indent=1))
-            plain_permissions(tmp)  # diffusers' safetensors files are written 0600
-            if final.exists():
-                final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old, ignore_errors=True)
+            with replacing_folder(self.out / "pipeline") as tmp:  # a crash leaves the old pipeline or the new one
+                save_pipeline(self.student_pipeline(unet=student, components=self.teacher_modules_as_stored()), tmp)
+                (tmp / "nitrofusion.json").write_text(json.dumps(about, indent=1))
         return self.out
 
     def teacher_modules_as_stored(self) -> dict | None:

@@ -39,7 +39,7 @@ from nitrofusion.pipelines.saving import save_pipeline
 from nitrofusion.training import checkpoint
 from nitrofusion.training.curves import MetricsLog, try_plot_curves
 from nitrofusion.training.ema import EMA
-from nitrofusion.userfiles import check_writable_folder, plain_permissions, replacing, write_text_replacing
+from nitrofusion.userfiles import check_writable_folder, replacing, replacing_folder, write_text_replacing
 from nitrofusion.world import data
 from nitrofusion.world.config import WorldConfig
 from nitrofusion.world.evaluator import Evaluator, FashionClassifier, to_classifier_input
@@ -367,22 +367,12 @@ def train_classifier(cfg: WorldConfig, run_dir: Path) -> tuple[Evaluator, float]
 
 
 def write_pipeline(pipe: Any, dest: Path, about: dict | None = None) -> None:
-    """A world's pipeline in fp16 (and `about` as its nitrofusion.json), written
-    beside and swapped in: a build stopped while writing leaves the old folder or the new one, whole."""
-    import shutil
-
-    tmp, old = dest.with_name(f".{dest.name}.tmp"), dest.with_name(f".{dest.name}.old")
-    for leftover in (tmp, old):
-        shutil.rmtree(leftover, ignore_errors=True)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    save_pipeline(pipe.to(torch.float16), tmp)
-    if about is not None:
-        (tmp / "nitrofusion.json").write_text(json.dumps(about))
-    plain_permissions(tmp)  # diffusers' safetensors files are written 0600
-    if dest.exists():
-        dest.rename(old)
-    tmp.rename(dest)
-    shutil.rmtree(old, ignore_errors=True)
+    """A world's pipeline in fp16 (and `about` as its nitrofusion.json), swapped in whole
+    (`replacing_folder`): a build stopped while writing leaves the old folder or the new one."""
+    with replacing_folder(dest) as tmp:
+        save_pipeline(pipe.to(torch.float16), tmp)
+        if about is not None:
+            (tmp / "nitrofusion.json").write_text(json.dumps(about, indent=1))
 
 
 def draw_samples(teacher_dir: Path, path: Path, per_class: int = 8, device: str = "cpu", steps: int = 25) -> Path:
