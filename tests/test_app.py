@@ -66,7 +66,7 @@ def test_health_and_models(client):
     data = client.get("/api/models").json()
     assert data["default"] == "embedded"
     (m,) = data["models"]
-    assert m["sampler"] == "shift-lcm" and m["steps"] == [1, 2, 3, 4]
+    assert m["sampler"] == "shift-lcm" and m["steps"] == [1, 2, 3, 4] and m["default_steps"] == 1
     assert m["default_size"] == 32 and m["size_multiple"] == 8 and m["token_limit"] == 77
     assert 32 in m["sizes"] and all(s % 8 == 0 for s in m["sizes"])
 
@@ -142,6 +142,28 @@ def test_tokenizers_are_used_on_the_worker_thread_only(embedded, monkeypatch):
     with TestClient(create_app([embedded]), base_url=LOCAL) as c:
         assert _post(c).status_code == 200
     assert threads and all(t.startswith("nitrofusion-embedded") for t in threads), threads
+
+
+def test_a_teacher_beside_its_student_samples_at_its_own_steps(embedded):
+    """The app offered a multi-step teacher 1-4 steps only, where it draws noise: set beside the
+    student, it runs up to its own step count, by default at that count."""
+    (teacher,) = load_models([ModelSpec(model="embedded-teacher")], device="cpu", warmup=False)
+    own = teacher.default_steps
+    assert teacher.sampler == "native" and own > 4
+    with TestClient(create_app([embedded, teacher]), base_url=LOCAL) as c:
+        offered = {m["name"]: (m["steps"], m["default_steps"]) for m in c.get("/api/models").json()["models"]}
+        assert offered == {"embedded": ([1, 2, 3, 4], 1), "embedded-teacher": ([1, 2, 4, 8, 16, own], own)}
+        r = _post(c, model="embedded-teacher", seed=0)
+        assert r.status_code == 200 and r.headers["x-steps"] == str(own)
+        assert Image.open(io.BytesIO(r.content)).text["steps"] == str(own)
+        assert _post(c, model="embedded-teacher", seed=0, steps=own).content == r.content
+        assert _post(c, model="embedded-teacher", seed=0, steps=4).content != r.content
+        r = _post(c, model="embedded-teacher", steps=3)
+        assert r.status_code == 422 and _error_of(r) == (
+            f"steps: model 'embedded-teacher' samples at 1, 2, 4, 8, 16, {own} steps, got 3"
+        )
+        assert _post(c, steps=own).status_code == 422  # the student: 1-4
+        assert _post(c).headers["x-steps"] == "1"
 
 
 @pytest.mark.parametrize(

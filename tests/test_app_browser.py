@@ -154,3 +154,52 @@ def test_typing_faster_than_the_model_draws_still_shows_images_as_you_type(brows
         assert all(a < b for a, b in zip(shown, shown[1:])), "an older image replaced a newer one"
         assert shown[-1] == typed and "updating" not in page.locator("#info").inner_text()
         page.close()
+
+
+class FlatModel(LoadedModel):
+    """Draws a flat PNG at once, its colour from the step count."""
+
+    def __init__(self, name: str, sampler: str, steps: tuple[int, ...], default_steps: int) -> None:
+        super().__init__(name, "test", None, sampler, default_size=32, size_multiple=8, token_limit=77)
+        self.steps, self.default_steps = steps, default_steps
+
+    def render(self, prompt: str, steps: int, seed: int, width: int, height: int) -> Rendered:
+        import io
+
+        from PIL import Image
+
+        png = io.BytesIO()
+        Image.new("RGB", (width, height), (steps * 9 % 256, 80, 160)).save(png, format="PNG")
+        return Rendered(png.getvalue(), seed, 0.0)
+
+
+def test_each_model_offers_its_own_steps(browser):
+    """A student's 1-4 steps, a multi-step teacher's up to its own count, which it starts at."""
+    student = FlatModel("student", "shift-lcm", (1, 2, 3, 4), 1)
+    teacher = FlatModel("teacher", "native", (1, 2, 4, 8, 16, 25), 25)
+    with ServerThread(create_app([student, teacher])) as server:
+        page = browser.new_page()
+        page.goto(server.url)
+        page.wait_for_selector("body[data-ready=true]")
+        assert page.locator("#model option").all_inner_texts() == ["student", "teacher (multi-step teacher)"]
+        assert page.locator("#steps option").all_inner_texts() == ["1", "2", "3", "4"]
+        page.locator("#prompt").fill("a photo of a bag")
+        page.select_option("#steps", "2")
+        page.wait_for_function(IMAGE_IS_LATEST, timeout=15_000)
+        assert page.locator("#image").get_attribute("data-steps") == "2"
+
+        page.select_option("#model", "teacher")
+        assert page.locator("#steps option").all_inner_texts() == ["1", "2", "4", "8", "16", "25"]
+        assert page.locator("#steps").input_value() == "25"
+        page.wait_for_function(IMAGE_IS_LATEST, timeout=15_000)
+        assert page.locator("#image").get_attribute("data-steps") == "25"
+        page.select_option("#steps", "4")
+        page.wait_for_function(IMAGE_IS_LATEST, timeout=15_000)
+        assert page.locator("#image").get_attribute("data-steps") == "4"
+
+        page.select_option("#model", "student")  # other steps offered: back to the student's own default
+        assert page.locator("#steps option").all_inner_texts() == ["1", "2", "3", "4"]
+        page.wait_for_function(IMAGE_IS_LATEST, timeout=15_000)
+        assert page.locator("#image").get_attribute("data-steps") == "1"
+        assert page.locator("#error").is_hidden()
+        page.close()

@@ -5,7 +5,7 @@ API (JSON in, JSON or PNG out; every error is JSON ``{"error": "<one line>"}``, 
 ``POST /api/generate`` with a JSON object::
 
     {"prompt": str,                  required, not blank
-     "steps": 1-4,                   default 1
+     "steps": int,                   one of the model's steps (GET /api/models); default: its default_steps
      "seed": int >= 0 | null | "random",   default null = a fresh random seed
      "width": int, "height": int,    default: the model's size; multiples of its size_multiple, <= max_size
      "model": str,                   a name from GET /api/models; default: the first model
@@ -17,13 +17,14 @@ API (JSON in, JSON or PNG out; every error is JSON ``{"error": "<one line>"}``, 
   the model), ``X-Prompt-Truncated`` (``true``/``false``), ``X-Prompt-Tokens``, ``X-Token-Limit``, and
   ``X-Request-Id`` when one was sent, and ``X-Superseded: true`` on an image whose client sent a newer request
   while it was drawn (delivered: the compute is spent, and the page shows it if nothing newer is on screen).
-  400 bad input (blank prompt, bad size, malformed JSON); 422 wrong types or steps outside 1-4;
+  400 bad input (blank prompt, bad size, malformed JSON); 422 wrong types or steps the model does not offer;
   404 unknown model; 409 superseded (``{"error": ..., "superseded": true}``): a newer request of the same client
   arrived before this one was drawn, so it is not rendered; 503 the model's queue is full (``Retry-After: 1``);
   413 body too large; 499 (empty, never read) the client closed its connection while the request waited.
 
 ``GET /api/models``: ``{"default": name, "models": [{name, source, sampler, default_size, size_multiple,
-max_size, sizes, steps, token_limit}, ...]}``.
+max_size, sizes, steps, default_steps, token_limit}, ...]}``: a distilled model's steps are 1-4 (default 1); a
+multi-step teacher's run up to its own step count (its default), to set beside a student at the same prompt.
 
 ``GET /api/health``: ``{"status": "ok", "models": {name: {"running": bool, "waiting": int, "completed": int,
 "superseded": int, "stale": int, "busy": int, "failed": int, "abandoned": int}}}``: ``superseded`` counts every
@@ -69,7 +70,9 @@ __all__ = ["ClientSlots", "LoadedModel", "ModelSpec", "ModelWorker", "ServerThre
 
 log = logging.getLogger("nitrofusion.app")
 
-MAX_STEPS = 4  # NitroFusion's shift-LCM range; the app is for 1-4 step models
+STUDENT_STEPS = (1, 2, 3, 4)  # a distilled model: NitroFusion's shift-LCM range
+TEACHER_STEPS = (1, 2, 4, 8, 16)  # and a teacher's own count: how far from it each step count falls
+MAX_REQUEST_STEPS = 1000  # the type's bound; a model's own steps are checked per request
 DEFAULT_MAX_SIZE = 1024
 DEFAULT_QUEUE_SIZE = 32
 MAX_BODY_BYTES = 64 * 1024
@@ -132,14 +135,25 @@ class LoadedModel:
     # Compiled on a GPU (--compile): only the size compiled at start-up is served; any other would
     # compile again (minutes) inside a request.
     compiled_size: int | None = None
+    steps: tuple[int, ...] = STUDENT_STEPS  # the step counts served, the first one the default
+    default_steps: int = 1
 
     @classmethod
     def from_pipeline(
         cls, name: str, source: str, pipe: Any, compiled: bool = False, guidance_scale: float | None = None
     ) -> LoadedModel:
-        from nitrofusion.pipelines.generation import default_guidance, default_size, sampler_of, size_multiple
+        from nitrofusion.pipelines.generation import (
+            default_guidance,
+            default_size,
+            default_steps,
+            is_distilled,
+            sampler_of,
+            size_multiple,
+        )
 
         tokenizers, token_limit = prompt_reading(pipe)
+        own = default_steps(pipe)
+        steps = STUDENT_STEPS if is_distilled(pipe) else tuple(sorted({*TEACHER_STEPS, own}))
         return cls(
             name=name,
             source=source,
@@ -151,6 +165,8 @@ class LoadedModel:
             token_limit=token_limit,
             tokenizers=tokenizers,
             compiled_size=default_size(pipe) if compiled else None,
+            steps=tuple(n for n in steps if n <= max(own, STUDENT_STEPS[-1])),
+            default_steps=own,
         )
 
     def count_tokens(self, prompt: str) -> int:
@@ -182,7 +198,8 @@ class LoadedModel:
             "size_multiple": self.size_multiple,
             "max_size": max_size,
             "sizes": self.sizes(max_size),
-            "steps": list(range(1, MAX_STEPS + 1)),
+            "steps": list(self.steps),
+            "default_steps": self.default_steps,
             "token_limit": self.token_limit,
         }
 
@@ -278,7 +295,7 @@ def load_models(
         loaded = LoadedModel.from_pipeline(name, source, pipe, compiled, spec.guidance_scale)
         if warmup:
             # A compiled sampler captures one CUDA graph per step count: capture them all now.
-            for steps in range(1, MAX_STEPS + 1) if compiled else (1,):
+            for steps in loaded.steps if compiled else (1,):
                 guidance = loaded.guidance_scale
                 generate(pipe, ["warm-up"], steps=steps, seed=0, batch_size=1, guidance_scale=guidance, progress=False)
         models.append(loaded)
@@ -466,7 +483,7 @@ class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     prompt: StrictStr = Field(max_length=MAX_PROMPT_CHARS)
-    steps: StrictInt = Field(1, ge=1, le=MAX_STEPS)
+    steps: StrictInt | None = Field(None, ge=1, le=MAX_REQUEST_STEPS)
     seed: Annotated[StrictInt, Field(ge=0, le=2**63 - 1)] | Literal["random"] | None = None
     width: StrictInt | None = None
     height: StrictInt | None = None
@@ -649,6 +666,10 @@ def create_app(
                     f"{what} must be a multiple of {model.size_multiple} from {model.size_multiple} to {max_size} "
                     f"for model '{model.name}', got {v}",
                 )
+        steps = model.default_steps if req.steps is None else req.steps
+        if steps not in model.steps:
+            offered = ", ".join(map(str, model.steps))
+            return _error(422, f"steps: model '{model.name}' samples at {offered} steps, got {steps}")
         seed = secrets.randbelow(2**32) if req.seed is None or req.seed == "random" else req.seed
 
         worker = workers[model.name]
@@ -666,7 +687,7 @@ def create_app(
                     other.drop_waiting(req.client)
 
         def work() -> Rendered:
-            return model.render(prompt, req.steps, seed, width, height)
+            return model.render(prompt, steps, seed, width, height)
 
         async def hung_up() -> None:
             # The body is read: under uvicorn the next message for this request is its disconnect.
@@ -692,7 +713,7 @@ def create_app(
 
         headers = {
             "X-Seed": str(rendered.seed),
-            "X-Steps": str(req.steps),
+            "X-Steps": str(steps),
             "X-Width": str(width),
             "X-Height": str(height),
             "X-Model": model.name,
