@@ -53,6 +53,17 @@ def test_a_tokenizer_vocab_and_merges_would_not_rebuild_keeps_its_tokenizer_json
     assert ids(again, prompt) == ids(pipe.tokenizer, prompt)
 
 
+def test_a_tokenizer_changed_after_a_save_is_checked_again(tmp_path):
+    """The check's verdict is kept per tokenizer serialisation: one changed since is not the one checked."""
+    pipe = tiny_sdxl_pipeline()
+    save_pipeline(pipe, tmp_path / "before")
+    assert not (tmp_path / "before" / "tokenizer" / "tokenizer.json").exists()
+    add_a_token(pipe.tokenizer)
+    save_pipeline(pipe, tmp_path / "after")
+    assert (tmp_path / "after" / "tokenizer" / "tokenizer.json").is_file()
+    assert not (tmp_path / "after" / "tokenizer" / "vocab.json").exists()
+
+
 @pytest.mark.parametrize("name", ["tokenizer", "tokenizer_2"])
 def test_the_tiny_test_pipelines_are_written_so(tiny_sdxl_dir, name):
     assert (tiny_sdxl_dir / name / "merges.txt").is_file() and not (tiny_sdxl_dir / name / "tokenizer.json").exists()

@@ -9,6 +9,7 @@ are written as their vocabulary and merges, which CLIPTokenizer rebuilds into th
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 from diffusers import DiffusionPipeline
@@ -26,17 +27,29 @@ def save_pipeline(pipe: DiffusionPipeline, folder: str | Path) -> Path:
     return folder
 
 
+# Serialisations (by digest) already found to be rebuilt the same, or not, from vocab + merges: a
+# run's exports write the same teacher tokenizers again and again (~0.3 s per check).
+_REBUILT_SAME: dict[str, bool] = {}
+
+
 def write_vocab_and_merges(tokenizer: CLIPTokenizer, folder: Path) -> None:
     """Replace `folder`'s tokenizer.json by the BPE model's vocab.json + merges.txt, unless the
     tokenizer those rebuild differs from this one (tokens added by a textual inversion, another
     normaliser): tokenizer.json is then kept as it is."""
-    written = [Path(p) for p in tokenizer.backend_tokenizer.model.save(str(folder))]
-    vocab, merges = BPE.read_file(str(folder / "vocab.json"), str(folder / "merges.txt"))
+    serialised = tokenizer.backend_tokenizer.to_str()
     specials = {k: str(getattr(tokenizer, k)) for k in ("unk_token", "bos_token", "eos_token", "pad_token")}
-    rebuilt = CLIPTokenizer(vocab=vocab, merges=merges, **specials)
-    # The serialisations compared as text (as parsed JSON they took 0.5 s more per tokenizer): an
-    # equal tokenizer written in another key order would only keep its tokenizer.json, never err.
-    if rebuilt.backend_tokenizer.to_str() != tokenizer.backend_tokenizer.to_str():
+    digest = hashlib.sha256(f"{specials}{serialised}".encode()).hexdigest()
+    written = [Path(p) for p in tokenizer.backend_tokenizer.model.save(str(folder))]
+    same = _REBUILT_SAME.get(digest)
+    if same is None:
+        vocab, merges = BPE.read_file(str(folder / "vocab.json"), str(folder / "merges.txt"))
+        rebuilt = CLIPTokenizer(vocab=vocab, merges=merges, **specials)
+        # Compared as text (as parsed JSON it took 0.5 s more): an equal tokenizer serialised in
+        # another key order would only keep its tokenizer.json, never be written wrong.
+        same = _REBUILT_SAME[digest] = rebuilt.backend_tokenizer.to_str() == serialised
+        if len(_REBUILT_SAME) > 64:
+            _REBUILT_SAME.pop(next(iter(_REBUILT_SAME)))
+    if not same:
         for path in written:
             path.unlink()
         return
