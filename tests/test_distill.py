@@ -393,6 +393,12 @@ def test_output_loads_like_public_checkpoints(tiny_sdxl_dir, tmp_path, capsys):
     assert Image.open(tmp_path / "v.png").text["shift"] == "250"
     d.export()  # again over the old: swapped in whole, nothing left beside it
     assert sorted(p.name for p in out.iterdir() if "pipeline" in p.name) == ["pipeline"]
+    for name in ("tokenizer", "tokenizer_2"):  # the teacher's, which encoded prompts: read back 6x faster so
+        assert sorted(p.name for p in (out / "pipeline" / name).iterdir()) == [
+            "merges.txt",
+            "tokenizer_config.json",
+            "vocab.json",
+        ]
     (out / "pipeline").rename(out / ".pipeline.old")  # an export that died between its two renames,
     d.student_pipeline = lambda **kw: (_ for _ in ()).throw(OSError("disk full"))  # and the next one dies too:
     with pytest.raises(OSError):

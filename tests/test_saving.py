@@ -30,6 +30,22 @@ def test_tokenizers_are_written_as_vocab_and_merges_and_read_back_the_same(tmp_p
         assert all(ids(after, p) == ids(before, p) for p in PROMPTS)
 
 
+def test_a_tokenizer_that_has_encoded_prompts_is_written_so_too(tmp_path):
+    """A pipeline's call leaves truncation and padding set on its tokenizers' backends: the
+    tokenizers of a teacher that had encoded prompts (every distill export) kept their tokenizer.json."""
+    pipe = tiny_sdxl_pipeline()
+    before = ids(pipe.tokenizer, PROMPTS[1])
+    backend = pipe.tokenizer.backend_tokenizer
+    settings = (backend.truncation, backend.padding)
+    assert None not in settings  # as a pipeline's call leaves them
+    save_pipeline(pipe, tmp_path / "p")
+    for name in ("tokenizer", "tokenizer_2"):
+        assert not (tmp_path / "p" / name / "tokenizer.json").exists(), name
+    assert (backend.truncation, backend.padding) == settings, "the pipeline's own tokenizer is as it was"
+    loaded = CLIPTokenizer.from_pretrained(tmp_path / "p" / "tokenizer")
+    assert all(ids(loaded, p) == ids(pipe.tokenizer, p) for p in PROMPTS) and ids(loaded, PROMPTS[1]) == before
+
+
 def add_a_token(tokenizer):
     tokenizer.add_tokens(["<my-concept>"])  # what a textual inversion adds
 

@@ -13,6 +13,7 @@ import hashlib
 from pathlib import Path
 
 from diffusers import DiffusionPipeline
+from tokenizers import Tokenizer
 from tokenizers.models import BPE
 from transformers import CLIPTokenizer
 
@@ -36,7 +37,7 @@ def write_vocab_and_merges(tokenizer: CLIPTokenizer, folder: Path) -> None:
     """Replace `folder`'s tokenizer.json by the BPE model's vocab.json + merges.txt, unless the
     tokenizer those rebuild differs from this one (tokens added by a textual inversion, another
     normaliser): tokenizer.json is then kept as it is."""
-    serialised = tokenizer.backend_tokenizer.to_str()
+    serialised = without_call_settings(tokenizer.backend_tokenizer)
     specials = {k: str(getattr(tokenizer, k)) for k in ("unk_token", "bos_token", "eos_token", "pad_token")}
     digest = hashlib.sha256(f"{specials}{serialised}".encode()).hexdigest()
     written = [Path(p) for p in tokenizer.backend_tokenizer.model.save(str(folder))]
@@ -54,3 +55,21 @@ def write_vocab_and_merges(tokenizer: CLIPTokenizer, folder: Path) -> None:
             path.unlink()
         return
     (folder / "tokenizer.json").unlink(missing_ok=True)
+
+
+def without_call_settings(backend: Tokenizer) -> str:
+    """`backend`'s serialisation without its truncation and padding: transformers sets them on the
+    backend at a call (`padding="max_length", truncation=True` by every pipeline) and leaves them
+    there, and sets them again from each call's arguments, so a tokenizer that has encoded a
+    prompt is the same tokenizer as one that has not. They are put back as they were (turned off
+    for the moment: a copy of the backend took 0.3 s more)."""
+    truncation, padding = backend.truncation, backend.padding
+    backend.no_truncation()
+    backend.no_padding()
+    try:
+        return backend.to_str()
+    finally:
+        if truncation is not None:
+            backend.enable_truncation(**truncation)
+        if padding is not None:
+            backend.enable_padding(**padding)
