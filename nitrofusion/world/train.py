@@ -23,6 +23,7 @@ import json
 import math
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -188,36 +189,56 @@ def encode_dataset(vae: AutoencoderKL, images: torch.Tensor, device: str) -> tup
     return torch.cat(means), torch.cat(stds)
 
 
-def _teacher_update(
-    stage_dir: Path,
-    done: int,
-    total: int,
-    checkpoint_every: int,
-    model: torch.nn.Module,
-    ema: EMA,
-    opt: torch.optim.Optimizer,
-    gen: torch.Generator,
-    loss: torch.Tensor,
-    lr: float,
-    log: StageLog,
-    bar: Any,
-) -> None:
-    """A teacher's (UNet or flow) update after its `done`-th loss: AdamW at `lr`, gradients clipped
-    to norm 1, the EMA, the step's log line and, every `checkpoint_every` steps and at the last, a
-    checkpoint (weights and EMA under the stage's name)."""
-    for g in opt.param_groups:
-        g["lr"] = lr
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    opt.step()
-    ema.update(model)
-    bar.set_postfix(loss=f"{loss.item():.4f}")
-    log.record(done, loss=loss.item(), lr=lr)
-    if done % checkpoint_every == 0 or done == total:
-        log.flush()
-        _save(stage_dir, done, {stage_dir.name: model, "ema": ema}, opt, gen)
-        _log(stage_dir.parent, f"{stage_dir.name} step {done} loss {loss.item():.4f}")
+class TeacherStage:
+    """A teacher's (UNet or flow) training: the network (built under `seeds[0]`), its EMA, AdamW
+    (weight decay 0.01), the stage's data stream (`gen`, seeded `seeds[1]`), all resumed from the
+    stage's newest checkpoint; `bar` iterates the steps left, `update` applies each step's loss."""
+
+    def __init__(
+        self,
+        stage_dir: Path,
+        build: Callable[[], torch.nn.Module],
+        cfg: WorldConfig,
+        seeds: tuple[int, int],
+        lr: float,
+        total: int,
+        loss_panel: str,
+        desc: str,
+    ) -> None:
+        self.stage_dir, self.total, self.checkpoint_every = stage_dir, total, cfg.checkpoint_every
+        torch.manual_seed(seeds[0])
+        self.model = build().to(cfg.device)
+        self.ema = EMA(self.model, cfg.ema_decay)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=0.01)
+        self.gen = torch.Generator().manual_seed(seeds[1])
+        self.modules = {stage_dir.name: self.model, "ema": self.ema}
+        self.start = _resume(stage_dir, self.modules, self.opt, self.gen)
+        self.log = StageLog(stage_dir, self.start, ((loss_panel, ("loss",)), ("learning rate", ("lr",))))
+        self.bar = tqdm(range(self.start, total), initial=self.start, total=total, desc=desc)
+        self.model.train()
+
+    def update(self, done: int, loss: torch.Tensor, lr: float) -> None:
+        """After the `done`-th loss: AdamW at `lr`, gradients clipped to norm 1, the EMA, the step's
+        log line and, every `checkpoint_every` steps and at the last, a checkpoint."""
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.opt.step()
+        self.ema.update(self.model)
+        self.bar.set_postfix(loss=f"{loss.item():.4f}")
+        self.log.record(done, loss=loss.item(), lr=lr)
+        if done % self.checkpoint_every == 0 or done == self.total:
+            self.log.flush()
+            _save(self.stage_dir, done, self.modules, self.opt, self.gen)
+            _log(self.stage_dir.parent, f"{self.stage_dir.name} step {done} loss {loss.item():.4f}")
+
+    def finish(self, title: str) -> torch.nn.Module:
+        """The curves drawn; the network, with its EMA weights, in eval mode."""
+        self.log.draw(title)
+        self.ema.copy_to(self.model)
+        return self.model.eval()
 
 
 def train_unet(cfg: WorldConfig, run_dir: Path, vae: AutoencoderKL, scaling: float) -> UNet2DConditionModel:
@@ -235,18 +256,20 @@ def train_unet(cfg: WorldConfig, run_dir: Path, vae: AutoencoderKL, scaling: flo
     images, labels = split(cfg, "train")
     lat_mean, lat_std = encode_dataset(vae, images, cfg.device)
 
-    torch.manual_seed(cfg.seed + 1)
-    unet = UNet2DConditionModel(**WORLD_SPEC.unet_config()).to(cfg.device)
-    ema = EMA(unet, cfg.ema_decay)
-    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_lr, weight_decay=0.01)
-    gen = torch.Generator().manual_seed(cfg.seed + 2)
-    start = _resume(stage, {"unet": unet, "ema": ema}, opt, gen)
-    log = StageLog(stage, start, (("teacher: epsilon MSE", ("loss",)), ("learning rate", ("lr",))))
+    run = TeacherStage(
+        stage,
+        lambda: UNet2DConditionModel(**WORLD_SPEC.unet_config()),
+        cfg,
+        (cfg.seed + 1, cfg.seed + 2),
+        cfg.unet_lr,
+        cfg.unet_steps,
+        "teacher: epsilon MSE",
+        "teacher unet",
+    )
+    unet, gen = run.model, run.gen
     sched = pipe.scheduler
     abar = sched.alphas_cumprod.to(cfg.device)
-    bar = tqdm(range(start, cfg.unet_steps), initial=start, total=cfg.unet_steps, desc="teacher unet")
-    unet.train()
-    for step in bar:
+    for step in run.bar:
         idx = torch.randint(0, len(images), (cfg.unet_batch,), generator=gen)
         z = lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape, generator=gen)
         flip = torch.rand(cfg.unet_batch, generator=gen) < 0.5
@@ -264,11 +287,8 @@ def train_unet(cfg: WorldConfig, run_dir: Path, vae: AutoencoderKL, scaling: flo
             zt, t, cond, added_cond_kwargs={"text_embeds": pool, "time_ids": time_ids.expand(len(t), -1).to(cfg.device)}
         ).sample
         loss = (pred - noise).square().mean()
-        lr = cfg.unet_lr * min(1.0, (step + 1) / cfg.unet_warmup)
-        _teacher_update(stage, step + 1, cfg.unet_steps, cfg.checkpoint_every, unet, ema, opt, gen, loss, lr, log, bar)
-    log.draw("embedded world: teacher UNet")
-    ema.copy_to(unet)
-    return unet.eval()
+        run.update(step + 1, loss, cfg.unet_lr * min(1.0, (step + 1) / cfg.unet_warmup))
+    return run.finish("embedded world: teacher UNet")
 
 
 def train_flow(cfg: WorldConfig, run_dir: Path, vae: AutoencoderKL, scaling: float) -> SD3Transformer2DModel:
@@ -289,16 +309,18 @@ def train_flow(cfg: WorldConfig, run_dir: Path, vae: AutoencoderKL, scaling: flo
     lat_mean, lat_std = encode_dataset(vae, images, cfg.device)
     flip_mean, flip_std = encode_dataset(vae, images.flip(-1), cfg.device)
 
-    torch.manual_seed(cfg.seed + 5)
-    model = SD3Transformer2DModel(**FLOW_SPEC.transformer_config()).to(cfg.device)
-    ema = EMA(model, cfg.ema_decay)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.flow_lr, weight_decay=0.01)
-    gen = torch.Generator().manual_seed(cfg.seed + 6)
-    start = _resume(stage, {"flow": model, "ema": ema}, opt, gen)
-    log = StageLog(stage, start, (("flow teacher: velocity MSE", ("loss",)), ("learning rate", ("lr",))))
-    bar = tqdm(range(start, cfg.flow_steps), initial=start, total=cfg.flow_steps, desc="flow teacher")
-    model.train()
-    for step in bar:
+    run = TeacherStage(
+        stage,
+        lambda: SD3Transformer2DModel(**FLOW_SPEC.transformer_config()),
+        cfg,
+        (cfg.seed + 5, cfg.seed + 6),
+        cfg.flow_lr,
+        cfg.flow_steps,
+        "flow teacher: velocity MSE",
+        "flow teacher",
+    )
+    model, gen = run.model, run.gen
+    for step in run.bar:
         idx = torch.randint(0, len(images), (cfg.flow_batch,), generator=gen)
         flip = (torch.rand(cfg.flow_batch, generator=gen) < 0.5)[:, None, None, None]
         mean = torch.where(flip, flip_mean[idx], lat_mean[idx])
@@ -317,11 +339,8 @@ def train_flow(cfg: WorldConfig, run_dir: Path, vae: AutoencoderKL, scaling: flo
             pooled_projections=pooled[rows].to(cfg.device),
         ).sample
         loss = (pred - (noise - x0)).square().mean()
-        lr = cfg.flow_lr * min(1.0, (step + 1) / cfg.flow_warmup)
-        _teacher_update(stage, step + 1, cfg.flow_steps, cfg.checkpoint_every, model, ema, opt, gen, loss, lr, log, bar)
-    log.draw("embedded world: flow teacher (SD3 architecture)")
-    ema.copy_to(model)
-    return model.eval()
+        run.update(step + 1, loss, cfg.flow_lr * min(1.0, (step + 1) / cfg.flow_warmup))
+    return run.finish("embedded world: flow teacher (SD3 architecture)")
 
 
 def train_classifier(cfg: WorldConfig, run_dir: Path) -> tuple[Evaluator, float]:
