@@ -71,7 +71,7 @@ __all__ = ["ClientSlots", "LoadedModel", "ModelSpec", "ModelWorker", "ServerThre
 log = logging.getLogger("nitrofusion.app")
 
 STUDENT_STEPS = (1, 2, 3, 4)  # a distilled model: NitroFusion's shift-LCM range
-TEACHER_STEPS = (1, 2, 4, 8, 16)  # and a teacher's own count: how far from it each step count falls
+TEACHER_STEPS = (1, 2, 4, 8, 16)  # a multi-step teacher: these up to its own count, and that count
 MAX_REQUEST_STEPS = 1000  # the type's bound; a model's own steps are checked per request
 DEFAULT_MAX_SIZE = 1024
 DEFAULT_QUEUE_SIZE = 32
@@ -135,7 +135,7 @@ class LoadedModel:
     # Compiled on a GPU (--compile): only the size compiled at start-up is served; any other would
     # compile again (minutes) inside a request.
     compiled_size: int | None = None
-    steps: tuple[int, ...] = STUDENT_STEPS  # the step counts served, the first one the default
+    steps: tuple[int, ...] = STUDENT_STEPS  # the step counts served (422 for any other)
     default_steps: int = 1
 
     @classmethod
