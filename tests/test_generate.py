@@ -1,6 +1,7 @@
 """`nitrofusion generate` end to end on the tiny SDXL and SD1.5 pipelines, and its errors."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -857,7 +858,7 @@ def test_without_steps_a_teacher_samples_at_its_pipelines_default_and_a_student_
         ["generate", "a photo of a sneaker", "--model", "embedded-teacher", "--out", str(teacher)], capsys
     )
     assert code == 0, err
-    assert PILImage.open(teacher).text["steps"] == "50"  # StableDiffusionXLPipeline.__call__'s own default
+    assert PILImage.open(teacher).text["steps"] == "25"  # the count its folder records (nitrofusion.json)
     code, _, err = run(["generate", "a photo of a sneaker", "--out", str(student)], capsys)
     assert code == 0, err
     assert PILImage.open(student).text["steps"] == "1"
@@ -873,7 +874,15 @@ def test_default_steps_and_batch_size_follow_the_model(tmp_path):
     student = load_pipeline(shipped.model, unet=shipped.unet, shift=shipped.shift, device="cpu")
     teacher = load_pipeline(choose_model("embedded-teacher", None, None).model, device="cpu")
     sd3 = load_pipeline(save_tiny_sd3(tmp_path / "sd3"), device="cpu", allow_flow=True)
-    assert [default_steps(p) for p in (student, teacher, sd3)] == [1, 50, 28]
+    assert [default_steps(p) for p in (student, teacher, sd3)] == [1, 25, 28]  # the teacher's folder records 25
+    plain = tmp_path / "plain-teacher"  # without it: StableDiffusionXLPipeline.__call__'s own 50
+    shutil.copytree(choose_model("embedded-teacher", None, None).model, plain)
+    (plain / "nitrofusion.json").unlink()
+    assert default_steps(load_pipeline(plain, device="cpu")) == 50
+    for bad in ("0", "2.5", "true", '"25"'):
+        (plain / "nitrofusion.json").write_text(f'{{"num_inference_steps": {bad}}}')
+        with pytest.raises(UserError, match="num_inference_steps must be a step count"):
+            load_pipeline(plain, device="cpu")
     sd3.nitro_guidance = 0.0  # as a flow student's folder records it
     assert is_distilled(sd3) and default_steps(sd3) == 1
     assert default_batch_size(student) == 100  # 32 px: the cap

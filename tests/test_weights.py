@@ -456,7 +456,7 @@ def test_a_loras_recorded_shift_is_used_and_a_plain_lora_changes_no_sampler(tmp_
     plain = tmp_path / "style.safetensors"  # any LoRA in diffusers' format: no nitrofusion header
     save_file(tensors, str(plain), metadata={"lora_adapter_metadata": header["lora_adapter_metadata"]})
     pipe = load_pipeline(teacher_path(), lora=plain, device="cpu")
-    assert pipe.nitro_sampler == "native" and default_steps(pipe) == 50 and pipe.nitro_lora == str(plain)
+    assert pipe.nitro_sampler == "native" and default_steps(pipe) == 25 and pipe.nitro_lora == str(plain)
     with pytest.raises(UserError, match="--lora and --unet both replace"):
         load_pipeline(teacher_path(), lora=plain, unet=student_path() / "unet", device="cpu")
     other = tmp_path / "other-architecture.safetensors"

@@ -3,6 +3,7 @@ every stage runs, stock diffusers loads what it writes, and a resumed build goes
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +14,8 @@ from safetensors.torch import load_file
 from nitrofusion.cli import main
 from nitrofusion.training import checkpoint
 from nitrofusion.world.evaluator import Evaluator
+
+ASSETS = Path(__file__).resolve().parents[1] / "nitrofusion" / "world" / "assets"
 
 
 def build(run, out, samples_per_class=1):
@@ -48,7 +51,13 @@ def test_a_tiny_build_writes_a_world_stock_diffusers_loads_and_resumes_exactly(t
     )
     flow.set_progress_bar_config(disable=True)
     assert flow("a photo of a bag", num_inference_steps=2, output_type="np").images.shape == (1, 32, 32, 3)
-    assert json.loads((out / "flow-teacher" / "nitrofusion.json").read_text()) == {"guidance_scale": 5.0}
+    assert json.loads((out / "flow-teacher" / "nitrofusion.json").read_text()) == {
+        "guidance_scale": 5.0,
+        "num_inference_steps": 28,
+    }
+    assert json.loads((out / "teacher" / "nitrofusion.json").read_text()) == {"num_inference_steps": 25}
+    for name in ("teacher", "flow-teacher"):  # what the shipped world's folders record too
+        assert (out / name / "nitrofusion.json").read_text() == (ASSETS / name / "nitrofusion.json").read_text()
     assert flow.vae.config.shift_factor == 0.0 and flow.vae.config.scaling_factor == pipe.vae.config.scaling_factor
     a, b = pipe.vae.state_dict(), flow.vae.state_dict()  # the two worlds share one VAE
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -103,10 +103,13 @@ def is_distilled(pipe: DiffusionPipeline) -> bool:
 
 
 def default_steps(pipe: DiffusionPipeline) -> int:
-    """Without --steps: 1 for a distilled model; for a multi-step one its pipeline class's own default
-    (50 for SD1.5 and SDXL, 28 for SD3), since at one step a teacher draws noise."""
+    """Without --steps: 1 for a distilled model; for a multi-step one the count its folder's
+    nitrofusion.json records (the embedded teacher's 25), else its pipeline class's own default (50
+    for SD1.5 and SDXL, 28 for SD3), since at one step a teacher draws noise."""
     if is_distilled(pipe):
         return 1
+    if getattr(pipe, "nitro_steps", None):
+        return int(pipe.nitro_steps)
     default = call_default(pipe, "num_inference_steps")
     return int(default) if isinstance(default, int) else DEFAULT_NATIVE_STEPS
 

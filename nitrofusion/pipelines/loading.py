@@ -513,6 +513,17 @@ def recorded_guidance(model_dir: Path) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
+def recorded_steps(model_dir: Path) -> int | None:
+    """The step count a folder's nitrofusion.json records as its own (`num_inference_steps`: the
+    embedded teacher's 25, at which the world's tables score it); None where none is recorded."""
+    value = _recorded(model_dir).get("num_inference_steps")
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 1000:
+        raise UserError(f"'{model_dir / 'nitrofusion.json'}': num_inference_steps must be a step count, got {value!r}")
+    return value
+
+
 def recorded_sigmas(model_dir: Path) -> dict[int, list[float]]:
     """The `sigmas` a flow student's folder records per step count: its pipeline is called with
     them to sample at the levels it was trained at ({} where none are recorded: its scheduler's
@@ -586,14 +597,16 @@ def load_pipeline(
                 f"unknown sampler '{sampler}': use auto or native for '{model_dir}' ({index['_class_name']})"
             )
         guidance, sigmas = recorded_guidance(model_dir), recorded_sigmas(model_dir)  # refused before any weight
+        steps = recorded_steps(model_dir)
         pipe = _read_pipeline(model_dir, index, torch_dtype, safety_checker)[0]
         if adapter is not None:
             apply_lora(pipe, adapter, str(model_dir))
             if adapter.distilled:  # the student's: it learnt the teacher's guided samples, at its levels
                 guidance, sigmas = 0.0, adapter.sigmas
-        pipe.nitro_guidance, pipe.nitro_sigmas = guidance, sigmas
+        pipe.nitro_guidance, pipe.nitro_sigmas, pipe.nitro_steps = guidance, sigmas, steps
         pipe.nitro_lora = "" if adapter is None else str(adapter.path)
         return _loaded(pipe, "native", model, False, device)
+    steps = recorded_steps(model_dir)  # refused before any weight is read
     student = {}
     if unet is not None:
         student["unet"] = _student_unet(model_dir, read_safetensors(unet), torch_dtype, f"UNet weights '{unet}'")
@@ -647,6 +660,7 @@ def load_pipeline(
     elif isinstance(pipe.scheduler, TimestepShiftLCMScheduler):
         sampler = "shift-lcm"  # a distilled pipeline's own scheduler: 1-4 steps, no CFG by default
     pipe = _loaded(pipe, sampler, model, drop_checker, device)
+    pipe.nitro_steps = steps
     pipe.nitro_unet = "" if unet is None else str(unet)  # the student in the model's place, for provenance
     pipe.nitro_lora = "" if adapter is None else str(adapter.path)
     if compile:

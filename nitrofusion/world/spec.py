@@ -32,6 +32,10 @@ WORLD_SPEC = SDXLSpec(
 )
 IMAGE_SIZE = 32
 TEXT_ENCODER_SEED = 0
+# The teachers' own step counts (Euler, CFG 5): their sample sheets, their rows in the world's
+# tables, and the default their folders record (nitrofusion.json's num_inference_steps).
+TEACHER_STEPS = 25
+FLOW_TEACHER_STEPS = 28  # SD3's pipeline's own default
 
 # The flow world: SD3's architecture (an MMDiT with SD3.5's q/k RMS norms, two CLIP text
 # encoders with projections, no T5) on the same VAE latents. 8x8 image tokens against 333 text

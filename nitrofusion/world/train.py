@@ -44,7 +44,14 @@ from nitrofusion.userfiles import check_writable_folder, replacing, replacing_fo
 from nitrofusion.world import data
 from nitrofusion.world.config import WorldConfig
 from nitrofusion.world.evaluator import Evaluator, FashionClassifier, to_classifier_input
-from nitrofusion.world.spec import FLOW_SPEC, IMAGE_SIZE, TEXT_ENCODER_SEED, WORLD_SPEC
+from nitrofusion.world.spec import (
+    FLOW_SPEC,
+    FLOW_TEACHER_STEPS,
+    IMAGE_SIZE,
+    TEACHER_STEPS,
+    TEXT_ENCODER_SEED,
+    WORLD_SPEC,
+)
 
 
 def _log(run_dir: Path, msg: str) -> None:
@@ -394,7 +401,9 @@ def write_pipeline(pipe: Any, dest: Path, about: dict | None = None) -> None:
             (tmp / "nitrofusion.json").write_text(json.dumps(about, indent=1))
 
 
-def draw_samples(teacher_dir: Path, path: Path, per_class: int = 8, device: str = "cpu", steps: int = 25) -> Path:
+def draw_samples(
+    teacher_dir: Path, path: Path, per_class: int = 8, device: str = "cpu", steps: int = TEACHER_STEPS
+) -> Path:
     """The teacher as it was written (fp16 weights, loaded back): a row per class, `steps` Euler
     steps with CFG 5, image i (row by row) from seed i. One batch: a tenth of the time of ten."""
     from nitrofusion.pipelines import generate, load_pipeline
@@ -462,7 +471,7 @@ def build_world(cfg: WorldConfig, run_dir: str | Path, out_dir: str | Path, stag
         report["unet_seconds"] = time.time() - t1
         pipe = build_sdxl_pipeline(WORLD_SPEC, seed=TEXT_ENCODER_SEED)
         pipe.register_modules(vae=copy.deepcopy(vae).cpu(), unet=unet.cpu())  # a copy: the flow stage encodes in fp32
-        write_pipeline(pipe, out_dir / "teacher")
+        write_pipeline(pipe, out_dir / "teacher", about={"num_inference_steps": TEACHER_STEPS})
         if cfg.samples_per_class:
             samples = draw_samples(out_dir / "teacher", run_dir / "samples.png", cfg.samples_per_class, cfg.device)
             report["samples"] = str(samples)
@@ -477,10 +486,15 @@ def build_world(cfg: WorldConfig, run_dir: str | Path, out_dir: str | Path, stag
         flow_vae.register_to_config(shift_factor=0.0)  # SD3's decode adds a latent shift: none here
         pipe.register_modules(vae=flow_vae, transformer=flow.cpu())
         # The guidance both worlds' teachers sample with; SD3's pipeline would default to 7.
-        write_pipeline(pipe, out_dir / "flow-teacher", about={"guidance_scale": 5.0})
+        about = {"guidance_scale": 5.0, "num_inference_steps": FLOW_TEACHER_STEPS}
+        write_pipeline(pipe, out_dir / "flow-teacher", about=about)
         if cfg.samples_per_class:
             samples = draw_samples(
-                out_dir / "flow-teacher", run_dir / "flow-samples.png", cfg.samples_per_class, cfg.device, steps=28
+                out_dir / "flow-teacher",
+                run_dir / "flow-samples.png",
+                cfg.samples_per_class,
+                cfg.device,
+                steps=FLOW_TEACHER_STEPS,
             )
             report["flow_samples"] = str(samples)
     if "classifier" in stages:
