@@ -44,7 +44,13 @@ from nitrofusion.evaluation.grid import make_grid
 from nitrofusion.training.config import DistillConfig, load_config
 from nitrofusion.userfiles import check_writable_folder, replacing, write_text_replacing
 from nitrofusion.world.evaluator import Evaluator
-from nitrofusion.world.spec import evaluator_path, flow_teacher_path, teacher_path
+from nitrofusion.world.spec import (
+    FLOW_TEACHER_STEPS,
+    TEACHER_STEPS,
+    evaluator_path,
+    flow_teacher_path,
+    teacher_path,
+)
 
 SAMPLES_KEPT = 10  # images per row and seed kept as PNGs for the grid
 # Pipelines kept loaded: a model is scored at 1, 2 and 4 steps, each step count over every seed,
@@ -94,10 +100,15 @@ FLOW = Variant(
 )
 FLOW_REGRESSION = Variant("flow regression only", preset=FLOW_PRESET, defaults=FLOW.defaults)  # its stage 1's length
 FLOW_STAGE_ONE = ("stages", "1-step", "student_transformer.safetensors")  # in a flow run's folder
-FLOW_TEACHER_STEPS = (28, 1, 2, 4)  # its Euler sampler at the scheduler's own levels, CFG 5, as the pipeline samples
+FLOW_TEACHER_ROWS = (
+    FLOW_TEACHER_STEPS,
+    1,
+    2,
+    4,
+)  # its Euler sampler at the scheduler's own levels, CFG 5, as the pipeline samples
 TABLES = ("teacher", "student", "family", "ablation", "flow")  # the row groups, as `Row.group` names them
 TEACHER_ROWS = (
-    ("native", 25),
+    ("native", TEACHER_STEPS),
     ("native", 1),
     ("native", 2),
     ("native", 4),
@@ -418,7 +429,7 @@ class Reproduction:
 
     def _flow_rows(self, rows: list[Row]) -> None:
         """The flow world: its teacher, its NitroFusion student at 1, 2 and 4 steps, regression alone."""
-        for steps in FLOW_TEACHER_STEPS:
+        for steps in FLOW_TEACHER_ROWS:
             label = "flow teacher (Euler, CFG 5)"
             scores = [
                 self.score(f"flow-teacher-native-{steps}-seed{s}", self._pipeline(flow=True), steps, s, label, "flow")
@@ -494,7 +505,7 @@ class Reproduction:
 
     def grid_rows(self) -> list[tuple[str, str]]:
         rows = [
-            ("teacher-native-25", "teacher, Euler 25"),
+            (f"teacher-native-{TEACHER_STEPS}", f"teacher, Euler {TEACHER_STEPS}"),
             ("teacher-native-1", "teacher, Euler 1"),
             ("teacher-shift-lcm-1", "teacher, shift-LCM 1"),
             ("nitrofusion-final-1", "NitroFusion 1"),

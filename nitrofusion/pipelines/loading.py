@@ -591,13 +591,14 @@ def load_pipeline(
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     index = check_model_index(model_dir)
-    if check_architecture(index, str(model_dir), allow_flow, unet_only):
+    flow = check_architecture(index, str(model_dir), allow_flow, unet_only)
+    steps = recorded_steps(model_dir)  # refused before any weight is read
+    if flow:
         if sampler not in ("auto", "native"):
             raise UserError(
                 f"unknown sampler '{sampler}': use auto or native for '{model_dir}' ({index['_class_name']})"
             )
         guidance, sigmas = recorded_guidance(model_dir), recorded_sigmas(model_dir)  # refused before any weight
-        steps = recorded_steps(model_dir)
         pipe = _read_pipeline(model_dir, index, torch_dtype, safety_checker)[0]
         if adapter is not None:
             apply_lora(pipe, adapter, str(model_dir))
@@ -606,7 +607,6 @@ def load_pipeline(
         pipe.nitro_guidance, pipe.nitro_sigmas, pipe.nitro_steps = guidance, sigmas, steps
         pipe.nitro_lora = "" if adapter is None else str(adapter.path)
         return _loaded(pipe, "native", model, False, device)
-    steps = recorded_steps(model_dir)  # refused before any weight is read
     student = {}
     if unet is not None:
         student["unet"] = _student_unet(model_dir, read_safetensors(unet), torch_dtype, f"UNet weights '{unet}'")

@@ -401,14 +401,15 @@ def write_pipeline(pipe: Any, dest: Path, about: dict | None = None) -> None:
             (tmp / "nitrofusion.json").write_text(json.dumps(about, indent=1))
 
 
-def draw_samples(
-    teacher_dir: Path, path: Path, per_class: int = 8, device: str = "cpu", steps: int = TEACHER_STEPS
-) -> Path:
-    """The teacher as it was written (fp16 weights, loaded back): a row per class, `steps` Euler
-    steps with CFG 5, image i (row by row) from seed i. One batch: a tenth of the time of ten."""
+def draw_samples(teacher_dir: Path, path: Path, per_class: int = 8, device: str = "cpu") -> Path:
+    """The teacher as it was written (fp16 weights, loaded back): a row per class, at the Euler step
+    count its folder records, with CFG 5, image i (row by row) from seed i. One batch: a tenth of
+    the time of ten."""
     from nitrofusion.pipelines import generate, load_pipeline
+    from nitrofusion.pipelines.generation import default_steps
 
     pipe = load_pipeline(teacher_dir, sampler="native", device=device, dtype=torch.float32)
+    steps = default_steps(pipe)
     classes = range(len(data.CLASS_NAMES))
     prompts = [data.prompt_for(label) for label in classes for _ in range(per_class)]
     drawn = generate(pipe, prompts, steps=steps, batch_size=len(prompts), guidance_scale=5.0, progress=False)
@@ -490,11 +491,7 @@ def build_world(cfg: WorldConfig, run_dir: str | Path, out_dir: str | Path, stag
         write_pipeline(pipe, out_dir / "flow-teacher", about=about)
         if cfg.samples_per_class:
             samples = draw_samples(
-                out_dir / "flow-teacher",
-                run_dir / "flow-samples.png",
-                cfg.samples_per_class,
-                cfg.device,
-                steps=FLOW_TEACHER_STEPS,
+                out_dir / "flow-teacher", run_dir / "flow-samples.png", cfg.samples_per_class, cfg.device
             )
             report["flow_samples"] = str(samples)
     if "classifier" in stages:
