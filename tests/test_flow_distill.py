@@ -25,8 +25,10 @@ from nitrofusion.pipelines import generate, load_pipeline
 from nitrofusion.pipelines.generation import default_guidance
 from nitrofusion.pipelines.loading import flow_file_sigmas
 from nitrofusion.testing import TINY_SD3, save_tiny_sd3, save_tiny_sdxl, tiny_sd3_pipeline
+from nitrofusion.training.config import load_config
 from nitrofusion.training.distill import Distiller
 from nitrofusion.training.flow_student import FlowStudent
+from nitrofusion.training.lora import FLOW_TARGETS
 
 
 @pytest.fixture(scope="module")
@@ -144,6 +146,8 @@ def test_a_run_exports_a_student_that_stock_diffusers_samples(sd3_dir, tmp_path)
     assert (out / "validation" / f"step-{d.step:08d}.png").is_file() and not (out / "student_unet.safetensors").exists()
     about = json.loads((out / "pipeline" / "nitrofusion.json").read_text())
     assert about["guidance_scale"] == 0.0 and about["sigmas"]["2"] == [1.0, 0.5]  # trailing levels, recorded
+    # The resolved config.yaml loads back (it recorded the transformer's LoRA targets without LoRA, refused)
+    assert load_config(path=out / "config.yaml").to_dict() == d.cfg.to_dict()
 
     stock = stock_pipeline(out / "pipeline")  # stock diffusers, nothing of ours
     assert type(stock.scheduler) is FlowMatchEulerDiscreteScheduler
@@ -251,6 +255,7 @@ def test_a_lora_flow_student_with_its_teacher_offloaded(sd3_dir, tmp_path):
     student = load_file(str(out / "student_transformer.safetensors"))
     assert not any("lora" in k for k in student)
     assert all(torch.equal(student[k], v) for k, v in stock.transformer.state_dict().items())
+    assert load_config(path=out / "config.yaml").model.lora_targets == list(FLOW_TARGETS)  # the transformer's own
 
 
 def test_the_unet_only_offload_groups_of_a_flow_teacher(sd3_dir, tmp_path):
@@ -380,8 +385,6 @@ def test_the_sd3_preset_distils_a_cached_hub_teacher_in_bf16(sd3_dir, tmp_path, 
     """The preset as a user runs it: a hub id in the cache, bf16, gradient checkpointing, the teacher
     offloaded; a distillation step (the pool judging) and the export, whose frozen parts are re-read
     from the cache at full precision (an SD3 index was refused there once, after all the training)."""
-    from nitrofusion.training.config import load_config
-
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a cat\na red cube\n")
     small = ["data.resolution=64", "data.batch_size=2", "optim.grad_accumulation=1", "loss.pretrain_steps=0"]
@@ -483,8 +486,6 @@ def test_the_flow_embedded_preset_is_the_demos_budget_and_distils_the_shipped_fl
     """The flow world's preset differs from `demo` only where the teacher does (docs/results.md
     compares the two students), and runs from the shipped SD3-architecture teacher to an export
     that stock diffusers samples in one step."""
-    from nitrofusion.training.config import load_config
-
     flow, demo = load_config("flow-embedded"), load_config("demo")
     for part in ("loss", "optim", "refine", "discriminator"):
         assert getattr(flow, part) == getattr(demo, part), part

@@ -224,15 +224,48 @@ def test_two_time_scales(tiny_sdxl_dir, tmp_path):
         config(tiny_sdxl_dir, tmp_path, "loss.objective=dmd2", "loss.d_steps_per_g=3", "refine.steps_per_stage=[4]"),
         progress=False,
     )
-    student_moves, fake_moves = [], []
+    student_moves, fake_moves, logged = [], [], []
     for _ in range(4):
         s, f = snapshot(d.student), snapshot(d.critics["fake"].unet)
-        d.train_step()
+        logs = d.train_step()
         d.step += 1
         student_moves.append(moved(s, d.student))
         fake_moves.append(moved(f, d.critics["fake"].unet))
+        logged.append({"g_loss", "dm_loss", "fake_loss"} & set(logs))
     assert student_moves == [True, False, False, True]
     assert fake_moves == [True] * 4
+    # The student's losses where it learnt only (they were logged as 0 between)
+    learnt, critics_only = {"g_loss", "dm_loss", "fake_loss"}, {"fake_loss"}
+    assert logged == [learnt, critics_only, critics_only, learnt]
+
+
+def test_the_tracker_gets_each_value_averaged_over_its_window(tiny_sdxl_dir, tmp_path):
+    """With the student stepping every 3rd iteration and a window of 2 iterations, the tracker's
+    iteration (the 2nd of each window) was a critic-only one: it showed a student loss of 0 and
+    never DMD2's dm_loss."""
+    import json
+
+    d = Distiller(
+        config(
+            tiny_sdxl_dir,
+            tmp_path,
+            "loss.objective=dmd2",
+            "loss.d_steps_per_g=3",
+            "refine.steps_per_stage=[4]",
+            "run.log_every=2",
+        ),
+        progress=False,
+    )
+    logged = []
+    d.acc.log = lambda logs, step: logged.append((step, logs))
+    d.train()
+    lines = [json.loads(line) for line in (d.out / "metrics.jsonl").read_text().splitlines()]
+    assert [("g_loss" in r, "dm_loss" in r) for r in lines] == [(True, True), *[(False, False)] * 2, (True, True)]
+    assert [step for step, _ in logged] == [2, 4]
+    for (_, means), window in zip(logged, (lines[:2], lines[2:])):
+        for key in ("g_loss", "dm_loss", "fake_loss", "d_loss"):
+            values = [r[key] for r in window if key in r]
+            assert means[key] == pytest.approx(sum(values) / len(values)), key
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,8 @@ from safetensors.torch import load_file, save_file
 
 from nitrofusion.cli import main
 from nitrofusion.data.teacher import (
+    FINGERPRINT_BF16,
+    FINGERPRINT_FP16,
     NOISE_OFFSET_KEY,
     PAIR_NOISE_OFFSET,
     PROMPT_STRIDE,
@@ -76,7 +78,8 @@ def test_another_teachers_pairs_are_refused(tmp_path):
     make_pairs(first, PROMPTS, 3, tmp_path / "p", batch_size=2, shard_size=2, progress=False)
     with pytest.raises(UserError) as exc:
         PairShards.load(tmp_path / "p", sampler_recipe(other))
-    assert f"another teacher_fingerprint ('{first.unet_fingerprint}', now '{other.unet_fingerprint}')" in one_line(exc)
+    was, now = first.unet_fingerprints[FINGERPRINT_FP16], other.unet_fingerprints[FINGERPRINT_FP16]
+    assert f"another teacher_fingerprint ('{was}', now '{now}')" in one_line(exc)
     (tmp_path / "p" / "pairs-00001.safetensors").unlink()
     with pytest.raises(UserError, match="another teacher_fingerprint"):
         make_pairs(other, PROMPTS, 3, tmp_path / "p", batch_size=2, shard_size=2, progress=False)
@@ -89,14 +92,32 @@ def test_another_teachers_pairs_are_refused(tmp_path):
     assert len(PairShards.load(tmp_path / "p", sampler_recipe(first))) == 3
 
 
-def test_the_teacher_is_the_same_in_fp16_and_fp32(tiny_sdxl_dir):
-    """`make-pairs` loads the teacher in fp16 on a GPU, `distill` in fp32: the pairs of one are the
-    other's."""
-    fp32 = TeacherSampler(load_pipeline(tiny_sdxl_dir, sampler="native", dtype=torch.float32), 1, 1.0, 16, 16)
-    fp16 = TeacherSampler(load_pipeline(tiny_sdxl_dir, sampler="native", dtype=torch.float16), 1, 1.0, 16, 16)
-    assert fp16.pipe.unet.dtype == torch.float16
-    assert fp32.unet_fingerprint == fp16.unet_fingerprint
-    assert fp32.unet_fingerprint != sampler(1).unet_fingerprint
+def test_the_teacher_is_the_same_in_fp32_fp16_and_bf16(tiny_sdxl_dir, tmp_path):
+    """`make-pairs` loads the teacher in fp16 or bf16 on a GPU, `distill` in fp32: the pairs of
+    either are the other's. bf16-made pairs were refused as another teacher's (the fp16 digest of
+    a bf16 copy is not the fp32 weights')."""
+    held = {
+        name: TeacherSampler(load_pipeline(tiny_sdxl_dir, sampler="native", dtype=dtype), 1, 1.0, 16, 16)
+        for name, dtype in (("fp32", torch.float32), ("fp16", torch.float16), ("bf16", torch.bfloat16))
+    }
+    fp32, fp16, bf16 = held.values()
+    assert bf16.pipe.unet.dtype == torch.bfloat16 and fp16.pipe.unet.dtype == torch.float16
+    assert fp32.unet_fingerprints == {**fp16.unet_fingerprints, **bf16.unet_fingerprints}
+    assert fp32.unet_fingerprints.keys() == {FINGERPRINT_FP16, FINGERPRINT_BF16}
+    assert fp32.unet_fingerprints[FINGERPRINT_FP16] != sampler(1).unet_fingerprints[FINGERPRINT_FP16]
+    # The tiny teacher's fp32 weights round differently through fp16 than to bf16 directly.
+    assert fp16.unet_fingerprints[FINGERPRINT_FP16] != bf16.unet_fingerprints[FINGERPRINT_BF16]
+
+    for made in held:
+        make_pairs(held[made], PROMPTS, 2, tmp_path / made, progress=False)
+    for made, reader in [("fp32", "fp16"), ("fp32", "bf16"), ("fp16", "fp32"), ("bf16", "fp32")]:
+        assert len(PairShards.load(tmp_path / made, sampler_recipe(held[reader]))) == 2, (made, reader)
+    for made, reader in [("fp16", "bf16"), ("bf16", "fp16")]:
+        with pytest.raises(UserError) as exc:
+            PairShards.load(tmp_path / made, sampler_recipe(held[reader]))
+        assert f"made from the teacher held in {made}, this one is held in {reader}" in one_line(exc)
+    with pytest.raises(UserError, match="another teacher_fingerprint_bf16"):
+        PairShards.load(tmp_path / "bf16", sampler_recipe(sampler(1)))
 
 
 def test_pairs_made_before_the_teacher_record_are_refused(tmp_path):
@@ -252,3 +273,41 @@ def test_pairs_start_from_noises_no_sample_or_evaluation_draws(tmp_path):
     assert PairShards.load(old, sampler_recipe(teacher)).seeds.tolist() == list(range(5))
     with safe_open(str(old / "pairs-00002.safetensors"), "pt") as f:
         assert NOISE_OFFSET_KEY not in f.metadata()
+
+
+def test_a_damaged_shard_or_plan_is_one_line(tmp_path, capsys):
+    """A truncated copy of a shard, a foreign .safetensors file in its place, or a pairs.json planning
+    shards of 0 pairs: tracebacks (SafetensorError, ZeroDivisionError) from every reader."""
+    teacher = sampler()
+    folder = tmp_path / "p"
+    make_pairs(teacher, PROMPTS, 3, folder, batch_size=2, shard_size=2, progress=False)
+    shard = folder / "pairs-00001.safetensors"
+    whole = shard.read_bytes()
+    for damage in (whole[: len(whole) // 2], b"\x64" + bytes(99)):
+        shard.write_bytes(damage)
+        for attempt in (
+            lambda: missing_shards(folder),
+            lambda: PairShards.load(folder, sampler_recipe(teacher)),
+            lambda: make_pairs(teacher, PROMPTS, 4, folder, batch_size=2, shard_size=2, progress=False),
+        ):
+            with pytest.raises(UserError) as exc:
+                attempt()
+            assert f"teacher pairs shard '{shard}' is damaged" in one_line(exc)
+        assert shard.read_bytes() == damage  # nothing written over it
+    save_file({"latents": torch.zeros(1)}, str(shard))  # a whole file, not a shard
+    with pytest.raises(UserError, match="is damaged \\(File does not contain tensor seeds"):
+        PairShards.load(folder)
+    shard.write_bytes(whole)
+    assert len(PairShards.load(folder, sampler_recipe(teacher))) == 3
+
+    for plan in ({"count": 3, "shard_size": 0}, {"count": 0, "shard_size": 2}):
+        (folder / "pairs.json").write_text(json.dumps(plan))
+        with pytest.raises(UserError) as exc:
+            PairShards.load(folder)
+        assert f"plans {plan['count']} pairs in shards of {plan['shard_size']}: not what make-pairs writes" in one_line(
+            exc
+        )
+        args = ["make-pairs", "--model", "embedded-teacher", "--n", "3", "--out", str(folder)]
+        capsys.readouterr()
+        assert main(args) == 2
+        assert "is not a file teacher pairs write" in capsys.readouterr().err

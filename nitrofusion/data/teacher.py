@@ -13,12 +13,13 @@ import inspect
 import json
 import logging
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from diffusers import DiffusionPipeline
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
@@ -31,6 +32,11 @@ from nitrofusion.training.checkpoint import fingerprint
 from nitrofusion.userfiles import write_text_replacing
 
 log = logging.getLogger(__name__)
+
+# The teacher's weights through fp16 (recorded by an fp32 or fp16 teacher) and rounded to bf16
+# directly (by an fp32 or bf16 one; only since 2026-11-29): `TeacherSampler.unet_fingerprints`.
+FINGERPRINT_FP16, FINGERPRINT_BF16 = "teacher_fingerprint", "teacher_fingerprint_bf16"
+FINGERPRINTS = (FINGERPRINT_FP16, FINGERPRINT_BF16)
 
 
 def noise_for_seeds(seeds: list[int], shape: tuple[int, ...]) -> torch.Tensor:
@@ -91,15 +97,24 @@ class TeacherSampler:
         self.timesteps = None if timesteps is None else [int(t) for t in timesteps]
         self.guidance_scale = guidance_scale
         self.height, self.width = height, width
-        self._unet_fingerprint: str | None = None
+        self._unet_fingerprints: dict[str, str] | None = None
         pipe.set_progress_bar_config(disable=True)
 
     @property
-    def unet_fingerprint(self) -> str:
-        """The teacher UNet's (or transformer's) identity (computed once: the teacher is frozen)."""
-        if self._unet_fingerprint is None:
-            self._unet_fingerprint = fingerprint(_AsFp16(denoiser(self.pipe).state_dict()))
-        return self._unet_fingerprint
+    def unet_fingerprints(self) -> dict[str, str]:
+        """The teacher UNet's (or transformer's) identity, {recipe key: digest} (computed once: the
+        teacher is frozen). `fingerprint` rounds to bf16, and bf16 of an fp32 weight and of its fp16
+        rounding differ (double rounding, fp16 subnormals) in some values of every tensor: a digest
+        through fp16 is what an fp16 copy and the fp32 weights share, the plain one what a bf16
+        copy and the fp32 weights share. fp32 weights give both, a half-precision copy its own."""
+        if self._unet_fingerprints is None:
+            state, dtype = denoiser(self.pipe).state_dict(), denoiser(self.pipe).dtype
+            self._unet_fingerprints = {}
+            if dtype != torch.bfloat16:
+                self._unet_fingerprints[FINGERPRINT_FP16] = fingerprint(_AsFp16(state))
+            if dtype != torch.float16:
+                self._unet_fingerprints[FINGERPRINT_BF16] = fingerprint(state)
+        return self._unet_fingerprints
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -127,10 +142,8 @@ class TeacherSampler:
 
 
 class _AsFp16(Mapping[str, torch.Tensor]):
-    """A state dict's floating tensors as fp16, one at a time. `make-pairs` loads the teacher in fp16
-    on a GPU, `distill` in fp32; `fingerprint` rounds to bf16, and bf16 of an fp32 weight and of
-    its fp16 rounding differ (double rounding, fp16 subnormals) in some values of every tensor,
-    which would tell one teacher from itself. Through fp16 both give the same digest."""
+    """A state dict's floating tensors as fp16, one at a time: `make-pairs` loads the teacher in fp16
+    on a GPU by default, `distill` in fp32, and through fp16 both give the same digest."""
 
     def __init__(self, state: Mapping[str, torch.Tensor]) -> None:
         self.state = state
@@ -149,6 +162,25 @@ class _AsFp16(Mapping[str, torch.Tensor]):
 SHARD_GLOB = "pairs-*.safetensors"
 
 
+def damaged_shard(path: Path, exc: Exception) -> UserError:
+    first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return UserError(
+        f"teacher pairs shard '{path}' is damaged ({first}; an interrupted copy?): delete it and run again, "
+        "which makes it again"
+    )
+
+
+@contextmanager
+def reading_shard(path: Path) -> Iterator:
+    """A pairs shard opened for reading (its header, its small tensors); one that is not a whole
+    shard (a truncated copy, a foreign .safetensors file) is one line naming it, not a traceback."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            yield f
+    except (SafetensorError, OSError) as exc:
+        raise damaged_shard(path, exc) from None
+
+
 def prompts_digest(prompts: list[str]) -> str:
     """A prompt list's fingerprint: shards store prompt ids, which mean nothing under another list."""
     return hashlib.sha256(json.dumps(prompts).encode()).hexdigest()
@@ -165,7 +197,7 @@ def sampler_recipe(sampler: TeacherSampler) -> dict[str, str]:
     }
     if sampler.timesteps is not None:  # absent means the scheduler's own spacing (OPTIONAL_KEYS)
         recipe["teacher_timesteps"] = ",".join(map(str, sampler.timesteps))
-    recipe["teacher_fingerprint"] = sampler.unet_fingerprint
+    recipe.update(sampler.unet_fingerprints)
     recipe["teacher_scheduler"] = type(sampler.pipe.scheduler).__name__
     return recipe
 
@@ -203,7 +235,7 @@ def folder_noise_offset(shards: list[Path]) -> int:
     seed, so training reads either kind alike)."""
     if not shards:
         return PAIR_NOISE_OFFSET
-    with safe_open(str(shards[0]), framework="pt") as f:
+    with reading_shard(shards[0]) as f:
         recorded = (f.metadata() or {}).get(NOISE_OFFSET_KEY, "0")
     try:
         return int(recorded)
@@ -218,13 +250,46 @@ OPTIONAL_KEYS = {"teacher_timesteps": ("teacher_steps", "the scheduler's own spa
 # Not recorded before the teacher was: such pairs may be any teacher's. Refused rather than
 # trusted, as pairs of another setting are: wrong pairs train without an error, and remaking
 # them costs minutes for the embedded presets (made on first use) and no more than making them did.
-TEACHER_KEYS = ("teacher_fingerprint", "teacher_scheduler")
+TEACHER_KEYS = (*FINGERPRINTS, "teacher_scheduler")
+
+
+def _precision(recipe: Mapping[str, str]) -> str:
+    """The precision the teacher was held in, as its recorded fingerprints tell."""
+    return {(True, True): "fp32", (True, False): "fp16", (False, True): "bf16"}[
+        (FINGERPRINT_FP16 in recipe, FINGERPRINT_BF16 in recipe)
+    ]
+
+
+def check_same_teacher(path: Path, have: Mapping[str, str], want: Mapping[str, str]) -> None:
+    """Refuse shard `path` (its metadata `have`) unless its teacher's fingerprints agree with the
+    reading teacher's (`want`) wherever both record one, and they record one in common."""
+    if not any(key in have for key in FINGERPRINTS):
+        raise UserError(
+            f"teacher pairs '{path}' predate the teacher record (no teacher_fingerprint): they may be another "
+            "teacher's; make them again (give a new pairs directory or delete its shards)"
+        )
+    shared = [key for key in FINGERPRINTS if key in have and key in want]
+    if not shared:  # an fp16 copy's digest against a bf16 copy's: the same weights would differ
+        raise UserError(
+            f"teacher pairs in '{path.parent}' were made from the teacher held in {_precision(have)}, this one is "
+            f"held in {_precision(want)}: the two cannot be told the same; read them with the teacher in fp32 "
+            "(distill's) or its pairs' precision"
+        )
+    for key in shared:
+        if have[key] != want[key]:
+            raise UserError(
+                f"teacher pairs in '{path.parent}' were made with another {key} ({have[key]!r}, now "
+                f"{want[key]!r}): give a new pairs directory or delete its shards"
+            )
 
 
 def check_recipe(path: Path, want: dict[str, str]) -> None:
     """A UserError naming the first setting in which shard `path` differs from `want`."""
-    with safe_open(str(path), framework="pt") as f:
+    with reading_shard(path) as f:
         have = f.metadata() or {}
+    if any(key in want for key in FINGERPRINTS):
+        check_same_teacher(path, have, want)
+        want = {k: v for k, v in want.items() if k not in FINGERPRINTS}
     optional = [k for k, (anchor, _) in OPTIONAL_KEYS.items() if anchor in want and k not in want]
     for key in [*want, *optional]:
         what = "prompt list" if key == "prompts_sha256" else key
@@ -257,7 +322,7 @@ def shard_length(path: Path) -> int:
     """The pairs shard `path` holds (0 if absent), read from its header."""
     if not path.is_file():
         return 0
-    with safe_open(str(path), framework="pt") as f:
+    with reading_shard(path) as f:
         return int(f.get_slice("seeds").get_shape()[0])
 
 
@@ -266,9 +331,15 @@ def planned_pairs(directory: str | Path) -> tuple[int, int] | None:
     before it was written), whose shards are taken as complete."""
     try:
         info = json.loads((Path(directory) / PAIRS_INFO).read_text())
-        return int(info["count"]), int(info["shard_size"])
+        plan = int(info["count"]), int(info["shard_size"])
     except (OSError, ValueError, RecursionError, KeyError, TypeError):
         return None
+    if min(plan) < 1:  # no folder of pairs plans that: edited by hand, and shards of 0 pairs never end
+        raise UserError(
+            f"'{Path(directory) / PAIRS_INFO}' plans {plan[0]} pairs in shards of {plan[1]}: "
+            "not what make-pairs writes; give the pairs a new folder"
+        )
+    return plan
 
 
 def planned_shards(directory: str | Path, count: int, shard_size: int) -> list[tuple[Path, int]]:
@@ -313,7 +384,11 @@ def check_own_files(out_dir: Path) -> None:
     captions file named prompts.json): they are replaced when pairs are made."""
     shapes = {
         "prompts.json": lambda v: isinstance(v, list) and all(isinstance(p, str) for p in v),
-        PAIRS_INFO: lambda v: isinstance(v, dict) and set(v) == {"count", "shard_size"},
+        PAIRS_INFO: lambda v: (
+            isinstance(v, dict)
+            and set(v) == {"count", "shard_size"}
+            and all(type(n) is int and n > 0 for n in v.values())
+        ),
     }
     for name, ours in shapes.items():
         path = out_dir / name
@@ -390,7 +465,11 @@ def make_pairs(
             bar.update(len(idx[sl]))
         shard = {"latents": torch.cat(latents), "seeds": seeds, "prompt_ids": prompt_ids}
         if held[s]:
-            shard = {k: torch.cat([v[: held[s]], shard[k]]) for k, v in load_file(str(shards[s])).items()}
+            try:
+                before = load_file(str(shards[s]))
+            except (SafetensorError, OSError) as exc:
+                raise damaged_shard(shards[s], exc) from None
+            shard = {k: torch.cat([v[: held[s]], shard[k]]) for k, v in before.items()}
         # Provenance beyond the recipe (not checked on reading: `make-pairs` samples in fp16 on a GPU by
         # default, `distill` in fp32, and either's pairs may complete the other's folder).
         made_with = {"teacher_dtype": str(denoiser(sampler.pipe).dtype).removeprefix("torch."), "device": device_type}
@@ -418,7 +497,10 @@ class ShardedLatents:
         i %= len(self)
         s = int(torch.searchsorted(self.ends, i, right=True))
         if s not in self._files:  # opened once, mapped, never read whole
-            self._files[s] = safe_open(str(self.paths[s]), framework="pt")
+            try:
+                self._files[s] = safe_open(str(self.paths[s]), framework="pt")
+            except (SafetensorError, OSError) as exc:  # changed on disk since the run read its headers
+                raise damaged_shard(self.paths[s], exc) from None
         start = i - (int(self.ends[s - 1]) if s else 0)
         return self._files[s].get_slice("latents")[start : start + 1][0]
 
@@ -481,7 +563,7 @@ class PairShards:
             check_recipe(f, {**(recipe or {}), "prompts_sha256": prompts_digest(prompts)})
         seeds, prompt_ids, counts = [], [], []
         for f, size in shards:  # the small per-pair tensors in memory, the latents mapped
-            with safe_open(str(f), framework="pt") as shard:
+            with reading_shard(f) as shard:
                 seeds.append(shard.get_tensor("seeds")[:size])
                 prompt_ids.append(shard.get_tensor("prompt_ids")[:size])
             counts.append(len(seeds[-1]))

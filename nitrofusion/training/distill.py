@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import time
+from collections import defaultdict
 from collections.abc import Iterable
 from contextlib import nullcontext
 from datetime import timedelta
@@ -188,8 +189,10 @@ class Distiller:
         self.teacher_model = denoiser(self.teacher)
         if self.flow:
             self._refuse_for_flow()
-            if cfg.model.lora_targets == DEFAULT_TARGETS:  # the UNet's names: a transformer's own instead,
-                cfg.model.lora_targets = list(FLOW_TARGETS)  # recorded so in the run's config.yaml
+            if cfg.model.lora_rank > 0 and cfg.model.lora_targets == DEFAULT_TARGETS:
+                # The UNet's names: a transformer's own instead, recorded so in the run's config.yaml
+                # (not without LoRA, where the key is refused unless left at its default).
+                cfg.model.lora_targets = list(FLOW_TARGETS)
         elif not isinstance(self.teacher.unet, UNet2DConditionModel):
             raise UserError("the teacher's UNet must be a diffusers UNet2DConditionModel")
         else:
@@ -580,7 +583,7 @@ class Distiller:
         critics = self.trained_critics[phase.name]
         for critic in critics:
             critic.begin_step(self)
-        logs: dict[str, float] = {}
+        parts: dict[str, list[float]] = defaultdict(list)  # each logged value, one per micro-batch
         for micro in range(accum):
             cond, noise, real = self.batch(micro)
             sync = self.acc.no_sync(self.student) if micro < accum - 1 else nullcontext()
@@ -602,13 +605,18 @@ class Distiller:
                 if not finite:
                     break
                 self.acc.backward(total / accum)
-            logs.update(losses.logs, steps=k, index=j)
-            logs["g_loss"] = logs.get("g_loss", 0.0) + float(g_loss.detach()) / accum
+            for key, value in losses.logs.items():
+                parts[key].append(value)
+            if update_g:  # an iteration where only the critics learn has no student loss to show
+                parts["g_loss"].append(float(g_loss.detach()))
             if d_loss is not None:
-                logs["d_loss"] = logs.get("d_loss", 0.0) + float(d_loss.detach()) / accum
+                parts["d_loss"].append(float(d_loss.detach()))
         # A finite loss can still give inf/NaN gradients: one bad step must not poison the weights.
         if not finite or not self._gradients_finite(critics, update_g):
             return self._skip_step()
+        # The micro-batches' mean (a value some of them lack, e.g. the anchor's, over those that have it).
+        logs = {key: sum(values) / len(values) for key, values in parts.items()}
+        logs.update(steps=k, index=j)
         kill_point("step", self.step)  # fault injection: gradients computed, no optimizer has stepped yet
         self.bad_steps = 0
         if update_g:
@@ -704,23 +712,28 @@ class Distiller:
         total = cfg.total_steps
         stage_ends = self.schedule.stage_ends()
         bar = tqdm(total=total, initial=self.step, desc="distill", disable=not self.progress)
-        # Training time only (checkpoints and validation grids are not iterations), per iteration
-        # of the window: a resumed run's first window and the last may be shorter than log_every.
-        trained, window = 0.0, 0
+        # The tracker gets each value's mean over the window's iterations that logged it (the student's
+        # loss from the iterations where it stepped: with loss.d_steps_per_g = 5 and log_every = 10 the
+        # logged iteration itself never is one), and the training time per iteration (checkpoints and
+        # validation grids are not iterations). A resumed run's first window and the last may be shorter.
+        trained, iterations, window = 0.0, 0, defaultdict(list)
         try:
             while self.step < total:
                 t0 = time.perf_counter()
                 logs = self.train_step()
-                trained, window = trained + time.perf_counter() - t0, window + 1
+                trained, iterations = trained + time.perf_counter() - t0, iterations + 1
                 self.step += 1
+                for key, value in logs.items():
+                    window[key].append(value)
                 if self.acc.is_main_process:
                     self.metrics.record(self.step, self.curve_values(logs))
                 bar.update(1)
                 bar.set_postfix({k: f"{v:.3f}" for k, v in logs.items() if k in ("g_loss", "d_loss")}, refresh=False)
                 if self.step % cfg.run.log_every == 0 or self.step == total:
-                    logs["seconds_per_step"] = trained / window
-                    trained, window = 0.0, 0
-                    self.acc.log(logs, step=self.step)
+                    means = {key: sum(values) / len(values) for key, values in window.items()}
+                    means["seconds_per_step"] = trained / iterations
+                    trained, iterations, window = 0.0, 0, defaultdict(list)
+                    self.acc.log(means, step=self.step)
                     self.metrics.flush()
                 # Before the checkpoint of the same step, so a resumed run never misses it.
                 if self.step in stage_ends:
@@ -833,6 +846,8 @@ class Distiller:
             value = config[section][name]
             if (section, name) == ("model", "lora_alpha") and value is None:
                 return config[section].get("lora_rank")  # None means "the rank": compared as the scale it gives
+            if (section, name) == ("model", "lora_targets") and not config[section].get("lora_rank"):
+                return None  # no adapters (a flow run recorded its transformer's names here until 2026-11-29)
             return value
 
         inferred = self.flow and "model" in saved and "flow_levels" not in saved["model"]
