@@ -101,11 +101,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         guidance_scale=args.guidance_scale,
     )
-    paths = []
-    for batch in batches:  # each batch on disk before the next is drawn: a stopped run keeps its images
-        paths += save_images(batch, args.out, first=len(paths))
-    for path in paths:
-        print(path)
+    written = 0
+    for batch in batches:  # each batch on disk, and said, before the next is drawn: a stopped run keeps its images
+        for path in save_images(batch, args.out, first=written):
+            print(path, flush=True)
+            written += 1
     return 0
 
 

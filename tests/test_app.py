@@ -31,6 +31,7 @@ from nitrofusion.app.server import (  # noqa: E402
     load_models,
     prompt_reading,
 )
+from nitrofusion.errors import UserError  # noqa: E402
 
 LOCAL = "http://127.0.0.1"  # the app answers to this machine's names only (TestClient's default is "testserver")
 
@@ -166,6 +167,42 @@ def test_a_teacher_beside_its_student_samples_at_its_own_steps(embedded):
         assert _post(c).headers["x-steps"] == "1"
 
 
+def test_a_models_steps_option_is_its_default_count(embedded):
+    """SD3.5-Large-Turbo (a 4-step model the app cannot tell from a teacher) was served at its
+    pipeline's 28 steps on every keystroke: --steps sets a model's count."""
+    (teacher,) = load_models([ModelSpec(model="embedded-teacher", steps=4)], device="cpu", warmup=False)
+    assert (teacher.steps, teacher.default_steps) == ((1, 2, 4), 4)
+    (student,) = load_models([ModelSpec(steps=2)], device="cpu", warmup=False)
+    assert (student.steps, student.default_steps) == ((1, 2, 3, 4), 2)
+    with TestClient(create_app([student, teacher]), base_url=LOCAL) as c:
+        assert _post(c).headers["x-steps"] == "2"
+        assert _post(c, model="embedded-teacher").headers["x-steps"] == "4"
+    for spec, said in (
+        (ModelSpec(steps=5), "--steps for model 'embedded' must be 1 to 4, got 5"),
+        (ModelSpec(model="embedded-teacher", steps=0), "must be a positive count, got 0"),
+        (ModelSpec(shift=3, steps=4), "--steps 4: model 'embedded' samples at 1, 2 steps only"),
+    ):
+        with pytest.raises(UserError, match=re.escape(said)):
+            load_models([spec], device="cpu", warmup=False)
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["app", "--model", "embedded-teacher", "--steps", "4", "--model", "embedded"])
+    assert [(m.model, m.steps) for m in args.models] == [("embedded-teacher", 4), ("embedded", None)]
+
+
+def test_a_small_shift_is_offered_the_step_counts_it_can_sample_only(embedded):
+    """With --shift 3, 3 and 4 steps land on repeated UNet timesteps, refused on every request
+    (naming a CLI option) while the page offered them."""
+    (small,) = load_models([ModelSpec(model="embedded", shift=3, name="small")], device="cpu", warmup=False)
+    assert small.steps == (1, 2) and embedded.steps == (1, 2, 3, 4)
+    with TestClient(create_app([small]), base_url=LOCAL) as c:
+        assert c.get("/api/models").json()["models"][0]["steps"] == [1, 2]
+        assert _post(c, steps=2).status_code == 200
+        assert _post(c, steps=3).status_code == 422
+
+
 @pytest.mark.parametrize(
     "body, status, message",
     [
@@ -291,7 +328,11 @@ def test_cli_parses_models_and_flags_loopback(tmp_path):
 
     folder = tmp_path / "realism-1.0"  # as export-lora writes a folder
     folder.mkdir()
-    save_file({"unet.conv_in.lora_A.weight": torch.zeros(1, 4, 3, 3)}, str(folder / "pytorch_lora_weights.safetensors"))
+    pair = {
+        "unet.conv_in.lora_A.weight": torch.zeros(1, 4, 3, 3),
+        "unet.conv_in.lora_B.weight": torch.zeros(8, 1, 1, 1),
+    }
+    save_file(pair, str(folder / "pytorch_lora_weights.safetensors"))
     (spec,) = parser.parse_args(["app", "--lora", str(folder)]).models
     assert (spec.model, spec.lora) == (None, str(folder))  # on the embedded teacher
     assert model_name(spec) == "realism-1.0"  # named by what makes the model what it is, dots and all

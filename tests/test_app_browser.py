@@ -181,7 +181,7 @@ def test_each_model_offers_its_own_steps(browser):
         page = browser.new_page()
         page.goto(server.url)
         page.wait_for_selector("body[data-ready=true]")
-        assert page.locator("#model option").all_inner_texts() == ["student", "teacher (multi-step teacher)"]
+        assert page.locator("#model option").all_inner_texts() == ["student", "teacher (25 steps)"]
         assert page.locator("#steps option").all_inner_texts() == ["1", "2", "3", "4"]
         page.locator("#prompt").fill("a photo of a bag")
         page.select_option("#steps", "2")

@@ -112,6 +112,9 @@ def test_seed_per_image_independent_of_batch_size(tiny_sdxl_dir):
     three = generate(pipe, prompts, steps=2, seed=3, batch_size=3, progress=False)
     for x, y in zip(one, three):
         np.testing.assert_allclose(np.asarray(x.image, float), np.asarray(y.image, float), atol=1)
+    # A prompt given as a string is one prompt (it was one image per character)
+    (alone,) = generate(pipe, "a dog", steps=2, seed=4, progress=False)
+    assert alone.prompt == "a dog" and np.array_equal(np.asarray(alone.image), np.asarray(one[1].image))
 
 
 def test_native_sampler_keeps_pipeline_scheduler(tiny_sdxl_dir):
@@ -598,9 +601,10 @@ def test_an_out_png_that_is_a_directory_is_refused_before_any_work(tiny_sdxl_dir
     expect_error(args, capsys, "is a directory")
 
 
-def test_images_are_written_a_batch_at_a_time(tiny_sdxl_dir, tmp_path, monkeypatch):
+def test_images_are_written_a_batch_at_a_time(tiny_sdxl_dir, tmp_path, monkeypatch, capsys):
     """All images were held until the end: 5,000 COCO captions at 1024² are 15 GB, and a run
-    stopped at the last one left nothing on disk."""
+    stopped at the last one left nothing on disk (and then the written paths were printed only
+    after the last batch: a stopped run named none)."""
     import nitrofusion.pipelines.generation as generation
 
     drawn = []
@@ -616,19 +620,31 @@ def test_images_are_written_a_batch_at_a_time(tiny_sdxl_dir, tmp_path, monkeypat
     args = ["generate", "a", "b", "c", "--model", str(tiny_sdxl_dir), "--batch-size", "1", "--out", str(tmp_path)]
     assert main(args) == 130  # interrupted
     assert sorted(p.name[:4] for p in tmp_path.glob("*.png")) == ["0000", "0001"]
+    assert capsys.readouterr().out.split() == sorted(str(p) for p in tmp_path.glob("*.png"))
 
 
 def test_the_native_sampler_of_a_distilled_pipeline_is_its_shift_lcm(tiny_sdxl_dir, tmp_path, capsys):
     """Its own scheduler is the shift-LCM one: --steps 5 was an LCM traceback, and CFG 5 was
     applied to a student by default."""
     from nitrofusion import TimestepShiftLCMScheduler
+    from nitrofusion.pipelines.loading import save_unet_weights
 
     pipe = load_pipeline(tiny_sdxl_dir, device="cpu")
-    pipe.scheduler = TimestepShiftLCMScheduler.from_config(pipe.scheduler.config, shifted_timestep=500)
+    pipe.scheduler = TimestepShiftLCMScheduler.from_config(
+        pipe.scheduler.config, shifted_timestep=500, original_inference_steps=50
+    )
     pipe.save_pretrained(tmp_path / "student")
     native = load_pipeline(tmp_path / "student", sampler="native", device="cpu")
     result = generate(native, ["a cat"], steps=1)[0]
     assert (result.metadata["guidance_scale"], result.metadata["shift"]) == ("0", "500")
+    # As shift-lcm samples it (it kept the stored scheduler: LCM's 50 original steps put 4 steps
+    # at 999, 759, 499, 259, and a student file's recorded shift was not read)
+    native.scheduler.set_timesteps(4)
+    assert native.scheduler.noise_timesteps.tolist() == [999, 749, 499, 249]
+    unet = save_unet_weights(pipe.unet, tmp_path / "unet.safetensors", shift=250)
+    for sampler in ("native", "auto", "shift-lcm"):
+        loaded = load_pipeline(tmp_path / "student", unet=unet, sampler=sampler, device="cpu")
+        assert (loaded.nitro_sampler, loaded.scheduler.config.shifted_timestep) == ("shift-lcm", 250), sampler
     capsys.readouterr()
     args = ["generate", "a", "--model", str(tmp_path / "student"), "--sampler", "native", "--steps", "5"]
     expect_error([*args, "--out", str(tmp_path / "o")], capsys, "--steps must be 1 to 4")
@@ -844,9 +860,11 @@ def test_a_flow_transformer_pipeline_is_refused_by_name_before_any_weight_is_rea
             UserError, match=r"FluxPipeline with a transformer \(FluxTransformer2DModel\).*not supported yet"
         ):
             load_pipeline(sd3, device="cpu", allow_flow=allow_flow)
-    (sd3 / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
-    with pytest.raises(UserError, match=r"\(StableDiffusionPipeline\) is not a UNet text-to-image pipeline"):
-        load_pipeline(sd3, device="cpu")
+    for entries in ({}, {"unet": None}, {"unet": "UNet2DConditionModel"}, {"transformer": None, "unet": [None]}):
+        # (a hand-edited index's null was a TypeError traceback)
+        (sd3 / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline", **entries}))
+        with pytest.raises(UserError, match=r"\(StableDiffusionPipeline\) is not a UNet text-to-image pipeline"):
+            load_pipeline(sd3, device="cpu")
 
 
 def test_without_steps_a_teacher_samples_at_its_pipelines_default_and_a_student_at_one(tmp_path, capsys):

@@ -438,6 +438,39 @@ def test_a_lora_that_is_not_one_is_refused_in_one_line(tmp_path, capsys):
     assert not (tmp_path / "x.png").exists()
 
 
+def test_a_lora_whose_pairs_do_not_make_one_or_do_not_fit_is_refused_in_one_line(tmp_path, capsys):
+    """A lone lora_A was an IndexError traceback from inside PEFT; a size mismatch said only
+    torch's heading ("Error(s) in loading state_dict for ...:") after diffusers' own error log."""
+    from nitrofusion.world.spec import teacher_path
+
+    with safe_open(str(teacher_path() / "unet" / "diffusion_pytorch_model.safetensors"), "pt") as f:
+        out, width = f.get_slice("time_embedding.linear_1.weight").get_shape()
+    module = "unet.time_embedding.linear_1"
+    for tensors, said in (
+        ({f"{module}.lora_A.weight": torch.zeros(2, width)}, "lora_A without its lora_B"),
+        ({f"{module}.lora_B.weight": torch.zeros(out, 2)}, "lora_B without its lora_A"),
+        (
+            {f"{module}.lora_A.weight": torch.zeros(2), f"{module}.lora_B.weight": torch.zeros(out)},
+            "are not a linear or conv LoRA",
+        ),
+        (
+            {f"{module}.lora_A.weight": torch.zeros(2, width), f"{module}.lora_B.weight": torch.zeros(out, 3)},
+            "lora_A's rank 2 and lora_B's 3 differ",
+        ),
+        (
+            {f"{module}.lora_A.weight": torch.zeros(2, width + 1), f"{module}.lora_B.weight": torch.zeros(out, 2)},
+            "does not fit",
+        ),
+    ):
+        lora = tmp_path / "lora.safetensors"
+        save_file(tensors, str(lora))
+        capsys.readouterr()
+        assert main(["generate", "a cat", "--model", "embedded-teacher", "--lora", str(lora), "--steps", "1"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and said in err[0], err
+    assert "size mismatch" in err[0], err  # the line that says what, not the heading
+
+
 def test_a_loras_recorded_shift_is_used_and_a_plain_lora_changes_no_sampler(tmp_path, capsys):
     from nitrofusion.pipelines import load_pipeline
     from nitrofusion.pipelines.adapters import read_lora_file
@@ -464,3 +497,15 @@ def test_a_loras_recorded_shift_is_used_and_a_plain_lora_changes_no_sampler(tmp_
     save_file(renamed, str(other), metadata={"lora_adapter_metadata": header["lora_adapter_metadata"]})
     with pytest.raises(UserError, match=r"changes \d+ of its \d+ modules that .* does not have, first: down_blocks.7"):
         load_pipeline(teacher_path(), lora=other, device="cpu")
+
+
+def test_export_lora_refuses_an_upper_case_suffix(tmp_path, capsys):
+    """x.SAFETENSORS was written, and then refused by --lora (diffusers reads a LoRA file as
+    safetensors by its lower-case suffix only)."""
+    from nitrofusion.world.spec import student_path, teacher_path
+
+    out = tmp_path / "x.SAFETENSORS"
+    args = ["export-lora", "--student", str(student_path() / "unet"), "--teacher", str(teacher_path())]
+    assert main([*args, "--out", str(out)]) == 2
+    assert "lower-case .safetensors suffix" in capsys.readouterr().err
+    assert not out.exists()

@@ -21,6 +21,7 @@ class ModelSpec:
     lora: str | None = None  # a LoRA fused into the model (with no model: the embedded teacher)
     shift: int | None = None
     guidance_scale: float | None = None  # None: the sampler's default (generation.default_guidance)
+    steps: int | None = None  # the count it samples at by default; None: its own (generation.default_steps)
     name: str | None = None
 
 

@@ -28,7 +28,8 @@ class _ModelAction(argparse.Action):
 
 
 class _AppliesToModel(argparse.Action):
-    """--unet / --lora / --shift / --guidance-scale apply to the --model given before them (or to the default model)."""
+    """--unet / --lora / --shift / --guidance-scale / --steps apply to the --model given before them (or to the
+    default model)."""
 
     def __call__(self, parser, namespace, value, option_string=None):  # type: ignore[no-untyped-def]
         if not namespace.models:
@@ -75,6 +76,14 @@ def _add_arguments(a: argparse.ArgumentParser) -> None:
         action=_AppliesToModel,
         help="CFG scale for it (default: 0 for shift-lcm, 5 for a native UNet model, an SD3 pipeline's own 7; "
         "SD3.5-Large-Turbo needs 0)",
+    )
+    a.add_argument(
+        "--steps",
+        dest="steps",
+        type=int,
+        action=_AppliesToModel,
+        help="the step count it samples at unless the page asks for another (default: 1 for a distilled model, "
+        "a multi-step model's own; SD3.5-Large-Turbo's is 4)",
     )
     a.add_argument("--host", default=DEFAULT_HOST, help=f"address to bind (default {DEFAULT_HOST}: this machine only)")
     a.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"default {DEFAULT_PORT}; 0 picks a free port")

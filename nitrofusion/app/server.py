@@ -140,9 +140,18 @@ class LoadedModel:
 
     @classmethod
     def from_pipeline(
-        cls, name: str, source: str, pipe: Any, compiled: bool = False, guidance_scale: float | None = None
+        cls,
+        name: str,
+        source: str,
+        pipe: Any,
+        compiled: bool = False,
+        guidance_scale: float | None = None,
+        steps: int | None = None,
     ) -> LoadedModel:
+        """`steps`: the count it samples at unless a request says otherwise (its --steps; None: its
+        own, `default_steps`)."""
         from nitrofusion.pipelines.generation import (
+            check_distinct_timesteps,
             default_guidance,
             default_size,
             default_steps,
@@ -152,8 +161,24 @@ class LoadedModel:
         )
 
         tokenizers, token_limit = prompt_reading(pipe)
-        own = default_steps(pipe)
-        steps = STUDENT_STEPS if is_distilled(pipe) else tuple(sorted({*TEACHER_STEPS, own}))
+        own = default_steps(pipe) if steps is None else steps
+        distilled = is_distilled(pipe)
+        if own < 1 or (distilled and own not in STUDENT_STEPS):
+            offered = f"{STUDENT_STEPS[0]} to {STUDENT_STEPS[-1]}" if distilled else "a positive count"
+            raise UserError(f"--steps for model '{name}' must be {offered}, got {own}")
+        steps = STUDENT_STEPS if distilled else tuple(sorted({*TEACHER_STEPS, own}))
+        if sampler_of(pipe) == "shift-lcm":  # a small --shift puts 3 or 4 steps on repeated timesteps: not offered
+
+            def distinct(n: int) -> bool:
+                try:
+                    check_distinct_timesteps(pipe, n)
+                except UserError:
+                    return False
+                return True
+
+            steps = tuple(filter(distinct, steps))
+            if own not in steps:
+                raise UserError(f"--steps {own}: model '{name}' samples at {', '.join(map(str, steps))} steps only")
         return cls(
             name=name,
             source=source,
@@ -292,7 +317,7 @@ def load_models(
         )
         compiled = compile and str(pipe.device).startswith("cuda")  # compile_pipeline leaves CPU alone
         source = spec.model or ("embedded-teacher" if spec.lora else "embedded")
-        loaded = LoadedModel.from_pipeline(name, source, pipe, compiled, spec.guidance_scale)
+        loaded = LoadedModel.from_pipeline(name, source, pipe, compiled, spec.guidance_scale, spec.steps)
         if warmup:
             # A compiled sampler captures one CUDA graph per step count: capture them all now.
             for steps in loaded.steps if compiled else (1,):

@@ -12,6 +12,8 @@ plain pipeline costs, and `--compile` sees plain modules.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,6 +65,7 @@ def read_lora_file(source: str | Path, option: str = "--lora") -> LoraFile:
     try:
         with safe_open(str(path), framework="pt") as f:
             keys, metadata = list(f.keys()), f.metadata() or {}
+            shapes = {k: f.get_slice(k).get_shape() for k in keys if k.endswith(LORA_ENDS)}
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise unreadable_file(path, exc) from None  # read_safetensors' one line
     prefixes = {key.split(".", 1)[0] for key in keys}
@@ -76,8 +79,24 @@ def read_lora_file(source: str | Path, option: str = "--lora") -> LoraFile:
     (denoiser,) = prefixes
     distilled = EXPORT_REPORT in metadata or SHIFT_METADATA in metadata
     modules = sorted({k[len(denoiser) + 1 : -len(end)] for k in keys for end in LORA_ENDS if k.endswith(end)})
+    for module in modules:
+        problem = _pair_problem(*(shapes.get(f"{denoiser}.{module}{end}") for end in LORA_ENDS))
+        if problem:  # diffusers would fail deep inside PEFT (an IndexError for a lone lora_A)
+            raise UserError(f"{option} '{source}': module {module}: {problem}")
     sigmas = flow_file_sigmas(path) if distilled else {}
     return LoraFile(path, denoiser, distilled, shift=unet_file_shift(path), sigmas=sigmas, modules=modules)
+
+
+def _pair_problem(down: list[int] | None, up: list[int] | None) -> str | None:
+    """What is wrong with one module's lora_A (rank x in, or a conv's rank x in x k x k) and lora_B
+    (out x rank, or out x rank x 1 x 1) shapes; None when they make a LoRA."""
+    if down is None or up is None:
+        return "lora_A without its lora_B" if up is None else "lora_B without its lora_A"
+    if len(down) not in (2, 4) or len(up) != len(down):
+        return f"lora_A of shape {list(down)} and lora_B of shape {list(up)} are not a linear or conv LoRA"
+    if down[0] != up[1] or down[0] < 1:
+        return f"lora_A's rank {down[0]} and lora_B's {up[1]} differ"
+    return None
 
 
 def check_lora_option(lora: str | Path | None, unet: str | Path | None) -> LoraFile | None:
@@ -103,15 +122,36 @@ def apply_lora(pipe: DiffusionPipeline, lora: LoraFile, where: str) -> None:
             f"does not have, first: {absent[0]} (a LoRA of another architecture)"
         )
     try:
-        with quiet_loading():  # diffusers warns of every text encoder the LoRA leaves alone
+        # diffusers warns of every text encoder the LoRA leaves alone, and logs a failure at length
+        # before raising it: said here in one line.
+        with quiet_loading(), _diffusers_silent():
             pipe.load_lora_weights(
                 str(lora.path.parent), weight_name=lora.path.name, use_safetensors=True, local_files_only=True
             )
             pipe.fuse_lora()
             pipe.unload_lora_weights()  # fused: the weights keep the LoRA, the adapter layers go
-    except (ValueError, KeyError, RuntimeError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UserError(f"--lora '{lora.path}' does not fit '{where}': {first}") from None
+    except (ValueError, KeyError, RuntimeError, IndexError, TypeError) as exc:
+        raise UserError(f"--lora '{lora.path}' does not fit '{where}': {_detail(exc)}") from None
+
+
+def _detail(exc: Exception) -> str:
+    """The line of a loading error that says what is wrong: torch's load_state_dict opens with a
+    heading ("Error(s) in loading state_dict for ...:") and names the mismatch below it."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    named = [line for line in lines if "size mismatch" in line or "Missing key" in line or "Unexpected key" in line]
+    return (named or lines or [type(exc).__name__])[0]
+
+
+@contextmanager
+def _diffusers_silent() -> Iterator[None]:
+    import diffusers.utils.logging as dlog
+
+    level = dlog.get_verbosity()
+    dlog.set_verbosity(dlog.CRITICAL)
+    try:
+        yield
+    finally:
+        dlog.set_verbosity(level)
 
 
 def _has_module(network: torch.nn.Module, name: str) -> bool:

@@ -234,6 +234,8 @@ def generate_batches(
     progress: bool = True,
 ) -> Iterator[list[GenerationResult]]:
     """`generate`, a batch at a time: a caller can write each batch before the next is drawn."""
+    if isinstance(prompts, str):  # one prompt, not one image per character
+        prompts = [prompts]
     if not prompts:
         raise UserError("no prompts given")
     check_seeds(seed, len(prompts))

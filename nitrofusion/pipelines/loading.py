@@ -436,10 +436,17 @@ UNET_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
 FLOW_PIPELINES = {"StableDiffusion3Pipeline": "SD3Transformer2DModel"}
 
 
+def _component_class(index: Mapping, key: str) -> object:
+    """The class name a model index gives component `key` (None where it has none, or not as a
+    [library, class] pair: `"unet": null` is a hand-edited index's, refused by name below)."""
+    value = index.get(key)
+    return value[1] if isinstance(value, list) and len(value) == 2 else None
+
+
 def is_flow_pipeline(index: Mapping) -> bool:
     """Whether a model index names a supported flow-matching transformer pipeline (SD3 architecture)."""
     kind = index.get("_class_name")
-    return kind in FLOW_PIPELINES and index.get("transformer", [None])[1:] == [FLOW_PIPELINES[kind]]
+    return kind in FLOW_PIPELINES and _component_class(index, "transformer") == FLOW_PIPELINES[kind]
 
 
 def unet_only_options(
@@ -459,7 +466,7 @@ def check_architecture(index: dict, where: str, allow_flow: bool = False, unet_o
     UNet pipeline takes (`unet_only`, e.g. "--unet") were given (a teacher to distil is one).
     Any other transformer pipeline (Flux...) is refused by name."""
     kind = index.get("_class_name")
-    if index.get("unet", [None])[1:] == [UNet2DConditionModel.__name__]:
+    if _component_class(index, "unet") == UNet2DConditionModel.__name__:
         if kind not in UNET_PIPELINES:
             # The refiner, inpainting, image-to-image and upscaler pipelines hold the same UNet class but
             # take an image: called with a prompt alone they fail deep inside their own __call__.
@@ -623,6 +630,10 @@ def load_pipeline(
         if shift is not None and not 1 <= shift <= num_train:
             raise UserError(f"'{recorded}' records shift {shift}, outside 1..{num_train}: give --shift")
     has_shift = _scheduler_class_name(index) == TimestepShiftLCMScheduler.__name__
+    if sampler == "native" and has_shift and isinstance(pipe.scheduler, TimestepShiftLCMScheduler):
+        # A distilled pipeline's own scheduler is the shift-LCM one: sampled as `shift-lcm` samples it
+        # (a student file's recorded shift, 4 original steps), not as stored.
+        sampler = "shift-lcm"
     if shift is None and recorded is not None and sampler != "native":
         # The public NitroSD files record none, and the two differ: a wrong shift samples at wrong timesteps.
         own = pipe.scheduler.config.get("shifted_timestep") if has_shift else None
@@ -657,8 +668,6 @@ def load_pipeline(
         pipe.scheduler = scheduler
     elif sampler != "native":
         raise UserError(f"unknown sampler '{sampler}': use auto, shift-lcm or native")
-    elif isinstance(pipe.scheduler, TimestepShiftLCMScheduler):
-        sampler = "shift-lcm"  # a distilled pipeline's own scheduler: 1-4 steps, no CFG by default
     pipe = _loaded(pipe, sampler, model, drop_checker, device)
     pipe.nitro_steps = steps
     pipe.nitro_unet = "" if unet is None else str(unet)  # the student in the model's place, for provenance

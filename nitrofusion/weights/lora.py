@@ -148,6 +148,9 @@ def export_lora(
         raise UserError(
             f"--out '{out}' names a {out.suffix} file: a LoRA is written as safetensors (a file or a folder)"
         )
+    if out.suffix.lower() == ".safetensors" and out.suffix != ".safetensors" and not out.is_dir():
+        # diffusers reads a LoRA file as safetensors by its lower-case suffix only (and --lora refuses another)
+        raise UserError(f"--out '{out}': name the file with a lower-case .safetensors suffix")
     if out.suffix.lower() != ".safetensors":
         out = out / "pytorch_lora_weights.safetensors"  # the file name diffusers looks for in a folder
     check_not_an_input(out, {"--student": student, "--teacher": teacher})
