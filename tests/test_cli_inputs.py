@@ -91,6 +91,10 @@ CASES = {
         ["distill", "--set", "data.resolution=100000", "--output-dir", "{new}"],
         "'data.resolution' must be at most 8192 px",
     ),
+    "teacher-one-test-image": (  # a traceback after every stage had trained: a covariance needs 2
+        ["train-teacher", "--test-images", "1", "--run-dir", "{new}/r", "--out", "{new}/o"],
+        "--test-images must be 0 (all) or at least 2, got 1",
+    ),
     "teacher-seed": (
         ["train-teacher", "--seed", "99999999999999999999", "--run-dir", "{new}/r", "--out", "{new}/o"],
         "--seed must be in 0..2^32-1",

@@ -889,6 +889,14 @@ def test_compare_refuses_a_row_with_a_field_of_the_wrong_type(tmp_path, capsys, 
         assert not (tmp_path / "out").exists()
 
 
+def test_compare_leaves_a_null_score_blank(tmp_path, capsys):
+    """None is a blank cell by compare's own check, and then a TypeError in the CLIP scale's."""
+    good = _evaluation_dir(tmp_path / "good", clip_score=0.3)
+    blank = _evaluation_dir(tmp_path / "blank", clip_score=None)
+    assert main(["compare", str(good), str(blank), "--out", str(tmp_path / "out")]) == 0, capsys.readouterr().err
+    assert (tmp_path / "out" / "results.md").is_file()
+
+
 def test_compare_refuses_an_out_that_is_one_of_its_inputs(tmp_path, capsys):
     a, b = _evaluation_dir(tmp_path / "a"), _evaluation_dir(tmp_path / "b")
     before = {p: p.read_bytes() for p in a.rglob("*") if p.is_file()}
@@ -939,3 +947,45 @@ def test_embedded_features_of_reference_images_of_mixed_sizes(tmp_path):
     torch.testing.assert_close(extract(wide), ev.model.embed(x), rtol=1e-5, atol=1e-5)
     stats = fid.reference_stats(ref, "embedded", extract)
     assert stats.mu.shape == (128,)
+
+
+def test_a_model_rewritten_at_the_same_path_is_not_served_from_its_old_images(tmp_path, capsys):
+    """The cache recorded the model's path only: a student retrained or a world rebuilt into the
+    same folder was scored from the old model's images (the --unet file was recorded, the folder not)."""
+    import os
+    import shutil
+
+    from nitrofusion.world.spec import teacher_path
+
+    model = tmp_path / "teacher"
+    shutil.copytree(teacher_path(), model)
+    out = tmp_path / "ev"
+    args = ["evaluate", "--model", str(model), "--steps", "1", "--n", "4", "--batch-size", "4", "--out", str(out)]
+    assert main(args) == 0
+    manifest = out / "images" / "native-1-step" / "manifest.json"
+    recorded = json.loads(manifest.read_text())["settings"]["model_files"]
+    assert list(recorded) == ["unet/diffusion_pytorch_model.safetensors"]
+    (weights,) = (model / "unet").glob("*.safetensors")
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # written again
+    capsys.readouterr()
+    assert main(args) == 2
+    assert "other settings (model_files)" in capsys.readouterr().err
+    # A cache made before the files were recorded is compared without them, not refused
+    state = json.loads(manifest.read_text())
+    del state["settings"]["model_files"]
+    manifest.write_text(json.dumps(state))
+    assert main(args) == 0
+
+
+def test_a_missing_model_is_said_before_the_reference_features_are_computed(tmp_path, capsys):
+    """They were computed and written first (minutes for a COCO reference on a CPU), then the run
+    was refused for its --model."""
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    for i in range(4):
+        Image.new("L", (28, 28), 40 * i).save(refs / f"{i}.png")
+    out = tmp_path / "out"
+    args = ["evaluate", "--model", str(tmp_path / "nope"), "--metrics", "fid", "--fid-features", "embedded"]
+    assert main([*args, "--reference", str(refs), "--n", "4", "--out", str(out)]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert not out.exists()

@@ -133,6 +133,37 @@ def test_a_finished_run_is_reused_only_if_trained_with_this_config(tmp_path):
         Reproduction._check_trained_as(tmp_path, other)
 
 
+def test_a_stopped_run_resumes_only_with_the_config_it_was_started_with(tmp_path, monkeypatch):
+    """A run stopped before its student was written resumed under a changed --set (distill refuses
+    only the settings its checkpoints cannot load under, and wrote the new config over the old):
+    its student was then reported as the new config's."""
+    import subprocess
+
+    import pytest
+
+    from nitrofusion.errors import UserError
+    from nitrofusion.evaluation.reproduce import FULL
+    from nitrofusion.training.config import save_config
+
+    launched = []
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **k: launched.append(cmd) or subprocess.CompletedProcess(cmd, 0))
+    started = Reproduction(tmp_path, [0], 4, overrides=["optim.lr=5e-5"])
+    run = started.run_dir(FULL, 0)
+    run.mkdir(parents=True)
+    save_config(load_config_dict(started.run_config(FULL, 0)), run / "config.yaml")
+    assert started.distill(FULL, 0) == run and len(launched) == 1  # resumed as started
+    changed = Reproduction(tmp_path, [0], 4, overrides=["optim.lr=1e-4"])
+    with pytest.raises(UserError, match=r"was started with optim.lr=5e-05, this reproduction asks 0.0001"):
+        changed.distill(FULL, 0)
+    assert len(launched) == 1
+
+
+def load_config_dict(values: dict):
+    from nitrofusion.training.config import load_config
+
+    return load_config(None, None, settings=values)
+
+
 def test_reproduce_bad_options_are_one_line(tmp_path, capsys):
     for extra, needle in (
         (["--n", "1"], "--n"),
@@ -229,6 +260,12 @@ def test_the_committed_scores_are_still_tabulated_by_report_only(tmp_path):
     shutil.copytree(docs / "samples", out / "samples")
     Reproduction(out, [0, 1, 2], 1000, report_only=True).run()
     assert json.loads((out / "results.json").read_text()) == json.loads((docs / "results.json").read_text())
+    # The scores alone (no samples to put in the grid): the tables, no grid (it was a ValueError traceback)
+    alone = tmp_path / "alone"
+    shutil.copytree(docs / "scores", alone / "scores")
+    Reproduction(alone, [0, 1, 2], 1000, report_only=True).run()
+    assert (alone / "results.md").read_text() == (out / "results.md").read_text()
+    assert not (alone / "grid.png").exists()
 
 
 def test_runs_saved_before_a_config_key_existed_are_compared_as_what_they_trained_with():

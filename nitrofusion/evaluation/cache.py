@@ -26,6 +26,9 @@ from nitrofusion.pipelines.generation import generate
 from nitrofusion.userfiles import replacing, write_text_replacing
 
 IMAGE_NAME = re.compile(r"\d{5}\.png")
+# Settings first recorded on 2026-11-29 (the model folder's weights files): a cache made before
+# records none, and is compared without them rather than refused.
+LATER_KEYS = frozenset({"model_files"})
 
 
 class ImageCache:
@@ -57,11 +60,13 @@ class ImageCache:
             found = None
         if not isinstance(found, dict) or not isinstance(found.get("settings", {}), dict):
             raise UserError(f"image cache manifest '{self.manifest}' is unreadable; delete the directory")
-        if found.get("settings") != self.settings:
+        # Settings recorded since a version, absent from a cache made before it: compared where recorded.
+        settings = {k: v for k, v in self.settings.items() if k not in LATER_KEYS or k in found.get("settings", {})}
+        if found.get("settings") != settings:
             diff = sorted(
                 k
-                for k in {**self.settings, **found.get("settings", {})}
-                if found.get("settings", {}).get(k) != self.settings.get(k)
+                for k in {**settings, **found.get("settings", {})}
+                if found.get("settings", {}).get(k) != settings.get(k)
             )
             raise UserError(
                 f"image cache '{self.dir}' was made with other settings ({', '.join(diff)}); "

@@ -320,7 +320,7 @@ def evaluate(req: EvalRequest) -> list[dict]:
         is_distilled,
         sampling_sigmas,
     )
-    from nitrofusion.pipelines.loading import resolve_device, resolve_dtype
+    from nitrofusion.pipelines.loading import check_model_index, resolve_device, resolve_dtype, resolve_model
 
     if req.n < 2:
         raise UserError(f"--n must be at least 2 (a covariance needs two samples), got {req.n}")
@@ -339,6 +339,9 @@ def evaluate(req: EvalRequest) -> list[dict]:
     check_lora_option(req.lora, req.unet)  # before the metrics' models load
     prompts, labels, prompts_warning = load_prompt_set(req.prompts, req.n, req.seed)
     prompts_sha256 = prompts_digest(prompts)
+    # A model that is not there is said before the metrics' reference features are computed (minutes
+    # for a COCO reference on a CPU); load_pipeline checks the rest after them.
+    check_model_index(resolve_model(req.model, unet_weights=req.unet is None, allow_flow=True))
     scorers = build_scorers(req, device)
     # Warnings, not refusals (the embedded world is evaluated on a few images on purpose, in tests and
     # quick looks), and only once every option is accepted: a refused run stays one line.
@@ -396,6 +399,9 @@ def evaluate(req: EvalRequest) -> list[dict]:
         }
         if unfiltered:  # other images than the filtered ones: the cache refuses to mix them
             settings["safety_checker"] = False
+        folder = getattr(pipe, "nitro_folder", None)
+        if folder is not None:  # a retrained or rebuilt model at the same path is another model
+            settings["model_files"] = _weights_identity(Path(folder))
         if req.lora is not None:  # only where set: older caches stay valid
             settings["lora"], settings["lora_file"] = pipe.nitro_lora, _file_identity(pipe.nitro_lora)
         levels = sampling_sigmas(pipe, steps)
@@ -437,6 +443,12 @@ def evaluate(req: EvalRequest) -> list[dict]:
         print(table([row]).splitlines()[-1], flush=True)
     write_report(req.out, results, grid_rows, [f"{r['sampler']}, {r['steps']} step(s)" for r in results])
     return results
+
+
+def _weights_identity(folder: Path) -> dict[str, str]:
+    """The identity (size, modification time) of each weights file of a pipeline folder's denoiser."""
+    files = sorted(p for sub in ("unet", "transformer") for p in (folder / sub).glob("*.safetensors"))
+    return {str(p.relative_to(folder)): _file_identity(str(p)) for p in files}
 
 
 def _file_identity(path: str | None) -> str | None:
@@ -569,7 +581,7 @@ def combine(directories: list[Path], out: str | Path, grid_images: int = 10) -> 
                 from nitrofusion.evaluation.fid import DEFAULT_FID_RESIZE
 
                 row.setdefault("fid_resize", DEFAULT_FID_RESIZE)
-            if row.get("clip_score", 0) > 1:  # a cosine is at most 1: this is the old x100 scale
+            if (row.get("clip_score") or 0) > 1:  # a cosine is at most 1: this is the old x100 scale
                 raise UserError(
                     f"'{path}' has CLIP scores on the x100 scale of older versions: run its evaluate again "
                     "(the cached images are reused) so that every column has the same scale"

@@ -229,6 +229,10 @@ class Reproduction:
         if any((run / name).is_file() for name in STUDENT_FILES):
             self._check_trained_as(run, self.run_config(variant, seed))
             return run
+        if (run / "config.yaml").is_file():
+            # A stopped run resumes only as it was started: distill itself refuses only the settings a
+            # checkpoint cannot load under, and would record the new config over the old.
+            self._check_trained_as(run, self.run_config(variant, seed), "was started with")
         cmd = [sys.executable, "-m", "nitrofusion.cli", "distill", "--preset", preset, "--resume", "latest"]
         for o in overrides:
             cmd += ["--set", o]
@@ -239,7 +243,7 @@ class Reproduction:
         return run
 
     @staticmethod
-    def _check_trained_as(run: Path, want: dict) -> None:
+    def _check_trained_as(run: Path, want: dict, what: str = "was trained with") -> None:
         """A finished run is reused only if it was trained with this reproduction's config (another
         preset or --set would otherwise be reported with the old students)."""
         from nitrofusion.training.config import load_yaml
@@ -247,7 +251,7 @@ class Reproduction:
         saved = load_yaml((run / "config.yaml").read_text()) if (run / "config.yaml").is_file() else {}
         differ = _config_difference(saved, want)
         if differ:
-            raise UserError(f"'{run}' was trained with {differ}: use another --out, or delete that run")
+            raise UserError(f"'{run}' {what} {differ}: use another --out, or delete that run")
 
     # ---- scores, cached -------------------------------------------------------------------
     def score(
@@ -496,10 +500,13 @@ class Reproduction:
         write_text_replacing(self.out / "results.md", report(rows, self.n, self.seeds))
         grid_rows, labels = [], []
         for key, label in self.grid_rows():
-            d = self.out / "samples" / key
-            if d.is_dir():
-                grid_rows.append([Image.open(p).convert("RGB") for p in sorted(d.glob("*.png"))])
+            images = [Image.open(p).convert("RGB") for p in sorted((self.out / "samples" / key).glob("*.png"))]
+            if images:
+                grid_rows.append(images)
                 labels.append(label)
+        if not grid_rows:  # scores alone (e.g. the committed ones copied into --out): no samples to show
+            print(f"no samples under '{self.out / 'samples'}': no grid.png")
+            return
         with replacing(self.out / "grid.png") as tmp:
             make_grid(grid_rows, labels, scale=3).save(tmp, format="PNG")
 

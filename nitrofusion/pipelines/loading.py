@@ -613,7 +613,7 @@ def load_pipeline(
                 guidance, sigmas = 0.0, adapter.sigmas
         pipe.nitro_guidance, pipe.nitro_sigmas, pipe.nitro_steps = guidance, sigmas, steps
         pipe.nitro_lora = "" if adapter is None else str(adapter.path)
-        return _loaded(pipe, "native", model, False, device)
+        return _loaded(pipe, "native", model, model_dir, False, device)
     student = {}
     if unet is not None:
         student["unet"] = _student_unet(model_dir, read_safetensors(unet), torch_dtype, f"UNet weights '{unet}'")
@@ -668,7 +668,7 @@ def load_pipeline(
         pipe.scheduler = scheduler
     elif sampler != "native":
         raise UserError(f"unknown sampler '{sampler}': use auto, shift-lcm or native")
-    pipe = _loaded(pipe, sampler, model, drop_checker, device)
+    pipe = _loaded(pipe, sampler, model, model_dir, drop_checker, device)
     pipe.nitro_steps = steps
     pipe.nitro_unet = "" if unet is None else str(unet)  # the student in the model's place, for provenance
     pipe.nitro_lora = "" if adapter is None else str(adapter.path)
@@ -680,11 +680,12 @@ def load_pipeline(
 
 
 def _loaded(
-    pipe: DiffusionPipeline, sampler: str, model: str | Path, unfiltered: bool, device: str
+    pipe: DiffusionPipeline, sampler: str, model: str | Path, folder: Path, unfiltered: bool, device: str
 ) -> DiffusionPipeline:
     """`pipe` with what `load_pipeline` records on it, on `device`, its CPU weights aligned."""
     pipe.nitro_sampler = sampler
-    pipe.nitro_model = str(model)
+    pipe.nitro_model = str(model)  # as given (a name, a hub id, a path)
+    pipe.nitro_folder = str(folder)  # the folder read
     pipe.nitro_unfiltered = unfiltered
     pipe.set_progress_bar_config(disable=True)
     pipe = pipe.to(device)

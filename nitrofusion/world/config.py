@@ -58,5 +58,7 @@ class WorldConfig:
         for name, zero in (("train_images", "all"), ("test_images", "all"), ("samples_per_class", "none")):
             if getattr(self, name) < 0:
                 raise UserError(f"--{name.replace('_', '-')} must be 0 ({zero}) or more, got {getattr(self, name)}")
+        if self.test_images == 1:  # the evaluator's reference statistics need a covariance: 2 images or more
+            raise UserError("--test-images must be 0 (all) or at least 2, got 1")
         if self.vae:
             self.vae_folder()

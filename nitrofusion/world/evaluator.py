@@ -16,7 +16,7 @@ from torch import nn
 
 from nitrofusion.errors import UserError
 from nitrofusion.evaluation.frechet import GaussianStats, frechet_distance
-from nitrofusion.userfiles import plain_permissions
+from nitrofusion.userfiles import replacing
 
 FEATURE_DIM = 128
 
@@ -97,8 +97,8 @@ class Evaluator:
     def save(self, path: str | Path) -> None:
         tensors = {f"model.{k}": v.contiguous() for k, v in self.model.state_dict().items()}
         tensors.update(self.reference.to_tensors("ref."))
-        save_file(tensors, str(path))
-        plain_permissions(path)  # safetensors writes 0600
+        with replacing(path) as tmp:  # whole or absent: every evaluate and reproduce reads it
+            save_file(tensors, str(tmp))
 
     @torch.no_grad()
     def features_and_logits(self, images: torch.Tensor, batch_size: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
