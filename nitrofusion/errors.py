@@ -20,6 +20,12 @@ class UserError(Exception):
         super().__init__(str(message).translate(_CONTROL))
 
 
+def first_line(exc: BaseException) -> str:
+    """An exception's first line, or its class name where it has no message: what a one-line
+    UserError quotes of a library's error (whose later lines are tracebacks or lists)."""
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
 MAX_GUIDANCE = 100.0
 
 

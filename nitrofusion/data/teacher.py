@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from nitrofusion.data.conditioning import is_sd3
 from nitrofusion.data.teacher_timesteps import check_teacher_timesteps
-from nitrofusion.errors import UserError
+from nitrofusion.errors import UserError, first_line
 from nitrofusion.pipelines.generation import denoiser
 from nitrofusion.pipelines.loading import save_state_dict
 from nitrofusion.training.checkpoint import fingerprint
@@ -163,9 +163,8 @@ SHARD_GLOB = "pairs-*.safetensors"
 
 
 def damaged_shard(path: Path, exc: Exception) -> UserError:
-    first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     return UserError(
-        f"teacher pairs shard '{path}' is damaged ({first}; an interrupted copy?): delete it and run again, "
+        f"teacher pairs shard '{path}' is damaged ({first_line(exc)}; an interrupted copy?): delete it and run again, "
         "which makes it again"
     )
 
@@ -260,27 +259,19 @@ def _precision(recipe: Mapping[str, str]) -> str:
     ]
 
 
-def check_same_teacher(path: Path, have: Mapping[str, str], want: Mapping[str, str]) -> None:
-    """Refuse shard `path` (its metadata `have`) unless its teacher's fingerprints agree with the
-    reading teacher's (`want`) wherever both record one, and they record one in common."""
-    if not any(key in have for key in FINGERPRINTS):
-        raise UserError(
-            f"teacher pairs '{path}' predate the teacher record (no teacher_fingerprint): they may be another "
-            "teacher's; make them again (give a new pairs directory or delete its shards)"
-        )
-    shared = [key for key in FINGERPRINTS if key in have and key in want]
-    if not shared:  # an fp16 copy's digest against a bf16 copy's: the same weights would differ
+def comparable_fingerprints(path: Path, have: Mapping[str, str], want: dict[str, str]) -> dict[str, str]:
+    """`want` without the teacher fingerprints shard `path` (its metadata `have`) does not record,
+    so that the digests both record are compared (a shard from before the record keeps them all,
+    and is refused for the first). One recording none of `want`'s is refused here: an fp16 copy's
+    digest and a bf16 copy's would differ for the same weights."""
+    recorded = [key for key in FINGERPRINTS if key in have]
+    if recorded and not any(key in want for key in recorded):
         raise UserError(
             f"teacher pairs in '{path.parent}' were made from the teacher held in {_precision(have)}, this one is "
             f"held in {_precision(want)}: the two cannot be told the same; read them with the teacher in fp32 "
             "(distill's) or its pairs' precision"
         )
-    for key in shared:
-        if have[key] != want[key]:
-            raise UserError(
-                f"teacher pairs in '{path.parent}' were made with another {key} ({have[key]!r}, now "
-                f"{want[key]!r}): give a new pairs directory or delete its shards"
-            )
+    return {k: v for k, v in want.items() if k not in FINGERPRINTS or k in have or not recorded}
 
 
 def check_recipe(path: Path, want: dict[str, str]) -> None:
@@ -288,8 +279,7 @@ def check_recipe(path: Path, want: dict[str, str]) -> None:
     with reading_shard(path) as f:
         have = f.metadata() or {}
     if any(key in want for key in FINGERPRINTS):
-        check_same_teacher(path, have, want)
-        want = {k: v for k, v in want.items() if k not in FINGERPRINTS}
+        want = comparable_fingerprints(path, have, want)
     optional = [k for k, (anchor, _) in OPTIONAL_KEYS.items() if anchor in want and k not in want]
     for key in [*want, *optional]:
         what = "prompt list" if key == "prompts_sha256" else key

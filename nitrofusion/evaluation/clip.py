@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from nitrofusion.errors import UserError
+from nitrofusion.errors import UserError, first_line
 
 CLIP_HINT = (
     "a transformers CLIP directory (config.json, model.safetensors, tokenizer and preprocessor files), e.g. "
@@ -41,8 +41,7 @@ class ClipModel:
             )
             self.tokenizer = CLIPTokenizer.from_pretrained(str(path), local_files_only=True)
         except (OSError, ValueError) as exc:
-            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise UserError(f"could not load the CLIP model in '{path}' ({option}): {first}") from None
+            raise UserError(f"could not load the CLIP model in '{path}' ({option}): {first_line(exc)}") from None
         # transformers fills weights a file lacks with random ones, with a log line: a text encoder
         # alone (no vision tower) scored with an untrained half would give a number that means nothing.
         missing = sorted(info.get("missing_keys", []))

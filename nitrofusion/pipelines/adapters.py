@@ -12,8 +12,6 @@ plain pipeline costs, and `--compile` sees plain modules.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -124,7 +122,7 @@ def apply_lora(pipe: DiffusionPipeline, lora: LoraFile, where: str) -> None:
     try:
         # diffusers warns of every text encoder the LoRA leaves alone, and logs a failure at length
         # before raising it: said here in one line.
-        with quiet_loading(), _diffusers_silent():
+        with quiet_loading(errors_too=True):
             pipe.load_lora_weights(
                 str(lora.path.parent), weight_name=lora.path.name, use_safetensors=True, local_files_only=True
             )
@@ -140,18 +138,6 @@ def _detail(exc: Exception) -> str:
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     named = [line for line in lines if "size mismatch" in line or "Missing key" in line or "Unexpected key" in line]
     return (named or lines or [type(exc).__name__])[0]
-
-
-@contextmanager
-def _diffusers_silent() -> Iterator[None]:
-    import diffusers.utils.logging as dlog
-
-    level = dlog.get_verbosity()
-    dlog.set_verbosity(dlog.CRITICAL)
-    try:
-        yield
-    finally:
-        dlog.set_verbosity(level)
 
 
 def _has_module(network: torch.nn.Module, name: str) -> bool:

@@ -28,7 +28,7 @@ from diffusers import DiffusionPipeline, UNet2DConditionModel
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
-from nitrofusion.errors import UserError
+from nitrofusion.errors import UserError, first_line
 from nitrofusion.scheduling import TimestepShiftLCMScheduler
 from nitrofusion.userfiles import replacing
 
@@ -177,8 +177,7 @@ def _weights_file(path: str | Path) -> Path:
 
 
 def unreadable_file(path: Path, exc: Exception) -> UserError:
-    first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return UserError(f"'{path}' is not a readable safetensors file (corrupt or truncated?): {first}")
+    return UserError(f"'{path}' is not a readable safetensors file (corrupt or truncated?): {first_line(exc)}")
 
 
 def read_safetensors(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
@@ -353,16 +352,18 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
 
 
 @contextmanager
-def quiet_loading() -> Iterator[None]:
-    """Silence diffusers' and transformers' per-component loading bars and warnings."""
+def quiet_loading(errors_too: bool = False) -> Iterator[None]:
+    """Silence diffusers' and transformers' per-component loading bars and warnings; `errors_too`:
+    their error logs as well, where the caller says a failure in one line itself."""
     import diffusers.utils.logging as dlog
     import transformers.utils.logging as tlog
 
     d_level, t_level = dlog.get_verbosity(), tlog.get_verbosity()
     dlog.disable_progress_bar()
     tlog.disable_progress_bar()
-    dlog.set_verbosity_error()
-    tlog.set_verbosity_error()
+    level = dlog.CRITICAL if errors_too else dlog.ERROR
+    dlog.set_verbosity(level)
+    tlog.set_verbosity(level)
     try:
         yield
     finally:
@@ -723,8 +724,7 @@ def _read_pipeline(
                 **overrides,
             )
     except (OSError, ValueError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UserError(f"could not load the pipeline in '{model_dir}': {first}") from None
+        raise UserError(f"could not load the pipeline in '{model_dir}': {first_line(exc)}") from None
     if snippet:  # registered, so that the pipeline's config (and a save_pretrained) names it
         pipe.register_modules(scheduler=_shift_lcm_from_folder(model_dir / "scheduler"))
     return pipe, drop_checker
