@@ -161,6 +161,11 @@ def resolve_teacher(name: str) -> str:
     return name
 
 
+def means(values: dict[str, list[float]]) -> dict[str, float]:
+    """Each logged quantity's mean over the values it has (micro-batches, or a logging window)."""
+    return {key: sum(v) / len(v) for key, v in values.items()}
+
+
 class Distiller:
     def __init__(self, cfg: DistillConfig, accelerator: Accelerator | None = None, progress: bool = True) -> None:
         self.cfg = cfg
@@ -615,8 +620,7 @@ class Distiller:
         if not finite or not self._gradients_finite(critics, update_g):
             return self._skip_step()
         # The micro-batches' mean (a value some of them lack, e.g. the anchor's, over those that have it).
-        logs = {key: sum(values) / len(values) for key, values in parts.items()}
-        logs.update(steps=k, index=j)
+        logs = {**means(parts), "steps": k, "index": j}
         kill_point("step", self.step)  # fault injection: gradients computed, no optimizer has stepped yet
         self.bad_steps = 0
         if update_g:
@@ -730,10 +734,8 @@ class Distiller:
                 bar.update(1)
                 bar.set_postfix({k: f"{v:.3f}" for k, v in logs.items() if k in ("g_loss", "d_loss")}, refresh=False)
                 if self.step % cfg.run.log_every == 0 or self.step == total:
-                    means = {key: sum(values) / len(values) for key, values in window.items()}
-                    means["seconds_per_step"] = trained / iterations
+                    self.acc.log({**means(window), "seconds_per_step": trained / iterations}, step=self.step)
                     trained, iterations, window = 0.0, 0, defaultdict(list)
-                    self.acc.log(means, step=self.step)
                     self.metrics.flush()
                 # Before the checkpoint of the same step, so a resumed run never misses it.
                 if self.step in stage_ends:
