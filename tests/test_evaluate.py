@@ -571,7 +571,7 @@ def test_embedded_reference_statistics_are_not_reused_for_another_evaluator(tmp_
             reference=str(ref_dir),
             evaluator=evaluator,
         )
-        build_scorers(req, "cpu")
+        build_scorers(req, "cpu").prepare()
         return fid.stats_metadata(cache)
 
     shipped = build(None)
@@ -975,6 +975,29 @@ def test_a_model_rewritten_at_the_same_path_is_not_served_from_its_old_images(tm
     del state["settings"]["model_files"]
     manifest.write_text(json.dumps(state))
     assert main(args) == 0
+
+
+def test_step_counts_the_model_cannot_sample_are_said_before_the_reference_features(tmp_path, capsys):
+    """A reference folder's features were computed and written before the pipeline was loaded, so
+    `--steps` the model refuses (here 3 at --shift 3: the timesteps repeat) were said after them;
+    a folder with no images is still said first, before the model loads."""
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    for i in range(4):
+        Image.new("L", (28, 28), 40 * i).save(refs / f"{i}.png")
+    out = tmp_path / "out"
+    args = ["evaluate", "--model", "embedded", "--metrics", "fid", "--fid-features", "embedded", "--n", "4"]
+    assert main([*args, "--reference", str(refs), "--steps", "3", "--shift", "3", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--shift 3 is too small for 3 steps" in err and len(err.splitlines()) == 1
+    assert not out.exists()
+    (empty := tmp_path / "empty").mkdir()
+    assert main([*args, "--reference", str(empty), "--out", str(out)]) == 2
+    assert "holds 0 images" in capsys.readouterr().err
+    # Accepted, the features are computed once the model is, and scored against.
+    assert main([*args, "--reference", str(refs), "--steps", "1", "--out", str(out)]) == 0
+    assert (out / "reference-embedded.safetensors").is_file()
+    assert json.loads((out / "results.json").read_text())[0]["fid"] > 0
 
 
 def test_a_missing_model_is_said_before_the_reference_features_are_computed(tmp_path, capsys):

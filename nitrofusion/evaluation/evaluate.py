@@ -8,6 +8,7 @@ fails in a second, not after an hour of sampling.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import sys
@@ -110,10 +111,18 @@ class Scorers(dict[str, Scorer]):
         super().__init__()
         self.feature_dims: dict[str, int] = {}
         self.warnings: list[str] = []  # printed once every option is accepted
+        # The slow parts (a reference folder's features: minutes for COCO on a CPU), left until the
+        # model and its step counts are accepted too, so that a refused run has computed nothing.
+        self.slow: list[Callable[[], object]] = []
+
+    def prepare(self) -> None:
+        for step in self.slow:
+            step()
 
 
 def build_scorers(req: EvalRequest, device: str) -> Scorers:
-    """Load every requested metric's model now; each missing weight is one clear error."""
+    """Load every requested metric's model now; each missing weight is one clear error. A reference
+    folder's features wait for `Scorers.prepare`."""
     metrics = req.metrics or (
         ["embedded"] if req.prompts == "embedded" else ["fid", "clip", "aesthetic", "imagereward"]
     )
@@ -243,18 +252,30 @@ def build_scorers(req: EvalRequest, device: str) -> Scorers:
             cache = req.out / f"reference-{req.fid_features}.safetensors"
             # Inception's resize is in the provenance: statistics made with another are not reused.
             resize = fid_resize(req) or fid.DEFAULT_FID_RESIZE
-            ref = fid.cached_reference_stats(cache, req.reference, req.fid_features, extractor, resize)
-            if ref is None:
-                ref = fid.reference_stats(
-                    req.reference, req.fid_features, extract, cache, extractor, extractor_file, resize
-                )
+            source = str(req.reference)
+
+            @functools.cache
+            def reference() -> GaussianStats:
+                ref = fid.cached_reference_stats(cache, source, features, extractor, resize)
+                if ref is None:
+                    ref = fid.reference_stats(source, features, extract, cache, extractor, extractor_file, resize)
+                return ref
+
+            if Path(source).expanduser().is_dir():
+                fid.reference_images(source)  # a folder without images is said now; its features later
+                scorers.slow.append(reference)
+            else:
+                reference()  # a statistics file: read and checked now (a missing one is said here)
         elif req.fid_features == "embedded":
-            ref = need_evaluator().reference  # the real Fashion-MNIST test set
+            embedded_reference = need_evaluator().reference  # the real Fashion-MNIST test set
+
+            def reference() -> GaussianStats:
+                return embedded_reference
         else:
             raise UserError("FID needs --reference: a directory of real images or a stats .safetensors file")
 
         def fid_score(images, prompts, labels):
-            return {"fid": frechet_distance(GaussianStats.from_features(extract(images)), ref)}
+            return {"fid": frechet_distance(GaussianStats.from_features(extract(images)), reference())}
 
         scorers["fid"] = fid_score
 
@@ -412,6 +433,7 @@ def evaluate(req: EvalRequest) -> list[dict]:
         caches.append((steps, settings, cache))
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr, flush=True)
+    scorers.prepare()
     for steps, settings, cache in caches:
         images, per_image = cache.fill(
             pipe, prompts, steps, req.seed, batch_size, guidance, desc=f"{label}, {steps} step(s)"

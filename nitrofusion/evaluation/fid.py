@@ -255,6 +255,17 @@ def cached_reference_stats(
     return GaussianStats.from_tensors(load_file(str(cache)))
 
 
+def reference_images(reference: str | Path) -> list[Path]:
+    """The images of a reference folder; a folder that is not there or holds fewer than two is refused."""
+    ref = Path(reference).expanduser()
+    if not ref.is_dir():
+        raise UserError(f"--reference '{ref}' not found (a directory of real images or a stats .safetensors)")
+    paths = list_images(ref)
+    if len(paths) < 2:
+        raise UserError(f"--reference '{ref}' holds {len(paths)} images; FID needs many (thousands for a stable value)")
+    return paths
+
+
 def reference_stats(
     reference: str | Path,
     features: str,
@@ -307,11 +318,7 @@ def reference_stats(
                 f"--reference '{ref}' prepared its images otherwise ({recorded}) than this run ({preprocess}): {hint}"
             )
         return GaussianStats.from_tensors(load_file(str(ref)))
-    if not ref.is_dir():
-        raise UserError(f"--reference '{ref}' not found (a directory of real images or a stats .safetensors)")
-    paths = list_images(ref)
-    if len(paths) < 2:
-        raise UserError(f"--reference '{ref}' holds {len(paths)} images; FID needs many (thousands for a stable value)")
+    paths = reference_images(ref)
     feats = []
     with tqdm(total=len(paths), desc=f"reference features ({features})", unit="image") as bar:
         for i in range(0, len(paths), 500):
