@@ -262,6 +262,41 @@ def test_truncated_safetensors(tiny_sdxl_dir, student_file, tmp_path, capsys):
     )
 
 
+def test_a_damaged_text_encoder_or_tokenizer_is_refused(tiny_sdxl_dir, tmp_path, capsys):
+    """transformers fills a text encoder's missing weights with random values and a tokenizer folder
+    without its vocabulary loads as two special tokens; both only logged (and the log was hidden), so
+    such a copy sampled from a wrong prompt embedding without a word. A truncated text encoder file
+    was a SafetensorError traceback."""
+
+    def damaged(name, damage):
+        folder = tmp_path / name
+        shutil.copytree(tiny_sdxl_dir, folder)
+        damage(folder)
+        return ["generate", "x", "--model", str(folder), "--out", str(tmp_path / "out")]
+
+    def drop_a_layer(folder):
+        path = folder / "text_encoder_2" / "model.safetensors"
+        state = load_file(str(path))
+        save_file({k: v for k, v in state.items() if ".layers.1." not in k}, str(path), metadata={"format": "pt"})
+
+    def truncate(folder):
+        path = folder / "text_encoder" / "model.safetensors"
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+    def no_vocabulary(folder):
+        for name in ("vocab.json", "merges.txt", "tokenizer.json"):
+            (folder / "tokenizer" / name).unlink(missing_ok=True)
+
+    expect_error(
+        damaged("layer", drop_a_layer), capsys, "'text_encoder_2' lacks the weights text_model.encoder.layers.1."
+    )
+    expect_error(damaged("cut", truncate), capsys, "could not load the pipeline", "cut")
+    expect_error(damaged("vocab", no_vocabulary), capsys, "'tokenizer' holds", "vocabulary files are missing")
+    assert not (tmp_path / "out").exists()
+    code, _, err = run(["generate", "x", "--model", str(tiny_sdxl_dir), "--out", str(tmp_path / "out")], capsys)
+    assert code == 0 and "error" not in err  # the intact copy, for contrast
+
+
 def test_unet_that_does_not_fit(tiny_sdxl_dir, tiny_sd15_dir, tmp_path, capsys):
     other = UNet2DConditionModel.from_pretrained(tiny_sd15_dir, subfolder="unet")
     path = tmp_path / "sd15_unet.safetensors"

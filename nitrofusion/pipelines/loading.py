@@ -373,6 +373,63 @@ def quiet_loading(errors_too: bool = False) -> Iterator[None]:
         tlog.set_verbosity(t_level)
 
 
+@contextmanager
+def missing_weights_reported() -> Iterator[list[str]]:
+    """The weights transformers found missing from a component's files while loading, one line
+    each: it fills them with fresh random values and only logs a report (which `quiet_loading`
+    hides), so a text encoder with a layer missing loaded and drew from a wrong prompt embedding
+    without a word. Its handlers show errors only meanwhile, as under `quiet_loading`."""
+    import logging
+
+    import transformers.utils.logging as tlog
+
+    found: list[str] = []
+
+    class Reports(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            text = record.getMessage()
+            keys = re.findall(r"^(\S+)\s*\|\s*MISSING\b", text, flags=re.MULTILINE)
+            if "LOAD REPORT" in text and keys:
+                where = re.search(r"LOAD REPORT\S*\s+from:\s*(.+)", text)
+                folder = Path(where.group(1).strip()).name if where else "a component"
+                more = f" and {len(keys) - 1} more" if len(keys) > 1 else ""
+                found.append(f"'{folder}' lacks the weights {keys[0]}{more} (a damaged or partial copy)")
+
+    errors_only = logging.Filter()
+    errors_only.filter = lambda record: record.levelno >= logging.ERROR  # type: ignore[method-assign]
+    root = logging.getLogger("transformers")
+    shown = list(root.handlers)
+    level = tlog.get_verbosity()
+    reports = Reports(logging.WARNING)
+    for handler in shown:
+        handler.addFilter(errors_only)
+    root.addHandler(reports)
+    tlog.set_verbosity(logging.WARNING)
+    try:
+        yield found
+    finally:
+        tlog.set_verbosity(level)
+        root.removeHandler(reports)
+        for handler in shown:
+            handler.removeFilter(errors_only)
+
+
+def check_tokenizers(pipe: DiffusionPipeline, model_dir: Path) -> None:
+    """A tokenizer folder without its vocabulary files loads as a tokenizer of a few special tokens
+    that maps every word to the unknown id: refused, as is one with ids past its text encoder's
+    embedding table."""
+    for name, tokenizer in pipe.components.items():
+        encoder = pipe.components.get(name.replace("tokenizer", "text_encoder"))
+        if not name.startswith("tokenizer") or tokenizer is None or encoder is None:
+            continue
+        vocab = getattr(encoder.config, "vocab_size", None)
+        if isinstance(vocab, int) and not vocab // 2 <= len(tokenizer) <= vocab:
+            raise UserError(
+                f"could not load the pipeline in '{model_dir}': '{name}' holds {len(tokenizer)} tokens for a text "
+                f"encoder of {vocab} (its vocabulary files are missing or another model's)"
+            )
+
+
 def _scheduler_class_name(index: Mapping) -> str:
     entry = index.get("scheduler")
     return str(entry[1]) if isinstance(entry, list) and len(entry) == 2 else ""
@@ -714,7 +771,7 @@ def _read_pipeline(
         left_out = [k for k, v in index.items() if not k.startswith("_") and v == [None, None]]
         overrides = {**{k: None for k in left_out}, **overrides}
     try:
-        with quiet_loading():
+        with quiet_loading(), missing_weights_reported() as missing:
             pipe = DiffusionPipeline.from_pretrained(
                 str(model_dir),
                 dtype=dtype,
@@ -723,8 +780,15 @@ def _read_pipeline(
                 variant=weights_variant(model_dir),
                 **overrides,
             )
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, SafetensorError) as exc:  # transformers' damaged files: SafetensorError
         raise UserError(f"could not load the pipeline in '{model_dir}': {first_line(exc)}") from None
+    except RuntimeError as exc:
+        if "loading state_dict" not in str(exc) and "ignore_mismatched_sizes" not in str(exc):
+            raise  # e.g. out of memory, which the CLI says in its own words
+        raise UserError(f"could not load the pipeline in '{model_dir}': {first_line(exc)}") from None
+    if missing:
+        raise UserError(f"could not load the pipeline in '{model_dir}': {missing[0]}")
+    check_tokenizers(pipe, model_dir)
     if snippet:  # registered, so that the pipeline's config (and a save_pretrained) names it
         pipe.register_modules(scheduler=_shift_lcm_from_folder(model_dir / "scheduler"))
     return pipe, drop_checker
