@@ -511,7 +511,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--steps",
         type=int,
         nargs="+",
-        help="step counts, a row each (default 1 2 4 for a distilled model, else the pipeline's own: 50 or 28)",
+        help="step counts, a row each (default 1 2 4 for a distilled model, else the count its nitrofusion.json "
+        "records, else the pipeline's own: 50 or 28)",
     )
     e.add_argument("--prompts", default="embedded", help="'embedded' or a prompt file (.txt .jsonl .json .csv .tsv)")
     e.add_argument("--n", type=int, default=1000, help="images per setting (prompts cycled)")

@@ -1009,11 +1009,17 @@ def test_pairs_made_another_way_are_refused_not_mixed_in(tiny_sdxl_dir, tmp_path
     )
 
 
-def test_distill_makes_missing_pairs_first(tiny_sdxl_dir, tmp_path):
-    d = Distiller(
-        config(tiny_sdxl_dir, tmp_path / "run", f"data.pairs={tmp_path / 'auto'}", "data.num_pairs=3"), progress=False
-    )
-    assert len(d.pairs) == 3
+def test_distill_makes_missing_pairs_first(tiny_sdxl_dir, tmp_path, caplog):
+    def distiller(count):
+        cfg = config(tiny_sdxl_dir, tmp_path / "run", f"data.pairs={tmp_path / 'auto'}", f"data.num_pairs={count}")
+        return Distiller(cfg, progress=False)
+
+    with caplog.at_level("WARNING", logger="nitrofusion"):
+        assert len(distiller(3).pairs) == 3
+        assert "holds" not in caplog.text
+        # A finished folder is the data whatever data.num_pairs says: trained on, and said so.
+        assert len(distiller(5).pairs) == 3
+    assert "holds 3 pairs: the run trains on those, not on data.num_pairs 5" in caplog.text
 
 
 def test_distill_completes_pairs_stopped_half_way_to_their_own_count(tiny_sdxl_dir, tmp_path):
@@ -1247,8 +1253,11 @@ def test_settings_of_a_section_the_run_never_reads_are_warned_about():
         match=r"keys pretrain.pixel_width, pretrain.regression_weight are not read .*pretrain_kind=adversarial",
     ):
         load_config("dmdx-embedded", None, ["loss.pretrain_steps=0"])
+    with pytest.warns(UserWarning, match=r"keys discriminator.refresh_fraction are not read .*static head set"):
+        load_config("embedded", None, ["discriminator.pool=false", "discriminator.refresh_fraction=0.05"])
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         for preset in ("embedded", "demo", "dmd2-embedded", "dmdx-embedded", "flow-embedded", "sdxl", "sd3"):
             load_config(preset, None, [])
         load_config("dmd2-embedded", None, ["dmd.min_t=0.1"])  # read there
+        load_config("embedded", None, ["discriminator.pool=false"])  # reproduce's static ablation

@@ -3,8 +3,9 @@
 A head is a 1x1 projection to `width` channels, `downsamples` x (4x4 stride-2 conv,
 LeakyReLU), then
   global heads: average-pool to one vector -> one logit per image (coherence);
-  local heads:  a 1x1 conv -> one logit per patch (texture, detail). Each patch logit sees
-                about 4 * 2**downsamples feature positions.
+  local heads:  a 1x1 conv -> one logit per patch (texture, detail). Each patch logit sees a
+                window of 3 * 2**downsamples - 2 feature positions a side (10 at the default
+                2), patches 2**downsamples apart.
 Conditional heads add a projection-discriminator term <phi(x), W c> where c is the
 prompt's pooled text embedding (Miyato & Koyama 2018): cheap, and it makes the logit
 depend on whether image and prompt agree rather than on the prompt alone.

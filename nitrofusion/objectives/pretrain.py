@@ -1,6 +1,7 @@
 """Pre-training on teacher noise -> sample pairs (the first loss.pretrain_steps iterations).
 
-mse (DMD2-style regression, the default):   L = mean (x0_student(x_T) - x0_teacher(x_T))^2
+mse (the default; regression as DMD2 pre-trains, but on latents, not LPIPS on decoded images):
+    L = mean (x0_student(x_T) - x0_teacher(x_T))^2
 
 adversarial (DMDX's first stage, read from the ADM abstract: "adversarial distillation with
 hybrid discriminators in both latent and pixel spaces", a distributional loss on the ODE

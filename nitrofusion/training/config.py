@@ -475,23 +475,29 @@ def validate(cfg: DistillConfig) -> DistillConfig:
 UNREAD_BECAUSE = {
     "dmd": "they are for loss.objective dmd2 and adm",
     "pretrain": "they are for loss.pretrain_kind=adversarial with loss.pretrain_steps > 0",
+    "pool": "a static head set (discriminator.pool=false) has one head per kind and level, never refreshed",
 }
 
 
 def unread_settings(cfg: DistillConfig) -> dict[str, list[str]]:
-    """Keys set away from their defaults in a section this run never reads: the scores' (dmd.*)
-    under NitroFusion's objective, adversarial pre-training's (pretrain.*) without it."""
+    """Keys set away from their defaults that this run never reads: the scores' (dmd.*) under
+    NitroFusion's objective, adversarial pre-training's (pretrain.*) without it, and the pool's
+    candidates and refresh under a static head set (discriminator.pool=false)."""
+    # (why, section, its values, its defaults, the keys unread; None: all of them)
     sections = []
     if cfg.loss.objective == "nitrofusion":
-        sections.append(("dmd", cfg.dmd, DMDConfig()))
+        sections.append(("dmd", "dmd", cfg.dmd, DMDConfig(), None))
     if not cfg.loss.adversarial_pretraining:
-        sections.append(("pretrain", cfg.pretrain, PretrainConfig()))
+        sections.append(("pretrain", "pretrain", cfg.pretrain, PretrainConfig(), None))
+    if not cfg.discriminator.pool:
+        pool_keys = ("candidates", "refresh_fraction")
+        sections.append(("pool", "discriminator", cfg.discriminator, DiscriminatorConfig(), pool_keys))
     unread = {}
-    for name, values, defaults in sections:
+    for name, section, values, defaults, only in sections:
         keys = [
-            f"{name}.{f.name}"
+            f"{section}.{f.name}"
             for f in dataclasses.fields(values)
-            if getattr(values, f.name) != getattr(defaults, f.name)
+            if (only is None or f.name in only) and getattr(values, f.name) != getattr(defaults, f.name)
         ]
         if keys:
             unread[name] = keys

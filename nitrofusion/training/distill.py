@@ -505,6 +505,18 @@ class Distiller:
                 f"prompts) than data.prompts={self.cfg.data.prompts!r} ({len(self.prompts)}): set data.prompts "
                 "to the list they were made from, or give a new pairs directory"
             )
+        if len(pairs) != self.cfg.data.num_pairs and self.acc.is_main_process:
+            # The folder's own count is the data (runs of other presets share it), said rather than
+            # taken silently for the count asked for.
+            log.warning(
+                "data.pairs '%s' holds %d pairs: the run trains on those, not on data.num_pairs %d "
+                "(`nitrofusion make-pairs --n %d --out %s` with the same settings extends the folder)",
+                directory,
+                len(pairs),
+                self.cfg.data.num_pairs,
+                self.cfg.data.num_pairs,
+                directory,
+            )
         return pairs
 
     def wait_for_shards(self, shards: list[tuple[Path, int]], directory: Path) -> None:
