@@ -1,6 +1,7 @@
 """What distillation buys on a CPU: images per second of the embedded student at 1, 2 and 4
 steps against the embedded teacher at 25 (its own sampler, CFG 5), and the trainer's
-iterations per second in each phase. All in one process and one run, so the ratios compare
+iterations per second in each phase of NitroFusion and of the family (DMD2, ADM, DMDX's
+pre-training) on the embedded presets. All in one process and one run, so the ratios compare
 like with like. Prints a markdown table and writes JSON.
 
     python benchmarks/cpu_throughput.py [--n 500] [--batch 100] [--iterations 20] [--out runs/cpu_throughput.json]
@@ -50,14 +51,23 @@ def training(iterations: int, pairs: str | None) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         pairs = pairs or str(Path(tmp) / "pairs")
+        # (preset, overrides): the NitroFusion phases, then the family's main stages (DMD2 and ADM
+        # step their critics every iteration and the student every 5th: `iterations` a multiple of 5
+        # gives their mean) and DMDX's adversarial pre-training.
         phases = {
-            "regression pre-training": ["loss.pretrain_steps=1000"],
-            "adversarial, 1 step": ["loss.pretrain_steps=0"],
-            "adversarial, 4 steps (refinement)": ["loss.pretrain_steps=0", "refine.steps_per_stage=[0,0,0,1000]"],
-        }
-        for name, overrides in phases.items():
-            cfg = load_config(
+            "regression pre-training": ("embedded", ["loss.pretrain_steps=1000"]),
+            "adversarial, 1 step": ("embedded", ["loss.pretrain_steps=0"]),
+            "adversarial, 4 steps (refinement)": (
                 "embedded",
+                ["loss.pretrain_steps=0", "refine.steps_per_stage=[0,0,0,1000]"],
+            ),
+            "DMD2, 1 step": ("dmd2-embedded", ["loss.pretrain_steps=0"]),
+            "ADM, 1 step": ("dmdx-embedded", ["loss.pretrain_steps=0"]),
+            "DMDX adversarial pre-training": ("dmdx-embedded", ["loss.pretrain_steps=1000"]),
+        }
+        for name, (preset, overrides) in phases.items():
+            cfg = load_config(
+                preset,
                 None,
                 [
                     *overrides,
@@ -87,7 +97,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=500, help="images per sampling setting")
     parser.add_argument("--batch", type=int, default=100)
-    parser.add_argument("--iterations", type=int, default=20, help="timed trainer iterations per phase")
+    parser.add_argument(
+        "--iterations",
+        type=int,
+        default=20,
+        help="timed trainer iterations per phase (a multiple of 5: DMD2, ADM step the student every 5th)",
+    )
     parser.add_argument("--pairs", help="existing make-pairs directory (default: 256 pairs made in a temp dir)")
     parser.add_argument("--out", default="runs/cpu_throughput.json")
     args = parser.parse_args()

@@ -59,7 +59,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         check_steps,
         generate_batches,
         prepare_output,
-        size_multiple_of_folder,
+        size_limits_of_folder,
     )
     from nitrofusion.pipelines.loading import resolve_model, unet_only_options
     from nitrofusion.world.spec import choose_model
@@ -77,9 +77,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     # --compile or --sampler shift-lcm it is refused from its index before a weight is fetched.
     unet_only = unet_only_options(choice.unet, choice.shift, args.sampler, args.compile)
     folder = resolve_model(choice.model, unet_weights=choice.unet is None, allow_flow=True, unet_only=unet_only)
-    multiple = size_multiple_of_folder(folder)
-    if multiple is not None:
-        check_size(multiple, args.height, args.width)
+    limits = size_limits_of_folder(folder)
+    if limits is not None:
+        multiple, largest = limits
+        check_size(multiple, args.height, args.width, largest)
     pipe = load_pipeline(
         choice.model,
         unet=choice.unet,
@@ -215,7 +216,7 @@ def cmd_make_pairs(args: argparse.Namespace) -> int:
     from nitrofusion.data.teacher import TeacherSampler, check_own_files, make_pairs
     from nitrofusion.data.teacher_timesteps import check_teacher_timesteps
     from nitrofusion.pipelines import load_pipeline
-    from nitrofusion.pipelines.generation import MAX_SIDE, default_size, size_multiple
+    from nitrofusion.pipelines.generation import MAX_SIDE, default_size, largest_side, size_multiple
     from nitrofusion.pipelines.loading import resolve_device, resolve_dtype
     from nitrofusion.training.distill import resolve_teacher
 
@@ -239,6 +240,8 @@ def cmd_make_pairs(args: argparse.Namespace) -> int:
     size = default_size(pipe) if args.resolution is None else args.resolution
     if size % size_multiple(pipe):
         raise UserError(f"--resolution must be a multiple of {size_multiple(pipe)} for this teacher, got {size}")
+    if size > largest_side(pipe):
+        raise UserError(f"--resolution must be at most {largest_side(pipe)} px for this teacher, got {size}")
     sampler = TeacherSampler(pipe, args.steps, args.guidance_scale, size, size, args.timesteps)
     shards = make_pairs(sampler, prompts, args.n, args.out, seed=args.seed, batch_size=args.batch_size)
     print(f"{len(shards)} shards in {args.out}")

@@ -162,6 +162,27 @@ def test_a_size_not_a_multiple_of_vae_factor_times_patch_is_refused_in_one_line(
     assert not (tmp_path / "x.png").exists()
 
 
+def test_a_size_past_the_transformers_position_embedding_is_refused_in_one_line(sd3, tiny_sd3_dir, tmp_path, capsys):
+    """An SD3 transformer's position embedding covers pos_embed_max_size patches a side (the tiny
+    one's 16: 256 px; SD3-Medium's 192: 3072 px): a larger side was a ValueError traceback from
+    diffusers' patch embedding, in generate, make-pairs and the app."""
+    from nitrofusion.app.server import LoadedModel
+    from nitrofusion.pipelines.generation import largest_side, size_limits_of_folder
+
+    assert size_limits_of_folder(tiny_sd3_dir) == (16, 256) and largest_side(sd3) == 256
+    args = ["generate", "a cat", "--model", str(tiny_sd3_dir), "--height", "272", "--out", str(tmp_path / "x.png")]
+    assert "--height must be at most 256 px for this model, got 272" in one_line_error(*run(args, capsys)[::2])
+    with pytest.raises(UserError, match="--width must be at most 256 px for this model"):
+        generate(sd3, ["a cat"], steps=1, width=272, progress=False)
+    args = ["make-pairs", "--model", str(tiny_sd3_dir), "--n", "1", "--steps", "1", "--resolution", "272"]
+    err = one_line_error(*run([*args, "--out", str(tmp_path / "pairs")], capsys)[::2])
+    assert "--resolution must be at most 256 px for this teacher, got 272" in err
+    model = LoadedModel.from_pipeline("sd3", str(tiny_sd3_dir), sd3)
+    assert model.describe(1024)["max_size"] == 256 and max(model.sizes(1024)) <= 256
+    assert not (tmp_path / "x.png").exists()
+    assert generate(sd3, ["a cat"], steps=1, width=256, height=16, progress=False)[0].image.size == (256, 16)
+
+
 @pytest.mark.parametrize(
     "option",
     [["--unet", "student.safetensors"], ["--shift", "250"], ["--compile"], ["--sampler", "shift-lcm"]],

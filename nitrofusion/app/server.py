@@ -130,6 +130,7 @@ class LoadedModel:
     default_size: int
     size_multiple: int
     token_limit: int
+    largest_side: int = 8192  # generation.largest_side: an SD3 transformer's position embedding's reach
     tokenizers: Sequence[Any] = ()
     guidance_scale: float = 0.0  # the model's CFG scale: its --guidance-scale or the sampler's default
     # Compiled on a GPU (--compile): only the size compiled at start-up is served; any other would
@@ -156,6 +157,7 @@ class LoadedModel:
             default_size,
             default_steps,
             is_distilled,
+            largest_side,
             sampler_of,
             size_multiple,
         )
@@ -187,6 +189,7 @@ class LoadedModel:
             guidance_scale=default_guidance(sampler_of(pipe), pipe) if guidance_scale is None else guidance_scale,
             default_size=default_size(pipe),
             size_multiple=size_multiple(pipe),
+            largest_side=largest_side(pipe),
             token_limit=token_limit,
             tokenizers=tokenizers,
             compiled_size=default_size(pipe) if compiled else None,
@@ -205,8 +208,13 @@ class LoadedModel:
         # verbose=False: counting a long prompt must not log the tokenizer's "too long" warning.
         return max(len(t(prompt, truncation=False, verbose=False).input_ids) for t in self.tokenizers)
 
+    def max_size(self, server_max: int) -> int:
+        """The largest side served: the server's --max-size, or less where the model cannot sample it."""
+        return min(server_max, self.largest_side)
+
     def sizes(self, max_size: int) -> list[int]:
         """Square sizes the page offers: around the model's own size, on its size grid."""
+        max_size = self.max_size(max_size)
         if self.compiled_size is not None:
             return [self.compiled_size] if self.compiled_size <= max_size else []
         m = self.size_multiple
@@ -221,7 +229,7 @@ class LoadedModel:
             "guidance_scale": self.guidance_scale,
             "default_size": self.default_size,
             "size_multiple": self.size_multiple,
-            "max_size": max_size,
+            "max_size": self.max_size(max_size),
             "sizes": self.sizes(max_size),
             "steps": list(self.steps),
             "default_steps": self.default_steps,
@@ -684,11 +692,12 @@ def create_app(
                 f"model '{model.name}' was compiled for {size}x{size} (--compile); got {width}x{height} "
                 "(restart without --compile for other sizes)",
             )
+        largest = model.max_size(max_size)
         for what, v in (("width", width), ("height", height)):
-            if v < model.size_multiple or v % model.size_multiple or v > max_size:
+            if v < model.size_multiple or v % model.size_multiple or v > largest:
                 return _error(
                     400,
-                    f"{what} must be a multiple of {model.size_multiple} from {model.size_multiple} to {max_size} "
+                    f"{what} must be a multiple of {model.size_multiple} from {model.size_multiple} to {largest} "
                     f"for model '{model.name}', got {v}",
                 )
         steps = model.default_steps if req.steps is None else req.steps

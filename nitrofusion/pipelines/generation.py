@@ -51,10 +51,29 @@ def size_multiple(pipe: DiffusionPipeline) -> int:
     return multiple_of(pipe.vae_scale_factor, _patch_size(denoiser(pipe).config))
 
 
+def largest_side(pipe: DiffusionPipeline) -> int:
+    """The largest height or width the model samples: an SD3 transformer's position embedding
+    covers `pos_embed_max_size` patches a side (SD3-Medium's 192: 3072 px) and diffusers refuses
+    more in a traceback; any other model up to MAX_SIDE."""
+    return _largest_side(denoiser(pipe).config, pipe.vae_scale_factor)
+
+
+def _largest_side(config: object, vae_factor: int) -> int:
+    value = _config_value(config, "pos_embed_max_size")
+    if isinstance(value, int) and value > 0:
+        return min(MAX_SIDE, value * _patch_size(config) * vae_factor)
+    return MAX_SIDE
+
+
 def _patch_size(config: object) -> int:
     """A transformer's patch size from its config (a dict or a config object); 1 for a UNet."""
-    value = config.get("patch_size") if isinstance(config, dict) else getattr(config, "patch_size", None)
+    value = _config_value(config, "patch_size")
     return int(value) if isinstance(value, int) and value > 0 else 1
+
+
+def _config_value(config: object, key: str) -> object:
+    """A setting of a config read as a dict (from its file) or a config object (of a loaded model)."""
+    return config.get(key) if isinstance(config, dict) else getattr(config, key, None)
 
 
 def multiple_of(vae_factor: int, patch_size: int = 1) -> int:
@@ -155,7 +174,7 @@ def check_request(pipe: DiffusionPipeline, steps: int, height: int, width: int) 
         )
     if sampler == "shift-lcm":
         check_distinct_timesteps(pipe, steps)
-    check_size(size_multiple(pipe), height, width)
+    check_size(size_multiple(pipe), height, width, largest_side(pipe))
 
 
 def check_steps(sampler: str, steps: int) -> None:
@@ -173,13 +192,14 @@ def check_steps(sampler: str, steps: int) -> None:
 MAX_SIDE = 8192
 
 
-def check_size(multiple: int, height: int | None, width: int | None) -> None:
-    """`None`: the model's default size, which fits it."""
+def check_size(multiple: int, height: int | None, width: int | None, largest: int = MAX_SIDE) -> None:
+    """`None`: the model's default size, which fits it. `largest`: the model's `largest_side`."""
     for name, v in (("height", height), ("width", width)):
         if v is not None and (v <= 0 or v % multiple):
             raise UserError(f"--{name} must be a positive multiple of {multiple} for this model, got {v}")
-        if v is not None and v > MAX_SIDE:
-            raise UserError(f"--{name} must be at most {MAX_SIDE} px, got {v}")
+        if v is not None and v > largest:
+            model = " for this model" if largest < MAX_SIDE else ""
+            raise UserError(f"--{name} must be at most {largest} px{model}, got {v}")
 
 
 def check_seeds(seed: int, n: int) -> None:
@@ -191,12 +211,18 @@ def size_multiple_of_folder(folder: str | Path) -> int | None:
     """`size_multiple` from a pipeline folder's VAE config (and a transformer's, for its patch
     size), before anything is loaded (an SDXL pipeline takes tens of seconds); None where they
     cannot be read, and the check after loading stands alone."""
+    limits = size_limits_of_folder(folder)
+    return None if limits is None else limits[0]
+
+
+def size_limits_of_folder(folder: str | Path) -> tuple[int, int] | None:
+    """(`size_multiple`, `largest_side`) from a pipeline folder's configs, as `size_multiple_of_folder`."""
     try:
         vae = json.loads((Path(folder) / "vae" / "config.json").read_text())
         factor = 2 ** (len(vae["block_out_channels"]) - 1)  # diffusers' factor
-        transformer = Path(folder) / "transformer" / "config.json"
-        patch = _patch_size(json.loads(transformer.read_text())) if transformer.is_file() else 1
-        return multiple_of(factor, patch)
+        path = Path(folder) / "transformer" / "config.json"
+        transformer = json.loads(path.read_text()) if path.is_file() else {}
+        return multiple_of(factor, _patch_size(transformer)), _largest_side(transformer, factor)
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
 

@@ -58,7 +58,7 @@ from nitrofusion.objectives.dmd2 import DMD2
 from nitrofusion.objectives.nitrofusion import NitroFusion, NitroFusionObjective, PoolDiscriminator
 from nitrofusion.objectives.pretrain import AdversarialPretraining, PixelDiscriminator, Regression
 from nitrofusion.objectives.scores import FakeScore, RealScore
-from nitrofusion.pipelines.generation import default_size, denoiser, generate, size_multiple
+from nitrofusion.pipelines.generation import default_size, denoiser, generate, largest_side, size_multiple
 from nitrofusion.pipelines.loading import (
     check_state_dict,
     flow_file_metadata,
@@ -358,6 +358,10 @@ class Distiller:
         multiple = size_multiple(self.teacher)  # SD3: the VAE's factor times the patch size (16)
         if self.size % multiple:
             raise UserError(f"data.resolution must be a multiple of {multiple} for this teacher, got {self.size}")
+        if self.size > largest_side(self.teacher):  # an SD3 transformer's position embedding
+            raise UserError(
+                f"data.resolution must be at most {largest_side(self.teacher)} px for this teacher, got {self.size}"
+            )
         f = self.teacher.vae_scale_factor
         latent = self.size // f
         if self.flow:  # every map read from the transformer is its token grid
