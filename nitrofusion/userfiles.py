@@ -12,7 +12,8 @@ from __future__ import annotations
 import os
 import shutil
 import stat
-from collections.abc import Iterator
+import tempfile
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -89,6 +90,46 @@ def replacing(path: str | Path) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_new(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Write a new file through `write(tmp)` and give it `path`, or `stem-2.ext`, `stem-3.ext`, ...:
+    the first name no file has, claimed at the moment it is taken. Checked only beforehand, two runs
+    writing into one folder (two `generate` at the same prompt and seed) took the same name, and
+    one image replaced the other. The temporary file is the writer's own, never another's."""
+    path = Path(path)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        plain_permissions(tmp)
+        n = 1
+        while True:
+            candidate = path if n == 1 else path.with_name(f"{path.stem}-{n}{path.suffix}")
+            if not candidate.exists() and _claim(tmp, candidate):
+                return candidate
+            n += 1
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _claim(tmp: Path, path: Path) -> bool:
+    """Give the written `tmp` the name `path` if no file has it: a hard link fails where the name is
+    taken. Where the file system has no hard links, the name is claimed by an exclusive create and
+    the file renamed onto it."""
+    try:
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    except OSError:
+        try:
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return False
+        os.replace(tmp, path)
+        return True
 
 
 @contextmanager

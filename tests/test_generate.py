@@ -695,6 +695,35 @@ def test_a_second_run_into_the_same_folder_keeps_the_first_runs_images(tiny_sdxl
     assert code == 0 and stdout.strip().endswith("0000-a-cat-s0-2.png")
     assert (tmp_path / "0000-a-cat-s0.png").read_bytes() == first
     assert Image.open(tmp_path / "0000-a-cat-s0-2.png").text["steps"] == "4"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["0000-a-cat-s0-2.png", "0000-a-cat-s0.png"]  # no .tmp
+
+
+def test_a_name_taken_while_the_image_was_written_is_not_replaced(tmp_path, monkeypatch):
+    """The free name was found before writing and taken after: two runs into one folder at the same
+    prompt and seed both chose 0000-a-cat-s0.png, and one image replaced the other."""
+    import os
+
+    from nitrofusion.userfiles import write_new
+
+    target, link = tmp_path / "0000-a-cat-s0.png", os.link
+
+    def another_run_first(src, dst):  # the other run takes the name between our look and our claim
+        if Path(dst) == target:
+            target.write_bytes(b"theirs")
+        link(src, dst)
+
+    monkeypatch.setattr(os, "link", another_run_first)
+    assert write_new(target, lambda tmp: tmp.write_bytes(b"ours")) == tmp_path / "0000-a-cat-s0-2.png"
+    assert target.read_bytes() == b"theirs" and (tmp_path / "0000-a-cat-s0-2.png").read_bytes() == b"ours"
+
+    # Where the file system has no hard links, the name is claimed by an exclusive create instead.
+    def no_links(src, dst):
+        raise OSError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    assert write_new(target, lambda tmp: tmp.write_bytes(b"third")) == tmp_path / "0000-a-cat-s0-3.png"
+    assert (tmp_path / "0000-a-cat-s0-3.png").read_bytes() == b"third"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"0000-a-cat-s0{s}.png" for s in ("-2", "-3", "")]
 
 
 def test_a_prompt_that_is_not_utf8_is_one_line_before_any_model_loads(tmp_path, capsys):

@@ -23,7 +23,7 @@ from nitrofusion.data.conditioning import is_sd3
 from nitrofusion.errors import UserError, check_guidance_scale
 from nitrofusion.pipelines.fast import fast_sampler, quantize, to_host
 from nitrofusion.pipelines.loading import SHIFT_LCM_MAX_STEPS
-from nitrofusion.userfiles import check_writable_folder, replacing
+from nitrofusion.userfiles import check_writable_folder, replacing, write_new
 
 DEFAULT_NATIVE_STEPS = 50  # a multi-step pipeline whose call names no default (SD1.5's, SDXL's and SD3's do)
 
@@ -365,16 +365,6 @@ def prepare_output(out: str | Path, count: int) -> tuple[Path, bool]:
     return out, single
 
 
-def unused_name(path: Path) -> Path:
-    """`path`, or `stem-2.png`, `stem-3.png`, ... : the first name no file has yet."""
-    n = 1
-    candidate = path
-    while candidate.exists():
-        n += 1
-        candidate = path.with_name(f"{path.stem}-{n}{path.suffix}")
-    return candidate
-
-
 def save_images(results: Sequence[GenerationResult], out: str | Path, first: int = 0) -> list[Path]:
     """Write PNGs (with prompt, seed, steps, model... as text chunks) and return their paths;
     `first`: the number of the first image (for a run saved a batch at a time). Into a folder,
@@ -388,11 +378,17 @@ def save_images(results: Sequence[GenerationResult], out: str | Path, first: int
         raise UserError(f"cannot create output directory '{directory}': {exc.strerror}") from None
     paths = []
     for i, r in enumerate(results, start=first):
-        path = out if single else unused_name(out / f"{i:04d}-{_slug(r.prompt)}-s{r.seed}.png")
         info = PngInfo()
         for k, v in r.metadata.items():
             info.add_text(k, v)
-        with replacing(path) as tmp:
-            r.image.save(tmp, format="PNG", pnginfo=info)
-        paths.append(path)
+
+        def write(tmp: Path, image: Image.Image = r.image, info: PngInfo = info) -> None:
+            image.save(tmp, format="PNG", pnginfo=info)
+
+        if single:
+            with replacing(out) as tmp:
+                write(tmp)
+            paths.append(out)
+        else:
+            paths.append(write_new(out / f"{i:04d}-{_slug(r.prompt)}-s{r.seed}.png", write))
     return paths
