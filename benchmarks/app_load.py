@@ -144,13 +144,18 @@ async def send(c: httpx.AsyncClient, client_id: str, rid: int, prompt: str, log:
         log.errors.append(f"{r.status_code}: {r.text[:200]}")
 
 
-async def phase(url: str, clients: int, seconds: float, abort: bool, max_requests: int) -> list[ClientLog]:
+async def phase(
+    url: str, clients: int, seconds: float, abort: bool, max_requests: int
+) -> tuple[list[ClientLog], float]:
+    """The clients' logs, and the seconds from the first request to the last reply: images still
+    being drawn when typing stops are counted, so they are divided by the time they took too."""
     logs = [ClientLog() for _ in range(clients)]
     limits = httpx.Limits(max_connections=clients * 16, max_keepalive_connections=clients * 4)
     async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as c:
-        until, budget = time.perf_counter() + seconds, [max_requests]
+        start = time.perf_counter()
+        until, budget = start + seconds, [max_requests]
         await asyncio.gather(*(typing_client(c, i, until, logs[i], abort, budget) for i in range(clients)))
-    return logs
+    return logs, time.perf_counter() - start
 
 
 def summarise(logs: list[ClientLog], seconds: float) -> dict:
@@ -193,9 +198,9 @@ async def run(args: argparse.Namespace, url: str, pid: int) -> dict:
         for i in range(5):  # warm the HTTP path too before measuring memory
             (await c.post("/api/generate", json={"prompt": f"warm {i}"})).raise_for_status()
         rss_start = rss_mb(pid)
-        load = summarise(await phase(url, args.clients, args.seconds, args.abort, args.max_requests), args.seconds)
+        load = summarise(*await phase(url, args.clients, args.seconds, args.abort, args.max_requests))
         await wait_idle(c)
-        single = summarise(await phase(url, 1, args.single_seconds, args.abort, args.max_requests), args.single_seconds)
+        single = summarise(*await phase(url, 1, args.single_seconds, args.abort, args.max_requests))
         await wait_idle(c)
         server = (await c.get("/api/health")).json()["models"]
     return {
@@ -247,7 +252,7 @@ def main() -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--queue-size", type=int, default=32)
     p.add_argument("--max-requests", type=int, default=50_000, help="hard cap on requests per phase")
-    p.add_argument("--abort", action="store_true", help="cancel the previous request client-side, like the page")
+    p.add_argument("--abort", action="store_true", help="cancel the previous request client-side (the page does not)")
     p.add_argument("--out", default="outputs/app_load.json")
     args = p.parse_args()
     if args.clients < 1 or args.seconds <= 0 or args.single_seconds <= 0:

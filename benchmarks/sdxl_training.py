@@ -79,6 +79,10 @@ MAX_ITERATIONS = {"accumulate": (1, 2)}
 PAIRS = 1000  # distinct prompts: the timed micro-batches draw 5 each, so nearly all are new to the cache
 
 
+def prompts_file(pairs: Path) -> Path:
+    return pairs.parent / "prompts.txt"
+
+
 def make_teacher_and_pairs(root: Path, tiny: bool, device: str, arch: str = "sdxl") -> tuple[Path, Path, int]:
     from safetensors.torch import save_file
 
@@ -103,8 +107,13 @@ def make_teacher_and_pairs(root: Path, tiny: bool, device: str, arch: str = "sdx
     n = PAIRS
     pairs = root / "pairs"
     pairs.mkdir()
-    # The run's own prompt list (the worker's data.prompts): a run refuses pairs made from another.
-    prompts = load_prompts("embedded")
+    # The run's own prompt list (the worker's data.prompts, a file beside the pairs): a run refuses
+    # pairs made from another. PAIRS different prompts, one a pair: the embedded world's 80 repeated
+    # would be met again by the conditioning cache after the first 80 draws.
+    world = load_prompts("embedded")
+    prompts = [f"{world[i % len(world)]}, #{i}" for i in range(PAIRS)]
+    prompts_file(pairs).write_text("\n".join(prompts) + "\n")
+    assert load_prompts(str(prompts_file(pairs))) == prompts
     (pairs / "prompts.json").write_text(json.dumps(prompts))
     # Recorded as the trainer checks it: made by the preset's teacher settings at this size.
     data = load_config(arch).data
@@ -114,7 +123,7 @@ def make_teacher_and_pairs(root: Path, tiny: bool, device: str, arch: str = "sdx
         {
             "latents": torch.randn(n, network.in_channels, latent, latent, generator=g),
             "seeds": PAIR_NOISE_OFFSET + torch.arange(n),
-            "prompt_ids": torch.arange(n) % len(prompts),
+            "prompt_ids": torch.arange(n),
         },
         str(pairs / "pairs-00000.safetensors"),
         metadata=recipe,
@@ -130,7 +139,7 @@ def worker(args: argparse.Namespace) -> None:
     overrides = [
         f"model.teacher={args.teacher}",
         f"data.pairs={args.pairs}",
-        "data.prompts=embedded",
+        f"data.prompts={prompts_file(Path(args.pairs))}",
         f"data.resolution={args.size}",
         f"data.batch_size={args.batch}",
         "optim.grad_accumulation=1",
