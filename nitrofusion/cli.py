@@ -328,8 +328,10 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
 def cmd_transfer(args: argparse.Namespace) -> int:
     from nitrofusion.weights.transfer import transfer
+    from nitrofusion.world.spec import weights_source
 
-    print(transfer(args.base, args.student, args.target, args.out, args.scale, args.dtype, args.shift))
+    base, student, target = map(weights_source, (args.base, args.student, args.target))
+    print(transfer(base, student, target, args.out, args.scale, args.dtype, args.shift))
     return 0
 
 
@@ -338,7 +340,10 @@ def cmd_export_lora(args: argparse.Namespace) -> int:
 
     if args.dtype not in ("fp16", "bf16", "fp32"):
         raise UserError(f"--dtype must be fp16, bf16 or fp32, got {args.dtype}")
-    report = export_lora(args.student, args.teacher, args.out, rank=args.rank, dtype=args.dtype, shift=args.shift)
+    from nitrofusion.world.spec import weights_source
+
+    student, teacher = weights_source(args.student), weights_source(args.teacher)
+    report = export_lora(student, teacher, args.out, rank=args.rank, dtype=args.dtype, shift=args.shift)
     print(report.line())
     return 0
 

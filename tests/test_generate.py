@@ -510,6 +510,16 @@ def test_a_hub_pipeline_downloads_its_components_in_one_precision_only(tmp_path)
     snapshot, fetched = fake_download(sdxl)
     download_pipeline("stabilityai/stable-diffusion-xl-base-1.0", snapshot, unet_weights=False)
     assert sorted(set(fetched)) == sorted(["model_index.json", "unet/config.json", "vae/config.json", weights[1]])
+    # The weights commands (transfer, export-lora) read the UNet alone: the VAE's weights are not fetched,
+    # and such a cache is not taken as whole by a later generate, which fetches the rest.
+    from nitrofusion.pipelines.loading import _cached_in_full, check_model_index
+
+    shutil.rmtree(tmp_path / f"cache-{sdxl.name}")  # the earlier downloads' files
+    snapshot, fetched = fake_download(sdxl)
+    got = download_pipeline("stabilityai/stable-diffusion-xl-base-1.0", snapshot, weights_of=["unet"])
+    assert sorted(set(fetched)) == sorted(["model_index.json", "unet/config.json", "vae/config.json", weights[0]])
+    index = check_model_index(got)
+    assert _cached_in_full(got, index, True, weights_of=["unet"]) and not _cached_in_full(got, index, True)
     fp16_only = repo(
         ["unet/config.json", "vae/config.json", *(w.replace(".safetensors", ".fp16.safetensors") for w in weights)]
     )

@@ -114,6 +114,22 @@ def test_transfer_refuses_other_architectures(teacher, tmp_path, capsys):
         assert main(args + extra) == 2 and needle in capsys.readouterr().err
 
 
+def test_transfer_refuses_an_sd3_student_and_names_the_way_that_works(tmp_path, capsys):
+    """An SD3 transformer file was moved onto the base like a UNet and written as a UNet student
+    that records no levels, which nothing could sample."""
+    from nitrofusion.weights.io import SD3_KEY
+
+    sd3 = {SD3_KEY: torch.zeros(8, 4, 2, 2), "proj_out.weight": torch.zeros(16, 8)}
+    files = []
+    for name in ("base", "student", "target"):
+        save_file(sd3, str(tmp_path / f"{name}.safetensors"))
+        files += [f"--{name}", str(tmp_path / f"{name}.safetensors")]
+    assert main(["transfer", *files, "--out", str(tmp_path / "o.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "is an SD3 transformer: transfer moves UNet students" in err and "export-lora" in err
+    assert not (tmp_path / "o.safetensors").exists()
+
+
 def test_transfer_stores_the_dtype_asked_for(teacher):
     student, target = shifted(teacher, 1), shifted(teacher, 2)
     half = transfer_delta(teacher, student, target, dtype=torch.float16)
@@ -394,7 +410,7 @@ def test_generate_with_the_shipped_students_lora_samples_as_the_student(tmp_path
     from nitrofusion.world.spec import student_path, teacher_path
 
     lora = tmp_path / "student-lora.safetensors"
-    export = ["export-lora", "--student", str(student_path() / "unet"), "--teacher", str(teacher_path())]
+    export = ["export-lora", "--student", "embedded", "--teacher", "embedded-teacher"]  # generate's names
     assert main([*export, "--rank", "1024", "--dtype", "fp32", "--out", str(lora)]) == 0, capsys.readouterr().err
     pipe = load_pipeline(teacher_path(), lora=lora, device="cpu")
     student = load_file(str(student_path() / "unet" / "diffusion_pytorch_model.safetensors"))

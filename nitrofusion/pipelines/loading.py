@@ -47,12 +47,15 @@ def resolve_model(
     unet_weights: bool = True,
     allow_flow: bool = False,
     unet_only: Sequence[str] = (),
+    weights_of: Sequence[str] | None = None,
 ) -> Path:
     """A local diffusers pipeline directory for `model` (a path or a hub id in the local cache);
     `option`: what the user gave it as, for the messages. `unet_weights=False`: a student UNet
     replaces the pipeline's, so a cached copy without UNet weights will do and none is fetched.
     `allow_flow`, `unet_only`: `check_architecture`'s, applied to a hub model's index before any
-    of its weights is looked for or fetched (a local directory is checked by the caller)."""
+    of its weights is looked for or fetched (a local directory is checked by the caller).
+    `weights_of`: the only folders whose weights a download fetches (the weights commands read the
+    denoiser alone: SDXL's text encoders are 1.6 GB more); None: every component's."""
     path = Path(model).expanduser()
     if path.is_file() and path.suffix in (".safetensors", ".ckpt"):
         raise UserError(
@@ -74,7 +77,7 @@ def resolve_model(
                 index = check_model_index(cached)
                 # Before the UNet's weights are looked for: a cached SD3 has none, and is not "in part".
                 check_architecture(index, str(model), allow_flow, unet_only)
-                if _cached_in_full(cached, index, unet_weights):
+                if _cached_in_full(cached, index, unet_weights, weights_of):
                     return cached
             # In part only: e.g. the public snippet's first line reads SDXL base's unet/config.json
             # alone, and its from_pretrained(..., unet=...) never fetches the base UNet's weights.
@@ -82,7 +85,7 @@ def resolve_model(
             pass
         if not _offline():
             try:
-                return download_pipeline(str(model), snapshot_download, unet_weights, allow_flow, unet_only)
+                return download_pipeline(str(model), snapshot_download, unet_weights, allow_flow, unet_only, weights_of)
             except UserError:
                 raise
             except Exception as exc:  # network errors come in many types
@@ -120,13 +123,18 @@ def component_folders(index: dict) -> list[str]:
     return [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[:1] != [None]]
 
 
-def _cached_in_full(root: Path, index: Mapping, unet_weights: bool) -> bool:
-    """Whether a cached snapshot with this model index can be loaded: its denoiser's weights are
-    there (the UNet's where needed, an SD3 transformer's)."""
-    denoiser = "transformer" if is_flow_pipeline(index) else "unet"
-    if denoiser == "unet" and not unet_weights:
-        return True
-    return any((root / denoiser).glob("*.safetensors"))
+def _cached_in_full(root: Path, index: Mapping, unet_weights: bool, weights_of: Sequence[str] | None = None) -> bool:
+    """Whether a cached snapshot with this model index can be loaded: the weights of every model
+    folder (one with a model's config.json, not a tokenizer's or scheduler's) and of its denoiser
+    are there, the UNet's only where needed (the NitroSD snippet caches SDXL base's unet/config.json
+    alone); `weights_of`: those folders' only. A download for the weights commands fetches the
+    denoiser alone, and a later `generate` of the same id then fetches the rest."""
+    folders = [f for f in component_folders(index) if weights_of is None or f in weights_of]
+    needed = {f for f in folders if (root / f / "config.json").is_file()}
+    needed |= {"transformer" if is_flow_pipeline(index) else "unet"} & set(folders)
+    if not unet_weights:
+        needed.discard("unet")
+    return all(any((root / f).glob("*.safetensors")) for f in needed)
 
 
 def download_pipeline(
@@ -135,6 +143,7 @@ def download_pipeline(
     unet_weights: bool = True,
     allow_flow: bool = False,
     unet_only: Sequence[str] = (),
+    weights_of: Sequence[str] | None = None,
 ) -> Path:
     """A pipeline repo's model index, then only the folders it names, configs and safetensors in one
     precision: SDXL base's repo also holds two 6.9 GB single-file checkpoints at its root, a VAE
@@ -142,7 +151,8 @@ def download_pipeline(
     fetched (SDXL base: about 14 GB, twice its fp16 copies): a student trains from them, a weight
     delta is added to them, and they load in any precision. A repo of fp16 files only gives those.
     `unet_weights=False`: the UNet's config only (a student replaces its weights). `allow_flow`,
-    `unet_only`: `check_architecture`'s, applied to the index before anything else is fetched."""
+    `unet_only`: `check_architecture`'s, applied to the index before anything else is fetched.
+    `weights_of`: `resolve_model`'s (the other folders' configs and tokenizers are still fetched)."""
     root = Path(snapshot_download(repo, allow_patterns=["model_index.json"]))
     index = check_model_index(root)  # refused before any weight is fetched
     # A refused SD3 or Flux repo is 20-30 GB that load_pipeline would not use.
@@ -150,7 +160,11 @@ def download_pipeline(
     folders = component_folders(index)
     # *.model: a sentencepiece tokenizer's vocabulary (SD3's T5 tokenizer, spiece.model).
     files = [f"{folder}/{pattern}" for folder in folders for pattern in ("*.json", "*.txt", "*.model")]
-    weighted = [folder for folder in folders if unet_weights or folder != "unet"]
+    weighted = [
+        folder
+        for folder in folders
+        if (unet_weights or folder != "unet") and (weights_of is None or folder in weights_of)
+    ]
     plain = [f"{folder}/*.safetensors" for folder in weighted]
     root = Path(snapshot_download(repo, allow_patterns=files + plain, ignore_patterns=list(FP16_FILES)))
     if not any(root.rglob("*.safetensors")):  # a repo of fp16 files only

@@ -31,6 +31,7 @@ WEIGHTS_NAME = "diffusion_pytorch_model"  # diffusers' file stem for a model's w
 
 
 DENOISERS = {"unet": "UNet2DConditionModel", "transformer": "SD3Transformer2DModel"}
+SD3_KEY = "pos_embed.proj.weight"  # an SD3 transformer's patch embedding; a UNet has conv_in instead
 
 
 def unet_state_dict(source: str | Path, what: str, component: str | None = "unet") -> dict[str, torch.Tensor]:
@@ -46,7 +47,8 @@ def unet_state_dict(source: str | Path, what: str, component: str | None = "unet
     if (path / "config.json").is_file():
         folder = path
     else:
-        root = resolve_model(source, option=what, allow_flow=component != "unet")
+        denoisers = list(DENOISERS) if component is None else [component]
+        root = resolve_model(source, option=what, allow_flow=component != "unet", weights_of=denoisers)
         if component is None:
             component = "transformer" if is_flow_pipeline(check_model_index(root)) else "unet"
         folder = root / component

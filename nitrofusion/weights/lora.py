@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from nitrofusion.errors import UserError
 from nitrofusion.pipelines.loading import DTYPES, flow_file_metadata, save_state_dict, unet_file_metadata
 from nitrofusion.userfiles import check_writable_folder
-from nitrofusion.weights.io import check_not_an_input, check_same_layout, unet_state_dict
+from nitrofusion.weights.io import SD3_KEY, check_not_an_input, check_same_layout, unet_state_dict
 from nitrofusion.weights.transfer import recorded_flow_sigmas, recorded_shift
 
 
@@ -107,7 +107,6 @@ def extract_lora(
     return lora, report
 
 
-SD3_KEY = "pos_embed.proj.weight"  # an SD3 transformer's patch embedding; a UNet has conv_in instead
 ADAPTER_METADATA = "lora_adapter_metadata"  # diffusers' safetensors header key for a LoRA's config
 
 

@@ -27,7 +27,13 @@ from nitrofusion.pipelines.loading import (
     unet_file_metadata,
     unet_file_shift,
 )
-from nitrofusion.weights.io import check_not_an_input, check_same_layout, unet_state_dict, write_safetensors_streaming
+from nitrofusion.weights.io import (
+    SD3_KEY,
+    check_not_an_input,
+    check_same_layout,
+    unet_state_dict,
+    write_safetensors_streaming,
+)
 
 
 def moved(
@@ -119,6 +125,11 @@ def transfer(
     b, s, t = (
         unet_state_dict(src, what) for src, what in ((base, "--base"), (student, "--student"), (target, "--target"))
     )
+    if SD3_KEY in s:  # a file: a folder or pipeline was read as a UNet already
+        raise UserError(
+            f"--student '{student}' is an SD3 transformer: transfer moves UNet students; for an SD3 student, "
+            "export-lora --student STUDENT --teacher ITS_TEACHER, then generate --model OTHER_BASE --lora FILE"
+        )
     check_layouts(b, s, t)
     cast = None if dtype == "auto" else DTYPES[dtype]
     # Inputs are memory-mapped and the result is written as it is made: RAM holds a few tensors.

@@ -113,6 +113,20 @@ def embedded_model(name: str = "embedded") -> ModelChoice | None:
 EMBEDDED_NAMES = ("embedded", "embedded-teacher", "embedded-flow-teacher")
 
 
+def weights_source(name: str) -> str:
+    """Where the weights commands (transfer, export-lora) read a model named as `generate` names it:
+    `embedded` is the shipped student's unet/ folder (its scheduler beside it records the shift),
+    the teachers their pipeline folders; any other name as given."""
+    if name not in EMBEDDED_NAMES:
+        return name
+    from nitrofusion.errors import UserError
+
+    found = embedded_model(name)
+    if found is None:
+        raise UserError(f"the {name} model is not installed (docs/world.md)")
+    return str(found.unet.parent if found.unet is not None else found.model)
+
+
 def choose_model(
     model: str | None, unet: str | None, shift: int | None, sampler: str = "auto", lora: str | None = None
 ) -> ModelChoice:
