@@ -49,7 +49,13 @@ def straight_and_resumed(tiny_sdxl_dir, tmp_path, *overrides: str, interrupt_at:
         first.step += 1
     first.save_checkpoint()
     resumed = Distiller(config(tiny_sdxl_dir, tmp_path / "b", *overrides), progress=False)
+    iterations, train_step = [], resumed.train_step
+    resumed.train_step = lambda *a, **k: iterations.append(resumed.step) or train_step(*a, **k)
     resumed.train(resume="latest")
+    # It resumed, not started again: a run retrained from scratch (a checkpoint it could not read)
+    # would end on the same student, the training being deterministic.
+    assert f"resumed from step {interrupt_at}" in (tmp_path / "b" / "log.txt").read_text()
+    assert iterations == list(range(interrupt_at, straight.step)), iterations
     return straight, resumed
 
 

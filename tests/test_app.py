@@ -100,8 +100,11 @@ def test_generate_returns_png_with_provenance(client):
 
 
 def test_random_seed_is_reported(client):
-    seeds = {_post(client, seed=None).headers["x-seed"], _post(client, seed="random").headers["x-seed"]}
+    drawn = [_post(client, seed=None), _post(client, seed="random")]
+    seeds = {r.headers["x-seed"] for r in drawn}
     assert all(s.isdigit() for s in seeds) and len(seeds) == 2
+    for r in drawn:  # the seed said is the seed used: asked for again, it draws the same image
+        assert _post(client, seed=int(r.headers["x-seed"])).content == r.content
 
 
 def test_long_prompt_is_truncated_and_reported(client):

@@ -3,6 +3,7 @@ pickled weights and remote code. Each hostile payload would leave a marker file 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import pickle
 import shutil
@@ -12,6 +13,8 @@ import pytest
 
 pytest.importorskip("fastapi", reason="the app needs fastapi (pip install fastapi uvicorn)")
 httpx = pytest.importorskip("httpx", reason="the app tests need httpx")
+
+import torch  # noqa: E402
 
 from nitrofusion.app.server import ModelSpec, ServerThread, create_app, load_models  # noqa: E402
 from nitrofusion.errors import UserError  # noqa: E402
@@ -97,6 +100,22 @@ class _Payload:
         return (open, (self.marker, "w"))
 
 
+@contextlib.contextmanager
+def no_unpickling():
+    """Any attempt to unpickle fails the test: torch's weights-only loading would stop the payload
+    above, so the marker alone could not tell an attempted load from none."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("something tried to unpickle")
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(torch, "load", refuse)
+        m.setattr(pickle, "load", refuse)
+        m.setattr(pickle, "loads", refuse)
+        m.setattr(pickle, "Unpickler", refuse)
+        yield
+
+
 def test_pickled_pipeline_weights_are_never_loaded(tiny_sdxl_dir, tmp_path):
     model = tmp_path / "model"
     shutil.copytree(tiny_sdxl_dir, model)
@@ -104,7 +123,7 @@ def test_pickled_pipeline_weights_are_never_loaded(tiny_sdxl_dir, tmp_path):
     for f in (model / "unet").glob("*.safetensors"):
         f.unlink()
     (model / "unet" / "diffusion_pytorch_model.bin").write_bytes(pickle.dumps(_Payload(marker)))
-    with pytest.raises(UserError):
+    with no_unpickling(), pytest.raises(UserError, match="no file named diffusion_pytorch_model.safetensors"):
         load_pipeline(model, device="cpu")
     assert not marker.exists()
 
@@ -134,6 +153,7 @@ def test_remote_code_in_a_model_directory_is_never_run(tiny_sdxl_dir, tmp_path, 
         (model / "pipeline.py").write_text(EVIL.format(marker=str(marker)) + "class EvilPipeline: pass\n")
         index["_class_name"] = "EvilPipeline"
     (model / "model_index.json").write_text(json.dumps(index))
-    with pytest.raises(UserError):
+    refusal = "comes from 'evil_unet'; only diffusers" if where == "component" else "not one of diffusers' own"
+    with pytest.raises(UserError, match=refusal):
         load_pipeline(model, device="cpu")
     assert not marker.exists()

@@ -62,6 +62,7 @@ def test_a_resumed_run_logs_every_iteration_once_as_an_uninterrupted_one(tiny_sd
     assert [r["step"] for r in MetricsLog(tmp_path / "b" / "metrics.jsonl").read()] == [1, 2, 3, 4, 5]
     monkeypatch.undo()
     Distiller(config(tiny_sdxl_dir, tmp_path / "b", *common), progress=False).train(resume="latest")
+    assert "resumed from step 3" in (tmp_path / "b" / "log.txt").read_text()  # not trained again from 0
 
     def records(run: str) -> list[dict]:
         return [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]

@@ -404,10 +404,10 @@ def test_output_loads_like_public_checkpoints(tiny_sdxl_dir, tmp_path, capsys):
     with pytest.raises(OSError):
         d.export()
     assert (out / "pipeline" / "nitrofusion.json").is_file()  # the whole old pipeline is back in place
-    code = main(
-        ["generate", "a cat", "--model", str(out / "pipeline"), "--steps", "5", "--out", str(tmp_path / "y.png")]
-    )
-    assert code == 2, "the exported pipeline must default to the shift-LCM sampler"
+    args = ["generate", "a cat", "--model", str(out / "pipeline"), "--steps", "5", "--out", str(tmp_path / "y.png")]
+    capsys.readouterr()
+    assert main(args) == 2  # refused as the shift-LCM sampler refuses 5 steps: the restored pipeline loads as one
+    assert "--steps must be 1 to 4 with the shift-LCM sampler" in capsys.readouterr().err
 
 
 def test_each_stage_leaves_its_student(tiny_sdxl_dir, tmp_path):
@@ -654,7 +654,7 @@ def test_teacher_that_is_not_a_unet_pipeline(tmp_path, capsys):
     (tmp_path / "model_index.json").write_text(
         '{"_class_name": "DDPMPipeline", "scheduler": ["diffusers", "DDPMScheduler"]}'
     )
-    expect_cli_error(["distill", "--set", f"model.teacher={tmp_path}"], capsys)
+    expect_cli_error(["distill", "--set", f"model.teacher={tmp_path}"], capsys, "DDPMPipeline")
 
 
 TWO_RANKS = """

@@ -172,7 +172,7 @@ def test_clip_missing_or_without_tokenizer_is_one_line(tmp_path, tiny_clip_dir):
     broken = tmp_path / "broken"
     shutil.copytree(tiny_clip_dir, broken)
     (broken / "vocab.json").unlink()
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match="broken"):
         ClipModel(broken)
     # A text encoder alone: transformers built the vision tower with random weights, and scored.
     from transformers import CLIPModel, CLIPTextModel

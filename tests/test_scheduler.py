@@ -134,12 +134,24 @@ def test_given_noise_is_checked_and_state_survives_a_failed_step(monkeypatch):
 
 
 def test_round_trip_keeps_every_setting(tmp_path):
-    s = TimestepShiftLCMScheduler(shifted_timestep=500, beta_schedule="linear", beta_start=0.0001, beta_end=0.02)
+    settings = dict(
+        shifted_timestep=500,
+        beta_schedule="linear",
+        beta_start=0.0001,
+        beta_end=0.02,
+        prediction_type="v_prediction",
+        timestep_spacing="trailing",
+        steps_offset=1,
+        original_inference_steps=8,
+        clip_sample=False,
+        num_train_timesteps=800,
+    )
+    s = TimestepShiftLCMScheduler(**settings)
     s.save_pretrained(tmp_path)
     loaded = TimestepShiftLCMScheduler.from_pretrained(tmp_path)
-    assert loaded.config.shifted_timestep == 500
-    assert loaded.config.beta_schedule == "linear"
-    assert loaded.config.original_inference_steps == 4
+    public = {k: v for k, v in s.config.items() if not k.startswith("_")}
+    assert {k: v for k, v in loaded.config.items() if not k.startswith("_")} == public
+    assert {k: public[k] for k in settings} == settings  # every one set away from its default, and kept
     torch.testing.assert_close(loaded.alphas_cumprod, s.alphas_cumprod)
 
 
@@ -151,7 +163,7 @@ def test_from_sdxl_config_like_the_public_snippet():
 
 
 def test_rejects_bad_shift():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="shifted_timestep"):
         TimestepShiftLCMScheduler(shifted_timestep=0)
 
 
