@@ -277,8 +277,14 @@ def test_a_flow_students_anchor_applies_at_every_step(sd3_dir, tmp_path):
     stages = ["refine.steps_per_stage=[0,1]", "refine.mix=last"]  # the two-step stage at its second step
     plain = Distiller(flow_config(sd3_dir, tmp_path / "a", *stages), progress=False)
     anchored = Distiller(flow_config(sd3_dir, tmp_path / "b", *stages, "loss.regression_weight=3"), progress=False)
+    seen, objective = [], anchored.objective
+    anchored.objective = lambda d, fake, real, *rest: (
+        seen.append((fake.detach(), real.detach())) or objective(d, fake, real, *rest)
+    )
     p, a = plain.train_step(), anchored.train_step()
     assert a["index"] == p["index"] == 1 and a["regression"] > 0 and "regression" not in p
+    ((fake, real),) = seen  # the target: the pair's teacher x0, at the second step too
+    assert a["regression"] == pytest.approx(torch.nn.functional.mse_loss(fake, real).item(), rel=1e-5)
     assert a["g_loss"] == pytest.approx(p["g_loss"] + 3 * a["regression"], rel=1e-5)
 
 

@@ -184,3 +184,53 @@ def test_wrong_keys_or_shapes_are_user_errors(model, tmp_path):
     save_file({"conv1.weight": torch.zeros(64, 3, 7, 7)}, str(wrong_keys))
     with pytest.raises(UserError, match="missing"):
         load_fid_inception(wrong_keys)
+
+
+# Each branch's place in its block's output, in the order of pytorch-fid's (and torchvision's)
+# Inception: a branch written in another order keeps every shape and parameter count and
+# computes other features from the real weights. (block, its last layer per branch, first
+# channel, channels); the max-pool branches of the reductions have no layer and come last.
+BRANCH_ORDER = [
+    (
+        "InceptionA",
+        [("branch1x1", 0, 64), ("branch5x5_2", 64, 64), ("branch3x3dbl_3", 128, 96), ("branch_pool", 224, 8)],
+    ),
+    ("InceptionB", [("branch3x3", 0, 384), ("branch3x3dbl_3", 384, 96)]),
+    (
+        "InceptionC",
+        [("branch1x1", 0, 192), ("branch7x7_3", 192, 192), ("branch7x7dbl_5", 384, 192), ("branch_pool", 576, 192)],
+    ),
+    ("InceptionD", [("branch3x3_2", 0, 320), ("branch7x7x3_4", 320, 192)]),
+    (
+        "InceptionE",
+        [
+            ("branch1x1", 0, 320),
+            ("branch3x3_2a", 320, 384),
+            ("branch3x3_2b", 704, 384),
+            ("branch3x3dbl_3a", 1088, 384),
+            ("branch3x3dbl_3b", 1472, 384),
+            ("branch_pool", 1856, 192),
+        ],
+    ),
+]
+
+
+@pytest.mark.parametrize("block, branches", BRANCH_ORDER, ids=[b for b, _ in BRANCH_ORDER])
+def test_each_branch_fills_the_channels_pytorch_fid_gives_it(block, branches):
+    """Each branch's last BatchNorm set to a constant, 0 for one branch and 1 for the others (the
+    max-pool branches pass the positive input through): exactly that branch's channels of the
+    block's output are zero."""
+    from nitrofusion.evaluation import inception
+
+    extra = {"InceptionA": {"pool_features": 8}, "InceptionC": {"channels_7x7": 8}}.get(block, {})
+    x = torch.rand(1, 8, 9, 9, generator=torch.Generator().manual_seed(0))
+    for name, first, width in branches:
+        module = getattr(inception, block)(8, **extra).eval()
+        with torch.no_grad():
+            for other, _, _ in branches:  # each branch a constant: 1 (ReLU(1)), 0 for the one named
+                getattr(module, other).bn.weight.zero_()
+                getattr(module, other).bn.bias.fill_(0.0 if other == name else 1.0)
+            out = module(x)
+        zero = out.abs().amax(dim=(0, 2, 3)) == 0
+        assert zero[first : first + width].all(), (block, name)
+        assert not zero[:first].any() and not zero[first + width :].any(), (block, name)

@@ -176,7 +176,17 @@ def test_the_main_stage_anchor_adds_the_weighted_regression_at_the_first_step_on
     stages = ["refine.steps_per_stage=[1,1]", "refine.mix=last", f"loss.objective={objective}"]
     plain = Distiller(config(tiny_sdxl_dir, tmp_path / "a", *stages), progress=False)
     anchored = Distiller(config(tiny_sdxl_dir, tmp_path / "b", *stages, "loss.regression_weight=3"), progress=False)
+    seen, objective = [], anchored.objective
+
+    def spy(d, fake, real, *rest):  # what the objective was given: the student's x0, the teacher's
+        seen.append((fake.detach().clone(), real.detach().clone()))
+        return objective(d, fake, real, *rest)
+
+    anchored.objective = spy
     first_p, first_a = plain.train_step(), anchored.train_step()
+    ((fake, real),) = seen
+    # The anchor's target is the batch's teacher x0 (from the noise the student started from).
+    assert first_a["regression"] == pytest.approx(torch.nn.functional.mse_loss(fake, real).item(), rel=1e-5)
     assert first_a["g_loss"] == pytest.approx(first_p["g_loss"] + 3 * first_a["regression"], rel=1e-5)
     assert first_a["regression"] > 0 and first_a["d_loss"] == pytest.approx(first_p["d_loss"], rel=1e-5)
     anchored.step = 1  # the two-step stage, trained only at its second step (refine.mix=last)
