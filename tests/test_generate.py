@@ -708,6 +708,23 @@ def test_a_second_run_into_the_same_folder_keeps_the_first_runs_images(tiny_sdxl
     assert sorted(p.name for p in tmp_path.iterdir()) == ["0000-a-cat-s0-2.png", "0000-a-cat-s0.png"]  # no .tmp
 
 
+def test_a_png_named_by_out_is_written_as_asked_over_an_earlier_one(tiny_sdxl_dir, tmp_path, capsys):
+    args = [
+        "generate",
+        "a cat",
+        "--model",
+        str(tiny_sdxl_dir),
+        "--sampler",
+        "shift-lcm",
+        "--out",
+        str(tmp_path / "x.png"),
+    ]
+    assert run([*args, "--steps", "1"], capsys)[0] == 0
+    assert run([*args, "--steps", "4"], capsys)[0] == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["x.png"]  # no x-2.png, no temporary file left
+    assert Image.open(tmp_path / "x.png").text["steps"] == "4"
+
+
 def test_a_name_taken_while_the_image_was_written_is_not_replaced(tmp_path, monkeypatch):
     """The free name was found before writing and taken after: two runs into one folder at the same
     prompt and seed both chose 0000-a-cat-s0.png, and one image replaced the other."""

@@ -140,6 +140,20 @@ def test_transfer_stores_the_dtype_asked_for(teacher):
     assert all(torch.equal(target[k], v) for k, v in before.items())  # the inputs are left as they were
 
 
+def test_transfer_stores_the_targets_dtype_by_default(teacher, tmp_path):
+    """--dtype auto (the default): the dtype the target is stored in, here fp16 from fp32 inputs,
+    each tensor rounded once from the fp32 sum."""
+    student, target = shifted(teacher, 1), shifted(teacher, 2)
+    files = [save(teacher, tmp_path / "b.safetensors"), save(student, tmp_path / "s.safetensors")]
+    files.append(save({k: v.half() for k, v in target.items()}, tmp_path / "t.safetensors"))
+    out = tmp_path / "moved.safetensors"
+    args = ["transfer", "--base", files[0], "--student", files[1], "--target", files[2], "--out", str(out)]
+    assert main(args) == 0
+    moved = load_file(str(out))
+    exact = transfer_delta(teacher, student, {k: v.half() for k, v in target.items()}, dtype=torch.float16)
+    assert all(moved[k].dtype == torch.float16 and torch.equal(moved[k], exact[k]) for k in teacher)
+
+
 def test_low_rank_is_the_svd_optimum():
     g = torch.Generator().manual_seed(0)
     m = torch.randn(12, 20, generator=g, dtype=torch.float64).float()
