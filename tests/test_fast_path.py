@@ -188,13 +188,21 @@ def test_lora_adapters_loaded_after_qkv_fusion_apply(tiny_sdxl_dir):
 def test_vae_tiling_switched_on_after_first_use_is_followed(tiny_sdxl_dir):
     """The fp32 VAE copy and the graphs were made once: tiling or slicing switched on later was
     ignored (other pixels than the stock pipeline's, and the memory it was meant to save)."""
-    pipe = load_pipeline(tiny_sdxl_dir, sampler="shift-lcm", device="cpu")
+    pipe = load_pipeline(tiny_sdxl_dir, sampler="shift-lcm", device="cpu", dtype="fp16")
+    pipe.vae.register_to_config(force_upcast=True)  # as SDXL's VAE (which overflows in fp16)
     sampler = FastSampler(pipe)
+    assert pipe.vae.config.force_upcast and sampler._vae_fp32 is not None  # the standing fp32 copy
     with torch.inference_mode():
-        sampler(["a cat"], 1, [torch.Generator().manual_seed(0)], 32, 32)
+        before = sampler(["a cat"], 1, [torch.Generator().manual_seed(0)], 32, 32)
     made_for = sampler._made_for
     pipe.vae.enable_tiling()
-    assert sampler._pipeline_state() != made_for
+    latent = 32 // pipe.vae_scale_factor
+    pipe.vae.tile_sample_min_size, pipe.vae.tile_latent_min_size = 16, latent // 2  # tiles smaller than the image
+    with torch.inference_mode():
+        after = sampler(["a cat"], 1, [torch.Generator().manual_seed(0)], 32, 32)
+        expected = _pipeline_images(pipe, ["a cat"], 1)
+    assert sampler.vae.use_tiling and sampler.vae.tile_latent_min_size == latent // 2
+    assert not torch.equal(after, before) and torch.equal(after, expected)  # decoded in tiles, as stock does
     pipe.vae.disable_tiling()
     pipe.vae.enable_slicing()
     assert sampler._pipeline_state() != made_for
