@@ -341,6 +341,13 @@ def test_console_script_exit_code(tmp_path):
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "--steps" in proc.stderr
+    code = (
+        "import sys; from nitrofusion.cli import main; "
+        f"code = main(['generate', 'x', '--steps', '0', '--out', {str(tmp_path)!r}]); "
+        "print(code, 'diffusers' in sys.modules, 'torch' in sys.modules)"
+    )
+    checked = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert checked.stdout.split() == ["2", "False", "False"], checked.stdout + checked.stderr
 
 
 @pytest.mark.parametrize("device", ["embedded", "cuda:x", "tpu"])
