@@ -7,6 +7,7 @@ images of an uninterrupted run.
 """
 
 import os
+import shutil
 import signal
 
 import pytest
@@ -143,7 +144,9 @@ def test_damaged_latest_checkpoint_falls_back_and_says_so(tmp_path, damage):
     assert len(said) == 1 and "step-00000002" in said[0] and "previous" in said[0]
 
 
-def test_every_checkpoint_damaged_means_a_fresh_start_that_is_reported(tiny_sdxl_dir, tmp_path):
+def test_every_checkpoint_damaged_is_refused_not_a_fresh_start(tiny_sdxl_dir, tmp_path, capsys):
+    """`--resume latest` with checkpoints none of which could be read started from step 0, said
+    "no checkpoint", and set the run's own checkpoints and student aside as an earlier run's."""
     from nitrofusion.training.distill import Distiller
 
     d = Distiller(config(tiny_sdxl_dir, tmp_path, "refine.steps_per_stage=[2]"), progress=False)
@@ -151,10 +154,31 @@ def test_every_checkpoint_damaged_means_a_fresh_start_that_is_reported(tiny_sdxl
     d.step = 1
     d.save_checkpoint()
     (checkpoint.list_checkpoints(tmp_path / "checkpoints")[0] / checkpoint.META_FILE).write_text("{}")
+    args = ["distill", *distill_args(tiny_sdxl_dir, tmp_path), "--set", "refine.steps_per_stage=[2]"]
+    assert main([*args, "--resume", "latest"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "none of the 1 checkpoints" in err[0] and "no step" in err[0]
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-00000001"]  # nothing set aside
+    assert "unreadable" in (tmp_path / "log.txt").read_text()
+    # No checkpoint at all is a fresh start, as before.
+    shutil.rmtree(tmp_path / "checkpoints")
     again = Distiller(config(tiny_sdxl_dir, tmp_path, "refine.steps_per_stage=[2]"), progress=False)
     again.resume("latest")
-    log = (tmp_path / "log.txt").read_text()
-    assert again.step == 0 and "unreadable" in log and "starting from scratch" in log
+    assert again.step == 0 and "starting from scratch" in (tmp_path / "log.txt").read_text()
+
+
+def test_only_folders_named_as_checkpoints_are_checkpoints(tmp_path):
+    """Any folder starting with step- was one: a user's copy (step-00000002-good) was pruned as the
+    oldest or resumed from, and setting later checkpoints aside failed on its name."""
+    root = tmp_path / "checkpoints"
+    checkpoint.save(root, 2, {"w": torch.zeros(2)}, {})
+    shutil.copytree(root / "step-00000002", root / "step-00000002-good")
+    checkpoint.save(root, 10, {"w": torch.ones(2)}, {}, keep=2)
+    checkpoint.save(root, 100, {"w": torch.ones(2)}, {}, keep=2)  # numbers, not names: 100 is the newest
+    assert [p.name for p in checkpoint.list_checkpoints(root)] == ["step-00000010", "step-00000100"]
+    assert (root / "step-00000002-good").is_dir()  # kept: not ours to prune
+    assert checkpoint.load_latest(root)[1]["step"] == 100
+    assert [p.name for p in checkpoint.set_aside_later(root, 10)] == ["abandoned-step-00000100"]
 
 
 def test_resume_from_a_named_damaged_checkpoint_is_one_line(tiny_sdxl_dir, tmp_path, capsys):

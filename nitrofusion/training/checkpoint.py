@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import zlib
@@ -25,6 +26,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from nitrofusion.errors import UserError
 from nitrofusion.training.faults import kill_point
 from nitrofusion.userfiles import plain_permissions
 
@@ -206,10 +208,13 @@ def remove_unfinished(root: str | Path) -> list[Path]:
 
 
 def list_checkpoints(root: str | Path) -> list[Path]:
+    """The checkpoints under root, oldest first: folders named exactly step-<digits>, as `save`
+    names them. A user's copy (step-00000002-good) is no checkpoint, never pruned or resumed from."""
     root = Path(root)
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
+    found = [p for p in root.iterdir() if p.is_dir() and re.fullmatch(rf"{PREFIX}\d+", p.name)]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:
@@ -242,10 +247,21 @@ def load(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 def load_latest(
     root: str | Path, log: Callable[[str], object] = print
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
-    """The newest readable checkpoint under root; unreadable ones are reported and skipped."""
-    for path in reversed(list_checkpoints(root)):
+    """The newest readable checkpoint under root; unreadable ones are reported and skipped. None
+    where there is no checkpoint. Where there are some and none can be read (a disk gone bad, files
+    another user's), a UserError: starting afresh would set the run's outputs aside as an earlier
+    run's and train again from step 0, where the run asked to go on."""
+    found = list_checkpoints(root)
+    reasons = []
+    for path in reversed(found):
         try:
             return load(path)
         except (SafetensorError, OSError, ValueError, KeyError, TypeError) as exc:
-            log(f"checkpoint {path} is unreadable ({type(exc).__name__}: {exc}); trying the previous one")
+            reasons.append(f"{type(exc).__name__}: {exc}")
+            log(f"checkpoint {path} is unreadable ({reasons[-1]}); trying the previous one")
+    if found:
+        raise UserError(
+            f"none of the {len(found)} checkpoints under '{root}' can be read (the newest: {reasons[0]}); "
+            "move them aside to start again from step 0, or give --resume one of them"
+        )
     return None
