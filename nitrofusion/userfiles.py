@@ -79,12 +79,17 @@ def plain_permissions(path: str | Path) -> None:
 
 @contextmanager
 def replacing(path: str | Path) -> Iterator[Path]:
-    """A temporary path beside `path` to write to; on success it is renamed onto `path` (with the
-    permissions the umask gives a new file), on an error it is removed."""
+    """A temporary path beside `path` to write to, the writer's own; on success it is flushed to
+    disk and renamed onto `path` (with the permissions the umask gives a new file), on an error it
+    is removed. Unflushed, a power cut after the rename could leave `path` empty or short."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
     try:
         yield tmp
+        with open(tmp, "rb") as written:
+            os.fsync(written.fileno())
         plain_permissions(tmp)
         os.replace(tmp, path)
     except BaseException:

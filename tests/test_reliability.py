@@ -310,6 +310,20 @@ def test_a_report_written_in_place_is_whole_or_untouched(tmp_path):
     assert path.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
     write_text_replacing(path, "new")
     assert path.read_text() == "new"
+    # Two writers of one path (two processes) each write a temporary file of their own, flushed
+    # before the rename: the last rename wins, whole; neither removes the other's file midway.
+    import os
+
+    synced = []
+    fsync = os.fsync
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(os, "fsync", lambda fd: synced.append(fd) or fsync(fd))
+        with replacing(path) as one, replacing(path) as two:
+            assert one != two and one.parent == two.parent == tmp_path
+            one.write_text("first")
+            two.write_text("second")
+    assert path.read_text() == "first" and len(synced) == 2  # the outer rename came last
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
 
 
 def test_a_folder_written_in_place_is_whole_or_untouched(tmp_path):
