@@ -15,7 +15,7 @@ from pathlib import Path
 # text-to-image sampling never uses; keep the CLI's stderr for our own messages.
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from nitrofusion.errors import UserError, check_guidance_scale
+from nitrofusion.errors import UserError, check_guidance_scale, is_out_of_memory
 from nitrofusion.userfiles import check_writable_folder
 from nitrofusion.world.config import DEFAULT_STAGES, WORLD_STAGES
 
@@ -641,15 +641,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _out_of_memory(exc: RuntimeError) -> bool:
-    """A GPU's out-of-memory error, or the CPU allocator's (a plain RuntimeError)."""
-    torch = sys.modules.get("torch")  # a command that failed before importing it had no memory to fill
-    if torch is None:
-        return False
-    gpu = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)  # torch.OutOfMemoryError: 2.5 on
-    return isinstance(exc, gpu) or "DefaultCPUAllocator: can't allocate memory" in str(exc)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -674,7 +665,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"nitrofusion {args.command}: error: {exc.strerror or exc}{where}", file=sys.stderr)
         return EXIT_USAGE
     except RuntimeError as exc:
-        if not _out_of_memory(exc):
+        if not is_out_of_memory(exc):
             raise
         first = str(exc).splitlines()[0] if str(exc) else "no detail"
         print(

@@ -26,6 +26,17 @@ def first_line(exc: BaseException) -> str:
     return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    """A GPU's out-of-memory error, or the CPU allocator's (a plain RuntimeError)."""
+    import sys
+
+    torch = sys.modules.get("torch")  # a command that failed before importing it had no memory to fill
+    if torch is None or not isinstance(exc, RuntimeError):
+        return False
+    gpu = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)  # torch.OutOfMemoryError: 2.5 on
+    return isinstance(exc, gpu) or "DefaultCPUAllocator: can't allocate memory" in str(exc)
+
+
 MAX_GUIDANCE = 100.0
 
 

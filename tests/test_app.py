@@ -217,7 +217,7 @@ def test_a_small_shift_is_offered_the_step_counts_it_can_sample_only(embedded):
         ({"steps": "2"}, 422, "steps"),
         ({"steps": 1.5}, 422, "steps"),
         ({"width": 33}, 400, "multiple of 8"),
-        ({"height": 2048}, 400, "to 1024"),
+        ({"height": 136}, 400, "from 8 to 128"),  # without --max-size: 4x the model's own 32 px
         ({"width": -16}, 400, "width"),
         ({"seed": -1}, 422, "seed"),
         ({"seed": "lucky"}, 422, "seed"),
@@ -402,6 +402,7 @@ class GatedModel(LoadedModel):
         self.active = 0
         self.max_active = 0
         self.fail_next = False
+        self.failure = "boom"
         self._lock = threading.Lock()
 
     def render(self, prompt: str, steps: int, seed: int, width: int, height: int) -> Rendered:
@@ -413,7 +414,7 @@ class GatedModel(LoadedModel):
             assert self.gate.wait(10), "the test never opened the gate"
             if self.fail_next:
                 self.fail_next = False
-                raise RuntimeError("boom")
+                raise RuntimeError(self.failure)
             return Rendered(prompt.encode(), seed, 0.001)
         finally:
             with self._lock:
@@ -621,6 +622,31 @@ def test_failed_generation_answers_500_and_server_goes_on():
         assert (await post("y")).status_code == 200
 
     _run_with(create_app([m]), scenario)
+
+
+def test_the_cpu_allocators_out_of_memory_answers_503_like_a_gpus():
+    """On a CPU it is a plain RuntimeError, which answered 500 "see the server log"."""
+    m = GatedModel()
+    m.gate.set()
+    m.fail_next, m.failure = True, "[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"
+
+    async def scenario(c, post):
+        r = await post("x")
+        assert r.status_code == 503 and "try a smaller size" in _error_of(r)
+        assert (await post("y")).status_code == 200
+
+    _run_with(create_app([m]), scenario)
+
+
+def test_without_max_size_each_model_serves_up_to_four_times_its_own_size(embedded):
+    """A 32-px CPU model served up to 1024 px: one request drew for minutes (its teacher for hours)."""
+    big = dataclasses.replace(embedded, name="big", default_size=512)
+    with TestClient(create_app([embedded, big]), base_url=LOCAL) as c:
+        served = {m["name"]: m["max_size"] for m in c.get("/api/models").json()["models"]}
+        assert served == {"embedded": 128, "big": 1024}  # 4x, at most 1024
+        assert _post(c, width=128, height=128).status_code == 200
+    with TestClient(create_app([embedded], max_size=256), base_url=LOCAL) as c:  # --max-size: as given
+        assert c.get("/api/models").json()["models"][0]["max_size"] == 256
 
 
 def test_models_are_picked_by_name_and_each_has_its_own_worker():

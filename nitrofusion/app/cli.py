@@ -95,7 +95,11 @@ def _add_arguments(a: argparse.ArgumentParser) -> None:
         help="CUDA: compile, capture a sample per step count as a CUDA graph at start-up (default size only)",
     )
     a.add_argument("--no-safety-checker", action="store_true", help="leave out the models' safety checkers (SD1.5's)")
-    a.add_argument("--max-size", type=int, default=1024, help="largest width or height a request may ask for")
+    a.add_argument(
+        "--max-size",
+        type=int,
+        help="largest width or height a request may ask for (default: 4x each model's own size, at most 1024)",
+    )
     a.add_argument("--queue-size", type=int, default=32, help="requests that may wait per model (one per client)")
     a.add_argument("--no-warmup", action="store_true", help="skip sampling one image per model at start-up")
     a.add_argument(
@@ -139,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
             f"the app needs fastapi and uvicorn ({exc.name} is missing): pip install fastapi uvicorn"
         ) from None
 
-    if args.max_size < 8 or args.queue_size < 1:
+    if (args.max_size is not None and args.max_size < 8) or args.queue_size < 1:
         raise UserError("--max-size must be at least 8 and --queue-size at least 1")
     sock = bind(args.host, args.port)  # first: a host that cannot be bound is one line, no warning
     if not is_loopback(args.host):

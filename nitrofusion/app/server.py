@@ -64,7 +64,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nitrofusion.app import ModelSpec
-from nitrofusion.errors import UserError
+from nitrofusion.errors import UserError, is_out_of_memory
 
 __all__ = ["ClientSlots", "LoadedModel", "ModelSpec", "ModelWorker", "ServerThread", "create_app", "load_models"]
 
@@ -208,11 +208,16 @@ class LoadedModel:
         # verbose=False: counting a long prompt must not log the tokenizer's "too long" warning.
         return max(len(t(prompt, truncation=False, verbose=False).input_ids) for t in self.tokenizers)
 
-    def max_size(self, server_max: int) -> int:
-        """The largest side served: the server's --max-size, or less where the model cannot sample it."""
+    def max_size(self, server_max: int | None) -> int:
+        """The largest side served: the server's --max-size; without one, four times the model's own
+        size up to DEFAULT_MAX_SIZE (its own where larger): a 32-px CPU model asked for 1024 px drew
+        for minutes (its teacher for hours), and a started image cannot be stopped. Never past what
+        the model can sample."""
+        if server_max is None:
+            server_max = max(self.default_size, min(4 * self.default_size, DEFAULT_MAX_SIZE))
         return min(server_max, self.largest_side)
 
-    def sizes(self, max_size: int) -> list[int]:
+    def sizes(self, max_size: int | None) -> list[int]:
         """Square sizes the page offers: around the model's own size, on its size grid."""
         max_size = self.max_size(max_size)
         if self.compiled_size is not None:
@@ -221,7 +226,7 @@ class LoadedModel:
         wanted = {round(self.default_size * f / m) * m for f in (0.5, 0.75, 1, 1.5, 2)}
         return sorted(s for s in wanted if m <= s <= max_size) or [self.default_size]
 
-    def describe(self, max_size: int) -> dict[str, Any]:
+    def describe(self, max_size: int | None) -> dict[str, Any]:
         return {
             "name": self.name,
             "source": self.source,
@@ -602,17 +607,18 @@ def _page() -> str:
 
 def create_app(
     models: Sequence[LoadedModel],
-    max_size: int = DEFAULT_MAX_SIZE,
+    max_size: int | None = None,
     queue_size: int = DEFAULT_QUEUE_SIZE,
     hosts: Sequence[str] = LOOPBACK_HOSTS,
 ) -> FastAPI:
     """The app for these (already loaded) models; the first one is the default. `hosts`: the names
-    it answers to in the Host header ("*": any, for a server exposed with --host on purpose)."""
+    it answers to in the Host header ("*": any, for a server exposed with --host on purpose).
+    `max_size`: the largest side any model serves; None: each model's own (`LoadedModel.max_size`)."""
     if not models:
         raise UserError("the app needs at least one model")
-    if max_size < 1 or queue_size < 1:
+    if (max_size is not None and max_size < 1) or queue_size < 1:
         raise UserError("--max-size and --queue-size must be at least 1")
-    small = [m for m in models if m.default_size > max_size]
+    small = [m for m in models if max_size is not None and m.default_size > max_size]
     if small:  # its requests without a size (the page's first) would all be refused
         raise UserError(
             f"--max-size {max_size} is below model '{small[0].name}''s own size {small[0].default_size}: "
@@ -740,7 +746,7 @@ def create_app(
         except UserError as exc:
             return _error(400, str(exc))
         except Exception as exc:
-            if type(exc).__name__ == "OutOfMemoryError":
+            if is_out_of_memory(exc):  # a GPU's, or the CPU allocator's (a plain RuntimeError)
                 return _error(503, "out of memory for this request; try a smaller size", headers={"Retry-After": "1"})
             log.exception("generation failed")
             return _error(500, f"generation failed ({type(exc).__name__}); see the server log")
