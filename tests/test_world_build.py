@@ -154,3 +154,36 @@ def test_a_flow_world_built_on_a_trained_vae_keeps_its_latents(tmp_path, capsys)
     assert main([*(swap.get(a, a) for a in args), "--samples-per-class", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--vae" in err[0], err
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not idx"])
+def test_a_damaged_dataset_is_one_line_and_binds_the_run_folder_to_nothing(tmp_path, capsys, monkeypatch, damage):
+    """A truncated Fashion-MNIST download was an EOFError traceback (another gzip file a reshape
+    ValueError), and the failed start had recorded its settings: a rerun in the same --run-dir with
+    others was refused, though nothing had been trained under them."""
+    import gzip
+
+    from nitrofusion.world import data
+
+    source = data.data_dir()
+    broken = tmp_path / "fashion"
+    broken.mkdir()
+    for f in source.glob("*-ubyte.gz"):
+        shutil.copy(f, broken / f.name)
+    images = broken / "train-images-idx3-ubyte.gz"
+    if damage == "truncated":
+        images.write_bytes(images.read_bytes()[:5000])
+    else:
+        with gzip.open(images, "wb") as f:
+            f.write(b"this is not an IDX file")
+    monkeypatch.setenv(data.ENV_VAR, str(broken))
+    capsys.readouterr()
+    assert build(tmp_path / "run", tmp_path / "out") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "train-images-idx3-ubyte.gz" in err[0] and "install it again" in err[0], err
+    # The same folder takes other settings (and fails on the data again): nothing was trained under
+    # the settings the failed start recorded.
+    args = ["train-teacher", "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "out")]
+    assert main([*args, "--train-images", "128", "--stages", "unet,classifier"]) == 2
+    err = capsys.readouterr().err
+    assert "install it again" in err and "other settings" not in err

@@ -10,12 +10,13 @@ from __future__ import annotations
 import gzip
 import os
 import random
+import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from nitrofusion.errors import UserError
+from nitrofusion.errors import UserError, first_line
 
 DEFAULT_DIR = Path("/usr/share/datasets/fashion-mnist")
 ENV_VAR = "NITROFUSION_FASHION_MNIST"
@@ -78,10 +79,19 @@ def data_dir() -> Path:
 
 
 def _read_idx(path: Path) -> np.ndarray:
-    with gzip.open(path, "rb") as f:
-        raw = f.read()
-    ndim = raw[3]
+    """An IDX file of unsigned bytes (gzipped), its header checked against its length: a truncated
+    download or another file under the name is one line, not an EOFError or reshape traceback."""
+    try:
+        with gzip.open(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError, zlib.error) as exc:
+        raise UserError(f"Fashion-MNIST file {path} is damaged ({first_line(exc)}): install it again") from None
+    ndim = raw[3] if len(raw) >= 4 else 0
+    if raw[:3] != b"\x00\x00\x08" or not 1 <= ndim <= 3 or len(raw) < 4 + 4 * ndim:
+        raise UserError(f"Fashion-MNIST file {path} is not an IDX file of bytes: install it again")
     shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    if len(raw) != 4 + 4 * ndim + int(np.prod(shape)):
+        raise UserError(f"Fashion-MNIST file {path} is not the length its header says: install it again")
     return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
@@ -99,6 +109,8 @@ def load_split(split: str = "train", root: Path | None = None) -> tuple[torch.Te
             )
     images = torch.from_numpy(_read_idx(images_path).copy())
     labels = torch.from_numpy(_read_idx(labels_path).astype(np.int64))
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        raise UserError(f"Fashion-MNIST files in {root}: {tuple(images.shape)} images for {tuple(labels.shape)} labels")
     pad = (IMAGE_SIZE - images.shape[-1]) // 2
     images = torch.nn.functional.pad(images, (pad, pad, pad, pad))
     return images, labels

@@ -427,7 +427,8 @@ def build_world(cfg: WorldConfig, run_dir: str | Path, out_dir: str | Path, stag
     out_dir = check_writable_folder(out_dir, "--out")  # before hours of training, not after
     # A run directory resumes its stages' checkpoints: under other settings they would be mixed in.
     recorded = run_dir / "config.json"
-    if recorded.is_file():
+    trained = any(checkpoint.list_checkpoints(run_dir / stage) for stage in ("vae", "unet", "flow", "classifier"))
+    if recorded.is_file() and trained:  # settings with nothing trained under them (a failed start) bind nothing
         try:
             before = json.loads(recorded.read_text())
         except ValueError:
