@@ -16,6 +16,7 @@ from helpers import cli_process, config, same_student
 from safetensors.torch import load_file
 
 from nitrofusion.cli import main
+from nitrofusion.errors import UserError
 from nitrofusion.training import checkpoint
 from nitrofusion.training.faults import ENV
 
@@ -450,6 +451,10 @@ def test_a_resumed_run_takes_its_optimizer_settings_from_its_config(tiny_sdxl_di
     assert (group["lr"], group["betas"]) == (0.123, (0.5, 0.9))
     assert resumed.opt_g.param_groups[0]["weight_decay"] == 0.25
     assert resumed.opt_d.state, "the moments come from the checkpoint"
+    # Allowed, and said; another run.seed (every random draw's key) is another run, refused.
+    assert "discriminator.lr: 0.0002 -> 0.123" in (tmp_path / "log.txt").read_text()
+    with pytest.raises(UserError, match="made with run.seed=0, this run has 7"):
+        Distiller(config(tiny_sdxl_dir, tmp_path, "run.seed=7"), progress=False).resume("latest")
 
 
 @pytest.mark.parametrize("before, after", [(0.9, 0.0), (0.0, 0.9)])

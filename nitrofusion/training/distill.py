@@ -144,6 +144,18 @@ def make_accelerator(cfg: DistillConfig) -> Accelerator:
     )
 
 
+def changed_settings(saved: dict, now: dict) -> list[str]:
+    """`section.key: was -> now` for each setting of a checkpoint's config that differs now (keys a
+    checkpoint predates are not counted)."""
+    return [
+        f"{section}.{key}: {was!r} -> {now[section][key]!r}"
+        for section, values in saved.items()
+        if isinstance(values, dict) and isinstance(now.get(section), dict)
+        for key, was in values.items()
+        if key in now[section] and now[section][key] != was
+    ]
+
+
 def resolve_teacher(name: str) -> str:
     """`embedded` is the embedded world's UNet teacher, `embedded-flow-teacher` its SD3-architecture one."""
     from nitrofusion.world.spec import EMBEDDED_NAMES, embedded_model
@@ -871,7 +883,8 @@ class Distiller:
         inferred = self.flow and "model" in saved and "flow_levels" not in saved["model"]
         if inferred:  # a checkpoint from before the key trained at the scheduler's own levels, the only ones
             saved = {**saved, "model": {**saved["model"], "flow_levels": "stock"}}
-        for key in self.STATE_KEYS:
+        # run.seed keys every random draw of the run: another would make the rest of it another run's.
+        for key in (*self.STATE_KEYS, "run.seed"):
             section, name = key.split(".")
             if section not in saved or name not in saved[section]:
                 continue
@@ -904,6 +917,9 @@ class Distiller:
                 raise UserError(f"cannot resume from '{which}': {exc}") from None
         tensors, meta = found
         self._check_resumable(meta.get("config", {}))
+        changed = changed_settings(meta.get("config", {}), self.cfg.to_dict())
+        if changed:  # allowed (learning rates, stage lengths, logging...), but said
+            self.log_line(f"resumed with settings changed since the checkpoint: {'; '.join(changed)}")
         raw = self.acc.unwrap_model(self.student)
         saved_teacher = meta.get("teacher_fingerprint")  # absent from checkpoints written before it was
         # Checkpoints written before the safety checker was left out hashed it too.
