@@ -138,6 +138,33 @@ def _claim(tmp: Path, path: Path) -> bool:
 
 
 @contextmanager
+def folder_lock(folder: str | Path, what: str, enabled: bool = True) -> Iterator[None]:
+    """Hold `folder/.lock` for the duration: a second run in the same folder (a `--resume latest`
+    started twice) deleted the first's checkpoint writes in progress and interleaved its metrics.
+    Refused in one line while another process holds it; the lock goes with the process, however
+    it ends. `enabled=False`: no lock (the other ranks of a run, whose main process holds it)."""
+    if not enabled:
+        yield
+        return
+    import fcntl
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "a") as held:
+        try:
+            fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(
+                f"{what} '{folder}' is in use by another run (it holds {folder / '.lock'}): "
+                "wait for it to end, or give another folder"
+            ) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(held, fcntl.LOCK_UN)
+
+
+@contextmanager
 def replacing_folder(path: str | Path) -> Iterator[Path]:
     """A temporary folder beside `path` to fill; on success it is swapped in for `path` (the old one
     renamed aside, the new one renamed in, the old one removed), on an error it is removed. A crash

@@ -344,6 +344,23 @@ def test_cli_parses_models_and_flags_loopback(tmp_path):
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.5") and not is_loopback("example.org")
 
 
+def test_serving_does_not_log_each_truncated_prompt(caplog):
+    """Each keystroke of a long prompt logged a warning quoting the prompt (the page says it already)."""
+    import logging
+
+    from nitrofusion.app.cli import quiet_truncation
+    from nitrofusion.pipelines import fast
+
+    sd3 = logging.getLogger("diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3")
+    with caplog.at_level(logging.WARNING), quiet_truncation():
+        fast.log.warning("prompt 'a long ...' truncated to 77 tokens")
+        sd3.warning("The following part of your input was truncated")
+        logging.getLogger("nitrofusion.app").warning("still said")
+    assert [r.getMessage() for r in caplog.records] == ["still said"]
+    fast.log.warning("said again outside the server")  # the levels are given back
+    assert caplog.records[-1].getMessage() == "said again outside the server"
+
+
 def test_model_names_are_checked_before_loading():
     from nitrofusion.errors import UserError
 
@@ -387,6 +404,20 @@ def test_cli_fails_in_one_line_on_a_taken_port_and_warns_once_exposed(capsys, tm
         run(parser.parse_args(["app", "--host", "0.0.0.0", "--port", "0", "--model", str(tmp_path / "nothing")]))
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("warning: --host 0.0.0.0 exposes the app")
+    # A host name bound to a loopback address (Debian maps the machine's own name to 127.0.1.1): no
+    # warning, and the Host check stays (it was turned off for any name).
+    import nitrofusion.app.cli as app_cli
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(app_cli, "bind", lambda host, port: socket.create_server(("127.0.0.1", 0)))
+        with pytest.raises(UserError):
+            run(parser.parse_args(["app", "--host", "this-machine", "--model", str(tmp_path / "nothing")]))
+    assert capsys.readouterr().err == ""
+    # An empty model is said as such, not taken as the working directory.
+    for value in ("x=", " "):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["app", "--model", value])
+        assert "names no model" in capsys.readouterr().err
 
 
 # --- scheduling, with a model whose generation the test holds and releases -------------------------------

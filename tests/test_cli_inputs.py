@@ -186,9 +186,14 @@ def test_the_app_refuses_a_max_size_below_its_models_own():
 
 
 def test_train_teacher_refuses_a_run_dir_of_other_settings_and_a_file_as_out(tmp_path, capsys):
+    import torch
+
+    from nitrofusion.training import checkpoint
+
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.json").write_text(json.dumps({"seed": 0, "train_images": 256}))
+    checkpoint.save(run / "vae", 1, {"w": torch.zeros(1)}, {})  # a stage trained under them: they bind
     (tmp_path / "file").write_text("")
     base = ["train-teacher", "--run-dir", str(run), "--train-images", "128", "--seed", "7"]
     one_line_error(

@@ -497,3 +497,21 @@ def test_what_a_run_leaves_is_readable_as_the_umask_says(tiny_sdxl_dir, tmp_path
     for p in found:
         want = 0o755 if p.is_dir() else 0o644
         assert stat.S_IMODE(p.stat().st_mode) == want, (p, oct(p.stat().st_mode))
+
+
+def test_a_second_run_in_the_same_folder_is_refused_while_the_first_runs(tiny_sdxl_dir, tmp_path):
+    """Two `distill --resume latest` in one folder: the second deleted the first's checkpoint writes
+    in progress (as a dead writer's) and interleaved its metrics."""
+    import fcntl
+
+    from nitrofusion.training.distill import Distiller
+
+    d = Distiller(config(tiny_sdxl_dir, tmp_path, "refine.steps_per_stage=[1]"), progress=False)
+    tmp_path.mkdir(exist_ok=True)
+    with open(tmp_path / ".lock", "a") as first:  # the first run's hold, as train() takes it
+        fcntl.flock(first, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(UserError, match="is in use by another run"):
+            d.train()
+        assert not (tmp_path / "checkpoints").exists() and d.step == 0
+    d.train()  # the first one gone, the folder is free
+    assert d.step == 1 and (tmp_path / "student_unet.safetensors").is_file()

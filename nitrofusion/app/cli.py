@@ -6,10 +6,12 @@ Standalone too: ``python -m nitrofusion.app.cli [options]``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ipaddress
 import os
 import socket
 import sys
+from collections.abc import Iterator
 
 from nitrofusion.app import ModelSpec
 from nitrofusion.errors import UserError
@@ -23,7 +25,10 @@ class _ModelAction(argparse.Action):
 
     def __call__(self, parser, namespace, value, option_string=None):  # type: ignore[no-untyped-def]
         name, sep, model = value.partition("=")
-        spec = ModelSpec(model=model, name=name) if sep and name and "/" not in name else ModelSpec(model=value)
+        named = sep and name and "/" not in name
+        if not (model if named else value).strip():  # "" would be taken as the working directory
+            parser.error(f"--model {value!r} names no model: give [NAME=]MODEL")
+        spec = ModelSpec(model=model, name=name) if named else ModelSpec(model=value)
         namespace.models = [*(namespace.models or []), spec]
 
 
@@ -133,6 +138,24 @@ def bind(host: str, port: int) -> socket.socket:
         raise UserError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
 
 
+@contextlib.contextmanager
+def quiet_truncation() -> Iterator[None]:
+    """A prompt past the text encoders' limit is said to the page (X-Prompt-Truncated, the notice
+    under the field), not logged: the app draws at every keystroke, and each would log a warning
+    quoting the user's prompt (ours, and diffusers' for the pipelines it samples itself)."""
+    import logging
+
+    loggers = [logging.getLogger(name) for name in ("nitrofusion.pipelines.fast", "diffusers.pipelines")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         import uvicorn
@@ -146,7 +169,10 @@ def run(args: argparse.Namespace) -> int:
     if (args.max_size is not None and args.max_size < 8) or args.queue_size < 1:
         raise UserError("--max-size must be at least 8 and --queue-size at least 1")
     sock = bind(args.host, args.port)  # first: a host that cannot be bound is one line, no warning
-    if not is_loopback(args.host):
+    # By the address bound, not the name given: a host name of this machine (Debian maps it to
+    # 127.0.1.1) is loopback too, and must keep the Host-header check against DNS rebinding.
+    loopback = is_loopback(args.host) or is_loopback(str(sock.getsockname()[0]))
+    if not loopback:
         print(
             f"warning: --host {args.host} exposes the app to the network, with no authentication; "
             "anyone who can reach it can use this machine's compute",
@@ -162,13 +188,14 @@ def run(args: argparse.Namespace) -> int:
             safety_checker=not args.no_safety_checker,
         )
         # On loopback, only this machine's own names are answered (DNS rebinding); exposed on purpose, any.
-        hosts = (*LOOPBACK_HOSTS, args.host) if is_loopback(args.host) else ("*",)
+        hosts = (*LOOPBACK_HOSTS, args.host) if loopback else ("*",)
         app = create_app(models, max_size=args.max_size, queue_size=args.queue_size, hosts=hosts)
         host, port = sock.getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host
         print(f"nitrofusion app: http://{shown}:{port}  (models: {', '.join(m.name for m in models)})", flush=True)
         server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, lifespan="on"))
-        server.run(sockets=[sock])
+        with quiet_truncation():
+            server.run(sockets=[sock])
     finally:
         sock.close()
     return 0

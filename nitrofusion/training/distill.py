@@ -90,7 +90,7 @@ from nitrofusion.training.offload import HostOffload, teacher_groups
 from nitrofusion.training.optimizers import make_optimizer
 from nitrofusion.training.schedule import Phase, Schedule
 from nitrofusion.training.student import ShiftedStudent
-from nitrofusion.userfiles import replacing, replacing_folder
+from nitrofusion.userfiles import folder_lock, replacing, replacing_folder
 from nitrofusion.weights.io import unet_state_dict
 
 log = logging.getLogger(__name__)
@@ -716,6 +716,12 @@ class Distiller:
 
     # ---- the loop -----------------------------------------------------------------------
     def train(self, resume: str | None = None) -> Path:
+        """Train to the end (from the checkpoint `resume` names: a path, or `latest`), one run at a
+        time in run.output_dir; the exported pipeline's folder."""
+        with folder_lock(self.out, "run.output_dir", enabled=self.acc.is_main_process):
+            return self._train(resume)
+
+    def _train(self, resume: str | None) -> Path:
         cfg = self.cfg
         if resume:
             self.resume(resume)

@@ -40,7 +40,13 @@ from nitrofusion.pipelines.saving import save_pipeline
 from nitrofusion.training import checkpoint
 from nitrofusion.training.curves import MetricsLog, try_plot_curves
 from nitrofusion.training.ema import EMA
-from nitrofusion.userfiles import check_writable_folder, replacing, replacing_folder, write_text_replacing
+from nitrofusion.userfiles import (
+    check_writable_folder,
+    folder_lock,
+    replacing,
+    replacing_folder,
+    write_text_replacing,
+)
 from nitrofusion.world import data
 from nitrofusion.world.config import WorldConfig
 from nitrofusion.world.evaluator import Evaluator, FashionClassifier, to_classifier_input
@@ -422,9 +428,15 @@ def draw_samples(teacher_dir: Path, path: Path, per_class: int = 8, device: str 
 
 
 def build_world(cfg: WorldConfig, run_dir: str | Path, out_dir: str | Path, stages: list[str]) -> dict:
-    """Run the requested stages and assemble the pipeline + evaluator into out_dir."""
+    """Run the requested stages and assemble the pipeline + evaluator into out_dir, one build at a
+    time in run_dir."""
     run_dir = check_writable_folder(run_dir, "--run-dir")
     out_dir = check_writable_folder(out_dir, "--out")  # before hours of training, not after
+    with folder_lock(run_dir, "--run-dir"):
+        return _build_world(cfg, run_dir, out_dir, stages)
+
+
+def _build_world(cfg: WorldConfig, run_dir: Path, out_dir: Path, stages: list[str]) -> dict:
     # A run directory resumes its stages' checkpoints: under other settings they would be mixed in.
     recorded = run_dir / "config.json"
     trained = any(checkpoint.list_checkpoints(run_dir / stage) for stage in ("vae", "unet", "flow", "classifier"))
