@@ -59,8 +59,8 @@ app: setup
 # Lint first (a second): CI runs `make test`, so the code stays ruff-clean and formatted.
 # The suite runs in TEST_WORKERS processes of one torch thread each, a test file per process at a
 # time (its module fixtures built once): the tiny models' ops are too small for torch's threads, so
-# two processes on two cores take 55% of the time one process with two threads does (893 s
-# against 1627 s for the same suite, 2026-11-28). TEST_WORKERS=0 runs it in one process, with
+# two processes on two cores take 55% of the time one process with two threads does (the tests
+# alone: 893 s against 1627 s for the same suite, measured back to back on 2026-11-28). TEST_WORKERS=0 runs it in one process, with
 # TEST_THREADS torch threads (one unless given).
 TEST_WORKERS ?= 2
 TEST_THREADS ?= 1
