@@ -55,7 +55,7 @@ def resolve_model(
     `allow_flow`, `unet_only`: `check_architecture`'s, applied to a hub model's index before any
     of its weights is looked for or fetched (a local directory is checked by the caller).
     `weights_of`: the only folders whose weights a download fetches (the weights commands read the
-    denoiser alone: SDXL's text encoders are 1.6 GB more); None: every component's."""
+    denoiser alone: SDXL base's text encoders and VAE are 3.6 GB more in fp32); None: every component's."""
     path = Path(model).expanduser()
     if path.is_file() and path.suffix in (".safetensors", ".ckpt"):
         raise UserError(
