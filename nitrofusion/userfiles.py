@@ -81,20 +81,31 @@ def plain_permissions(path: str | Path) -> None:
 def replacing(path: str | Path) -> Iterator[Path]:
     """A temporary path beside `path` to write to, the writer's own; on success it is flushed to
     disk and renamed onto `path` (with the permissions the umask gives a new file), on an error it
-    is removed. Unflushed, a power cut after the rename could leave `path` empty or short."""
+    is removed."""
     path = Path(path)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(name)
+    tmp = _own_temporary(path)
     try:
         yield tmp
-        with open(tmp, "rb") as written:
-            os.fsync(written.fileno())
-        plain_permissions(tmp)
+        _finish(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _own_temporary(path: Path) -> Path:
+    """An empty file beside `path` (hidden, `.NAME.<random>.tmp`) that no other writer has."""
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    return Path(name)
+
+
+def _finish(tmp: Path) -> None:
+    """A written temporary file flushed to disk and given a plain file's permissions, before it is
+    renamed (or linked) to its name: unflushed, a power cut could leave that name empty or short."""
+    with open(tmp, "rb") as written:
+        os.fsync(written.fileno())
+    plain_permissions(tmp)
 
 
 def write_new(path: str | Path, write: Callable[[Path], None]) -> Path:
@@ -103,12 +114,10 @@ def write_new(path: str | Path, write: Callable[[Path], None]) -> Path:
     writing into one folder (two `generate` at the same prompt and seed) took the same name, and
     one image replaced the other. The temporary file is the writer's own, never another's."""
     path = Path(path)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(name)
+    tmp = _own_temporary(path)
     try:
         write(tmp)
-        plain_permissions(tmp)
+        _finish(tmp)
         n = 1
         while True:
             candidate = path if n == 1 else path.with_name(f"{path.stem}-{n}{path.suffix}")

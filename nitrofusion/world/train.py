@@ -48,7 +48,7 @@ from nitrofusion.userfiles import (
     write_text_replacing,
 )
 from nitrofusion.world import data
-from nitrofusion.world.config import WorldConfig
+from nitrofusion.world.config import WORLD_STAGES, WorldConfig
 from nitrofusion.world.evaluator import Evaluator, FashionClassifier, to_classifier_input
 from nitrofusion.world.spec import (
     FLOW_SPEC,
@@ -439,7 +439,7 @@ def build_world(cfg: WorldConfig, run_dir: str | Path, out_dir: str | Path, stag
 def _build_world(cfg: WorldConfig, run_dir: Path, out_dir: Path, stages: list[str]) -> dict:
     # A run directory resumes its stages' checkpoints: under other settings they would be mixed in.
     recorded = run_dir / "config.json"
-    trained = any(checkpoint.list_checkpoints(run_dir / stage) for stage in ("vae", "unet", "flow", "classifier"))
+    trained = any(checkpoint.list_checkpoints(run_dir / stage) for stage in ("vae", *WORLD_STAGES))
     if recorded.is_file() and trained:  # settings with nothing trained under them (a failed start) bind nothing
         try:
             before = json.loads(recorded.read_text())
