@@ -20,6 +20,10 @@ class UserError(Exception):
         super().__init__(str(message).translate(_CONTROL))
 
 
+class Interrupted(Exception):
+    """A generation stopped between two steps because its caller asked it to (the app shutting down)."""
+
+
 def first_line(exc: BaseException) -> str:
     """An exception's first line, or its class name where it has no message: what a one-line
     UserError quotes of a library's error (whose later lines are tracebacks or lists)."""

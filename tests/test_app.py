@@ -31,7 +31,7 @@ from nitrofusion.app.server import (  # noqa: E402
     load_models,
     prompt_reading,
 )
-from nitrofusion.errors import UserError  # noqa: E402
+from nitrofusion.errors import Interrupted, UserError  # noqa: E402
 
 LOCAL = "http://127.0.0.1"  # the app answers to this machine's names only (TestClient's default is "testserver")
 
@@ -436,13 +436,17 @@ class GatedModel(LoadedModel):
         self.failure = "boom"
         self._lock = threading.Lock()
 
-    def render(self, prompt: str, steps: int, seed: int, width: int, height: int) -> Rendered:
+    def render(self, prompt: str, steps: int, seed: int, width: int, height: int, interrupt=None) -> Rendered:
         with self._lock:
             self.started.append(prompt)
             self.active += 1
             self.max_active = max(self.max_active, self.active)
         try:
-            assert self.gate.wait(10), "the test never opened the gate"
+            deadline = time.monotonic() + 10
+            while not self.gate.wait(0.005):  # a "step" at a time, as a pipeline's loop asks `interrupt`
+                if interrupt is not None and interrupt():
+                    raise Interrupted()
+                assert time.monotonic() < deadline, "the test never opened the gate"
             if self.fail_next:
                 self.fail_next = False
                 raise RuntimeError(self.failure)
@@ -620,6 +624,43 @@ def test_a_request_whose_client_hung_up_leaves_the_line_and_is_never_drawn():
         running.close()
         until(lambda: worker.stats["completed"] == 2)
     assert m.started == ["a", "c"]
+
+
+def test_shutting_down_answers_the_waiting_at_once_and_stops_the_image_being_drawn():
+    """Ctrl-C: uvicorn alone let every open request finish, so each queued image was drawn before
+    the app exited, and a second Ctrl-C answered the waiting 500 with a traceback each."""
+    m = GatedModel()
+    app = create_app([m])
+    worker = app.state.workers["gated"]
+    server = ServerThread(app).start()
+    replies: dict[str, httpx.Response] = {}
+
+    def post(prompt: str) -> None:
+        with httpx.Client(base_url=server.url, timeout=10) as c:
+            replies[prompt] = c.post("/api/generate", json={"prompt": prompt, "client": prompt})
+
+    posts = [threading.Thread(target=post, args=(p,)) for p in ("a", "b", "c")]
+    posts[0].start()
+    deadline = time.monotonic() + 5
+    while m.started != ["a"]:
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+    for t in posts[1:]:
+        t.start()
+    while worker.state()["waiting"] != 2:
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+    t0 = time.monotonic()
+    server.stop()  # as a Ctrl-C does: uvicorn's shutdown; the gate is never opened
+    for t in posts:
+        t.join(10)
+    assert time.monotonic() - t0 < 5, "the shutdown waited for the image being drawn"
+    assert sorted(replies) == ["a", "b", "c"]
+    for r in replies.values():
+        assert r.status_code == 503 and "shutting down" in r.json()["error"]
+    assert m.started == ["a"], "a waiting request was drawn"
+    assert worker.state() | {"running": False} == {"running": False, "waiting": 0, "completed": 0, "superseded": 0,
+                                                   "stale": 0, "busy": 0, "failed": 0, "abandoned": 0}  # fmt: skip
 
 
 def test_switching_models_frees_the_old_models_place_in_line_at_once():

@@ -121,7 +121,7 @@ class SlowModel(LoadedModel):
     def __init__(self) -> None:
         super().__init__("slow", "test", None, "shift-lcm", default_size=32, size_multiple=8, token_limit=77)
 
-    def render(self, prompt: str, steps: int, seed: int, width: int, height: int) -> Rendered:
+    def render(self, prompt: str, steps: int, seed: int, width: int, height: int, interrupt=None) -> Rendered:
         import io
         import time
 
@@ -163,7 +163,7 @@ class FlatModel(LoadedModel):
         super().__init__(name, "test", None, sampler, default_size=32, size_multiple=8, token_limit=77)
         self.steps, self.default_steps = steps, default_steps
 
-    def render(self, prompt: str, steps: int, seed: int, width: int, height: int) -> Rendered:
+    def render(self, prompt: str, steps: int, seed: int, width: int, height: int, interrupt=None) -> Rendered:
         import io
 
         from PIL import Image

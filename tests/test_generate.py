@@ -14,7 +14,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from nitrofusion.cli import main
-from nitrofusion.errors import UserError
+from nitrofusion.errors import Interrupted, UserError
 from nitrofusion.pipelines import generate, load_pipeline
 from nitrofusion.pipelines.loading import save_unet_weights
 
@@ -123,6 +123,34 @@ def test_native_sampler_keeps_pipeline_scheduler(tiny_sdxl_dir):
     assert type(pipe.scheduler).__name__ == "EulerDiscreteScheduler"
     (res,) = generate(pipe, ["a cat"], steps=6, guidance_scale=3.0, progress=False)
     assert res.image.size == (16, 16)
+
+
+def test_an_interrupt_stops_the_pipelines_loop_at_the_next_step_and_returns_no_image(tiny_sdxl_dir, monkeypatch):
+    """The app's shutdown: a teacher's image (the pipeline's own step loop) stops between two steps,
+    raising, where diffusers' own interrupt flag would decode and return a half-denoised image."""
+    pipe = load_pipeline(tiny_sdxl_dir)
+    calls = []
+    steps_run = []
+    unet_forward = pipe.unet.forward
+    monkeypatch.setattr(pipe.unet, "forward", lambda *a, **k: steps_run.append(1) or unet_forward(*a, **k))
+    decoded = []
+    vae_decode = pipe.vae.decode
+    monkeypatch.setattr(pipe.vae, "decode", lambda *a, **k: decoded.append(1) or vae_decode(*a, **k))
+
+    def interrupt() -> bool:
+        calls.append(1)
+        return len(calls) > 3  # asked before the batch, then after each step: stop after step 3
+
+    with pytest.raises(Interrupted):
+        generate(pipe, ["a cat"], steps=6, guidance_scale=3.0, progress=False, interrupt=interrupt)
+    assert len(steps_run) == 3 and not decoded
+    # Never asked to stop: the same call draws the whole image.
+    (whole,) = generate(pipe, ["a cat"], steps=6, guidance_scale=3.0, progress=False, interrupt=lambda: False)
+    assert len(steps_run) == 3 + 6 and decoded and whole.image.size == (16, 16)
+    # The fast path (a distilled model without CFG) is asked before it samples.
+    student = load_pipeline(tiny_sdxl_dir, sampler="shift-lcm")
+    with pytest.raises(Interrupted):
+        generate(student, ["a cat"], steps=2, progress=False, interrupt=lambda: True)
 
 
 @pytest.mark.parametrize("steps", [1, 4])

@@ -158,9 +158,7 @@ def quiet_truncation() -> Iterator[None]:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        import uvicorn
-
-        from nitrofusion.app.server import LOOPBACK_HOSTS, create_app, load_models
+        from nitrofusion.app.server import LOOPBACK_HOSTS, AppServer, create_app, load_models
     except ImportError as exc:
         raise UserError(
             f"the app needs fastapi and uvicorn ({exc.name} is missing): pip install fastapi uvicorn"
@@ -193,7 +191,7 @@ def run(args: argparse.Namespace) -> int:
         host, port = sock.getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host
         print(f"nitrofusion app: http://{shown}:{port}  (models: {', '.join(m.name for m in models)})", flush=True)
-        server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, lifespan="on"))
+        server = AppServer(app, log_level=args.log_level)
         with quiet_truncation():
             server.run(sockets=[sock])
     finally:

@@ -19,7 +19,8 @@ API (JSON in, JSON or PNG out; every error is JSON ``{"error": "<one line>"}``, 
   while it was drawn (delivered: the compute is spent, and the page shows it if nothing newer is on screen).
   400 bad input (blank prompt, bad size, malformed JSON); 422 wrong types or steps the model does not offer;
   404 unknown model; 409 superseded (``{"error": ..., "superseded": true}``): a newer request of the same client
-  arrived before this one was drawn, so it is not rendered; 503 the model's queue is full (``Retry-After: 1``);
+  arrived before this one was drawn, so it is not rendered; 503 the model's queue is full (``Retry-After: 1``),
+  or the server is shutting down (``AppServer``: waiting requests are answered then, not drawn);
   413 body too large; 499 (empty, never read) the client closed its connection while the request waited.
 
 ``GET /api/models``: ``{"default": name, "models": [{name, source, sampler, default_size, size_multiple,
@@ -46,6 +47,7 @@ import itertools
 import logging
 import re
 import secrets
+import socket
 import threading
 import time
 from collections import OrderedDict
@@ -57,6 +59,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -64,9 +67,18 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nitrofusion.app import ModelSpec
-from nitrofusion.errors import UserError, is_out_of_memory
+from nitrofusion.errors import Interrupted, UserError, is_out_of_memory
 
-__all__ = ["ClientSlots", "LoadedModel", "ModelSpec", "ModelWorker", "ServerThread", "create_app", "load_models"]
+__all__ = [
+    "AppServer",
+    "ClientSlots",
+    "LoadedModel",
+    "ModelSpec",
+    "ModelWorker",
+    "ServerThread",
+    "create_app",
+    "load_models",
+]
 
 log = logging.getLogger("nitrofusion.app")
 
@@ -241,8 +253,11 @@ class LoadedModel:
             "token_limit": self.token_limit,
         }
 
-    def render(self, prompt: str, steps: int, seed: int, width: int, height: int) -> Rendered:
-        """Sample one image (runs in the model's worker thread) and encode it as a PNG with provenance."""
+    def render(
+        self, prompt: str, steps: int, seed: int, width: int, height: int, interrupt: Callable[[], bool] | None = None
+    ) -> Rendered:
+        """Sample one image (runs in the model's worker thread) and encode it as a PNG with provenance.
+        `interrupt`: `generate`'s; once it returns True the image stops at its next step (`Interrupted`)."""
         from PIL.PngImagePlugin import PngInfo
 
         from nitrofusion.pipelines import generate
@@ -259,6 +274,7 @@ class LoadedModel:
             batch_size=1,
             guidance_scale=self.guidance_scale,
             progress=False,
+            interrupt=interrupt,
         )
         elapsed = time.perf_counter() - t0
         info = PngInfo()
@@ -355,6 +371,10 @@ class Abandoned(Exception):
     """The client closed its connection while its request waited: nobody would see the image."""
 
 
+class ShuttingDown(Exception):
+    """The server is stopping: a request that waits, or arrives, is not drawn."""
+
+
 @dataclass(frozen=True)
 class Ticket:
     client: str | None  # None: a request without a client id, superseded by nothing
@@ -418,6 +438,8 @@ class ModelWorker:
         self._waiting: OrderedDict[str | Ticket, _Job] = OrderedDict()  # client -> job, in arrival order
         self._running: _Job | None = None
         self._task: asyncio.Task | None = None
+        # Set once, when the server starts shutting down; the image being drawn reads it between its steps.
+        self.stopping = threading.Event()
         # superseded: every 409 (replaced while waiting, stale on arrival); stale: images that finished after
         # a newer request of their client arrived (delivered all the same, marked: see `_run`).
         # abandoned: requests whose client hung up while they waited (a script's timeout, a closed tab).
@@ -442,6 +464,8 @@ class ModelWorker:
         Abandoned when `hung_up` (returns once the client's connection is gone) returns first while
         the request still waits: its place in line is freed then, not when it reaches the model."""
         job = _Job(ticket, work, asyncio.get_running_loop().create_future())
+        if self.stopping.is_set():
+            raise ShuttingDown()
         self.check_room(ticket.client)
         older = self._waiting.get(ticket.key)
         # Same client, not started yet: the new request takes its place in line (assigning an existing
@@ -504,11 +528,23 @@ class ModelWorker:
         except Superseded as exc:
             self._fail(job, exc)
         except Exception as exc:  # the generation failed: answer this request, keep serving the others
-            self.stats["failed"] += 1
+            if not isinstance(exc, Interrupted):  # stopped by `stop`: nothing failed
+                self.stats["failed"] += 1
             self._fail(job, exc)
         finally:
             self._running = None
             self._pump()
+
+    def stop(self) -> tuple[int, int]:
+        """Start shutting down: every waiting request is answered (ShuttingDown) now, not drawn first,
+        and the image being drawn stops at its next step where its sampler allows. Returns how many
+        were drawing and waiting."""
+        self.stopping.set()
+        waiting = list(self._waiting.values())
+        self._waiting.clear()
+        for job in waiting:
+            self._fail(job, ShuttingDown())
+        return int(self._running is not None), len(waiting)
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
@@ -641,6 +677,13 @@ def create_app(
     app.state.models = by_name
     app.state.workers = workers
 
+    def stop_work() -> tuple[int, int]:
+        """Begin shutting down (`ModelWorker.stop` for every model); (images drawing, requests waiting)."""
+        counts = [w.stop() for w in workers.values()]
+        return sum(c[0] for c in counts), sum(c[1] for c in counts)
+
+    app.state.stop_work = stop_work
+
     app.add_middleware(_BodyLimit, limit=MAX_BODY_BYTES)
     app.add_middleware(_HostCheck, allowed=hosts)  # added last: runs first
 
@@ -727,7 +770,7 @@ def create_app(
                     other.drop_waiting(req.client)
 
         def work() -> Rendered:
-            return model.render(prompt, steps, seed, width, height)
+            return model.render(prompt, steps, seed, width, height, interrupt=worker.stopping.is_set)
 
         async def hung_up() -> None:
             # The body is read: under uvicorn the next message for this request is its disconnect.
@@ -743,6 +786,8 @@ def create_app(
             return _error(409, "superseded by a newer request of this client", superseded=True)
         except Busy as exc:
             return _error(503, str(exc), headers={"Retry-After": "1"})
+        except (ShuttingDown, Interrupted):
+            return _error(503, "the app is shutting down; this image was not drawn")
         except UserError as exc:
             return _error(400, str(exc))
         except Exception as exc:
@@ -775,17 +820,36 @@ def create_app(
 # --- running ------------------------------------------------------------------------------------
 
 
+class AppServer(uvicorn.Server):
+    """uvicorn's server for `create_app`'s app, stopping the app's work as shutdown begins.
+
+    uvicorn alone lets every open request finish before it exits: on Ctrl-C every queued image was
+    drawn first, and a second Ctrl-C answered the waiting clients with 500s and printed a traceback
+    for each. Here the waiting are answered 503 at once, and an image being drawn by a pipeline's
+    own step loop (a teacher's) stops at its next step."""
+
+    def __init__(self, app: FastAPI, log_level: str = "warning") -> None:
+        super().__init__(uvicorn.Config(app, log_level=log_level, lifespan="on"))
+        self.app = app
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        drawing, waiting = self.app.state.stop_work()
+        if drawing or waiting:
+            log.warning(
+                "shutting down: %d image(s) being drawn stop at their next step; %d waiting request(s) answered 503",
+                drawing,
+                waiting,
+            )
+        await super().shutdown(sockets)
+
+
 class ServerThread:
-    """uvicorn serving an app in a background thread on an already bound socket (tests, benchmarks)."""
+    """`AppServer` in a background thread on an already bound socket (tests, benchmarks)."""
 
     def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning") -> None:
-        import socket
-
-        import uvicorn
-
         self.socket = socket.create_server((host, port))
         self.host, self.port = self.socket.getsockname()[:2]
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="on"))
+        self.server = AppServer(app, log_level)
         self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
 
     @property

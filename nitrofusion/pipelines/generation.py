@@ -8,9 +8,10 @@ import json
 import os
 import re
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import DiffusionPipeline, LCMScheduler
@@ -20,7 +21,7 @@ from tqdm.auto import tqdm
 
 import nitrofusion
 from nitrofusion.data.conditioning import is_sd3
-from nitrofusion.errors import UserError, check_guidance_scale
+from nitrofusion.errors import Interrupted, UserError, check_guidance_scale
 from nitrofusion.pipelines.fast import fast_sampler, quantize, to_host
 from nitrofusion.pipelines.loading import SHIFT_LCM_MAX_STEPS
 from nitrofusion.userfiles import check_writable_folder, replacing, write_new
@@ -227,6 +228,19 @@ def size_limits_of_folder(folder: str | Path) -> tuple[int, int] | None:
         return None
 
 
+def _interrupter(interrupt: Callable[[], bool]) -> Callable[..., dict]:
+    """A diffusers step-end callback that stops the pipeline's loop once `interrupt()` is true.
+    Raising, not the pipelines' own `interrupt` flag: that one skips the remaining steps but still
+    decodes and returns a half-denoised image, which a caller could take for a finished one."""
+
+    def on_step_end(pipe: DiffusionPipeline, step: int, timestep: Any, tensors: dict) -> dict:
+        if interrupt():
+            raise Interrupted()
+        return tensors
+
+    return on_step_end
+
+
 SEEDS = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
 
 
@@ -240,11 +254,17 @@ def generate(
     batch_size: int = 4,
     guidance_scale: float | None = None,
     progress: bool = True,
+    interrupt: Callable[[], bool] | None = None,
 ) -> list[GenerationResult]:
     """Sample one image per prompt; image i starts from the noise of seed + i, whatever the batch
     size (on a CPU, the pixels of two batch sizes can still differ by rounding, about 1/255).
-    `steps`: None is `default_steps(pipe)` (1 for a distilled model, the pipeline's own otherwise)."""
-    batches = generate_batches(pipe, prompts, steps, seed, height, width, batch_size, guidance_scale, progress)
+    `steps`: None is `default_steps(pipe)` (1 for a distilled model, the pipeline's own otherwise).
+    `interrupt`: asked before each batch and after each denoising step of the pipeline's own loop;
+    once it returns True, `Interrupted` is raised there. The fast path's 1-4 steps run as one call
+    (one CUDA graph once compiled) and are asked about before it only."""
+    batches = generate_batches(
+        pipe, prompts, steps, seed, height, width, batch_size, guidance_scale, progress, interrupt
+    )
     return [result for batch in batches for result in batch]
 
 
@@ -258,6 +278,7 @@ def generate_batches(
     batch_size: int = 4,
     guidance_scale: float | None = None,
     progress: bool = True,
+    interrupt: Callable[[], bool] | None = None,
 ) -> Iterator[list[GenerationResult]]:
     """`generate`, a batch at a time: a caller can write each batch before the next is drawn."""
     if isinstance(prompts, str):  # one prompt, not one image per character
@@ -275,6 +296,8 @@ def generate_batches(
         guidance_scale = default_guidance(sampler, pipe)
     sigmas = sampling_sigmas(pipe, steps)
     levels = {} if sigmas is None else {"sigmas": sigmas}
+    if interrupt is not None:
+        levels["callback_on_step_end"] = _interrupter(interrupt)
     # The pipeline's own modules without its per-call work, where it applies (same images).
     fast = fast_sampler(pipe) if guidance_scale <= 1 else None
     device = fast.device if fast is not None else pipe.device  # pipe.device walks every submodule
@@ -282,6 +305,8 @@ def generate_batches(
     for start in range(0, len(prompts), batch_size):
         chunk = list(prompts[start : start + batch_size])
         seeds = [seed + start + i for i in range(len(chunk))]
+        if interrupt is not None and interrupt():
+            raise Interrupted()
         generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
         with torch.inference_mode():
             if fast is not None:
