@@ -368,6 +368,12 @@ def test_model_names_are_checked_before_loading():
         load_models([ModelSpec("embedded"), ModelSpec(None), ModelSpec("/does/not/exist")])
     with pytest.raises(UserError, match="may only use"):
         load_models([ModelSpec("/does/not/exist", name="a b")])
+    # --steps a model cannot sample at, as far as its options tell: said before the first model loads
+    # (an SDXL pipeline takes tens of seconds), not after.
+    with pytest.raises(UserError, match="--steps for model 'embedded' must be 1 to 4, got 5"):
+        load_models([ModelSpec("/does/not/exist"), ModelSpec(steps=5)])
+    with pytest.raises(UserError, match="--steps for model 'exist' must be a positive count, got 0"):
+        load_models([ModelSpec("/does/not/exist", steps=0)])
 
 
 def test_the_app_serves_an_sd15_model_with_or_without_its_safety_checker(tmp_path):

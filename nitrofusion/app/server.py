@@ -331,9 +331,16 @@ def load_models(
             raise UserError(f"two models are named '{name}'; name them with --model NAME=PATH")
         check_guidance_scale(specs[i].guidance_scale)
         check_lora_option(specs[i].lora, specs[i].unet)
+    choices = [choose_model(spec.model, spec.unet, spec.shift, lora=spec.lora) for spec in specs]
+    for spec, name, choice in zip(specs, names, choices):
+        # As far as the options tell: a student UNet or a shift is a distilled model (1-4 steps);
+        # `LoadedModel.from_pipeline` checks again on the loaded pipeline.
+        few_step = choice.unet is not None or choice.shift is not None
+        if spec.steps is not None and (spec.steps < 1 or (few_step and spec.steps not in STUDENT_STEPS)):
+            offered = f"{STUDENT_STEPS[0]} to {STUDENT_STEPS[-1]}" if few_step else "a positive count"
+            raise UserError(f"--steps for model '{name}' must be {offered}, got {spec.steps}")
     models: list[LoadedModel] = []
-    for spec, name in zip(specs, names):
-        choice = choose_model(spec.model, spec.unet, spec.shift, lora=spec.lora)
+    for spec, name, choice in zip(specs, names, choices):
         pipe = load_pipeline(
             choice.model,
             lora=spec.lora,
