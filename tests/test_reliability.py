@@ -436,6 +436,37 @@ def test_resuming_an_earlier_checkpoint_sets_the_later_ones_aside(tiny_sdxl_dir,
     assert "set aside" in (tmp_path / "log.txt").read_text()
 
 
+def test_resuming_another_folders_checkpoint_sets_this_folders_earlier_run_aside(tiny_sdxl_dir, tmp_path):
+    """`--resume PATH` from another run.output_dir took over the earlier run found here: its own
+    checkpoints outranked or were pruned with the resumed run's, and its student was overwritten."""
+    from nitrofusion.training.distill import Distiller
+
+    overrides = ("refine.steps_per_stage=[3]", "run.checkpoint_every=1", "run.keep_checkpoints=2")
+    source = Distiller(config(tiny_sdxl_dir, tmp_path / "a", *overrides), progress=False)
+    source.train_step()
+    source.step += 1
+    source.save_checkpoint()
+    here = tmp_path / "b"
+    Distiller(
+        config(tiny_sdxl_dir, here, "refine.steps_per_stage=[5]", "run.checkpoint_every=1"), progress=False
+    ).train()
+    earlier = (here / "student_unet.safetensors").read_bytes()
+    root = here / "checkpoints"
+    theirs = [p.name for p in checkpoint.list_checkpoints(root)]
+    assert theirs[-1] == "step-00000005"
+
+    Distiller(config(tiny_sdxl_dir, here, *overrides), progress=False).train(
+        str(tmp_path / "a" / "checkpoints" / "step-00000001")
+    )
+    log = (here / "log.txt").read_text()
+    assert "resumed from step 1" in log
+    assert [p.name for p in checkpoint.list_checkpoints(root)] == ["step-00000002", "step-00000003"]
+    assert sorted(p.name for p in root.glob("abandoned-step-*")) == [f"abandoned-{name}" for name in theirs]
+    assert (here / "abandoned-run" / "student_unet.safetensors").read_bytes() == earlier
+    assert (here / "student_unet.safetensors").read_bytes() != earlier
+    assert "the earlier run in this folder (its student, pipeline, grids), set aside" in log
+
+
 def test_a_resumed_run_takes_its_optimizer_settings_from_its_config(tiny_sdxl_dir, tmp_path):
     """load_state_dict took the learning rates, betas and weight decay of the checkpoint's groups."""
     from nitrofusion.training.distill import Distiller

@@ -975,8 +975,17 @@ class Distiller:
         self.step = int(meta["step"])
         self.log_line(f"resumed from step {self.step}")
         if self.acc.is_main_process:
-            for path in checkpoint.set_aside_later(root, self.step):
-                self.log_line(f"{path}: a later checkpoint of the run resumed before it, set aside")
+            if which == "latest" or Path(which).resolve().parent == root.resolve():
+                for path in checkpoint.set_aside_later(root, self.step):
+                    self.log_line(f"{path}: a later checkpoint of the run resumed before it, set aside")
+            else:
+                # Another folder's checkpoint continues here: whatever this folder holds is another
+                # run's, which it would otherwise prune (checkpoints) and overwrite (student, pipeline).
+                moved = self.set_aside_earlier_run()
+                if moved is not None:
+                    self.log_line(f"{moved}: the earlier run in this folder (its student, pipeline, grids), set aside")
+                for path in checkpoint.set_aside_later(root, -1):
+                    self.log_line(f"{path}: a checkpoint of an earlier run in this folder, set aside")
         # A run killed while validating after its checkpoint: draw the grid it never wrote.
         every = self.cfg.run.validate_every
         due = every and (self.step % every == 0 or self.step == self.cfg.total_steps)
