@@ -185,6 +185,21 @@ def test_the_app_refuses_a_max_size_below_its_models_own():
         create_app([model], max_size=16)
 
 
+def test_the_app_refuses_a_max_size_below_a_models_own_before_any_model_loads(monkeypatch):
+    """Said after loading, an SDXL pipeline's tens of seconds came first."""
+    from nitrofusion.app import ModelSpec
+    from nitrofusion.app.server import load_models
+    from nitrofusion.errors import UserError
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr("nitrofusion.pipelines.load_pipeline", no_loading)
+    for specs in ([ModelSpec()], [ModelSpec(model="embedded-teacher"), ModelSpec(name="second")]):
+        with pytest.raises(UserError, match="--max-size 16 is below model '(embedded-teacher|embedded)''s own size 32"):
+            load_models(specs, device="cpu", warmup=False, max_size=16)
+
+
 def test_train_teacher_refuses_a_run_dir_of_other_settings_and_a_file_as_out(tmp_path, capsys):
     import torch
 

@@ -184,6 +184,7 @@ def run(args: argparse.Namespace) -> int:
             warmup=not args.no_warmup,
             compile=args.compile,
             safety_checker=not args.no_safety_checker,
+            max_size=args.max_size,
         )
         # On loopback, only this machine's own names are answered (DNS rebinding); exposed on purpose, any.
         hosts = (*LOOPBACK_HOSTS, args.host) if loopback else ("*",)

@@ -313,12 +313,14 @@ def load_models(
     warmup: bool = True,
     compile: bool = False,
     safety_checker: bool = True,
+    max_size: int | None = None,
 ) -> list[LoadedModel]:
     """Load every model once (safetensors only, no remote code: `load_pipeline`'s guarantees) and
-    optionally sample one image each, so the first user request does not pay for lazy initialisation."""
+    optionally sample one image each, so the first user request does not pay for lazy initialisation.
+    `max_size`: the server's --max-size, checked against each model's own size before any loads."""
     from nitrofusion.pipelines import generate, load_pipeline
     from nitrofusion.pipelines.adapters import check_lora_option
-    from nitrofusion.pipelines.generation import check_guidance_scale
+    from nitrofusion.pipelines.generation import check_guidance_scale, default_size_of_folder
     from nitrofusion.world.spec import choose_model
 
     specs = list(specs) or [ModelSpec()]
@@ -339,6 +341,9 @@ def load_models(
         if spec.steps is not None and (spec.steps < 1 or (few_step and spec.steps not in STUDENT_STEPS)):
             offered = f"{STUDENT_STEPS[0]} to {STUDENT_STEPS[-1]}" if few_step else "a positive count"
             raise UserError(f"--steps for model '{name}' must be {offered}, got {spec.steps}")
+        own_size = default_size_of_folder(choice.model) if max_size is not None else None
+        if own_size is not None:  # a local folder (an embedded one too); create_app checks every model again
+            check_max_size(max_size, name, own_size)
     models: list[LoadedModel] = []
     for spec, name, choice in zip(specs, names, choices):
         pipe = load_pipeline(
@@ -648,6 +653,14 @@ def _page() -> str:
     return (resources.files("nitrofusion.app") / "page.html").read_text(encoding="utf-8")
 
 
+def check_max_size(max_size: int | None, name: str, own_size: int) -> None:
+    """A --max-size below a model's own size would refuse its requests without a size (the page's first)."""
+    if max_size is not None and own_size > max_size:
+        raise UserError(
+            f"--max-size {max_size} is below model '{name}''s own size {own_size}: give --max-size {own_size} or more"
+        )
+
+
 def create_app(
     models: Sequence[LoadedModel],
     max_size: int | None = None,
@@ -661,12 +674,8 @@ def create_app(
         raise UserError("the app needs at least one model")
     if (max_size is not None and max_size < 1) or queue_size < 1:
         raise UserError("--max-size and --queue-size must be at least 1")
-    small = [m for m in models if max_size is not None and m.default_size > max_size]
-    if small:  # its requests without a size (the page's first) would all be refused
-        raise UserError(
-            f"--max-size {max_size} is below model '{small[0].name}''s own size {small[0].default_size}: "
-            f"give --max-size {small[0].default_size} or more"
-        )
+    for m in models:
+        check_max_size(max_size, m.name, m.default_size)
     by_name = {m.name: m for m in models}
     slots = ClientSlots()
     workers = {m.name: ModelWorker(m.name, slots, queue_size) for m in models}

@@ -216,6 +216,21 @@ def size_multiple_of_folder(folder: str | Path) -> int | None:
     return None if limits is None else limits[0]
 
 
+def default_size_of_folder(folder: str | Path) -> int | None:
+    """`default_size` from a pipeline folder's configs, before anything is loaded; None where they
+    cannot be read."""
+    try:
+        vae = json.loads((Path(folder) / "vae" / "config.json").read_text())
+        factor = 2 ** (len(vae["block_out_channels"]) - 1)
+        for name in ("unet", "transformer"):
+            path = Path(folder) / name / "config.json"
+            if path.is_file():
+                return int(json.loads(path.read_text())["sample_size"]) * factor
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return None
+
+
 def size_limits_of_folder(folder: str | Path) -> tuple[int, int] | None:
     """(`size_multiple`, `largest_side`) from a pipeline folder's configs, as `size_multiple_of_folder`."""
     try:
