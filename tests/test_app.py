@@ -669,6 +669,62 @@ def test_shutting_down_answers_the_waiting_at_once_and_stops_the_image_being_dra
                                                    "stale": 0, "busy": 0, "failed": 0, "abandoned": 0}  # fmt: skip
 
 
+SERVE_UNSTOPPABLE = """
+import sys, time
+from nitrofusion.app.server import AppServer, LoadedModel, Rendered, create_app, ServerThread
+
+class Unstoppable(LoadedModel):  # one long call that never asks to be interrupted (the fast path's)
+    def render(self, prompt, steps, seed, width, height, interrupt=None):
+        print("drawing", flush=True)
+        time.sleep(3)
+        return Rendered(prompt.encode(), seed, 3.0)
+
+app = create_app([Unstoppable("m", "test", None, "shift-lcm", default_size=32, size_multiple=8, token_limit=77)])
+server = ServerThread(app)  # its socket and port; served here, in the main thread, as `nitrofusion app` does
+print(server.port, flush=True)
+try:
+    server.server.run(sockets=[server.socket])
+except KeyboardInterrupt:
+    sys.exit(130)
+"""
+
+
+def test_a_second_ctrl_c_answers_the_request_still_drawing_without_a_traceback(tmp_path):
+    """uvicorn's forced exit cancelled the request whose image was being drawn: a 500 and a traceback."""
+    import signal
+    import subprocess
+    import sys
+
+    script = tmp_path / "serve.py"
+    script.write_text(SERVE_UNSTOPPABLE)
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        port = int(proc.stdout.readline())
+        replies = {}
+
+        def post(prompt: str) -> None:
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=20) as c:
+                replies[prompt] = c.post("/api/generate", json={"prompt": prompt, "client": prompt})
+
+        posts = [threading.Thread(target=post, args=(p,)) for p in ("a", "b")]
+        posts[0].start()
+        assert proc.stdout.readline() == "drawing\n"
+        posts[1].start()
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGINT)
+        for t in posts:
+            t.join(20)
+        _, err = proc.communicate(timeout=20)
+    finally:
+        proc.kill()
+    assert [replies[p].status_code for p in ("a", "b")] == [503, 503]
+    assert all("shutting down" in r.json()["error"] for r in replies.values())
+    assert "Traceback" not in err and "shutting down" in err, err
+    assert proc.returncode == 130
+
+
 def test_switching_models_frees_the_old_models_place_in_line_at_once():
     one, two = GatedModel("one"), GatedModel("two")
     app = create_app([one, two])

@@ -804,6 +804,12 @@ def create_app(
             return _error(503, str(exc), headers={"Retry-After": "1"})
         except (ShuttingDown, Interrupted):
             return _error(503, "the app is shutting down; this image was not drawn")
+        except asyncio.CancelledError:
+            if not worker.stopping.is_set():
+                raise
+            # A second Ctrl-C (uvicorn's forced exit) cancels the request whose image is still being drawn:
+            # an answer, where the cancellation printed a traceback.
+            return _error(503, "the app is shutting down; this image was not drawn")
         except UserError as exc:
             return _error(400, str(exc))
         except Exception as exc:
@@ -842,21 +848,25 @@ class AppServer(uvicorn.Server):
     uvicorn alone lets every open request finish before it exits: on Ctrl-C every queued image was
     drawn first, and a second Ctrl-C answered the waiting clients with 500s and printed a traceback
     for each. Here the waiting are answered 503 at once, and an image being drawn by a pipeline's
-    own step loop (a teacher's) stops at its next step."""
+    own step loop (a teacher's) stops at its next step. The workers are closed here too, not by a
+    lifespan task: a second Ctrl-C (uvicorn's forced exit) cancelled that task with a traceback."""
 
     def __init__(self, app: FastAPI, log_level: str = "warning") -> None:
-        super().__init__(uvicorn.Config(app, log_level=log_level, lifespan="on"))
+        super().__init__(uvicorn.Config(app, log_level=log_level, lifespan="off"))
         self.app = app
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         drawing, waiting = self.app.state.stop_work()
         if drawing or waiting:
             log.warning(
-                "shutting down: %d image(s) being drawn stop at their next step; %d waiting request(s) answered 503",
+                "shutting down: %d image(s) being drawn stop at their next step where their sampler allows; "
+                "%d waiting request(s) answered 503 (Ctrl-C again to stop at once)",
                 drawing,
                 waiting,
             )
         await super().shutdown(sockets)
+        for worker in self.app.state.workers.values():
+            worker.close()
 
 
 class ServerThread:
