@@ -320,6 +320,9 @@ def test_presets_compare_at_equal_compute():
         assert cfg.data == base.data and cfg.refine == base.refine and cfg.model == base.model
         assert cfg.loss.pretrain_steps == base.loss.pretrain_steps and cfg.total_steps == base.total_steps
         assert cfg.optim.lr == base.optim.lr and cfg.optim.grad_accumulation == base.optim.grad_accumulation
+        # The exported EMA averages over as many iterations: it steps with the student, every d_steps_per_g-th.
+        horizon = base.optim.ema_decay ** (cfg.loss.d_steps_per_g / base.loss.d_steps_per_g)
+        assert cfg.optim.ema_decay == pytest.approx(horizon, abs=1e-3)
 
 
 @pytest.mark.parametrize(
