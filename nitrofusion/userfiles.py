@@ -16,8 +16,12 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from nitrofusion.errors import UserError
+from nitrofusion.errors import UserError, first_line
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 MAX_TEXT_BYTES = 64 * 2**20  # far above any prompt list or config file
 
@@ -45,6 +49,20 @@ def read_user_text(path: str | Path, what: str, max_bytes: int = MAX_TEXT_BYTES)
     # prompt, of a CSV's first column name (its 'prompt' column then not found) or broke JSON. Removed
     # after decoding, not by the utf-8-sig codec, whose error offsets would not count the mark.
     return text.removeprefix("\ufeff")
+
+
+def read_user_image(path: str | Path, what: str = "image", hint: str = "") -> Image.Image:
+    """An image file as RGB, read whole; a damaged one (truncated, not an image, a decompression
+    bomb) is one line naming it: PIL's own message for a truncated file names no file, and among
+    thousands of reference images the user could not tell which one is bad."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else first_line(exc)
+        raise UserError(f"cannot read {what} '{path}': {reason}{hint}") from None
 
 
 def check_writable_folder(path: str | Path, what: str) -> Path:

@@ -713,11 +713,11 @@ def test_fid_resize_clean_is_pil_bicubic_on_float_channels_unrounded():
             plane = Image.frombytes("F", (side, side), np.ascontiguousarray(square[:, :, c]).tobytes())
             channels.append(np.asarray(plane.resize((299, 299), resample=Image.BICUBIC)).clip(0, 255))
         want.append(np.stack(channels, axis=-1))
-    want = _nchw(np.stack(want)) / 127.5 - 1
+    want = (_nchw(np.stack(want)) - 128) / 128  # clean-fid's InceptionV3W scales so (the TF graph's), not x/127.5-1
     got = fid.to_tensor(images, 299, "clean")
     assert got.shape == (4, 3, 299, 299) and got.dtype == torch.float32
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
-    pixels = (got[:2] + 1) * 127.5  # the resized ones: not rounded back to 8 bits, and clipped
+    pixels = got[:2] * 128 + 128  # the resized ones: not rounded back to 8 bits, and clipped
     assert (pixels - pixels.round()).abs().max() > 0.1
     assert pixels.min() >= -1e-4 and pixels.max() <= 255 + 1e-4
 
@@ -809,9 +809,9 @@ def test_fid_resize_flows_from_the_command_line_to_the_network_and_the_results(t
     out = tmp_path / "ev"
     args = ["evaluate", "--steps", "1", "--n", "4", "--batch-size", "4", "--out", str(out), "--metrics", "fid"]
     args += ["--inception", str(weights), "--reference", str(ref_dir)]
-    cache = out / "reference-inception.safetensors"
     for mode in ("clean", "pytorch-fid", None):
         assert main(args + (["--fid-resize", mode] if mode else [])) == 0, capsys.readouterr().err
+        cache = out / f"reference-inception{'-' + mode if mode else ''}.safetensors"  # one file per mode
         mode = mode or "pil-bicubic-8bit"
         # The reference images, read by the network as the mode prepares them: statistics made with
         # the mode before were not reused.
@@ -820,9 +820,11 @@ def test_fid_resize_flows_from_the_command_line_to_the_network_and_the_results(t
         row = json.loads((out / "results.json").read_text())[0]
         assert (row["fid_features"], row["fid_resize"]) == ("inception", mode)
         assert f"FID: inception features, --fid-resize {mode}" in (out / "results.md").read_text()
-    # The same mode again: the cached statistics are reused (only the generated images are read).
-    assert main(args) == 0
-    assert len(nets[-1].seen) == 1 and nets[-1].seen[0].shape[0] == 4
+    # The same mode again, and an earlier one: the cached statistics are reused (only the generated
+    # images are read); switching modes used to overwrite the one file, and compute them all again.
+    for again in ([], ["--fid-resize", "clean"]):
+        assert main(args + again) == 0
+        assert len(nets[-1].seen) == 1 and nets[-1].seen[0].shape[0] == 4
 
 
 def test_fid_resize_bad_value_is_argparses_one_line(tmp_path, capsys):
@@ -862,6 +864,34 @@ def test_compare_refuses_fids_of_two_resizes(tmp_path, capsys):
         assert main(["compare", str(first), str(clean), "--out", str(tmp_path / "b")]) == 2
         err = capsys.readouterr().err.strip()
         assert "fid_resize='clean'" in err and "'pil-bicubic-8bit'" in err and len(err.splitlines()) == 1
+
+
+def test_compare_refuses_scores_of_two_prompt_sets_and_takes_one_folder_however_spelt(tmp_path, capsys):
+    """Rows drawn from other prompts (COCO captions and PartiPrompts) were put in one table; the
+    same reference folder spelt with a trailing slash was refused as another protocol."""
+    coco = {"clip_score": 0.31, "prompt_set": "sha256:aaa", "clip_model": str(tmp_path / "clip")}
+    a = _evaluation_dir(tmp_path / "a", **coco)
+    b = _evaluation_dir(tmp_path / "b", **{**coco, "clip_model": str(tmp_path / "clip") + "/"})
+    parti = _evaluation_dir(tmp_path / "parti", **{**coco, "prompt_set": "sha256:bbb"})
+    old = _evaluation_dir(tmp_path / "old", clip_score=0.30, clip_model=str(tmp_path / "clip"))  # records no set
+    assert main(["compare", str(a), str(b), str(old), "--out", str(tmp_path / "ok")]) == 0
+    capsys.readouterr()
+    assert main(["compare", str(a), str(parti), "--out", str(tmp_path / "no")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "prompt_set='sha256:bbb'" in err and len(err.splitlines()) == 1
+
+
+def test_evaluate_records_the_prompt_set_whatever_its_n_and_seed(tmp_path):
+    from nitrofusion.evaluation.evaluate import prompt_set_identity
+
+    one, other = tmp_path / "one.txt", tmp_path / "other.txt"
+    one.write_text("a red bag\na blue shoe\n")
+    other.write_text("a red bag\na green shoe\n")
+    assert prompt_set_identity("embedded") == "embedded"
+    assert prompt_set_identity(str(one)).startswith("sha256:")
+    assert prompt_set_identity(str(one)) != prompt_set_identity(str(other))
+    (tmp_path / "copy.txt").write_text(one.read_text())
+    assert prompt_set_identity(str(tmp_path / "copy.txt")) == prompt_set_identity(str(one))
 
 
 @pytest.mark.parametrize(
@@ -998,6 +1028,34 @@ def test_step_counts_the_model_cannot_sample_are_said_before_the_reference_featu
     assert main([*args, "--reference", str(refs), "--steps", "1", "--out", str(out)]) == 0
     assert (out / "reference-embedded.safetensors").is_file()
     assert json.loads((out / "results.json").read_text())[0]["fid"] > 0
+
+
+def test_a_damaged_image_is_named_and_a_refused_run_leaves_no_folder(tmp_path, capsys):
+    """PIL's message for a truncated file names no file: among thousands of COCO images the user
+    could not tell which one; and the refused run had made its --out already."""
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    for i in range(4):
+        Image.new("RGB", (28, 28), (40 * i, 0, 0)).save(refs / f"{i}.jpg")
+    whole = (refs / "2.jpg").read_bytes()
+    (refs / "2.jpg").write_bytes(whole[: len(whole) // 2])
+    out = tmp_path / "out"
+    args = ["evaluate", "--model", "embedded", "--metrics", "fid", "--fid-features", "embedded", "--n", "4"]
+    assert main([*args, "--reference", str(refs), "--steps", "1", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"error: cannot read reference image '{refs / '2.jpg'}'" in err.splitlines()[-1], err  # after a warning
+    assert not out.exists()
+    # A cached image damaged after it was written: named, with what to do.
+    (refs / "2.jpg").write_bytes(whole)
+    assert main([*args, "--reference", str(refs), "--steps", "1", "--out", str(out)]) == 0
+    cached = next((out / "images").glob("*/00001.png"))
+    cached.write_bytes(cached.read_bytes()[:60])
+    assert main([*args, "--reference", str(refs), "--steps", "1", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"error: cannot read cached image '{cached}'" in err.splitlines()[-1] and "delete it" in err
+    cached.unlink()
+    assert main([*args, "--reference", str(refs), "--steps", "1", "--out", str(out)]) == 0
+    assert json.loads((out / "results.json").read_text())[0]["prompt_set"] == "embedded"  # compare's protocol
 
 
 def test_a_missing_model_is_said_before_the_reference_features_are_computed(tmp_path, capsys):

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from nitrofusion.errors import UserError
 from nitrofusion.pipelines.generation import generate
-from nitrofusion.userfiles import replacing, write_text_replacing
+from nitrofusion.userfiles import read_user_image, replacing, write_text_replacing
 
 IMAGE_NAME = re.compile(r"\d{5}\.png")
 # Settings first recorded on 2026-11-29 (the model folder's weights files): a cache made before
@@ -143,8 +143,8 @@ class CachedImages(Sequence[Image.Image]):
 
 
 def _read(path: Path) -> Image.Image:
-    with Image.open(path) as image:
-        return image.convert("RGB")
+    # A file damaged after it was written (its cache entry only records that it exists).
+    return read_user_image(path, "cached image", hint=": delete it, and evaluate draws it again")
 
 
 def _contiguous(indices: list[int]) -> list[list[int]]:

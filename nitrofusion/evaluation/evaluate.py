@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -78,6 +79,17 @@ class EvalRequest:
     evaluator: str | None = None
     grid_images: int = 10
     safety_checker: bool = True  # False: a pipeline's safety checker is left out (no blacked-out images)
+
+
+def prompt_set_identity(spec: str) -> str:
+    """Which prompts a run draws from, whatever its --n and seed: `embedded`, or a file's prompts by
+    their digest (the file's path says nothing: the same file elsewhere, another file of one name)."""
+    if spec == "embedded":
+        return "embedded"
+    from nitrofusion.data.prompts import load_prompts
+    from nitrofusion.data.teacher import prompts_digest
+
+    return "sha256:" + prompts_digest(load_prompts(spec))
 
 
 def load_prompt_set(spec: str, n: int, seed: int) -> tuple[list[str], list[int] | None, str | None]:
@@ -249,9 +261,12 @@ def build_scorers(req: EvalRequest, device: str) -> Scorers:
             # The feature network by its contents, not its path: other weights at the same path
             # (another evaluator, a re-downloaded CLIP) give other features and other statistics.
             extractor, extractor_file = fid.weights_identity(weights), str(weights.expanduser().resolve())
-            cache = req.out / f"reference-{req.fid_features}.safetensors"
-            # Inception's resize is in the provenance: statistics made with another are not reused.
+            # Inception's resize is in the provenance: statistics made with another are not reused. Each
+            # resize has a file of its own (the default keeps the name it always had), so going back to
+            # one does not compute a COCO reference's features again.
             resize = fid_resize(req) or fid.DEFAULT_FID_RESIZE
+            mode = f"-{resize}" if resize != fid.DEFAULT_FID_RESIZE else ""
+            cache = req.out / f"reference-{req.fid_features}{mode}.safetensors"
             source = str(req.reference)
 
             @functools.cache
@@ -360,6 +375,7 @@ def evaluate(req: EvalRequest) -> list[dict]:
     check_lora_option(req.lora, req.unet)  # before the metrics' models load
     prompts, labels, prompts_warning = load_prompt_set(req.prompts, req.n, req.seed)
     prompts_sha256 = prompts_digest(prompts)
+    prompt_set = prompt_set_identity(req.prompts)
     # A model that is not there is said before the metrics' reference features are computed (minutes
     # for a COCO reference on a CPU); load_pipeline checks the rest after them.
     check_model_index(resolve_model(req.model, unet_weights=req.unet is None, allow_flow=True))
@@ -388,7 +404,6 @@ def evaluate(req: EvalRequest) -> list[dict]:
     batch_size = default_batch_size(pipe) if req.batch_size is None else req.batch_size
     for steps in req.steps:  # all of them before the first is sampled
         check_request(pipe, steps, default_size(pipe), default_size(pipe))
-    req.out.mkdir(parents=True, exist_ok=True)
     pipe.set_progress_bar_config(disable=True)
     sampler = pipe.nitro_sampler
     label = req.label or Path(str(req.model)).name
@@ -434,12 +449,16 @@ def evaluate(req: EvalRequest) -> list[dict]:
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr, flush=True)
     scorers.prepare()
+    # Made once the reference features are in (a damaged reference image is refused there): a refused
+    # run leaves no folder behind.
+    req.out.mkdir(parents=True, exist_ok=True)
     for steps, settings, cache in caches:
         images, per_image = cache.fill(
             pipe, prompts, steps, req.seed, batch_size, guidance, desc=f"{label}, {steps} step(s)"
         )
         row = {
             **settings,
+            "prompt_set": prompt_set,
             "model_path": settings["model"],
             "model": label,
             "n": req.n,
@@ -518,13 +537,26 @@ def write_report(out: Path, rows: list[dict], grid_rows: list[list[Image.Image]]
         make_grid(grid_rows, labels, scale=scale).save(tmp, format="PNG")
 
 
-# A column's protocol: the settings its numbers depend on besides the model.
+# A column's protocol: the settings its numbers depend on besides the model. Every column depends on
+# the prompts the images were drawn from (`prompt_set`; rows of older versions do not record it).
 PROTOCOL = {
-    "fid": ("fid_features", "fid_resize", "fid_reference", "n"),
-    "clip_score": ("clip_model",),
-    "aesthetic": ("aesthetic_clip_model",),
-    "class_accuracy": ("n",),
+    "fid": ("prompt_set", "fid_features", "fid_resize", "fid_reference", "n"),
+    "clip_score": ("prompt_set", "clip_model"),
+    "aesthetic": ("prompt_set", "aesthetic_clip_model"),
+    "image_reward": ("prompt_set",),
+    "class_accuracy": ("prompt_set", "n"),
 }
+PATH_SETTINGS = ("fid_reference", "clip_model", "aesthetic_clip_model")  # a path, as typed, or a hub id
+
+
+def _same_setting(key: str, a: object, b: object) -> bool:
+    """Two rows' values of one setting agree: equal, or (for a path) naming the same place, as
+    `/data/coco/` and `/data/coco` do."""
+    if a == b:
+        return True
+    if key in PATH_SETTINGS and isinstance(a, str) and isinstance(b, str):
+        return os.path.realpath(os.path.expanduser(a)) == os.path.realpath(os.path.expanduser(b))
+    return False
 
 
 def _check_same_protocol(rows: list[dict], row: dict, path: Path) -> None:
@@ -534,7 +566,7 @@ def _check_same_protocol(rows: list[dict], row: dict, path: Path) -> None:
         if column not in row:
             continue
         for other in (r for r in rows if column in r):
-            differ = [k for k in keys if k in row and k in other and row[k] != other[k]]
+            differ = [k for k in keys if k in row and k in other and not _same_setting(k, row[k], other[k])]
             if differ:
                 k = differ[0]
                 raise UserError(

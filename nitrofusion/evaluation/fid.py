@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from nitrofusion.errors import UserError
 from nitrofusion.evaluation.frechet import GaussianStats
-from nitrofusion.userfiles import replacing
+from nitrofusion.userfiles import read_user_image, replacing
 
 if TYPE_CHECKING:
     from nitrofusion.evaluation.clip import ClipModel
@@ -53,7 +53,8 @@ def to_tensor(images: list[Image.Image], size: int | None = None, resize: str = 
 
     * `pil-bicubic-8bit`: PIL's bicubic filter on the 8-bit image (the result is 8-bit again);
     * `clean`: clean-fid's "clean" resize: PIL's bicubic filter on each channel as a float32
-      image (mode "F"), clipped to [0, 255] and not rounded to 8 bits;
+      image (mode "F"), clipped to [0, 255] and not rounded to 8 bits; then clean-fid's scaling,
+      (x - 128) / 128 (its network's, the TF graph's), where the others take x / 127.5 - 1;
     * `pytorch-fid`: pytorch-fid's: the 8-bit image as floats in [0, 1], torch's bilinear
       interpolation (align_corners=False, no antialiasing), then [-1, 1].
 
@@ -67,7 +68,8 @@ def to_tensor(images: list[Image.Image], size: int | None = None, resize: str = 
     if resize == "pytorch-fid":
         return torch.cat([_bilinear_resize(im, size) for im in squares]).mul(2.0).sub(1.0)
     if resize == "clean":
-        return _to_unit_range(np.stack([_float_bicubic_resize(im, size) for im in squares]))
+        arr = np.stack([_float_bicubic_resize(im, size) for im in squares])
+        return torch.from_numpy(arr).permute(0, 3, 1, 2).sub(128.0).div(128.0)
     arr = np.stack([np.asarray(im.resize((size, size), Image.BICUBIC), dtype=np.float32) for im in squares])
     return _to_unit_range(arr)
 
@@ -154,7 +156,7 @@ def list_images(directory: str | Path) -> list[Path]:
 INCEPTION_PREPROCESS = {
     "pil-bicubic-8bit": "centre square, PIL bicubic to 299x299 on 8-bit RGB, [-1, 1]",
     "clean": "clean (clean-fid): centre square, PIL bicubic to 299x299 on each RGB channel as float32, "
-    "clipped to [0, 255], not rounded, [-1, 1]",
+    "clipped to [0, 255], not rounded, (x - 128) / 128",
     "pytorch-fid": "pytorch-fid: centre square, 8-bit RGB to [0, 1], torch bilinear to 299x299 "
     "(align_corners=False, no antialias), [-1, 1]",
 }
@@ -322,7 +324,7 @@ def reference_stats(
     feats = []
     with tqdm(total=len(paths), desc=f"reference features ({features})", unit="image") as bar:
         for i in range(0, len(paths), 500):
-            feats.append(extract([Image.open(p).convert("RGB") for p in paths[i : i + 500]]))
+            feats.append(extract([read_user_image(p, "reference image") for p in paths[i : i + 500]]))
             bar.update(len(feats[-1]))
     stats = GaussianStats.from_features(torch.cat(feats))
     if cache is not None:
