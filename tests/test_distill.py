@@ -728,6 +728,7 @@ def resume():
     cfg = load_config(None, None, [*overrides, f"run.output_dir={{out}}/resume", "run.checkpoint_every=1",
         "refine.steps_per_stage=[3]"])
     d = distill.Distiller(cfg, accelerator=acc, progress=False)
+    load_latest = distill.checkpoint.load_latest
     if acc.process_index == 1:  # this rank's disk has no checkpoint
         distill.checkpoint.load_latest = lambda *a, **k: None
     try:
@@ -735,18 +736,30 @@ def resume():
         said = "trained"
     except UserError as exc:
         said = str(exc)
+    finally:
+        distill.checkpoint.load_latest = load_latest
     write("resume", f"{{d.step}} {{said}}")
 
 
-for scenario in (identical, pairs, resume):
+def resume_together():
+    cfg = load_config(None, None, [*overrides, f"run.output_dir={{out}}/resume-together", "run.checkpoint_every=1",
+        "refine.steps_per_stage=[3]"])
+    d = distill.Distiller(cfg, accelerator=acc, progress=False)
+    d.train(resume="latest")
+    write("together", f"{{d.step}}")
+
+
+for scenario in (identical, pairs, resume, resume_together):
     try:
         scenario()
     except Exception:  # said in its own file, for its own test; the other ranks may then wait in vain
         write(f"{{scenario.__name__}}-failed", traceback.format_exc())
         raise
-# Leave together: a process that exits with gloo's threads still running can abort at exit.
-acc.wait_for_everyone()
-dist.destroy_process_group()
+# A finished run ended the process group (accelerate's end_training); the others leave together: a
+# process that exits with gloo's threads still running can abort at exit.
+if dist.is_initialized():
+    acc.wait_for_everyone()
+    dist.destroy_process_group()
 """
 
 
@@ -758,10 +771,11 @@ def two_ranks(tiny_sdxl_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("two-ranks")
     # A checkpoint at step 1 for the resume scenario, which rank 1 will not find.
     overrides = ("run.checkpoint_every=1", "refine.steps_per_stage=[3]")  # as the scenario resumes it
-    first = Distiller(config(tiny_sdxl_dir, out / "resume", *overrides), progress=False)
-    first.train_step()
-    first.step += 1
-    first.save_checkpoint()
+    for folder in ("resume", "resume-together"):
+        first = Distiller(config(tiny_sdxl_dir, out / folder, *overrides), progress=False)
+        first.train_step()
+        first.step += 1
+        first.save_checkpoint()
     script = out / "two_ranks.py"
     script.write_text(TWO_RANKS.format(overrides=config_overrides(tiny_sdxl_dir, out / "unused")))
     torchrun = Path(sys.executable).with_name("torchrun")
@@ -820,6 +834,17 @@ def test_ranks_that_resume_from_different_checkpoints_are_stopped(two_ranks):
     ranks = two_rank_files(two_ranks, "resume")
     assert [r.split(" ", 1)[0] for r in ranks] == ["1", "0"]
     assert all("resumed from different checkpoints" in r for r in ranks), ranks
+
+
+def test_ranks_that_resume_from_one_checkpoint_train_on_together_to_the_export(two_ranks):
+    """accelerate's reduce summed where asked for "max" (before 1.14): two ranks resumed at step 1
+    compared 1 with 2, and every multi-rank resume was refused as "from different checkpoints".
+    And every multi-rank run ended in a traceback with no student: accelerate's end_training,
+    called before the export, ended the process group the export waits on."""
+    assert two_rank_files(two_ranks, "together") == ["3", "3"]
+    assert "resumed from step 1" in (two_ranks / "resume-together" / "log.txt").read_text()
+    assert (two_ranks / "resume-together" / "student_unet.safetensors").is_file()
+    assert (two_ranks / "resume-together" / "pipeline" / "model_index.json").is_file()
 
 
 def test_every_rank_and_micro_batch_draws_its_own_random_stream():

@@ -673,10 +673,10 @@ class Distiller:
         return self.on_every_rank(torch.isfinite(torch.nn.utils.get_total_norm(grads, foreach=True)))
 
     def on_every_rank(self, ok: torch.Tensor) -> bool:
-        """Whether `ok` holds on every rank (all ranks skip a step together, or none does).
-        accelerate's reduce knows sum, mean and max: "min" would sum, true if any rank is."""
+        """Whether `ok` holds on every rank (all ranks skip a step together, or none does): the
+        ranks' failures summed (accelerate's reduce knows sum and mean on every version it allows)."""
         failed = (~ok.bool()).float().to(self.acc.device)
-        return not bool(self.acc.reduce(failed, "max") > 0)
+        return not bool(self.acc.reduce(failed, "sum") > 0)
 
     def _skip_step(self) -> dict[str, float]:
         self.opt_g.zero_grad(set_to_none=True)
@@ -727,10 +727,10 @@ class Distiller:
             self.resume(resume)
             # Each process reads the checkpoint on its own: on disks that are not shared (several
             # machines), one could resume at step N and another start afresh, their weights apart.
-            step = torch.tensor(float(self.step))
-            if self.acc.num_processes > 1 and not self.on_every_rank(
-                step == self.acc.reduce(step.to(self.acc.device), "max").cpu()
-            ):
+            # Every rank's step, gathered (accelerate's reduce summed for "max" before 1.14: N ranks at
+            # step S compared S with N*S, and every multi-rank resume was refused).
+            steps = self.acc.gather(torch.tensor([float(self.step)], device=self.acc.device)).cpu()
+            if self.acc.num_processes > 1 and not bool((steps == steps[0]).all()):
                 raise UserError(
                     "the processes resumed from different checkpoints (is run.output_dir on a disk every "
                     "machine shares?): resume from one path they can all read"
@@ -783,8 +783,9 @@ class Distiller:
             bar.close()  # before any error message, which must be the last line the user sees
             # The iterations since the last flush are the ones that show why a run stopped.
             self.draw_curves()
+        exported = self.export()  # waits for every rank: before end_training, which ends the process group
         self.acc.end_training()
-        return self.export()
+        return exported
 
     # ---- persistence ----------------------------------------------------------------------
     EARLIER_RUN = (
