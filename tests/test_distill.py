@@ -21,6 +21,7 @@ from nitrofusion.errors import UserError
 from nitrofusion.testing import save_tiny_sdxl, tiny_sdxl_pipeline
 from nitrofusion.training import checkpoint
 from nitrofusion.training.distill import Distiller, TrainingStopped
+from nitrofusion.userfiles import folder_lock
 
 
 @pytest.mark.parametrize(
@@ -749,7 +750,20 @@ def resume_together():
     write("together", f"{{d.step}}")
 
 
-for scenario in (identical, pairs, resume, resume_together):
+def locked():
+    # Another run holds this folder's lock (the test does): the main process is refused, and so is
+    # every other rank, at once.
+    cfg = load_config(None, None, [*overrides, f"run.output_dir={{out}}/locked", "refine.steps_per_stage=[3]"])
+    d = distill.Distiller(cfg, accelerator=acc, progress=False)
+    try:
+        d.train()
+        said = "trained"
+    except UserError as exc:
+        said = str(exc)
+    write("locked", said)
+
+
+for scenario in (identical, pairs, resume, locked, resume_together):
     try:
         scenario()
     except Exception:  # said in its own file, for its own test; the other ranks may then wait in vain
@@ -779,13 +793,14 @@ def two_ranks(tiny_sdxl_dir, tmp_path_factory) -> Path:
     script = out / "two_ranks.py"
     script.write_text(TWO_RANKS.format(overrides=config_overrides(tiny_sdxl_dir, out / "unused")))
     torchrun = Path(sys.executable).with_name("torchrun")
-    proc = subprocess.run(
-        [str(torchrun), "--nproc_per_node", "2", "--master_port", "29533", str(script), str(out)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+    with folder_lock(out / "locked", "run.output_dir"):  # another run, for the `locked` scenario
+        proc = subprocess.run(
+            [str(torchrun), "--nproc_per_node", "2", "--master_port", "29533", str(script), str(out)],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
     out.joinpath("stderr.txt").write_text(proc.stderr)
     return out
 
@@ -834,6 +849,14 @@ def test_ranks_that_resume_from_different_checkpoints_are_stopped(two_ranks):
     ranks = two_rank_files(two_ranks, "resume")
     assert [r.split(" ", 1)[0] for r in ranks] == ["1", "0"]
     assert all("resumed from different checkpoints" in r for r in ranks), ranks
+
+
+def test_a_folder_in_use_stops_every_rank_not_only_the_main_one(two_ranks):
+    """Only the main process takes run.output_dir's lock: refused, it exited, and the other ranks
+    waited in their first collective for run.process_timeout_minutes (an hour by default)."""
+    main_rank, other = two_rank_files(two_ranks, "locked")
+    assert "is in use by another run" in main_rank and ".lock" in main_rank
+    assert "is in use by another run (see the main process)" in other
 
 
 def test_ranks_that_resume_from_one_checkpoint_train_on_together_to_the_export(two_ranks):

@@ -18,7 +18,7 @@ import os
 import time
 from collections import defaultdict
 from collections.abc import Iterable
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from datetime import timedelta
 from functools import partial
 from pathlib import Path
@@ -718,7 +718,18 @@ class Distiller:
     def train(self, resume: str | None = None) -> Path:
         """Train to the end (from the checkpoint `resume` names: a path, or `latest`), one run at a
         time in run.output_dir; the exported pipeline's folder."""
-        with folder_lock(self.out, "run.output_dir", enabled=self.acc.is_main_process):
+        with ExitStack() as held:
+            refused = None
+            try:
+                held.enter_context(folder_lock(self.out, "run.output_dir", enabled=self.acc.is_main_process))
+            except UserError as exc:
+                refused = exc
+            # The main process alone takes the lock: the other ranks stop with it, where they waited in
+            # their first collective for run.process_timeout_minutes.
+            if not self.on_every_rank(torch.tensor(refused is None)):
+                raise refused or UserError(
+                    f"run.output_dir '{self.out}' is in use by another run (see the main process)"
+                )
             return self._train(resume)
 
     def _train(self, resume: str | None) -> Path:
