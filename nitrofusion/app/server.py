@@ -475,10 +475,10 @@ class ModelWorker:
         whether a newer request of the client arrived while it ran). Raises Superseded or Busy, or
         Abandoned when `hung_up` (returns once the client's connection is gone) returns first while
         the request still waits: its place in line is freed then, not when it reaches the model."""
-        job = _Job(ticket, work, asyncio.get_running_loop().create_future())
         if self.stopping.is_set():
             raise ShuttingDown()
         self.check_room(ticket.client)
+        job = _Job(ticket, work, asyncio.get_running_loop().create_future())
         older = self._waiting.get(ticket.key)
         # Same client, not started yet: the new request takes its place in line (assigning an existing
         # key keeps its position), so a user who keeps typing still reaches the model.

@@ -220,12 +220,10 @@ def default_size_of_folder(folder: str | Path) -> int | None:
     """`default_size` from a pipeline folder's configs, before anything is loaded; None where they
     cannot be read."""
     try:
-        vae = json.loads((Path(folder) / "vae" / "config.json").read_text())
-        factor = 2 ** (len(vae["block_out_channels"]) - 1)
         for name in ("unet", "transformer"):
             path = Path(folder) / name / "config.json"
             if path.is_file():
-                return int(json.loads(path.read_text())["sample_size"]) * factor
+                return int(json.loads(path.read_text())["sample_size"]) * _vae_factor_of_folder(folder)
     except (OSError, ValueError, KeyError, TypeError):
         pass
     return None
@@ -234,13 +232,18 @@ def default_size_of_folder(folder: str | Path) -> int | None:
 def size_limits_of_folder(folder: str | Path) -> tuple[int, int] | None:
     """(`size_multiple`, `largest_side`) from a pipeline folder's configs, as `size_multiple_of_folder`."""
     try:
-        vae = json.loads((Path(folder) / "vae" / "config.json").read_text())
-        factor = 2 ** (len(vae["block_out_channels"]) - 1)  # diffusers' factor
+        factor = _vae_factor_of_folder(folder)
         path = Path(folder) / "transformer" / "config.json"
         transformer = json.loads(path.read_text()) if path.is_file() else {}
         return multiple_of(factor, _patch_size(transformer)), _largest_side(transformer, factor)
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
+
+
+def _vae_factor_of_folder(folder: str | Path) -> int:
+    """diffusers' VAE scale factor, from the folder's VAE config."""
+    vae = json.loads((Path(folder) / "vae" / "config.json").read_text())
+    return 2 ** (len(vae["block_out_channels"]) - 1)
 
 
 def _interrupter(interrupt: Callable[[], bool]) -> Callable[..., dict]:
