@@ -722,7 +722,9 @@ def test_a_second_ctrl_c_answers_the_request_still_drawing_without_a_traceback(t
     assert [replies[p].status_code for p in ("a", "b")] == [503, 503]
     assert all("shutting down" in r.json()["error"] for r in replies.values())
     assert "Traceback" not in err and "shutting down" in err, err
-    assert proc.returncode == 130
+    # uvicorn re-raises the Ctrl-C it caught once it has stopped (130 here), unless the second one
+    # came in while it was restoring its signal handlers: either way the server stopped, not crashed.
+    assert proc.returncode in (0, 130), err
 
 
 def test_switching_models_frees_the_old_models_place_in_line_at_once():
