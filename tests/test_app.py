@@ -722,8 +722,8 @@ def test_a_second_ctrl_c_answers_the_request_still_drawing_without_a_traceback(t
     assert [replies[p].status_code for p in ("a", "b")] == [503, 503]
     assert all("shutting down" in r.json()["error"] for r in replies.values())
     assert "Traceback" not in err and "shutting down" in err, err
-    # uvicorn re-raises the Ctrl-C it caught once it has stopped (130 here), unless the second one
-    # came in while it was restoring its signal handlers: either way the server stopped, not crashed.
+    # 130: uvicorn re-raises the Ctrl-C it caught once it has stopped. One full run on a loaded machine
+    # saw 0 (no KeyboardInterrupt reached the script) with the same 503s: either way it stopped cleanly.
     assert proc.returncode in (0, 130), err
 
 
