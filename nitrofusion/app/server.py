@@ -88,6 +88,7 @@ MAX_REQUEST_STEPS = 1000  # the type's bound; a model's own steps are checked pe
 DEFAULT_MAX_SIZE = 1024
 DEFAULT_QUEUE_SIZE = 32
 MAX_BODY_BYTES = 64 * 1024
+SHUTTING_DOWN = "the app is shutting down; this image was not drawn"  # 503, waiting or drawing
 MAX_PROMPT_CHARS = 4000  # far beyond any tokenizer limit; only stops absurd payloads
 CLIENT_MEMORY = 4096  # clients whose newest request id is remembered (least recently seen forgotten first)
 
@@ -803,13 +804,13 @@ def create_app(
         except Busy as exc:
             return _error(503, str(exc), headers={"Retry-After": "1"})
         except (ShuttingDown, Interrupted):
-            return _error(503, "the app is shutting down; this image was not drawn")
+            return _error(503, SHUTTING_DOWN)
         except asyncio.CancelledError:
             if not worker.stopping.is_set():
                 raise
             # A second Ctrl-C (uvicorn's forced exit) cancels the request whose image is still being drawn:
             # an answer, where the cancellation printed a traceback.
-            return _error(503, "the app is shutting down; this image was not drawn")
+            return _error(503, SHUTTING_DOWN)
         except UserError as exc:
             return _error(400, str(exc))
         except Exception as exc:
