@@ -245,6 +245,12 @@ def test_clip_score_and_the_aesthetic_predictor_read_their_own_clip(tiny_clip_di
     # ViT-B/32 alone: refused while loading, before an image is generated, not after.
     with pytest.raises(UserError, match="768-d CLIP embeddings but the CLIP model gives 512-d"):
         build_scorers(EvalRequest(**common, clip_model="b32", aesthetic=str(aesthetic)), "cpu")
+    # No CLIP at all: the aesthetic score alone names its own option (and the shared one).
+    aesthetic_only = {**common, "metrics": ["aesthetic"]}
+    with pytest.raises(UserError, match="the aesthetic score needs --aesthetic-clip-model \\(or --clip-model"):
+        build_scorers(EvalRequest(**aesthetic_only, aesthetic=str(aesthetic)), "cpu")
+    with pytest.raises(UserError, match="^CLIP score and CLIP-FID need --clip-model"):
+        build_scorers(EvalRequest(**common, aesthetic=str(aesthetic)), "cpu")
 
 
 def test_aesthetic_weights_missing_or_wrong(tmp_path):
@@ -632,6 +638,15 @@ def test_evaluate_warns_of_cycled_prompts_and_of_fewer_images_than_features(tmp_
     assert "FID over 4 images of 128-d features" in warnings[1] and "rank at most 3" in warnings[1]
     row = json.loads((out / "results.json").read_text())[0]
     assert (row["n"], row["distinct_prompts"]) == (4, 2)
+    # The reference's covariance is as rank-deficient below the feature width: 3 real images.
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    for i, image in enumerate(_images(3, seed=4)):
+        image.save(refs / f"{i}.png")
+    args = [*args[:-1], str(tmp_path / "ev-small-reference"), "--metrics", "fid", "--fid-features", "embedded"]
+    assert main([*args, "--reference", str(refs)]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert any("reference holds 3 images of 128-d features" in w and "rank at most 2" in w for w in warnings), warnings
 
 
 def test_a_wrong_or_corrupt_evaluator_is_one_line(tmp_path, capsys):
@@ -892,6 +907,37 @@ def test_evaluate_records_the_prompt_set_whatever_its_n_and_seed(tmp_path):
     assert prompt_set_identity(str(one)) != prompt_set_identity(str(other))
     (tmp_path / "copy.txt").write_text(one.read_text())
     assert prompt_set_identity(str(tmp_path / "copy.txt")) == prompt_set_identity(str(one))
+
+
+def test_compare_refuses_scores_of_other_weights_at_one_path(tmp_path, capsys):
+    """Rows recorded the metric networks' paths only: an evaluator (or CLIP, aesthetic predictor,
+    ImageReward) replaced at the same path scored into the same table. They record its contents now."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from nitrofusion.world.spec import evaluator_path
+
+    evaluator = tmp_path / "evaluator.safetensors"
+    shutil.copy(evaluator_path(), evaluator)
+    args = ["evaluate", "--steps", "1", "--n", "4", "--evaluator", str(evaluator)]
+    assert main([*args, "--out", str(tmp_path / "before")]) == 0
+    row = json.loads((tmp_path / "before" / "results.json").read_text())[0]
+    assert row["evaluator_weights"] == fid.weights_identity(evaluator_path())
+    # The evaluator retrained, at the same path: another classifier, other numbers.
+    with safe_open(str(evaluator), "pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(str(evaluator))
+    name = next(k for k, v in tensors.items() if v.is_floating_point())
+    tensors[name] = tensors[name] * 1.01
+    save_file(tensors, str(evaluator), metadata=metadata)
+    assert main([*args, "--out", str(tmp_path / "after")]) == 0
+    # The shipped evaluator at its own path is the copy's contents: one protocol.
+    assert main(["evaluate", "--steps", "1", "--n", "4", "--out", str(tmp_path / "shipped")]) == 0
+    capsys.readouterr()
+    assert main(["compare", str(tmp_path / "before"), str(tmp_path / "shipped"), "--out", str(tmp_path / "ok")]) == 0
+    assert main(["compare", str(tmp_path / "before"), str(tmp_path / "after"), "--out", str(tmp_path / "no")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "evaluator_weights=" in err and len(err.splitlines()) == 1, err
 
 
 @pytest.mark.parametrize(

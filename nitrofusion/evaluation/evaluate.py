@@ -123,6 +123,9 @@ class Scorers(dict[str, Scorer]):
         super().__init__()
         self.feature_dims: dict[str, int] = {}
         self.warnings: list[str] = []  # printed once every option is accepted
+        # Each metric's networks by their contents (`fid.weights_identity`), for the rows: other
+        # weights at the same path give other numbers, which `compare` keeps out of one table.
+        self.weights: dict[str, str] = {}
         # The slow parts (a reference folder's features: minutes for COCO on a CPU), left until the
         # model and its step counts are accepted too, so that a refused run has computed nothing.
         self.slow: list[Callable[[], object]] = []
@@ -183,6 +186,8 @@ def build_scorers(req: EvalRequest, device: str) -> Scorers:
             )
         if req.fid_resize not in FID_RESIZES:
             raise UserError(f"--fid-resize must be one of {', '.join(FID_RESIZES)}, got {req.fid_resize!r}")
+    from nitrofusion.evaluation.fid import weights_identity
+
     scorers = Scorers()
     evaluator = None
 
@@ -207,13 +212,19 @@ def build_scorers(req: EvalRequest, device: str) -> Scorers:
     clips: dict[str, object] = {}
 
     def need_clip(path: str | None = None, option: str = "--clip-model"):
+        aesthetic_only = option == "--aesthetic-clip-model"  # which may fall back to --clip-model
         if not path:
             path, option = req.clip_model, "--clip-model"
         if path not in clips:  # one model however many metrics read it
             from nitrofusion.evaluation.clip import CLIP_HINT, ClipModel
 
+            if not path and aesthetic_only:
+                raise UserError(
+                    f"the aesthetic score needs --aesthetic-clip-model (or --clip-model, shared with the CLIP "
+                    f"score): {CLIP_HINT}"
+                )
             if not path:
-                raise UserError(f"CLIP score, aesthetic score and CLIP-FID need --clip-model: {CLIP_HINT}")
+                raise UserError(f"CLIP score and CLIP-FID need --clip-model: {CLIP_HINT}")
             clips[path] = ClipModel(path, device, option=option)
         return clips[path]
 
@@ -224,6 +235,7 @@ def build_scorers(req: EvalRequest, device: str) -> Scorers:
 
         ev = need_evaluator()
         scorers.feature_dims["domain FD"] = FEATURE_DIM
+        scorers.weights["evaluator_weights"] = weights_identity(evaluator_file())
 
         def embedded(images, prompts, labels):
             from nitrofusion.evaluation.fid import to_tensor
@@ -257,10 +269,11 @@ def build_scorers(req: EvalRequest, device: str) -> Scorers:
 
             extract, weights, fid_dim = fid.embedded_extractor(need_evaluator()), evaluator_file(), FEATURE_DIM
         scorers.feature_dims["FID"] = fid_dim
+        scorers.weights["fid_weights"] = weights_identity(weights)
         if req.reference:
             # The feature network by its contents, not its path: other weights at the same path
             # (another evaluator, a re-downloaded CLIP) give other features and other statistics.
-            extractor, extractor_file = fid.weights_identity(weights), str(weights.expanduser().resolve())
+            extractor, extractor_file = scorers.weights["fid_weights"], str(weights.expanduser().resolve())
             # Inception's resize is in the provenance: statistics made with another are not reused. Each
             # resize has a file of its own (the default keeps the name it always had), so going back to
             # one does not compute a COCO reference's features again.
@@ -277,10 +290,17 @@ def build_scorers(req: EvalRequest, device: str) -> Scorers:
                 return ref
 
             if Path(source).expanduser().is_dir():
-                fid.reference_images(source)  # a folder without images is said now; its features later
+                # A folder without images is said now; its features later.
+                reference_count = len(fid.reference_images(source))
                 scorers.slow.append(reference)
             else:
-                reference()  # a statistics file: read and checked now (a missing one is said here)
+                reference_count = reference().n  # a statistics file: read and checked now (a missing one is said here)
+            if reference_count < fid_dim:  # the same bias as too few samples, on the reference's side
+                scorers.warnings.append(
+                    f"the FID reference holds {reference_count} images of {fid_dim}-d features: its covariance "
+                    f"has rank at most {reference_count - 1}, so the distance is biased (use a reference of "
+                    f"{fid_dim} images or more for a number to compare)"
+                )
         elif req.fid_features == "embedded":
             embedded_reference = need_evaluator().reference  # the real Fashion-MNIST test set
 
@@ -298,6 +318,7 @@ def build_scorers(req: EvalRequest, device: str) -> Scorers:
         from nitrofusion.evaluation.clip import clip_score
 
         model = need_clip()
+        scorers.weights["clip_weights"] = weights_identity(req.clip_model)
         scorers["clip"] = lambda images, prompts, labels: {"clip_score": clip_score(model, images, prompts)}
 
     if "aesthetic" in metrics:
@@ -314,6 +335,8 @@ def build_scorers(req: EvalRequest, device: str) -> Scorers:
         mlp, model = load_aesthetic(req.aesthetic), need_clip(req.aesthetic_clip_model, "--aesthetic-clip-model")
         check_fits(mlp, model)
         scorers.warnings += filter(None, [unlike_vit_l14(model)])
+        scorers.weights["aesthetic_weights"] = weights_identity(req.aesthetic)
+        scorers.weights["aesthetic_clip_weights"] = weights_identity(req.aesthetic_clip_model or req.clip_model)
         scorers["aesthetic"] = lambda images, prompts, labels: {"aesthetic": aesthetic_score(mlp, model, images)}
 
     if "imagereward" in metrics:
@@ -323,6 +346,7 @@ def build_scorers(req: EvalRequest, device: str) -> Scorers:
         if not req.image_reward or not req.image_reward_tokenizer:
             raise UserError(f"ImageReward needs --image-reward PATH and --image-reward-tokenizer DIR: {IR_HINT}")
         reward = ImageRewardScorer.load(req.image_reward, req.image_reward_tokenizer, device=device)
+        scorers.weights["image_reward_weights"] = weights_identity(req.image_reward)
         scorers["imagereward"] = lambda images, prompts, labels: {
             "image_reward": float(reward.score(images, prompts).mean())
         }
@@ -479,6 +503,7 @@ def evaluate(req: EvalRequest) -> list[dict]:
             row["clip_model"] = req.clip_model
         if "aesthetic" in scorers:
             row["aesthetic_clip_model"] = req.aesthetic_clip_model or req.clip_model
+        row.update(scorers.weights)
         results.append(row)
         grid_rows.append(images[: req.grid_images])
         print(table([row]).splitlines()[-1], flush=True)
@@ -540,11 +565,11 @@ def write_report(out: Path, rows: list[dict], grid_rows: list[list[Image.Image]]
 # A column's protocol: the settings its numbers depend on besides the model. Every column depends on
 # the prompts the images were drawn from (`prompt_set`; rows of older versions do not record it).
 PROTOCOL = {
-    "fid": ("prompt_set", "fid_features", "fid_resize", "fid_reference", "n"),
-    "clip_score": ("prompt_set", "clip_model"),
-    "aesthetic": ("prompt_set", "aesthetic_clip_model"),
-    "image_reward": ("prompt_set",),
-    "class_accuracy": ("prompt_set", "n"),
+    "fid": ("prompt_set", "fid_features", "fid_resize", "fid_reference", "n", "fid_weights"),
+    "clip_score": ("prompt_set", "clip_model", "clip_weights"),
+    "aesthetic": ("prompt_set", "aesthetic_clip_model", "aesthetic_weights", "aesthetic_clip_weights"),
+    "image_reward": ("prompt_set", "image_reward_weights"),
+    "class_accuracy": ("prompt_set", "n", "evaluator_weights"),
 }
 PATH_SETTINGS = ("fid_reference", "clip_model", "aesthetic_clip_model")  # a path, as typed, or a hub id
 
