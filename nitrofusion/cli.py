@@ -212,40 +212,99 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 
 def cmd_make_pairs(args: argparse.Namespace) -> int:
-    from nitrofusion.data.prompts import load_prompts
-    from nitrofusion.data.teacher import TeacherSampler, check_own_files, make_pairs
     from nitrofusion.data.teacher_timesteps import check_teacher_timesteps
+    from nitrofusion.pipelines.generation import check_side
+
+    if args.n < 1 or (args.batch_size is not None and args.batch_size < 1) or args.steps < 1:
+        raise UserError("--n, --batch-size and --steps must be at least 1")
+    check_guidance_scale(args.guidance_scale)
+    if args.resolution is not None:  # before the teacher is loaded: what no teacher samples
+        check_side("--resolution", args.resolution, 8, model="any teacher")
+    if args.timesteps is not None:  # before the teacher is loaded
+        check_teacher_timesteps(args.timesteps, args.steps, "--timesteps", "--steps")
+    rank, world, device = _launched_processes(args.device)
+    try:
+        return _make_pairs(args, rank, world, device)
+    finally:
+        _leave_process_group()  # launched as several: together, as they started
+
+
+def _make_pairs(args: argparse.Namespace, rank: int, world: int, device: str | None) -> int:
+    from nitrofusion.data.prompts import load_prompts
+    from nitrofusion.data.teacher import (
+        SHARD_SIZE,
+        ShardsNotDelivered,
+        TeacherSampler,
+        check_own_files,
+        make_pairs,
+        planned_shards,
+        wait_for_shards,
+    )
     from nitrofusion.pipelines import load_pipeline
-    from nitrofusion.pipelines.generation import MAX_SIDE, default_size, largest_side, size_multiple
+    from nitrofusion.pipelines.generation import check_side, default_size, largest_side, size_multiple
     from nitrofusion.pipelines.loading import resolve_device, resolve_dtype
     from nitrofusion.training.distill import resolve_teacher
 
-    if args.n < 1 or args.batch_size < 1 or args.steps < 1:
-        raise UserError("--n, --batch-size and --steps must be at least 1")
-    check_guidance_scale(args.guidance_scale)
-    if args.resolution is not None and (args.resolution < 8 or args.resolution % 8):
-        raise UserError(f"--resolution must be a positive multiple of 8, got {args.resolution}")
-    if args.resolution is not None and args.resolution > MAX_SIDE:
-        raise UserError(f"--resolution must be at most {MAX_SIDE} px, got {args.resolution}")
-    if args.timesteps is not None:  # before the teacher is loaded
-        check_teacher_timesteps(args.timesteps, args.steps, "--timesteps", "--steps")
-    resolve_dtype(args.dtype, resolve_device(args.device))  # a bad --dtype or --device before the teacher loads
+    resolve_dtype(args.dtype, resolve_device(device))  # a bad --dtype or --device before the teacher loads
     check_writable_folder(args.out, "--out")
     check_own_files(Path(args.out))  # before the teacher loads: a user's prompts.json there would be replaced
     prompts = load_prompts(args.prompts)
     # Pairs are latents: nothing is decoded, so a safety checker (SD1.5's 1.2 GB) would never run.
     # An SD3 flow transformer is a teacher too; Flux is refused from its index, before any weight is read.
     teacher = resolve_teacher(args.model)
-    pipe = load_pipeline(teacher, sampler="native", device=args.device, dtype=args.dtype, safety_checker=False)
+    pipe = load_pipeline(teacher, sampler="native", device=device, dtype=args.dtype, safety_checker=False)
     size = default_size(pipe) if args.resolution is None else args.resolution
-    if size % size_multiple(pipe):
-        raise UserError(f"--resolution must be a multiple of {size_multiple(pipe)} for this teacher, got {size}")
-    if size > largest_side(pipe):
-        raise UserError(f"--resolution must be at most {largest_side(pipe)} px for this teacher, got {size}")
+    check_side("--resolution", size, size_multiple(pipe), largest_side(pipe), "this teacher")
     sampler = TeacherSampler(pipe, args.steps, args.guidance_scale, size, size, args.timesteps)
-    shards = make_pairs(sampler, prompts, args.n, args.out, seed=args.seed, batch_size=args.batch_size)
-    print(f"{len(shards)} shards in {args.out}")
+    # The teacher's batch by its image size (with CFG it samples twice as many): 64 at 1024² with
+    # CFG was 128 SDXL samples at once.
+    batch_size = args.batch_size or max(1, min(64, PAIRS_BATCH_PIXELS // size**2))
+    timings: list[float] = []
+    if world > 1:  # every process has checked the folder before the main one writes to it
+        from accelerate import PartialState
+
+        PartialState().wait_for_everyone()
+    shards = make_pairs(
+        sampler,
+        prompts,
+        args.n,
+        args.out,
+        args.seed,
+        batch_size,
+        rank=rank,
+        world=world,
+        progress=rank == 0,
+        timings=timings,
+    )
+    if world > 1:  # the other processes' shards, on disk (hours at SDXL size: outside any collective)
+        try:
+            wait_for_shards(planned_shards(args.out, args.n, SHARD_SIZE), Path(args.out), 60, timings)
+        except ShardsNotDelivered as exc:
+            print(f"nitrofusion make-pairs: stopped: {exc}", file=sys.stderr)
+            return 1
+    if rank == 0:
+        print(f"{len(shards)} shards in {args.out}")
     return 0
+
+
+# make-pairs' default teacher batch: 8 pairs at 1024² (the sdxl preset's data.pairs_batch_size).
+PAIRS_BATCH_PIXELS = 8 * 1024**2
+
+
+def _launched_processes(device: str | None) -> tuple[int, int, str | None]:
+    """(rank, processes, device) of this process. Launched as several (`torchrun`, `accelerate
+    launch`), each makes its share of the shards on its own GPU (on the CPU where there is none);
+    alone, (0, 1, --device)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1, device
+    from accelerate import PartialState
+
+    from nitrofusion.training.distill import has_accelerator_device
+
+    if device is not None:
+        raise UserError("--device is for one process: launched as several, each takes its own GPU")
+    state = PartialState(cpu=not has_accelerator_device())
+    return state.process_index, state.num_processes, str(state.device)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -467,7 +526,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("distill", help="distil a multi-step teacher into a 1-4 step student (NitroFusion)")
     d.add_argument(
         "--preset",
-        help="embedded (a few CPU minutes), sdxl (the paper's settings) or sd3 (an SD3-architecture teacher); "
+        help="embedded (a few CPU minutes), sdxl (the paper's batch, pool and refresh on one GPU, with SDXL base as "
+        "the teacher: docs/distill.md says where it departs) or sd3 (an SD3-architecture teacher); "
         "also demo, flow-embedded (the embedded SD3-architecture teacher), dmd2-embedded, dmdx-embedded",
     )
     d.add_argument("--config", help="YAML config file (see docs/distill.md for the schema)")
@@ -501,7 +561,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="the teacher's own schedule, as many as --steps (DMD2's 4-step SDXL: 999 749 499 249)",
     )
     mp.add_argument("--guidance-scale", type=float, default=5.0, help="the teacher's CFG scale (default 5)")
-    mp.add_argument("--batch-size", type=int, default=64, help="pairs sampled at once (default 64)")
+    mp.add_argument(
+        "--batch-size",
+        type=int,
+        help="pairs sampled at once (default: 8 Mpx of images, at most 64: 8 at 1024², 32 at 512²)",
+    )
     mp.add_argument("--resolution", type=int, help="pixels (default: the teacher's size); a multiple of 8")
     mp.add_argument("--seed", type=int, default=0, help="default 0; distill's run.seed, to share its pairs")
     mp.add_argument("--device", help="cpu or cuda (default: cuda if available)")

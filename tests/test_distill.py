@@ -1,6 +1,7 @@
 """The NitroFusion trainer on the tiny SDXL pipeline: every path, the pool's bookkeeping,
 resume, faults, output format."""
 
+import ast
 import errno
 import json
 import os
@@ -220,6 +221,34 @@ def test_resume_equals_uninterrupted(tiny_sdxl_dir, tmp_path):
     assert same_student(tmp_path / "a", tmp_path / "b")
     for k, v in straight.pool.state_dict().items():
         assert torch.equal(v, resumed.pool.state_dict()[k])
+
+
+def test_a_missing_prompt_file_is_said_before_the_teacher_loads(tiny_sdxl_dir, tmp_path, monkeypatch):
+    """It was read after the teacher: minutes of loading SDXL on every process, then one line."""
+    import nitrofusion.training.distill as distill
+    from nitrofusion.errors import UserError
+
+    def teacher_loaded(*args, **kwargs):
+        raise AssertionError("the teacher was loaded first")
+
+    monkeypatch.setattr(distill, "load_pipeline", teacher_loaded)
+    with pytest.raises(UserError, match="nosuch.txt"):
+        Distiller(config(tiny_sdxl_dir, tmp_path, f"data.prompts={tmp_path / 'nosuch.txt'}"), progress=False)
+
+
+def test_a_finished_one_step_run_resumed_with_longer_stages_goes_on_to_more_steps(tiny_sdxl_dir, tmp_path):
+    """docs/distill.md's recipe from 1 to 2 steps: the same run, resumed with another stage."""
+    Distiller(config(tiny_sdxl_dir, tmp_path, "refine.steps_per_stage=[1]"), progress=False).train()
+    one_step = load_file(str(tmp_path / "stages" / "1-step" / "student_unet.safetensors"))
+    longer = Distiller(config(tiny_sdxl_dir, tmp_path, "refine.steps_per_stage=[1,1]"), progress=False)
+    longer.train(resume="latest")
+    assert longer.step == 2 and longer.phase(1).num_steps == 2
+    log = (tmp_path / "log.txt").read_text()
+    assert "resumed from step 1" in log and "refine.steps_per_stage: [1] -> [1, 1]" in log
+    kept = load_file(str(tmp_path / "stages" / "1-step" / "student_unet.safetensors"))
+    assert all(torch.equal(v, kept[k]) for k, v in one_step.items())  # the 1-step student is kept as it was
+    two_step = load_file(str(tmp_path / "stages" / "2-step" / "student_unet.safetensors"))
+    assert not all(torch.equal(v, two_step[k]) for k, v in one_step.items())
 
 
 def test_resuming_with_networks_of_another_shape_is_one_clear_error(tiny_sdxl_dir, tmp_path):
@@ -689,6 +718,14 @@ def identical():
     seen = []
     original = d.pool.sample_heads
     d.pool.sample_heads = lambda t, g: seen.append(original(t, g)) or seen[-1]
+    # The student's gradients: views into DDP's buckets (a few storages), or each its own copy.
+    storages = []
+    original_check = d._gradients_finite
+    def check(critics, update_g):
+        grads = [p.grad for p in d.student.parameters() if p.grad is not None]
+        storages.append((len(grads), len({{g.untyped_storage().data_ptr() for g in grads}})))
+        return original_check(critics, update_g)
+    d._gradients_finite = check
     prompts = []
     original_batch = d.batch
     d.batch = lambda micro: prompts.append(d.rng("data", per_rank=True).initial_seed()) or original_batch(micro)
@@ -701,6 +738,7 @@ def identical():
     write("rank", f"{{acc.num_processes}} {{h.hexdigest()}} {{seen}} {{prompts}}")
     own = [s is not p for s, p in zip(d.ema.shadow.parameters(), acc.unwrap_model(d.student).parameters())]
     write("ema", str(sum(own)))
+    write("buckets", f"{{d.student.gradient_as_bucket_view}} {{storages}}")
     # A critic's loss that is NaN on rank 1 only: every rank skips the step, or the NaN is averaged in.
     objective = d.objective
     def poisoned(*args, **kwargs):
@@ -742,6 +780,20 @@ def resume():
     write("resume", f"{{d.step}} {{said}}")
 
 
+def make_pairs_cli():
+    # `nitrofusion make-pairs` launched as two processes: each makes its share of the shards.
+    import nitrofusion.cli as cli
+    leave, cli._leave_process_group = cli._leave_process_group, lambda: None  # the scenarios after share it
+    written, save = [], teacher.save_state_dict
+    teacher.save_state_dict = lambda state, path, **kw: written.append(path.name) or save(state, path, **kw)
+    model = next(o.split("=", 1)[1] for o in overrides if o.startswith("model.teacher="))
+    try:
+        code = cli.main(["make-pairs", "--model", model, "--n", "300", "--steps", "1", "--out", f"{{out}}/cli-pairs"])
+    finally:
+        teacher.save_state_dict, cli._leave_process_group = save, leave
+    write("cli", f"{{code}} {{' '.join(written)}}")
+
+
 def resume_together():
     cfg = load_config(None, None, [*overrides, f"run.output_dir={{out}}/resume-together", "run.checkpoint_every=1",
         "refine.steps_per_stage=[3]"])
@@ -763,7 +815,7 @@ def locked():
     write("locked", said)
 
 
-for scenario in (identical, pairs, resume, locked, resume_together):
+for scenario in (identical, pairs, resume, locked, make_pairs_cli, resume_together):
     try:
         scenario()
     except Exception:  # said in its own file, for its own test; the other ranks may then wait in vain
@@ -824,6 +876,11 @@ def test_two_rank_run_stays_identical(two_ranks):
     heads1, data1 = r1[2].rsplit("] [", 1)
     assert heads0 == heads1, "ranks sampled different heads"
     assert data0 != data1, "ranks saw the same data"
+    # Gradients as bucket views: at SDXL size DDP's buckets were one more 10 GB copy a rank.
+    for text in two_rank_files(two_ranks, "buckets"):
+        flag, seen = text.split(" ", 1)
+        grads, storages = ast.literal_eval(seen)[0]
+        assert flag == "True" and grads > 20 and storages < grads / 10, text
     skips = two_rank_files(two_ranks, "skip")
     assert skips == ["1 True", "1 True"], f"a NaN on rank 1 only: {skips} (skipped steps, weights unchanged)"
 
@@ -833,6 +890,16 @@ def test_every_rank_makes_its_share_of_the_missing_pairs(two_ranks):
     10-minute timeout. Each rank now makes its shards, and waits for the others' on disk."""
     ranks = two_rank_files(two_ranks, "pairs")
     assert ranks == ["600 pairs-00000.safetensors pairs-00002.safetensors", "600 pairs-00001.safetensors"]
+
+
+def test_make_pairs_launched_as_several_processes_shares_the_shards(two_ranks):
+    """make-pairs ran as one process whatever the launch: under torchrun every process made every
+    shard, all on the first GPU. Each now makes its share, on its own device, and waits for the rest."""
+    assert two_rank_files(two_ranks, "cli") == ["0 pairs-00000.safetensors", "0 pairs-00001.safetensors"]
+    assert sorted(p.name for p in (two_ranks / "cli-pairs").glob("pairs-*")) == [
+        "pairs-00000.safetensors",
+        "pairs-00001.safetensors",
+    ]
 
 
 def test_ranks_wait_for_each_other_as_long_as_the_config_says(two_ranks):
@@ -865,7 +932,10 @@ def test_ranks_that_resume_from_one_checkpoint_train_on_together_to_the_export(t
     And every multi-rank run ended in a traceback with no student: accelerate's end_training,
     called before the export, ended the process group the export waits on."""
     assert two_rank_files(two_ranks, "together") == ["3", "3"]
-    assert "resumed from step 1" in (two_ranks / "resume-together" / "log.txt").read_text()
+    log = (two_ranks / "resume-together" / "log.txt").read_text()
+    assert "resumed from step 1" in log
+    # Each rank runs every micro-batch: the batch an iteration is the processes' sum, said at the start.
+    assert "iterations 2..3; batch 4 an iteration (2 processes x data.batch_size 2 x optim.grad_accumulation 1)" in log
     assert (two_ranks / "resume-together" / "student_unet.safetensors").is_file()
     assert (two_ranks / "resume-together" / "pipeline" / "model_index.json").is_file()
 
@@ -1128,17 +1198,26 @@ def test_validation_draws_at_the_training_resolution(tiny_sdxl_dir, tmp_path, mo
         ["loss.objective=dmd2"],
         ["model.lora_rank=4"],
         ["model.teacher_offload=true", "optim.ema_offload=true"],
+        ["data.pairs=PAIRS", "data.num_pairs=4"],
     ],
-    ids=["one-step", "pixel-pretrain", "dmd2", "lora", "offload"],
+    ids=["one-step", "pixel-pretrain", "dmd2", "lora", "offload", "pairs"],
 )
 def test_bf16_training_keeps_the_teacher_in_bf16_and_the_student_in_fp32(
     tiny_sdxl_dir, tmp_path, overrides, bf16_accelerator
 ):
     """The path every GPU run takes. Validation crashed on it ("mat1 and mat2 must have the same
     dtype": the sampler's latents took the bf16 text encoders' dtype, the student is fp32), found
-    by the H200 run of 2026-11-27; the CPU tests had run fp32 only."""
+    by the H200 run of 2026-11-27; the CPU tests had run fp32 only. Its teacher pairs are drawn
+    under bf16 autocast (in fp32 they took several times as long at SDXL size)."""
+    pairs = tmp_path.parent / f"{tmp_path.name}-pairs"
+    overrides = [o.replace("PAIRS", str(pairs)) for o in overrides]
     cfg = config(tiny_sdxl_dir, tmp_path, "optim.mixed_precision=bf16", "run.validate_every=1", *overrides)
     d = Distiller(cfg, progress=False)
+    if cfg.data.pairs:
+        from safetensors import safe_open
+
+        with safe_open(str(next(pairs.glob("pairs-*.safetensors"))), "pt") as f:
+            assert f.metadata()["autocast"] == "bfloat16" and f.metadata()["teacher_dtype"] == "float32"
     student = d.acc.unwrap_model(d.student)
     before = snapshot(student)
     d.train()
@@ -1215,17 +1294,18 @@ def test_an_online_stochastic_teacher_resumes_exactly(tmp_path):
     assert same_student(tmp_path / "a", tmp_path / "b")
 
 
-def test_waiting_for_another_ranks_pairs_stops_when_none_arrive(tiny_sdxl_dir, tmp_path, monkeypatch):
+def test_waiting_for_another_ranks_pairs_stops_when_none_arrive(tmp_path, monkeypatch):
     """A rank that died making its share, or a disk another machine cannot see, never delivers its
     shards: the wait went on forever, outside any collective. It stops after
     run.process_timeout_minutes without a new shard, and waits on while shards keep coming. A short
-    shard (being extended by its rank) is not delivered yet."""
-    import nitrofusion.training.distill as distill
+    shard (being extended by its rank) is not delivered yet. Where this rank's own shards took
+    longer than that (an SDXL shard in fp32), it waits three of them: a rank with one shard more
+    was still making it when the others gave up."""
+    import nitrofusion.data.teacher as teacher
 
-    d = Distiller(config(tiny_sdxl_dir, tmp_path, "run.process_timeout_minutes=2"), progress=False)
     clock = [0.0]
     arrivals = {}
-    monkeypatch.setattr(distill.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(teacher.time, "monotonic", lambda: clock[0])
 
     def write(path, n):
         save_file({"seeds": torch.arange(n), "latents": torch.zeros(n, 1)}, str(path))
@@ -1236,17 +1316,26 @@ def test_waiting_for_another_ranks_pairs_stops_when_none_arrive(tiny_sdxl_dir, t
             if clock[0] >= at:
                 write(path, 2)
 
-    monkeypatch.setattr(distill.time, "sleep", sleep)
+    monkeypatch.setattr(teacher.time, "sleep", sleep)
     shards = [(tmp_path / f"pairs-{i:05d}.safetensors", 2) for i in range(3)]
     write(shards[0][0], 2)
     write(shards[2][0], 1)  # short: made for fewer pairs, being extended
     arrivals = {shards[1][0]: 100.0, shards[2][0]: 200.0}  # a new shard every 100 s: never 2 min without one
-    d.wait_for_shards(shards, tmp_path)
+    teacher.wait_for_shards(shards, tmp_path, 2)
     assert clock[0] >= 200
     late = (tmp_path / "pairs-00003.safetensors", 2)
-    with pytest.raises(TrainingStopped, match="no new shard .* for 2 min, 1 missing \\(pairs-00003"):
-        d.wait_for_shards([*shards, late], tmp_path)
+    with pytest.raises(teacher.ShardsNotDelivered, match="no new shard .* for 2 min, 1 missing \\(pairs-00003"):
+        teacher.wait_for_shards([*shards, late], tmp_path, 2)
     assert 120 < clock[0] - 200 <= 150 + 30 * 5
+    # This rank's shards took 50 min each: another's last one arrives 100 min on, and is waited for.
+    start = clock[0]
+    arrivals = {late[0]: start + 6000}
+    teacher.wait_for_shards([*shards, late], tmp_path, 2, own_shard_seconds=[2400, 3000])
+    assert start + 6000 <= clock[0] < start + 9000
+    # Never delivered: the message says how long it waited.
+    never = (tmp_path / "pairs-00004.safetensors", 2)
+    with pytest.raises(teacher.ShardsNotDelivered, match="for 150 min"):
+        teacher.wait_for_shards([*shards, late, never], tmp_path, 2, own_shard_seconds=[3000])
 
 
 def test_seconds_per_step_counts_the_iterations_of_its_window_and_only_training(tiny_sdxl_dir, tmp_path, monkeypatch):

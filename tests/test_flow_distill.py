@@ -414,7 +414,7 @@ def test_the_sd3_preset_distils_a_cached_hub_teacher_in_bf16(sd3_dir, tmp_path, 
 
 
 def test_a_resolution_the_transformer_cannot_patch_is_refused_before_any_pair(sd3_dir, tmp_path):
-    with pytest.raises(UserError, match="data.resolution must be a multiple of 16 for this teacher, got 72"):
+    with pytest.raises(UserError, match="data.resolution must be a positive multiple of 16 for this teacher, got 72"):
         Distiller(config(sd3_dir, tmp_path / "run", "data.resolution=72"), progress=False)
     # Past its position embedding (16 patches a side of 2x2 latents of 8x8 pixels), not a traceback.
     with pytest.raises(UserError, match="data.resolution must be at most 256 px for this teacher, got 272"):

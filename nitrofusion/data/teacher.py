@@ -12,6 +12,7 @@ import hashlib
 import inspect
 import json
 import logging
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -406,10 +407,12 @@ def make_pairs(
     rank: int = 0,
     world: int = 1,
     progress: bool = True,
+    timings: list[float] | None = None,
 ) -> list[Path]:
     """Write `count` pairs in shards of `shard_size`; existing complete shards are kept (resume).
     With `world` processes, process `rank` makes the shards i with i % world == rank: a shard's
-    pairs depend on its index only, not on which process makes it."""
+    pairs depend on its index only, not on which process makes it. `timings` gets the seconds each
+    shard made here took (how long `wait_for_shards` may wait for another process's)."""
     out_dir = Path(out_dir)
     check_own_files(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -443,6 +446,7 @@ def make_pairs(
     for s in mine:
         if held[s] == size(s):
             continue
+        started = time.monotonic()
         idx = torch.arange(s * shard_size + held[s], s * shard_size + size(s))
         prompt_ids = (idx * stride + seed) % len(prompts)  # spread prompts evenly over the pairs
         seeds = pair_seeds(seed, idx, noise_offset)
@@ -461,11 +465,40 @@ def make_pairs(
                 raise damaged_shard(shards[s], exc) from None
             shard = {k: torch.cat([v[: held[s]], shard[k]]) for k, v in before.items()}
         # Provenance beyond the recipe (not checked on reading: `make-pairs` samples in fp16 on a GPU by
-        # default, `distill` in fp32, and either's pairs may complete the other's folder).
+        # default, `distill` with an fp32 teacher, and either's pairs may complete the other's folder).
         made_with = {"teacher_dtype": str(denoiser(sampler.pipe).dtype).removeprefix("torch."), "device": device_type}
+        if torch.is_autocast_enabled(device_type):  # a bf16 run's distill draws them so
+            made_with["autocast"] = str(torch.get_autocast_dtype(device_type)).removeprefix("torch.")
         save_state_dict(shard, shards[s], metadata={**recipe, **made_with})  # whole or absent: named once written
+        if timings is not None:
+            timings.append(time.monotonic() - started)
     bar.close()
     return shards
+
+
+class ShardsNotDelivered(RuntimeError):
+    """Another process's shards stopped arriving."""
+
+
+def wait_for_shards(
+    shards: list[tuple[Path, int]], directory: Path, minutes: float, own_shard_seconds: Sequence[float] = ()
+) -> None:
+    """Until every process's shards are on disk. A process that died making its share, or a disk
+    that not every machine shares, never delivers: stop once no new shard has appeared for
+    `minutes`, or for three times the longest shard made here if that is longer (at SDXL size in
+    fp32 one shard can take an hour, which a process with one shard fewer would wait for)."""
+    limit = max(60 * minutes, 3 * max(own_shard_seconds, default=0.0))
+    changed, waiting = time.monotonic(), len(shards)
+    while missing := unfinished(shards):  # absent, or short (being extended by its process)
+        if len(missing) < waiting:
+            changed, waiting = time.monotonic(), len(missing)
+        elif time.monotonic() - changed > limit:
+            raise ShardsNotDelivered(
+                f"teacher pairs: no new shard in '{directory}' for {limit / 60:.0f} min, {len(missing)} missing "
+                f"({missing[0].name} first): did another process stop, or does it write to a disk this one "
+                "cannot see? run again, it resumes"
+            )
+        time.sleep(min(5.0, limit / 10))  # another process's shards, still being made
 
 
 class ShardedLatents:

@@ -193,14 +193,21 @@ def check_steps(sampler: str, steps: int) -> None:
 MAX_SIDE = 8192
 
 
+def check_side(option: str, value: int, multiple: int, largest: int = MAX_SIDE, model: str = "this model") -> None:
+    """A side in pixels that `model` can sample: a positive multiple of its VAE's (and patch's)
+    factor, at most its `largest_side` (MAX_SIDE said without naming the model)."""
+    if value <= 0 or value % multiple:
+        raise UserError(f"{option} must be a positive multiple of {multiple} for {model}, got {value}")
+    if value > largest:
+        whose = f" for {model}" if largest < MAX_SIDE else ""
+        raise UserError(f"{option} must be at most {largest} px{whose}, got {value}")
+
+
 def check_size(multiple: int, height: int | None, width: int | None, largest: int = MAX_SIDE) -> None:
     """`None`: the model's default size, which fits it. `largest`: the model's `largest_side`."""
     for name, v in (("height", height), ("width", width)):
-        if v is not None and (v <= 0 or v % multiple):
-            raise UserError(f"--{name} must be a positive multiple of {multiple} for this model, got {v}")
-        if v is not None and v > largest:
-            model = " for this model" if largest < MAX_SIDE else ""
-            raise UserError(f"--{name} must be at most {largest} px{model}, got {v}")
+        if v is not None:
+            check_side(f"--{name}", v, multiple, largest)
 
 
 def check_seeds(seed: int, n: int) -> None:

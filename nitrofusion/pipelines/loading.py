@@ -794,11 +794,12 @@ def _read_pipeline(
                 variant=weights_variant(model_dir),
                 **overrides,
             )
-    except (OSError, ValueError, SafetensorError) as exc:  # transformers' damaged files: SafetensorError
-        raise UserError(f"could not load the pipeline in '{model_dir}': {first_line(exc)}") from None
-    except RuntimeError as exc:
-        if "loading state_dict" not in str(exc) and "ignore_mismatched_sizes" not in str(exc):
-            raise  # e.g. out of memory, which the CLI says in its own words
+    except (OSError, ValueError, SafetensorError, RuntimeError) as exc:  # transformers' damaged files: SafetensorError
+        # Of the RuntimeErrors, only weights of another shape are the folder's fault; out of memory,
+        # e.g., the CLI says in its own words.
+        wrong_shape = "loading state_dict" in str(exc) or "ignore_mismatched_sizes" in str(exc)
+        if isinstance(exc, RuntimeError) and not wrong_shape:
+            raise
         raise UserError(f"could not load the pipeline in '{model_dir}': {first_line(exc)}") from None
     if missing:
         raise UserError(f"could not load the pipeline in '{model_dir}': {missing[0]}")

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, InitProcessGroupKwargs
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType, InitProcessGroupKwargs
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, UNet2DConditionModel
 from tqdm.auto import tqdm
 
@@ -37,6 +37,7 @@ from nitrofusion.data.teacher import (
     SHARD_GLOB,
     SHARD_SIZE,
     PairShards,
+    ShardsNotDelivered,
     TeacherSampler,
     check_own_files,
     make_pairs,
@@ -45,7 +46,7 @@ from nitrofusion.data.teacher import (
     planned_pairs,
     planned_shards,
     sampler_recipe,
-    unfinished,
+    wait_for_shards,
 )
 from nitrofusion.discriminator.backbone import TransformerBlockFeatures, UNetEncoderFeatures
 from nitrofusion.discriminator.heads import DiscriminatorHead, max_downsamples
@@ -58,7 +59,7 @@ from nitrofusion.objectives.dmd2 import DMD2
 from nitrofusion.objectives.nitrofusion import NitroFusion, NitroFusionObjective, PoolDiscriminator
 from nitrofusion.objectives.pretrain import AdversarialPretraining, PixelDiscriminator, Regression
 from nitrofusion.objectives.scores import FakeScore, RealScore
-from nitrofusion.pipelines.generation import default_size, denoiser, generate, largest_side, size_multiple
+from nitrofusion.pipelines.generation import check_side, default_size, denoiser, generate, largest_side, size_multiple
 from nitrofusion.pipelines.loading import (
     check_state_dict,
     flow_file_metadata,
@@ -133,14 +134,20 @@ def make_accelerator(cfg: DistillConfig) -> Accelerator:
 
     Several processes on a machine without a GPU (`torchrun --nproc_per_node 2`) are gloo ranks on
     the CPU: accelerate, not told `cpu=True`, gave each process a run of its own, and they trained
-    apart into one output folder."""
+    apart into one output folder.
+
+    The student's gradients are views into DDP's all-reduce buckets: by default DDP keeps the
+    buckets beside the gradients, one more fp32 copy of the student a rank (10 GB for an SDXL UNet)."""
     several = int(os.environ.get("WORLD_SIZE", "1")) > 1
     return Accelerator(
         cpu=several and not has_accelerator_device(),
         mixed_precision=cfg.optim.mixed_precision,
         log_with=None if cfg.run.log_with == "none" else cfg.run.log_with,
         project_dir=str(cfg.run.output_dir),
-        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(minutes=cfg.run.process_timeout_minutes))],
+        kwargs_handlers=[
+            InitProcessGroupKwargs(timeout=timedelta(minutes=cfg.run.process_timeout_minutes)),
+            DistributedDataParallelKwargs(gradient_as_bucket_view=True),
+        ],
     )
 
 
@@ -193,6 +200,9 @@ class Distiller:
             )
         self.progress = progress and self.acc.is_main_process
         device = str(self.acc.device)
+        # Before the teacher loads (minutes at SDXL size, on every process): a prompt file that is
+        # not there, or not readable, is said at once.
+        self.prompts = load_prompts(cfg.data.prompts)
 
         self.teacher = load_pipeline(
             resolve_teacher(cfg.model.teacher),
@@ -266,7 +276,6 @@ class Distiller:
         self.size = cfg.data.resolution or default_size(self.teacher)
         self._refuse_before_pairs()
         self.text = TextEncoder(self.teacher, self.size, self.size)
-        self.prompts = load_prompts(cfg.data.prompts)
         self.sampler = TeacherSampler(
             self.teacher,
             cfg.data.teacher_steps,
@@ -367,13 +376,9 @@ class Distiller:
             check_state_dict(unet, layout, f"student init '{cfg.model.student_init}'")
         if cfg.model.lora_rank > 0:
             check_lora_targets(unet, cfg.model.lora_targets)
-        multiple = size_multiple(self.teacher)  # SD3: the VAE's factor times the patch size (16)
-        if self.size % multiple:
-            raise UserError(f"data.resolution must be a multiple of {multiple} for this teacher, got {self.size}")
-        if self.size > largest_side(self.teacher):  # an SD3 transformer's position embedding
-            raise UserError(
-                f"data.resolution must be at most {largest_side(self.teacher)} px for this teacher, got {self.size}"
-            )
+        # SD3: a multiple of the VAE's factor times the patch size (16), within its position embedding.
+        teacher = self.teacher
+        check_side("data.resolution", self.size, size_multiple(teacher), largest_side(teacher), "this teacher")
         f = self.teacher.vae_scale_factor
         latent = self.size // f
         if self.flow:  # every map read from the transformer is its token grid
@@ -496,19 +501,31 @@ class Distiller:
         self.acc.wait_for_everyone()  # every process decides on the folder before any writes to it
         if make:
             count, shard_size = plan or (self.cfg.data.num_pairs, SHARD_SIZE)
-            make_pairs(
-                self.sampler,
-                self.prompts,
-                count,
-                directory,
-                seed=self.cfg.run.seed,
-                batch_size=self.cfg.data.pairs_batch_size,
-                shard_size=shard_size,
-                rank=self.acc.process_index,
-                world=self.acc.num_processes,
-                progress=self.progress,
-            )
-            self.wait_for_shards(planned_shards(directory, count, shard_size), directory)
+            timings: list[float] = []
+            # The teacher is in fp32 until the student is copied from it, then cast to bf16: in a
+            # bf16 run its pairs are drawn under bf16 autocast (fp32 matmuls at SDXL size are
+            # several times slower). A pair's precision is not part of its recipe: make-pairs'
+            # fp16 pairs may complete a folder too.
+            half = self.cfg.optim.mixed_precision == "bf16"
+            with torch.autocast(self.acc.device.type, torch.bfloat16, enabled=half):
+                make_pairs(
+                    self.sampler,
+                    self.prompts,
+                    count,
+                    directory,
+                    seed=self.cfg.run.seed,
+                    batch_size=self.cfg.data.pairs_batch_size,
+                    shard_size=shard_size,
+                    rank=self.acc.process_index,
+                    world=self.acc.num_processes,
+                    progress=self.progress,
+                    timings=timings,
+                )
+            planned = planned_shards(directory, count, shard_size)
+            try:  # outside any collective, so the process group's own timeout never fires here
+                wait_for_shards(planned, Path(directory), self.cfg.run.process_timeout_minutes, timings)
+            except ShardsNotDelivered as exc:
+                raise TrainingStopped(str(exc)) from None
         self.acc.wait_for_everyone()
         # Pairs from another teacher setting or image size would be wrong data, not an error, later.
         pairs = PairShards.load(directory, sampler_recipe(self.sampler))
@@ -534,24 +551,6 @@ class Distiller:
                 directory,
             )
         return pairs
-
-    def wait_for_shards(self, shards: list[tuple[Path, int]], directory: Path) -> None:
-        """Until every rank's shards are on disk. A rank that died making its share, or a disk that
-        not every machine shares, never delivers: stop once no new shard has appeared for
-        run.process_timeout_minutes (outside any collective, so the process group's own timeout
-        never fires here)."""
-        limit = 60 * self.cfg.run.process_timeout_minutes
-        changed, waiting = time.monotonic(), len(shards)
-        while missing := unfinished(shards):  # absent, or short (being extended by its rank)
-            if len(missing) < waiting:
-                changed, waiting = time.monotonic(), len(missing)
-            elif time.monotonic() - changed > limit:
-                raise TrainingStopped(
-                    f"teacher pairs: no new shard in '{directory}' for {self.cfg.run.process_timeout_minutes} min, "
-                    f"{len(missing)} missing ({missing[0].name} first): did another process stop, or does it "
-                    "write to a disk this one cannot see? run again, it resumes"
-                )
-            time.sleep(min(5.0, limit / 10))  # another process's shards, still being made
 
     # ---- randomness ------------------------------------------------------------------
     def rng(self, purpose: str, per_rank: bool = False, micro: int = 0) -> torch.Generator:
@@ -759,6 +758,13 @@ class Distiller:
                     self.log_line(f"{path}: a checkpoint of an earlier run in this folder, set aside")
         self.acc.init_trackers("distill")
         total = cfg.total_steps
+        # Each process runs every micro-batch: N processes train on N times the batch of one.
+        n, b, a = self.acc.num_processes, cfg.data.batch_size, cfg.optim.grad_accumulation
+        if self.step < total:
+            self.log_line(
+                f"iterations {self.step + 1}..{total}; batch {n * b * a} an iteration "
+                f"({n} process{'es' if n > 1 else ''} x data.batch_size {b} x optim.grad_accumulation {a})"
+            )
         stage_ends = self.schedule.stage_ends()
         bar = tqdm(total=total, initial=self.step, desc="distill", disable=not self.progress)
         # The tracker gets each value's mean over the window's iterations that logged it (the student's
