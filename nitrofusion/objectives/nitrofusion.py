@@ -138,18 +138,20 @@ class PoolDiscriminator(Critic):
     def draw(self, ctx: StepContext, micro: int) -> tuple[list[int], dict[int, list[int]]]:
         """The t* groups, and one head per (kind, feature level) in each, that judge a micro-batch.
 
-        Drawn per micro-batch, not per iteration: a head trains only when drawn, and a 1% refresh
-        gives it about 100 iterations, so one draw per iteration trained it about 6 times (one
-        t* group of 4, one candidate of 4) before it was re-initialised, while the sdxl preset's
-        20 micro-batches draw about 72% of the heads each iteration. Micro-batch 0 keeps the
-        once-per-iteration draw, so one-micro-batch runs (the embedded presets) train as before.
+        Drawn per micro-batch and per rank, not per iteration: a head trains only when drawn, and
+        a 1% refresh gives it about 100 iterations, so one draw per iteration trained it about 6
+        times (one t* group of 4, one candidate of 4) before it was re-initialised, while the sdxl
+        preset's 20 micro-batches draw about 72% of the heads each iteration. N ranks of 20 / N
+        micro-batches draw as many (the same draws on every rank drew 1 - (15/16)^3 = 18% at 8
+        ranks of 3); `average_gradients` averages every head some rank drew. Micro-batch 0 of a
+        single process keeps the once-per-iteration draw, so the embedded presets train as before.
         """
         if micro not in self._draws:
             if micro == 0:
-                t_stars = self.pool.sample_t_stars(self.t_stars_per_step, ctx.rng("heads"))
-                heads = {t: self.pool.sample_heads(t, ctx.rng("heads", micro=t + 1)) for t in t_stars}
+                t_stars = self.pool.sample_t_stars(self.t_stars_per_step, ctx.rng("heads", True))
+                heads = {t: self.pool.sample_heads(t, ctx.rng("heads", True, micro=t + 1)) for t in t_stars}
             else:
-                g = ctx.rng("heads_micro", micro=micro)  # the same on every rank: not per_rank
+                g = ctx.rng("heads_micro", True, micro=micro)
                 t_stars = self.pool.sample_t_stars(self.t_stars_per_step, g)
                 heads = {t: self.pool.sample_heads(t, g) for t in t_stars}
             self._draws[micro] = (t_stars, heads)

@@ -30,7 +30,6 @@ from safetensors.torch import load_file
 
 from nitrofusion.errors import UserError, first_line
 from nitrofusion.scheduling import TimestepShiftLCMScheduler
-from nitrofusion.userfiles import replacing
 
 Sampler = Literal["auto", "shift-lcm", "native"]
 DEFAULT_SHIFT = 250
@@ -868,16 +867,11 @@ def align_weights(pipe: DiffusionPipeline) -> None:
 
 
 def save_state_dict(state: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> Path:
-    """Write tensors as safetensors atomically: a crash never leaves a half-written file."""
-    from safetensors.torch import save_file
+    """Write tensors as safetensors atomically (a crash never leaves a half-written file), a tensor
+    at a time in host memory."""
+    from nitrofusion.weights.io import write_state_dict  # which reads this module's helpers
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with replacing(path) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp), metadata=metadata)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())  # the bytes are on disk before the name points at them
-    return path
+    return write_state_dict(path, state, metadata)
 
 
 def save_unet_weights(unet: UNet2DConditionModel, path: str | Path, shift: int | None = None) -> Path:

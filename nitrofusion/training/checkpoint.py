@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from nitrofusion.errors import UserError
 from nitrofusion.training.faults import kill_point
@@ -158,7 +158,10 @@ def save(root: str | Path, step: int, tensors: dict[str, torch.Tensor], meta: di
     tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=root))
     try:
         state = tmp / STATE_FILE
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(state))
+        # A tensor at a time in host memory: the whole state at SDXL size is 43 GB.
+        from nitrofusion.weights.io import write_state_dict  # diffusers: not for reading a checkpoint
+
+        write_state_dict(state, tensors)
         kill_point("checkpoint", step)
         record = {"step": step, "state_bytes": state.stat().st_size, "state_crc32": file_crc32(state)}
         (tmp / META_FILE).write_text(json.dumps({**record, **meta}, indent=1))

@@ -5,7 +5,7 @@ The whole iteration is `Distiller.train_step`: the student's sample, the objecti
 the critics' updates. Everything else here is set-up, saving and looking at samples.
 Randomness is drawn from generators seeded by (seed, step, purpose [, rank]), never from a
 running stream, so a resumed run repeats an uninterrupted one exactly, and every rank
-samples the same heads.
+refreshes the same heads.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import logging
 import os
 import time
 from collections import defaultdict
-from collections.abc import Iterable
-from contextlib import ExitStack, nullcontext
+from collections.abc import Iterable, Iterator
+from contextlib import ExitStack, contextmanager, nullcontext
 from datetime import timedelta
 from functools import partial
 from pathlib import Path
@@ -178,6 +178,25 @@ def resolve_teacher(name: str) -> str:
             raise UserError(f"the {name} teacher is not installed (build it with 'nitrofusion train-teacher', {how})")
         return str(found.model)
     return name
+
+
+@contextmanager
+def decoding_one_by_one(pipe: DiffusionPipeline) -> Iterator[None]:
+    """The VAE decodes a batch an image at a time (diffusers' slicing), then as it did before: a
+    validation grid is drawn on top of the whole training state (on several GPUs the main
+    process also holds DDP's gradient buckets, 9.6 GiB at SDXL), and the decoder's activations
+    at 1024² grow with the batch, where the UNet's at one to four steps are small."""
+    vae = pipe.vae
+    was = getattr(vae, "use_slicing", None)
+    if was is None:  # a VAE without slicing
+        yield
+        return
+    vae.enable_slicing()
+    try:
+        yield
+    finally:
+        if not was:
+            vae.disable_slicing()
 
 
 def means(values: dict[str, list[float]]) -> dict[str, float]:
@@ -697,10 +716,18 @@ class Distiller:
 
     def average_gradients(self, params: Iterable[torch.nn.Parameter], bucket: int = 2**24) -> None:
         """Average gradients over ranks, for modules kept out of DDP (the pool: a different subset of
-        heads each step; the fake score: called with and without parameter gradients in one step)."""
+        heads each step and rank; the fake score: called with and without parameter gradients in
+        one step). A parameter some rank has a gradient for is averaged on every rank, zero where
+        it had none (a head another rank drew): as one process summing its micro-batches would."""
         if self.acc.num_processes == 1:
             return
-        grads = [p.grad for p in params if p.grad is not None]
+        params = list(params)
+        local = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=self.acc.device)
+        anywhere = (self.acc.reduce(local, "sum") > 0).tolist()
+        for p, used in zip(params, anywhere, strict=True):
+            if used and p.grad is None:
+                p.grad = torch.zeros_like(p)
+        grads = [p.grad for p, used in zip(params, anywhere, strict=True) if used]
         while grads:
             n, size = 0, 0
             while n < len(grads) and (n == 0 or size + grads[n].numel() <= bucket):
@@ -1095,7 +1122,7 @@ class Distiller:
         # Under the training's autocast: the student keeps fp32 master weights while the frozen
         # modules (text encoders, VAE) are in bf16/fp16, whose dtype sets the sampler's latents.
         on_device = self.ema.on_device(self.acc.device)
-        with self.offload.onloaded("text", "vae", "safety"), on_device, self.acc.autocast():
+        with self.offload.onloaded("text", "vae", "safety"), on_device, self.acc.autocast(), decoding_one_by_one(pipe):
             for steps in range(1, self.schedule.max_sampling_steps() + 1):
                 # In batches of the training's size: the decode of 10 images at once at 1024² would
                 # add its activations to the training's resident state (images do not depend on it).
