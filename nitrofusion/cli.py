@@ -259,7 +259,6 @@ def _make_pairs(args: argparse.Namespace, rank: int, world: int, device: str | N
     # The teacher's batch by its image size (with CFG it samples twice as many): 64 at 1024² with
     # CFG was 128 SDXL samples at once.
     batch_size = args.batch_size or max(1, min(64, PAIRS_BATCH_PIXELS // size**2))
-    timings: list[float] = []
     if world > 1:  # every process has checked the folder before the main one writes to it
         from accelerate import PartialState
 
@@ -274,11 +273,10 @@ def _make_pairs(args: argparse.Namespace, rank: int, world: int, device: str | N
         rank=rank,
         world=world,
         progress=rank == 0,
-        timings=timings,
     )
     if world > 1:  # the other processes' shards, on disk (hours at SDXL size: outside any collective)
         try:
-            wait_for_shards(planned_shards(args.out, args.n, SHARD_SIZE), Path(args.out), 60, timings)
+            wait_for_shards(planned_shards(args.out, args.n, SHARD_SIZE), Path(args.out), 60)
         except ShardsNotDelivered as exc:
             print(f"nitrofusion make-pairs: stopped: {exc}", file=sys.stderr)
             return 1

@@ -756,6 +756,25 @@ def identical():
     write("skip", f"{{d.bad_steps}} {{all(torch.equal(a, b) for a, b in zip(before, after))}}")
 
 
+def accumulated():
+    # Two micro-batches an iteration, the first under no_sync: the gradients after each backward.
+    cfg = load_config(None, None, [*overrides, f"run.output_dir={{out}}/accumulated", "optim.grad_accumulation=2",
+        "refine.steps_per_stage=[3]", "run.checkpoint_every=1000"])
+    d = distill.Distiller(cfg, accelerator=acc, progress=False)
+    seen, backward = [], acc.backward
+    def counting(loss, **kwargs):
+        backward(loss, **kwargs)
+        grads = [p.grad for p in d.student.parameters() if p.grad is not None]
+        seen.append((d.step, len(grads), len({{g.untyped_storage().data_ptr() for g in grads}})))
+    acc.backward = counting
+    try:
+        for _ in range(2):
+            d.train_step(); d.step += 1
+    finally:
+        acc.backward = backward
+    write("accumulated", str(seen))
+
+
 def pairs():
     written, save = [], teacher.save_state_dict
     teacher.save_state_dict = lambda state, path, **kw: written.append(path.name) or save(state, path, **kw)
@@ -818,7 +837,7 @@ def locked():
     write("locked", said)
 
 
-for scenario in (identical, pairs, resume, locked, make_pairs_cli, resume_together):
+for scenario in (identical, accumulated, pairs, resume, locked, make_pairs_cli, resume_together):
     try:
         scenario()
     except Exception:  # said in its own file, for its own test; the other ranks may then wait in vain
@@ -886,6 +905,11 @@ def test_two_rank_run_stays_identical(two_ranks):
         flag, seen = text.split(" ", 1)
         grads, storages = ast.literal_eval(seen)[0]
         assert flag == "True" and grads > 20 and storages < grads / 10, text
+    # With gradient accumulation too: the micro-batches under no_sync add into the views (set to
+    # None between iterations, they were made anew beside the buckets until the last backward).
+    for text in two_rank_files(two_ranks, "accumulated"):
+        later = [(grads, storages) for step, grads, storages in ast.literal_eval(text) if step > 0]
+        assert later and all(grads > 20 and storages < grads / 10 for grads, storages in later), text
     skips = two_rank_files(two_ranks, "skip")
     assert skips == ["1 True", "1 True"], f"a NaN on rank 1 only: {skips} (skipped steps, weights unchanged)"
 
@@ -1160,7 +1184,7 @@ def test_distill_completes_pairs_stopped_half_way_to_their_own_count(tiny_sdxl_d
         assert all(torch.equal(v, want[k]) for k, v in load_file(str(shard)).items())
 
 
-def test_pairs_made_in_shares_by_several_processes_are_one_processs_pairs(tiny_sdxl_dir, tmp_path):
+def test_pairs_made_in_shares_by_several_processes_are_one_processs_pairs(tiny_sdxl_dir, tmp_path, monkeypatch):
     from nitrofusion.data.teacher import TeacherSampler, make_pairs, missing_shards
     from nitrofusion.pipelines import load_pipeline
 
@@ -1168,11 +1192,17 @@ def test_pairs_made_in_shares_by_several_processes_are_one_processs_pairs(tiny_s
     prompts = ["a cat", "a dog", "a boot"]
     one = make_pairs(sampler, prompts, 7, tmp_path / "one", batch_size=2, shard_size=2)
     made = {}
+    beats = []
+    real_touch = Path.touch
+    monkeypatch.setattr(Path, "touch", lambda p, *a, **k: beats.append(p.name) or real_touch(p, *a, **k))
     for rank in (1, 0, 2):  # any order
         assert missing_shards(tmp_path / "three") != []  # until the last share is made
         before = set((tmp_path / "three").glob("pairs-*"))
         make_pairs(sampler, prompts, 7, tmp_path / "three", batch_size=2, shard_size=2, rank=rank, world=3)
         made[rank] = sorted(p.name for p in set((tmp_path / "three").glob("pairs-*")) - before)
+    # Each process's heartbeat after every batch (what the others wait on), gone once it is done.
+    assert beats.count(".making-pairs-00000") == 2 and beats.count(".making-pairs-00001") == 1
+    assert not list((tmp_path / "three").glob(".making-pairs-*"))
     assert made == {
         0: ["pairs-00000.safetensors", "pairs-00003.safetensors"],
         1: ["pairs-00001.safetensors"],
@@ -1310,13 +1340,13 @@ def test_waiting_for_another_ranks_pairs_stops_when_none_arrive(tmp_path, monkey
     """A rank that died making its share, or a disk another machine cannot see, never delivers its
     shards: the wait went on forever, outside any collective. It stops after
     run.process_timeout_minutes without a new shard, and waits on while shards keep coming. A short
-    shard (being extended by its rank) is not delivered yet. Where this rank's own shards took
-    longer than that (an SDXL shard in fp32), it waits three of them: a rank with one shard more
-    was still making it when the others gave up."""
+    shard (being extended by its rank) is not delivered yet. A rank still sampling its shard (an
+    hour at SDXL size) touches its heartbeat after every batch, and is waited for: a rank whose
+    own shards were all made before (a resumed run) gave up on it after the timeout."""
     import nitrofusion.data.teacher as teacher
 
     clock = [0.0]
-    arrivals = {}
+    arrivals, beats = {}, []
     monkeypatch.setattr(teacher.time, "monotonic", lambda: clock[0])
 
     def write(path, n):
@@ -1327,6 +1357,10 @@ def test_waiting_for_another_ranks_pairs_stops_when_none_arrive(tmp_path, monkey
         for path, at in arrivals.items():
             if clock[0] >= at:
                 write(path, 2)
+        if beats and clock[0] < beats[0]:  # another process samples a batch every poll until then
+            beat = teacher.heartbeat(tmp_path, 1)
+            beat.touch()
+            os.utime(beat, ns=(int(clock[0] * 1e9),) * 2)
 
     monkeypatch.setattr(teacher.time, "sleep", sleep)
     shards = [(tmp_path / f"pairs-{i:05d}.safetensors", 2) for i in range(3)]
@@ -1336,18 +1370,24 @@ def test_waiting_for_another_ranks_pairs_stops_when_none_arrive(tmp_path, monkey
     teacher.wait_for_shards(shards, tmp_path, 2)
     assert clock[0] >= 200
     late = (tmp_path / "pairs-00003.safetensors", 2)
-    with pytest.raises(teacher.ShardsNotDelivered, match="no new shard .* for 2 min, 1 missing \\(pairs-00003"):
+    with pytest.raises(
+        teacher.ShardsNotDelivered, match="no new shard or batch .* for 2 min, 1 missing \\(pairs-00003"
+    ):
         teacher.wait_for_shards([*shards, late], tmp_path, 2)
     assert 120 < clock[0] - 200 <= 150 + 30 * 5
-    # This rank's shards took 50 min each: another's last one arrives 100 min on, and is waited for.
+    # Another process samples its shard for 100 minutes, a batch at a time, then writes it: waited for.
     start = clock[0]
+    beats[:] = [start + 6000]
     arrivals = {late[0]: start + 6000}
-    teacher.wait_for_shards([*shards, late], tmp_path, 2, own_shard_seconds=[2400, 3000])
-    assert start + 6000 <= clock[0] < start + 9000
-    # Never delivered: the message says how long it waited.
+    teacher.wait_for_shards([*shards, late], tmp_path, 2)
+    assert start + 6000 <= clock[0] < start + 6300
+    # Its heartbeat stops (the process died): the wait stops 2 minutes later, and says so.
     never = (tmp_path / "pairs-00004.safetensors", 2)
-    with pytest.raises(teacher.ShardsNotDelivered, match="for 150 min"):
-        teacher.wait_for_shards([*shards, late, never], tmp_path, 2, own_shard_seconds=[3000])
+    start = clock[0]
+    beats[:] = [start + 600]
+    with pytest.raises(teacher.ShardsNotDelivered, match="no new shard or batch"):
+        teacher.wait_for_shards([*shards, late, never], tmp_path, 2)
+    assert start + 600 <= clock[0] <= start + 600 + 2 * 30 * 5  # a poll (150 s here) after the limit
 
 
 def test_seconds_per_step_counts_the_iterations_of_its_window_and_only_training(tiny_sdxl_dir, tmp_path, monkeypatch):

@@ -407,12 +407,11 @@ def make_pairs(
     rank: int = 0,
     world: int = 1,
     progress: bool = True,
-    timings: list[float] | None = None,
 ) -> list[Path]:
     """Write `count` pairs in shards of `shard_size`; existing complete shards are kept (resume).
     With `world` processes, process `rank` makes the shards i with i % world == rank: a shard's
-    pairs depend on its index only, not on which process makes it. `timings` gets the seconds each
-    shard made here took (how long `wait_for_shards` may wait for another process's)."""
+    pairs depend on its index only, not on which process makes it. While it samples, the process
+    touches its heartbeat file after every batch, for the others' `wait_for_shards`."""
     out_dir = Path(out_dir)
     check_own_files(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -446,7 +445,6 @@ def make_pairs(
     for s in mine:
         if held[s] == size(s):
             continue
-        started = time.monotonic()
         idx = torch.arange(s * shard_size + held[s], s * shard_size + size(s))
         prompt_ids = (idx * stride + seed) % len(prompts)  # spread prompts evenly over the pairs
         seeds = pair_seeds(seed, idx, noise_offset)
@@ -457,6 +455,7 @@ def make_pairs(
             generators = step_noise_generators(seeds[sl].tolist())
             latents.append(sampler([prompts[int(i)] for i in prompt_ids[sl]], noise, generators).cpu())
             bar.update(len(idx[sl]))
+            heartbeat(out_dir, rank).touch()
         shard = {"latents": torch.cat(latents), "seeds": seeds, "prompt_ids": prompt_ids}
         if held[s]:
             try:
@@ -470,31 +469,36 @@ def make_pairs(
         if torch.is_autocast_enabled(device_type):  # a bf16 run's distill draws them so
             made_with["autocast"] = str(torch.get_autocast_dtype(device_type)).removeprefix("torch.")
         save_state_dict(shard, shards[s], metadata={**recipe, **made_with})  # whole or absent: named once written
-        if timings is not None:
-            timings.append(time.monotonic() - started)
     bar.close()
+    heartbeat(out_dir, rank).unlink(missing_ok=True)
     return shards
+
+
+def heartbeat(directory: Path, rank: int) -> Path:
+    """A file the process making shards touches after every batch: a shard is written only whole
+    (at SDXL size, an hour of sampling), so the others tell a slow process from a dead one by it."""
+    return directory / f".making-pairs-{rank:05d}"
 
 
 class ShardsNotDelivered(RuntimeError):
     """Another process's shards stopped arriving."""
 
 
-def wait_for_shards(
-    shards: list[tuple[Path, int]], directory: Path, minutes: float, own_shard_seconds: Sequence[float] = ()
-) -> None:
+def wait_for_shards(shards: list[tuple[Path, int]], directory: Path, minutes: float) -> None:
     """Until every process's shards are on disk. A process that died making its share, or a disk
-    that not every machine shares, never delivers: stop once no new shard has appeared for
-    `minutes`, or for three times the longest shard made here if that is longer (at SDXL size in
-    fp32 one shard can take an hour, which a process with one shard fewer would wait for)."""
-    limit = max(60 * minutes, 3 * max(own_shard_seconds, default=0.0))
-    changed, waiting = time.monotonic(), len(shards)
+    that not every machine shares, never delivers: stop once `minutes` have passed with no new
+    shard and no heartbeat (`heartbeat`): a shard takes up to an hour at SDXL size, and a process
+    whose own shards were all made before (a resumed run) knows nothing of how long."""
+    limit = 60 * minutes
+    changed, progress = time.monotonic(), None
     while missing := unfinished(shards):  # absent, or short (being extended by its process)
-        if len(missing) < waiting:
-            changed, waiting = time.monotonic(), len(missing)
+        beats = [p.stat().st_mtime_ns for p in directory.glob(".making-pairs-*") if p.is_file()]
+        now = (len(missing), max(beats, default=0))
+        if now != progress:  # a shard came, or a process sampled another batch
+            changed, progress = time.monotonic(), now
         elif time.monotonic() - changed > limit:
             raise ShardsNotDelivered(
-                f"teacher pairs: no new shard in '{directory}' for {limit / 60:.0f} min, {len(missing)} missing "
+                f"teacher pairs: no new shard or batch in '{directory}' for {minutes:g} min, {len(missing)} missing "
                 f"({missing[0].name} first): did another process stop, or does it write to a disk this one "
                 "cannot see? run again, it resumes"
             )

@@ -56,11 +56,14 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def optimizer_tensors(opt: torch.optim.Optimizer, prefix: str) -> tuple[dict[str, torch.Tensor], dict]:
+def optimizer_tensors(
+    opt: torch.optim.Optimizer, prefix: str, to_host: bool = True
+) -> tuple[dict[str, torch.Tensor], dict]:
     """Flatten an optimizer's state into named tensors and the rest into JSON: its param groups and
     the state's plain numbers (bitsandbytes keeps `step` as an int, and its quantisation state in a
     nested dict, flattened here to dotted names; a tensor shared between parameters is stored once
-    per parameter)."""
+    per parameter). `to_host=False` leaves the tensors where they are, for `save`, which brings
+    them to host memory one at a time (AdamW's moments at SDXL size are 20.6 GB)."""
     sd = opt.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     numbers: dict[str, int | float] = {}
@@ -71,7 +74,7 @@ def optimizer_tensors(opt: torch.optim.Optimizer, prefix: str) -> tuple[dict[str
             for key, inner in value.items():
                 flatten(f"{name}.{key}", inner)
         elif torch.is_tensor(value):
-            tensor = value.detach().cpu().contiguous()
+            tensor = value.detach().cpu().contiguous() if to_host else value.detach()
             if tensor.untyped_storage().data_ptr() in storages:  # safetensors refuses shared memory
                 tensor = tensor.clone()
             storages.add(tensor.untyped_storage().data_ptr())

@@ -137,7 +137,10 @@ def make_accelerator(cfg: DistillConfig) -> Accelerator:
     apart into one output folder.
 
     The student's gradients are views into DDP's all-reduce buckets: by default DDP keeps the
-    buckets beside the gradients, one more fp32 copy of the student a rank (10 GB for an SDXL UNet)."""
+    buckets beside the gradients, one more fp32 copy of the student a rank (10 GB for an SDXL UNet).
+    So under DDP they are zeroed, not set to None: the micro-batches before the last run under
+    `no_sync`, where DDP does not see them, and a gradient that is None there is made anew beside
+    the buckets. One process has no buckets, and frees its gradients between iterations."""
     several = int(os.environ.get("WORLD_SIZE", "1")) > 1
     return Accelerator(
         cpu=several and not has_accelerator_device(),
@@ -520,7 +523,6 @@ class Distiller:
         self.acc.wait_for_everyone()  # every process decides on the folder before any writes to it
         if make:
             count, shard_size = plan or (self.cfg.data.num_pairs, SHARD_SIZE)
-            timings: list[float] = []
             # The teacher is in fp32 until the student is copied from it, then cast to bf16: in a
             # bf16 run its pairs are drawn under bf16 autocast (fp32 matmuls at SDXL size are
             # several times slower). A pair's precision is not part of its recipe: make-pairs'
@@ -538,11 +540,10 @@ class Distiller:
                     rank=self.acc.process_index,
                     world=self.acc.num_processes,
                     progress=self.progress,
-                    timings=timings,
                 )
             planned = planned_shards(directory, count, shard_size)
             try:  # outside any collective, so the process group's own timeout never fires here
-                wait_for_shards(planned, Path(directory), self.cfg.run.process_timeout_minutes, timings)
+                wait_for_shards(planned, Path(directory), self.cfg.run.process_timeout_minutes)
             except ShardsNotDelivered as exc:
                 raise TrainingStopped(str(exc)) from None
         self.acc.wait_for_everyone()
@@ -674,7 +675,7 @@ class Distiller:
             self.acc.clip_grad_norm_(self.student.parameters(), cfg.optim.grad_clip)
             self.opt_g.step()
             self.ema.update(self.acc.unwrap_model(self.student))
-        self.opt_g.zero_grad(set_to_none=True)
+        self.opt_g.zero_grad(set_to_none=self.acc.num_processes == 1)  # see make_accelerator
         for critic in critics:
             logs.update(critic.update(self))
         for critic in self.critics.values():
@@ -697,7 +698,7 @@ class Distiller:
         return not bool(self.acc.reduce(failed, "sum") > 0)
 
     def _skip_step(self) -> dict[str, float]:
-        self.opt_g.zero_grad(set_to_none=True)
+        self.opt_g.zero_grad(set_to_none=self.acc.num_processes == 1)  # see make_accelerator
         for critic in self.critics.values():
             critic.zero_grad()
         self.bad_steps += 1
@@ -875,7 +876,7 @@ class Distiller:
         tensors = {f"student.{k}": v for k, v in raw.state_dict().items() if k not in frozen}
         tensors.update({f"ema.{k}": v for k, v in self.ema.own_state_dict().items()})
         # opt_g went through accelerator.prepare: its state lives in the wrapped optimizer.
-        g_t, g_meta = checkpoint.optimizer_tensors(self.opt_g.optimizer, "opt_g")
+        g_t, g_meta = checkpoint.optimizer_tensors(self.opt_g.optimizer, "opt_g", to_host=False)
         tensors.update(g_t)
         meta = {"opt_g": g_meta, "teacher_fingerprint": self.teacher_fingerprint()}
         if frozen:
@@ -884,7 +885,7 @@ class Distiller:
             for name, module in critic.modules.items():
                 tensors.update({f"{name}.{k}": v for k, v in module.state_dict().items()})
             for name, opt in critic.optimizers.items():
-                opt_t, meta[name] = checkpoint.optimizer_tensors(opt, name)
+                opt_t, meta[name] = checkpoint.optimizer_tensors(opt, name, to_host=False)
                 tensors.update(opt_t)
         checkpoint.save(
             self.out / "checkpoints",

@@ -128,8 +128,8 @@ def check_not_an_input(out: str | Path, inputs: dict[str, str | Path]) -> None:
 
 def write_state_dict(path: str | Path, state: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
     """`state` as safetensors, each tensor brought to host memory as it is written: safetensors'
-    `save_file` needs them all there at once (a checkpoint at SDXL size is 43 GB). Ordered as
-    `save_file` orders them, the widest dtypes first, so that every tensor's data is aligned."""
+    `save_file` needs them all there at once (a checkpoint at SDXL size is 43 GB). The widest
+    dtypes first (then by name), so that every tensor's data starts aligned to its element size."""
     names = sorted(state, key=lambda k: (-state[k].dtype.itemsize, k))
     layout = [(k, state[k].dtype, tuple(state[k].shape)) for k in names]
     return write_safetensors_streaming(path, layout, (state[k] for k in names), metadata)
@@ -145,9 +145,13 @@ def write_safetensors_streaming(
     before any tensor exists, and `tensors` yields them in that order, each written and dropped.
     `save_file` needs every tensor at once: a moved SDXL UNet held whole is 5-10 GB of RAM.
     Atomic like `save_state_dict` (written beside `path`, renamed when complete)."""
+    if metadata and not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise TypeError("safetensors metadata must map strings to strings")  # or the file is unreadable
     header: dict[str, dict] = {"__metadata__": metadata} if metadata else {}
     offset = 0
     for name, dtype, shape in layout:
+        if dtype not in SAFETENSORS_DTYPES:
+            raise TypeError(f"{name}: safetensors has no {dtype}")
         size = torch.Size(shape).numel() * dtype.itemsize
         header[name] = {
             "dtype": SAFETENSORS_DTYPES[dtype],
