@@ -525,7 +525,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument(
         "--preset",
         help="embedded (a few CPU minutes), sdxl (the paper's batch, pool and refresh on one GPU, with SDXL base as "
-        "the teacher: docs/distill.md says where it departs) or sd3 (an SD3-architecture teacher); "
+        "the teacher: docs/distill.md says where it departs), sd15 (an SD1.5-architecture teacher at 512 px, "
+        "one 24 GB GPU) or sd3 (an SD3-architecture teacher); "
         "also demo, flow-embedded (the embedded SD3-architecture teacher), dmd2-embedded, dmdx-embedded",
     )
     d.add_argument("--config", help="YAML config file (see docs/distill.md for the schema)")
@@ -730,12 +731,22 @@ def main(argv: list[str] | None = None) -> int:
         if not is_out_of_memory(exc):
             raise
         first = str(exc).splitlines()[0] if str(exc) else "no detail"
+        hint = OUT_OF_MEMORY_HINTS.get(args.command, OUT_OF_MEMORY_HINTS[None])
         print(
-            f"nitrofusion {args.command}: error: out of memory ({first}); sample or train smaller batches "
-            "(--batch-size; distill: data.batch_size, data.pairs_batch_size) or at a half-precision --dtype",
+            f"nitrofusion {args.command}: error: out of memory ({first}); {hint}",
             file=sys.stderr,
         )
         return EXIT_OUT_OF_MEMORY
+
+
+# What takes less memory, by command: distill has no --dtype (it trains in fp32 or bf16 autocast).
+OUT_OF_MEMORY_HINTS = {
+    "distill": "train with less on the GPU: the EMA or the teacher in host memory (optim.ema_offload, "
+    "model.teacher_offload), 8-bit AdamW (optim.optimizer=adamw8bit), a narrower head pool "
+    "(discriminator.width), fewer samples a micro-batch (data.batch_size, with optim.grad_accumulation "
+    "for the same batch), or a LoRA student (model.lora_rank); docs/distill.md, 'Teacher and EMA offload'",
+    None: "sample smaller batches (--batch-size) or at a half-precision --dtype",
+}
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ resume, faults, output format."""
 import ast
 import errno
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -21,6 +22,7 @@ from nitrofusion.cli import main
 from nitrofusion.errors import UserError
 from nitrofusion.testing import save_tiny_sdxl, tiny_sdxl_pipeline
 from nitrofusion.training import checkpoint
+from nitrofusion.training.config import load_config
 from nitrofusion.training.distill import Distiller, TrainingStopped
 from nitrofusion.userfiles import folder_lock
 
@@ -312,6 +314,31 @@ def test_an_sd15_architecture_teacher_distils_into_a_stock_loadable_student(tiny
     assert pipe.config.requires_safety_checker is False  # the teacher's setting, not the class default
     image = pipe("a photo", num_inference_steps=2, guidance_scale=0, output_type="np").images[0]
     assert np.isfinite(image).all() and image.std() > 0
+
+
+def test_the_sd15_preset_distils_an_sd15_teacher_in_bf16(tiny_sd15_dir, tmp_path, bf16_accelerator):
+    """The preset as an SD1.5 user runs it (a 24 GB GPU): bf16, gradient checkpointing, the teacher
+    and the EMA in host memory, a pool of width 64 whose local heads halve once; a distillation
+    step and the export, loaded by stock diffusers."""
+    from diffusers import StableDiffusionPipeline
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\na red cube\n")
+    small = ["data.resolution=32", "data.batch_size=2", "optim.grad_accumulation=1", "loss.pretrain_steps=0"]
+    small += ["discriminator.width=4", "discriminator.candidates=2", "data.teacher_steps=2"]
+    where = [f"model.teacher={tiny_sd15_dir}", f"data.prompts={prompts}", f"run.output_dir={tmp_path / 'run'}"]
+    d = Distiller(load_config("sd15", None, where + small), progress=False)
+    cfg = d.cfg
+    assert cfg.model.teacher_offload and cfg.optim.ema_offload and cfg.model.gradient_checkpointing
+    assert cfg.data.teacher_guidance == 7.5 and cfg.discriminator.downsamples == 1
+    assert cfg.optim.mixed_precision == "bf16" and cfg.model.shift == 250
+    logs = d.train_step()
+    d.step = 1
+    assert "fake_logit" in logs and all(math.isfinite(v) for v in logs.values()), logs
+    out = d.export()
+    pipe = StableDiffusionPipeline.from_pretrained(out / "pipeline")
+    image = pipe("a cat", num_inference_steps=1, guidance_scale=0, output_type="np").images[0]
+    assert np.isfinite(image).all()
 
 
 def test_sd15_heads_read_clips_sentence_embedding_as_the_pooled_text(tiny_sd15_dir):
@@ -1446,7 +1473,7 @@ def test_settings_of_a_section_the_run_never_reads_are_warned_about():
         load_config("embedded", None, ["discriminator.pool=false", "discriminator.refresh_fraction=0.05"])
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        for preset in ("embedded", "demo", "dmd2-embedded", "dmdx-embedded", "flow-embedded", "sdxl", "sd3"):
+        for preset in ("embedded", "demo", "dmd2-embedded", "dmdx-embedded", "flow-embedded", "sdxl", "sd3", "sd15"):
             load_config(preset, None, [])
         load_config("dmd2-embedded", None, ["dmd.min_t=0.1"])  # read there
         load_config("embedded", None, ["discriminator.pool=false"])  # reproduce's static ablation
