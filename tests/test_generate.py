@@ -279,6 +279,22 @@ def test_corrupt_safetensors(tiny_sdxl_dir, tmp_path, capsys):
     )
 
 
+def test_a_pipeline_with_pickled_weights_only_says_so(tiny_sdxl_dir, tmp_path, capsys):
+    """An older fine-tune saved as .bin files: diffusers' "no file named
+    diffusion_pytorch_model.safetensors" said nothing of why, or what to do."""
+    old = tmp_path / "old"
+    shutil.copytree(tiny_sdxl_dir, old)
+    for weights in old.glob("vae/*.safetensors"):
+        weights.unlink()
+    (old / "vae" / "diffusion_pytorch_model.bin").write_bytes(b"never read")
+    expect_error(
+        ["generate", "x", "--model", str(old), "--out", str(tmp_path / "out")],
+        capsys,
+        "vae/diffusion_pytorch_model.bin",
+        "never unpickled",
+    )
+
+
 def test_truncated_safetensors(tiny_sdxl_dir, student_file, tmp_path, capsys):
     cut = tmp_path / "cut.safetensors"
     data = Path(student_file).read_bytes()

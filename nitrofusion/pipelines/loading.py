@@ -799,6 +799,13 @@ def _read_pipeline(
         wrong_shape = "loading state_dict" in str(exc) or "ignore_mismatched_sizes" in str(exc)
         if isinstance(exc, RuntimeError) and not wrong_shape:
             raise
+        pickled = sorted(str(p.relative_to(model_dir)) for p in model_dir.glob("*/*.bin"))
+        if pickled and "no file named" in str(exc):  # an older folder, its weights in .bin files only
+            raise UserError(
+                f"could not load the pipeline in '{model_dir}': its weights are pickle files ({pickled[0]}), "
+                "which are never unpickled here; convert the folder to safetensors on a machine you trust "
+                "(diffusers: DiffusionPipeline.from_pretrained(DIR).save_pretrained(NEW_DIR))"
+            ) from None
         raise UserError(f"could not load the pipeline in '{model_dir}': {first_line(exc)}") from None
     if missing:
         raise UserError(f"could not load the pipeline in '{model_dir}': {missing[0]}")
