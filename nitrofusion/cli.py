@@ -482,7 +482,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--guidance-scale",
         type=float,
-        help="CFG scale (default 0 for shift-lcm, 5 for native; an SD3 pipeline's own, 7: SD3.5-Large-Turbo needs 0)",
+        help="CFG scale (default 0 for shift-lcm; for native, the pipeline's own: SDXL 5, SD1.5 7.5, SD3 7 "
+        "(SD3.5-Large-Turbo needs 0))",
     )
     g.add_argument("--device", help="cpu or cuda (default: cuda if available)")
     g.add_argument("--dtype", default="auto", help="auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16")

@@ -174,6 +174,16 @@ def test_generate_draws_what_the_public_readme_recipe_draws(tiny_sdxl_dir, stude
     assert np.array_equal(np.asarray(got.image), np.asarray(want.images[0]))
 
 
+def test_a_native_teacher_samples_at_its_pipelines_own_guidance(tiny_sdxl_dir, tiny_sd15_dir):
+    """SD1.5 was given SDXL's 5 where StableDiffusionPipeline's own default is 7.5."""
+    from nitrofusion.pipelines.generation import default_guidance
+
+    sdxl = load_pipeline(tiny_sdxl_dir, sampler="native", device="cpu")
+    sd15 = load_pipeline(tiny_sd15_dir, sampler="native", device="cpu")
+    assert (default_guidance("native", sdxl), default_guidance("native", sd15)) == (5.0, 7.5)
+    assert default_guidance("shift-lcm", sd15) == 0.0
+
+
 def test_prompts_file(tiny_sd15_dir, tmp_path, capsys):
     f = tmp_path / "p.txt"
     f.write_text("a cat\n\n  a dog  \n")

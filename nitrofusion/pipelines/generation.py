@@ -20,7 +20,6 @@ from PIL.PngImagePlugin import PngInfo
 from tqdm.auto import tqdm
 
 import nitrofusion
-from nitrofusion.data.conditioning import is_sd3
 from nitrofusion.errors import Interrupted, UserError, check_guidance_scale
 from nitrofusion.pipelines.fast import fast_sampler, quantize, to_host
 from nitrofusion.pipelines.loading import SHIFT_LCM_MAX_STEPS
@@ -93,15 +92,15 @@ def sampler_of(pipe: DiffusionPipeline) -> str:
 
 
 def default_guidance(sampler: str, pipe: DiffusionPipeline | None = None) -> float:
-    """Without --guidance-scale: none for the shift-LCM sampler (NitroSD samples without CFG), 5 for
-    a multi-step UNet teacher; for a flow transformer (SD3), its pipeline class's own default (7 for
-    SD3; a distilled one such as SD3.5-Large-Turbo needs --guidance-scale 0), except for a flow
-    student of `distill`, whose folder records 0, or the embedded flow teacher, whose folder records 5."""
+    """Without --guidance-scale: none for the shift-LCM sampler (NitroSD samples without CFG); for a
+    multi-step teacher, its pipeline class's own default (SDXL 5, SD1.5 7.5, SD3 7; a distilled one
+    such as SD3.5-Large-Turbo needs --guidance-scale 0), except for a flow student of `distill`,
+    whose folder records 0, or the embedded flow teacher, whose folder records 5."""
     if sampler == "shift-lcm":
         return 0.0
     if getattr(pipe, "nitro_guidance", None) is not None:  # a distilled flow student's, as its run recorded
         return pipe.nitro_guidance
-    if pipe is not None and is_sd3(pipe):
+    if pipe is not None:  # SD1.5's was 5, SDXL's, where StableDiffusionPipeline's own is 7.5
         default = call_default(pipe, "guidance_scale")
         if isinstance(default, (int, float)):
             return float(default)
