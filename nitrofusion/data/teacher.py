@@ -477,7 +477,10 @@ def make_pairs(
 def heartbeat(directory: Path, rank: int) -> Path:
     """A file the process making shards touches after every batch: a shard is written only whole
     (at SDXL size, an hour of sampling), so the others tell a slow process from a dead one by it."""
-    return directory / f".making-pairs-{rank:05d}"
+    return directory / f"{HEARTBEAT_PREFIX}{rank:05d}"
+
+
+HEARTBEAT_PREFIX = ".making-pairs-"
 
 
 class ShardsNotDelivered(RuntimeError):
@@ -492,7 +495,7 @@ def wait_for_shards(shards: list[tuple[Path, int]], directory: Path, minutes: fl
     limit = 60 * minutes
     changed, progress = time.monotonic(), None
     while missing := unfinished(shards):  # absent, or short (being extended by its process)
-        beats = [p.stat().st_mtime_ns for p in directory.glob(".making-pairs-*") if p.is_file()]
+        beats = [p.stat().st_mtime_ns for p in directory.glob(f"{HEARTBEAT_PREFIX}*") if p.is_file()]
         now = (len(missing), max(beats, default=0))
         if now != progress:  # a shard came, or a process sampled another batch
             changed, progress = time.monotonic(), now

@@ -675,7 +675,7 @@ class Distiller:
             self.acc.clip_grad_norm_(self.student.parameters(), cfg.optim.grad_clip)
             self.opt_g.step()
             self.ema.update(self.acc.unwrap_model(self.student))
-        self.opt_g.zero_grad(set_to_none=self.acc.num_processes == 1)  # see make_accelerator
+        self._clear_student_gradients()
         for critic in critics:
             logs.update(critic.update(self))
         for critic in self.critics.values():
@@ -698,7 +698,7 @@ class Distiller:
         return not bool(self.acc.reduce(failed, "sum") > 0)
 
     def _skip_step(self) -> dict[str, float]:
-        self.opt_g.zero_grad(set_to_none=self.acc.num_processes == 1)  # see make_accelerator
+        self._clear_student_gradients()
         for critic in self.critics.values():
             critic.zero_grad()
         self.bad_steps += 1
@@ -708,6 +708,10 @@ class Distiller:
                 f"{self.bad_steps} non-finite losses in a row at step {self.step}; stopped, last good checkpoint kept"
             )
         return {"skipped": 1.0}
+
+    def _clear_student_gradients(self) -> None:
+        # Freed on one process; zeroed under DDP, where they are views into its buckets (make_accelerator).
+        self.opt_g.zero_grad(set_to_none=self.acc.num_processes == 1)
 
     def _warmup_lr(self) -> None:
         w = self.cfg.optim.warmup_steps
