@@ -140,8 +140,18 @@ async def send(c: httpx.AsyncClient, client_id: str, rid: int, prompt: str, log:
         log.done[rid] = t1
         log.latencies.append(t1 - t0)
         log.stale += r.headers.get("x-superseded") == "true"
-    elif r.status_code not in (409, 503):
+    elif r.status_code == 409 or (r.status_code == 503 and _is_busy(r)):
+        return  # superseded, or the model's line was full: the load working as designed
+    else:
         log.errors.append(f"{r.status_code}: {r.text[:200]}")
+
+
+def _is_busy(r: httpx.Response) -> bool:
+    """A full line's 503 (marked busy), not an out-of-memory one."""
+    try:
+        return r.json().get("busy") is True
+    except ValueError:
+        return False
 
 
 async def phase(

@@ -171,6 +171,17 @@ def test_a_teacher_beside_its_student_samples_at_its_own_steps(embedded):
         assert _post(c).headers["x-steps"] == "1"
 
 
+def test_a_model_from_a_folder_is_described_by_the_folders_name_not_the_servers_path():
+    """/api/models reported the --model path (e.g. /models/stable-diffusion-xl-base-1.0) to every
+    client, where the PNGs name the model only."""
+    from nitrofusion.world.spec import teacher_path
+
+    (model,) = load_models([ModelSpec(model=str(teacher_path()), name="t")], device="cpu", warmup=False)
+    assert model.describe(None)["source"] == "teacher"
+    (hub,) = load_models([ModelSpec(model="embedded-teacher")], device="cpu", warmup=False)
+    assert hub.describe(None)["source"] == "embedded-teacher"  # a name, not a path: as given
+
+
 def test_a_models_steps_option_is_its_default_count(embedded):
     """SD3.5-Large-Turbo (a 4-step model the app cannot tell from a teacher) was served at its
     pipeline's 28 steps on every keystroke: --steps sets a model's count."""
@@ -557,7 +568,7 @@ def test_full_queue_is_503_and_the_line_keeps_moving():
         await _until(lambda: app.state.workers["gated"].state()["waiting"] == 2)
         r = await post("d", "D")
         assert r.status_code == 503 and r.headers["retry-after"] == "1"
-        assert "busy" in _error_of(r)
+        assert "busy" in _error_of(r) and r.json()["busy"] is True  # what a page retries on
         # A waiting client's newer request replaces its own place in line: not "busy".
         waiting[0] = post("bb", "B")
         m.gate.set()
@@ -769,6 +780,8 @@ def test_the_cpu_allocators_out_of_memory_answers_503_like_a_gpus():
     async def scenario(c, post):
         r = await post("x")
         assert r.status_code == 503 and "try a smaller size" in _error_of(r)
+        # Not to be retried as it stands: the page retried every 503, this one forever.
+        assert "retry-after" not in r.headers and "busy" not in r.json()
         assert (await post("y")).status_code == 200
 
     _run_with(create_app([m]), scenario)

@@ -79,7 +79,7 @@ def _add_arguments(a: argparse.ArgumentParser) -> None:
         dest="guidance_scale",
         type=float,
         action=_AppliesToModel,
-        help="CFG scale for it (default: 0 for shift-lcm, 5 for a native UNet model, an SD3 pipeline's own 7; "
+        help="CFG scale for it (default: 0 for shift-lcm, else its pipeline's own: SDXL 5, SD1.5 7.5, SD3 7; "
         "SD3.5-Large-Turbo needs 0)",
     )
     a.add_argument(

@@ -19,8 +19,9 @@ API (JSON in, JSON or PNG out; every error is JSON ``{"error": "<one line>"}``, 
   while it was drawn (delivered: the compute is spent, and the page shows it if nothing newer is on screen).
   400 bad input (blank prompt, bad size, malformed JSON); 422 wrong types or steps the model does not offer;
   404 unknown model; 409 superseded (``{"error": ..., "superseded": true}``): a newer request of the same client
-  arrived before this one was drawn, so it is not rendered; 503 the model's queue is full (``Retry-After: 1``),
-  or the server is shutting down (``AppServer``: waiting requests are answered then, not drawn);
+  arrived before this one was drawn, so it is not rendered; 503 the model's queue is full (``{"error": ...,
+  "busy": true}``, ``Retry-After: 1``: the one 503 to retry), out of memory ("try a smaller size"), or the
+  server is shutting down (``AppServer``: waiting requests are answered then, not drawn);
   413 body too large; 499 (empty, never read) the client closed its connection while the request waited.
 
 ``GET /api/models``: ``{"default": name, "models": [{name, source, sampler, default_size, size_multiple,
@@ -359,6 +360,8 @@ def load_models(
         )
         compiled = compile and str(pipe.device).startswith("cuda")  # compile_pipeline leaves CPU alone
         source = spec.model or ("embedded-teacher" if spec.lora else "embedded")
+        if Path(source).expanduser().exists():  # a local folder: its name, never the server's path (as in PNGs)
+            source = Path(source).expanduser().resolve().name
         loaded = LoadedModel.from_pipeline(name, source, pipe, compiled, spec.guidance_scale, spec.steps)
         if warmup:
             # A compiled sampler captures one CUDA graph per step count: capture them all now.
@@ -775,8 +778,8 @@ def create_app(
         worker = workers[model.name]
         try:
             worker.check_room(req.client)  # before the claim: a refused request supersedes nothing
-        except Busy as exc:
-            return _error(503, str(exc), headers={"Retry-After": "1"})
+        except Busy as exc:  # marked, so that a page retries this 503 and no other
+            return _error(503, str(exc), headers={"Retry-After": "1"}, busy=True)
         ticket = slots.claim(req.client, req.request_id)
         if ticket is None:
             worker.stats["superseded"] += 1
@@ -801,8 +804,8 @@ def create_app(
             return Response(status_code=499)  # nginx's "client closed request": nobody reads it
         except Superseded:
             return _error(409, "superseded by a newer request of this client", superseded=True)
-        except Busy as exc:
-            return _error(503, str(exc), headers={"Retry-After": "1"})
+        except Busy as exc:  # marked, so that a page retries this 503 and no other
+            return _error(503, str(exc), headers={"Retry-After": "1"}, busy=True)
         except (ShuttingDown, Interrupted):
             return _error(503, SHUTTING_DOWN)
         except asyncio.CancelledError:
@@ -815,7 +818,8 @@ def create_app(
             return _error(400, str(exc))
         except Exception as exc:
             if is_out_of_memory(exc):  # a GPU's, or the CPU allocator's (a plain RuntimeError)
-                return _error(503, "out of memory for this request; try a smaller size", headers={"Retry-After": "1"})
+                # No Retry-After: the same request would run out again (the page retried it forever).
+                return _error(503, "out of memory for this request; try a smaller size")
             log.exception("generation failed")
             return _error(500, f"generation failed ({type(exc).__name__}); see the server log")
 
