@@ -272,3 +272,18 @@ def test_built_from_an_sd15_pndm_config_it_keeps_the_schedule_and_drops_what_it_
     import json
 
     assert "skip_prk_steps" not in json.loads((tmp_path / "scheduler_config.json").read_text())
+
+
+def test_from_base_config_samples_as_a_student_whatever_the_base_scheduler_clips():
+    """The README builds the scheduler for a stock pipeline from that pipeline's config: a DDIM
+    config's clip_sample/thresholding (and LCM's 50 original steps) came along with from_config,
+    clipping latents to [-1, 1] at every step."""
+    from diffusers import DDIMScheduler
+
+    ddim = DDIMScheduler(clip_sample=True, thresholding=True, beta_schedule="scaled_linear")
+    s = TimestepShiftLCMScheduler.from_base_config(ddim.config, shifted_timestep=250)
+    assert (s.config.clip_sample, s.config.thresholding, s.config.original_inference_steps) == (False, False, 4)
+    assert s.config.beta_schedule == "scaled_linear"
+    s.set_timesteps(4)
+    assert s.noise_timesteps.tolist() == [999, 749, 499, 249]
+    assert TimestepShiftLCMScheduler.from_base_config(ddim.config, clip_sample=True).config.clip_sample

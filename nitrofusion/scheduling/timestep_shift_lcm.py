@@ -90,11 +90,18 @@ class TimestepShiftLCMScheduler(LCMScheduler):
 
     @classmethod
     def from_base_config(cls, config: Mapping[str, Any], **overrides: Any) -> TimestepShiftLCMScheduler:
-        """From another scheduler's config (the teacher's: its noise schedule and prediction type),
-        keeping only the settings this class takes: a PNDM config's `skip_prk_steps` would otherwise
-        be written into the student's scheduler config, and stock diffusers warns on every load."""
+        """A student's sampler from another scheduler's config (the teacher's, or any stock
+        pipeline's): its noise schedule and prediction type, sampled as NitroSD students are
+        (`original_inference_steps` 4, no clipping or thresholding of the x0 estimate) unless
+        `overrides` say otherwise.
+
+        Only the settings this class takes are kept: a PNDM config's `skip_prk_steps` would
+        otherwise be written into the student's scheduler config, and stock diffusers warns on
+        every load. A DDIM config's `clip_sample: true` would clip latents, which are not in
+        [-1, 1], and the student is never trained with it."""
         own = inspect.signature(cls.__init__).parameters
-        return cls.from_config({k: v for k, v in config.items() if k in own}, **overrides)
+        sampling = {"original_inference_steps": 4, "clip_sample": False, "thresholding": False}
+        return cls.from_config({k: v for k, v in config.items() if k in own}, **{**sampling, **overrides})
 
     def set_timesteps(self, *args, **kwargs) -> None:  # noqa: D102 - same contract as LCMScheduler
         super().set_timesteps(*args, **kwargs)
