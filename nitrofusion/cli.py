@@ -241,7 +241,13 @@ def _make_pairs(args: argparse.Namespace, rank: int, world: int, device: str | N
         wait_for_shards,
     )
     from nitrofusion.pipelines import load_pipeline
-    from nitrofusion.pipelines.generation import check_side, default_size, largest_side, size_multiple
+    from nitrofusion.pipelines.generation import (
+        check_side,
+        default_guidance,
+        default_size,
+        largest_side,
+        size_multiple,
+    )
     from nitrofusion.pipelines.loading import resolve_device, resolve_dtype
     from nitrofusion.training.distill import resolve_teacher
 
@@ -255,7 +261,8 @@ def _make_pairs(args: argparse.Namespace, rank: int, world: int, device: str | N
     pipe = load_pipeline(teacher, sampler="native", device=device, dtype=args.dtype, safety_checker=False)
     size = default_size(pipe) if args.resolution is None else args.resolution
     check_side("--resolution", size, size_multiple(pipe), largest_side(pipe), "this teacher")
-    sampler = TeacherSampler(pipe, args.steps, args.guidance_scale, size, size, args.timesteps)
+    guidance = default_guidance("native", pipe) if args.guidance_scale is None else args.guidance_scale
+    sampler = TeacherSampler(pipe, args.steps, guidance, size, size, args.timesteps)
     # The teacher's batch by its image size (with CFG it samples twice as many): 64 at 1024² with
     # CFG was 128 SDXL samples at once.
     batch_size = args.batch_size or max(1, min(64, PAIRS_BATCH_PIXELS // size**2))
@@ -388,7 +395,7 @@ def cmd_transfer(args: argparse.Namespace) -> int:
     from nitrofusion.world.spec import weights_source
 
     base, student, target = map(weights_source, (args.base, args.student, args.target))
-    print(transfer(base, student, target, args.out, args.scale, args.dtype, args.shift))
+    print(transfer(base, student, target, args.out, args.scale, args.dtype, args.shift, args.other_base))
     return 0
 
 
@@ -400,7 +407,9 @@ def cmd_export_lora(args: argparse.Namespace) -> int:
     from nitrofusion.world.spec import weights_source
 
     student, teacher = weights_source(args.student), weights_source(args.teacher)
-    report = export_lora(student, teacher, args.out, rank=args.rank, dtype=args.dtype, shift=args.shift)
+    report = export_lora(
+        student, teacher, args.out, rank=args.rank, dtype=args.dtype, shift=args.shift, other_base=args.other_base
+    )
     print(report.line())
     return 0
 
@@ -560,7 +569,12 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         help="the teacher's own schedule, as many as --steps (DMD2's 4-step SDXL: 999 749 499 249)",
     )
-    mp.add_argument("--guidance-scale", type=float, default=5.0, help="the teacher's CFG scale (default 5)")
+    mp.add_argument(
+        "--guidance-scale",
+        type=float,
+        help="the teacher's CFG scale (default: its pipeline's own, as each preset's data.teacher_guidance: "
+        "SDXL 5, SD1.5 7.5, SD3 7)",
+    )
     mp.add_argument(
         "--batch-size",
         type=int,
@@ -671,6 +685,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="the timestep shift to record in the result for generate --unet (default: the student's where it "
         "records one: a distill file or pipeline; the public NitroSD files record none: 250 Realism, 500 Vibrant)",
     )
+    tr.add_argument(
+        "--other-base",
+        action="store_true",
+        help="take the delta against a --base that is not the student's teacher, on purpose (e.g. SDXL base "
+        "under a student of DMD2's SDXL, to carry DMD2's change too); refused otherwise",
+    )
     tr.set_defaults(func=cmd_transfer)
 
     lo = sub.add_parser("export-lora", help="the student - teacher delta as a LoRA for diffusers' load_lora_weights")
@@ -689,6 +709,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="the timestep shift to record in the file (nitrofusion.shift): the LoRA'd teacher is the student only "
         "with TimestepShiftLCMScheduler at it (default: the student's where it records one; UNet students only)",
+    )
+    lo.add_argument(
+        "--other-base",
+        action="store_true",
+        help="take the delta against a --teacher that is not the one the student records, on purpose",
     )
     lo.set_defaults(func=cmd_export_lora)
 

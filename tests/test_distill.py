@@ -22,7 +22,7 @@ from nitrofusion.cli import main
 from nitrofusion.errors import UserError
 from nitrofusion.testing import save_tiny_sdxl, tiny_sdxl_pipeline
 from nitrofusion.training import checkpoint
-from nitrofusion.training.config import load_config
+from nitrofusion.training.config import load_config, unread_keys
 from nitrofusion.training.distill import Distiller, TrainingStopped
 from nitrofusion.userfiles import folder_lock
 
@@ -242,6 +242,12 @@ def test_a_finished_one_step_run_resumed_with_longer_stages_goes_on_to_more_step
     """docs/distill.md's recipe from 1 to 2 steps: the same run, resumed with another stage."""
     Distiller(config(tiny_sdxl_dir, tmp_path, "refine.steps_per_stage=[1]"), progress=False).train()
     one_step = load_file(str(tmp_path / "stages" / "1-step" / "student_unet.safetensors"))
+    # Every student file records its teacher, for transfer and export-lora to check their base against.
+    from nitrofusion.weights.provenance import check_teacher, recorded_teacher_samples
+
+    recorded = recorded_teacher_samples(tmp_path / "stages" / "1-step" / "student_unet.safetensors")
+    assert len(recorded) == 8
+    check_teacher(recorded, UNet2DConditionModel.from_pretrained(tiny_sdxl_dir, subfolder="unet").state_dict(), "t")
     longer = Distiller(config(tiny_sdxl_dir, tmp_path, "refine.steps_per_stage=[1,1]"), progress=False)
     longer.train(resume="latest")
     assert longer.step == 2 and longer.phase(1).num_steps == 2
@@ -281,6 +287,13 @@ def test_resuming_with_networks_of_another_shape_is_one_clear_error(tiny_sdxl_di
     # Nor what loaded weights compute: the timestep shift the student is told. It resumed quietly.
     with pytest.raises(UserError, match="made with model.shift=250, this run has 500"):
         Distiller(config(tiny_sdxl_dir, tmp_path, "model.shift=500"), progress=False).resume("latest")
+    # A checkpoint from before discriminator.global_downsamples: its global heads had the local depth.
+    older = again.cfg.to_dict()
+    del older["discriminator"]["global_downsamples"]
+    with pytest.raises(UserError, match="global_downsamples=2, this run has None: resume with --set discriminator"):
+        again._check_resumable(older)
+    pinned = Distiller(config(tiny_sdxl_dir, tmp_path, "discriminator.global_downsamples=2"), progress=False)
+    pinned._check_resumable(older)  # as the message says
 
 
 def test_a_lora_run_resumes_only_at_its_own_scale(tiny_sdxl_dir, tmp_path):
@@ -383,8 +396,11 @@ def test_distill_no_safety_checker_leaves_an_sd15_teachers_checker_out_of_the_ru
 
 
 def test_make_pairs_never_loads_a_safety_checker(tmp_path, monkeypatch):
-    """Pairs are latents: nothing is decoded, so SD1.5's checker (1.2 GB) is not even loaded."""
+    """Pairs are latents: nothing is decoded, so SD1.5's checker (1.2 GB) is not even loaded. Without
+    --guidance-scale they are drawn at the teacher pipeline's own CFG (SD1.5's 7.5, the sd15
+    preset's data.teacher_guidance), not SDXL's 5, which the preset's run would then refuse."""
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from safetensors import safe_open
 
     from nitrofusion.testing import save_tiny_sd15
 
@@ -396,7 +412,9 @@ def test_make_pairs_never_loads_a_safety_checker(tmp_path, monkeypatch):
     monkeypatch.setattr(StableDiffusionSafetyChecker, "__init__", refuse)
     args = ["make-pairs", "--model", str(teacher), "--n", "2", "--steps", "1", "--out", str(tmp_path / "pairs")]
     assert main([*args, "--device", "cpu"]) == 0
-    assert list((tmp_path / "pairs").glob("pairs-*.safetensors"))
+    (shard,) = (tmp_path / "pairs").glob("pairs-*.safetensors")
+    with safe_open(str(shard), "pt") as f:
+        assert f.metadata()["guidance_scale"] == "7.5"
 
 
 def test_resuming_with_another_teacher_is_refused_wherever_it_lies(tiny_sdxl_dir, tmp_path):
@@ -722,7 +740,7 @@ import hashlib, traceback, sys, torch, torch.distributed as dist
 import nitrofusion.data.teacher as teacher
 import nitrofusion.training.distill as distill
 from nitrofusion.errors import UserError
-from nitrofusion.training.config import load_config
+from nitrofusion.training.config import load_config, unread_keys
 
 out = sys.argv[1]
 overrides = {overrides!r}
@@ -1469,6 +1487,8 @@ def test_settings_of_a_section_the_run_never_reads_are_warned_about():
         match=r"keys pretrain.pixel_width, pretrain.regression_weight are not read .*pretrain_kind=adversarial",
     ):
         load_config("dmdx-embedded", None, ["loss.pretrain_steps=0"])
+    with pytest.warns(UserWarning, match=r"keys dmd.gan_g_weight are not read .*DMD2's classifier's: .*adm has none"):
+        load_config("dmdx-embedded", None, ["dmd.gan_g_weight=0.5"])
     with pytest.warns(UserWarning, match=r"keys discriminator.refresh_fraction are not read .*static head set"):
         load_config("embedded", None, ["discriminator.pool=false", "discriminator.refresh_fraction=0.05"])
     with warnings.catch_warnings():
@@ -1477,3 +1497,23 @@ def test_settings_of_a_section_the_run_never_reads_are_warned_about():
             load_config(preset, None, [])
         load_config("dmd2-embedded", None, ["dmd.min_t=0.1"])  # read there
         load_config("embedded", None, ["discriminator.pool=false"])  # reproduce's static ablation
+
+
+def test_settings_of_networks_a_run_never_builds_stop_neither_a_resume_nor_a_reused_run():
+    """dmd.classifier_downsamples' default became null (down to 1x1): runs saved with 2 were refused
+    on resume and by reproduce, under objectives that build no classifier at all."""
+    import copy
+
+    from nitrofusion.evaluation.reproduce import _config_difference, _saved_setting
+
+    want = load_config("embedded", None, []).to_dict()
+    old = copy.deepcopy(want)
+    old["dmd"]["classifier_downsamples"] = 2
+    del old["discriminator"]["global_downsamples"]  # saved before the key: the local heads' depth, 2
+    assert _config_difference(old, want) is None
+    old["discriminator"]["downsamples"] = 1
+    assert _saved_setting(old, "discriminator", "global_downsamples") == 1
+    no_gan = load_config("dmd2-embedded", None, ["dmd.gan_g_weight=0", "dmd.gan_d_weight=0"]).to_dict()
+    unread = unread_keys(no_gan)
+    assert {"dmd.classifier_downsamples", "discriminator.width"} <= unread and "dmd.real_guidance" not in unread
+    assert "dmd.classifier_downsamples" not in unread_keys(load_config("dmd2-embedded", None, []).to_dict())

@@ -363,6 +363,16 @@ def test_unet_that_does_not_fit(tiny_sdxl_dir, tiny_sd15_dir, tmp_path, capsys):
     assert "first:" in line and "." in line.split("first:")[1]
 
 
+def test_a_unet_without_its_model_names_the_embedded_one_it_was_put_in(student_file, tmp_path, capsys, monkeypatch):
+    """Without --model a --unet goes into the embedded 32-px model: an SDXL student said only that
+    its shapes did not fit, after reading the whole file (5 GB at SDXL size)."""
+    import nitrofusion.pipelines.loading as loading
+
+    monkeypatch.setattr(loading, "load_file", lambda *a, **k: pytest.fail("read before its header was checked"))
+    line = expect_error(["generate", "x", "--unet", str(student_file), "--out", str(tmp_path / "o")], capsys, "fit")
+    assert "for the embedded model (a student of another base needs --model <its base pipeline>)" in line
+
+
 def test_pickle_weights_refused(tiny_sdxl_dir, tmp_path, capsys):
     f = tmp_path / "unet.bin"
     f.write_bytes(b"not even a pickle")
@@ -498,6 +508,10 @@ def test_a_student_file_without_a_recorded_shift_says_which_it_samples_at(tiny_s
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         load_pipeline(tiny_sdxl_dir, unet=str(student_file), shift=500, device="cpu")  # named: nothing to say
+        # The public files by their published names: Vibrant sampled at Realism's 250 (a warning only).
+        for name, shift in (("nitrosd-vibrant_unet.safetensors", 500), ("nitrosd-realism_unet.safetensors", 250)):
+            public = shutil.copy(student_file, tmp_path / name)
+            assert load_pipeline(tiny_sdxl_dir, unet=public, device="cpu").scheduler.config.shifted_timestep == shift
     # A pipeline with a shift scheduler of its own keeps its shift: the warning names that one.
     from nitrofusion import TimestepShiftLCMScheduler
 

@@ -89,3 +89,31 @@ def test_a_neutral_conditional_head_learns_whether_image_and_prompt_agree():
         head = DiscriminatorHead(kind, 8, 16, 6, downsamples=1, generator=torch.Generator().manual_seed(1))
         scores[kind] = trained_accuracy(head, batch, 300, 512)
     assert scores["global_cond"] > 0.8 and scores["global_uncond"] < 0.6, scores
+
+
+def corner_interaction(head: DiscriminatorHead, side: int) -> float:
+    """How much a change at one corner of the map alters the effect of a change at the opposite
+    corner on the logit (zero when no unit of the head sees both corners)."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(16, 8, side, side, generator=g, dtype=torch.float64)
+    text = torch.randn(16, 6, generator=g, dtype=torch.float64)
+    a, b = torch.zeros_like(x), torch.zeros_like(x)
+    a[..., 0, 0], b[..., -1, -1] = 3.0, 3.0
+    with torch.no_grad():
+        return (head(x + a + b, text) - head(x + a, text) - head(x + b, text) + head(x, text)).abs().max().item()
+
+
+def test_a_global_head_of_the_pool_sees_its_whole_map():
+    """Global heads once had a local head's depth: the mean of their last map, then a linear logit,
+    is the mean of the logits each position would give, so a "global" logit was an average of patch
+    logits each seeing 10x10 positions. The pool now halves a global head's map down to 1x1."""
+    from nitrofusion.discriminator.pool import HeadPool
+
+    kinds = ["global_cond", "local_cond"]
+    full = HeadPool([(8, 16, 16), (8, 8, 8)], kinds, [10], 6, width=16, candidates=1).double()
+    pinned = HeadPool([(8, 16, 16)], kinds, [10], 6, width=16, candidates=1, global_downsamples=2).double()
+    depths = [sum(isinstance(m, torch.nn.Conv2d) and m.stride == (2, 2) for m in h.modules()) for h in full.heads]
+    assert depths == [4, 3, 2, 2]  # global on 16x16 and 8x8 maps, then local heads at the default 2
+    # float64: exactly additive effects cancel to ~1e-17; a fresh head's logit weights are std 0.01
+    assert corner_interaction(full.heads[0], 16) > 1e-6 and corner_interaction(full.heads[1], 8) > 1e-6
+    assert corner_interaction(pinned.heads[0], 16) < 1e-12  # the old depth: two corners' effects just add up

@@ -130,6 +130,35 @@ def test_transfer_refuses_an_sd3_student_and_names_the_way_that_works(tmp_path, 
     assert not (tmp_path / "o.safetensors").exists()
 
 
+def test_a_base_the_student_was_not_distilled_from_is_refused_at_any_precision_of_its_own(teacher, tmp_path, capsys):
+    """A delta against another base carries the difference of the two bases into the result: --base
+    and --target swapped wrote a wrong student without a word. The student's file records a few of
+    its teacher's weights (as distill writes them); the teacher stored in fp16 or bf16 still passes."""
+    from nitrofusion.weights.provenance import teacher_samples_metadata, weight_samples
+
+    student, target = shifted(teacher, 1), shifted(teacher, 2)
+    s = str(tmp_path / "s.safetensors")
+    save_file(
+        {k: v.contiguous() for k, v in student.items()},
+        s,
+        metadata={"format": "pt", **teacher_samples_metadata(weight_samples(teacher))},
+    )
+    b, t = save(teacher, tmp_path / "b.safetensors"), save(target, tmp_path / "t.safetensors")
+    out = tmp_path / "o.safetensors"
+    assert main(["transfer", "--base", t, "--student", s, "--target", b, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"--base '{t}' is not the model the student was distilled from" in err and not out.exists()
+    assert main(["export-lora", "--student", s, "--teacher", t, "--rank", "2", "--out", str(out)]) == 2
+    assert f"--teacher '{t}' is not the model the student was distilled from" in capsys.readouterr().err
+    # Another base on purpose (SDXL base under a student of DMD2's SDXL, to carry DMD2's change too).
+    assert main(["transfer", "--base", t, "--student", s, "--target", b, "--out", str(out), "--other-base"]) == 0
+    out.unlink()
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        stored = save({k: v.to(dtype) for k, v in teacher.items()}, tmp_path / f"b-{dtype}.safetensors")
+        assert main(["transfer", "--base", stored, "--student", s, "--target", t, "--out", str(out)]) == 0
+        out.unlink()
+
+
 def test_transfer_stores_the_dtype_asked_for(teacher):
     student, target = shifted(teacher, 1), shifted(teacher, 2)
     half = transfer_delta(teacher, student, target, dtype=torch.float16)

@@ -2,7 +2,11 @@
 
 A head is a 1x1 projection to `width` channels, `downsamples` x (4x4 stride-2 conv,
 LeakyReLU), then
-  global heads: average-pool to one vector -> one logit per image (coherence);
+  global heads: average-pool to one vector -> one logit per image (coherence). The pool
+                builds them with as many halvings as take their map down to 1x1 (DMD2's
+                head), so the logit sees the whole map: after the last (linear) layer, the
+                mean of a map is the mean of the logits each position would give, so with a
+                local head's depth a "global" logit was an average of patch logits;
   local heads:  a 1x1 conv -> one logit per patch (texture, detail). Each patch logit sees a
                 window of 3 * 2**downsamples - 2 feature positions a side (10 at the default
                 2), patches 2**downsamples apart.
@@ -37,7 +41,8 @@ TEXT_INITS = ("neutral", "he")  # a conditional head's text projection at init: 
 
 def max_downsamples(side: int) -> int:
     """The most halvings a head can make of a map of this side: a 4x4 stride-2 convolution
-    (padding 1) needs an input of at least 2, so d of them need a side of at least 2**d."""
+    (padding 1) needs an input of at least 2, so d of them need a side of at least 2**d. Each
+    floors the side's half, so as many take the side down to 1."""
     return max(side, 1).bit_length() - 1
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from nitrofusion.discriminator.heads import DiscriminatorHead
+from nitrofusion.discriminator.heads import DiscriminatorHead, max_downsamples
 
 
 @dataclass(frozen=True)
@@ -31,9 +31,13 @@ class Slot:
 
 
 class HeadPool(nn.Module):
+    """`feature_shapes` are the backbone's maps, (channels, height, width) each. Local heads halve
+    their map `downsamples` times; global heads `global_downsamples` times, or by default as many
+    as take their map down to 1x1, so that their one logit sees the whole map."""
+
     def __init__(
         self,
-        feature_channels: list[int],
+        feature_shapes: list[tuple[int, int, int]],
         kinds: list[str],
         t_stars: list[int],
         cond_dim: int,
@@ -43,6 +47,7 @@ class HeadPool(nn.Module):
         dynamic: bool = True,
         seed: int = 0,
         text_init: str = "neutral",
+        global_downsamples: int | None = None,
     ) -> None:
         super().__init__()
         self.kinds = list(kinds)
@@ -54,16 +59,26 @@ class HeadPool(nn.Module):
             Slot(kind, t, level, c)
             for kind in self.kinds
             for t in groups
-            for level in range(len(feature_channels))
+            for level in range(len(feature_shapes))
             for c in range(self.candidates)
         ]
+
+        def depth(kind: str, level: int) -> int:
+            if not kind.startswith("global"):
+                return downsamples
+            if global_downsamples is not None:
+                return global_downsamples
+            return max_downsamples(min(feature_shapes[level][1:]))
+
         init = torch.Generator().manual_seed(seed)
         self.heads = nn.ModuleList(
-            DiscriminatorHead(s.kind, feature_channels[s.level], width, cond_dim, downsamples, init, text_init)
+            DiscriminatorHead(
+                s.kind, feature_shapes[s.level][0], width, cond_dim, depth(s.kind, s.level), init, text_init
+            )
             for s in self.slots
         )
         self._index = {s: i for i, s in enumerate(self.slots)}
-        self.num_levels = len(feature_channels)
+        self.num_levels = len(feature_shapes)
 
     def __len__(self) -> int:
         return len(self.heads)

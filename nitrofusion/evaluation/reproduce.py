@@ -41,7 +41,7 @@ from nitrofusion.errors import UserError
 from nitrofusion.evaluation.embedded import EmbeddedScore, score_pipeline
 from nitrofusion.evaluation.fid import weights_identity
 from nitrofusion.evaluation.grid import make_grid
-from nitrofusion.training.config import DistillConfig, load_config
+from nitrofusion.training.config import DistillConfig, load_config, unread_keys
 from nitrofusion.userfiles import check_writable_folder, replacing, write_text_replacing
 from nitrofusion.world.evaluator import Evaluator
 from nitrofusion.world.spec import (
@@ -559,6 +559,16 @@ def _cadence_only(section: str, key: str) -> bool:
 BEFORE_THE_KEY = {("discriminator", "text_init"): "he", ("model", "flow_levels"): "trailing"}
 
 
+def _saved_setting(saved: dict, section: str, key: str) -> object:
+    """A run's saved setting; for a key added after it was saved, what the run trained with."""
+    values = saved.get(section) or {}
+    if key in values:
+        return values[key]
+    if (section, key) == ("discriminator", "global_downsamples"):  # global heads had the local heads' depth
+        return values.get("downsamples", 2)
+    return BEFORE_THE_KEY.get((section, key))
+
+
 def _flow_default_targets(section: str, key: str, saved: object, want: object) -> bool:
     """A flow run records its transformer's LoRA targets where its config left the UNet's default
     (`Distiller`): the same setting."""
@@ -570,11 +580,12 @@ def _flow_default_targets(section: str, key: str, saved: object, want: object) -
 def _config_difference(saved: dict, want: dict) -> str | None:
     """The first setting (`section.key=saved, this reproduction asks wanted`) where a run's saved
     config differs from the wanted one; None where the student's settings agree."""
+    unread = unread_keys(want)  # settings of networks the run never builds (the pool's in a DMD2 run)
     for section, values in want.items():
         for key, value in values.items():
-            if _cadence_only(section, key):
+            if _cadence_only(section, key) or f"{section}.{key}" in unread:
                 continue
-            have = (saved.get(section) or {}).get(key, BEFORE_THE_KEY.get((section, key)))
+            have = _saved_setting(saved, section, key)
             if have != value and not _flow_default_targets(section, key, have, value):
                 return f"{section}.{key}={have!r}, this reproduction asks {value!r}"
     return None

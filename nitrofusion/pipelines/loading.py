@@ -241,15 +241,21 @@ def flow_file_sigmas(path: str | Path) -> dict[int, list[float]]:
         return {}  # read_safetensors says what is wrong with the file; a mangled header records nothing
 
 
+# The public NitroSD UNets record no shift; their README samples each at its own.
+PUBLIC_NITROSD_SHIFTS = {"nitrosd-realism_unet.safetensors": 250, "nitrosd-vibrant_unet.safetensors": 500}
+
+
 def unet_file_shift(path: str | Path) -> int | None:
-    """The shift recorded in a student UNet file by `save_unet_weights` (None: not recorded, e.g.
-    the public NitroSD files, whose shift the user names)."""
+    """The shift recorded in a student UNet file by `save_unet_weights`, else a public NitroSD
+    file's by its published name (None: neither; the user names it)."""
     try:
         with safe_open(str(path), framework="pt") as f:
             value = (f.metadata() or {}).get(SHIFT_METADATA)
     except (SafetensorError, OSError, ValueError):
         return None  # read_safetensors says what is wrong with the file
-    return int(value) if value is not None and value.isdigit() else None
+    if value is None:
+        return PUBLIC_NITROSD_SHIFTS.get(Path(path).name)
+    return int(value) if value.isdigit() else None
 
 
 # Single-file checkpoints in the original (ldm/sgm) layout: most fine-tunes of SD1.5 and SDXL ship so.
@@ -687,7 +693,7 @@ def load_pipeline(
         return _loaded(pipe, "native", model, model_dir, False, device)
     student = {}
     if unet is not None:
-        student["unet"] = _student_unet(model_dir, read_safetensors(unet), torch_dtype, f"UNet weights '{unet}'")
+        student["unet"] = _student_unet(model_dir, unet, torch_dtype, option)
     pipe, drop_checker = _read_pipeline(model_dir, index, torch_dtype, safety_checker, **student)
     if adapter is not None:
         apply_lora(pipe, adapter, str(model_dir))
@@ -732,9 +738,6 @@ def load_pipeline(
             scheduler = TimestepShiftLCMScheduler.from_base_config(
                 pipe.scheduler.config,
                 shifted_timestep=DEFAULT_SHIFT if shift is None else shift,
-                original_inference_steps=4,
-                clip_sample=False,
-                thresholding=False,
             )
         pipe.scheduler = scheduler
     elif sampler != "native":
@@ -817,20 +820,22 @@ def _read_pipeline(
 
 def _shift_lcm_from_folder(folder: Path) -> TimestepShiftLCMScheduler:
     try:
-        # At NitroSD's 4: the snippet sets it on the config object, which save_pretrained never writes.
+        # from_base_config samples at NitroSD's 4 original steps: the snippet sets them on the config
+        # object, which save_pretrained never writes.
         config = TimestepShiftLCMScheduler.load_config(str(folder))
-        return TimestepShiftLCMScheduler.from_base_config(config, original_inference_steps=4)
+        return TimestepShiftLCMScheduler.from_base_config(config)
     except (OSError, ValueError) as exc:
         raise UserError(f"could not read the scheduler config in '{folder}': {exc}") from None
 
 
-def _student_unet(
-    model_dir: Path, state: dict[str, torch.Tensor], dtype: torch.dtype, what: str
-) -> UNet2DConditionModel:
+def _student_unet(model_dir: Path, path: str | Path, dtype: torch.dtype, option: str) -> UNet2DConditionModel:
     """The pipeline's UNet architecture holding a student's weights, built without reading the
     pipeline's own UNet weights: the public NitroSD snippet passes its UNet to from_pretrained,
-    so a cache it made holds SDXL base's unet/config.json and no weights (which are 5-10 GB)."""
+    so a cache it made holds SDXL base's unet/config.json and no weights (which are 5-10 GB).
+    The file is checked against it from its header before it is read (5 GB at SDXL size)."""
     from accelerate import init_empty_weights
+
+    from nitrofusion.world.spec import assets_dir
 
     try:
         config = UNet2DConditionModel.load_config(str(model_dir / "unet"))
@@ -838,7 +843,11 @@ def _student_unet(
         raise UserError(f"could not read the UNet config in '{model_dir / 'unet'}': {exc}") from None
     with init_empty_weights():  # no 2.6B random numbers drawn only to be replaced
         unet = UNet2DConditionModel.from_config(config)
-    check_state_dict(unet, state, what)
+    into = f"the pipeline in '{model_dir}'"
+    if model_dir.resolve().is_relative_to(assets_dir().resolve()):  # e.g. no --model: the shipped world
+        into = f"the embedded model (a student of another base needs {option} <its base pipeline>)"
+    check_state_dict(unet, read_safetensors_layout(path), f"UNet weights '{path}' for {into}")
+    state = read_safetensors(path)
     # In the pipeline's dtype before the load (ModelMixin.to would log its fp32-modules notice each
     # time), and in eval mode, as from_pretrained leaves a model.
     unet.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}, assign=True)

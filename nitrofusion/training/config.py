@@ -14,7 +14,7 @@ import re
 import types
 import typing
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -58,7 +58,7 @@ class DataConfig:
     pairs_batch_size: int = 64  # teacher samples per call while making them (no gradients: larger than batch_size)
     teacher_steps: int = 25
     teacher_timesteps: list[int] | None = None  # the teacher's own schedule, e.g. DMD2's [999, 749, 499, 249]
-    teacher_guidance: float = 5.0
+    teacher_guidance: float | None = None  # None: the teacher pipeline's own (SDXL 5, SD1.5 7.5, SD3 7)
     batch_size: int = 8
     resolution: int | None = None  # pixels; None = the model's default
 
@@ -72,7 +72,10 @@ class DiscriminatorConfig:
     refresh_fraction: float = 0.01  # share of the pool re-initialised every step
     pool: bool = True  # False: one static head per (kind, feature level), shared by every t*
     width: int = 32
-    downsamples: int = 2
+    downsamples: int = 2  # local heads' halvings: a patch logit sees 3 * 2**d - 2 positions a side
+    # Global heads' halvings; None: as many as take each map down to 1x1, so the logit sees the
+    # whole map (DMD2's head). The embedded presets keep 2, what their results were measured with.
+    global_downsamples: int | None = None
     lr: float = 2e-4
     betas: list[float] = field(default_factory=lambda: [0.0, 0.99])
     weight_decay: float = 0.0
@@ -119,7 +122,7 @@ class DMDConfig:
     gan_g_weight: float = 5e-3  # dmd2: the classifier's generator loss in the student's loss
     gan_d_weight: float = 1e-2  # dmd2: the classifier's loss next to the fake score's denoising loss
     classifier_width: int = 32  # dmd2: the head on the fake score's bottleneck
-    classifier_downsamples: int = 2
+    classifier_downsamples: int | None = None  # None: down to 1x1, the whole bottleneck (DMD2's head)
 
 
 @dataclass
@@ -375,7 +378,7 @@ def validate(cfg: DistillConfig) -> DistillConfig:
         "dmd.real_guidance": cfg.dmd.real_guidance,
         "dmd.gan_g_weight": cfg.dmd.gan_g_weight,
         "dmd.gan_d_weight": cfg.dmd.gan_d_weight,
-        "dmd.classifier_downsamples": cfg.dmd.classifier_downsamples,
+        "dmd.classifier_downsamples": cfg.dmd.classifier_downsamples or 0,
         "pretrain.latent_weight": cfg.pretrain.latent_weight,
         "pretrain.pixel_weight": cfg.pretrain.pixel_weight,
         "pretrain.pixel_downsamples": cfg.pretrain.pixel_downsamples,
@@ -383,11 +386,12 @@ def validate(cfg: DistillConfig) -> DistillConfig:
         "pretrain.regression_weight": cfg.pretrain.regression_weight,
         "loss.regression_weight": cfg.loss.regression_weight,
         "model.lora_rank": cfg.model.lora_rank,
-        "data.teacher_guidance": cfg.data.teacher_guidance,
+        "data.teacher_guidance": cfg.data.teacher_guidance or 0,
         "optim.weight_decay": cfg.optim.weight_decay,
         "optim.warmup_steps": cfg.optim.warmup_steps,
         "discriminator.weight_decay": cfg.discriminator.weight_decay,
         "discriminator.downsamples": cfg.discriminator.downsamples,
+        "discriminator.global_downsamples": cfg.discriminator.global_downsamples or 0,
         "loss.r1_weight": cfg.loss.r1_weight,
         "loss.pretrain_steps": cfg.loss.pretrain_steps,
         "run.validate_every": cfg.run.validate_every,  # 0: no validation
@@ -472,8 +476,38 @@ def validate(cfg: DistillConfig) -> DistillConfig:
     return cfg
 
 
+CLASSIFIER_KEYS = ("gan_g_weight", "gan_d_weight", "classifier_width", "classifier_downsamples")
+
+
+def unread_keys(values: Mapping[str, Mapping[str, Any]]) -> set[str]:
+    """The `section.key`s that a run of these settings (a config as `to_dict` writes it, perhaps
+    from before some keys existed) never reads, whatever their values: what a resumed or a reused
+    run need not agree on. The scores' under NitroFusion's objective, DMD2's classifier's where
+    none is built, the head pool's where none is trained, adversarial pre-training's without it."""
+    loss_fields = {f.name for f in dataclasses.fields(LossConfig)}
+    loss = LossConfig(**{k: v for k, v in values.get("loss", {}).items() if k in loss_fields})
+    dmd = {**dataclasses.asdict(DMDConfig()), **values.get("dmd", {})}
+
+    def keys(section: str, config: type) -> set[str]:
+        return {f"{section}.{f.name}" for f in dataclasses.fields(config)}
+
+    unread = set()
+    if loss.objective == "nitrofusion":
+        unread |= keys("dmd", DMDConfig)
+    elif loss.objective == "adm":
+        unread |= {f"dmd.{k}" for k in CLASSIFIER_KEYS}
+    elif not (dmd["gan_g_weight"] > 0 or dmd["gan_d_weight"] > 0):  # dmd2 without its classifier
+        unread |= {"dmd.classifier_width", "dmd.classifier_downsamples"}
+    if not loss.head_pool:
+        unread |= keys("discriminator", DiscriminatorConfig)
+    if not loss.adversarial_pretraining:
+        unread |= keys("pretrain", PretrainConfig)
+    return unread
+
+
 UNREAD_BECAUSE = {
     "dmd": "they are for loss.objective dmd2 and adm",
+    "classifier": "they are DMD2's classifier's: loss.objective=adm has none",
     "pretrain": "they are for loss.pretrain_kind=adversarial with loss.pretrain_steps > 0",
     "pool": "a static head set (discriminator.pool=false) has one head per kind and level, never refreshed",
 }
@@ -481,12 +515,15 @@ UNREAD_BECAUSE = {
 
 def unread_settings(cfg: DistillConfig) -> dict[str, list[str]]:
     """Keys set away from their defaults that this run never reads: the scores' (dmd.*) under
-    NitroFusion's objective, adversarial pre-training's (pretrain.*) without it, and the pool's
-    candidates and refresh under a static head set (discriminator.pool=false)."""
+    NitroFusion's objective, DMD2's classifier's under ADM's, adversarial pre-training's
+    (pretrain.*) without it, and the pool's candidates and refresh under a static head set
+    (discriminator.pool=false)."""
     # (why, section, its values, its defaults, the keys unread; None: all of them)
     sections = []
     if cfg.loss.objective == "nitrofusion":
         sections.append(("dmd", "dmd", cfg.dmd, DMDConfig(), None))
+    elif cfg.loss.objective == "adm":
+        sections.append(("classifier", "dmd", cfg.dmd, DMDConfig(), CLASSIFIER_KEYS))
     if not cfg.loss.adversarial_pretraining:
         sections.append(("pretrain", "pretrain", cfg.pretrain, PretrainConfig(), None))
     if not cfg.discriminator.pool:

@@ -59,7 +59,15 @@ from nitrofusion.objectives.dmd2 import DMD2
 from nitrofusion.objectives.nitrofusion import NitroFusion, NitroFusionObjective, PoolDiscriminator
 from nitrofusion.objectives.pretrain import AdversarialPretraining, PixelDiscriminator, Regression
 from nitrofusion.objectives.scores import FakeScore, RealScore
-from nitrofusion.pipelines.generation import check_side, default_size, denoiser, generate, largest_side, size_multiple
+from nitrofusion.pipelines.generation import (
+    check_side,
+    default_guidance,
+    default_size,
+    denoiser,
+    generate,
+    largest_side,
+    size_multiple,
+)
 from nitrofusion.pipelines.loading import (
     check_state_dict,
     flow_file_metadata,
@@ -74,7 +82,7 @@ from nitrofusion.pipelines.loading import (
 from nitrofusion.pipelines.saving import save_pipeline
 from nitrofusion.scheduling import TimestepShiftLCMScheduler
 from nitrofusion.training import checkpoint
-from nitrofusion.training.config import DistillConfig, save_config
+from nitrofusion.training.config import DistillConfig, save_config, unread_keys
 from nitrofusion.training.curves import MetricsLog, try_plot_curves
 from nitrofusion.training.ema import EMA
 from nitrofusion.training.faults import fires, kill_point
@@ -93,6 +101,7 @@ from nitrofusion.training.schedule import Phase, Schedule
 from nitrofusion.training.student import ShiftedStudent
 from nitrofusion.userfiles import folder_lock, replacing, replacing_folder
 from nitrofusion.weights.io import unet_state_dict
+from nitrofusion.weights.provenance import teacher_samples_metadata, weight_samples
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +244,12 @@ class Distiller:
             option="model.teacher",
         )
         self.flow = is_sd3(self.teacher)  # an SD3-architecture flow transformer, not a UNet
+        if cfg.data.teacher_guidance is None:  # as make-pairs' default; recorded so in the run's config.yaml
+            cfg.data.teacher_guidance = default_guidance("native", self.teacher)
         self.teacher_model = denoiser(self.teacher)
+        # Recorded in the student's file, for transfer/export-lora to check their base against: taken
+        # now, in the teacher's own precision, before any adapter renames its weights.
+        self.teacher_samples = weight_samples(self.teacher_model.state_dict())
         if self.flow:
             self._refuse_for_flow()
             if cfg.model.lora_rank > 0 and cfg.model.lora_targets == DEFAULT_TARGETS:
@@ -290,9 +304,6 @@ class Distiller:
             self.scheduler = TimestepShiftLCMScheduler.from_base_config(
                 self.teacher.scheduler.config,
                 shifted_timestep=cfg.model.shift,
-                original_inference_steps=4,
-                clip_sample=False,
-                thresholding=False,
             )
             self.maths = ShiftedStudent(self.scheduler)
         self.size = cfg.data.resolution or default_size(self.teacher)
@@ -403,20 +414,27 @@ class Distiller:
         check_side("data.resolution", self.size, size_multiple(teacher), largest_side(teacher), "this teacher")
         f = self.teacher.vae_scale_factor
         latent = self.size // f
-        if self.flow:  # every map read from the transformer is its token grid
-            deepest = latent // unet.config.patch_size
-        else:
-            deepest = latent  # the encoder's deepest map: every down block but the last halves it, rounding up
-            for _ in unet.config.block_out_channels[1:]:
-                deepest = (deepest + 1) // 2
+        deepest = self._deepest_side()
         loss = cfg.loss
         if loss.head_pool:  # the pool's heads read every encoder map, down to the deepest
             check_depth("discriminator.downsamples", cfg.discriminator.downsamples, deepest)
-        if loss.objective == "dmd2" and (cfg.dmd.gan_g_weight > 0 or cfg.dmd.gan_d_weight > 0):
+            if cfg.discriminator.global_downsamples is not None:
+                check_depth("discriminator.global_downsamples", cfg.discriminator.global_downsamples, deepest)
+        gan = cfg.dmd.gan_g_weight > 0 or cfg.dmd.gan_d_weight > 0
+        if loss.objective == "dmd2" and gan and cfg.dmd.classifier_downsamples is not None:
             check_depth("dmd.classifier_downsamples", cfg.dmd.classifier_downsamples, deepest)
         if loss.adversarial_pretraining and cfg.pretrain.pixel_weight > 0:
             crop = min(cfg.pretrain.pixel_crop or latent, latent) * f
             check_depth("pretrain.pixel_downsamples", cfg.pretrain.pixel_downsamples, crop)
+
+    def _deepest_side(self) -> int:
+        """The side of the backbone's deepest map (the fake score's bottleneck, the same network)."""
+        side = self.size // self.teacher.vae_scale_factor
+        if self.flow:  # every map read from the transformer is its token grid
+            return side // self.teacher_model.config.patch_size
+        for _ in self.teacher_model.config.block_out_channels[1:]:  # every down block but the last
+            side = (side + 1) // 2  # halves it, rounding up
+        return side
 
     def _build_objectives(self, fake_unet: torch.nn.Module | None) -> None:
         """The critics this config trains, the pre-training objective and the main one."""
@@ -429,7 +447,7 @@ class Distiller:
             self.backbone = (TransformerBlockFeatures if self.flow else UNetEncoderFeatures)(self.teacher_model)
             shapes = self.backbone.feature_shapes(self.size // self.teacher.vae_scale_factor, device)
             self.pool = HeadPool(
-                [c for c, _, _ in shapes],
+                shapes,
                 d.kinds,
                 d.t_stars,
                 self.text.pooled_dim,
@@ -439,6 +457,7 @@ class Distiller:
                 dynamic=d.pool,
                 seed=cfg.run.seed,
                 text_init=d.text_init,
+                global_downsamples=d.global_downsamples,
             ).to(device)
             judgement = NitroFusionObjective(self.backbone, self.pool, self.maths.add_noise, loss.kind, loss.r1_weight)
             self.opt_d = make_optimizer(
@@ -454,8 +473,10 @@ class Distiller:
                 c = fake_unet.config  # the mid block's output, or the width of a transformer's tokens
                 deepest = c.num_attention_heads * c.attention_head_dim if self.flow else c.block_out_channels[-1]
                 init = torch.Generator().manual_seed(cfg.run.seed * 1009 + 17)
+                depth = k.classifier_downsamples
+                depth = max_downsamples(self._deepest_side()) if depth is None else depth
                 classifier = DiscriminatorHead(
-                    "global_uncond", deepest, k.classifier_width, self.text.pooled_dim, k.classifier_downsamples, init
+                    "global_uncond", deepest, k.classifier_width, self.text.pooled_dim, depth, init
                 ).to(device)
             process = self.maths.process  # diffusion models at any noise level: the teacher's own, unshifted
             self.critics["fake"] = FakeScore(
@@ -916,6 +937,7 @@ class Distiller:
         "discriminator.pool",
         "discriminator.width",
         "discriminator.downsamples",
+        "discriminator.global_downsamples",
         "loss.objective",
         "loss.pretrain_kind",
         "optim.optimizer",
@@ -939,18 +961,23 @@ class Distiller:
         inferred = self.flow and "model" in saved and "flow_levels" not in saved["model"]
         if inferred:  # a checkpoint from before the key trained at the scheduler's own levels, the only ones
             saved = {**saved, "model": {**saved["model"], "flow_levels": "stock"}}
+        heads = saved.get("discriminator", {})
+        old_heads = "downsamples" in heads and "global_downsamples" not in heads
+        if old_heads:  # from before the key, global heads had the local heads' depth
+            saved = {**saved, "discriminator": {**heads, "global_downsamples": heads["downsamples"]}}
         # run.seed keys every random draw of the run: another would make the rest of it another run's.
+        unread = unread_keys(now)  # e.g. the pool's shape in a run that trains none
         for key in (*self.STATE_KEYS, "run.seed"):
             section, name = key.split(".")
-            if section not in saved or name not in saved[section]:
+            if section not in saved or name not in saved[section] or key in unread:
                 continue
             was, is_now = setting(saved, section, name), setting(now, section, name)
             if was != is_now:
-                own = (
-                    "--set model.flow_levels=stock (its config.yaml predates the key)"
-                    if inferred and key == "model.flow_levels"
-                    else f"the run's own config ({self.out / 'config.yaml'})"
-                )
+                own = f"the run's own config ({self.out / 'config.yaml'})"
+                if inferred and key == "model.flow_levels":
+                    own = "--set model.flow_levels=stock (its config.yaml predates the key)"
+                elif old_heads and key == "discriminator.global_downsamples":
+                    own = f"--set discriminator.global_downsamples={was} (its config.yaml predates the key)"
                 raise UserError(
                     f"the checkpoint was made with {key}={was!r}, this run has {is_now!r}: resume with "
                     f"{own} or start in a new run.output_dir"
@@ -1085,10 +1112,12 @@ class Distiller:
     @property
     def weights_metadata(self) -> dict[str, str]:
         """Its header: a UNet student's the shift it samples at, as the public NitroSD files are read;
-        a flow student's the `sigmas` its pipeline is called with (its export's nitrofusion.json's)."""
-        return (
+        a flow student's the `sigmas` its pipeline is called with (its export's nitrofusion.json's);
+        and a few of its teacher's weights (`nitrofusion.weights.provenance`)."""
+        own = (
             flow_file_metadata(self.maths.recorded_sigmas()) if self.flow else unet_file_metadata(self.cfg.model.shift)
         )
+        return own | teacher_samples_metadata(self.teacher_samples)
 
     def student_pipeline(
         self, use_ema: bool = True, unet: torch.nn.Module | None = None, components: dict | None = None

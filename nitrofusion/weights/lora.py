@@ -27,6 +27,7 @@ from nitrofusion.errors import UserError
 from nitrofusion.pipelines.loading import DTYPES, flow_file_metadata, save_state_dict, unet_file_metadata
 from nitrofusion.userfiles import check_writable_folder
 from nitrofusion.weights.io import SD3_KEY, check_not_an_input, check_same_layout, unet_state_dict
+from nitrofusion.weights.provenance import check_teacher, recorded_teacher_samples
 from nitrofusion.weights.transfer import recorded_flow_sigmas, recorded_shift
 
 
@@ -130,7 +131,13 @@ def adapter_config(lora: dict[str, torch.Tensor], prefix: str = "unet") -> dict:
 
 
 def export_lora(
-    student: str, teacher: str, out: str | Path, rank: int = 64, dtype: str = "fp16", shift: int | None = None
+    student: str,
+    teacher: str,
+    out: str | Path,
+    rank: int = 64,
+    dtype: str = "fp16",
+    shift: int | None = None,
+    other_base: bool = False,
 ) -> LoraReport:
     """`shift`: the timestep shift recorded in the file (default: the student's, where recorded). The
     LoRA makes the teacher the student, which samples with TimestepShiftLCMScheduler at that shift:
@@ -165,7 +172,10 @@ def export_lora(
     if flow and shift is not None:
         raise UserError("--shift is for UNet students: an SD3 student samples with its pipeline's own scheduler")
     prefix = "transformer" if flow else "unet"
-    lora, report = extract_lora(student_state, unet_state_dict(teacher, "--teacher", prefix), rank, prefix=prefix)
+    teacher_state = unet_state_dict(teacher, "--teacher", prefix)
+    if not other_base:
+        check_teacher(recorded_teacher_samples(student), teacher_state, f"--teacher '{teacher}'")
+    lora, report = extract_lora(student_state, teacher_state, rank, prefix=prefix)
     cast = DTYPES[dtype]
     config = {f"{prefix}.{k}": v for k, v in adapter_config(lora, prefix).items()}  # diffusers' per-component prefix
     if shift is None and not flow:  # a flow student has none to record

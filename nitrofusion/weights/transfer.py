@@ -34,6 +34,7 @@ from nitrofusion.weights.io import (
     unet_state_dict,
     write_safetensors_streaming,
 )
+from nitrofusion.weights.provenance import check_teacher, recorded_teacher_samples
 
 
 def moved(
@@ -71,7 +72,8 @@ def check_layouts(
 def recorded_shift(student: str | Path) -> int | None:
     """The timestep shift a student samples at, where its source records one: a student file's
     header (`distill` writes it), or the TimestepShiftLCMScheduler of the pipeline the student is
-    (or whose `unet/` folder it is). None for the public NitroSD files, which record none."""
+    (or whose `unet/` folder it is); the public NitroSD files, which record none, by their
+    published names. None otherwise."""
     path = Path(student).expanduser()
     if path.is_file():
         return unet_file_shift(path)
@@ -110,8 +112,10 @@ def transfer(
     scale: float = 1.0,
     dtype: str = "auto",
     shift: int | None = None,
+    other_base: bool = False,
 ) -> Path:
-    """`shift`: the timestep shift recorded in the result (default: the student's, where recorded)."""
+    """`shift`: the timestep shift recorded in the result (default: the student's, where recorded).
+    `other_base`: a base that is not the teacher the student's file records is meant (else refused)."""
     # Checked before three UNets are read (minutes and tens of GB at SDXL size).
     if Path(out).suffix != ".safetensors":
         raise UserError(f"--out '{out}' must end in .safetensors: generate --unet reads only safetensors files")
@@ -131,6 +135,8 @@ def transfer(
             "export-lora --student STUDENT --teacher ITS_TEACHER, then generate --model OTHER_BASE --lora FILE"
         )
     check_layouts(b, s, t)
+    if not other_base:
+        check_teacher(recorded_teacher_samples(student), b, f"--base '{base}'")
     cast = None if dtype == "auto" else DTYPES[dtype]
     # Inputs are memory-mapped and the result is written as it is made: RAM holds a few tensors.
     layout = [(k, (cast or v.dtype) if v.is_floating_point() else v.dtype, tuple(v.shape)) for k, v in t.items()]
