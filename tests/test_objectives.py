@@ -450,3 +450,27 @@ def test_gan_losses_by_hand():
     assert generator_loss(fake, "non_saturating").item() == pytest.approx(ns_g)
     assert discriminator_loss(real, fake, "hinge").item() == pytest.approx(hinge_d)
     assert generator_loss(fake, "hinge").item() == pytest.approx(hinge_g)
+
+
+@pytest.mark.parametrize("noise", ["own", "shared"])
+def test_dmd2s_classifier_and_fake_score_draw_levels_as_dmd2s_do(tiny_sdxl_dir, tmp_path, noise):
+    """DMD2 trains its fake score over all of [0, T) and noises the classifier's real and fake inputs
+    at a t and noise of their own; here both reused the query's [20, 980] and its x_t (what the
+    family presets keep: fake_min_t/fake_max_t 0.02/0.98, classifier_noise shared)."""
+    d = Distiller(config(tiny_sdxl_dir, tmp_path, "loss.objective=dmd2", f"dmd.classifier_noise={noise}"))
+    fake = d.critics["fake"]
+    levels = fake.training_timesteps(20_000, torch.Generator().manual_seed(0), "cpu")
+    assert int(levels.min()) < 20 and int(levels.max()) > 980
+    queried, judged = [], []
+    query, logit = fake.x0, fake.logit
+    fake.x0 = lambda x_t, t, c: queried.append(t) or query(x_t, t, c)
+    fake.logit = lambda x_t, t, c: judged.append(t) or logit(x_t, t, c)
+    cond, _, real = d.batch(0)
+    d.objective(d, real + 0.1, real, cond, 0, True)
+    (t,), (t_fake, both) = queried, judged  # the generator's pass, then the classifier's on real and fake
+    t_real = both[: len(t)]
+    assert torch.equal(both[len(t) :], t_fake)
+    if noise == "shared":
+        assert torch.equal(t_fake, t) and torch.equal(t_real, t)
+    else:
+        assert not torch.equal(t_fake, t) and not torch.equal(t_real, t_fake)

@@ -566,6 +566,10 @@ def _saved_setting(saved: dict, section: str, key: str) -> object:
         return values[key]
     if (section, key) == ("discriminator", "global_downsamples"):  # global heads had the local heads' depth
         return values.get("downsamples", 2)
+    if (section, key) in (("dmd", "fake_min_t"), ("dmd", "fake_max_t")):  # the fake score learnt where queried
+        return values.get(key.removeprefix("fake_"), {"fake_min_t": 0.02, "fake_max_t": 0.98}[key])
+    if (section, key) == ("dmd", "classifier_noise"):  # the classifier judged at the query's t and noise
+        return "shared"
     return BEFORE_THE_KEY.get((section, key))
 
 

@@ -14,10 +14,12 @@ so that dL_DM/dx0 = grad / N (N = all entries of x0): a descent step moves x0 to
 real score's prediction and away from the fake score's -- the reverse-KL gradient
 s_fake - s_real, normalised per sample so its scale does not depend on t or the image.
 
-GAN (DMD2's classifier on the fake score's bottleneck, at the same t):
+GAN (DMD2's classifier on the fake score's bottleneck): x0 and the teacher's sample each noised
+at a t' and noise of their own, t' ~ U[fake_min_t, fake_max_t] T as the fake score learns
+(dmd.classifier_noise=shared: both at the query's t, x0's as x_t above):
 
-    L_G   = softplus(-D(x_t))                                     student, weight dmd.gan_g_weight
-    L_cls = softplus(-D(x_t^real)) + softplus(D(sg(x_t)))         x_t^real: the teacher's sample noised to t
+    L_G   = softplus(-D(x'_t))                                    student, weight dmd.gan_g_weight
+    L_cls = softplus(-D(x'_t^real)) + softplus(D(sg(x'_t)))
 
 The fake score follows the student: L_fake = || eps_fake(x'_t, t') - eps' ||^2 on sg(x0) with its
 own t', eps'. Critic loss: L_fake + dmd.gan_d_weight L_cls. Two time scales: the critic steps
@@ -58,10 +60,12 @@ class DMD2:
         gan_d_weight: float,
         pool: PoolDiscriminator | None = None,
         pool_weight: float = 0.0,
+        classifier_noise: str = "own",
     ) -> None:
         self.real, self.fake = real, fake
         self.gan_g_weight, self.gan_d_weight = gan_g_weight, gan_d_weight
         self.pool, self.pool_weight = pool, pool_weight
+        self.classifier_noise = classifier_noise
 
     def __call__(
         self,
@@ -87,8 +91,16 @@ class DMD2:
         logs["fake_loss"] = d_loss.item()
 
         if self.fake.classifier is not None:
-            x_t_real = self.fake.process.noisy(real, eps_real, t)
-            gan_g, cls, cls_logs = self.fake.classifier_losses(x_t, x_t_real, t, cond, train_student)
+            if self.classifier_noise == "own":  # a stream of its own: the other draws stay as they were
+                gan = ctx.rng("gan", True, micro)
+                t_fake, _, x_t_fake = self.fake.diffuse(x0, gan, training=True)
+                t_real, _, x_t_real = self.fake.diffuse(real, gan, training=True)
+            else:
+                t_fake, x_t_fake = t, x_t
+                t_real, x_t_real = t, self.fake.process.noisy(real, eps_real, t)
+            gan_g, cls, cls_logs = self.fake.classifier_losses(
+                x_t_fake, x_t_real, t_fake, cond, train_student, t_real=t_real
+            )
             g_loss = g_loss + self.gan_g_weight * gan_g
             d_loss = d_loss + self.gan_d_weight * cls
             logs.update(cls_logs, cls_loss=cls.item())

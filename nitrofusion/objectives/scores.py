@@ -13,7 +13,8 @@ and a flow transformer (SD3) predicting the velocity v = eps - x0 at sigma = t /
   (the same on v for a flow transformer).
 * fake score: a trainable copy of the teacher (no CFG) that tracks the student's current
   distribution, trained with the plain denoising loss  || eps_fake(x_t, c) - eps ||^2  on
-  detached student samples x0, with t ~ U[min_t, max_t] T and eps ~ N(0, I) (flow matching's
+  detached student samples x0, with t ~ U[fake_min_t, fake_max_t] T (DMD2: all of [0, T)) and
+  eps ~ N(0, I) (flow matching's
   || v_fake(x_t, c) - (eps - x0) ||^2 for a flow transformer).
 
 Both are queried at unshifted timesteps: they are diffusion models, not the shifted student.
@@ -148,7 +149,8 @@ class FakeScore(Critic):
     The classifier is DMD2's: a global head on the deepest encoder feature map of the fake
     UNet (a flow transformer's: its last block read, half-way), trained together with it (the
     denoising loss plus gan_d_weight times the classifier's loss, one optimizer for both),
-    real = teacher samples, fake = student samples, both noised to the same t.
+    real = teacher samples, fake = student samples, each noised at a t and noise of its own (DMD2's;
+    dmd.classifier_noise=shared: both at the distribution-matching query's t).
     """
 
     def __init__(
@@ -161,10 +163,13 @@ class FakeScore(Critic):
         grad_clip: float,
         classifier: DiscriminatorHead | None = None,
         loss_kind: str = "non_saturating",
+        train_t: tuple[float, float] | None = None,
     ) -> None:
         self.unet = unet.requires_grad_(True).train()
         self.process = process
         self.min_t, self.max_t = min_t, max_t
+        # Where it learns by denoising (DMD2: the whole schedule); by default where it is queried.
+        self.train_min_t, self.train_max_t = train_t or (min_t, max_t)
         self.T = process.T
         self.grad_clip = grad_clip
         self.classifier = classifier
@@ -181,15 +186,23 @@ class FakeScore(Critic):
         self.optimizers = {"opt_fake": self.opt}
 
     def timesteps(self, n: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+        """Where the scores are queried."""
         return sample_timesteps(n, self.min_t, self.max_t, self.T, generator).to(device)
+
+    def training_timesteps(self, n: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+        """Where the fake score learns by denoising (and DMD2's classifier judges, with noise of its own)."""
+        return sample_timesteps(n, self.train_min_t, self.train_max_t, self.T, generator).to(device)
 
     def x0(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         return predicted_x0(self.unet, x_t, t, cond, self.process)
 
-    def diffuse(self, x0: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(t, eps, x_t): x0 noised to a random level where the scores are queried (t, then eps,
-        drawn from `generator` in that order); x_t keeps x0's graph."""
-        t = self.timesteps(x0.shape[0], generator, x0.device)
+    def diffuse(
+        self, x0: torch.Tensor, generator: torch.Generator, training: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(t, eps, x_t): x0 noised to a random level where the scores are queried (`training`: where
+        the fake score learns) (t, then eps, drawn from `generator` in that order); x_t keeps x0's graph."""
+        draw = self.training_timesteps if training else self.timesteps
+        t = draw(x0.shape[0], generator, x0.device)
         eps = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
         return t, eps, self.process.noisy(x0, eps, t)
 
@@ -197,7 +210,7 @@ class FakeScore(Critic):
         """|| eps_fake(x_t, t, c) - eps ||^2 (a flow's: || v_fake - (eps - x0) ||^2) on a detached
         student sample: the fake score learns the student."""
         x0 = x0.detach()
-        t, eps, x_t = self.diffuse(x0, generator)
+        t, eps, x_t = self.diffuse(x0, generator, training=True)
         return F.mse_loss(_output(self.unet, x_t, t, cond), self.process.target(x0, eps))
 
     def logit(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
@@ -208,7 +221,13 @@ class FakeScore(Critic):
         return self.classifier(feats[-1]).float()
 
     def classifier_losses(
-        self, x_t_fake: torch.Tensor, x_t_real: torch.Tensor, t: torch.Tensor, cond: Conditioning, train_student: bool
+        self,
+        x_t_fake: torch.Tensor,
+        x_t_real: torch.Tensor,
+        t: torch.Tensor,
+        cond: Conditioning,
+        train_student: bool,
+        t_real: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
         """(generator loss with its gradient reaching x_t_fake only, classifier loss, logs).
 
@@ -222,8 +241,9 @@ class FakeScore(Critic):
             leaf = x_t_fake.detach().requires_grad_(True)
             g_value = generator_loss([self.logit(leaf, t, cond)], self.loss_kind)
             g_loss = with_gradient(g_value, x_t_fake, input_gradient(g_value, leaf))
+        t_real = t if t_real is None else t_real  # the real input's own level, where it has one
         both = self.logit(
-            torch.cat([x_t_real.detach(), x_t_fake.detach()]), torch.cat([t, t]), Conditioning.cat([cond, cond])
+            torch.cat([x_t_real.detach(), x_t_fake.detach()]), torch.cat([t_real, t]), Conditioning.cat([cond, cond])
         )
         real_logit, fake_logit = both.chunk(2)
         d_loss = discriminator_loss([real_logit], [fake_logit], self.loss_kind)

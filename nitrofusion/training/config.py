@@ -116,6 +116,11 @@ class DMDConfig:
     real_guidance: float = 8.0  # CFG of the frozen real score (the teacher); DMD2's SDXL value
     min_t: float = 0.02  # scores are queried at t ~ U[min_t, max_t] * T
     max_t: float = 0.98
+    # The fake score learns by denoising at t ~ U[fake_min_t, fake_max_t] * T: DMD2's whole [0, T),
+    # so that the level it is queried at is never at the edge of what it learnt. The family presets
+    # keep [min_t, max_t], what their results were measured with.
+    fake_min_t: float = 0.0
+    fake_max_t: float = 1.0
     fake_lr: float = 1e-5  # the fake score's (and dmd2's classifier's) optimizer: optim.optimizer
     fake_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     fake_weight_decay: float = 0.01
@@ -123,6 +128,9 @@ class DMDConfig:
     gan_d_weight: float = 1e-2  # dmd2: the classifier's loss next to the fake score's denoising loss
     classifier_width: int = 32  # dmd2: the head on the fake score's bottleneck
     classifier_downsamples: int | None = None  # None: down to 1x1, the whole bottleneck (DMD2's head)
+    # own: the classifier's real and fake inputs are each noised at a t (the fake score's range) and
+    # noise of their own, as DMD2's; shared: at the distribution-matching query's t and noise.
+    classifier_noise: str = "own"
 
 
 @dataclass
@@ -446,8 +454,14 @@ def validate(cfg: DistillConfig) -> DistillConfig:
         given = [k for k in ("lora_alpha", "lora_targets") if getattr(cfg.model, k) != getattr(defaults, k)]
         if given:
             raise UserError(f"config key 'model.{given[0]}' is for LoRA training: set model.lora_rank too")
-    if not 0 <= cfg.dmd.min_t <= cfg.dmd.max_t <= 1 or cfg.dmd.min_t >= 1:
-        raise UserError("config keys 'dmd.min_t' and 'dmd.max_t' must satisfy 0 <= min_t <= max_t <= 1, min_t < 1")
+    for low, high in (("min_t", "max_t"), ("fake_min_t", "fake_max_t")):
+        lo, hi = getattr(cfg.dmd, low), getattr(cfg.dmd, high)
+        if not 0 <= lo <= hi <= 1 or lo >= 1:
+            raise UserError(
+                f"config keys 'dmd.{low}' and 'dmd.{high}' must satisfy 0 <= {low} <= {high} <= 1, {low} < 1"
+            )
+    if cfg.dmd.classifier_noise not in ("own", "shared"):
+        raise UserError(f"config key 'dmd.classifier_noise' must be own or shared, got {cfg.dmd.classifier_noise!r}")
     if not 0 <= cfg.run.seed < 2**32:
         # Seeds are mixed into other seeds (make-pairs: seed * 1000003 + index) that must stay in int64.
         raise UserError(f"config key 'run.seed' must be in 0..2^32-1, got {cfg.run.seed}")
@@ -476,7 +490,7 @@ def validate(cfg: DistillConfig) -> DistillConfig:
     return cfg
 
 
-CLASSIFIER_KEYS = ("gan_g_weight", "gan_d_weight", "classifier_width", "classifier_downsamples")
+CLASSIFIER_KEYS = ("gan_g_weight", "gan_d_weight", "classifier_width", "classifier_downsamples", "classifier_noise")
 
 
 def unread_keys(values: Mapping[str, Mapping[str, Any]]) -> set[str]:
@@ -497,7 +511,7 @@ def unread_keys(values: Mapping[str, Mapping[str, Any]]) -> set[str]:
     elif loss.objective == "adm":
         unread |= {f"dmd.{k}" for k in CLASSIFIER_KEYS}
     elif not (dmd["gan_g_weight"] > 0 or dmd["gan_d_weight"] > 0):  # dmd2 without its classifier
-        unread |= {"dmd.classifier_width", "dmd.classifier_downsamples"}
+        unread |= {f"dmd.{k}" for k in CLASSIFIER_KEYS if k.startswith("classifier")}
     if not loss.head_pool:
         unread |= keys("discriminator", DiscriminatorConfig)
     if not loss.adversarial_pretraining:

@@ -116,6 +116,7 @@ PURPOSES = {
     "critic": 8,  # the fake score's denoising t and noise
     "pixel": 9,  # the pixel discriminator's crop
     "heads_micro": 10,  # the pool's draws for micro-batches after the first
+    "gan": 11,  # DMD2's classifier: its inputs' own t and noise (dmd.classifier_noise=own)
 }
 
 
@@ -495,6 +496,7 @@ class Distiller:
                 cfg.optim.grad_clip,
                 classifier,
                 loss.kind,
+                train_t=(k.fake_min_t, k.fake_max_t),
             )
             real = RealScore(self.teacher_model, process, k.real_guidance, self.text.negative)
         if loss.adversarial_pretraining and cfg.pretrain.pixel_weight > 0:
@@ -514,7 +516,13 @@ class Distiller:
         elif loss.objective == "dmd2":
             with_pool = pool if loss.pool_weight > 0 else None
             self.objective = DMD2(
-                real, self.critics["fake"], k.gan_g_weight, k.gan_d_weight, with_pool, loss.pool_weight
+                real,
+                self.critics["fake"],
+                k.gan_g_weight,
+                k.gan_d_weight,
+                with_pool,
+                loss.pool_weight,
+                k.classifier_noise,
             )
             main = [self.critics["fake"]] + ([pool] if with_pool else [])
         else:
