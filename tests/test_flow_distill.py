@@ -351,7 +351,7 @@ def test_the_flow_real_score_is_guided_velocity_read_as_x0(sd3_dir, tmp_path):
         x0 = torch.randn_like(noise)
         loss = fake.denoising_loss(x0, cond, torch.Generator().manual_seed(4))
         g = torch.Generator().manual_seed(4)
-        t2 = fake.timesteps(2, g, noise.device)
+        t2 = fake.training_timesteps(2, g, noise.device)  # all of [0, T), as DMD2 trains it
         eps = torch.randn(x0.shape, generator=g)
         s2 = (t2.float() / 1000)[:, None, None, None]
         out = fake.unet(

@@ -332,6 +332,10 @@ def test_presets_compare_at_equal_compute():
         ("loss.pretrain_kind=lpips", "'loss.pretrain_kind'"),
         ("loss.pool_weight=0.5", "'loss.pool_weight'"),  # the default objective is nitrofusion
         ("dmd.min_t=0.99", "'dmd.min_t'"),
+        ("dmd.fake_min_t=1", "fake_min_t < 1"),
+        ("dmd.fake_max_t=1.5", "'dmd.fake_max_t'"),
+        ("dmd.classifier_noise=fresh", "'dmd.classifier_noise' must be own or shared"),
+        ("discriminator.global_downsamples=-1", "'discriminator.global_downsamples'"),
         ("dmd.real_guidance=-1", "'dmd.real_guidance'"),
         ("dmd.fake_lr=0", "'dmd.fake_lr'"),
         ("dmd.fake_betas=[0.9]", "'dmd.fake_betas'"),
@@ -457,7 +461,9 @@ def test_dmd2s_classifier_and_fake_score_draw_levels_as_dmd2s_do(tiny_sdxl_dir, 
     """DMD2 trains its fake score over all of [0, T) and noises the classifier's real and fake inputs
     at a t and noise of their own; here both reused the query's [20, 980] and its x_t (what the
     family presets keep: fake_min_t/fake_max_t 0.02/0.98, classifier_noise shared)."""
-    d = Distiller(config(tiny_sdxl_dir, tmp_path, "loss.objective=dmd2", f"dmd.classifier_noise={noise}"))
+    d = Distiller(
+        config(tiny_sdxl_dir, tmp_path, "loss.objective=dmd2", f"dmd.classifier_noise={noise}"), progress=False
+    )
     fake = d.critics["fake"]
     levels = fake.training_timesteps(20_000, torch.Generator().manual_seed(0), "cpu")
     assert int(levels.min()) < 20 and int(levels.max()) > 980
@@ -474,3 +480,24 @@ def test_dmd2s_classifier_and_fake_score_draw_levels_as_dmd2s_do(tiny_sdxl_dir, 
         assert torch.equal(t_fake, t) and torch.equal(t_real, t)
     else:
         assert not torch.equal(t_fake, t) and not torch.equal(t_real, t_fake)
+
+
+def test_a_dmd2_checkpoint_from_before_dmd2s_own_draws_resumes_saying_what_changed():
+    """Keys a checkpoint predates were not counted: a DMD2 run of before resumed with the fake score
+    trained over [0, T) and the classifier's own noise, and its log said nothing."""
+    import copy
+
+    from nitrofusion.training.distill import as_trained, changed_settings
+
+    own = ["dmd.fake_min_t=0", "dmd.fake_max_t=1", "dmd.classifier_noise=own"]
+    now = load_config("dmd2-embedded", None, own).to_dict()
+    old = copy.deepcopy(now)
+    for key in ("fake_min_t", "fake_max_t", "classifier_noise"):
+        del old["dmd"][key]
+    assert changed_settings(old, now) == []
+    said = ["dmd.fake_min_t: 0.02 -> 0.0", "dmd.fake_max_t: 0.98 -> 1.0", "dmd.classifier_noise: 'shared' -> 'own'"]
+    assert changed_settings(as_trained(old), now) == said
+    nitrofusion = load_config("embedded", None, []).to_dict()  # reads no dmd.*: nothing to say
+    older = copy.deepcopy(nitrofusion)
+    del older["dmd"]["fake_min_t"]
+    assert changed_settings(as_trained(older), nitrofusion) == []

@@ -165,15 +165,27 @@ def make_accelerator(cfg: DistillConfig) -> Accelerator:
 
 
 def changed_settings(saved: dict, now: dict) -> list[str]:
-    """`section.key: was -> now` for each setting of a checkpoint's config that differs now (keys a
-    checkpoint predates are not counted)."""
+    """`section.key: was -> now` for each setting of a checkpoint's config that differs now and that
+    this run reads (keys a checkpoint predates are not counted)."""
+    unread = unread_keys(now)
     return [
         f"{section}.{key}: {was!r} -> {now[section][key]!r}"
         for section, values in saved.items()
         if isinstance(values, dict) and isinstance(now.get(section), dict)
         for key, was in values.items()
-        if key in now[section] and now[section][key] != was
+        if key in now[section] and now[section][key] != was and f"{section}.{key}" not in unread
     ]
+
+
+def as_trained(saved: dict) -> dict:
+    """A checkpoint's config with the DMD2 settings it predates filled in as it trained (the fake
+    score learnt where the scores are queried; the classifier judged at the query's t and noise),
+    so that a resume under today's defaults says so in its log rather than changing them unsaid."""
+    dmd = saved.get("dmd")
+    if not isinstance(dmd, dict) or "fake_min_t" in dmd:
+        return saved
+    before = {"fake_min_t": dmd.get("min_t", 0.02), "fake_max_t": dmd.get("max_t", 0.98), "classifier_noise": "shared"}
+    return {**saved, "dmd": {**before, **dmd}}
 
 
 def resolve_teacher(name: str) -> str:
@@ -1008,7 +1020,7 @@ class Distiller:
                 raise UserError(f"cannot resume from '{which}': {exc}") from None
         tensors, meta = found
         self._check_resumable(meta.get("config", {}))
-        changed = changed_settings(meta.get("config", {}), self.cfg.to_dict())
+        changed = changed_settings(as_trained(meta.get("config", {})), self.cfg.to_dict())
         if changed:  # allowed (learning rates, stage lengths, logging...), but said
             self.log_line(f"resumed with settings changed since the checkpoint: {'; '.join(changed)}")
         raw = self.acc.unwrap_model(self.student)
