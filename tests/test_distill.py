@@ -1504,7 +1504,8 @@ def test_settings_of_networks_a_run_never_builds_stop_neither_a_resume_nor_a_reu
     on resume and by reproduce, under objectives that build no classifier at all."""
     import copy
 
-    from nitrofusion.evaluation.reproduce import _config_difference, _saved_setting
+    from nitrofusion.evaluation.reproduce import _config_difference
+    from nitrofusion.training.config import as_trained
 
     want = load_config("embedded", None, []).to_dict()
     old = copy.deepcopy(want)
@@ -1512,7 +1513,7 @@ def test_settings_of_networks_a_run_never_builds_stop_neither_a_resume_nor_a_reu
     del old["discriminator"]["global_downsamples"]  # saved before the key: the local heads' depth, 2
     assert _config_difference(old, want) is None
     old["discriminator"]["downsamples"] = 1
-    assert _saved_setting(old, "discriminator", "global_downsamples") == 1
+    assert as_trained(old)["discriminator"]["global_downsamples"] == 1
     no_gan = load_config("dmd2-embedded", None, ["dmd.gan_g_weight=0", "dmd.gan_d_weight=0"]).to_dict()
     unread = unread_keys(no_gan)
     assert {"dmd.classifier_downsamples", "discriminator.width"} <= unread and "dmd.real_guidance" not in unread

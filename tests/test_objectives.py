@@ -487,7 +487,8 @@ def test_a_dmd2_checkpoint_from_before_dmd2s_own_draws_resumes_saying_what_chang
     trained over [0, T) and the classifier's own noise, and its log said nothing."""
     import copy
 
-    from nitrofusion.training.distill import as_trained, changed_settings
+    from nitrofusion.training.config import as_trained
+    from nitrofusion.training.distill import changed_settings
 
     own = ["dmd.fake_min_t=0", "dmd.fake_max_t=1", "dmd.classifier_noise=own"]
     now = load_config("dmd2-embedded", None, own).to_dict()

@@ -360,8 +360,9 @@ def load_models(
         )
         compiled = compile and str(pipe.device).startswith("cuda")  # compile_pipeline leaves CPU alone
         source = spec.model or ("embedded-teacher" if spec.lora else "embedded")
-        if Path(source).expanduser().exists():  # a local folder: its name, never the server's path (as in PNGs)
-            source = Path(source).expanduser().resolve().name
+        local = Path(source).expanduser()
+        if local.exists():  # a local folder: its name, never the server's path (as in PNGs)
+            source = local.resolve().name
         loaded = LoadedModel.from_pipeline(name, source, pipe, compiled, spec.guidance_scale, spec.steps)
         if warmup:
             # A compiled sampler captures one CUDA graph per step count: capture them all now.

@@ -41,7 +41,7 @@ from nitrofusion.errors import UserError
 from nitrofusion.evaluation.embedded import EmbeddedScore, score_pipeline
 from nitrofusion.evaluation.fid import weights_identity
 from nitrofusion.evaluation.grid import make_grid
-from nitrofusion.training.config import DistillConfig, load_config, unread_keys
+from nitrofusion.training.config import DistillConfig, as_trained, load_config, unread_keys
 from nitrofusion.userfiles import check_writable_folder, replacing, write_text_replacing
 from nitrofusion.world.evaluator import Evaluator
 from nitrofusion.world.spec import (
@@ -554,23 +554,10 @@ def _cadence_only(section: str, key: str) -> bool:
     return section == "run" and key != "seed"
 
 
-# Keys added to the config after runs were saved: what a run that records none trained with.
-# model.flow_levels shapes flow students only, and reproduce trained none before the key: its default stands.
+# Keys added to the config after runs were saved: what a run that records none trained with, beside
+# those `as_trained` fills in from the run's other settings. model.flow_levels shapes flow students
+# only, and reproduce trained none before the key: its default stands.
 BEFORE_THE_KEY = {("discriminator", "text_init"): "he", ("model", "flow_levels"): "trailing"}
-
-
-def _saved_setting(saved: dict, section: str, key: str) -> object:
-    """A run's saved setting; for a key added after it was saved, what the run trained with."""
-    values = saved.get(section) or {}
-    if key in values:
-        return values[key]
-    if (section, key) == ("discriminator", "global_downsamples"):  # global heads had the local heads' depth
-        return values.get("downsamples", 2)
-    if (section, key) in (("dmd", "fake_min_t"), ("dmd", "fake_max_t")):  # the fake score learnt where queried
-        return values.get(key.removeprefix("fake_"), {"fake_min_t": 0.02, "fake_max_t": 0.98}[key])
-    if (section, key) == ("dmd", "classifier_noise"):  # the classifier judged at the query's t and noise
-        return "shared"
-    return BEFORE_THE_KEY.get((section, key))
 
 
 def _flow_default_targets(section: str, key: str, saved: object, want: object) -> bool:
@@ -584,12 +571,13 @@ def _flow_default_targets(section: str, key: str, saved: object, want: object) -
 def _config_difference(saved: dict, want: dict) -> str | None:
     """The first setting (`section.key=saved, this reproduction asks wanted`) where a run's saved
     config differs from the wanted one; None where the student's settings agree."""
+    saved = as_trained(saved)  # keys its config predates, as it trained
     unread = unread_keys(want)  # settings of networks the run never builds (the pool's in a DMD2 run)
     for section, values in want.items():
         for key, value in values.items():
             if _cadence_only(section, key) or f"{section}.{key}" in unread:
                 continue
-            have = _saved_setting(saved, section, key)
+            have = (saved.get(section) or {}).get(key, BEFORE_THE_KEY.get((section, key)))
             if have != value and not _flow_default_targets(section, key, have, value):
                 return f"{section}.{key}={have!r}, this reproduction asks {value!r}"
     return None

@@ -493,6 +493,22 @@ def validate(cfg: DistillConfig) -> DistillConfig:
 CLASSIFIER_KEYS = ("gan_g_weight", "gan_d_weight", "classifier_width", "classifier_downsamples", "classifier_noise")
 
 
+def as_trained(saved: dict) -> dict:
+    """A saved config (a checkpoint's, a run's) with the keys it predates filled in as its run
+    trained: global heads at the local heads' depth (before discriminator.global_downsamples); the
+    fake score learning where the scores are queried and DMD2's classifier judging at the query's
+    t and noise (before dmd.fake_min_t/fake_max_t/classifier_noise)."""
+    out = dict(saved)
+    heads = saved.get("discriminator")
+    if isinstance(heads, dict) and "downsamples" in heads and "global_downsamples" not in heads:
+        out["discriminator"] = {**heads, "global_downsamples": heads["downsamples"]}
+    dmd = saved.get("dmd")
+    if isinstance(dmd, dict) and "fake_min_t" not in dmd:
+        before = {"fake_min_t": dmd.get("min_t", 0.02), "fake_max_t": dmd.get("max_t", 0.98)}
+        out["dmd"] = {**before, "classifier_noise": "shared", **dmd}
+    return out
+
+
 def unread_keys(values: Mapping[str, Mapping[str, Any]]) -> set[str]:
     """The `section.key`s that a run of these settings (a config as `to_dict` writes it, perhaps
     from before some keys existed) never reads, whatever their values: what a resumed or a reused

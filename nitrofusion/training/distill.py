@@ -82,7 +82,7 @@ from nitrofusion.pipelines.loading import (
 from nitrofusion.pipelines.saving import save_pipeline
 from nitrofusion.scheduling import TimestepShiftLCMScheduler
 from nitrofusion.training import checkpoint
-from nitrofusion.training.config import DistillConfig, save_config, unread_keys
+from nitrofusion.training.config import DistillConfig, as_trained, save_config, unread_keys
 from nitrofusion.training.curves import MetricsLog, try_plot_curves
 from nitrofusion.training.ema import EMA
 from nitrofusion.training.faults import fires, kill_point
@@ -175,17 +175,6 @@ def changed_settings(saved: dict, now: dict) -> list[str]:
         for key, was in values.items()
         if key in now[section] and now[section][key] != was and f"{section}.{key}" not in unread
     ]
-
-
-def as_trained(saved: dict) -> dict:
-    """A checkpoint's config with the DMD2 settings it predates filled in as it trained (the fake
-    score learnt where the scores are queried; the classifier judged at the query's t and noise),
-    so that a resume under today's defaults says so in its log rather than changing them unsaid."""
-    dmd = saved.get("dmd")
-    if not isinstance(dmd, dict) or "fake_min_t" in dmd:
-        return saved
-    before = {"fake_min_t": dmd.get("min_t", 0.02), "fake_max_t": dmd.get("max_t", 0.98), "classifier_noise": "shared"}
-    return {**saved, "dmd": {**before, **dmd}}
 
 
 def resolve_teacher(name: str) -> str:
@@ -983,8 +972,7 @@ class Distiller:
             saved = {**saved, "model": {**saved["model"], "flow_levels": "stock"}}
         heads = saved.get("discriminator", {})
         old_heads = "downsamples" in heads and "global_downsamples" not in heads
-        if old_heads:  # from before the key, global heads had the local heads' depth
-            saved = {**saved, "discriminator": {**heads, "global_downsamples": heads["downsamples"]}}
+        saved = as_trained(saved)  # e.g. from before the key, global heads had the local heads' depth
         # run.seed keys every random draw of the run: another would make the rest of it another run's.
         unread = unread_keys(now)  # e.g. the pool's shape in a run that trains none
         for key in (*self.STATE_KEYS, "run.seed"):
